@@ -1,0 +1,20 @@
+"""Distill a teacher into a student with PLaD: generate pairs, train, evaluate, export.
+
+    python -m jobs.distill --config configs/tiny-cpu.yaml [--set key=value ...]
+    ray job submit --working-dir . -- python -m jobs.distill --config configs/<name>.yaml
+
+Starts a local Ray cluster unless cluster.address or $RAY_ADDRESS names one. Writes
+teacher/, pairs/, student/ and report.json under output_dir; re-running resumes.
+"""
+
+from plad_ray import cli, pipeline
+
+
+def run(args) -> None:
+    cfg = cli.load(args)
+    report = pipeline.distill(cfg, overwrite=args.overwrite)
+    print("\n" + pipeline.summary(report), flush=True)
+
+
+if __name__ == "__main__":
+    cli.main(run, __doc__)

@@ -1,0 +1,25 @@
+"""Train the student on existing pairs with the PLaD ranking loss, evaluate, export.
+
+    python -m jobs.train --config configs/tiny-cpu.yaml [--set key=value ...]
+    ray job submit --working-dir . -- python -m jobs.train --config configs/<name>.yaml
+
+Reads output_dir/pairs/ (from jobs.generate_pairs); writes output_dir/student/ and
+output_dir/report.json. Re-running resumes from the last checkpoint.
+"""
+
+from plad_ray import cli, pipeline
+from plad_ray.cluster import connect
+from plad_ray.outputs import prepare_output
+
+
+def run(args) -> None:
+    cfg = cli.load(args)
+    inputs = pipeline.check_inputs(cfg, prompts=False, teacher=False)
+    prepare_output(cfg, overwrite=args.overwrite)
+    print(f"[plad-ray] {connect(cfg.cluster)}", flush=True)
+    report = pipeline.train_student(cfg, inputs)
+    print("\n" + pipeline.summary(report), flush=True)
+
+
+if __name__ == "__main__":
+    cli.main(run, __doc__)

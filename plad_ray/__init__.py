@@ -1,0 +1,1 @@
+"""plad-ray: PLaD distillation (teacher > student pseudo-preference pairs) on Ray, vLLM and DeepSpeed."""

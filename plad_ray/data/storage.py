@@ -1,0 +1,101 @@
+"""Paths and URIs on any pyarrow filesystem, and outputs that only look complete when they are.
+
+Every output folder the run produces (teacher cache, pairs, model export) is written
+under `<name>.partial-<token>` and then moved to `<name>`; on filesystems where a move
+is not atomic (object stores) the folder's `_manifest.json`, written last, is what marks
+it complete. Readers trust only folders with a manifest.
+"""
+
+import json
+import os
+import uuid
+
+import pyarrow.fs as pafs
+
+MANIFEST = "_manifest.json"
+
+
+def filesystem_and_path(uri: str) -> tuple[pafs.FileSystem, str]:
+    """(filesystem, path inside it) for a local path or any URI pyarrow understands."""
+    if "://" in uri:
+        return pafs.FileSystem.from_uri(uri)
+    return pafs.LocalFileSystem(), os.path.abspath(uri)
+
+
+def join(uri: str, *parts: str) -> str:
+    return "/".join([uri.rstrip("/"), *parts])
+
+
+def list_files(fs: pafs.FileSystem, path: str, uri: str) -> list[str]:
+    """The file itself, or the data files under a folder (sorted); [] if nothing is there."""
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.File:
+        return [path]
+    if info.type != pafs.FileType.Directory:
+        return []
+    selector = pafs.FileSelector(path, recursive=True)
+    return sorted(
+        f.path
+        for f in fs.get_file_info(selector)
+        if f.type == pafs.FileType.File and f.path.endswith((".jsonl", ".json", ".parquet"))
+        and not os.path.basename(f.path).startswith(("_", "."))
+    )
+
+
+def exists(uri: str) -> bool:
+    fs, path = filesystem_and_path(uri)
+    return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def read_json(uri: str) -> dict | None:
+    fs, path = filesystem_and_path(uri)
+    if fs.get_file_info(path).type != pafs.FileType.File:
+        return None
+    with fs.open_input_stream(path) as f:
+        return json.loads(f.read())
+
+
+def write_json(uri: str, data: dict) -> None:
+    """Write JSON to a temporary name, then move it into place."""
+    fs, path = filesystem_and_path(uri)
+    fs.create_dir(os.path.dirname(path), recursive=True)
+    tmp = f"{path}.partial-{uuid.uuid4().hex[:8]}"
+    with fs.open_output_stream(tmp) as f:
+        f.write(json.dumps(data, indent=2, sort_keys=True, default=str).encode())
+    fs.move(tmp, path)
+
+
+def partial_uri(uri: str) -> str:
+    """A fresh sibling name to write a folder under before `publish` moves it into place."""
+    return f"{uri.rstrip('/')}.partial-{uuid.uuid4().hex[:8]}"
+
+
+def publish(partial: str, final: str, manifest: dict) -> None:
+    """Mark a finished folder complete (manifest last) and move it to its final name."""
+    write_json(join(partial, MANIFEST), manifest)
+    fs, src = filesystem_and_path(partial)
+    _, dst = filesystem_and_path(final)
+    if fs.get_file_info(dst).type != pafs.FileType.NotFound:
+        fs.delete_dir(dst)
+    fs.move(src, dst)
+
+
+def manifest(uri: str) -> dict | None:
+    """The manifest of a complete output folder, or None if it is missing or partial."""
+    return read_json(join(uri, MANIFEST))
+
+
+def remove(uri: str) -> None:
+    fs, path = filesystem_and_path(uri)
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.Directory:
+        fs.delete_dir(path)
+    elif info.type == pafs.FileType.File:
+        fs.delete_file(path)
+
+
+def copy_local_dir(local_dir: str, uri: str) -> None:
+    """Upload a local folder to `uri` (any pyarrow filesystem)."""
+    fs, path = filesystem_and_path(uri)
+    fs.create_dir(path, recursive=True)
+    pafs.copy_files(local_dir, path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)

@@ -1,0 +1,30 @@
+"""Errors a user can fix, each with its own exit code.
+
+Every entry point catches these and prints one line naming the input and the fix
+(`plad_ray.cli`). Anything else is a bug or a runtime failure and exits with
+`RuntimeFailure.exit_code`.
+"""
+
+
+class PladError(Exception):
+    """Base of user-facing errors; the message is the whole story, one line."""
+
+    exit_code = 1
+
+
+class ConfigError(PladError):
+    """A config file, key, value or combination is wrong."""
+
+    exit_code = 2
+
+
+class DataError(PladError):
+    """An input (prompt file, model folder, output location) is missing or malformed."""
+
+    exit_code = 3
+
+
+class RuntimeFailure(PladError):
+    """The run started but a stage failed (engine crash, training error)."""
+
+    exit_code = 4

@@ -1,0 +1,70 @@
+"""A vLLM engine pool as a `ray.data.llm` processor, from one role's EngineConfig.
+
+ray.data.llm owns the actor pool, batching, back-pressure and engine restarts; this
+module only translates our config into its config. Prompts go to the engine as text
+(vLLM tokenizes and detokenizes inside the engine), so the processor's separate
+tokenize/detokenize stages stay off: they cost an extra pass over every row and, on
+small CPU clusters, an extra actor that can starve the engine of CPUs.
+"""
+
+from typing import Callable
+
+from plad_ray.config import EngineConfig
+
+
+def engine_kwargs(engine: EngineConfig) -> dict:
+    kwargs = dict(
+        tensor_parallel_size=engine.tensor_parallel_size,
+        max_model_len=engine.max_model_len,
+        gpu_memory_utilization=engine.gpu_memory_utilization,
+        dtype=engine.dtype,
+        enable_prefix_caching=engine.enable_prefix_caching,
+        trust_remote_code=engine.trust_remote_code,
+    )
+    kwargs.update(engine.engine_kwargs)
+    return kwargs
+
+
+def placement_bundle(engine: EngineConfig, use_gpu: bool) -> dict:
+    """Resources of one engine worker; a replica has tensor_parallel_size of them."""
+    bundle = {"CPU": engine.cpus_per_replica}
+    if use_gpu:
+        bundle["GPU"] = 1
+    return bundle
+
+
+def sampling_params(engine: EngineConfig, seed_offset: int = 0) -> dict:
+    s = engine.sampling
+    return dict(temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_tokens, seed=s.seed + seed_offset)
+
+
+def build_engine_processor(
+    engine: EngineConfig,
+    model_path: str,
+    use_gpu: bool,
+    preprocess: Callable[[dict], dict],
+    postprocess: Callable[[dict], dict],
+):
+    """A processor mapping a Dataset through `replicas` vLLM engines of `model_path`.
+
+    `preprocess` must return `prompt` (or `messages` when the chat template is on) and
+    `sampling_params`; every input column reaches `postprocess` beside the engine's
+    `generated_text`, `generated_tokens` and `num_generated_tokens`.
+    """
+    from ray.data.llm import build_processor, vLLMEngineProcessorConfig
+
+    config = vLLMEngineProcessorConfig(
+        model_source=model_path,
+        engine_kwargs=engine_kwargs(engine),
+        concurrency=(engine.replicas, engine.replicas),
+        batch_size=engine.batch_size,
+        placement_group_config={"bundle_per_worker": placement_bundle(engine, use_gpu)},
+        accelerator_type=None,
+        # Engine metrics export needs ray[serve] and a metrics port; progress is logged instead.
+        log_engine_metrics=False,
+        chat_template_stage=engine.chat_template,
+        tokenize_stage=False,
+        detokenize_stage=False,
+        runtime_env={"env_vars": {k: str(v) for k, v in engine.env.items()}} if engine.env else None,
+    )
+    return build_processor(config, preprocess=preprocess, postprocess=postprocess)

@@ -1,0 +1,92 @@
+"""The two generation stages: teacher outputs (cached by prompt id), then student pairs.
+
+    prompts --teacher engines--> teacher cache (id, prompt, teacher_text, ...)
+    teacher cache --x k samples--> student engines --> pairs (prompt, chosen, rejected, ...)
+
+The student stage reads the teacher cache rather than the prompts, so a later round
+(a retrained student) regenerates only the student side: zero teacher tokens.
+"""
+
+from plad_ray import pairs
+from plad_ray.config import EngineConfig, StudentEngineConfig
+from plad_ray.generate.engines import build_engine_processor, sampling_params
+
+
+def _engine_input(engine: EngineConfig, prompt: str) -> dict:
+    if engine.chat_template:
+        return {"messages": [{"role": "user", "content": prompt}]}
+    return {"prompt": prompt}
+
+
+class _Output:
+    """What an engine row says about its generated text, read in postprocess."""
+
+    def __init__(self, max_tokens: int, eos_token_ids: list[int]):
+        self.max_tokens = max_tokens
+        self.eos_token_ids = eos_token_ids
+
+    def __call__(self, row: dict) -> dict:
+        tokens = row["generated_tokens"]
+        n = int(row["num_generated_tokens"])
+        last = int(tokens[-1]) if n else None
+        return {
+            "text": row["generated_text"],
+            "num_tokens": n,
+            "finish_reason": pairs.finish_reason(n, self.max_tokens, last, self.eos_token_ids),
+        }
+
+
+def teacher_outputs(prompts_ds, engine: EngineConfig, model_path: str, model_name: str, eos_token_ids, use_gpu: bool):
+    """prompts (id, prompt) -> rows of pairs.TEACHER_SCHEMA."""
+    params = sampling_params(engine)
+    params_json = pairs.sampling_json(params)
+    read = _Output(engine.sampling.max_tokens, list(eos_token_ids))
+
+    def preprocess(row: dict) -> dict:
+        return {"source_prompt": row["prompt"], "sampling_params": params, **_engine_input(engine, row["prompt"])}
+
+    def postprocess(row: dict) -> dict:
+        out = read(row)
+        return {
+            "id": row["id"],
+            "prompt": row["source_prompt"],
+            "teacher_text": out["text"],
+            "teacher_num_tokens": out["num_tokens"],
+            "teacher_finish_reason": out["finish_reason"],
+            "teacher_model": model_name,
+            "teacher_sampling": params_json,
+        }
+
+    processor = build_engine_processor(engine, model_path, use_gpu, preprocess, postprocess)
+    return processor(prompts_ds)
+
+
+def student_pairs(
+    teacher_ds,
+    engine: StudentEngineConfig,
+    model_path: str,
+    model_name: str,
+    eos_token_ids,
+    use_gpu: bool,
+    heldout_fraction: float,
+):
+    """teacher cache rows -> k student samples per prompt -> rows of pairs.PAIR_SCHEMA."""
+    read = _Output(engine.sampling.max_tokens, list(eos_token_ids))
+    params_by_sample = [sampling_params(engine, seed_offset=k) for k in range(engine.num_samples)]
+    # The recorded sampling parameters are those of sample 0; sample k used seed + k.
+    params_json = pairs.sampling_json({**params_by_sample[0], "seed_per_sample": "seed + sample_index"})
+
+    def preprocess(row: dict) -> dict:
+        return {
+            "source_prompt": row["prompt"],
+            "sampling_params": params_by_sample[int(row["sample_index"])],
+            **_engine_input(engine, row["prompt"]),
+        }
+
+    def postprocess(row: dict) -> dict:
+        row = {**row, "prompt": row["source_prompt"]}
+        return pairs.make_pair(row, read(row), model_name, params_json, heldout_fraction)
+
+    expanded = teacher_ds.flat_map(lambda row: pairs.expand_samples(row, engine.num_samples))
+    processor = build_engine_processor(engine, model_path, use_gpu, preprocess, postprocess)
+    return processor(expanded)

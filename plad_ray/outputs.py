@@ -1,0 +1,69 @@
+"""Which config made each part of an output folder, and what a re-run may reuse.
+
+    output_dir/
+      run.json      the config keys each stage's outputs depend on
+      teacher/      teacher outputs by prompt id   <- data source, teacher
+      pairs/        preference pairs                <- + student, held-out split
+      train/        Ray Train state, checkpoints    <- + train
+      student/      the trained student (HF)        <- + train
+      report.json   evaluation before/after         <- + train
+
+A re-run with the same keys resumes. When a stage's keys changed, that stage's outputs
+and everything after it are stale: the run refuses (naming the first changed key)
+unless --overwrite is given, which removes only the stale parts; a new training
+config on the same pairs keeps the teacher outputs and the pairs.
+"""
+
+from plad_ray.config import Config
+from plad_ray.data import storage
+from plad_ray.errors import ConfigError
+
+RUN_FILE = "run.json"
+STAGES = ("teacher", "pairs", "train")
+OUTPUTS = {"teacher": ("teacher",), "pairs": ("pairs",), "train": ("train", "student", "report.json")}
+# Engine settings that change speed, not outputs: changing them never makes outputs stale.
+_ENGINE_PERF_KEYS = ("replicas", "batch_size", "cpus_per_replica", "env", "gpu_memory_utilization",
+                     "enable_prefix_caching", "tensor_parallel_size", "engine_kwargs")
+
+
+def stage_keys(cfg: Config) -> dict:
+    """For each stage, the config values its outputs depend on (cumulative)."""
+    d = cfg.to_dict()
+    teacher = {"data.prompts": d["data"]["prompts"], "data.max_prompts": d["data"]["max_prompts"],
+               "teacher": _semantic(d["teacher"])}
+    pairs = {**teacher, "student": _semantic(d["student"]), "data.heldout_fraction": d["data"]["heldout_fraction"]}
+    return {"teacher": teacher, "pairs": pairs, "train": {**pairs, "train": d["train"]}}
+
+
+def _semantic(engine: dict) -> dict:
+    return {k: v for k, v in engine.items() if k not in _ENGINE_PERF_KEYS}
+
+
+def prepare_output(cfg: Config, overwrite: bool = False, log=print) -> None:
+    """Claim output_dir for this config: new, the same run resumed, or stale parts replaced."""
+    run_uri = storage.join(cfg.output_dir, RUN_FILE)
+    previous = storage.read_json(run_uri) or {}
+    mine = stage_keys(cfg)
+    for index, stage in enumerate(STAGES):
+        if stage not in previous or previous[stage] == mine[stage]:
+            continue
+        key = _first_difference(previous[stage], mine[stage])
+        if not overwrite:
+            raise ConfigError(
+                f"output_dir {cfg.output_dir}: its {stage} outputs were made with a different config "
+                f"({key}); use a new output_dir, or pass --overwrite to replace them"
+            )
+        for later in STAGES[index:]:
+            for name in OUTPUTS[later]:
+                storage.remove(storage.join(cfg.output_dir, name))
+        log(f"[plad-ray] --overwrite: removed the {'/'.join(STAGES[index:])} outputs made with {key}")
+        break
+    storage.write_json(run_uri, mine)
+
+
+def _first_difference(old, new, prefix: str = "") -> str:
+    if isinstance(old, dict) and isinstance(new, dict):
+        for key in sorted(set(old) | set(new)):
+            if old.get(key) != new.get(key):
+                return _first_difference(old.get(key), new.get(key), f"{prefix}{key}.")
+    return f"{prefix.rstrip('.')}: {old!r} -> {new!r}"

@@ -1,0 +1,94 @@
+"""Pseudo-preference pairs: the teacher's output is preferred over the student's.
+
+PLaD's label is the capacity gap itself: for a prompt x, a teacher output y_T is
+assumed better than a student output y_S (y_T > y_S), with no annotation and no
+teacher internals. Pure functions over plain rows, so they test without Ray or vLLM.
+
+Pairs use TRL's preference-dataset columns (`prompt`, `chosen`, `rejected`, plain
+strings) so other tools read them; the remaining columns record where each side came
+from.
+"""
+
+import hashlib
+import json
+
+import pyarrow as pa
+
+TEACHER_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("prompt", pa.string()),
+        ("teacher_text", pa.string()),
+        ("teacher_num_tokens", pa.int32()),  # generated tokens, teacher tokenizer, incl. EOS if it stopped on one
+        ("teacher_finish_reason", pa.string()),  # stop | length
+        ("teacher_model", pa.string()),
+        ("teacher_sampling", pa.string()),  # JSON of the sampling parameters
+    ]
+)
+
+PAIR_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),  # prompt id
+        ("sample_index", pa.int32()),  # which student sample of this prompt, 0..k-1
+        ("prompt", pa.string()),
+        ("chosen", pa.string()),  # teacher output y_T
+        ("rejected", pa.string()),  # student output y_S
+        ("chosen_num_tokens", pa.int32()),
+        ("rejected_num_tokens", pa.int32()),
+        ("chosen_finish_reason", pa.string()),
+        ("rejected_finish_reason", pa.string()),
+        ("teacher_model", pa.string()),
+        ("student_model", pa.string()),
+        ("teacher_sampling", pa.string()),
+        ("student_sampling", pa.string()),
+        ("heldout", pa.bool_()),  # kept out of training, used for evaluation
+    ]
+)
+
+
+def finish_reason(num_generated_tokens: int, max_tokens: int, last_token_id: int | None, eos_token_ids) -> str:
+    """'length' if the output was cut at max_tokens, else 'stop' (EOS or a stop string).
+
+    ray.data.llm does not carry vLLM's finish_reason through, so it is recovered from
+    what it does carry: an output of exactly max_tokens that does not end in EOS was cut.
+    """
+    if num_generated_tokens >= max_tokens and last_token_id not in set(eos_token_ids):
+        return "length"
+    return "stop"
+
+
+def sampling_json(sampling: dict) -> str:
+    return json.dumps(sampling, sort_keys=True)
+
+
+def is_heldout(prompt_id: str, fraction: float) -> bool:
+    """Deterministic split by prompt id (stable across runs, rounds and machines)."""
+    if fraction <= 0:
+        return False
+    digest = hashlib.sha256(prompt_id.encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < fraction
+
+
+def expand_samples(row: dict, num_samples: int) -> list[dict]:
+    """One row per student sample of a prompt, numbered 0..k-1."""
+    return [{**row, "sample_index": k} for k in range(num_samples)]
+
+
+def make_pair(row: dict, student: dict, student_model: str, student_sampling: str, heldout_fraction: float) -> dict:
+    """One pair from a teacher-cache row plus one student generation."""
+    return {
+        "id": row["id"],
+        "sample_index": int(row["sample_index"]),
+        "prompt": row["prompt"],
+        "chosen": row["teacher_text"],
+        "rejected": student["text"],
+        "chosen_num_tokens": int(row["teacher_num_tokens"]),
+        "rejected_num_tokens": int(student["num_tokens"]),
+        "chosen_finish_reason": row["teacher_finish_reason"],
+        "rejected_finish_reason": student["finish_reason"],
+        "teacher_model": row["teacher_model"],
+        "student_model": student_model,
+        "teacher_sampling": row["teacher_sampling"],
+        "student_sampling": student_sampling,
+        "heldout": is_heldout(row["id"], heldout_fraction),
+    }

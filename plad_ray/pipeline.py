@@ -1,0 +1,152 @@
+"""The one place that wires the stages together.
+
+    prompts --teacher vLLM--> teacher/ --student vLLM--> pairs/ --DeepSpeed--> student/ + report.json
+
+Inputs are checked before Ray starts. Each stage reuses a complete output of the same
+run (same config) in output_dir, so a re-run after a crash continues where it stopped:
+teacher outputs are generated only for prompt ids not yet in the cache, pairs are
+kept once complete, and training resumes from its last checkpoint.
+"""
+
+import time
+from dataclasses import dataclass
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from plad_ray import pairs
+from plad_ray.config import Config
+from plad_ray.data import parquet, storage
+from plad_ray.data.prompts import read_prompts
+from plad_ray.errors import DataError
+from plad_ray.models import eos_token_ids, resolve_model
+from plad_ray.outputs import prepare_output
+
+@dataclass
+class Inputs:
+    """Checked inputs; each field only when the stages run need it."""
+
+    prompts: pa.Table | None = None
+    teacher_path: str | None = None
+    student_path: str | None = None
+
+
+def check_inputs(cfg: Config, prompts: bool = True, teacher: bool = True, student: bool = True,
+                 log=print) -> Inputs:
+    """Read prompts and resolve model folders; raises before any expensive work."""
+    inputs = Inputs()
+    if prompts:
+        inputs.prompts = read_prompts(cfg.data.prompts, cfg.data.max_prompts)
+        log(f"[plad-ray] {inputs.prompts.num_rows} prompts from {cfg.data.prompts}")
+    if teacher:
+        inputs.teacher_path = resolve_model(cfg.teacher.model, "teacher.model", log=log)
+    if student:
+        inputs.student_path = resolve_model(cfg.student.model, "student.model", log=log)
+    return inputs
+
+
+def generate_teacher(cfg: Config, inputs: Inputs, log=print) -> dict:
+    """Teacher outputs for every prompt id not yet in the cache."""
+    import ray.data
+
+    from plad_ray.generate.stages import teacher_outputs
+
+    uri = cfg.teacher_cache_uri()
+    cached = parquet.read_table(uri, ["id"])
+    done = cached.column("id") if cached is not None else pa.array([], pa.string())
+    missing = inputs.prompts.filter(pc.invert(pc.is_in(inputs.prompts.column("id"), value_set=done)))
+    stats = {"teacher_cached": len(done), "teacher_generated": missing.num_rows}
+    if missing.num_rows == 0:
+        log(f"[generate] teacher: all {len(done)} outputs already cached at {uri}; 0 teacher requests")
+        return stats
+    log(f"[generate] teacher: {missing.num_rows} prompts to generate ({len(done)} cached) with {cfg.teacher.model}")
+    start = time.perf_counter()
+    ds = _spread(ray.data.from_arrow(missing), missing.num_rows, cfg.teacher.batch_size, cfg.teacher.replicas)
+    out = teacher_outputs(ds, cfg.teacher, inputs.teacher_path, cfg.teacher.model,
+                          eos_token_ids(inputs.teacher_path), cfg.cluster.use_gpu)
+    parquet.append(out, uri, pairs.TEACHER_SCHEMA, {"teacher_model": cfg.teacher.model})
+    stats["teacher_seconds"] = time.perf_counter() - start
+    log(f"[generate] teacher: {missing.num_rows} outputs in {stats['teacher_seconds']:.1f}s -> {uri}")
+    return stats
+
+
+def generate_pairs(cfg: Config, inputs: Inputs, log=print) -> dict:
+    """k student samples per cached teacher output -> pairs (kept once complete)."""
+    from plad_ray.generate.stages import student_pairs
+
+    uri = cfg.pairs_uri()
+    existing = storage.manifest(uri)
+    if existing is not None:
+        log(f"[generate] pairs: {existing['rows']} pairs already complete at {uri}")
+        return {"pairs": existing["rows"]}
+    teacher_rows = storage.manifest(cfg.teacher_cache_uri())
+    if teacher_rows is None:
+        raise DataError(f"teacher cache {cfg.teacher_cache_uri()}: missing; generate teacher outputs first")
+    teacher_ds = parquet.read(cfg.teacher_cache_uri())
+    teacher_ds = _spread(teacher_ds, teacher_rows["rows"], cfg.student.batch_size, cfg.student.replicas)
+    log(f"[generate] student: {teacher_rows['rows']} prompts x {cfg.student.num_samples} samples with {cfg.student.model}")
+    start = time.perf_counter()
+    out = student_pairs(teacher_ds, cfg.student, inputs.student_path, cfg.student.model,
+                        eos_token_ids(inputs.student_path), cfg.cluster.use_gpu, cfg.data.heldout_fraction)
+    rows = parquet.write(out, uri, pairs.PAIR_SCHEMA, {"student_model": cfg.student.model})
+    seconds = time.perf_counter() - start
+    log(f"[generate] pairs: {rows} pairs in {seconds:.1f}s -> {uri}")
+    return {"pairs": rows, "student_seconds": seconds}
+
+
+def _spread(ds, rows: int, batch_size: int, replicas: int):
+    """Enough blocks that every engine replica gets batches (one block feeds one actor task)."""
+    return ds.repartition(max(1, min(rows, max(replicas * 4, rows // batch_size))))
+
+
+def train_student(cfg: Config, inputs: Inputs, log=print) -> dict:
+    """Train on the pairs, evaluate before/after, export the student; writes report.json."""
+    from transformers import AutoTokenizer
+
+    from plad_ray.train.driver import run_training
+
+    pairs_ds = parquet.read(cfg.pairs_uri())
+    if pairs_ds is None:
+        raise DataError(f"pairs {cfg.pairs_uri()}: missing or incomplete; run jobs.generate_pairs first")
+    tokenizer = AutoTokenizer.from_pretrained(inputs.student_path, trust_remote_code=cfg.student.trust_remote_code)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    start = time.perf_counter()
+    result = run_training(pairs_ds, inputs.student_path, cfg.train, cfg.cluster, cfg.output_dir,
+                          cfg.student_export_uri(), pad_id, cfg.student.trust_remote_code)
+    result["train_seconds"] = time.perf_counter() - start
+    storage.write_json(cfg.report_uri(), result)
+    log(f"[train] report -> {cfg.report_uri()}")
+    return result
+
+
+def distill(cfg: Config, overwrite: bool = False, log=print) -> dict:
+    """The whole pipeline; returns the report with generation figures added."""
+    from plad_ray.cluster import connect
+
+    inputs = check_inputs(cfg, log=log)
+    prepare_output(cfg, overwrite, log=log)
+    log(f"[plad-ray] {connect(cfg.cluster)}")
+    figures = generate_teacher(cfg, inputs, log)
+    figures.update(generate_pairs(cfg, inputs, log))
+    report = train_student(cfg, inputs, log)
+    report["generation"] = figures
+    storage.write_json(cfg.report_uri(), report)
+    return report
+
+
+def summary(report: dict) -> str:
+    """A few human-readable lines: pairs, loss start -> end, ranking accuracy before -> after."""
+    curve = report.get("curve") or [{}]
+    counts = report.get("counts", {})
+    before, after = report.get("eval_initial", {}), report.get("eval_trained", {})
+    lines = [
+        f"pairs made:          {counts.get('pairs', '?')} ({counts.get('train', '?')} train, "
+        f"{counts.get('heldout', '?')} held out, {counts.get('dropped_identical', 0)} identical dropped)",
+        f"training loss:       {curve[0].get('loss', float('nan')):.4f} -> {curve[-1].get('loss', float('nan')):.4f} "
+        f"over {report.get('steps', '?')} steps",
+        f"ranking accuracy:    {before.get('ranking_accuracy', float('nan')):.3f} -> "
+        f"{after.get('ranking_accuracy', float('nan')):.3f} on {after.get('pairs', '?')} held-out pairs",
+        f"held-out loss:       {before.get('loss', float('nan')):.4f} -> {after.get('loss', float('nan')):.4f}",
+        f"student checkpoint:  {report.get('checkpoint', '?')}",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,190 @@
+"""Tiny teacher and student models the project builds itself (no downloads).
+
+The demo and the tests need a real teacher that is better than a real student, on a
+machine with no model hub and no GPU. Both are Llama-architecture models (so vLLM and
+transformers load them like any HF folder) over a byte-level tokenizer, briefly
+fine-tuned from scratch on a verifiable task: string reversal, "abcde>" -> "edcba".
+The teacher has ~9x the parameters and more steps; after building, the teacher reverses
+nearly every word and the student almost none, so teacher > student holds.
+
+This is a fixture builder, not the training path: a plain single-process torch loop
+over synthetic data is the simplest thing that produces the two folders.
+
+    python -m plad_ray.tiny --prompts configs/prompts/tiny-reverse.jsonl --num-prompts 256
+"""
+
+import argparse
+import hashlib
+import json
+import os
+import random
+import shutil
+import string
+import tempfile
+from pathlib import Path
+
+PREFIX = "tiny:"
+RECIPES = {
+    # head_dim 64: vLLM's CPU attention rejects smaller heads.
+    "teacher": dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=2, steps=400),
+    "student": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=1, steps=300),
+}
+SPECIAL_TOKENS = ["<pad>", "<s>", "</s>"]  # ids 0, 1, 2
+PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
+VOCAB_SIZE = 264  # 3 special + 256 byte tokens, padded to a multiple of 8
+_BUILD_VERSION = 1  # bump when the recipe or task changes, to invalidate cached builds
+
+
+def reversal_example(rng: random.Random) -> tuple[str, str]:
+    """A prompt and its exact answer: a lowercase word of 3-8 letters, then '>'."""
+    word = "".join(rng.choice(string.ascii_lowercase) for _ in range(rng.randint(3, 8)))
+    return f"{word}>", word[::-1]
+
+
+def reversal_answer(prompt: str) -> str:
+    """The verifier's reference: the word before '>' reversed."""
+    return prompt.rstrip(">")[::-1]
+
+
+def write_prompts(path: str, num_prompts: int, seed: int = 1234) -> None:
+    rng = random.Random(seed)
+    lines = [json.dumps({"id": f"rev-{i:05d}", "prompt": reversal_example(rng)[0]}) for i in range(num_prompts)]
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text("\n".join(lines) + "\n")
+
+
+def build_tokenizer():
+    """Byte-level BPE with no merges: every UTF-8 byte is one token, nothing is unknown."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS + alphabet)}
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    core.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+
+
+def is_tiny(spec: str) -> bool:
+    return spec.startswith(PREFIX)
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("PLAD_RAY_CACHE", Path.home() / ".cache" / "plad-ray")) / "tiny"
+
+
+def materialize(spec: str, log=print) -> str:
+    """The folder of a tiny model spec ("tiny:teacher" / "tiny:student"), built once and cached."""
+    role = spec[len(PREFIX):]
+    if role not in RECIPES:
+        from plad_ray.errors import ConfigError
+
+        raise ConfigError(f"model {spec!r}: unknown tiny model; use one of {', '.join(PREFIX + r for r in RECIPES)}")
+    recipe = {**RECIPES[role], "version": _BUILD_VERSION}
+    digest = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
+    target = cache_dir() / f"{role}-{digest}"
+    if (target / "model.safetensors").is_file():
+        return str(target)
+    log(f"[plad-ray] building tiny {role} model into {target} (once; about a minute on 2 CPU cores)")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{role}-", dir=target.parent))
+    try:
+        accuracy = _build(RECIPES[role], tmp, seed=0)
+        (tmp / "plad_ray_tiny.json").write_text(json.dumps({"role": role, "recipe": recipe, "accuracy": accuracy}))
+        try:
+            tmp.rename(target)
+        except OSError:  # another process finished the same build first
+            shutil.rmtree(tmp, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    log(f"[plad-ray] tiny {role}: greedy reversal accuracy {accuracy:.2f}")
+    return str(target)
+
+
+def _build(recipe: dict, out: Path, seed: int) -> float:
+    import torch
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    tokenizer = build_tokenizer()
+    heads = recipe["num_attention_heads"]
+    config = LlamaConfig(
+        vocab_size=VOCAB_SIZE,
+        hidden_size=recipe["hidden_size"],
+        intermediate_size=recipe["intermediate_size"],
+        num_hidden_layers=recipe["num_hidden_layers"],
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        head_dim=64,
+        max_position_embeddings=128,
+        tie_word_embeddings=True,
+        pad_token_id=PAD_ID,
+        bos_token_id=BOS_ID,
+        eos_token_id=EOS_ID,
+    )
+    model = LlamaForCausalLM(config)
+    _fit(model, tokenizer, steps=recipe["steps"], seed=seed)
+    model.generation_config = GenerationConfig(bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID)
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    return _greedy_accuracy(model, tokenizer, num=64, seed=seed + 1)
+
+
+def _fit(model, tokenizer, steps: int, seed: int, batch_size: int = 64, lr: float = 3e-3) -> None:
+    """Supervised fine-tuning on reversal: cross-entropy on answer + EOS tokens only."""
+    import torch
+
+    rng = random.Random(seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.1)
+    model.train()
+    for _ in range(steps):
+        rows = []
+        for _ in range(batch_size):
+            prompt, answer = reversal_example(rng)
+            p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+            a = tokenizer(answer, add_special_tokens=False)["input_ids"] + [EOS_ID]
+            rows.append((p + a, [-100] * len(p) + a))
+        width = max(len(ids) for ids, _ in rows)
+        input_ids = torch.tensor([ids + [PAD_ID] * (width - len(ids)) for ids, _ in rows])
+        labels = torch.tensor([lab + [-100] * (width - len(lab)) for _, lab in rows])
+        loss = model(input_ids=input_ids, attention_mask=(input_ids != PAD_ID).long(), labels=labels).loss
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+    model.eval()
+
+
+def _greedy_accuracy(model, tokenizer, num: int, seed: int) -> float:
+    import torch
+
+    rng = random.Random(seed)
+    correct = 0
+    with torch.no_grad():
+        for _ in range(num):
+            prompt, answer = reversal_example(rng)
+            ids = torch.tensor([tokenizer(prompt, add_special_tokens=False)["input_ids"]])
+            out = model.generate(ids, max_new_tokens=12, do_sample=False)
+            correct += tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True) == answer
+    return correct / num
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Build the tiny models, or write a reversal prompt set.")
+    parser.add_argument("--prompts", help="write a JSONL prompt set to this path")
+    parser.add_argument("--num-prompts", type=int, default=256)
+    parser.add_argument("--seed", type=int, default=1234)
+    args = parser.parse_args()
+    if args.prompts:
+        write_prompts(args.prompts, args.num_prompts, args.seed)
+        print(f"wrote {args.num_prompts} prompts to {args.prompts}")
+    else:
+        for role in RECIPES:
+            print(materialize(PREFIX + role))
+
+
+if __name__ == "__main__":
+    main()

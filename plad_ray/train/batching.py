@@ -1,0 +1,85 @@
+"""Pairs -> token ids (once, on CPU workers in Ray Data) -> padded [2B, T] batches.
+
+Tokenization happens in a Ray Data stage before training, so trainer workers receive
+token ids and spend their time in forward/backward. A batch of B pairs becomes one
+forward of 2B sequences: rows 0..B-1 are prompt+chosen, rows B..2B-1 prompt+rejected.
+
+Each side is the student's tokenization of the prompt followed by its tokenization of
+the response, plus EOS when that output stopped on its own (finish reason "stop"):
+the student is scored on ending where the output ended. Responses longer than
+`max_length - prompt` are cut; pairs whose prompt alone does not fit are dropped and
+counted: every pair keeps a `status` (ok, identical, too_long) so nothing vanishes
+unaccounted.
+"""
+
+import numpy as np
+
+TOKEN_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
+
+
+def tokenize_pair(prompt_ids: list[int], chosen_ids: list[int], rejected_ids: list[int], max_length: int):
+    """Cut both responses to fit max_length after the prompt; None if the prompt does not fit."""
+    room = max_length - len(prompt_ids)
+    if room < 1:
+        return None
+    return prompt_ids, chosen_ids[:room], rejected_ids[:room]
+
+
+class PairTokenizer:
+    """Ray Data stage: add prompt_ids / chosen_ids / rejected_ids columns (student tokenizer)."""
+
+    def __init__(self, model_path: str, max_length: int, trust_remote_code: bool = False):
+        from transformers import AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+        self.max_length = max_length
+        eos = self.tokenizer.eos_token_id
+        self.eos = [] if eos is None else [eos]
+
+    def _response(self, texts, finish_reasons) -> list[list[int]]:
+        ids = self.tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+        return [t + self.eos if reason == "stop" else t for t, reason in zip(ids, finish_reasons)]
+
+    def __call__(self, batch: dict) -> dict:
+        """Token ids of every pair, and its `status`: ok, identical (no ranking signal) or too_long."""
+        prompt_ids = self.tokenizer(list(batch["prompt"]))["input_ids"]
+        chosen = self._response(batch["chosen"], batch["chosen_finish_reason"])
+        rejected = self._response(batch["rejected"], batch["rejected_finish_reason"])
+        out = {name: [] for name in TOKEN_COLUMNS}
+        status = []
+        for sides, same in zip(zip(prompt_ids, chosen, rejected), batch["chosen"] == batch["rejected"]):
+            fitted = tokenize_pair(*sides, self.max_length)
+            status.append("identical" if same else "too_long" if fitted is None else "ok")
+            for name, ids in zip(TOKEN_COLUMNS, fitted or ([], [], [])):
+                out[name].append(np.asarray(ids, dtype=np.int32))
+        return {"id": batch["id"], "heldout": batch["heldout"], "status": np.asarray(status),
+                **{k: _ragged(v) for k, v in out.items()}}
+
+
+def _ragged(arrays: list[np.ndarray]) -> np.ndarray:
+    out = np.empty(len(arrays), dtype=object)
+    out[:] = arrays
+    return out
+
+
+def collate_pairs(batch: dict, pad_id: int) -> dict:
+    """[2B, T] input_ids, attention_mask and response_mask (1 on scored response tokens)."""
+    import torch
+
+    prompts = list(batch["prompt_ids"])
+    sequences = [np.concatenate([p, r]) for p, r in zip(prompts, batch["chosen_ids"])]
+    sequences += [np.concatenate([p, r]) for p, r in zip(prompts, batch["rejected_ids"])]
+    prompt_lengths = [len(p) for p in prompts] * 2
+    width = max(len(s) for s in sequences)
+    input_ids = np.full((len(sequences), width), pad_id, dtype=np.int64)
+    attention = np.zeros((len(sequences), width), dtype=np.int64)
+    response = np.zeros((len(sequences), width), dtype=np.int64)
+    for row, (seq, plen) in enumerate(zip(sequences, prompt_lengths)):
+        input_ids[row, : len(seq)] = seq
+        attention[row, : len(seq)] = 1
+        response[row, plen : len(seq)] = 1
+    return {
+        "input_ids": torch.from_numpy(input_ids),
+        "attention_mask": torch.from_numpy(attention),
+        "response_mask": torch.from_numpy(response),
+    }

@@ -1,0 +1,106 @@
+"""The Ray Train driver: pairs -> token ids (Ray Data) -> TorchTrainer of DeepSpeed workers.
+
+Held-out pairs (the `heldout` column, a deterministic split by prompt id) are scored
+before and after training; the rest are trained on. Pairs where teacher and student
+wrote the same text carry no ranking signal (the hinge is constant) and are dropped
+from both, and counted. Re-running with the same output folder resumes from the last
+checkpoint: Ray Train finds its own run state under `<output_dir>/train`.
+"""
+
+import math
+import os
+
+from plad_ray.config import ClusterConfig, TrainConfig
+from plad_ray.errors import DataError, RuntimeFailure
+from plad_ray.train.batching import PairTokenizer
+from plad_ray.train.worker import TrainPlan, train_loop_per_worker
+
+TRAIN_RUN_NAME = "train"
+
+
+def prepare_pairs(pairs_ds, model_path: str, train: TrainConfig, trust_remote_code: bool):
+    """(train, heldout) datasets of token ids, and counts of every pair by what happened to it.
+
+    One Ray Data pass: shuffle (training order), tokenize with the student's tokenizer,
+    materialise; the splits are filters over the materialised result.
+    """
+    tokenized = (
+        pairs_ds.random_shuffle(seed=train.seed)
+        .map_batches(
+            PairTokenizer,
+            fn_constructor_kwargs=dict(model_path=model_path, max_length=train.max_length,
+                                       trust_remote_code=trust_remote_code),
+            batch_size=256,
+            concurrency=1,
+            num_cpus=0.5,
+        )
+        .materialize()
+    )
+    import pyarrow as pa
+    import ray
+
+    table = pa.concat_tables(ray.get(tokenized.select_columns(["status", "heldout"]).to_arrow_refs()))
+    statuses, heldout = table.column("status").to_pylist(), table.column("heldout").to_pylist()
+    counts = {"pairs": len(statuses)}
+    for status in ("identical", "too_long"):
+        counts[f"dropped_{status}"] = statuses.count(status)
+    counts["train"] = sum(s == "ok" and not h for s, h in zip(statuses, heldout))
+    counts["heldout"] = sum(s == "ok" and h for s, h in zip(statuses, heldout))
+    ok = tokenized.filter(expr="status == 'ok'")
+    return ok.filter(expr="heldout == False"), ok.filter(expr="heldout == True"), counts
+
+
+def steps_per_epoch(train_rows: int, train: TrainConfig) -> int:
+    """Optimizer steps per epoch; every worker gets train_rows // num_workers rows."""
+    rows_per_worker = train_rows // train.num_workers
+    micro_batches = math.ceil(rows_per_worker / train.micro_batch_size)
+    return micro_batches // train.gradient_accumulation_steps
+
+
+def run_training(pairs_ds, model_path: str, train: TrainConfig, cluster: ClusterConfig, output_dir: str,
+                 export_uri: str, pad_id: int, trust_remote_code: bool = False) -> dict:
+    """Train, evaluate and export; returns the run's figures (also written by the caller)."""
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    train_ds, heldout_ds, counts = prepare_pairs(pairs_ds, model_path, train, trust_remote_code)
+    steps = steps_per_epoch(counts["train"], train)
+    if steps < 1:
+        per_step = train.micro_batch_size * train.num_workers * train.gradient_accumulation_steps
+        raise DataError(
+            f"pairs: {counts['train']} training pairs are fewer than one optimizer step needs ({per_step} = "
+            "train.micro_batch_size x train.num_workers x train.gradient_accumulation_steps); add prompts or lower those"
+        )
+    plan = TrainPlan(train=train, model_path=model_path, export_uri=export_uri, steps_per_epoch=steps,
+                     pad_id=pad_id, trust_remote_code=trust_remote_code)
+    print(f"[train] {counts['train']} training pairs, {counts['heldout']} held out, "
+          f"{train.num_workers} worker(s), {plan.total_steps} optimizer steps, ZeRO-{train.zero_stage} {train.precision}",
+          flush=True)
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"plan": plan},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=train.num_workers,
+            use_gpu=cluster.use_gpu,
+            resources_per_worker={"CPU": train.cpus_per_worker, **({"GPU": 1} if cluster.use_gpu else {})},
+        ),
+        torch_config=TorchConfig(backend="nccl" if cluster.use_gpu else "gloo"),
+        datasets={"train": train_ds, "eval": heldout_ds},
+        # Only the training pairs are sharded; every rank scores all held-out pairs, so the
+        # evaluation drops none (an equal split would) and ZeRO-3 ranks stay in step.
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+        run_config=ray.train.RunConfig(
+            name=TRAIN_RUN_NAME,
+            storage_path=_storage_path(output_dir),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            failure_config=ray.train.FailureConfig(max_failures=train.max_failures),
+        ),
+    )
+    result = trainer.fit()
+    if result.error is not None:
+        raise RuntimeFailure(f"training failed: {result.error}")
+    return {**result.return_value, "counts": counts, "checkpoint": export_uri}
+
+
+def _storage_path(output_dir: str) -> str:
+    return output_dir if "://" in output_dir else os.path.abspath(output_dir)

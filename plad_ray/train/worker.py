@@ -1,0 +1,236 @@
+"""The per-worker training loop: one DeepSpeed rank inside a Ray Train worker.
+
+Ray Train owns rendezvous (the process group DeepSpeed reuses), data sharding,
+checkpoint bookkeeping and restarts; this loop owns the model, the PLaD loss, the
+evaluation before and after training, and the HF export.
+
+    evaluate(initial) -> [forward 2B sequences -> PLaD loss -> DeepSpeed step]* -> evaluate(trained) -> export
+"""
+
+import json
+import tempfile
+import time
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+
+import torch
+
+from plad_ray.config import TrainConfig
+from plad_ray.losses import plad_loss, sequence_logps
+from plad_ray.train.batching import collate_pairs
+from plad_ray.train.ds_config import deepspeed_config, lr_factor
+from plad_ray.train.export import export_hf
+
+PROGRESS_FILE = "plad_progress.json"
+CHECKPOINT_TAG = "state"
+
+
+@dataclass
+class TrainPlan:
+    """Everything a worker needs, computed by the driver."""
+
+    train: TrainConfig
+    model_path: str
+    export_uri: str  # where rank 0 publishes the trained model (HF folder)
+    steps_per_epoch: int  # optimizer steps per epoch (identical on every worker)
+    pad_id: int
+    trust_remote_code: bool = False
+
+    @property
+    def total_steps(self) -> int:
+        return self.steps_per_epoch * self.train.num_epochs
+
+
+@dataclass
+class Progress:
+    """What a checkpoint remembers beyond DeepSpeed's own state."""
+
+    step: int = 0
+    curve: list = field(default_factory=list)  # one entry per logged step
+    eval_initial: dict | None = None
+
+
+def train_loop_per_worker(config: dict) -> dict | None:
+    """Ray Train entry point; returns the run's figures on rank 0."""
+    import ray.data
+    import ray.train
+
+    # Per-worker dataset progress bars interleave into unreadable output; the driver logs progress.
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    plan: TrainPlan = config["plan"]
+    rank = ray.train.get_context().get_world_rank()
+    torch.manual_seed(plan.train.seed)
+    engine = _initialize(plan, ray.train.get_context().get_world_size())
+    progress = _resume(engine)
+    eval_ds = ray.train.get_dataset_shard("eval")
+    if progress.eval_initial is None:
+        progress.eval_initial = evaluate(engine, eval_ds, plan)
+        _log(rank, f"[train] held-out pairs before training: {_fmt(progress.eval_initial)}")
+    _train(engine, ray.train.get_dataset_shard("train"), plan, progress, rank)
+    eval_trained = evaluate(engine, eval_ds, plan)
+    _log(rank, f"[train] held-out pairs after training: {_fmt(eval_trained)}")
+    export_hf(engine, plan, rank)
+    if rank == 0:
+        return {"steps": progress.step, "curve": progress.curve, "eval_initial": progress.eval_initial,
+                "eval_trained": eval_trained}
+    return None
+
+
+def _initialize(plan: TrainPlan, world_size: int):
+    import deepspeed
+    from transformers import AutoModelForCausalLM
+
+    ds_config = deepspeed_config(plan.train, world_size)
+    if plan.train.zero_stage == 3:
+        # Partition weights while loading instead of materialising the full model per rank.
+        from transformers.integrations import HfDeepSpeedConfig
+
+        _keep_alive = HfDeepSpeedConfig(ds_config)  # noqa: F841 - read by from_pretrained below
+    model = AutoModelForCausalLM.from_pretrained(
+        plan.model_path, dtype=torch.float32, trust_remote_code=plan.trust_remote_code
+    )
+    model.config.use_cache = False
+    optimizer = None
+    if not plan.train.offload_optimizer:
+        optimizer = torch.optim.AdamW(
+            model.parameters(), lr=plan.train.learning_rate, weight_decay=plan.train.weight_decay,
+            fused=torch.cuda.is_available(),
+        )
+    schedule = partial(lr_factor, warmup_steps=plan.train.warmup_steps, total_steps=plan.total_steps)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model,
+        model_parameters=model.parameters(),
+        optimizer=optimizer,
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
+        config=ds_config,
+    )
+    return engine
+
+
+def _resume(engine) -> Progress:
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return Progress()
+    with checkpoint.as_directory() as folder:
+        engine.load_checkpoint(folder, tag=CHECKPOINT_TAG)
+        progress = Progress(**json.loads((Path(folder) / PROGRESS_FILE).read_text()))
+    print(f"[train] resumed from checkpoint at step {progress.step}", flush=True)
+    return progress
+
+
+def _train(engine, shard, plan: TrainPlan, progress: Progress, rank: int) -> None:
+    t = plan.train
+    window = _Window()
+    collate = partial(collate_pairs, pad_id=plan.pad_id)
+    while progress.step < plan.total_steps:
+        epoch = progress.step // plan.steps_per_epoch
+        done_in_epoch = progress.step - epoch * plan.steps_per_epoch
+        micro = 0
+        engine.train()
+        for batch in shard.iter_torch_batches(batch_size=t.micro_batch_size, collate_fn=collate):
+            if micro // t.gradient_accumulation_steps < done_in_epoch:
+                micro += 1  # consumed before the checkpoint this run resumed from
+                continue
+            stats = _forward(engine, batch, t)
+            engine.backward(stats["loss"])
+            engine.step()
+            window.add(stats, batch)
+            micro += 1
+            if micro % t.gradient_accumulation_steps:
+                continue
+            progress.step += 1
+            if progress.step % t.log_every_steps == 0 or progress.step == plan.total_steps:
+                entry = window.flush(progress.step, epoch, engine.get_lr()[0])
+                progress.curve.append(entry)
+                _log(rank, f"[train] step {progress.step}/{plan.total_steps} epoch {epoch} {_fmt(entry)}")
+            end_of_epoch = progress.step % plan.steps_per_epoch == 0
+            if progress.step < plan.total_steps and (
+                (t.checkpoint_every_steps and progress.step % t.checkpoint_every_steps == 0)
+                or (not t.checkpoint_every_steps and end_of_epoch)
+            ):
+                _save(engine, progress, rank)
+            if end_of_epoch or progress.step >= plan.total_steps:
+                break
+
+
+def _forward(engine, batch: dict, t: TrainConfig) -> dict:
+    device = engine.device
+    input_ids = batch["input_ids"].to(device)
+    logits = engine(input_ids=input_ids, attention_mask=batch["attention_mask"].to(device)).logits
+    logps, num_tokens = sequence_logps(logits, input_ids, batch["response_mask"].to(device))
+    half = input_ids.shape[0] // 2
+    return plad_loss(
+        logps[:half], num_tokens[:half], logps[half:], num_tokens[half:],
+        beta=t.loss.beta, length_normalize=t.loss.length_normalize, nll_weight=t.loss.nll_weight,
+    )
+
+
+@torch.no_grad()
+def evaluate(engine, dataset, plan: TrainPlan) -> dict:
+    """Mean PLaD loss and pair-ranking accuracy over every held-out pair (each rank sees all)."""
+    engine.eval()
+    totals = torch.zeros(4, dtype=torch.float64)  # pairs, correct, loss sum, margin sum
+    collate = partial(collate_pairs, pad_id=plan.pad_id)
+    for batch in dataset.iter_torch_batches(batch_size=plan.train.micro_batch_size, collate_fn=collate):
+        stats = _forward(engine, batch, plan.train)
+        n = batch["input_ids"].shape[0] // 2
+        totals += torch.tensor([n, stats["accuracy"] * n, stats["rank_loss"] * n, stats["margin"] * n],
+                               dtype=torch.float64)
+    engine.train()
+    pairs = max(totals[0].item(), 1.0)
+    return {"pairs": int(totals[0].item()), "ranking_accuracy": totals[1].item() / pairs,
+            "loss": totals[2].item() / pairs, "margin": totals[3].item() / pairs}
+
+
+def _save(engine, progress: Progress, rank: int) -> None:
+    import ray.train
+
+    with tempfile.TemporaryDirectory() as folder:
+        engine.save_checkpoint(folder, tag=CHECKPOINT_TAG)
+        if rank == 0:
+            (Path(folder) / PROGRESS_FILE).write_text(json.dumps(progress.__dict__))
+        ray.train.report(
+            {"step": progress.step, **(progress.curve[-1] if progress.curve else {})},
+            checkpoint=ray.train.Checkpoint.from_directory(folder),
+            checkpoint_dir_name=f"step-{progress.step:08d}",
+        )
+
+
+class _Window:
+    """Running means between two logged steps, and real (non-padding) token throughput."""
+
+    def __init__(self):
+        self.sums: dict[str, float] = {}
+        self.count = 0
+        self.tokens = 0
+        self.padded = 0
+        self.start = time.perf_counter()
+
+    def add(self, stats: dict, batch: dict) -> None:
+        for key in ("loss", "rank_loss", "nll", "accuracy", "margin"):
+            self.sums[key] = self.sums.get(key, 0.0) + float(stats[key])
+        self.count += 1
+        self.tokens += int(batch["attention_mask"].sum())
+        self.padded += batch["attention_mask"].numel()
+
+    def flush(self, step: int, epoch: int, lr: float) -> dict:
+        seconds = time.perf_counter() - self.start
+        entry = {"step": step, "epoch": epoch, "lr": lr, **{k: v / self.count for k, v in self.sums.items()},
+                 "tokens_per_s": self.tokens / seconds if seconds else 0.0,
+                 "padding": 1 - self.tokens / self.padded if self.padded else 0.0}
+        self.__init__()
+        return entry
+
+
+def _log(rank: int, line: str) -> None:
+    if rank == 0:
+        print(line, flush=True)
+
+
+def _fmt(stats: dict) -> str:
+    return " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in stats.items()
+                    if k not in ("step", "epoch"))
+

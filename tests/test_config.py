@@ -1,0 +1,103 @@
+"""Config loading, overrides and validation; every shipped config must load and validate."""
+
+import glob
+import os
+
+import pytest
+
+from plad_ray.config import load_config
+from plad_ray.errors import ConfigError
+
+SHIPPED = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "configs", "*.yaml")))
+
+
+def write(tmp_path, text: str) -> str:
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+MINIMAL = """
+output_dir: out
+data: {prompts: p.jsonl}
+teacher: {model: tiny:teacher}
+student: {model: tiny:student}
+"""
+
+
+def test_minimal_config_gets_defaults_and_absolute_output_dir(tmp_path):
+    cfg = load_config(write(tmp_path, MINIMAL))
+    assert cfg.train.loss.beta == 1.0 and cfg.train.zero_stage == 2 and cfg.student.num_samples == 1
+    assert os.path.isabs(cfg.output_dir) and cfg.output_dir.endswith("out")
+    assert cfg.pairs_uri() == cfg.output_dir + "/pairs"
+
+
+def test_overrides_are_typed_and_nested(tmp_path):
+    cfg = load_config(
+        write(tmp_path, MINIMAL),
+        ["train.loss.beta=0.25", "student.num_samples=3", "train.learning_rate=1e-5", "cluster.address=null",
+         "teacher.engine_kwargs={enforce_eager: true}", "output_dir=s3://bucket/run"],
+    )
+    assert cfg.train.loss.beta == 0.25
+    assert cfg.student.num_samples == 3
+    assert cfg.train.learning_rate == 1e-5  # PyYAML reads "1e-5" as a string; numbers are accepted
+    assert cfg.teacher.engine_kwargs == {"enforce_eager": True}
+    assert cfg.output_dir == "s3://bucket/run"  # URIs stay as given
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.bogus=1", "config key train.bogus: unknown key"),
+        ("train.zero_stage=4", "config key train.zero_stage: must be a DeepSpeed ZeRO stage"),
+        ("train.loss.beta=0", "config key train.loss.beta: the hinge margin must be > 0"),
+        ("train.loss.beta=-1", "config key train.loss.beta: the hinge margin must be > 0"),
+        ("train.num_workers=two", "config key train.num_workers: expected an integer, got 'two'"),
+        ("train.precision=fp16", "config key train.precision: must be bf16 or fp32"),
+        ("train.offload_optimizer=true", "config key train.offload_optimizer: optimizer offload needs"),
+        ("teacher.tensor_parallel_size=2", "config key teacher.tensor_parallel_size: tensor parallelism needs GPUs"),
+        ("student.num_samples=0", "config key student.num_samples: must be >= 1"),
+        ("data.heldout_fraction=1.0", "config key data.heldout_fraction: must be in [0, 1)"),
+        ("teacher.sampling.max_tokens=5000", "config key teacher.sampling.max_tokens: must be below"),
+        ("train=3", "config key train: must be a section"),
+        ("nothing", "override 'nothing': must look like key.path=value"),
+    ],
+)
+def test_bad_values_name_the_key(tmp_path, override, message):
+    if override == "train.offload_optimizer=true":
+        overrides = [override, "train.zero_stage=0"]
+    else:
+        overrides = [override]
+    with pytest.raises(ConfigError) as error:
+        load_config(write(tmp_path, MINIMAL), overrides)
+    assert message in str(error.value)
+    assert "\n" not in str(error.value)
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(ConfigError, match="config file .*nope.yaml: not found"):
+        load_config(str(tmp_path / "nope.yaml"))
+    with pytest.raises(ConfigError, match="line 2: not valid YAML"):
+        load_config(write(tmp_path, "output_dir: x\n  bad: [\n"))
+    with pytest.raises(ConfigError, match="must be a mapping"):
+        load_config(write(tmp_path, "- a\n- b\n"))
+
+
+def test_required_keys(tmp_path):
+    with pytest.raises(ConfigError, match="config key output_dir: must name a folder"):
+        load_config(write(tmp_path, "data: {prompts: p.jsonl}\n"))
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=os.path.basename)
+def test_shipped_configs_load_and_validate(path):
+    cfg = load_config(path)
+    assert cfg.teacher.model and cfg.student.model and cfg.data.prompts
+    if cfg.cluster.use_gpu:
+        # GPU cluster configs: the teacher must be at least as large a deployment as the student.
+        assert cfg.teacher.tensor_parallel_size >= cfg.student.tensor_parallel_size
+        assert cfg.train.precision == "bf16"
+
+
+def test_at_least_two_gpu_cluster_configs():
+    gpu = [p for p in SHIPPED if load_config(p).cluster.use_gpu]
+    assert len(gpu) >= 2, gpu

@@ -1,0 +1,55 @@
+"""Which parts of an output folder a re-run reuses, refuses, or replaces (plad_ray.outputs)."""
+
+import pytest
+
+from plad_ray.config import load_config
+from plad_ray.errors import ConfigError
+from plad_ray.outputs import prepare_output
+
+CONFIG = """
+output_dir: {out}
+data: {{prompts: p.jsonl}}
+teacher: {{model: tiny:teacher}}
+student: {{model: tiny:student}}
+"""
+
+
+def make(tmp_path, *overrides):
+    path = tmp_path / "c.yaml"
+    path.write_text(CONFIG.format(out=tmp_path / "run"))
+    return load_config(str(path), list(overrides))
+
+
+def touch_outputs(run):
+    for name in ("teacher", "pairs", "train", "student"):
+        (run / name).mkdir(parents=True, exist_ok=True)
+    (run / "report.json").write_text("{}")
+
+
+def test_same_config_and_speed_settings_resume(tmp_path):
+    prepare_output(make(tmp_path))
+    touch_outputs(tmp_path / "run")
+    # Replicas, batch size and cluster settings change speed, not outputs.
+    prepare_output(make(tmp_path, "teacher.replicas=4", "student.batch_size=8", "cluster.num_cpus=8"))
+    assert (tmp_path / "run" / "teacher").exists() and (tmp_path / "run" / "report.json").exists()
+
+
+def test_changed_training_config_refused_then_replaced_keeping_pairs(tmp_path):
+    prepare_output(make(tmp_path))
+    touch_outputs(tmp_path / "run")
+    with pytest.raises(ConfigError, match=r"its train outputs were made with a different config \(train.loss.beta: 1.0 -> 0.5\)"):
+        prepare_output(make(tmp_path, "train.loss.beta=0.5"))
+    prepare_output(make(tmp_path, "train.loss.beta=0.5"), overwrite=True, log=lambda _: None)
+    run = tmp_path / "run"
+    assert (run / "teacher").exists() and (run / "pairs").exists()
+    assert not (run / "train").exists() and not (run / "student").exists() and not (run / "report.json").exists()
+    prepare_output(make(tmp_path, "train.loss.beta=0.5"))  # now the same run: resumes
+
+
+def test_changed_teacher_makes_everything_stale(tmp_path):
+    prepare_output(make(tmp_path))
+    touch_outputs(tmp_path / "run")
+    with pytest.raises(ConfigError, match="its teacher outputs were made with a different config"):
+        prepare_output(make(tmp_path, "teacher.sampling.temperature=0.5"))
+    prepare_output(make(tmp_path, "teacher.sampling.temperature=0.5"), overwrite=True, log=lambda _: None)
+    assert not any((tmp_path / "run" / name).exists() for name in ("teacher", "pairs", "train", "student"))

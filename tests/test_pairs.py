@@ -1,0 +1,37 @@
+"""Pure tests of pair building (plad_ray.pairs)."""
+
+from plad_ray import pairs
+
+
+def test_finish_reason():
+    # Cut at max_tokens without EOS -> length; EOS at the limit, or fewer tokens -> stop.
+    assert pairs.finish_reason(16, 16, last_token_id=7, eos_token_ids=[2]) == "length"
+    assert pairs.finish_reason(16, 16, last_token_id=2, eos_token_ids=[2]) == "stop"
+    assert pairs.finish_reason(5, 16, last_token_id=7, eos_token_ids=[2]) == "stop"
+    assert pairs.finish_reason(0, 16, last_token_id=None, eos_token_ids=[2]) == "stop"
+
+
+def test_heldout_split_is_deterministic_and_near_the_fraction():
+    ids = [f"p{i:05d}" for i in range(4000)]
+    first = [pairs.is_heldout(i, 0.1) for i in ids]
+    assert first == [pairs.is_heldout(i, 0.1) for i in ids]
+    assert 0.08 < sum(first) / len(ids) < 0.12  # binomial(4000, 0.1): sd 0.0047, so +-4 sd
+    assert not any(pairs.is_heldout(i, 0.0) for i in ids)
+
+
+def test_expand_and_make_pair():
+    teacher_row = {"id": "a", "prompt": "abc>", "teacher_text": "cba", "teacher_num_tokens": 4,
+                   "teacher_finish_reason": "stop", "teacher_model": "T", "teacher_sampling": "{}"}
+    rows = pairs.expand_samples(teacher_row, 3)
+    assert [r["sample_index"] for r in rows] == [0, 1, 2]
+    pair = pairs.make_pair(rows[1], {"text": "xx", "num_tokens": 16, "finish_reason": "length"}, "S", "{\"t\": 1}", 0.0)
+    assert pair == {
+        "id": "a", "sample_index": 1, "prompt": "abc>", "chosen": "cba", "rejected": "xx",
+        "chosen_num_tokens": 4, "rejected_num_tokens": 16, "chosen_finish_reason": "stop",
+        "rejected_finish_reason": "length", "teacher_model": "T", "student_model": "S",
+        "teacher_sampling": "{}", "student_sampling": "{\"t\": 1}", "heldout": False,
+    }
+    assert set(pair) == set(pairs.PAIR_SCHEMA.names)
+    # TRL's preference convention: prompt/chosen/rejected as plain strings.
+    for column in ("prompt", "chosen", "rejected"):
+        assert str(pairs.PAIR_SCHEMA.field(column).type) == "string"

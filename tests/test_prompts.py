@@ -1,0 +1,74 @@
+"""Prompt sources (plad_ray.data.prompts): formats, ids, and one clear line per bad input."""
+
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import ROOT
+from plad_ray.data.prompts import read_prompts
+from plad_ray.errors import DataError
+
+
+def jsonl(tmp_path, lines, name="p.jsonl") -> str:
+    path = tmp_path / name
+    path.write_bytes(b"\n".join(line if isinstance(line, bytes) else line.encode() for line in lines) + b"\n")
+    return str(path)
+
+
+def test_jsonl_without_ids_gets_row_numbers(tmp_path):
+    table = read_prompts(jsonl(tmp_path, ['{"prompt": "a"}', "", '{"prompt": "b", "extra": 1}']))
+    assert table.to_pydict() == {"id": ["p0000000", "p0000001"], "prompt": ["a", "b"]}
+
+
+def test_parquet_folder_with_ids_and_max_prompts(tmp_path):
+    folder = tmp_path / "prompts"
+    folder.mkdir()
+    pq.write_table(pa.table({"id": [1, 2], "prompt": ["x", "y"], "other": [0, 0]}), folder / "a.parquet")
+    pq.write_table(pa.table({"id": [3], "prompt": ["z"], "other": [0]}), folder / "b.parquet")
+    assert read_prompts(str(folder)).to_pydict() == {"id": ["1", "2", "3"], "prompt": ["x", "y", "z"]}
+    assert read_prompts(str(folder), max_prompts=2).num_rows == 2
+    assert read_prompts("file://" + str(folder)).num_rows == 3  # pyarrow filesystem URI
+
+
+@pytest.mark.parametrize(
+    "lines, message",
+    [
+        (['{"prompt": "a"}', '{"prompt": "b"'], "line 2: malformed JSON"),
+        (['{"prompt": "a"}', b'{"prompt": "\xff"}'], "line 2: not UTF-8 text"),
+        (['{"text": "a"}'], "line 1: no 'prompt' key"),
+        (['["a"]'], "line 1: expected a JSON object"),
+        (['{"prompt": 3}'], "row 0: 'prompt' must be a string"),
+        (['{"prompt": "  "}'], "row 0 (id p0000000): empty prompt"),
+        (['{"prompt": null}'], "row 0 (id p0000000): empty prompt"),
+        (['{"id": "a", "prompt": "x"}', '{"id": "a", "prompt": "y"}'], "rows 0 and 1: duplicate id 'a'"),
+        ([""], "has no rows"),
+    ],
+)
+def test_bad_jsonl(tmp_path, lines, message):
+    path = jsonl(tmp_path, lines)
+    with pytest.raises(DataError) as error:
+        read_prompts(path)
+    assert message in str(error.value) and path in str(error.value)
+
+
+def test_missing_wrong_format_and_no_prompt_column(tmp_path):
+    with pytest.raises(DataError, match="not found"):
+        read_prompts(str(tmp_path / "missing.jsonl"))
+    (tmp_path / "p.csv").write_text("prompt\na\n")
+    with pytest.raises(DataError, match="unsupported format"):
+        read_prompts(str(tmp_path / "p.csv"))
+    pq.write_table(pa.table({"text": ["a"]}), tmp_path / "p.parquet")
+    with pytest.raises(DataError, match=r"no 'prompt' column \(columns: text\)"):
+        read_prompts(str(tmp_path / "p.parquet"))
+    (tmp_path / "broken.parquet").write_bytes(b"not parquet")
+    with pytest.raises(DataError, match="not a readable Parquet file"):
+        read_prompts(str(tmp_path / "broken.parquet"))
+
+
+def test_shipped_tiny_prompts():
+    table = read_prompts(str(ROOT / "configs/prompts/tiny-reverse.jsonl"))
+    assert table.num_rows == 256
+    assert all(p.endswith(">") for p in table.column("prompt").to_pylist())
+    assert json.loads(open(ROOT / "configs/prompts/tiny-reverse.jsonl").readline())["id"] == "rev-00000"
