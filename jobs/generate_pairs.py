@@ -7,15 +7,11 @@ Writes output_dir/teacher/ and output_dir/pairs/ (Parquet: prompt, chosen, rejec
 """
 
 from plad_ray import cli, pipeline
-from plad_ray.cluster import connect
-from plad_ray.outputs import prepare_output
 
 
 def run(args) -> None:
     cfg = cli.load(args)
-    inputs = pipeline.check_inputs(cfg)
-    prepare_output(cfg, overwrite=args.overwrite)
-    print(f"[plad-ray] {connect(cfg.cluster)}", flush=True)
+    inputs = pipeline.prepare(cfg, generation=True, training=False, overwrite=args.overwrite)
     figures = pipeline.generate_teacher(cfg, inputs)
     figures.update(pipeline.generate_pairs(cfg, inputs))
     print(f"\npairs: {figures['pairs']} at {cfg.pairs_uri()}", flush=True)

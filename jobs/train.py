@@ -8,15 +8,11 @@ output_dir/report.json. Re-running resumes from the last checkpoint.
 """
 
 from plad_ray import cli, pipeline
-from plad_ray.cluster import connect
-from plad_ray.outputs import prepare_output
 
 
 def run(args) -> None:
     cfg = cli.load(args)
-    inputs = pipeline.check_inputs(cfg, prompts=False, teacher=False)
-    prepare_output(cfg, overwrite=args.overwrite)
-    print(f"[plad-ray] {connect(cfg.cluster)}", flush=True)
+    inputs = pipeline.prepare(cfg, generation=False, training=True, overwrite=args.overwrite)
     report = pipeline.train_student(cfg, inputs)
     print("\n" + pipeline.summary(report), flush=True)
 

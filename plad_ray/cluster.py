@@ -2,7 +2,12 @@
 
 import os
 
-from plad_ray.config import ClusterConfig
+from plad_ray.config import ClusterConfig, Config, EngineConfig
+from plad_ray.errors import ConfigError
+
+# CPUs kept free while trainer workers run, for the Ray Data tasks that feed them;
+# without them the workers hold every CPU and the data stage never gets scheduled.
+DATA_CPUS = 1.0
 
 
 def connect(cluster: ClusterConfig) -> str:
@@ -23,3 +28,66 @@ def connect(cluster: ClusterConfig) -> str:
         return f"joined Ray cluster at {address}"
     ray.init(address="local", num_cpus=cluster.num_cpus, include_dashboard=False)
     return f"started a local Ray cluster ({ray.cluster_resources().get('CPU', 0):g} logical CPUs)"
+
+
+def check_resources(cfg: Config, available: dict, generation: bool = True, training: bool = True) -> None:
+    """Refuse a plan the cluster cannot place (it would wait forever instead of failing).
+
+    Generation stages run one after another, then training; each must fit on its own.
+    """
+    cpus, gpus = available.get("CPU", 0.0), available.get("GPU", 0.0)
+    where = f"the cluster has {cpus:g} CPUs and {gpus:g} GPUs"
+    for role in ("teacher", "student") if generation else ():
+        engine: EngineConfig = getattr(cfg, role)
+        workers = engine.replicas * engine.tensor_parallel_size
+        if workers * engine.cpus_per_replica > cpus:
+            raise ConfigError(
+                f"config key {role}.replicas: {engine.replicas} replicas x {engine.tensor_parallel_size} workers x "
+                f"{engine.cpus_per_replica:g} CPUs do not fit ({where}); lower {role}.replicas or "
+                f"{role}.cpus_per_replica, or add cluster.num_cpus"
+            )
+        if cfg.cluster.use_gpu and workers > gpus:
+            raise ConfigError(
+                f"config key {role}.replicas: {engine.replicas} replicas x TP {engine.tensor_parallel_size} need "
+                f"{workers} GPUs ({where}); lower {role}.replicas or {role}.tensor_parallel_size"
+            )
+    t = cfg.train
+    if not training:
+        return
+    if t.num_workers * t.cpus_per_worker + DATA_CPUS > cpus:
+        raise ConfigError(
+            f"config key train.num_workers: {t.num_workers} workers x {t.cpus_per_worker:g} CPUs plus "
+            f"{DATA_CPUS:g} CPU for the data feeding them do not fit ({where}); lower train.num_workers or "
+            "train.cpus_per_worker, or raise cluster.num_cpus"
+        )
+    if cfg.cluster.use_gpu and t.num_workers > gpus:
+        raise ConfigError(f"config key train.num_workers: {t.num_workers} workers need {t.num_workers} GPUs ({where})")
+
+
+def local_resources(cluster: ClusterConfig) -> dict | None:
+    """What a local cluster will have, or None when joining one (ask it after connecting)."""
+    if cluster.address or os.environ.get("RAY_ADDRESS"):
+        return None
+    gpus = 0
+    if cluster.use_gpu:
+        import torch
+
+        gpus = torch.cuda.device_count()
+    return {"CPU": float(cluster.num_cpus or os.cpu_count() or 1), "GPU": float(gpus)}
+
+
+def check_local(cfg: Config, generation: bool = True, training: bool = True) -> None:
+    """Before a local cluster exists: refuse plans it could not place. No-op when joining one."""
+    local = local_resources(cfg.cluster)
+    if local is not None:
+        check_resources(cfg, local, generation, training)
+
+
+def start(cfg: Config, generation: bool = True, training: bool = True, log=print) -> None:
+    """Connect; when joining a running cluster, check the plan against what it has."""
+    import ray
+
+    joining = local_resources(cfg.cluster) is None
+    log(f"[plad-ray] {connect(cfg.cluster)}")
+    if joining:
+        check_resources(cfg, ray.cluster_resources(), generation, training)

@@ -31,9 +31,22 @@ class Inputs:
     student_path: str | None = None
 
 
+def prepare(cfg: Config, generation: bool, training: bool, overwrite: bool = False, log=print) -> Inputs:
+    """Everything before the expensive work: inputs, resources, output folder, then Ray."""
+    from plad_ray import cluster
+
+    inputs = check_inputs(cfg, prompts=generation, teacher=generation, pairs_written=not generation, log=log)
+    cluster.check_local(cfg, generation, training)
+    prepare_output(cfg, overwrite, log=log)
+    cluster.start(cfg, generation, training, log=log)
+    return inputs
+
+
 def check_inputs(cfg: Config, prompts: bool = True, teacher: bool = True, student: bool = True,
-                 log=print) -> Inputs:
-    """Read prompts and resolve model folders; raises before any expensive work."""
+                 pairs_written: bool = False, log=print) -> Inputs:
+    """Read prompts, resolve model folders, find earlier outputs; raises before any expensive work."""
+    if pairs_written and storage.manifest(cfg.pairs_uri()) is None:
+        raise DataError(f"pairs {cfg.pairs_uri()}: missing or incomplete; run jobs.generate_pairs first")
     inputs = Inputs()
     if prompts:
         inputs.prompts = read_prompts(cfg.data.prompts, cfg.data.max_prompts)
@@ -105,6 +118,10 @@ def train_student(cfg: Config, inputs: Inputs, log=print) -> dict:
 
     from plad_ray.train.driver import run_training
 
+    done = storage.read_json(cfg.report_uri())
+    if done is not None and storage.manifest(cfg.student_export_uri()) is not None:
+        log(f"[train] already complete: {cfg.student_export_uri()} and {cfg.report_uri()}")
+        return done
     pairs_ds = parquet.read(cfg.pairs_uri())
     if pairs_ds is None:
         raise DataError(f"pairs {cfg.pairs_uri()}: missing or incomplete; run jobs.generate_pairs first")
@@ -121,11 +138,7 @@ def train_student(cfg: Config, inputs: Inputs, log=print) -> dict:
 
 def distill(cfg: Config, overwrite: bool = False, log=print) -> dict:
     """The whole pipeline; returns the report with generation figures added."""
-    from plad_ray.cluster import connect
-
-    inputs = check_inputs(cfg, log=log)
-    prepare_output(cfg, overwrite, log=log)
-    log(f"[plad-ray] {connect(cfg.cluster)}")
+    inputs = prepare(cfg, generation=True, training=True, overwrite=overwrite, log=log)
     figures = generate_teacher(cfg, inputs, log)
     figures.update(generate_pairs(cfg, inputs, log))
     report = train_student(cfg, inputs, log)

@@ -60,9 +60,13 @@ def steps_per_epoch(train_rows: int, train: TrainConfig) -> int:
 def run_training(pairs_ds, model_path: str, train: TrainConfig, cluster: ClusterConfig, output_dir: str,
                  export_uri: str, pad_id: int, trust_remote_code: bool = False) -> dict:
     """Train, evaluate and export; returns the run's figures (also written by the caller)."""
+    import ray.data
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    # Datasets carry the context they were made in into the workers, where per-worker
+    # progress bars interleave into noise; training reports progress as step lines.
+    ray.data.DataContext.get_current().enable_progress_bars = False
     train_ds, heldout_ds, counts = prepare_pairs(pairs_ds, model_path, train, trust_remote_code)
     steps = steps_per_epoch(counts["train"], train)
     if steps < 1:

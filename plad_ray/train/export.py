@@ -36,6 +36,9 @@ def export_hf(engine, plan, rank: int) -> None:
         state = {k: v.to(dtype) for k, v in state.items()}
         with tempfile.TemporaryDirectory() as folder:
             engine.module.save_pretrained(folder, state_dict=state, safe_serialization=True)
+            # save_pretrained records the module's dtype (bf16 under DeepSpeed bf16); the
+            # weights are in the source model's dtype, so its config is the right one.
+            config.save_pretrained(folder)
             tokenizer = AutoTokenizer.from_pretrained(plan.model_path, trust_remote_code=plan.trust_remote_code)
             tokenizer.save_pretrained(folder)
             partial = storage.partial_uri(plan.export_uri)

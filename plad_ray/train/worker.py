@@ -53,11 +53,8 @@ class Progress:
 
 def train_loop_per_worker(config: dict) -> dict | None:
     """Ray Train entry point; returns the run's figures on rank 0."""
-    import ray.data
     import ray.train
 
-    # Per-worker dataset progress bars interleave into unreadable output; the driver logs progress.
-    ray.data.DataContext.get_current().enable_progress_bars = False
     plan: TrainPlan = config["plan"]
     rank = ray.train.get_context().get_world_rank()
     torch.manual_seed(plan.train.seed)
