@@ -12,8 +12,9 @@ from plad_ray import cli, pipeline
 
 def run(args) -> None:
     cfg = cli.load(args)
-    report = pipeline.distill(cfg, overwrite=args.overwrite)
-    print("\n" + pipeline.summary(report), flush=True)
+    report = pipeline.distill(cfg, overwrite=args.overwrite, check_only=args.check)
+    if report is not None:
+        print("\n" + pipeline.summary(report), flush=True)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,9 @@ from plad_ray import cli, pipeline
 
 def run(args) -> None:
     cfg = cli.load(args)
-    inputs = pipeline.prepare(cfg, generation=True, training=False, overwrite=args.overwrite)
+    inputs = pipeline.prepare(cfg, generation=True, training=False, overwrite=args.overwrite, check_only=args.check)
+    if inputs is None:
+        return
     figures = pipeline.generate_teacher(cfg, inputs)
     figures.update(pipeline.generate_pairs(cfg, inputs))
     print(f"\npairs: {figures['pairs']} at {cfg.pairs_uri()}", flush=True)

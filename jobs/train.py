@@ -12,7 +12,9 @@ from plad_ray import cli, pipeline
 
 def run(args) -> None:
     cfg = cli.load(args)
-    inputs = pipeline.prepare(cfg, generation=False, training=True, overwrite=args.overwrite)
+    inputs = pipeline.prepare(cfg, generation=False, training=True, overwrite=args.overwrite, check_only=args.check)
+    if inputs is None:
+        return
     report = pipeline.train_student(cfg, inputs)
     print("\n" + pipeline.summary(report), flush=True)
 

@@ -20,6 +20,8 @@ def parser(description: str) -> argparse.ArgumentParser:
                    help="override a config value, e.g. --set train.loss.beta=0.5 (repeatable)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace output_dir if it holds a run of a different config")
+    p.add_argument("--check", action="store_true",
+                   help="check config, inputs, models, resources and output_dir, then exit without starting anything")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     return p
 
@@ -46,5 +48,15 @@ def main(run, description: str, argv: list[str] | None = None) -> None:
 def _fail(args, error: BaseException, line: str, code: int) -> None:
     if args.debug:
         traceback.print_exception(error)
+    _stop_ray()  # its shutdown logs would otherwise bury the line below
     print(line, file=sys.stderr, flush=True)
     sys.exit(code)
+
+
+def _stop_ray() -> None:
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        try:
+            ray.shutdown()
+        except BaseException:  # a second Ctrl-C during shutdown: the line still matters more
+            pass

@@ -8,6 +8,7 @@ work starts. Each stage receives only its own section.
 
 import dataclasses
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -31,6 +32,8 @@ class DataConfig:
     prompts: str = ""  # JSONL or Parquet file/folder (local path or pyarrow URI); `prompt` column, optional `id`
     max_prompts: int | None = None  # use only the first N prompts; None: all
     heldout_fraction: float = 0.1  # share of prompt ids whose pairs are held out of training, in [0, 1)
+    bad_rows: str = "error"  # malformed prompt rows: error (stop) | quarantine (set aside with the reason, counted)
+    too_long: str = "skip"  # prompts over an engine's or training's length: skip (quarantine) | truncate | error
 
 
 @dataclass
@@ -54,6 +57,7 @@ class EngineConfig:
     chat_template: bool = False  # wrap each prompt as one user turn with the tokenizer's chat template
     enable_prefix_caching: bool = True  # reuse KV cache of shared prompt prefixes
     trust_remote_code: bool = False  # let the model folder run its own Python code
+    allow_pickle_weights: bool = False  # accept .bin/.pt weights (unpickling can run code); default safetensors only
     engine_kwargs: dict = field(default_factory=dict)  # passed unchanged to the vLLM engine (escape hatch)
     env: dict = field(default_factory=dict)  # environment variables of the engine processes (e.g. VLLM_CPU_*)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
@@ -111,6 +115,10 @@ class Config:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    def to_safe_dict(self) -> dict:
+        """to_dict with secret-looking values (keys naming a token, key, secret or password) redacted."""
+        return redact(self.to_dict())
+
     # Where each stage's output lives under output_dir.
     def teacher_cache_uri(self) -> str:
         return _join(self.output_dir, "teacher")
@@ -124,6 +132,20 @@ class Config:
     def report_uri(self) -> str:
         return _join(self.output_dir, "report.json")
 
+    def quarantine_uri(self) -> str:
+        return _join(self.output_dir, "quarantine/prompts.jsonl")
+
+
+_SECRET = re.compile(r"(^|_)(token|key|secret|password|credentials?)($|_)", re.IGNORECASE)
+
+
+def redact(value: Any) -> Any:
+    """Replace values under secret-looking keys with '***', recursively (for run.json, reports, logs)."""
+    if isinstance(value, dict):
+        return {k: "***" if isinstance(k, str) and _SECRET.search(k) and isinstance(v, str) else redact(v)
+                for k, v in value.items()}
+    return value
+
 
 def _join(uri: str, name: str) -> str:
     return f"{uri.rstrip('/')}/{name}"
@@ -135,6 +157,8 @@ def _checks(c: Config):
     yield "data.prompts", bool(c.data.prompts), "must name a JSONL or Parquet prompt file"
     yield "data.max_prompts", c.data.max_prompts is None or c.data.max_prompts >= 1, "must be >= 1 or null"
     yield "data.heldout_fraction", 0 <= c.data.heldout_fraction < 1, "must be in [0, 1)"
+    yield "data.bad_rows", c.data.bad_rows in ("error", "quarantine"), "must be error or quarantine"
+    yield "data.too_long", c.data.too_long in ("skip", "truncate", "error"), "must be skip, truncate or error"
     for role in ("teacher", "student"):
         e: EngineConfig = getattr(c, role)
         yield f"{role}.model", bool(e.model), "must name a model folder"

@@ -15,21 +15,40 @@ from plad_ray.errors import DataError
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
 
 
-def resolve_model(spec: str, key: str, log=print) -> str:
-    """The local folder for `spec`; `key` names the config key in error messages."""
-    if tiny.is_tiny(spec):
-        return tiny.materialize(spec, log=log)
-    folder = Path(spec).expanduser()
+def resolve_model(spec: str, key: str, allow_pickle: bool = False, chat_template: bool = False, log=print) -> str:
+    """The local folder for `spec`, checked; `key` names the config key in error messages."""
+    folder = Path(tiny.materialize(spec, log=log) if tiny.is_tiny(spec) else spec).expanduser()
     if not folder.is_dir():
         raise DataError(f"config key {key}: model folder {spec} not found; give the path of a HF model folder")
-    if not (folder / "config.json").is_file():
+    config_file = folder / "config.json"
+    if not config_file.is_file():
         raise DataError(f"config key {key}: {spec} has no config.json; it is not a HF model folder")
+    try:
+        architectures = json.loads(config_file.read_text()).get("architectures") or []
+    except json.JSONDecodeError:
+        raise DataError(f"config key {key}: {spec}/config.json is not valid JSON") from None
+    if not any(a.endswith("ForCausalLM") for a in architectures):
+        raise DataError(f"config key {key}: {spec} is not a causal LM (architectures: {architectures or 'none'}); "
+                        "PLaD needs a decoder that generates text, e.g. LlamaForCausalLM")
     if not any((folder / name).is_file() for name in TOKENIZER_FILES):
         raise DataError(f"config key {key}: {spec} has no tokenizer files; save the tokenizer into the model folder")
+    if chat_template and not has_chat_template(folder):
+        raise DataError(f"config key {key}: {spec}'s tokenizer has no chat template, but "
+                        f"{key.rsplit('.', 1)[0]}.chat_template is on; turn it off or add a template")
     if not any(folder.glob("*.safetensors")):
-        found = "pickle (.bin/.pt) weights, which are refused" if any(folder.glob("*.bin")) else "no weights"
-        raise DataError(f"config key {key}: {spec} has {found}; convert the model to safetensors")
+        if not any(folder.glob("*.bin")) and not any(folder.glob("*.pt")):
+            raise DataError(f"config key {key}: {spec} has no weights (*.safetensors)")
+        if not allow_pickle:
+            raise DataError(f"config key {key}: {spec} has only pickle (.bin/.pt) weights, which can run code when "
+                            f"loaded; convert them to safetensors, or set {key.rsplit('.', 1)[0]}.allow_pickle_weights=true")
     return str(folder.resolve())
+
+
+def has_chat_template(folder: Path) -> bool:
+    if (folder / "chat_template.jinja").is_file() or (folder / "chat_template.json").is_file():
+        return True
+    config = folder / "tokenizer_config.json"
+    return config.is_file() and bool(json.loads(config.read_text()).get("chat_template"))
 
 
 def eos_token_ids(folder: str) -> list[int]:

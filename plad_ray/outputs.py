@@ -2,6 +2,7 @@
 
     output_dir/
       run.json      the config keys each stage's outputs depend on
+      quarantine/   prompt rows set aside, with reasons <- data source, teacher
       teacher/      teacher outputs by prompt id   <- data source, teacher
       pairs/        preference pairs                <- + student, held-out split
       train/        Ray Train state, checkpoints    <- + train
@@ -14,13 +15,17 @@ unless --overwrite is given, which removes only the stale parts; a new training
 config on the same pairs keeps the teacher outputs and the pairs.
 """
 
+import os
+
+import pyarrow.fs as pafs
+
 from plad_ray.config import Config
 from plad_ray.data import storage
-from plad_ray.errors import ConfigError
+from plad_ray.errors import ConfigError, DataError
 
 RUN_FILE = "run.json"
 STAGES = ("teacher", "pairs", "train")
-OUTPUTS = {"teacher": ("teacher",), "pairs": ("pairs",), "train": ("train", "student", "report.json")}
+OUTPUTS = {"teacher": ("teacher", "quarantine"), "pairs": ("pairs",), "train": ("train", "student", "report.json")}
 # Engine settings that change speed, not outputs: changing them never makes outputs stale.
 _ENGINE_PERF_KEYS = ("replicas", "batch_size", "cpus_per_replica", "env", "gpu_memory_utilization",
                      "enable_prefix_caching", "tensor_parallel_size", "engine_kwargs")
@@ -28,8 +33,8 @@ _ENGINE_PERF_KEYS = ("replicas", "batch_size", "cpus_per_replica", "env", "gpu_m
 
 def stage_keys(cfg: Config) -> dict:
     """For each stage, the config values its outputs depend on (cumulative)."""
-    d = cfg.to_dict()
-    teacher = {"data.prompts": d["data"]["prompts"], "data.max_prompts": d["data"]["max_prompts"],
+    d = cfg.to_safe_dict()
+    teacher = {**{f"data.{k}": d["data"][k] for k in ("prompts", "max_prompts", "bad_rows", "too_long")},
                "teacher": _semantic(d["teacher"])}
     pairs = {**teacher, "student": _semantic(d["student"]), "data.heldout_fraction": d["data"]["heldout_fraction"]}
     return {"teacher": teacher, "pairs": pairs, "train": {**pairs, "train": d["train"]}}
@@ -39,16 +44,23 @@ def _semantic(engine: dict) -> dict:
     return {k: v for k, v in engine.items() if k not in _ENGINE_PERF_KEYS}
 
 
-def prepare_output(cfg: Config, overwrite: bool = False, log=print) -> None:
-    """Claim output_dir for this config: new, the same run resumed, or stale parts replaced."""
+def prepare_output(cfg: Config, overwrite: bool = False, dry_run: bool = False, log=print) -> None:
+    """Claim output_dir for this config: new, the same run resumed, or stale parts replaced.
+
+    With dry_run, only check (nothing is written or removed).
+    """
     run_uri = storage.join(cfg.output_dir, RUN_FILE)
+    _check_location(cfg.output_dir, run_uri)
     previous = storage.read_json(run_uri) or {}
     mine = stage_keys(cfg)
     for index, stage in enumerate(STAGES):
         if stage not in previous or previous[stage] == mine[stage]:
             continue
         key = _first_difference(previous[stage], mine[stage])
-        if not overwrite:
+        if not overwrite or dry_run:
+            if overwrite:
+                log(f"[plad-ray] --overwrite would replace the {'/'.join(STAGES[index:])} outputs ({key})")
+                break
             raise ConfigError(
                 f"output_dir {cfg.output_dir}: its {stage} outputs were made with a different config "
                 f"({key}); use a new output_dir, or pass --overwrite to replace them"
@@ -56,9 +68,30 @@ def prepare_output(cfg: Config, overwrite: bool = False, log=print) -> None:
         for later in STAGES[index:]:
             for name in OUTPUTS[later]:
                 storage.remove(storage.join(cfg.output_dir, name))
+                storage.remove(storage.join(cfg.output_dir, name + ".partial"))
         log(f"[plad-ray] --overwrite: removed the {'/'.join(STAGES[index:])} outputs made with {key}")
         break
-    storage.write_json(run_uri, mine)
+    if not dry_run:
+        storage.write_json(run_uri, mine)
+
+
+def _check_location(output_dir: str, run_uri: str) -> None:
+    """output_dir must be a new folder, an empty one, or an earlier run's; and writable."""
+    fs, path = storage.filesystem_and_path(output_dir)
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.File:
+        raise DataError(f"output_dir {output_dir}: is a file; give a folder")
+    if info.type == pafs.FileType.Directory and storage.read_json(run_uri) is None:
+        if fs.get_file_info(pafs.FileSelector(path, recursive=False)):
+            raise DataError(f"output_dir {output_dir}: exists and holds something other than a plad-ray run; "
+                            "give a new or empty folder")
+    if isinstance(fs, pafs.LocalFileSystem):  # remote stores say no at the first write
+        existing = path
+        while not os.path.exists(existing):
+            existing = os.path.dirname(existing)
+        if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
+            raise DataError(f"output_dir {output_dir}: cannot be created under {existing} (not a writable folder); "
+                            "give a folder this user can write")
 
 
 def _first_difference(old, new, prefix: str = "") -> str:

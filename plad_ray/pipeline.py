@@ -8,8 +8,9 @@ teacher outputs are generated only for prompt ids not yet in the cache, pairs ar
 kept once complete, and training resumes from its last checkpoint.
 """
 
+import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -19,6 +20,7 @@ from plad_ray.config import Config
 from plad_ray.data import parquet, storage
 from plad_ray.data.prompts import read_prompts
 from plad_ray.errors import DataError
+from plad_ray.limits import apply_length_policy, prompt_limits
 from plad_ray.models import eos_token_ids, resolve_model
 from plad_ray.outputs import prepare_output
 
@@ -27,17 +29,29 @@ class Inputs:
     """Checked inputs; each field only when the stages run need it."""
 
     prompts: pa.Table | None = None
+    quarantined: list = field(default_factory=list)  # prompt rows set aside, with their reasons
+    truncated: int = 0  # prompts cut to fit (data.too_long=truncate)
     teacher_path: str | None = None
     student_path: str | None = None
 
 
-def prepare(cfg: Config, generation: bool, training: bool, overwrite: bool = False, log=print) -> Inputs:
-    """Everything before the expensive work: inputs, resources, output folder, then Ray."""
+def prepare(cfg: Config, generation: bool, training: bool, overwrite: bool = False, check_only: bool = False,
+            log=print) -> Inputs | None:
+    """Everything before the expensive work: inputs, resources, output folder, then Ray.
+
+    With check_only (`--check`), stop before writing anything or starting Ray; None.
+    """
     from plad_ray import cluster
 
     inputs = check_inputs(cfg, prompts=generation, teacher=generation, pairs_written=not generation, log=log)
     cluster.check_local(cfg, generation, training)
-    prepare_output(cfg, overwrite, log=log)
+    prepare_output(cfg, overwrite, dry_run=check_only, log=log)
+    if check_only:
+        log("[plad-ray] --check: config, inputs, models, resources and output_dir are fine; nothing was started")
+        return None
+    if inputs.quarantined:
+        storage.write_text(cfg.quarantine_uri(), "".join(json.dumps(q) + "\n" for q in inputs.quarantined))
+        log(f"[plad-ray] {len(inputs.quarantined)} prompt rows quarantined with their reasons -> {cfg.quarantine_uri()}")
     cluster.start(cfg, generation, training, log=log)
     return inputs
 
@@ -48,43 +62,55 @@ def check_inputs(cfg: Config, prompts: bool = True, teacher: bool = True, studen
     if pairs_written and storage.manifest(cfg.pairs_uri()) is None:
         raise DataError(f"pairs {cfg.pairs_uri()}: missing or incomplete; run jobs.generate_pairs first")
     inputs = Inputs()
-    if prompts:
-        inputs.prompts = read_prompts(cfg.data.prompts, cfg.data.max_prompts)
-        log(f"[plad-ray] {inputs.prompts.num_rows} prompts from {cfg.data.prompts}")
     if teacher:
-        inputs.teacher_path = resolve_model(cfg.teacher.model, "teacher.model", log=log)
+        inputs.teacher_path = resolve_model(cfg.teacher.model, "teacher.model", cfg.teacher.allow_pickle_weights,
+                                            cfg.teacher.chat_template, log=log)
     if student:
-        inputs.student_path = resolve_model(cfg.student.model, "student.model", log=log)
+        inputs.student_path = resolve_model(cfg.student.model, "student.model", cfg.student.allow_pickle_weights,
+                                            cfg.student.chat_template, log=log)
+    if prompts:
+        source = read_prompts(cfg.data.prompts, cfg.data.max_prompts, cfg.data.bad_rows)
+        limits = prompt_limits(cfg, inputs.teacher_path, inputs.student_path)
+        inputs.prompts, too_long, inputs.truncated = apply_length_policy(
+            source.table, limits, cfg.data.too_long, cfg.data.prompts)
+        inputs.quarantined = source.quarantined + too_long
+        if inputs.prompts.num_rows == 0:
+            raise DataError(f"prompt source {cfg.data.prompts}: no prompt is usable ({len(inputs.quarantined)} set "
+                            f"aside, first: {inputs.quarantined[0]['reason']})")
+        log(f"[plad-ray] {inputs.prompts.num_rows} prompts from {cfg.data.prompts}"
+            + (f"; {len(inputs.quarantined)} set aside" if inputs.quarantined else "")
+            + (f"; {inputs.truncated} truncated to fit" if inputs.truncated else ""))
     return inputs
 
 
 def generate_teacher(cfg: Config, inputs: Inputs, log=print) -> dict:
-    """Teacher outputs for every prompt id not yet in the cache."""
+    """Teacher outputs for every prompt id not yet cached (committed or left pending by a crash)."""
     import ray.data
 
     from plad_ray.generate.stages import teacher_outputs
 
     uri = cfg.teacher_cache_uri()
-    cached = parquet.read_table(uri, ["id"])
-    done = cached.column("id") if cached is not None else pa.array([], pa.string())
+    done = parquet.done_keys(uri, ["id"], log).column("id")
     missing = inputs.prompts.filter(pc.invert(pc.is_in(inputs.prompts.column("id"), value_set=done)))
     stats = {"teacher_cached": len(done), "teacher_generated": missing.num_rows}
     if missing.num_rows == 0:
         log(f"[generate] teacher: all {len(done)} outputs already cached at {uri}; 0 teacher requests")
-        return stats
-    log(f"[generate] teacher: {missing.num_rows} prompts to generate ({len(done)} cached) with {cfg.teacher.model}")
-    start = time.perf_counter()
-    ds = _spread(ray.data.from_arrow(missing), missing.num_rows, cfg.teacher.batch_size, cfg.teacher.replicas)
-    out = teacher_outputs(ds, cfg.teacher, inputs.teacher_path, cfg.teacher.model,
-                          eos_token_ids(inputs.teacher_path), cfg.cluster.use_gpu)
-    parquet.append(out, uri, pairs.TEACHER_SCHEMA, {"teacher_model": cfg.teacher.model})
-    stats["teacher_seconds"] = time.perf_counter() - start
-    log(f"[generate] teacher: {missing.num_rows} outputs in {stats['teacher_seconds']:.1f}s -> {uri}")
+    else:
+        log(f"[generate] teacher: {missing.num_rows} prompts to generate ({len(done)} cached) with {cfg.teacher.model}")
+        start = time.perf_counter()
+        ds = _spread(ray.data.from_arrow(missing), missing.num_rows, cfg.teacher.batch_size, cfg.teacher.replicas)
+        parquet.write_pending(
+            teacher_outputs(ds, cfg.teacher, inputs.teacher_path, cfg.teacher.model,
+                            eos_token_ids(inputs.teacher_path), cfg.cluster.use_gpu),
+            uri, pairs.TEACHER_SCHEMA)
+        stats["teacher_seconds"] = time.perf_counter() - start
+        log(f"[generate] teacher: {missing.num_rows} outputs in {stats['teacher_seconds']:.1f}s -> {uri}")
+    parquet.commit(uri, {"teacher_model": cfg.teacher.model}, log)
     return stats
 
 
 def generate_pairs(cfg: Config, inputs: Inputs, log=print) -> dict:
-    """k student samples per cached teacher output -> pairs (kept once complete)."""
+    """k student samples per cached teacher output -> pairs; resumes a crashed run per (prompt, sample)."""
     from plad_ray.generate.stages import student_pairs
 
     uri = cfg.pairs_uri()
@@ -95,16 +121,24 @@ def generate_pairs(cfg: Config, inputs: Inputs, log=print) -> dict:
     teacher_rows = storage.manifest(cfg.teacher_cache_uri())
     if teacher_rows is None:
         raise DataError(f"teacher cache {cfg.teacher_cache_uri()}: missing; generate teacher outputs first")
-    teacher_ds = parquet.read(cfg.teacher_cache_uri())
-    teacher_ds = _spread(teacher_ds, teacher_rows["rows"], cfg.student.batch_size, cfg.student.replicas)
-    log(f"[generate] student: {teacher_rows['rows']} prompts x {cfg.student.num_samples} samples with {cfg.student.model}")
+    done_table = parquet.done_keys(uri, ["id", "sample_index"], log)
+    done = set(zip(done_table.column("id").to_pylist(), done_table.column("sample_index").to_pylist()))
+    todo = teacher_rows["rows"] * cfg.student.num_samples - len(done)
+    log(f"[generate] student: {teacher_rows['rows']} prompts x {cfg.student.num_samples} samples with "
+        f"{cfg.student.model}" + (f"; {len(done)} pairs already written by an earlier run" if done else ""))
     start = time.perf_counter()
-    out = student_pairs(teacher_ds, cfg.student, inputs.student_path, cfg.student.model,
-                        eos_token_ids(inputs.student_path), cfg.cluster.use_gpu, cfg.data.heldout_fraction)
-    rows = parquet.write(out, uri, pairs.PAIR_SCHEMA, {"student_model": cfg.student.model})
+    if todo:
+        teacher_ds = parquet.read(cfg.teacher_cache_uri())
+        teacher_ds = _spread(teacher_ds, teacher_rows["rows"], cfg.student.batch_size, cfg.student.replicas)
+        parquet.write_pending(
+            student_pairs(teacher_ds, cfg.student, inputs.student_path, cfg.student.model,
+                          eos_token_ids(inputs.student_path), cfg.cluster.use_gpu, cfg.data.heldout_fraction,
+                          skip=done),
+            uri, pairs.PAIR_SCHEMA)
+    rows = parquet.commit(uri, {"student_model": cfg.student.model}, log)
     seconds = time.perf_counter() - start
-    log(f"[generate] pairs: {rows} pairs in {seconds:.1f}s -> {uri}")
-    return {"pairs": rows, "student_seconds": seconds}
+    log(f"[generate] pairs: {rows} pairs ({todo} generated now) in {seconds:.1f}s -> {uri}")
+    return {"pairs": rows, "pairs_generated": todo, "student_seconds": seconds}
 
 
 def _spread(ds, rows: int, batch_size: int, replicas: int):
@@ -128,18 +162,23 @@ def train_student(cfg: Config, inputs: Inputs, log=print) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(inputs.student_path, trust_remote_code=cfg.student.trust_remote_code)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     start = time.perf_counter()
+    s = cfg.student
     result = run_training(pairs_ds, inputs.student_path, cfg.train, cfg.cluster, cfg.output_dir,
-                          cfg.student_export_uri(), pad_id, cfg.student.trust_remote_code)
+                          cfg.student_export_uri(), pad_id, s.chat_template, s.trust_remote_code, s.allow_pickle_weights)
     result["train_seconds"] = time.perf_counter() - start
     storage.write_json(cfg.report_uri(), result)
     log(f"[train] report -> {cfg.report_uri()}")
     return result
 
 
-def distill(cfg: Config, overwrite: bool = False, log=print) -> dict:
-    """The whole pipeline; returns the report with generation figures added."""
-    inputs = prepare(cfg, generation=True, training=True, overwrite=overwrite, log=log)
-    figures = generate_teacher(cfg, inputs, log)
+def distill(cfg: Config, overwrite: bool = False, check_only: bool = False, log=print) -> dict | None:
+    """The whole pipeline; returns the report with generation figures added (None with check_only)."""
+    inputs = prepare(cfg, generation=True, training=True, overwrite=overwrite, check_only=check_only, log=log)
+    if inputs is None:
+        return None
+    figures = {"prompts": inputs.prompts.num_rows, "prompts_quarantined": len(inputs.quarantined),
+               "prompts_truncated": inputs.truncated}
+    figures.update(generate_teacher(cfg, inputs, log))
     figures.update(generate_pairs(cfg, inputs, log))
     report = train_student(cfg, inputs, log)
     report["generation"] = figures

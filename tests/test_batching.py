@@ -56,3 +56,15 @@ def test_pair_tokenizer_appends_eos_only_to_stopped_outputs(tokenizer_dir):
     assert out["prompt_ids"][0].tolist() == ab == [67, 68, 32]
     assert out["chosen_ids"][0].tolist() == ba + [tiny.EOS_ID]  # stopped: EOS is scored
     assert out["rejected_ids"][0].tolist() == bb  # cut at max_tokens: no EOS
+
+
+def test_pair_tokenizer_applies_the_chat_template_like_the_engine(tmp_path):
+    tokenizer = tiny.build_tokenizer()
+    tokenizer.chat_template = "{% for m in messages %}[{{ m['content'] }}]{% endfor %}{% if add_generation_prompt %}:{% endif %}"
+    tokenizer.save_pretrained(tmp_path)
+    stage = PairTokenizer(str(tmp_path), max_length=32, chat_template=True)
+    batch = {"id": np.array(["a"]), "heldout": np.array([False]), "prompt": np.array(["hi"]),
+             "chosen": np.array(["x"]), "rejected": np.array(["y"]),
+             "chosen_finish_reason": np.array(["stop"]), "rejected_finish_reason": np.array(["stop"])}
+    # The student engine saw "[hi]:" (one user turn plus the generation prompt), so training scores after it.
+    assert stage(batch)["prompt_ids"][0].tolist() == tokenizer("[hi]:", add_special_tokens=False)["input_ids"]

@@ -1,6 +1,8 @@
-"""Every job refuses bad input before starting Ray: one line naming the input, its exit code,
-and no output left behind as if complete."""
+"""Every job refuses bad input before starting Ray or an engine: one line naming the input and
+the fix, a distinct exit code (2 config, 3 data), no traceback, and no output left as if complete."""
 
+import json
+import shutil
 import subprocess
 
 import pytest
@@ -12,77 +14,134 @@ CONFIG = ROOT / "configs" / "tiny-cpu.yaml"
 
 def run_job(job: str, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([PYTHON, "-m", f"jobs.{job}", "--config", *args], cwd=ROOT, env=job_env(),
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=300)
 
 
-@pytest.fixture
-def prompt_files(tmp_path):
-    (tmp_path / "empty.jsonl").write_text("")
-    (tmp_path / "noprompt.jsonl").write_text('{"text": "abc>"}\n')
-    (tmp_path / "model").mkdir()
-    return tmp_path
+@pytest.fixture(scope="module")
+def bad(tmp_path_factory, tiny_models):
+    """A folder of bad inputs: prompt files, model folders, configs, output folders."""
+    d = tmp_path_factory.mktemp("bad")
+    (d / "empty.jsonl").write_text("")
+    (d / "null.jsonl").write_text('{"prompt": "abc>"}\n{"prompt": null}\n')
+    (d / "blank.jsonl").write_text('{"prompt": "abc>"}\n{"prompt": "   "}\n')
+    (d / "dupes.jsonl").write_text('{"id": "x", "prompt": "abc>"}\n{"id": "x", "prompt": "cde>"}\n')
+    (d / "latin1.jsonl").write_bytes(b'{"prompt": "abc>"}\n{"prompt": "caf\xe9>"}\n')
+    (d / "broken.jsonl").write_text('{"prompt": "abc>"}\n{"prompt": "abc>"\n')
+    (d / "long.jsonl").write_text('{"prompt": "abc>"}\n' + json.dumps({"prompt": "x" * 60 + ">"}) + "\n")
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"text": ["abc>"]}), d / "noprompt.parquet")
+    student = tiny_models["student"]
+    for name in ("bert", "notok", "pickle"):
+        shutil.copytree(student, d / name)
+    config = json.loads((d / "bert" / "config.json").read_text())
+    (d / "bert" / "config.json").write_text(json.dumps({**config, "architectures": ["BertModel"]}))
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        (d / "notok" / f).unlink()
+    (d / "pickle" / "model.safetensors").rename(d / "pickle" / "pytorch_model.bin")
+    (d / "bad.yaml").write_text("output_dir: x\ntrain: [\n")
+    (d / "a-file").write_text("not a folder")
+    (d / "other").mkdir()
+    (d / "other" / "notes.txt").write_text("someone's files")
+    return d
 
 
-CASES = [
-    # (config overrides, exit code, expected text in the one line)
-    (["data.prompts={tmp}/missing.jsonl"], 3, "prompt source {tmp}/missing.jsonl: not found"),
-    (["data.prompts={tmp}/empty.jsonl"], 3, "prompt source {tmp}/empty.jsonl: has no rows"),
-    (["data.prompts={tmp}/noprompt.jsonl"], 3, "prompt file {tmp}/noprompt.jsonl line 1: no 'prompt' key"),
-    (["train.zero_stage=5"], 2, "config key train.zero_stage: must be a DeepSpeed ZeRO stage"),
-    (["train.loss.betta=1"], 2, "config key train.loss.betta: unknown key"),
-    (["teacher.model={tmp}/nowhere"], 3, "config key teacher.model: model folder {tmp}/nowhere not found"),
-    (["student.model={tmp}/model"], 3, "config key student.model: {tmp}/model has no config.json"),
-]
+# (job, config file or None for tiny-cpu.yaml, overrides, exit code, text in the one line)
+CASES = {
+    "unknown key": ("distill", None, ["train.loss.betta=1"], 2, "config key train.loss.betta: unknown key"),
+    "wrong type": ("distill", None, ["train.num_workers=two"], 2, "config key train.num_workers: expected an integer"),
+    "out of range": ("distill", None, ["data.heldout_fraction=1.5"], 2, "config key data.heldout_fraction: must be in"),
+    "no such ZeRO stage": ("train", None, ["train.zero_stage=5"], 2, "config key train.zero_stage: must be a DeepSpeed"),
+    "beta <= 0": ("distill", None, ["train.loss.beta=0"], 2, "config key train.loss.beta: the hinge margin must be > 0"),
+    "TP without GPUs": ("generate_pairs", None, ["teacher.tensor_parallel_size=2"], 2,
+                        "config key teacher.tensor_parallel_size: tensor parallelism needs GPUs"),
+    "offload without ZeRO": ("distill", None, ["train.offload_optimizer=true", "train.zero_stage=0"], 2,
+                             "config key train.offload_optimizer: optimizer offload needs train.zero_stage >= 1"),
+    "more workers than CPUs": ("distill", None, ["train.num_workers=4"], 2,
+                               "config key train.num_workers: 4 workers x 1 CPUs plus 1 CPU for the data"),
+    "missing config": ("distill", "{d}/nope.yaml", [], 2, "config file {d}/nope.yaml: not found"),
+    "malformed config": ("train", "{d}/bad.yaml", [], 2, "config file {d}/bad.yaml line 3: not valid YAML"),
+    "missing prompts": ("distill", None, ["data.prompts={d}/missing.jsonl"], 3,
+                        "prompt source {d}/missing.jsonl: not found"),
+    "empty prompts": ("generate_pairs", None, ["data.prompts={d}/empty.jsonl"], 3,
+                      "prompt source {d}/empty.jsonl: has no rows"),
+    "no prompt column": ("distill", None, ["data.prompts={d}/noprompt.parquet"], 3,
+                         "prompt file {d}/noprompt.parquet: no 'prompt' column (columns: text)"),
+    "null prompt": ("distill", None, ["data.prompts={d}/null.jsonl"], 3,
+                    "prompt source {d}/null.jsonl row 1 (id p0000001): empty prompt"),
+    "blank prompt": ("distill", None, ["data.prompts={d}/blank.jsonl"], 3,
+                     "prompt source {d}/blank.jsonl row 1 (id p0000001): empty prompt"),
+    "duplicate ids": ("distill", None, ["data.prompts={d}/dupes.jsonl"], 3,
+                      "prompt source {d}/dupes.jsonl rows 0 and 1: duplicate id 'x'"),
+    "not UTF-8": ("distill", None, ["data.prompts={d}/latin1.jsonl"], 3,
+                  "prompt file {d}/latin1.jsonl line 2: not UTF-8 text"),
+    "malformed JSON line": ("distill", None, ["data.prompts={d}/broken.jsonl"], 3,
+                            "prompt file {d}/broken.jsonl line 2: malformed JSON"),
+    "prompt over the context": ("distill", None, ["data.prompts={d}/long.jsonl", "data.too_long=error"], 3,
+                                "prompt source {d}/long.jsonl row 1 (id p0000001): 61 prompt tokens exceed "
+                                "teacher.max_model_len - teacher.sampling.max_tokens = 48"),
+    "missing model": ("distill", None, ["teacher.model={d}/nowhere"], 3,
+                      "config key teacher.model: model folder {d}/nowhere not found"),
+    "not a causal LM": ("distill", None, ["student.model={d}/bert"], 3,
+                        "config key student.model: {d}/bert is not a causal LM (architectures: ['BertModel'])"),
+    "no tokenizer": ("distill", None, ["student.model={d}/notok"], 3,
+                     "config key student.model: {d}/notok has no tokenizer files"),
+    "chat template missing": ("distill", None, ["student.chat_template=true"], 3,
+                              "'s tokenizer has no chat template, but student.chat_template is on"),
+    "pickle weights": ("distill", None, ["teacher.model={d}/pickle"], 3,
+                       "config key teacher.model: {d}/pickle has only pickle (.bin/.pt) weights"),
+    "output is a file": ("distill", None, ["output_dir={d}/a-file"], 3, "output_dir {d}/a-file: is a file"),
+    "output under a file": ("distill", None, ["output_dir={d}/a-file/run"], 3,
+                            "output_dir {d}/a-file/run: cannot be created under {d}/a-file"),
+    "output holds other files": ("distill", None, ["output_dir={d}/other"], 3,
+                                 "output_dir {d}/other: exists and holds something other than a plad-ray run"),
+}
 
 
-@pytest.mark.parametrize("job", ["distill", "generate_pairs"])
-@pytest.mark.parametrize("overrides, code, message", CASES)
-def test_bad_input_one_line_and_nothing_written(job, overrides, code, message, prompt_files):
-    out = prompt_files / "run"
-    sets = [x for o in overrides for x in ("--set", o.format(tmp=prompt_files))]
-    proc = run_job(job, str(CONFIG), "--set", f"output_dir={out}", *sets)
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_input(case, bad, tmp_path):
+    job, config, overrides, code, message = CASES[case]
+    out = tmp_path / "run"
+    sets = [x for o in [f"output_dir={out}", *overrides] for x in ("--set", o.format(d=bad))]
+    proc = run_job(job, config.format(d=bad) if config else str(CONFIG), *sets)
     lines = proc.stderr.strip().splitlines()
-    assert proc.returncode == code, proc.stderr
-    assert len(lines) == 1 and lines[0].startswith("plad-ray: error: "), proc.stderr
-    assert message.format(tmp=prompt_files) in lines[0]
+    assert proc.returncode == code, proc.stderr[-2000:]
+    assert len(lines) == 1 and lines[0].startswith("plad-ray: error: "), proc.stderr[-2000:]
+    assert message.format(d=bad) in lines[0]
     assert "Traceback" not in proc.stderr + proc.stdout
+    assert "Ray cluster" not in proc.stdout  # refused before Ray started
     assert not out.exists()
+    assert not list(bad.rglob("_manifest.json")) and not list(bad.rglob("report.json"))
 
 
-def test_missing_config_file_and_debug_traceback(tmp_path):
-    proc = run_job("train", str(tmp_path / "nope.yaml"))
+def test_output_of_a_different_run_is_refused_and_kept(tmp_path, tiny_models):
+    out = tmp_path / "run"
+    first = run_job("distill", str(CONFIG), "--set", f"output_dir={out}", "--check")
+    assert first.returncode == 0 and not out.exists()  # --check writes nothing
+    from plad_ray.config import load_config
+    from plad_ray.outputs import prepare_output
+
+    prepare_output(load_config(str(CONFIG), [f"output_dir={out}"]))  # a run of the shipped config
+    (out / "teacher").mkdir()
+    before = (out / "run.json").read_text()
+    proc = run_job("distill", str(CONFIG), "--set", f"output_dir={out}", "--set", "teacher.sampling.temperature=0.5")
     assert proc.returncode == 2
-    assert proc.stderr.strip() == f"plad-ray: error: config file {tmp_path}/nope.yaml: not found; " \
-                                  "pass an existing YAML file to --config"
+    assert proc.stderr.strip() == (
+        f"plad-ray: error: output_dir {out}: its teacher outputs were made with a different config "
+        "(teacher.sampling.temperature: 0.0 -> 0.5); use a new output_dir, or pass --overwrite to replace them")
+    assert (out / "run.json").read_text() == before and (out / "teacher").is_dir()
+
+
+def test_debug_shows_the_traceback(tmp_path):
     debug = run_job("train", str(tmp_path / "nope.yaml"), "--debug")
     assert debug.returncode == 2 and "Traceback" in debug.stderr
+    assert debug.stderr.strip().splitlines()[-1].startswith("plad-ray: error: config file")
 
 
-def test_train_without_pairs_says_what_to_run_first(tmp_path, tiny_models):
+def test_train_without_pairs_says_what_to_run_first(tmp_path):
     out = tmp_path / "run"
     proc = run_job("train", str(CONFIG), "--set", f"output_dir={out}")
     assert proc.returncode == 3, proc.stderr
-    assert proc.stderr.strip().splitlines()[-1] == (
+    assert proc.stderr.strip() == (
         f"plad-ray: error: pairs {out}/pairs: missing or incomplete; run jobs.generate_pairs first")
-
-
-@pytest.mark.parametrize(
-    "job, overrides, message",
-    [
-        ("distill", ["train.num_workers=4"], "config key train.num_workers: 4 workers x 1 CPUs plus 1 CPU for the data"),
-        ("train", ["train.cpus_per_worker=2"], "config key train.num_workers: 2 workers x 2 CPUs plus 1 CPU"),
-        ("generate_pairs", ["student.replicas=5"], "config key student.replicas: 5 replicas x 1 workers x 1 CPUs"),
-    ],
-)
-def test_plans_the_local_cluster_cannot_place_are_refused(job, overrides, message, tmp_path, tiny_models):
-    # configs/tiny-cpu.yaml starts a local cluster of cluster.num_cpus=4 logical CPUs.
-    out = tmp_path / "run"
-    if job == "train":
-        (out / "pairs").mkdir(parents=True)
-        (out / "pairs" / "_manifest.json").write_text('{"files": [], "rows": 0}')
-    sets = [x for o in overrides for x in ("--set", o)]
-    proc = run_job(job, str(CONFIG), "--set", f"output_dir={out}", *sets)
-    assert proc.returncode == 2, proc.stderr
-    assert message in proc.stderr.strip().splitlines()[-1]
-    assert "started a local Ray cluster" not in proc.stdout
-    assert not (out / "run.json").exists()

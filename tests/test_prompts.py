@@ -18,7 +18,7 @@ def jsonl(tmp_path, lines, name="p.jsonl") -> str:
 
 
 def test_jsonl_without_ids_gets_row_numbers(tmp_path):
-    table = read_prompts(jsonl(tmp_path, ['{"prompt": "a"}', "", '{"prompt": "b", "extra": 1}']))
+    table = read_prompts(jsonl(tmp_path, ['{"prompt": "a"}', "", '{"prompt": "b", "extra": 1}'])).table
     assert table.to_pydict() == {"id": ["p0000000", "p0000001"], "prompt": ["a", "b"]}
 
 
@@ -27,9 +27,9 @@ def test_parquet_folder_with_ids_and_max_prompts(tmp_path):
     folder.mkdir()
     pq.write_table(pa.table({"id": [1, 2], "prompt": ["x", "y"], "other": [0, 0]}), folder / "a.parquet")
     pq.write_table(pa.table({"id": [3], "prompt": ["z"], "other": [0]}), folder / "b.parquet")
-    assert read_prompts(str(folder)).to_pydict() == {"id": ["1", "2", "3"], "prompt": ["x", "y", "z"]}
-    assert read_prompts(str(folder), max_prompts=2).num_rows == 2
-    assert read_prompts("file://" + str(folder)).num_rows == 3  # pyarrow filesystem URI
+    assert read_prompts(str(folder)).table.to_pydict() == {"id": ["1", "2", "3"], "prompt": ["x", "y", "z"]}
+    assert read_prompts(str(folder), max_prompts=2).table.num_rows == 2
+    assert read_prompts("file://" + str(folder)).table.num_rows == 3  # pyarrow filesystem URI
 
 
 @pytest.mark.parametrize(
@@ -39,7 +39,7 @@ def test_parquet_folder_with_ids_and_max_prompts(tmp_path):
         (['{"prompt": "a"}', b'{"prompt": "\xff"}'], "line 2: not UTF-8 text"),
         (['{"text": "a"}'], "line 1: no 'prompt' key"),
         (['["a"]'], "line 1: expected a JSON object"),
-        (['{"prompt": 3}'], "row 0: 'prompt' must be a string"),
+        (['{"prompt": 3}'], "line 1: 'prompt' must be a string, not int"),
         (['{"prompt": "  "}'], "row 0 (id p0000000): empty prompt"),
         (['{"prompt": null}'], "row 0 (id p0000000): empty prompt"),
         (['{"id": "a", "prompt": "x"}', '{"id": "a", "prompt": "y"}'], "rows 0 and 1: duplicate id 'a'"),
@@ -51,6 +51,18 @@ def test_bad_jsonl(tmp_path, lines, message):
     with pytest.raises(DataError) as error:
         read_prompts(path)
     assert message in str(error.value) and path in str(error.value)
+
+
+def test_bad_rows_quarantined_with_reasons_and_counted(tmp_path):
+    path = jsonl(tmp_path, ['{"id": "a", "prompt": "x"}', '{"id": "b", "prompt": "y"', b'{"prompt": "\xff"}',
+                            '{"id": "a", "prompt": "z"}', '{"id": "c", "prompt": ""}', '{"id": "d", "prompt": "w"}'])
+    prompts = read_prompts(path, bad_rows="quarantine")
+    assert prompts.table.to_pydict() == {"id": ["a", "d"], "prompt": ["x", "w"]}
+    reasons = [q["reason"] for q in prompts.quarantined]
+    assert len(reasons) == 4
+    assert reasons[0].startswith("malformed JSON") and reasons[1].startswith("not UTF-8")
+    assert reasons[2] == "duplicate id 'a' (ids must be unique)" and reasons[3] == "empty prompt"
+    assert prompts.quarantined[0]["where"] == f"prompt file {path} line 2"
 
 
 def test_missing_wrong_format_and_no_prompt_column(tmp_path):
@@ -68,7 +80,7 @@ def test_missing_wrong_format_and_no_prompt_column(tmp_path):
 
 
 def test_shipped_tiny_prompts():
-    table = read_prompts(str(ROOT / "configs/prompts/tiny-reverse.jsonl"))
+    table = read_prompts(str(ROOT / "configs/prompts/tiny-reverse.jsonl")).table
     assert table.num_rows == 256
     assert all(p.endswith(">") for p in table.column("prompt").to_pylist())
     assert json.loads(open(ROOT / "configs/prompts/tiny-reverse.jsonl").readline())["id"] == "rev-00000"

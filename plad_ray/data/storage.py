@@ -1,9 +1,10 @@
 """Paths and URIs on any pyarrow filesystem, and outputs that only look complete when they are.
 
-Every output folder the run produces (teacher cache, pairs, model export) is written
-under `<name>.partial-<token>` and then moved to `<name>`; on filesystems where a move
-is not atomic (object stores) the folder's `_manifest.json`, written last, is what marks
-it complete. Readers trust only folders with a manifest.
+A folder the run produces is complete when its `_manifest.json`, written last, exists;
+readers trust only folders with a manifest. Single-shot outputs (the model export) are
+written under `<name>.partial-<token>` and moved into place (`publish`); streamed
+datasets commit their files from `<name>.partial` (see `parquet`). JSON files are
+written to a temporary name and moved.
 """
 
 import json
@@ -55,14 +56,18 @@ def read_json(uri: str) -> dict | None:
         return json.loads(f.read())
 
 
-def write_json(uri: str, data: dict) -> None:
-    """Write JSON to a temporary name, then move it into place."""
+def write_text(uri: str, text: str) -> None:
+    """Write a file under a temporary name, then move it into place."""
     fs, path = filesystem_and_path(uri)
     fs.create_dir(os.path.dirname(path), recursive=True)
     tmp = f"{path}.partial-{uuid.uuid4().hex[:8]}"
     with fs.open_output_stream(tmp) as f:
-        f.write(json.dumps(data, indent=2, sort_keys=True, default=str).encode())
+        f.write(text.encode())
     fs.move(tmp, path)
+
+
+def write_json(uri: str, data: dict) -> None:
+    write_text(uri, json.dumps(data, indent=2, sort_keys=True, default=str))
 
 
 def partial_uri(uri: str) -> str:

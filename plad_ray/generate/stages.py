@@ -69,8 +69,12 @@ def student_pairs(
     eos_token_ids,
     use_gpu: bool,
     heldout_fraction: float,
+    skip: set = frozenset(),
 ):
-    """teacher cache rows -> k student samples per prompt -> rows of pairs.PAIR_SCHEMA."""
+    """teacher cache rows -> k student samples per prompt -> rows of pairs.PAIR_SCHEMA.
+
+    `skip` holds (id, sample_index) keys already written by an interrupted run.
+    """
     read = _Output(engine.sampling.max_tokens, list(eos_token_ids))
     params_by_sample = [sampling_params(engine, seed_offset=k) for k in range(engine.num_samples)]
     # The recorded sampling parameters are those of sample 0; sample k used seed + k.
@@ -87,6 +91,6 @@ def student_pairs(
         row = {**row, "prompt": row["source_prompt"]}
         return pairs.make_pair(row, read(row), model_name, params_json, heldout_fraction)
 
-    expanded = teacher_ds.flat_map(lambda row: pairs.expand_samples(row, engine.num_samples))
+    expanded = teacher_ds.flat_map(lambda row: pairs.expand_samples(row, engine.num_samples, skip))
     processor = build_engine_processor(engine, model_path, use_gpu, preprocess, postprocess)
     return processor(expanded)

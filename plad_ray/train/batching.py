@@ -28,11 +28,12 @@ def tokenize_pair(prompt_ids: list[int], chosen_ids: list[int], rejected_ids: li
 class PairTokenizer:
     """Ray Data stage: add prompt_ids / chosen_ids / rejected_ids columns (student tokenizer)."""
 
-    def __init__(self, model_path: str, max_length: int, trust_remote_code: bool = False):
+    def __init__(self, model_path: str, max_length: int, chat_template: bool = False, trust_remote_code: bool = False):
         from transformers import AutoTokenizer
 
         self.tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code)
         self.max_length = max_length
+        self.chat_template = chat_template
         eos = self.tokenizer.eos_token_id
         self.eos = [] if eos is None else [eos]
 
@@ -40,9 +41,17 @@ class PairTokenizer:
         ids = self.tokenizer(list(texts), add_special_tokens=False)["input_ids"]
         return [t + self.eos if reason == "stop" else t for t, reason in zip(ids, finish_reasons)]
 
+    def _prompts(self, prompts) -> list[list[int]]:
+        """The prompt as the student engine saw it: one user turn of the chat template, if on."""
+        if not self.chat_template:
+            return self.tokenizer(list(prompts))["input_ids"]
+        ids = self.tokenizer.apply_chat_template([[{"role": "user", "content": p}] for p in prompts],
+                                                 add_generation_prompt=True, tokenize=True)
+        return ids["input_ids"] if hasattr(ids, "keys") else ids
+
     def __call__(self, batch: dict) -> dict:
         """Token ids of every pair, and its `status`: ok, identical (no ranking signal) or too_long."""
-        prompt_ids = self.tokenizer(list(batch["prompt"]))["input_ids"]
+        prompt_ids = self._prompts(batch["prompt"])
         chosen = self._response(batch["chosen"], batch["chosen_finish_reason"])
         rejected = self._response(batch["rejected"], batch["rejected_finish_reason"])
         out = {name: [] for name in TOKEN_COLUMNS}

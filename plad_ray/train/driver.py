@@ -18,7 +18,7 @@ from plad_ray.train.worker import TrainPlan, train_loop_per_worker
 TRAIN_RUN_NAME = "train"
 
 
-def prepare_pairs(pairs_ds, model_path: str, train: TrainConfig, trust_remote_code: bool):
+def prepare_pairs(pairs_ds, model_path: str, train: TrainConfig, chat_template: bool, trust_remote_code: bool):
     """(train, heldout) datasets of token ids, and counts of every pair by what happened to it.
 
     One Ray Data pass: shuffle (training order), tokenize with the student's tokenizer,
@@ -29,7 +29,7 @@ def prepare_pairs(pairs_ds, model_path: str, train: TrainConfig, trust_remote_co
         .map_batches(
             PairTokenizer,
             fn_constructor_kwargs=dict(model_path=model_path, max_length=train.max_length,
-                                       trust_remote_code=trust_remote_code),
+                                       chat_template=chat_template, trust_remote_code=trust_remote_code),
             batch_size=256,
             concurrency=1,
             num_cpus=0.5,
@@ -58,7 +58,8 @@ def steps_per_epoch(train_rows: int, train: TrainConfig) -> int:
 
 
 def run_training(pairs_ds, model_path: str, train: TrainConfig, cluster: ClusterConfig, output_dir: str,
-                 export_uri: str, pad_id: int, trust_remote_code: bool = False) -> dict:
+                 export_uri: str, pad_id: int, chat_template: bool = False, trust_remote_code: bool = False,
+                 allow_pickle: bool = False) -> dict:
     """Train, evaluate and export; returns the run's figures (also written by the caller)."""
     import ray.data
     import ray.train
@@ -67,7 +68,7 @@ def run_training(pairs_ds, model_path: str, train: TrainConfig, cluster: Cluster
     # Datasets carry the context they were made in into the workers, where per-worker
     # progress bars interleave into noise; training reports progress as step lines.
     ray.data.DataContext.get_current().enable_progress_bars = False
-    train_ds, heldout_ds, counts = prepare_pairs(pairs_ds, model_path, train, trust_remote_code)
+    train_ds, heldout_ds, counts = prepare_pairs(pairs_ds, model_path, train, chat_template, trust_remote_code)
     steps = steps_per_epoch(counts["train"], train)
     if steps < 1:
         per_step = train.micro_batch_size * train.num_workers * train.gradient_accumulation_steps
@@ -76,7 +77,7 @@ def run_training(pairs_ds, model_path: str, train: TrainConfig, cluster: Cluster
             "train.micro_batch_size x train.num_workers x train.gradient_accumulation_steps); add prompts or lower those"
         )
     plan = TrainPlan(train=train, model_path=model_path, export_uri=export_uri, steps_per_epoch=steps,
-                     pad_id=pad_id, trust_remote_code=trust_remote_code)
+                     pad_id=pad_id, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
     print(f"[train] {counts['train']} training pairs, {counts['heldout']} held out, "
           f"{train.num_workers} worker(s), {plan.total_steps} optimizer steps, ZeRO-{train.zero_stage} {train.precision}",
           flush=True)

@@ -36,6 +36,7 @@ class TrainPlan:
     steps_per_epoch: int  # optimizer steps per epoch (identical on every worker)
     pad_id: int
     trust_remote_code: bool = False
+    allow_pickle: bool = False  # load .bin weights (student.allow_pickle_weights); else safetensors only
 
     @property
     def total_steps(self) -> int:
@@ -85,7 +86,8 @@ def _initialize(plan: TrainPlan, world_size: int):
 
         _keep_alive = HfDeepSpeedConfig(ds_config)  # noqa: F841 - read by from_pretrained below
     model = AutoModelForCausalLM.from_pretrained(
-        plan.model_path, dtype=torch.float32, trust_remote_code=plan.trust_remote_code
+        plan.model_path, dtype=torch.float32, trust_remote_code=plan.trust_remote_code,
+        use_safetensors=None if plan.allow_pickle else True,
     )
     model.config.use_cache = False
     optimizer = None
