@@ -8,13 +8,14 @@ teacher/, pairs/, student/ and report.json under output_dir; re-running resumes.
 """
 
 from plad_ray import cli, pipeline
+from plad_ray.report import summary_lines
 
 
 def run(args) -> None:
     cfg = cli.load(args)
     report = pipeline.distill(cfg, overwrite=args.overwrite, check_only=args.check)
     if report is not None:
-        print("\n" + pipeline.summary(report), flush=True)
+        print("\n" + summary_lines(report), flush=True)
 
 
 if __name__ == "__main__":

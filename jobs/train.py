@@ -8,6 +8,7 @@ output_dir/report.json. Re-running resumes from the last checkpoint.
 """
 
 from plad_ray import cli, pipeline
+from plad_ray.report import summary_lines
 
 
 def run(args) -> None:
@@ -16,7 +17,7 @@ def run(args) -> None:
     if inputs is None:
         return
     report = pipeline.train_student(cfg, inputs)
-    print("\n" + pipeline.summary(report), flush=True)
+    print("\n" + summary_lines(report), flush=True)
 
 
 if __name__ == "__main__":

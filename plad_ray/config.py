@@ -45,8 +45,19 @@ class SamplingConfig:
 
 
 @dataclass
+class EndpointConfig:
+    url: str = ""  # OpenAI-compatible URL ending in /v1/completions (or /v1/chat/completions with chat_template)
+    api_key_env: str | None = None  # NAME of the environment variable holding the API key (never the key itself)
+    concurrency: int = 2  # request workers; each sends one batch of batch_size requests at a time
+    qps: int | None = None  # per-worker request rate cap (None: no cap)
+    max_retries: int = 5  # retries of a request on 408/429/5xx or connection errors, with exponential backoff
+    retry_wait_s: float = 1.0  # first backoff wait; doubles every retry
+    timeout_s: float = 600.0  # per-request timeout
+
+
+@dataclass
 class EngineConfig:
-    model: str = ""  # HF model folder or URI; "tiny:teacher" / "tiny:student" build the project's tiny models
+    model: str = ""  # HF model folder; "tiny:teacher"/"tiny:student" = project's tiny models; with endpoint: served name
     replicas: int = 1  # vLLM engine replicas (data parallel), >= 1
     tensor_parallel_size: int = 1  # accelerators per replica (vLLM tensor parallelism)
     cpus_per_replica: float = 1.0  # logical CPUs Ray reserves for each engine replica (per worker if TP > 1)
@@ -61,6 +72,7 @@ class EngineConfig:
     engine_kwargs: dict = field(default_factory=dict)  # passed unchanged to the vLLM engine (escape hatch)
     env: dict = field(default_factory=dict)  # environment variables of the engine processes (e.g. VLLM_CPU_*)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    endpoint: EndpointConfig | None = None  # teacher only: a black-box HTTP server instead of vLLM engines
 
 
 @dataclass
@@ -77,13 +89,16 @@ class LossConfig:
 
 @dataclass
 class TrainConfig:
+    pairs: str | None = None  # pairs to train on (Parquet with TRL's prompt/chosen/rejected); None: output_dir/pairs
     num_workers: int = 1  # Ray Train workers, one DeepSpeed rank each
     cpus_per_worker: float = 1.0  # logical CPUs Ray reserves per worker
+    placement_strategy: str = "PACK"  # PACK (fill nodes; fast collectives) | SPREAD (one per node where possible)
     zero_stage: int = 2  # DeepSpeed ZeRO stage: 0, 1, 2 or 3
     precision: str = "bf16"  # bf16 (fp32 master weights) | fp32
     offload_optimizer: bool = False  # keep optimizer states on CPU (ZeRO-Offload); needs zero_stage >= 1
     micro_batch_size: int = 8  # pairs per worker per step (each pair is 2 sequences in one forward)
     gradient_accumulation_steps: int = 1  # micro-batches per optimizer step
+    length_grouping: int = 16  # sort each run of this many micro-batches by length (less padding); 1: off
     num_epochs: int = 1  # passes over the training pairs
     learning_rate: float = 1e-5
     weight_decay: float = 0.0
@@ -92,6 +107,7 @@ class TrainConfig:
     checkpoint_every_steps: int = 0  # 0: checkpoint only at the end of each epoch
     log_every_steps: int = 10  # optimizer steps between logged losses
     max_failures: int = 0  # times Ray Train restarts failed workers from the last checkpoint; -1: no limit
+    tensorboard: bool = True  # write training metrics for TensorBoard under output_dir/train/tensorboard
     seed: int = 0
     loss: LossConfig = field(default_factory=LossConfig)
 
@@ -186,9 +202,24 @@ def _checks(c: Config):
             f"must be below {role}.max_model_len to leave room for the prompt",
         )
     yield "student.num_samples", c.student.num_samples >= 1, "must be >= 1"
+    yield "student.endpoint", c.student.endpoint is None, "the student must be a local model (it is trained)"
+    ep = c.teacher.endpoint
+    if ep is not None:
+        yield "teacher.endpoint.url", ep.url.startswith(("http://", "https://")), "must be an http(s):// URL"
+        yield "teacher.endpoint.url", ep.url.rstrip("/").endswith("completions"), (
+            "must end in /v1/completions (or /v1/chat/completions with teacher.chat_template=true)")
+        yield "teacher.endpoint.url", ep.url.rstrip("/").endswith("chat/completions") == c.teacher.chat_template, (
+            "a chat/completions URL goes with teacher.chat_template=true, a completions URL with false")
+        yield "teacher.endpoint.concurrency", ep.concurrency >= 1, "must be >= 1"
+        yield "teacher.endpoint.qps", ep.qps is None or ep.qps >= 1, "must be >= 1 or null"
+        yield "teacher.endpoint.max_retries", ep.max_retries >= 0, "must be >= 0"
+        yield "teacher.endpoint.retry_wait_s", ep.retry_wait_s > 0, "must be > 0"
+        yield "teacher.endpoint.timeout_s", ep.timeout_s > 0, "must be > 0"
     t = c.train
     yield "train.num_workers", t.num_workers >= 1, "must be >= 1"
     yield "train.cpus_per_worker", t.cpus_per_worker > 0, "must be > 0"
+    yield "train.placement_strategy", t.placement_strategy in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"), (
+        "must be PACK, SPREAD, STRICT_PACK or STRICT_SPREAD")
     yield "train.zero_stage", t.zero_stage in (0, 1, 2, 3), "must be a DeepSpeed ZeRO stage: 0, 1, 2 or 3"
     yield "train.precision", t.precision in ("bf16", "fp32"), "must be bf16 or fp32"
     yield "train.offload_optimizer", not t.offload_optimizer or t.zero_stage >= 1, (
@@ -196,6 +227,7 @@ def _checks(c: Config):
     )
     yield "train.micro_batch_size", t.micro_batch_size >= 1, "must be >= 1"
     yield "train.gradient_accumulation_steps", t.gradient_accumulation_steps >= 1, "must be >= 1"
+    yield "train.length_grouping", t.length_grouping >= 1, "must be >= 1 (1 turns it off)"
     yield "train.num_epochs", t.num_epochs >= 1, "must be >= 1"
     yield "train.learning_rate", t.learning_rate > 0, "must be > 0"
     yield "train.weight_decay", t.weight_decay >= 0, "must be >= 0"

@@ -8,6 +8,7 @@
       train/        Ray Train state, checkpoints    <- + train
       student/      the trained student (HF)        <- + train
       report.json   evaluation before/after         <- + train
+      summary.md, loss_curve.png                    <- + train
 
 A re-run with the same keys resumes. When a stage's keys changed, that stage's outputs
 and everything after it are stale: the run refuses (naming the first changed key)
@@ -25,10 +26,12 @@ from plad_ray.errors import ConfigError, DataError
 
 RUN_FILE = "run.json"
 STAGES = ("teacher", "pairs", "train")
-OUTPUTS = {"teacher": ("teacher", "quarantine"), "pairs": ("pairs",), "train": ("train", "student", "report.json")}
-# Engine settings that change speed, not outputs: changing them never makes outputs stale.
+OUTPUTS = {"teacher": ("teacher", "quarantine"), "pairs": ("pairs",),
+           "train": ("train", "student", "report.json", "summary.md", "loss_curve.png")}
+# Engine settings that change speed or where the model runs, not what it writes: changing
+# them never makes outputs stale (teacher.model and sampling do).
 _ENGINE_PERF_KEYS = ("replicas", "batch_size", "cpus_per_replica", "env", "gpu_memory_utilization",
-                     "enable_prefix_caching", "tensor_parallel_size", "engine_kwargs")
+                     "enable_prefix_caching", "tensor_parallel_size", "engine_kwargs", "endpoint")
 
 
 def stage_keys(cfg: Config) -> dict:

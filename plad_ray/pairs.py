@@ -92,3 +92,25 @@ def make_pair(row: dict, student: dict, student_model: str, student_sampling: st
         "student_sampling": student_sampling,
         "heldout": is_heldout(row["id"], heldout_fraction),
     }
+
+
+def complete_external(batch: dict, heldout_fraction: float) -> dict:
+    """Pairs from elsewhere (TRL's prompt/chosen/rejected) with the columns training reads.
+
+    Missing ids come from a hash of the pair's text (stable across runs); missing finish
+    reasons are "stop" (the response is complete, so its EOS is scored); a missing
+    `heldout` is the usual split by id.
+    """
+    n = len(batch["prompt"])
+    out = {k: list(batch[k]) for k in ("prompt", "chosen", "rejected")}
+    if "id" in batch:
+        out["id"] = [str(i) for i in batch["id"]]
+    else:
+        out["id"] = [hashlib.sha256("\x00".join(t).encode()).hexdigest()[:16]
+                     for t in zip(out["prompt"], out["chosen"], out["rejected"])]
+    for side in ("chosen", "rejected"):
+        key = f"{side}_finish_reason"
+        out[key] = list(batch[key]) if key in batch else ["stop"] * n
+    out["heldout"] = list(batch["heldout"]) if "heldout" in batch else [is_heldout(i, heldout_fraction)
+                                                                       for i in out["id"]]
+    return out

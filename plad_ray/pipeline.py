@@ -19,10 +19,12 @@ from plad_ray import pairs
 from plad_ray.config import Config
 from plad_ray.data import parquet, storage
 from plad_ray.data.prompts import read_prompts
+from plad_ray.generate import engines
 from plad_ray.errors import DataError
 from plad_ray.limits import apply_length_policy, prompt_limits
 from plad_ray.models import eos_token_ids, resolve_model
 from plad_ray.outputs import prepare_output
+from plad_ray.report import write_summary
 
 @dataclass
 class Inputs:
@@ -59,10 +61,18 @@ def prepare(cfg: Config, generation: bool, training: bool, overwrite: bool = Fal
 def check_inputs(cfg: Config, prompts: bool = True, teacher: bool = True, student: bool = True,
                  pairs_written: bool = False, log=print) -> Inputs:
     """Read prompts, resolve model folders, find earlier outputs; raises before any expensive work."""
-    if pairs_written and storage.manifest(cfg.pairs_uri()) is None:
-        raise DataError(f"pairs {cfg.pairs_uri()}: missing or incomplete; run jobs.generate_pairs first")
+    if pairs_written and cfg.train.pairs is not None:
+        check_external_pairs(cfg.train.pairs)
+    elif pairs_written and storage.manifest(cfg.pairs_uri()) is None:
+        raise DataError(f"pairs {cfg.pairs_uri()}: missing or incomplete; run jobs.generate_pairs first, "
+                        "or point train.pairs at a pairs dataset")
     inputs = Inputs()
-    if teacher:
+    if teacher and cfg.teacher.endpoint is not None:
+        from plad_ray.generate.endpoint import check_endpoint
+
+        check_endpoint(cfg.teacher.endpoint, cfg.teacher.model)
+        log(f"[plad-ray] teacher: {cfg.teacher.model} at {cfg.teacher.endpoint.url}")
+    elif teacher:
         inputs.teacher_path = resolve_model(cfg.teacher.model, "teacher.model", cfg.teacher.allow_pickle_weights,
                                             cfg.teacher.chat_template, log=log)
     if student:
@@ -87,7 +97,7 @@ def generate_teacher(cfg: Config, inputs: Inputs, log=print) -> dict:
     """Teacher outputs for every prompt id not yet cached (committed or left pending by a crash)."""
     import ray.data
 
-    from plad_ray.generate.stages import teacher_outputs
+    from plad_ray.generate.stages import teacher_outputs, teacher_outputs_http
 
     uri = cfg.teacher_cache_uri()
     done = parquet.done_keys(uri, ["id"], log).column("id")
@@ -98,13 +108,20 @@ def generate_teacher(cfg: Config, inputs: Inputs, log=print) -> dict:
     else:
         log(f"[generate] teacher: {missing.num_rows} prompts to generate ({len(done)} cached) with {cfg.teacher.model}")
         start = time.perf_counter()
-        ds = _spread(ray.data.from_arrow(missing), missing.num_rows, cfg.teacher.batch_size, cfg.teacher.replicas)
-        parquet.write_pending(
-            teacher_outputs(ds, cfg.teacher, inputs.teacher_path, cfg.teacher.model,
-                            eos_token_ids(inputs.teacher_path), cfg.cluster.use_gpu),
-            uri, pairs.TEACHER_SCHEMA)
-        stats["teacher_seconds"] = time.perf_counter() - start
-        log(f"[generate] teacher: {missing.num_rows} outputs in {stats['teacher_seconds']:.1f}s -> {uri}")
+        t = cfg.teacher
+        workers = t.endpoint.concurrency if t.endpoint else t.replicas
+        ds = engines.spread(ray.data.from_arrow(missing), missing.num_rows, t.batch_size, workers)
+        if t.endpoint is not None:
+            outputs = teacher_outputs_http(ds, t)
+        else:
+            outputs = teacher_outputs(ds, t, inputs.teacher_path, t.model, eos_token_ids(inputs.teacher_path),
+                                      cfg.cluster.use_gpu)
+        parquet.write_pending(outputs, uri, pairs.TEACHER_SCHEMA)
+        seconds = time.perf_counter() - start
+        tokens = parquet.pending_sum(uri, "teacher_num_tokens")
+        stats.update(teacher_seconds=seconds, teacher_tokens=tokens)
+        log(f"[generate] teacher: {missing.num_rows} outputs, {tokens} tokens in {seconds:.1f}s "
+            f"({missing.num_rows / seconds:.1f} prompts/s, {tokens / seconds:.0f} tokens/s incl. start-up) -> {uri}")
     parquet.commit(uri, {"teacher_model": cfg.teacher.model}, log)
     return stats
 
@@ -129,21 +146,35 @@ def generate_pairs(cfg: Config, inputs: Inputs, log=print) -> dict:
     start = time.perf_counter()
     if todo:
         teacher_ds = parquet.read(cfg.teacher_cache_uri())
-        teacher_ds = _spread(teacher_ds, teacher_rows["rows"], cfg.student.batch_size, cfg.student.replicas)
+        teacher_ds = engines.spread(teacher_ds, teacher_rows["rows"], cfg.student.batch_size, cfg.student.replicas)
         parquet.write_pending(
             student_pairs(teacher_ds, cfg.student, inputs.student_path, cfg.student.model,
                           eos_token_ids(inputs.student_path), cfg.cluster.use_gpu, cfg.data.heldout_fraction,
                           skip=done),
             uri, pairs.PAIR_SCHEMA)
+    tokens = parquet.pending_sum(uri, "rejected_num_tokens")
     rows = parquet.commit(uri, {"student_model": cfg.student.model}, log)
     seconds = time.perf_counter() - start
-    log(f"[generate] pairs: {rows} pairs ({todo} generated now) in {seconds:.1f}s -> {uri}")
-    return {"pairs": rows, "pairs_generated": todo, "student_seconds": seconds}
+    log(f"[generate] pairs: {rows} pairs ({todo} generated now, {tokens} student tokens) in {seconds:.1f}s "
+        f"({todo / seconds:.1f} samples/s, {tokens / seconds:.0f} tokens/s incl. start-up) -> {uri}")
+    return {"pairs": rows, "pairs_generated": todo, "student_tokens": tokens, "student_seconds": seconds}
 
 
-def _spread(ds, rows: int, batch_size: int, replicas: int):
-    """Enough blocks that every engine replica gets batches (one block feeds one actor task)."""
-    return ds.repartition(max(1, min(rows, max(replicas * 4, rows // batch_size))))
+def check_external_pairs(uri: str) -> None:
+    """train.pairs: a Parquet file or folder with TRL's string columns prompt, chosen, rejected."""
+    import pyarrow.dataset as pads
+
+    fs, path = storage.filesystem_and_path(uri)
+    if not storage.list_files(fs, path, uri):
+        raise DataError(f"config key train.pairs: {uri} not found; give a Parquet file or folder of pairs")
+    try:
+        schema = pads.dataset(path, filesystem=fs, format="parquet", exclude_invalid_files=False).schema
+    except (pa.ArrowInvalid, OSError) as e:
+        raise DataError(f"config key train.pairs: {uri} is not readable Parquet ({e})") from None
+    missing = [c for c in ("prompt", "chosen", "rejected") if c not in schema.names]
+    if missing:
+        raise DataError(f"config key train.pairs: {uri} has no {', '.join(missing)} column(s) "
+                        f"(columns: {', '.join(schema.names)}); pairs use TRL's prompt/chosen/rejected")
 
 
 def train_student(cfg: Config, inputs: Inputs, log=print) -> dict:
@@ -156,7 +187,13 @@ def train_student(cfg: Config, inputs: Inputs, log=print) -> dict:
     if done is not None and storage.manifest(cfg.student_export_uri()) is not None:
         log(f"[train] already complete: {cfg.student_export_uri()} and {cfg.report_uri()}")
         return done
-    pairs_ds = parquet.read(cfg.pairs_uri())
+    if cfg.train.pairs is not None:
+        import ray.data
+
+        pairs_ds = ray.data.read_parquet(cfg.train.pairs, file_extensions=["parquet"]).map_batches(
+            pairs.complete_external, fn_kwargs={"heldout_fraction": cfg.data.heldout_fraction}, batch_format="pandas")
+    else:
+        pairs_ds = parquet.read(cfg.pairs_uri())
     if pairs_ds is None:
         raise DataError(f"pairs {cfg.pairs_uri()}: missing or incomplete; run jobs.generate_pairs first")
     tokenizer = AutoTokenizer.from_pretrained(inputs.student_path, trust_remote_code=cfg.student.trust_remote_code)
@@ -167,7 +204,7 @@ def train_student(cfg: Config, inputs: Inputs, log=print) -> dict:
                           cfg.student_export_uri(), pad_id, s.chat_template, s.trust_remote_code, s.allow_pickle_weights)
     result["train_seconds"] = time.perf_counter() - start
     storage.write_json(cfg.report_uri(), result)
-    log(f"[train] report -> {cfg.report_uri()}")
+    log(f"[train] report -> {cfg.report_uri()}; summary -> {write_summary(result, cfg.output_dir)}")
     return result
 
 
@@ -183,22 +220,5 @@ def distill(cfg: Config, overwrite: bool = False, check_only: bool = False, log=
     report = train_student(cfg, inputs, log)
     report["generation"] = figures
     storage.write_json(cfg.report_uri(), report)
+    log(f"[plad-ray] summary -> {write_summary(report, cfg.output_dir)}")
     return report
-
-
-def summary(report: dict) -> str:
-    """A few human-readable lines: pairs, loss start -> end, ranking accuracy before -> after."""
-    curve = report.get("curve") or [{}]
-    counts = report.get("counts", {})
-    before, after = report.get("eval_initial", {}), report.get("eval_trained", {})
-    lines = [
-        f"pairs made:          {counts.get('pairs', '?')} ({counts.get('train', '?')} train, "
-        f"{counts.get('heldout', '?')} held out, {counts.get('dropped_identical', 0)} identical dropped)",
-        f"training loss:       {curve[0].get('loss', float('nan')):.4f} -> {curve[-1].get('loss', float('nan')):.4f} "
-        f"over {report.get('steps', '?')} steps",
-        f"ranking accuracy:    {before.get('ranking_accuracy', float('nan')):.3f} -> "
-        f"{after.get('ranking_accuracy', float('nan')):.3f} on {after.get('pairs', '?')} held-out pairs",
-        f"held-out loss:       {before.get('loss', float('nan')):.4f} -> {after.get('loss', float('nan')):.4f}",
-        f"student checkpoint:  {report.get('checkpoint', '?')}",
-    ]
-    return "\n".join(lines)

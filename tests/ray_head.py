@@ -62,7 +62,11 @@ class RayHead:
         )
 
     def job(self, *args: str, timeout: int = 1500) -> subprocess.CompletedProcess:
-        return subprocess.run([RAY, "job", *args], env={**self.env, "RAY_ADDRESS": self.dashboard},
+        return self.job_cli("job", *args, timeout=timeout)
+
+    def job_cli(self, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+        """A `ray` CLI command against this cluster (jobs, state API)."""
+        return subprocess.run([RAY, *args], env={**self.env, "RAY_ADDRESS": self.dashboard},
                               capture_output=True, text=True, timeout=timeout)
 
     def stop(self) -> None:

@@ -68,3 +68,27 @@ def test_pair_tokenizer_applies_the_chat_template_like_the_engine(tmp_path):
              "chosen_finish_reason": np.array(["stop"]), "rejected_finish_reason": np.array(["stop"])}
     # The student engine saw "[hi]:" (one user turn plus the generation prompt), so training scores after it.
     assert stage(batch)["prompt_ids"][0].tolist() == tokenizer("[hi]:", add_special_tokens=False)["input_ids"]
+
+
+def test_length_grouping_cuts_padding_and_keeps_every_pair_once():
+    # 8 pairs of lengths 1..8 (prompt 1 + response k-1), shuffled; micro-batches of 2.
+    lengths = [5, 1, 8, 3, 7, 2, 6, 4]
+    bucket = {"prompt_ids": np.array([np.array([9]) for _ in lengths], dtype=object),
+              "chosen_ids": np.array([np.arange(n - 1) for n in lengths], dtype=object),
+              "rejected_ids": np.array([np.arange(max(n - 2, 0)) for n in lengths], dtype=object),
+              "id": np.array([f"p{n}" for n in lengths])}
+    from plad_ray.train.batching import length_grouped
+
+    micro = length_grouped(bucket, 2, seed=[0, 0, 0])
+    assert sorted(i for m in micro for i in m["id"]) == sorted(bucket["id"])  # every pair, once
+    # Sorted neighbours share a micro-batch: lengths (1,2), (3,4), (5,6), (7,8), in a seeded order.
+    assert sorted(tuple(sorted(int(i[1:]) for i in m["id"])) for m in micro) == [(1, 2), (3, 4), (5, 6), (7, 8)]
+    assert [list(m["id"]) for m in micro] == [list(m["id"]) for m in length_grouped(bucket, 2, seed=[0, 0, 0])]
+    # A pair of length L has sequences of L (chosen) and L-1 (rejected; 1 when L=1) tokens.
+    # Real tokens: chosen 1+..+8 = 36, rejected 0+1+..+7 + 1 = 29 -> 65.
+    # Slots (4 sequences x the longer L per micro-batch): grouped (1,2) (3,4) (5,6) (7,8) ->
+    # 4 x (2+4+6+8) = 80; arrival order (5,1) (8,3) (7,2) (6,4) -> 4 x (5+8+7+6) = 104.
+    grouped = [collate_pairs(m, 0)["attention_mask"] for m in micro]
+    arrival = [collate_pairs({k: v[i:i + 2] for k, v in bucket.items()}, 0)["attention_mask"] for i in range(0, 8, 2)]
+    assert sum(int(m.sum()) for m in grouped) == sum(int(m.sum()) for m in arrival) == 65
+    assert sum(m.numel() for m in grouped) == 80 and sum(m.numel() for m in arrival) == 104

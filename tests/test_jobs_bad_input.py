@@ -144,4 +144,5 @@ def test_train_without_pairs_says_what_to_run_first(tmp_path):
     proc = run_job("train", str(CONFIG), "--set", f"output_dir={out}")
     assert proc.returncode == 3, proc.stderr
     assert proc.stderr.strip() == (
-        f"plad-ray: error: pairs {out}/pairs: missing or incomplete; run jobs.generate_pairs first")
+        f"plad-ray: error: pairs {out}/pairs: missing or incomplete; run jobs.generate_pairs first, "
+        "or point train.pairs at a pairs dataset")

@@ -35,3 +35,13 @@ def test_expand_and_make_pair():
     # TRL's preference convention: prompt/chosen/rejected as plain strings.
     for column in ("prompt", "chosen", "rejected"):
         assert str(pairs.PAIR_SCHEMA.field(column).type) == "string"
+
+
+def test_external_trl_pairs_get_ids_finish_reasons_and_split():
+    batch = {"prompt": ["p1", "p2"], "chosen": ["a", "b"], "rejected": ["c", "d"]}
+    out = pairs.complete_external(batch, heldout_fraction=0.5)
+    assert out["chosen_finish_reason"] == out["rejected_finish_reason"] == ["stop", "stop"]
+    assert len(set(out["id"])) == 2 and out == pairs.complete_external(batch, 0.5)  # stable ids
+    assert out["heldout"] == [pairs.is_heldout(i, 0.5) for i in out["id"]]
+    kept = pairs.complete_external({**batch, "id": [7, 8], "heldout": [True, False]}, 0.5)
+    assert kept["id"] == ["7", "8"] and kept["heldout"] == [True, False]

@@ -57,6 +57,12 @@ def test_training_moved_the_loss_and_ranking_accuracy(run):
     first, last = report["curve"][0]["loss"], report["curve"][-1]["loss"]
     assert last < first
     assert "ranking accuracy:" in stdout and "student checkpoint:" in stdout
+    # The run summary for people, and metrics for TensorBoard.
+    assert f"| ranking accuracy | {before['ranking_accuracy']:.4g} | {after['ranking_accuracy']:.4g} |" in (
+        out / "summary.md").read_text()
+    assert (out / "loss_curve.png").read_bytes()[:4] == b"\x89PNG"
+    assert list((out / "train" / "tensorboard").glob("events.out.tfevents.*"))
+    assert report["generation"]["teacher_tokens"] > 0 and report["generation"]["student_tokens"] > 0
 
 
 def test_parameters_changed(run, tiny_models):

@@ -1,37 +1,55 @@
-"""The cluster path users take: `ray start --head`, then `ray job submit ... jobs.distill`."""
+"""The cluster path users take, on one machine: `ray start --head`, a second node with
+`ray start --address`, then `ray job submit ... jobs.distill`. Ray's own state API must
+show the work ran on both nodes."""
 
 import json
 
 import pytest
 
 from conftest import ROOT
-from plad_ray.data import parquet
 from ray_head import RayHead
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture
-def head():
-    cluster = RayHead(num_cpus=4)
+def two_nodes():
+    cluster = RayHead(num_cpus=2)
+    cluster.add_node(num_cpus=2)
     yield cluster
     cluster.stop()
 
 
-def test_distill_through_ray_job_submit(head, tiny_models, tmp_path):
+def state(cluster: RayHead, kind: str) -> list[dict]:
+    listed = cluster.job_cli("list", kind, "--format", "json", "--detail", "--limit", "10000")
+    assert listed.returncode == 0, listed.stderr[-2000:]
+    return json.loads(listed.stdout)
+
+
+def test_distill_through_ray_job_submit_on_two_nodes(two_nodes, tiny_models, tmp_path):
+    nodes = {n["node_id"] for n in state(two_nodes, "nodes") if n["state"] == "ALIVE"}
+    assert len(nodes) == 2
     out = tmp_path / "run"
-    submit = head.job(
+    submit = two_nodes.job(
         "submit", "--working-dir", str(ROOT), "--",
-        "python", "-m", "jobs.distill", "--config", "configs/tiny-cpu.yaml",
-        "--set", f"output_dir={out}", "--set", "data.max_prompts=96", "--set", "train.num_epochs=1",
+        "python", "-m", "jobs.distill", "--config", "configs/tiny-cpu.yaml", "--set", f"output_dir={out}",
+        "--set", "data.max_prompts=96", "--set", "train.num_epochs=1", "--set", "train.placement_strategy=SPREAD",
     )
     assert submit.returncode == 0, submit.stdout[-4000:] + submit.stderr[-2000:]
     assert "succeeded" in (submit.stdout + submit.stderr)
-    listed = head.job("list")
-    assert "SUCCEEDED" in listed.stdout, listed.stdout[-2000:]
-    # The job ran against the cluster it was given, not a local one of its own.
+    assert "SUCCEEDED" in two_nodes.job("list").stdout
+    # The job joined the cluster it was given, not a local one of its own ...
     assert "joined Ray cluster" in submit.stdout
+    # ... and ran there: one trainer rank per node (SPREAD), engines and the rest across both.
+    actors = state(two_nodes, "actors")
+    trainers = [a["node_id"] for a in actors if a["class_name"] == "RayTrainWorker"]
+    engines = [a["node_id"] for a in actors if "vLLMEngineStageUDF" in a["class_name"]]
+    assert len(trainers) == 2 and set(trainers) == nodes, (trainers, nodes)
+    assert len(engines) == 2 and {a["node_id"] for a in actors if a["node_id"]} == nodes
+    # The outputs: pairs, checkpoint, report, summary.
+    from plad_ray.data import parquet
+
     assert parquet.read_table(str(out / "pairs")).num_rows == 96 * 2
     report = json.loads((out / "report.json").read_text())
     assert report["counts"]["pairs"] == 96 * 2 and report["steps"] > 0
-    assert (out / "student" / "model.safetensors").is_file()
+    assert (out / "student" / "model.safetensors").is_file() and (out / "summary.md").is_file()

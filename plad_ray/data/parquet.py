@@ -12,6 +12,7 @@ So every row is written exactly once across any number of interrupted runs.
 import os
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
@@ -58,6 +59,13 @@ def done_keys(uri: str, columns: list[str], log=print) -> pa.Table:
     if not tables:
         return pa.table({c: pa.array([], pa.string()) for c in columns})
     return pa.concat_tables(tables)
+
+
+def pending_sum(uri: str, column: str) -> int:
+    """Sum of a column over the pending (not yet committed) rows: e.g. tokens generated this run."""
+    fs, _ = storage.filesystem_and_path(uri)
+    return sum(pc.sum(pq.read_table(p, columns=[column], filesystem=fs).column(column)).as_py() or 0
+               for p in _pending_files(uri, log=lambda _: None))
 
 
 def commit(uri: str, info: dict, log=print) -> int:

@@ -56,14 +56,18 @@ def read_json(uri: str) -> dict | None:
         return json.loads(f.read())
 
 
-def write_text(uri: str, text: str) -> None:
+def write_bytes(uri: str, data: bytes) -> None:
     """Write a file under a temporary name, then move it into place."""
     fs, path = filesystem_and_path(uri)
     fs.create_dir(os.path.dirname(path), recursive=True)
     tmp = f"{path}.partial-{uuid.uuid4().hex[:8]}"
     with fs.open_output_stream(tmp) as f:
-        f.write(text.encode())
+        f.write(data)
     fs.move(tmp, path)
+
+
+def write_text(uri: str, text: str) -> None:
+    write_bytes(uri, text.encode())
 
 
 def write_json(uri: str, data: dict) -> None:

@@ -68,3 +68,8 @@ def build_engine_processor(
         runtime_env={"env_vars": {k: str(v) for k, v in engine.env.items()}} if engine.env else None,
     )
     return build_processor(config, preprocess=preprocess, postprocess=postprocess)
+
+
+def spread(ds, rows: int, batch_size: int, replicas: int):
+    """Enough blocks that every engine replica gets batches (one block feeds one actor task)."""
+    return ds.repartition(max(1, min(rows, max(replicas * 4, rows // batch_size))))

@@ -61,6 +61,35 @@ def teacher_outputs(prompts_ds, engine: EngineConfig, model_path: str, model_nam
     return processor(prompts_ds)
 
 
+def teacher_outputs_http(prompts_ds, engine: EngineConfig):
+    """prompts (id, prompt) -> rows of pairs.TEACHER_SCHEMA, from an OpenAI-compatible endpoint."""
+    from plad_ray.generate.endpoint import build_endpoint_processor, read_response
+
+    params = sampling_params(engine)
+    params_json = pairs.sampling_json(params)
+    model_name = f"{engine.model} @ {engine.endpoint.url}"
+
+    def preprocess(row: dict) -> dict:
+        prompt = {"messages": [{"role": "user", "content": row["prompt"]}]} if engine.chat_template \
+            else {"prompt": row["prompt"]}
+        return {"payload": {"model": engine.model, **prompt, **params}}
+
+    def postprocess(row: dict) -> dict:
+        out = read_response(row["http_response"])
+        return {
+            "id": row["id"],
+            "prompt": row["prompt"],
+            "teacher_text": out["text"],
+            "teacher_num_tokens": out["num_tokens"],
+            "teacher_finish_reason": out["finish_reason"],
+            "teacher_model": model_name,
+            "teacher_sampling": params_json,
+        }
+
+    processor = build_endpoint_processor(engine.endpoint, engine.batch_size, preprocess, postprocess)
+    return processor(prompts_ds)
+
+
 def student_pairs(
     teacher_ds,
     engine: StudentEngineConfig,

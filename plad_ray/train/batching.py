@@ -92,3 +92,17 @@ def collate_pairs(batch: dict, pad_id: int) -> dict:
         "attention_mask": torch.from_numpy(attention),
         "response_mask": torch.from_numpy(response),
     }
+
+
+def length_grouped(bucket: dict, micro_batch_size: int, seed) -> list[dict]:
+    """Split a bucket of pairs into micro-batches of similar length, in a seeded random order.
+
+    Sorting by each pair's longer side before cutting micro-batches leaves little padding
+    in the [2B, T] forward; shuffling the micro-batches keeps lengths from trending.
+    """
+    lengths = [len(p) + max(len(c), len(r))
+               for p, c, r in zip(bucket["prompt_ids"], bucket["chosen_ids"], bucket["rejected_ids"])]
+    order = np.argsort(lengths, kind="stable")
+    chunks = [order[i:i + micro_batch_size] for i in range(0, len(order), micro_batch_size)]
+    np.random.default_rng(seed).shuffle(chunks)
+    return [{k: np.asarray(v)[idx] for k, v in bucket.items()} for idx in chunks]

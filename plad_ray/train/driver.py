@@ -9,10 +9,12 @@ checkpoint: Ray Train finds its own run state under `<output_dir>/train`.
 
 import math
 import os
+import time
 
 from plad_ray.config import ClusterConfig, TrainConfig
 from plad_ray.errors import DataError, RuntimeFailure
 from plad_ray.train.batching import PairTokenizer
+from plad_ray.train.metrics import tensorboard_dir
 from plad_ray.train.worker import TrainPlan, train_loop_per_worker
 
 TRAIN_RUN_NAME = "train"
@@ -61,14 +63,16 @@ def run_training(pairs_ds, model_path: str, train: TrainConfig, cluster: Cluster
                  export_uri: str, pad_id: int, chat_template: bool = False, trust_remote_code: bool = False,
                  allow_pickle: bool = False) -> dict:
     """Train, evaluate and export; returns the run's figures (also written by the caller)."""
-    import ray.data
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    # Datasets carry the context they were made in into the workers, where per-worker
-    # progress bars interleave into noise; training reports progress as step lines.
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    start = time.perf_counter()
     train_ds, heldout_ds, counts = prepare_pairs(pairs_ds, model_path, train, chat_template, trust_remote_code)
+    prepare_s = time.perf_counter() - start
+    for ds in (train_ds, heldout_ds):
+        # Each dataset executes in the workers with its own context; per-worker progress
+        # bars interleave into noise there. Training reports progress as step lines.
+        ds.context.enable_progress_bars = False
     steps = steps_per_epoch(counts["train"], train)
     if steps < 1:
         per_step = train.micro_batch_size * train.num_workers * train.gradient_accumulation_steps
@@ -76,7 +80,8 @@ def run_training(pairs_ds, model_path: str, train: TrainConfig, cluster: Cluster
             f"pairs: {counts['train']} training pairs are fewer than one optimizer step needs ({per_step} = "
             "train.micro_batch_size x train.num_workers x train.gradient_accumulation_steps); add prompts or lower those"
         )
-    plan = TrainPlan(train=train, model_path=model_path, export_uri=export_uri, steps_per_epoch=steps,
+    plan = TrainPlan(train=train, model_path=model_path, export_uri=export_uri,
+                     tensorboard_dir=tensorboard_dir(_storage_path(output_dir), train.tensorboard), steps_per_epoch=steps,
                      pad_id=pad_id, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
     print(f"[train] {counts['train']} training pairs, {counts['heldout']} held out, "
           f"{train.num_workers} worker(s), {plan.total_steps} optimizer steps, ZeRO-{train.zero_stage} {train.precision}",
@@ -88,6 +93,7 @@ def run_training(pairs_ds, model_path: str, train: TrainConfig, cluster: Cluster
             num_workers=train.num_workers,
             use_gpu=cluster.use_gpu,
             resources_per_worker={"CPU": train.cpus_per_worker, **({"GPU": 1} if cluster.use_gpu else {})},
+            placement_strategy=train.placement_strategy,
         ),
         torch_config=TorchConfig(backend="nccl" if cluster.use_gpu else "gloo"),
         datasets={"train": train_ds, "eval": heldout_ds},
@@ -101,10 +107,17 @@ def run_training(pairs_ds, model_path: str, train: TrainConfig, cluster: Cluster
             failure_config=ray.train.FailureConfig(max_failures=train.max_failures),
         ),
     )
+    start = time.perf_counter()
     result = trainer.fit()
+    fit_s = time.perf_counter() - start
     if result.error is not None:
         raise RuntimeFailure(f"training failed: {result.error}")
-    return {**result.return_value, "counts": counts, "checkpoint": export_uri}
+    out = dict(result.return_value)
+    worker = out.pop("worker_timings")
+    phases = {k: worker.get(k, 0.0) for k in ("eval_s", "loop_s", "export_s")}
+    # Start-up: Ray Train's controller and worker group, model load, DeepSpeed init (and any restarts).
+    out["timings"] = {"prepare_s": prepare_s, "startup_s": fit_s - sum(phases.values()), **phases}
+    return {**out, "counts": counts, "checkpoint": export_uri}
 
 
 def _storage_path(output_dir: str) -> str:

@@ -8,6 +8,7 @@ evaluation before and after training, and the HF export.
 """
 
 import json
+import resource
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -15,12 +16,14 @@ from functools import partial
 from pathlib import Path
 
 import torch
+from ray.data.collate_fn import NumpyBatchCollateFn
 
 from plad_ray.config import TrainConfig
 from plad_ray.losses import plad_loss, sequence_logps
-from plad_ray.train.batching import collate_pairs
+from plad_ray.train.batching import collate_pairs, length_grouped
 from plad_ray.train.ds_config import deepspeed_config, lr_factor
 from plad_ray.train.export import export_hf
+from plad_ray.train.metrics import MetricsWriter
 
 PROGRESS_FILE = "plad_progress.json"
 CHECKPOINT_TAG = "state"
@@ -33,6 +36,7 @@ class TrainPlan:
     train: TrainConfig
     model_path: str
     export_uri: str  # where rank 0 publishes the trained model (HF folder)
+    tensorboard_dir: str | None  # where rank 0 writes TensorBoard event files (None: off)
     steps_per_epoch: int  # optimizer steps per epoch (identical on every worker)
     pad_id: int
     trust_remote_code: bool = False
@@ -41,6 +45,17 @@ class TrainPlan:
     @property
     def total_steps(self) -> int:
         return self.steps_per_epoch * self.train.num_epochs
+
+
+class _Collate(NumpyBatchCollateFn):
+    """collate_pairs as the callable class Ray Data's iter_torch_batches expects."""
+
+    def __init__(self, pad_id: int):
+        super().__init__()
+        self.pad_id = pad_id
+
+    def __call__(self, batch: dict) -> dict:
+        return collate_pairs(batch, self.pad_id)
 
 
 @dataclass
@@ -58,21 +73,45 @@ def train_loop_per_worker(config: dict) -> dict | None:
 
     plan: TrainPlan = config["plan"]
     rank = ray.train.get_context().get_world_rank()
+    clock = _Clock()
     torch.manual_seed(plan.train.seed)
     engine = _initialize(plan, ray.train.get_context().get_world_size())
     progress = _resume(engine)
+    metrics = MetricsWriter(plan.tensorboard_dir if rank == 0 else None)
+    clock.lap("init_s")
     eval_ds = ray.train.get_dataset_shard("eval")
     if progress.eval_initial is None:
         progress.eval_initial = evaluate(engine, eval_ds, plan)
         _log(rank, f"[train] held-out pairs before training: {_fmt(progress.eval_initial)}")
-    _train(engine, ray.train.get_dataset_shard("train"), plan, progress, rank)
+        metrics.log(0, progress.eval_initial, prefix="heldout")
+    clock.lap("eval_s")
+    _train(engine, ray.train.get_dataset_shard("train"), plan, progress, rank, metrics)
+    clock.lap("loop_s")
     eval_trained = evaluate(engine, eval_ds, plan)
     _log(rank, f"[train] held-out pairs after training: {_fmt(eval_trained)}")
+    metrics.log(progress.step, eval_trained, prefix="heldout")
+    metrics.close()
+    clock.lap("eval_s")
     export_hf(engine, plan, rank)
+    clock.lap("export_s")
     if rank == 0:
         return {"steps": progress.step, "curve": progress.curve, "eval_initial": progress.eval_initial,
-                "eval_trained": eval_trained}
+                "eval_trained": eval_trained, "worker_timings": clock.laps,
+                "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
     return None
+
+
+class _Clock:
+    """Seconds spent per phase of this worker (phases may recur: laps add up)."""
+
+    def __init__(self):
+        self.laps: dict[str, float] = {}
+        self.last = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.laps[name] = self.laps.get(name, 0.0) + now - self.last
+        self.last = now
 
 
 def _initialize(plan: TrainPlan, world_size: int):
@@ -120,23 +159,22 @@ def _resume(engine) -> Progress:
     return progress
 
 
-def _train(engine, shard, plan: TrainPlan, progress: Progress, rank: int) -> None:
+def _train(engine, shard, plan: TrainPlan, progress: Progress, rank: int, metrics: MetricsWriter) -> None:
     t = plan.train
     window = _Window()
-    collate = partial(collate_pairs, pad_id=plan.pad_id)
     while progress.step < plan.total_steps:
         epoch = progress.step // plan.steps_per_epoch
         done_in_epoch = progress.step - epoch * plan.steps_per_epoch
         micro = 0
         engine.train()
-        for batch in shard.iter_torch_batches(batch_size=t.micro_batch_size, collate_fn=collate):
+        for batch in _micro_batches(shard, t, plan.pad_id, epoch):
             if micro // t.gradient_accumulation_steps < done_in_epoch:
                 micro += 1  # consumed before the checkpoint this run resumed from
                 continue
             stats = _forward(engine, batch, t)
             engine.backward(stats["loss"])
             engine.step()
-            window.add(stats, batch)
+            window.add({k: v.detach() for k, v in stats.items()}, batch)
             micro += 1
             if micro % t.gradient_accumulation_steps:
                 continue
@@ -144,7 +182,9 @@ def _train(engine, shard, plan: TrainPlan, progress: Progress, rank: int) -> Non
             if progress.step % t.log_every_steps == 0 or progress.step == plan.total_steps:
                 entry = window.flush(progress.step, epoch, engine.get_lr()[0])
                 progress.curve.append(entry)
-                _log(rank, f"[train] step {progress.step}/{plan.total_steps} epoch {epoch} {_fmt(entry)}")
+                metrics.log(progress.step, entry)
+                done = progress.step / plan.total_steps
+                _log(rank, f"[train] step {progress.step}/{plan.total_steps} ({done:.0%}) epoch {epoch} {_fmt(entry)}")
             end_of_epoch = progress.step % plan.steps_per_epoch == 0
             if progress.step < plan.total_steps and (
                 (t.checkpoint_every_steps and progress.step % t.checkpoint_every_steps == 0)
@@ -153,6 +193,15 @@ def _train(engine, shard, plan: TrainPlan, progress: Progress, rank: int) -> Non
                 _save(engine, progress, rank)
             if end_of_epoch or progress.step >= plan.total_steps:
                 break
+
+
+def _micro_batches(shard, t: TrainConfig, pad_id: int, epoch: int):
+    """The shard's micro-batches for one epoch, length-grouped (deterministic, so a resumed
+    run skips exactly the micro-batches it had consumed)."""
+    group = t.micro_batch_size * t.length_grouping
+    for index, bucket in enumerate(shard.iter_batches(batch_size=group, batch_format="numpy")):
+        for micro in length_grouped(bucket, t.micro_batch_size, seed=[t.seed, epoch, index]):
+            yield collate_pairs(micro, pad_id)
 
 
 def _forward(engine, batch: dict, t: TrainConfig) -> dict:
@@ -172,7 +221,7 @@ def evaluate(engine, dataset, plan: TrainPlan) -> dict:
     """Mean PLaD loss and pair-ranking accuracy over every held-out pair (each rank sees all)."""
     engine.eval()
     totals = torch.zeros(4, dtype=torch.float64)  # pairs, correct, loss sum, margin sum
-    collate = partial(collate_pairs, pad_id=plan.pad_id)
+    collate = _Collate(plan.pad_id)
     for batch in dataset.iter_torch_batches(batch_size=plan.train.micro_batch_size, collate_fn=collate):
         stats = _forward(engine, batch, plan.train)
         n = batch["input_ids"].shape[0] // 2
@@ -204,7 +253,7 @@ class _Window:
     def __init__(self):
         self.sums: dict[str, float] = {}
         self.count = 0
-        self.tokens = 0
+        self.tokens = 0  # real (non-padding) tokens through forward and backward
         self.padded = 0
         self.start = time.perf_counter()
 
@@ -218,7 +267,7 @@ class _Window:
     def flush(self, step: int, epoch: int, lr: float) -> dict:
         seconds = time.perf_counter() - self.start
         entry = {"step": step, "epoch": epoch, "lr": lr, **{k: v / self.count for k, v in self.sums.items()},
-                 "tokens_per_s": self.tokens / seconds if seconds else 0.0,
+                 "tokens": self.tokens, "seconds": seconds, "tokens_per_s": self.tokens / seconds if seconds else 0.0,
                  "padding": 1 - self.tokens / self.padded if self.padded else 0.0}
         self.__init__()
         return entry

@@ -1,0 +1,99 @@
+"""Kill real processes mid-run, or Ctrl-C a job; it must finish with every step and every pair, once."""
+
+import json
+import math
+import re
+import signal
+import subprocess
+import time
+
+import pytest
+
+from conftest import PYTHON, ROOT, job_env
+from fault import find, kill, write_pairs
+from plad_ray.data import parquet
+
+pytestmark = pytest.mark.integration
+
+
+def start(command, log_dir):
+    """The job with its output in files (a pipe nobody reads would fill up and stall it)."""
+    out, err = open(log_dir / "stdout.log", "w+"), open(log_dir / "stderr.log", "w+")
+    return subprocess.Popen(command, cwd=ROOT, env=job_env(), stdout=out, stderr=err, text=True,
+                            start_new_session=True), out, err
+
+
+def finish(job, out, err, timeout=900) -> tuple[str, str]:
+    job.wait(timeout=timeout)
+    out.seek(0)
+    err.seek(0)
+    return out.read(), err.read()
+
+
+def wait_for(condition, job, timeout=900, what=""):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert job.poll() is None, f"the job ended (exit {job.returncode}) before {what}"
+        if condition():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_killed_training_worker_resumes_from_the_last_checkpoint(tmp_path, tiny_models):
+    out = tmp_path / "run"
+    write_pairs(tmp_path / "synthetic", 2400)  # ~2160 training pairs: 270 steps of 2 workers x 4 pairs
+    command = [PYTHON, "-m", "jobs.train", "--config", "configs/tiny-cpu.yaml", "--set", f"output_dir={out}",
+               "--set", f"train.pairs={tmp_path / 'synthetic' / 'pairs'}",
+               "--set", "train.num_epochs=1", "--set", "train.micro_batch_size=4", "--set", "data.heldout_fraction=0.1",
+               "--set", "train.checkpoint_every_steps=20", "--set", "train.max_failures=2", "--set", "train.log_every_steps=10"]
+    job, stdout, stderr = start(command, tmp_path)
+    # A checkpoint counts once Ray Train's controller has registered it (its snapshot names it),
+    # not when the files land: kill after that, or the restart rightly starts from scratch.
+    snapshot = out / "train" / "checkpoint_manager_snapshot.json"
+    wait_for(lambda: snapshot.exists() and "step-" in snapshot.read_text(), job, what="the first checkpoint")
+    workers = find(job.pid, "ray::RayTrainWorker")
+    assert len(workers) == 2, workers
+    kill(workers[:1])  # one rank dies: the whole worker group restarts from the last checkpoint
+    output, errors = finish(job, stdout, stderr)
+    assert job.returncode == 0, output[-3000:] + errors[-3000:]
+    resumed = [int(s) for s in re.findall(r"resumed from checkpoint at step (\d+)", output)]
+    assert resumed and resumed[0] >= 20 and resumed[0] % 20 == 0, output[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    total = report["steps"]
+    assert total == report["curve"][-1]["step"] and total > resumed[0]
+    # Steps = ceil(rows per worker / micro batch): the restart neither lost nor repeated steps.
+    assert total == math.ceil(report["counts"]["train"] // 2 / 4)
+    assert (out / "student" / "model.safetensors").is_file()
+
+
+def test_engine_killed_then_ctrl_c_then_resume_writes_every_pair_once(tmp_path, tiny_models):
+    """Mid student generation: kill the engine actor (ray.data.llm replaces it), then Ctrl-C
+    the job, then run the same command again."""
+    out = tmp_path / "run"
+    # Small engine batches: many blocks, so pairs reach disk while generation is still going.
+    command = [PYTHON, "-m", "jobs.generate_pairs", "--config", "configs/tiny-cpu.yaml", "--set", f"output_dir={out}",
+               "--set", "student.batch_size=8"]
+    job, stdout_file, stderr_file = start(command, tmp_path)
+    pending = out / "pairs.partial"
+    wait_for(lambda: (out / "teacher" / "_manifest.json").exists() and find(job.pid, "vLLMEngineStageUDF"), job,
+             what="the student engine")
+    wait_for(lambda: list(pending.glob("*.parquet")), job, what="the first pairs on disk")
+    kill(find(job.pid, "vLLMEngineStageUDF"))  # the engine actor; its vLLM engine process goes with it
+    written = len(list(pending.glob("*.parquet")))
+    wait_for(lambda: len(list(pending.glob("*.parquet"))) > written, job, what="pairs from the replacement engine")
+    job.send_signal(signal.SIGINT)  # what Ctrl-C sends the job's driver
+    stdout, stderr = finish(job, stdout_file, stderr_file, timeout=300)
+    assert job.returncode == 130, stderr[-3000:]
+    assert stderr.strip().splitlines()[-1] == "plad-ray: interrupted; re-run the same command to resume"
+    assert not (out / "pairs" / "_manifest.json").exists()  # no pairs that look complete
+    assert 0 < len(parquet.done_keys(str(out / "pairs"), ["id", "sample_index"])) < 512
+
+    again = subprocess.run(command, cwd=ROOT, env=job_env(), capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "all 256 outputs already cached" in again.stdout  # no teacher requests on resume
+    assert "pairs already written by an earlier run" in again.stdout
+    table = parquet.read_table(str(out / "pairs"))
+    keys = list(zip(table.column("id").to_pylist(), table.column("sample_index").to_pylist()))
+    assert len(keys) == len(set(keys)) == 256 * 2
+    assert not pending.exists()
