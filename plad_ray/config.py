@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 
 from plad_ray.errors import ConfigError
+from plad_ray.scoring import POLICIES, SCORERS
 
 
 @dataclass
@@ -82,7 +83,11 @@ class StudentEngineConfig(EngineConfig):
 
 @dataclass
 class LossConfig:
+    # hinge (PLaD ranking calibration) | margin (hinge with margin beta*(s(chosen)-s(rejected)); needs train.scorer)
+    # | logistic | seqkd (baseline: NLL of the teacher output only)
+    type: str = "hinge"
     beta: float = 1.0  # hinge margin, > 0, in nats of sequence log-prob
+    gamma: float = 1.0  # logistic scale, > 0: -log sigmoid(gamma * (log P(chosen) - log P(rejected)))
     length_normalize: bool = False  # use mean token log-prob instead of the sum
     nll_weight: float = 0.0  # lambda of the lambda * NLL(chosen) regulariser, >= 0; 0 is off
 
@@ -107,6 +112,8 @@ class TrainConfig:
     checkpoint_every_steps: int = 0  # 0: checkpoint only at the end of each epoch
     log_every_steps: int = 10  # optimizer steps between logged losses
     max_failures: int = 0  # times Ray Train restarts failed workers from the last checkpoint; -1: no limit
+    scorer: str | None = None  # score outputs with this plad_ray.scoring scorer (e.g. reverse); null: none
+    student_wins: str = "keep"  # pairs where the student's output scored higher: keep | drop | flip
     tensorboard: bool = True  # write training metrics for TensorBoard under output_dir/train/tensorboard
     seed: int = 0
     loss: LossConfig = field(default_factory=LossConfig)
@@ -236,7 +243,16 @@ def _checks(c: Config):
     yield "train.checkpoint_every_steps", t.checkpoint_every_steps >= 0, "must be >= 0"
     yield "train.log_every_steps", t.log_every_steps >= 1, "must be >= 1"
     yield "train.max_failures", t.max_failures >= -1, "must be >= 0, or -1 for no limit"
+    yield "train.loss.type", t.loss.type in ("hinge", "margin", "logistic", "seqkd"), (
+        "must be hinge, margin, logistic or seqkd")
+    yield "train.scorer", t.scorer is None or t.scorer in SCORERS, f"must be null or one of: {', '.join(SCORERS)}"
+    yield "train.loss.type", t.loss.type != "margin" or t.scorer is not None, (
+        "the margin loss needs scores: set train.scorer")
+    yield "train.student_wins", t.student_wins in POLICIES, f"must be one of: {', '.join(POLICIES)}"
+    yield "train.student_wins", t.student_wins == "keep" or t.scorer is not None, (
+        "dropping or flipping pairs the student won needs scores: set train.scorer")
     yield "train.loss.beta", t.loss.beta > 0, "the hinge margin must be > 0"
+    yield "train.loss.gamma", t.loss.gamma > 0, "the logistic scale must be > 0"
     yield "train.loss.nll_weight", t.loss.nll_weight >= 0, "must be >= 0"
     yield "cluster.num_cpus", c.cluster.num_cpus is None or c.cluster.num_cpus >= 1, "must be >= 1 or null"
 

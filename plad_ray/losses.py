@@ -1,17 +1,27 @@
-"""Sequence log-probabilities and the PLaD ranking calibration loss. Pure torch.
+"""Sequence log-probabilities and the PLaD loss family. Pure torch: no ray, deepspeed or vllm.
 
-PLaD (Zhang et al., 2024) trains the student to rank the teacher's output y_T above its
-own sample y_S under its own sequence likelihood:
+PLaD (Zhang et al., 2024) trains the student to rank the teacher's output y+ above its
+own sample y- under its own sequence likelihood, log P(y|x) = sum_t log p(y_t | x, y_<t)
+over response tokens only. Every loss below takes per-sequence log-probs of shape [B]
+(B pairs; [B, K] for K student samples per prompt) and returns the mean over pairs:
 
-    L_rank = max(0, beta - log P(y_T|x) + log P(y_S|x))                      (PLaD eq. 3)
+    hinge (ranking calibration, PLaD eq. 3)   max(0, beta - log P(y+|x) + log P(y-|x))
+    margin calibration, score s               max(0, beta*(s(y+) - s(y-)) - log P(y+|x) + log P(y-|x))
+    logistic                                  -log sigmoid(gamma * (log P(y+|x) - log P(y-|x)))
+    listwise (y+ above each of K samples)     mean_k max(0, beta - log P(y+|x) + log P(y-_k|x))
+    NLL regulariser (per token, SLiC-HF)      lambda * -log P(y+|x) / |y+|
+    seqkd (baseline, SFT on teacher outputs)  -log P(y+|x) / |y+|     (y- is scored, not trained on)
 
-where log P(y|x) = sum_t log p(y_t | x, y_<t) over response tokens only. Optional:
-length-normalised log P (mean over response tokens instead of the sum) and a
-lambda * NLL(y_T|x) regulariser (per-token cross-entropy on the teacher output, as in
-SLiC-HF). Tensor names carry their shape: B pairs, T positions, V vocabulary.
+Length normalisation (mean instead of summed token log-prob) is applied to the inputs
+by `length_normalized`, so it composes with every loss. `plad_loss` is the training
+objective the workers call. Tensor names carry their shape: B pairs, K samples, T
+positions, V vocabulary.
 """
 
 import torch
+import torch.nn.functional as F
+
+LOSS_TYPES = ("hinge", "margin", "logistic", "seqkd")
 
 
 def sequence_logps(
@@ -31,11 +41,58 @@ def sequence_logps(
     return (token_logps_BT * mask_BT).sum(-1), mask_BT.sum(-1)
 
 
-def ranking_calibration_loss(
-    chosen_logps_B: torch.Tensor, rejected_logps_B: torch.Tensor, beta: float
-) -> torch.Tensor:
-    """Mean over pairs of max(0, beta - log P(y_T|x) + log P(y_S|x)) (PLaD eq. 3)."""
+def length_normalized(logps_B: torch.Tensor, num_tokens_B: torch.Tensor) -> torch.Tensor:
+    """Mean token log-prob: log P(y|x) / |y| (an empty response counts as one token)."""
+    return logps_B / num_tokens_B.clamp(min=1)
+
+
+def hinge_loss(chosen_logps_B: torch.Tensor, rejected_logps_B: torch.Tensor, beta: float) -> torch.Tensor:
+    """Ranking calibration: mean over pairs of max(0, beta - log P(y+|x) + log P(y-|x))."""
     return torch.clamp(beta - chosen_logps_B + rejected_logps_B, min=0).mean()
+
+
+ranking_calibration_loss = hinge_loss  # the paper's name for it
+
+
+def margin_loss(
+    chosen_logps_B: torch.Tensor, rejected_logps_B: torch.Tensor,
+    chosen_scores_B: torch.Tensor, rejected_scores_B: torch.Tensor, beta: float,
+) -> torch.Tensor:
+    """Margin calibration: mean of max(0, beta * (s(y+) - s(y-)) - log P(y+|x) + log P(y-|x)).
+
+    The margin owed grows with the score gap; a pair whose scores tie owes none (the
+    loss then only pushes where log P(y-) > log P(y+)), and a pair where y- scores
+    higher owes a negative margin.
+    """
+    margin_B = beta * (chosen_scores_B - rejected_scores_B)
+    return torch.clamp(margin_B - chosen_logps_B + rejected_logps_B, min=0).mean()
+
+
+def logistic_loss(chosen_logps_B: torch.Tensor, rejected_logps_B: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Logistic ranking: mean of -log sigmoid(gamma * (log P(y+|x) - log P(y-|x))) (= softplus(-gamma * diff))."""
+    return F.softplus(-gamma * (chosen_logps_B - rejected_logps_B)).mean()
+
+
+def listwise_hinge_loss(
+    chosen_logps_B: torch.Tensor, rejected_logps_BK: torch.Tensor, beta: float,
+    rejected_mask_BK: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The teacher output above every student sample of its prompt:
+    mean over prompts of mean_k max(0, beta - log P(y+|x) + log P(y-_k|x)).
+
+    `rejected_mask_BK` (1 = real sample) lets prompts have fewer than K samples; a prompt
+    with none contributes 0. With K = 1 this is `hinge_loss`.
+    """
+    violation_BK = torch.clamp(beta - chosen_logps_B[:, None] + rejected_logps_BK, min=0)
+    if rejected_mask_BK is None:
+        return violation_BK.mean()
+    mask_BK = rejected_mask_BK.to(violation_BK.dtype)
+    return ((violation_BK * mask_BK).sum(-1) / mask_BK.sum(-1).clamp(min=1)).mean()
+
+
+def nll_loss(chosen_logps_B: torch.Tensor, chosen_num_tokens_B: torch.Tensor) -> torch.Tensor:
+    """Per-token negative log-likelihood of the chosen outputs: -sum log P(y+|x) / sum |y+|."""
+    return -chosen_logps_B.sum() / chosen_num_tokens_B.sum().clamp(min=1)
 
 
 def plad_loss(
@@ -46,19 +103,37 @@ def plad_loss(
     beta: float,
     length_normalize: bool = False,
     nll_weight: float = 0.0,
+    loss_type: str = "hinge",
+    gamma: float = 1.0,
+    chosen_scores_B: torch.Tensor | None = None,
+    rejected_scores_B: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
-    """The training objective: ranking loss (+ lambda * NLL of the chosen output).
+    """The training objective: a ranking loss of `loss_type` (+ lambda * NLL of the chosen output).
 
     Returns `loss` (to backpropagate) and detached statistics: the ranking part, the
     NLL part (per token), the share of pairs ranked right and the mean margin.
     """
     chosen_B, rejected_B = chosen_logps_B, rejected_logps_B
     if length_normalize:
-        chosen_B = chosen_logps_B / chosen_num_tokens_B.clamp(min=1)
-        rejected_B = rejected_logps_B / rejected_num_tokens_B.clamp(min=1)
-    rank = ranking_calibration_loss(chosen_B, rejected_B, beta)
-    nll = -chosen_logps_B.sum() / chosen_num_tokens_B.sum().clamp(min=1)
-    loss = rank + nll_weight * nll if nll_weight else rank
+        chosen_B = length_normalized(chosen_logps_B, chosen_num_tokens_B)
+        rejected_B = length_normalized(rejected_logps_B, rejected_num_tokens_B)
+    if loss_type == "hinge":
+        rank = hinge_loss(chosen_B, rejected_B, beta)
+    elif loss_type == "logistic":
+        rank = logistic_loss(chosen_B, rejected_B, gamma)
+    elif loss_type == "margin":
+        if chosen_scores_B is None or rejected_scores_B is None:
+            raise ValueError("loss_type 'margin' needs chosen_scores_B and rejected_scores_B")
+        rank = margin_loss(chosen_B, rejected_B, chosen_scores_B, rejected_scores_B, beta)
+    elif loss_type == "seqkd":
+        rank = hinge_loss(chosen_B, rejected_B, beta).detach()  # reported for comparison, not trained
+    else:
+        raise ValueError(f"loss_type {loss_type!r}: expected one of {', '.join(LOSS_TYPES)}")
+    nll = nll_loss(chosen_logps_B, chosen_num_tokens_B)
+    if loss_type == "seqkd":
+        loss = nll
+    else:
+        loss = rank + nll_weight * nll if nll_weight else rank
     return {
         "loss": loss,
         "rank_loss": rank.detach(),

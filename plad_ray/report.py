@@ -34,6 +34,10 @@ def markdown(report: dict, plot_name: str) -> str:
     rows = [("pairs", c.get("pairs")), ("training pairs", c.get("train")), ("held-out pairs", c.get("heldout")),
             ("identical pairs dropped", c.get("dropped_identical")),
             ("pairs over train.max_length dropped", (c.get("dropped_too_long") or 0)),
+            ("teacher wins / ties / student wins (scorer)",
+             f"{c['teacher_wins']} / {c['ties']} / {c['student_wins']}" if "teacher_wins" in c else "- (no scorer)"),
+            ("student-won pairs dropped / flipped",
+             f"{c.get('dropped_student_better', 0)} / {c.get('flipped_student_better', 0)}"),
             ("prompts", g.get("prompts")), ("prompts set aside (quarantine/)", g.get("prompts_quarantined")),
             ("prompts truncated", g.get("prompts_truncated")),
             ("teacher outputs generated / cached", f"{g.get('teacher_generated', '-')} / {g.get('teacher_cached', '-')}"),
@@ -42,7 +46,7 @@ def markdown(report: dict, plot_name: str) -> str:
             ("optimizer steps, training seconds", f"{report.get('steps')}, {_num(report.get('train_seconds'))}")]
     lines = ["# plad-ray run summary", "", f"Trained student: `{report.get('checkpoint')}`", "",
              "| held-out pairs | before training | after training |", "|---|---|---|"]
-    for key in ("ranking_accuracy", "loss", "margin"):
+    for key in ("ranking_accuracy", "loss", "margin", "chosen_nll_per_token"):
         lines.append(f"| {key.replace('_', ' ')} | {_num(before.get(key))} | {_num(after.get(key))} |")
     lines += ["", "| run | |", "|---|---|"] + [f"| {k} | {v if v is not None else '-'} |" for k, v in rows]
     lines += ["", f"![training loss and ranking accuracy]({plot_name})", ""]

@@ -70,6 +70,30 @@ def test_pair_tokenizer_applies_the_chat_template_like_the_engine(tmp_path):
     assert stage(batch)["prompt_ids"][0].tolist() == tokenizer("[hi]:", add_special_tokens=False)["input_ids"]
 
 
+@pytest.mark.parametrize("policy", ["keep", "drop", "flip"])
+def test_pair_tokenizer_scores_pairs_and_applies_the_student_wins_policy(tokenizer_dir, policy):
+    # "ab>" is answered "ba": pair a the teacher wins, b a tie (both wrong), c the student wins.
+    stage = PairTokenizer(tokenizer_dir, max_length=12, scorer="reverse", student_wins=policy)
+    batch = {"id": np.array(["a", "b", "c"]), "heldout": np.array([False] * 3), "prompt": np.array(["ab>"] * 3),
+             "chosen": np.array(["ba", "aa", "bb"]), "rejected": np.array(["bb", "ab", "ba"]),
+             "chosen_finish_reason": np.array(["stop", "stop", "length"]),
+             "rejected_finish_reason": np.array(["stop", "stop", "stop"])}
+    out = stage(batch)
+    assert out["verdict"].tolist() == ["teacher", "tie", "student"]
+    assert out["status"].tolist() == ["ok", "ok", "student_better" if policy == "drop" else "ok"]
+    ba, bb = ([ord(c) - 0x21 + 3 for c in s] for s in ("ba", "bb"))
+    if policy == "flip":  # the student's right answer becomes chosen (with its EOS: it stopped)
+        assert out["chosen_ids"][2].tolist() == ba + [tiny.EOS_ID] and out["rejected_ids"][2].tolist() == bb
+        assert (out["chosen_score"][2], out["rejected_score"][2]) == (1.0, 0.0)
+    else:
+        assert out["chosen_ids"][2].tolist() == bb and out["rejected_ids"][2].tolist() == ba + [tiny.EOS_ID]
+        assert (out["chosen_score"][2], out["rejected_score"][2]) == (0.0, 1.0)
+    assert out["chosen_score"][:2].tolist() == [1.0, 0.0] and out["rejected_score"][:2].tolist() == [0.0, 0.0]
+    batch_ = collate_pairs({k: out[k][:2] for k in ("prompt_ids", "chosen_ids", "rejected_ids", "chosen_score",
+                                                     "rejected_score")}, pad_id=0)
+    assert batch_["chosen_score"].tolist() == [1.0, 0.0] and batch_["rejected_score"].tolist() == [0.0, 0.0]
+
+
 def test_length_grouping_cuts_padding_and_keeps_every_pair_once():
     # 8 pairs of lengths 1..8 (prompt 1 + response k-1), shuffled; micro-batches of 2.
     lengths = [5, 1, 8, 3, 7, 2, 6, 4]

@@ -60,6 +60,11 @@ def test_overrides_are_typed_and_nested(tmp_path):
         ("data.heldout_fraction=1.0", "config key data.heldout_fraction: must be in [0, 1)"),
         ("teacher.sampling.max_tokens=5000", "config key teacher.sampling.max_tokens: must be below"),
         ("train=3", "config key train: must be a section"),
+        ("train.loss.type=dpo", "config key train.loss.type: must be hinge, margin, logistic or seqkd"),
+        ("train.loss.type=margin", "config key train.loss.type: the margin loss needs scores: set train.scorer"),
+        ("train.loss.gamma=0", "config key train.loss.gamma: the logistic scale must be > 0"),
+        ("train.scorer=rouge", "config key train.scorer: must be null or one of: reverse"),
+        ("train.student_wins=flip", "config key train.student_wins: dropping or flipping pairs the student won"),
         ("nothing", "override 'nothing': must look like key.path=value"),
     ],
 )

@@ -4,7 +4,19 @@ import math
 
 import torch
 
-from plad_ray.losses import plad_loss, ranking_calibration_loss, sequence_logps
+import pytest
+
+from plad_ray.losses import (
+    hinge_loss,
+    length_normalized,
+    listwise_hinge_loss,
+    logistic_loss,
+    margin_loss,
+    nll_loss,
+    plad_loss,
+    ranking_calibration_loss,
+    sequence_logps,
+)
 
 
 def test_ranking_loss_hand_values():
@@ -66,3 +78,77 @@ def test_plad_loss_length_normalised_and_nll():
     assert normalised["nll"].item() == 2.0
     assert normalised["loss"].item() == 1.0
     assert normalised["margin"].item() == 2.0
+
+
+def test_margin_loss_hand_values():
+    # beta=2, scores (1, 0), (1, 1), (0, 1):
+    #   pair 1: margin 2*(1-0) = 2:  max(0, 2 - (-3) + (-4)) = max(0, 1)  = 1
+    #   pair 2: margin 2*(1-1) = 0:  max(0, 0 - (-3) + (-4)) = max(0, -1) = 0
+    #   pair 3: margin 2*(0-1) = -2: max(0, -2 - (-5) + (-2)) = max(0, 1) = 1
+    # mean = 2/3
+    chosen = torch.tensor([-3.0, -3.0, -5.0])
+    rejected = torch.tensor([-4.0, -4.0, -2.0])
+    loss = margin_loss(chosen, rejected, torch.tensor([1.0, 1.0, 0.0]), torch.tensor([0.0, 1.0, 1.0]), beta=2.0)
+    assert math.isclose(loss.item(), 2 / 3, rel_tol=1e-6)
+
+
+def test_margin_loss_with_unit_score_gap_is_the_hinge():
+    # s(y+) - s(y-) = 1 everywhere: beta * 1 is the hinge margin.
+    chosen, rejected = torch.tensor([-2.0, -4.0, -3.0]), torch.tensor([-5.0, -3.0, -3.0])
+    ones, zeros = torch.ones(3), torch.zeros(3)
+    assert margin_loss(chosen, rejected, ones, zeros, beta=1.0).item() == hinge_loss(chosen, rejected, 1.0).item()
+
+
+def test_logistic_loss_hand_values():
+    # diff = log P(y+) - log P(y-): pair 1: -2 - (-2) = 0 -> -log sigmoid(0) = log 2
+    #                               pair 2: -1 - (-3) = 2, gamma 0.5 -> -log sigmoid(1) = log(1 + e^-1)
+    # mean = (log 2 + log(1 + e^-1)) / 2
+    loss = logistic_loss(torch.tensor([-2.0, -1.0]), torch.tensor([-2.0, -3.0]), gamma=0.5)
+    assert math.isclose(loss.item(), (math.log(2) + math.log(1 + math.exp(-1))) / 2, rel_tol=1e-6)
+
+
+def test_logistic_loss_gradient():
+    # d/dc of softplus(-g*(c - r)) = -g * sigmoid(-g*(c - r)); at c = r that is -g/2, over B=1.
+    chosen = torch.tensor([-2.0], requires_grad=True)
+    logistic_loss(chosen, torch.tensor([-2.0]), gamma=3.0).backward()
+    assert math.isclose(chosen.grad.item(), -1.5, rel_tol=1e-6)
+
+
+def test_listwise_hinge_hand_values_and_mask():
+    # beta=1; prompt 1: chosen -2, samples (-5, -1.5): max(0, 1+2-5)=0, max(0, 1+2-1.5)=1.5 -> mean 0.75
+    #         prompt 2: chosen -3, samples (-3, pad):  max(0, 1+3-3)=1 (the pad is masked) -> mean 1
+    # mean over prompts = (0.75 + 1) / 2 = 0.875
+    chosen = torch.tensor([-2.0, -3.0])
+    rejected = torch.tensor([[-5.0, -1.5], [-3.0, 100.0]])
+    mask = torch.tensor([[1, 1], [1, 0]])
+    assert listwise_hinge_loss(chosen, rejected, beta=1.0, rejected_mask_BK=mask).item() == 0.875
+    # K = 1 is the pairwise hinge.
+    c, r = torch.tensor([-2.0, -4.0, -3.0]), torch.tensor([-5.0, -3.0, -3.0])
+    assert listwise_hinge_loss(c, r[:, None], beta=1.0).item() == hinge_loss(c, r, 1.0).item()
+
+
+def test_length_normalized_and_nll():
+    # (-6 / 3, -4 / 1, 0 / max(0, 1)) and NLL = (6 + 4) / (3 + 1) = 2.5
+    logps, n = torch.tensor([-6.0, -4.0, 0.0]), torch.tensor([3.0, 1.0, 0.0])
+    assert length_normalized(logps, n).tolist() == [-2.0, -4.0, 0.0]
+    assert nll_loss(logps[:2], n[:2]).item() == 2.5
+
+
+def test_plad_loss_types():
+    # chosen -6 (3 tokens), rejected -4 (1 token). logistic, gamma 1: softplus(-(-6 + 4)) = log(1 + e^2).
+    # seqkd trains only the NLL of the chosen output: 6 / 3 = 2, the hinge (3) is reported, not trained.
+    args = (torch.tensor([-6.0], requires_grad=True), torch.tensor([3.0]), torch.tensor([-4.0], requires_grad=True),
+            torch.tensor([1.0]))
+    logistic = plad_loss(*args, beta=1.0, loss_type="logistic", gamma=1.0)
+    assert math.isclose(logistic["loss"].item(), math.log(1 + math.exp(2)), rel_tol=1e-6)
+    seqkd = plad_loss(*args, beta=1.0, loss_type="seqkd")
+    assert seqkd["loss"].item() == 2.0 and seqkd["rank_loss"].item() == 3.0
+    seqkd["loss"].backward()
+    assert args[2].grad is None or args[2].grad.item() == 0.0  # the student sample gets no gradient
+    margin = plad_loss(*args, beta=1.0, loss_type="margin", chosen_scores_B=torch.tensor([1.0]),
+                       rejected_scores_B=torch.tensor([0.0]))
+    assert margin["loss"].item() == 3.0
+    with pytest.raises(ValueError, match="needs chosen_scores_B"):
+        plad_loss(*args, beta=1.0, loss_type="margin")
+    with pytest.raises(ValueError, match="expected one of"):
+        plad_loss(*args, beta=1.0, loss_type="dpo")

@@ -116,6 +116,45 @@ def test_training_resumes_from_its_last_checkpoint(run):
     assert (out / "student" / "model.safetensors").is_file()
 
 
+@pytest.mark.parametrize("loss_type", ["logistic", "seqkd", "margin"])
+def test_other_losses_train_on_the_same_pairs(run, loss_type, tmp_path):
+    # Same pairs, steps and optimizer as the hinge run; only train.loss.type differs (margin
+    # also scores every pair with the task's verifier and flips pairs the student won).
+    out, _ = run
+    hinge = json.loads((out / "report.json").read_text())
+    other = tmp_path / loss_type
+    proc = subprocess.run(
+        [PYTHON, "-m", "jobs.train", "--config", "configs/tiny-cpu.yaml", "--set", f"output_dir={other}",
+         "--set", f"train.pairs={out / 'pairs'}", "--set", f"train.loss.type={loss_type}",
+         *(["--set", "train.scorer=reverse", "--set", "train.student_wins=flip"] if loss_type == "margin" else [])],
+        cwd=ROOT, env=job_env(), capture_output=True, text=True, timeout=900,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads((other / "report.json").read_text())
+    assert report["steps"] == hinge["steps"] and report["counts"]["train"] == hinge["counts"]["train"]
+    before, after = report["eval_initial"], report["eval_trained"]
+    counts = report["counts"]
+    if loss_type == "margin":
+        # Every pair judged by the verifier: the greedy teacher is right on >90% of prompts, the student
+        # on almost none, so the teacher-wins assumption holds for most pairs.
+        assert counts["teacher_wins"] + counts["ties"] + counts["student_wins"] == counts["pairs"]
+        assert counts["teacher_wins"] / counts["pairs"] > 0.9
+        assert counts["flipped_student_better"] == counts["student_wins"]
+        assert "teacher-wins assumption held" in proc.stdout
+    if loss_type == "seqkd":
+        # SFT on teacher outputs: the teacher text gets likelier per token.
+        assert after["chosen_nll_per_token"] < before["chosen_nll_per_token"]
+    else:
+        # A ranking loss: the student ranks more held-out teacher outputs above its samples.
+        assert after["ranking_accuracy"] > before["ranking_accuracy"]
+        assert after["loss"] < before["loss"]
+    assert report["curve"][-1]["loss"] < report["curve"][0]["loss"]
+    print(f"{loss_type}: ranking accuracy {before['ranking_accuracy']:.3f} -> {after['ranking_accuracy']:.3f}, "
+          f"chosen NLL/token {before['chosen_nll_per_token']:.3f} -> {after['chosen_nll_per_token']:.3f}; "
+          f"hinge run: {hinge['eval_trained']['ranking_accuracy']:.3f}, "
+          f"{hinge['eval_trained']['chosen_nll_per_token']:.3f}")
+
+
 def test_new_student_round_reuses_teacher_outputs(run):
     # Another student configuration on the same output: zero teacher requests.
     out, _ = run

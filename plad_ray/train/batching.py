@@ -10,6 +10,10 @@ the student is scored on ending where the output ended. Responses longer than
 `max_length - prompt` are cut; pairs whose prompt alone does not fit are dropped and
 counted: every pair keeps a `status` (ok, identical, too_long) so nothing vanishes
 unaccounted.
+
+With a scorer (`train.scorer`), each pair also gets `chosen_score`/`rejected_score`
+and a `verdict` (teacher, tie, student won), and `train.student_wins` keeps, drops
+(status "student_better") or flips the pairs the student won.
 """
 
 import numpy as np
@@ -28,8 +32,14 @@ def tokenize_pair(prompt_ids: list[int], chosen_ids: list[int], rejected_ids: li
 class PairTokenizer:
     """Ray Data stage: add prompt_ids / chosen_ids / rejected_ids columns (student tokenizer)."""
 
-    def __init__(self, model_path: str, max_length: int, chat_template: bool = False, trust_remote_code: bool = False):
+    def __init__(self, model_path: str, max_length: int, chat_template: bool = False, trust_remote_code: bool = False,
+                 scorer: str | None = None, student_wins: str = "keep"):
         from transformers import AutoTokenizer
+
+        from plad_ray.scoring import get_scorer
+
+        self.scorer = get_scorer(scorer) if scorer else None
+        self.student_wins = student_wins
 
         self.tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code)
         self.max_length = max_length
@@ -50,19 +60,46 @@ class PairTokenizer:
         return ids["input_ids"] if hasattr(ids, "keys") else ids
 
     def __call__(self, batch: dict) -> dict:
-        """Token ids of every pair, and its `status`: ok, identical (no ranking signal) or too_long."""
+        """Token ids of every pair, its scores, and its `status`: ok, identical (no ranking
+        signal), too_long, or student_better (dropped by policy)."""
+        batch, verdicts, dropped = self._score(batch)
         prompt_ids = self._prompts(batch["prompt"])
         chosen = self._response(batch["chosen"], batch["chosen_finish_reason"])
         rejected = self._response(batch["rejected"], batch["rejected_finish_reason"])
         out = {name: [] for name in TOKEN_COLUMNS}
         status = []
-        for sides, same in zip(zip(prompt_ids, chosen, rejected), batch["chosen"] == batch["rejected"]):
+        for sides, same, drop in zip(zip(prompt_ids, chosen, rejected), batch["chosen"] == batch["rejected"], dropped):
             fitted = tokenize_pair(*sides, self.max_length)
-            status.append("identical" if same else "too_long" if fitted is None else "ok")
+            status.append("identical" if same else "student_better" if drop else "too_long" if fitted is None else "ok")
             for name, ids in zip(TOKEN_COLUMNS, fitted or ([], [], [])):
                 out[name].append(np.asarray(ids, dtype=np.int32))
         return {"id": batch["id"], "heldout": batch["heldout"], "status": np.asarray(status),
-                **{k: _ragged(v) for k, v in out.items()}}
+                "verdict": np.asarray(verdicts), "chosen_score": batch["chosen_score"],
+                "rejected_score": batch["rejected_score"], **{k: _ragged(v) for k, v in out.items()}}
+
+    def _score(self, batch: dict) -> tuple[dict, list[str], list[bool]]:
+        """Scores, verdicts and the student-wins policy; without a scorer every score is 0 and verdict ''."""
+        from plad_ray.scoring import apply_policy, verdict
+
+        n = len(batch["prompt"])
+        if self.scorer is None:
+            zeros = np.zeros(n, dtype=np.float32)
+            return {**batch, "chosen_score": zeros, "rejected_score": zeros}, [""] * n, [False] * n
+        keys = ("prompt", "chosen", "rejected", "chosen_finish_reason", "rejected_finish_reason")
+        rows, verdicts, dropped = [], [], []
+        for values in zip(*(batch[k] for k in keys)):
+            row = dict(zip(keys, values))
+            row["chosen_score"] = self.scorer(row["prompt"], row["chosen"])
+            row["rejected_score"] = self.scorer(row["prompt"], row["rejected"])
+            who = verdict(row["chosen_score"], row["rejected_score"])
+            kept = apply_policy(row, who, self.student_wins)
+            verdicts.append(who)
+            dropped.append(kept is None)
+            rows.append(kept or row)
+        scored = {k: np.asarray([r[k] for r in rows], dtype=object) for k in keys}
+        for k in ("chosen_score", "rejected_score"):
+            scored[k] = np.asarray([r[k] for r in rows], dtype=np.float32)
+        return {**batch, **scored}, verdicts, dropped
 
 
 def _ragged(arrays: list[np.ndarray]) -> np.ndarray:
@@ -87,11 +124,15 @@ def collate_pairs(batch: dict, pad_id: int) -> dict:
         input_ids[row, : len(seq)] = seq
         attention[row, : len(seq)] = 1
         response[row, plen : len(seq)] = 1
-    return {
+    out = {
         "input_ids": torch.from_numpy(input_ids),
         "attention_mask": torch.from_numpy(attention),
         "response_mask": torch.from_numpy(response),
     }
+    for key in ("chosen_score", "rejected_score"):
+        if key in batch:
+            out[key] = torch.as_tensor(np.asarray(batch[key], dtype=np.float32))
+    return out
 
 
 def length_grouped(bucket: dict, micro_batch_size: int, seed) -> list[dict]:

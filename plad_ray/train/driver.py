@@ -31,7 +31,8 @@ def prepare_pairs(pairs_ds, model_path: str, train: TrainConfig, chat_template: 
         .map_batches(
             PairTokenizer,
             fn_constructor_kwargs=dict(model_path=model_path, max_length=train.max_length,
-                                       chat_template=chat_template, trust_remote_code=trust_remote_code),
+                                       chat_template=chat_template, trust_remote_code=trust_remote_code,
+                                       scorer=train.scorer, student_wins=train.student_wins),
             batch_size=256,
             concurrency=1,
             num_cpus=0.5,
@@ -41,15 +42,28 @@ def prepare_pairs(pairs_ds, model_path: str, train: TrainConfig, chat_template: 
     import pyarrow as pa
     import ray
 
-    table = pa.concat_tables(ray.get(tokenized.select_columns(["status", "heldout"]).to_arrow_refs()))
+    table = pa.concat_tables(ray.get(tokenized.select_columns(["status", "heldout", "verdict"]).to_arrow_refs()))
     statuses, heldout = table.column("status").to_pylist(), table.column("heldout").to_pylist()
     counts = {"pairs": len(statuses)}
-    for status in ("identical", "too_long"):
+    for status in ("identical", "too_long", "student_better"):
         counts[f"dropped_{status}"] = statuses.count(status)
+    if train.scorer:
+        verdicts = table.column("verdict").to_pylist()
+        counts.update({f"{who}_wins" if who != "tie" else "ties": verdicts.count(who)
+                       for who in ("teacher", "tie", "student")})
+        counts["flipped_student_better"] = counts["student_wins"] if train.student_wins == "flip" else 0
     counts["train"] = sum(s == "ok" and not h for s, h in zip(statuses, heldout))
     counts["heldout"] = sum(s == "ok" and h for s, h in zip(statuses, heldout))
     ok = tokenized.filter(expr="status == 'ok'")
     return ok.filter(expr="heldout == False"), ok.filter(expr="heldout == True"), counts
+
+
+def teacher_wins_line(counts: dict, policy: str) -> str:
+    """How often PLaD's teacher-wins assumption held, by the scorer's verdicts."""
+    n = max(counts["pairs"], 1)
+    return (f"teacher-wins assumption held on {counts['teacher_wins']}/{counts['pairs']} pairs "
+            f"({counts['teacher_wins'] / n:.1%}); ties {counts['ties']}, student won {counts['student_wins']} "
+            f"(student_wins={policy})")
 
 
 def steps_per_epoch(train_rows: int, train: TrainConfig) -> int:
@@ -83,6 +97,8 @@ def run_training(pairs_ds, model_path: str, train: TrainConfig, cluster: Cluster
     plan = TrainPlan(train=train, model_path=model_path, export_uri=export_uri,
                      tensorboard_dir=tensorboard_dir(_storage_path(output_dir), train.tensorboard), steps_per_epoch=steps,
                      pad_id=pad_id, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
+    if train.scorer:
+        print(f"[train] scorer {train.scorer}: " + teacher_wins_line(counts, train.student_wins), flush=True)
     print(f"[train] {counts['train']} training pairs, {counts['heldout']} held out, "
           f"{train.num_workers} worker(s), {plan.total_steps} optimizer steps, ZeRO-{train.zero_stage} {train.precision}",
           flush=True)

@@ -213,6 +213,9 @@ def _forward(engine, batch: dict, t: TrainConfig) -> dict:
     return plad_loss(
         logps[:half], num_tokens[:half], logps[half:], num_tokens[half:],
         beta=t.loss.beta, length_normalize=t.loss.length_normalize, nll_weight=t.loss.nll_weight,
+        loss_type=t.loss.type, gamma=t.loss.gamma,
+        chosen_scores_B=batch["chosen_score"].to(device) if "chosen_score" in batch else None,
+        rejected_scores_B=batch["rejected_score"].to(device) if "rejected_score" in batch else None,
     )
 
 
@@ -220,17 +223,19 @@ def _forward(engine, batch: dict, t: TrainConfig) -> dict:
 def evaluate(engine, dataset, plan: TrainPlan) -> dict:
     """Mean PLaD loss and pair-ranking accuracy over every held-out pair (each rank sees all)."""
     engine.eval()
-    totals = torch.zeros(4, dtype=torch.float64)  # pairs, correct, loss sum, margin sum
+    totals = torch.zeros(6, dtype=torch.float64)  # pairs, correct, loss sum, margin sum, chosen NLL sum, tokens
     collate = _Collate(plan.pad_id)
     for batch in dataset.iter_torch_batches(batch_size=plan.train.micro_batch_size, collate_fn=collate):
         stats = _forward(engine, batch, plan.train)
         n = batch["input_ids"].shape[0] // 2
-        totals += torch.tensor([n, stats["accuracy"] * n, stats["rank_loss"] * n, stats["margin"] * n],
-                               dtype=torch.float64)
+        chosen_tokens = batch["response_mask"][:n, 1:].sum().item()
+        totals += torch.tensor([n, stats["accuracy"] * n, stats["rank_loss"] * n, stats["margin"] * n,
+                                stats["nll"] * chosen_tokens, chosen_tokens], dtype=torch.float64)
     engine.train()
     pairs = max(totals[0].item(), 1.0)
     return {"pairs": int(totals[0].item()), "ranking_accuracy": totals[1].item() / pairs,
-            "loss": totals[2].item() / pairs, "margin": totals[3].item() / pairs}
+            "loss": totals[2].item() / pairs, "margin": totals[3].item() / pairs,
+            "chosen_nll_per_token": totals[4].item() / max(totals[5].item(), 1.0)}
 
 
 def _save(engine, progress: Progress, rank: int) -> None:
