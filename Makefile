@@ -15,7 +15,10 @@ TORCH_INDEX ?=
 export TORCH_EXTENSIONS_DIR := $(abspath $(VENV))/torch_extensions
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test venv gpu-venv clean
+BENCH_STAMP := $(VENV)/.bench-installed
+SETTING ?= smoke
+
+.PHONY: demo test venv gpu-venv clean bench bench-generation bench-training bench-end-to-end
 
 demo: $(STAMP)
 	$(PY) -m jobs.distill --config configs/tiny-cpu.yaml
@@ -35,6 +38,23 @@ $(STAMP): pyproject.toml
 	$(PY) -c "from deepspeed.accelerator import get_accelerator as a; a().create_op_builder('ShareMemCommBuilder').load()"
 	$(PY) -c "import vllm, ray.data.llm, deepspeed, transformers, plad_ray; print('plad-ray venv ready')"
 	touch $(STAMP)
+
+# Throughput benchmarks (benchmarks/RESULTS.md); SETTING=smoke (here) or full (GPU cluster, add MODEL=...).
+bench: bench-generation bench-training bench-end-to-end
+
+bench-generation: $(STAMP)
+	$(PY) -m benchmarks.generation --setting $(SETTING) $(if $(MODEL),--model $(MODEL))
+
+bench-training: $(BENCH_STAMP)
+	$(PY) -m benchmarks.training --setting $(SETTING) $(if $(MODEL),--model $(MODEL))
+
+bench-end-to-end: $(STAMP)
+	$(PY) -m benchmarks.end_to_end
+
+$(BENCH_STAMP): $(STAMP)
+	$(PIP) install --quiet -e ".[cpu,test,bench]" $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX))
+	$(PIP) uninstall --quiet -y torchvision torchaudio torchcodec
+	touch $(BENCH_STAMP)
 
 # GPU clusters (CUDA torch + vLLM); see README "Install on a GPU cluster".
 gpu-venv: pyproject.toml

@@ -75,7 +75,7 @@ class PairTokenizer:
                 out[name].append(np.asarray(ids, dtype=np.int32))
         return {"id": batch["id"], "heldout": batch["heldout"], "status": np.asarray(status),
                 "verdict": np.asarray(verdicts), "chosen_score": batch["chosen_score"],
-                "rejected_score": batch["rejected_score"], **{k: _ragged(v) for k, v in out.items()}}
+                "rejected_score": batch["rejected_score"], **{k: ragged(v) for k, v in out.items()}}
 
     def _score(self, batch: dict) -> tuple[dict, list[str], list[bool]]:
         """Scores, verdicts and the student-wins policy; without a scorer every score is 0 and verdict ''."""
@@ -102,7 +102,7 @@ class PairTokenizer:
         return {**batch, **scored}, verdicts, dropped
 
 
-def _ragged(arrays: list[np.ndarray]) -> np.ndarray:
+def ragged(arrays: list[np.ndarray]) -> np.ndarray:
     out = np.empty(len(arrays), dtype=object)
     out[:] = arrays
     return out

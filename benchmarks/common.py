@@ -1,0 +1,87 @@
+"""What the benchmarks share: models built here, prompt sets, tables and JSON results.
+
+Every benchmark measures its contenders side by side in one run on one machine, prints
+a table and writes JSON to benchmarks/results/. Timings live here, never in tests.
+"""
+
+import json
+import os
+import platform
+import random
+import string
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+# A random-weight Llama for throughput (outputs are noise; speed is what is measured).
+# head_dim 64 (vLLM's CPU attention rejects smaller heads).
+BENCH_MODELS = {
+    "bench-4m": dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4),
+    "bench-25m": dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=8),
+}
+
+
+def build_bench_model(name: str, folder: Path) -> str:
+    """A Llama of preset `name` with random weights (seed 0) and the tiny byte tokenizer, saved as HF."""
+    if (folder / "model.safetensors").is_file():
+        return str(folder)
+    import torch
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+    from plad_ray import tiny
+
+    torch.manual_seed(0)
+    shape = BENCH_MODELS[name]
+    config = LlamaConfig(vocab_size=tiny.VOCAB_SIZE, head_dim=64, num_key_value_heads=shape["num_attention_heads"],
+                         max_position_embeddings=2048, tie_word_embeddings=True, pad_token_id=tiny.PAD_ID,
+                         bos_token_id=tiny.BOS_ID, eos_token_id=tiny.EOS_ID, **shape)
+    model = LlamaForCausalLM(config)
+    model.generation_config = GenerationConfig(bos_token_id=tiny.BOS_ID, eos_token_id=tiny.EOS_ID,
+                                               pad_token_id=tiny.PAD_ID)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder, safe_serialization=True)
+    tiny.build_tokenizer().save_pretrained(folder)
+    return str(folder)
+
+
+def random_prompts(n: int, length: int, seed: int = 0) -> list[str]:
+    """n prompts of `length` printable characters (= tokens with the byte tokenizer)."""
+    rng = random.Random(seed)
+    return [" ".join("".join(rng.choice(string.ascii_lowercase) for _ in range(rng.randint(2, 8)))
+                     for _ in range(length))[:length] for _ in range(n)]
+
+
+def machine() -> dict:
+    return {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+            "processor": _cpu_model()}
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def table(rows: list[dict], columns: list[str]) -> str:
+    cells = [[_cell(r.get(c)) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    line = lambda values: "| " + " | ".join(v.ljust(w) for v, w in zip(values, widths)) + " |"  # noqa: E731
+    return "\n".join([line(columns), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [line(r) for r in cells])
+
+
+def _cell(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.3g}" if abs(value) < 1000 else f"{value:,.0f}"
+    return "-" if value is None else str(value)
+
+
+def save(name: str, result: dict) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    path.write_text(json.dumps({"benchmark": name, "machine": machine(), **result}, indent=2))
+    return path

