@@ -9,6 +9,8 @@ import os
 import platform
 import random
 import string
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -85,3 +87,12 @@ def save(name: str, result: dict) -> Path:
     path = RESULTS / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}.json"
     path.write_text(json.dumps({"benchmark": name, "machine": machine(), **result}, indent=2))
     return path
+
+
+def run_worker(module: str, flag: str, arg: str, tag: str, failure: str) -> dict:
+    """Run `python -m module flag arg` in a fresh process; its result is the JSON after `tag ` on stdout."""
+    proc = subprocess.run([sys.executable, "-m", module, flag, arg], capture_output=True, text=True, timeout=3600)
+    line = [l for l in proc.stdout.splitlines() if l.startswith(f"{tag} ")]
+    if proc.returncode != 0 or not line:
+        raise RuntimeError(f"{failure}: {proc.stderr[-3000:]}")
+    return json.loads(line[-1][len(tag) + 1:])

@@ -15,12 +15,10 @@ rates is the pipeline's overhead; the table repeats (b) for each replica count.
 
 import argparse
 import json
-import subprocess
-import sys
 import time
 from pathlib import Path
 
-from benchmarks.common import RESULTS, build_bench_model, random_prompts, save, table
+from benchmarks.common import RESULTS, build_bench_model, random_prompts, run_worker, save, table
 
 SETTINGS = {
     # replicas: (engine replicas, CPUs per replica); the machine's 2 cores go to one engine, then to two.
@@ -45,12 +43,8 @@ def engine_config(s: dict, model: str, replicas: int, cpus_per_replica: float = 
 
 def run_raw(s: dict, model: str) -> dict:
     """(a) in a fresh process: vLLM alone, nothing else loaded."""
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.generation", "--raw-worker", json.dumps({**s, "model": model})],
-                          capture_output=True, text=True, timeout=3600)
-    line = [l for l in proc.stdout.splitlines() if l.startswith("RAW ")]
-    if proc.returncode != 0 or not line:
-        raise RuntimeError(f"raw vLLM run failed: {proc.stderr[-3000:]}")
-    return json.loads(line[-1][4:])
+    return run_worker("benchmarks.generation", "--raw-worker", json.dumps({**s, "model": model}), "RAW",
+                      "raw vLLM run failed")
 
 
 def raw_worker(s: dict) -> None:

@@ -21,13 +21,11 @@ import json
 import random
 import resource
 import string
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import RESULTS, build_bench_model, save, table
+from benchmarks.common import RESULTS, build_bench_model, run_worker, save, table
 
 SETTINGS = {
     "smoke": dict(model="bench-25m", pairs=480, micro_batch=8, steps=60, warmup_steps=10, max_length=256,
@@ -109,12 +107,7 @@ def run_bare(s: dict, model: str, rows: list) -> dict:
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         json.dump({"s": s, "model": model, "rows": [{k: list(map(int, r[k])) for k in
                                                       ("prompt_ids", "chosen_ids", "rejected_ids")} for r in rows]}, f)
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.training", "--bare-worker", f.name],
-                          capture_output=True, text=True, timeout=3600)
-    line = [l for l in proc.stdout.splitlines() if l.startswith("BARE ")]
-    if proc.returncode != 0 or not line:
-        raise RuntimeError(f"bare DeepSpeed run failed: {proc.stderr[-3000:]}")
-    return json.loads(line[-1][5:])
+    return run_worker("benchmarks.training", "--bare-worker", f.name, "BARE", "bare DeepSpeed run failed")
 
 
 def bare_worker(path: str) -> None:
@@ -160,13 +153,9 @@ def bare_worker(path: str) -> None:
 
 def run_trl(s: dict, model: str, pairs_dir: Path) -> dict:
     """(c) in a fresh process."""
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.training", "--trl-worker",
-                           json.dumps({"s": s, "model": model, "pairs": str(pairs_dir)})],
-                          capture_output=True, text=True, timeout=3600)
-    line = [l for l in proc.stdout.splitlines() if l.startswith("TRL ")]
-    if proc.returncode != 0 or not line:
-        raise RuntimeError(f"TRL run failed (pip install -e '.[bench]'?): {proc.stderr[-3000:]}")
-    return json.loads(line[-1][4:])
+    return run_worker("benchmarks.training", "--trl-worker",
+                      json.dumps({"s": s, "model": model, "pairs": str(pairs_dir)}), "TRL",
+                      "TRL run failed (pip install -e '.[bench]'?)")
 
 
 def trl_worker(job: dict) -> None:
