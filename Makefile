@@ -18,7 +18,7 @@ export TOKENIZERS_PARALLELISM := false
 BENCH_STAMP := $(VENV)/.bench-installed
 SETTING ?= smoke
 
-.PHONY: demo test venv gpu-venv clean bench bench-generation bench-training bench-end-to-end
+.PHONY: demo test venv gpu-venv clean bench bench-generation bench-training bench-end-to-end bench-quality
 
 demo: $(STAMP)
 	$(PY) -m jobs.distill --config configs/tiny-cpu.yaml
@@ -50,6 +50,10 @@ bench-training: $(BENCH_STAMP)
 
 bench-end-to-end: $(STAMP)
 	$(PY) -m benchmarks.end_to_end
+
+# Quality (benchmarks/RESULTS.md): every method on the tiny reversal task, 3 seeds.
+bench-quality: $(STAMP)
+	$(PY) -m benchmarks.quality.run
 
 $(BENCH_STAMP): $(STAMP)
 	$(PIP) install --quiet -e ".[cpu,test,bench]" $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX))

@@ -4,7 +4,8 @@
     ray job submit --working-dir . -- python -m jobs.train --config configs/<name>.yaml
 
 Reads output_dir/pairs/ (from jobs.generate_pairs); writes output_dir/student/ and
-output_dir/report.json. Re-running resumes from the last checkpoint.
+output_dir/report.json (round 1; jobs.distill runs train.rounds > 1 and the generation
+evaluation, jobs.evaluate the latter alone). Re-running resumes from the last checkpoint.
 """
 
 from plad_ray import cli, pipeline
@@ -16,7 +17,7 @@ def run(args) -> None:
     inputs = pipeline.prepare(cfg, generation=False, training=True, overwrite=args.overwrite, check_only=args.check)
     if inputs is None:
         return
-    report = pipeline.train_student(cfg, inputs)
+    report = pipeline.write_report(cfg, [pipeline.train_student(cfg, inputs)])
     print("\n" + summary_lines(report), flush=True)
 
 

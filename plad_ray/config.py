@@ -20,6 +20,8 @@ import yaml
 from plad_ray.errors import ConfigError
 from plad_ray.scoring import POLICIES, SCORERS
 
+LOSS_TYPES = ("hinge", "margin", "logistic", "seqkd", "token_kd")  # plad_ray.losses.LOSS_TYPES (no torch import here)
+
 
 @dataclass
 class ClusterConfig:
@@ -43,6 +45,7 @@ class SamplingConfig:
     top_p: float = 1.0  # nucleus mass, in (0, 1]
     max_tokens: int = 256  # new tokens per output, >= 1
     seed: int = 0  # per-request seed; sample k of a prompt uses seed + k
+    stop: str | None = None  # also end at this string, left out of the text (e.g. "\n"); null: EOS/max_tokens
 
 
 @dataclass
@@ -85,6 +88,8 @@ class StudentEngineConfig(EngineConfig):
 class LossConfig:
     # hinge (PLaD ranking calibration) | margin (hinge with margin beta*(s(chosen)-s(rejected)); needs train.scorer)
     # | logistic | seqkd (baseline: NLL of the teacher output only)
+    # | token_kd (baseline: forward KL to the teacher's token distribution on teacher outputs; needs a
+    # local teacher sharing the student's vocabulary)
     type: str = "hinge"
     beta: float = 1.0  # hinge margin, > 0, in nats of sequence log-prob
     gamma: float = 1.0  # logistic scale, > 0: -log sigmoid(gamma * (log P(chosen) - log P(rejected)))
@@ -105,6 +110,9 @@ class TrainConfig:
     gradient_accumulation_steps: int = 1  # micro-batches per optimizer step
     length_grouping: int = 16  # sort each run of this many micro-batches by length (less padding); 1: off
     num_epochs: int = 1  # passes over the training pairs
+    max_steps: int | None = None  # stop after this many optimizer steps (fixed budgets across methods); None: no cap
+    rounds: int = 1  # PLaD rounds: round r > 1 regenerates student samples with round r-1's student (teacher
+    # outputs reused from the cache: zero teacher tokens) and trains it again; outputs under output_dir/round-<r>/
     learning_rate: float = 1e-5
     weight_decay: float = 0.0
     warmup_steps: int = 0  # linear warm-up, in optimizer steps
@@ -120,12 +128,22 @@ class TrainConfig:
 
 
 @dataclass
+class EvalConfig:
+    enabled: bool = True  # jobs.distill evaluates the trained student at its end (jobs.evaluate always does)
+    scorer: str | None = None  # verifier for correctness and win rate (plad_ray.scoring); null: train.scorer
+    initial_student: bool = True  # also evaluate the student before training (one more vLLM pass)
+    max_prompts: int | None = None  # evaluate on at most this many held-out prompts; None: all
+    num_bins: int = 10  # confidence bins of the ECE and the reliability diagram
+
+
+@dataclass
 class Config:
     output_dir: str = ""  # where the run writes everything (local path or pyarrow URI; shared storage on multi-node)
     data: DataConfig = field(default_factory=DataConfig)
     teacher: EngineConfig = field(default_factory=EngineConfig)
     student: StudentEngineConfig = field(default_factory=StudentEngineConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
     def validate(self) -> "Config":
@@ -143,17 +161,24 @@ class Config:
         return redact(self.to_dict())
 
     # Where each stage's output lives under output_dir.
+    # Round 1 writes at the top level; round r > 1 under round-<r>/ (the teacher cache is shared).
     def teacher_cache_uri(self) -> str:
         return _join(self.output_dir, "teacher")
 
-    def pairs_uri(self) -> str:
-        return _join(self.output_dir, "pairs")
+    def round_dir(self, round: int = 1) -> str:
+        return self.output_dir if round == 1 else _join(self.output_dir, f"round-{round}")
 
-    def student_export_uri(self) -> str:
-        return _join(self.output_dir, "student")
+    def pairs_uri(self, round: int = 1) -> str:
+        return _join(self.round_dir(round), "pairs")
 
-    def report_uri(self) -> str:
-        return _join(self.output_dir, "report.json")
+    def student_export_uri(self, round: int = 1) -> str:
+        return _join(self.round_dir(round), "student")
+
+    def report_uri(self, round: int = 1) -> str:
+        return _join(self.round_dir(round), "report.json")
+
+    def eval_dir(self) -> str:
+        return _join(self.output_dir, "eval")
 
     def quarantine_uri(self) -> str:
         return _join(self.output_dir, "quarantine/prompts.jsonl")
@@ -243,8 +268,13 @@ def _checks(c: Config):
     yield "train.checkpoint_every_steps", t.checkpoint_every_steps >= 0, "must be >= 0"
     yield "train.log_every_steps", t.log_every_steps >= 1, "must be >= 1"
     yield "train.max_failures", t.max_failures >= -1, "must be >= 0, or -1 for no limit"
-    yield "train.loss.type", t.loss.type in ("hinge", "margin", "logistic", "seqkd"), (
-        "must be hinge, margin, logistic or seqkd")
+    yield "train.loss.type", t.loss.type in LOSS_TYPES, f"must be one of: {', '.join(LOSS_TYPES)}"
+    yield "train.loss.type", t.loss.type != "token_kd" or c.teacher.endpoint is None, (
+        "token-level KD needs the teacher's token distribution: a local teacher.model, not an endpoint")
+    yield "train.max_steps", t.max_steps is None or t.max_steps >= 1, "must be >= 1 or null"
+    yield "train.rounds", t.rounds >= 1, "must be >= 1"
+    yield "train.rounds", t.rounds == 1 or t.pairs is None, (
+        "later rounds regenerate student samples; they cannot start from external train.pairs")
     yield "train.scorer", t.scorer is None or t.scorer in SCORERS, f"must be null or one of: {', '.join(SCORERS)}"
     yield "train.loss.type", t.loss.type != "margin" or t.scorer is not None, (
         "the margin loss needs scores: set train.scorer")
@@ -254,6 +284,12 @@ def _checks(c: Config):
     yield "train.loss.beta", t.loss.beta > 0, "the hinge margin must be > 0"
     yield "train.loss.gamma", t.loss.gamma > 0, "the logistic scale must be > 0"
     yield "train.loss.nll_weight", t.loss.nll_weight >= 0, "must be >= 0"
+    e = c.eval
+    yield "eval.scorer", e.scorer is None or e.scorer in SCORERS, f"must be null or one of: {', '.join(SCORERS)}"
+    yield "eval.max_prompts", e.max_prompts is None or e.max_prompts >= 1, "must be >= 1 or null"
+    yield "eval.num_bins", e.num_bins >= 1, "must be >= 1"
+    yield "eval.enabled", not e.enabled or c.data.heldout_fraction > 0, (
+        "evaluation runs on held-out prompts: set data.heldout_fraction > 0, or eval.enabled=false")
     yield "cluster.num_cpus", c.cluster.num_cpus is None or c.cluster.num_cpus >= 1, "must be >= 1 or null"
 
 

@@ -11,6 +11,7 @@ over response tokens only. Every loss below takes per-sequence log-probs of shap
     listwise (y+ above each of K samples)     mean_k max(0, beta - log P(y+|x) + log P(y-_k|x))
     NLL regulariser (per token, SLiC-HF)      lambda * -log P(y+|x) / |y+|
     seqkd (baseline, SFT on teacher outputs)  -log P(y+|x) / |y+|     (y- is scored, not trained on)
+    token_kd (baseline, shared vocabulary)    mean over y+ tokens of KL(p_teacher(.|x, y+_<t) || p_student(.|x, y+_<t))
 
 Length normalisation (mean instead of summed token log-prob) is applied to the inputs
 by `length_normalized`, so it composes with every loss. `plad_loss` is the training
@@ -21,7 +22,7 @@ positions, V vocabulary.
 import torch
 import torch.nn.functional as F
 
-LOSS_TYPES = ("hinge", "margin", "logistic", "seqkd")
+LOSS_TYPES = ("hinge", "margin", "logistic", "seqkd", "token_kd")
 
 
 def sequence_logps(
@@ -95,6 +96,22 @@ def nll_loss(chosen_logps_B: torch.Tensor, chosen_num_tokens_B: torch.Tensor) ->
     return -chosen_logps_B.sum() / chosen_num_tokens_B.sum().clamp(min=1)
 
 
+def token_kd_loss(
+    student_logits_BTV: torch.Tensor, teacher_logits_BTV: torch.Tensor, response_mask_BT: torch.Tensor
+) -> torch.Tensor:
+    """Token-level KD (forward KL), per response token:
+    sum_{b,t} KL(p_T(.|y_<t) || p_S(.|y_<t)) * mask / sum mask, with KL = sum_v p_T (log p_T - log p_S).
+
+    Both models score the same token ids, so it needs a shared vocabulary. Position t's
+    logits predict token t+1, as in `sequence_logps`; the teacher's logits carry no gradient.
+    """
+    student_BTV = F.log_softmax(student_logits_BTV[:, :-1].float(), -1)
+    teacher_BTV = F.log_softmax(teacher_logits_BTV[:, :-1].float().detach(), -1)
+    kl_BT = (teacher_BTV.exp() * (teacher_BTV - student_BTV)).sum(-1)
+    mask_BT = response_mask_BT[:, 1:].to(kl_BT.dtype)
+    return (kl_BT * mask_BT).sum() / mask_BT.sum().clamp(min=1)
+
+
 def plad_loss(
     chosen_logps_B: torch.Tensor,
     chosen_num_tokens_B: torch.Tensor,
@@ -107,8 +124,13 @@ def plad_loss(
     gamma: float = 1.0,
     chosen_scores_B: torch.Tensor | None = None,
     rejected_scores_B: torch.Tensor | None = None,
+    token_kd: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """The training objective: a ranking loss of `loss_type` (+ lambda * NLL of the chosen output).
+
+    The two baselines train something else on the same batches: seqkd the NLL of the
+    chosen output, token_kd the precomputed `token_kd_loss` passed as `token_kd`; their
+    ranking loss is still computed and reported, not trained.
 
     Returns `loss` (to backpropagate) and detached statistics: the ranking part, the
     NLL part (per token), the share of pairs ranked right and the mean margin.
@@ -125,13 +147,17 @@ def plad_loss(
         if chosen_scores_B is None or rejected_scores_B is None:
             raise ValueError("loss_type 'margin' needs chosen_scores_B and rejected_scores_B")
         rank = margin_loss(chosen_B, rejected_B, chosen_scores_B, rejected_scores_B, beta)
-    elif loss_type == "seqkd":
+    elif loss_type in ("seqkd", "token_kd"):
         rank = hinge_loss(chosen_B, rejected_B, beta).detach()  # reported for comparison, not trained
     else:
         raise ValueError(f"loss_type {loss_type!r}: expected one of {', '.join(LOSS_TYPES)}")
     nll = nll_loss(chosen_logps_B, chosen_num_tokens_B)
     if loss_type == "seqkd":
         loss = nll
+    elif loss_type == "token_kd":
+        if token_kd is None:
+            raise ValueError("loss_type 'token_kd' needs token_kd (see token_kd_loss)")
+        loss = token_kd
     else:
         loss = rank + nll_weight * nll if nll_weight else rank
     return {

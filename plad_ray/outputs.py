@@ -7,7 +7,10 @@
       pairs/        preference pairs                <- + student, held-out split
       train/        Ray Train state, checkpoints    <- + train
       student/      the trained student (HF)        <- + train
-      report.json   evaluation before/after         <- + train
+      train_report.json  one round's training figures <- + train
+      round-<r>/    rounds r > 1: pairs, train, student, train_report.json <- + train
+      eval/         generation quality of the final student <- + train (+ eval, re-run when it changes)
+      report.json   everything above, for machines  <- + train
       summary.md, loss_curve.png                    <- + train
 
 A re-run with the same keys resumes. When a stage's keys changed, that stage's outputs
@@ -27,7 +30,7 @@ from plad_ray.errors import ConfigError, DataError
 RUN_FILE = "run.json"
 STAGES = ("teacher", "pairs", "train")
 OUTPUTS = {"teacher": ("teacher", "quarantine"), "pairs": ("pairs",),
-           "train": ("train", "student", "report.json", "summary.md", "loss_curve.png")}
+           "train": ("train", "student", "train_report.json", "eval", "report.json", "summary.md", "loss_curve.png")}
 # Engine settings that change speed or where the model runs, not what it writes: changing
 # them never makes outputs stale (teacher.model and sampling do).
 _ENGINE_PERF_KEYS = ("replicas", "batch_size", "cpus_per_replica", "env", "gpu_memory_utilization",
@@ -40,7 +43,9 @@ def stage_keys(cfg: Config) -> dict:
     teacher = {**{f"data.{k}": d["data"][k] for k in ("prompts", "max_prompts", "bad_rows", "too_long")},
                "teacher": _semantic(d["teacher"])}
     pairs = {**teacher, "student": _semantic(d["student"]), "data.heldout_fraction": d["data"]["heldout_fraction"]}
-    return {"teacher": teacher, "pairs": pairs, "train": {**pairs, "train": d["train"]}}
+    # More rounds continue a run (earlier rounds stay valid); fewer or other train keys do not.
+    train = {k: v for k, v in d["train"].items() if k != "rounds"}
+    return {"teacher": teacher, "pairs": pairs, "train": {**pairs, "train": train}}
 
 
 def _semantic(engine: dict) -> dict:
@@ -69,13 +74,20 @@ def prepare_output(cfg: Config, overwrite: bool = False, dry_run: bool = False, 
                 f"({key}); use a new output_dir, or pass --overwrite to replace them"
             )
         for later in STAGES[index:]:
-            for name in OUTPUTS[later]:
+            for name in OUTPUTS[later] + (_round_dirs(cfg.output_dir) if later == "pairs" else ()):
                 storage.remove(storage.join(cfg.output_dir, name))
                 storage.remove(storage.join(cfg.output_dir, name + ".partial"))
         log(f"[plad-ray] --overwrite: removed the {'/'.join(STAGES[index:])} outputs made with {key}")
         break
     if not dry_run:
         storage.write_json(run_uri, mine)
+
+
+def _round_dirs(output_dir: str) -> tuple[str, ...]:
+    """round-<r>/ folders of later rounds (their pairs come from a trained student: stale with pairs)."""
+    fs, path = storage.filesystem_and_path(output_dir)
+    entries = fs.get_file_info(pafs.FileSelector(path, recursive=False, allow_not_found=True))
+    return tuple(e.base_name for e in entries if e.base_name.startswith("round-"))
 
 
 def _check_location(output_dir: str, run_uri: str) -> None:

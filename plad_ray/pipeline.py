@@ -1,6 +1,8 @@
 """The one place that wires the stages together.
 
-    prompts --teacher vLLM--> teacher/ --student vLLM--> pairs/ --DeepSpeed--> student/ + report.json
+    prompts --teacher vLLM--> teacher/ --student vLLM--> pairs/ --DeepSpeed--> student/ --vLLM--> eval/
+                                  |  (rounds r > 1: round r-1's student samples again) |
+                                  +--> round-<r>/pairs/ --DeepSpeed--> round-<r>/student/ ...
 
 Inputs are checked before Ray starts. Each stage reuses a complete output of the same
 run (same config) in output_dir, so a re-run after a crash continues where it stopped:
@@ -20,7 +22,7 @@ from plad_ray.config import Config
 from plad_ray.data import parquet, storage
 from plad_ray.data.prompts import read_prompts
 from plad_ray.generate import engines
-from plad_ray.errors import DataError
+from plad_ray.errors import ConfigError, DataError
 from plad_ray.limits import apply_length_policy, prompt_limits
 from plad_ray.models import eos_token_ids, resolve_model
 from plad_ray.outputs import prepare_output
@@ -45,7 +47,9 @@ def prepare(cfg: Config, generation: bool, training: bool, overwrite: bool = Fal
     """
     from plad_ray import cluster
 
-    inputs = check_inputs(cfg, prompts=generation, teacher=generation, pairs_written=not generation, log=log)
+    token_kd = training and cfg.train.loss.type == "token_kd"
+    inputs = check_inputs(cfg, prompts=generation, teacher=generation or token_kd, pairs_written=not generation,
+                          log=log)
     cluster.check_local(cfg, generation, training)
     prepare_output(cfg, overwrite, dry_run=check_only, log=log)
     if check_only:
@@ -78,6 +82,8 @@ def check_inputs(cfg: Config, prompts: bool = True, teacher: bool = True, studen
     if student:
         inputs.student_path = resolve_model(cfg.student.model, "student.model", cfg.student.allow_pickle_weights,
                                             cfg.student.chat_template, log=log)
+    if cfg.train.loss.type == "token_kd" and inputs.teacher_path and inputs.student_path:
+        check_shared_vocabulary(inputs.teacher_path, inputs.student_path, cfg.student.trust_remote_code)
     if prompts:
         source = read_prompts(cfg.data.prompts, cfg.data.max_prompts, cfg.data.bad_rows)
         limits = prompt_limits(cfg, inputs.teacher_path, inputs.student_path)
@@ -126,11 +132,15 @@ def generate_teacher(cfg: Config, inputs: Inputs, log=print) -> dict:
     return stats
 
 
-def generate_pairs(cfg: Config, inputs: Inputs, log=print) -> dict:
-    """k student samples per cached teacher output -> pairs; resumes a crashed run per (prompt, sample)."""
+def generate_pairs(cfg: Config, inputs: Inputs, log=print, round: int = 1) -> dict:
+    """k student samples per cached teacher output -> pairs; resumes a crashed run per (prompt, sample).
+
+    Round r > 1 samples from round r-1's trained student; the teacher outputs are reused.
+    """
     from plad_ray.generate.stages import student_pairs
 
-    uri = cfg.pairs_uri()
+    uri = cfg.pairs_uri(round)
+    student_path = inputs.student_path if round == 1 else storage.local_path(cfg.student_export_uri(round - 1))
     existing = storage.manifest(uri)
     if existing is not None:
         log(f"[generate] pairs: {existing['rows']} pairs already complete at {uri}")
@@ -141,15 +151,17 @@ def generate_pairs(cfg: Config, inputs: Inputs, log=print) -> dict:
     done_table = parquet.done_keys(uri, ["id", "sample_index"], log)
     done = set(zip(done_table.column("id").to_pylist(), done_table.column("sample_index").to_pylist()))
     todo = teacher_rows["rows"] * cfg.student.num_samples - len(done)
-    log(f"[generate] student: {teacher_rows['rows']} prompts x {cfg.student.num_samples} samples with "
-        f"{cfg.student.model}" + (f"; {len(done)} pairs already written by an earlier run" if done else ""))
+    log(f"[generate] round {round} student: {teacher_rows['rows']} prompts x {cfg.student.num_samples} samples with "
+        f"{cfg.student.model if round == 1 else student_path} (0 teacher tokens: teacher outputs from the cache)"
+        + (f"; {len(done)} pairs already written by an earlier run" if done else ""))
     start = time.perf_counter()
     if todo:
         teacher_ds = parquet.read(cfg.teacher_cache_uri())
         teacher_ds = engines.spread(teacher_ds, teacher_rows["rows"], cfg.student.batch_size, cfg.student.replicas)
         parquet.write_pending(
-            student_pairs(teacher_ds, cfg.student, inputs.student_path, cfg.student.model,
-                          eos_token_ids(inputs.student_path), cfg.cluster.use_gpu, cfg.data.heldout_fraction,
+            student_pairs(teacher_ds, cfg.student, student_path,
+                          cfg.student.model if round == 1 else f"{cfg.student.model} after round {round - 1}",
+                          eos_token_ids(student_path), cfg.cluster.use_gpu, cfg.data.heldout_fraction,
                           skip=done),
             uri, pairs.PAIR_SCHEMA)
     tokens = parquet.pending_sum(uri, "rejected_num_tokens")
@@ -177,35 +189,89 @@ def check_external_pairs(uri: str) -> None:
                         f"(columns: {', '.join(schema.names)}); pairs use TRL's prompt/chosen/rejected")
 
 
-def train_student(cfg: Config, inputs: Inputs, log=print) -> dict:
-    """Train on the pairs, evaluate before/after, export the student; writes report.json."""
+def check_shared_vocabulary(teacher_path: str, student_path: str, trust_remote_code: bool = False) -> None:
+    """token_kd compares token distributions position by position: both tokenizers must be one vocabulary."""
+    from transformers import AutoTokenizer
+
+    vocab = [AutoTokenizer.from_pretrained(p, trust_remote_code=trust_remote_code).get_vocab()
+             for p in (teacher_path, student_path)]
+    if vocab[0] != vocab[1]:
+        raise ConfigError(f"config key train.loss.type: token_kd needs teacher and student to share a vocabulary "
+                          f"(teacher {len(vocab[0])} tokens, student {len(vocab[1])}, or ids differ); "
+                          "use hinge, logistic or seqkd, which only need the teacher's text")
+
+
+def train_student(cfg: Config, inputs: Inputs, log=print, round: int = 1) -> dict:
+    """Train on round `round`'s pairs, evaluate before/after, export the student; writes train_report.json."""
     from transformers import AutoTokenizer
 
     from plad_ray.train.driver import run_training
 
-    done = storage.read_json(cfg.report_uri())
-    if done is not None and storage.manifest(cfg.student_export_uri()) is not None:
-        log(f"[train] already complete: {cfg.student_export_uri()} and {cfg.report_uri()}")
+    report_uri, export_uri = storage.join(cfg.round_dir(round), "train_report.json"), cfg.student_export_uri(round)
+    done = storage.read_json(report_uri)
+    if done is not None and storage.manifest(export_uri) is not None:
+        log(f"[train] round {round} already complete: {export_uri} and {report_uri}")
         return done
+    student_path = inputs.student_path if round == 1 else storage.local_path(cfg.student_export_uri(round - 1))
     if cfg.train.pairs is not None:
         import ray.data
 
         pairs_ds = ray.data.read_parquet(cfg.train.pairs, file_extensions=["parquet"]).map_batches(
             pairs.complete_external, fn_kwargs={"heldout_fraction": cfg.data.heldout_fraction}, batch_format="pandas")
     else:
-        pairs_ds = parquet.read(cfg.pairs_uri())
+        pairs_ds = parquet.read(cfg.pairs_uri(round))
     if pairs_ds is None:
-        raise DataError(f"pairs {cfg.pairs_uri()}: missing or incomplete; run jobs.generate_pairs first")
-    tokenizer = AutoTokenizer.from_pretrained(inputs.student_path, trust_remote_code=cfg.student.trust_remote_code)
+        raise DataError(f"pairs {cfg.pairs_uri(round)}: missing or incomplete; run jobs.generate_pairs first")
+    tokenizer = AutoTokenizer.from_pretrained(student_path, trust_remote_code=cfg.student.trust_remote_code)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     start = time.perf_counter()
     s = cfg.student
-    result = run_training(pairs_ds, inputs.student_path, cfg.train, cfg.cluster, cfg.output_dir,
-                          cfg.student_export_uri(), pad_id, s.chat_template, s.trust_remote_code, s.allow_pickle_weights)
+    result = run_training(pairs_ds, student_path, cfg.train, cfg.cluster, cfg.round_dir(round), export_uri, pad_id,
+                          s.chat_template, s.trust_remote_code, s.allow_pickle_weights, inputs.teacher_path)
     result["train_seconds"] = time.perf_counter() - start
-    storage.write_json(cfg.report_uri(), result)
-    log(f"[train] report -> {cfg.report_uri()}; summary -> {write_summary(result, cfg.output_dir)}")
+    result["round"] = round
+    storage.write_json(report_uri, result)
+    log(f"[train] round {round} report -> {report_uri}")
     return result
+
+
+def evaluate(cfg: Config, check_only: bool = False, log=print) -> dict | None:
+    """jobs.evaluate: the evaluate stage on a finished run; adds `evaluation` to its report.json."""
+    from plad_ray import cluster
+    from plad_ray.evaluation.stage import evaluate_run
+
+    for uri in (cfg.teacher_cache_uri(), cfg.student_export_uri(cfg.train.rounds)):
+        if storage.manifest(uri) is None:
+            raise DataError(f"output_dir {cfg.output_dir}: {uri} is missing or incomplete; "
+                            "evaluate a run that jobs.distill (or jobs.generate_pairs + jobs.train) finished")
+    inputs = check_inputs(cfg, prompts=False, teacher=False, log=log)
+    cluster.check_local(cfg, generation=True, training=False)
+    prepare_output(cfg, dry_run=check_only, log=log)
+    if check_only:
+        log("[plad-ray] --check: config, run outputs, models and resources are fine; nothing was started")
+        return None
+    cluster.start(cfg, generation=True, training=False, log=log)
+    evaluation = evaluate_run(cfg, inputs.student_path, log=log, force=True)
+    report = storage.read_json(cfg.report_uri())
+    if report is not None:
+        report["evaluation"] = evaluation
+        storage.write_json(cfg.report_uri(), report)
+    return evaluation
+
+
+def write_report(cfg: Config, rounds: list[dict], generation: dict | None = None,
+                 evaluation: dict | None = None, log=print) -> dict:
+    """report.json: the last round's training figures, one line per round, generation and evaluation."""
+    report = dict(rounds[-1])
+    report["rounds"] = [{k: r.get(k) for k in ("round", "steps", "counts", "eval_initial", "eval_trained",
+                                                "checkpoint", "train_seconds")} for r in rounds]
+    if generation is not None:
+        report["generation"] = generation
+    if evaluation is not None:
+        report["evaluation"] = evaluation
+    storage.write_json(cfg.report_uri(), report)
+    log(f"[plad-ray] report -> {cfg.report_uri()}; summary -> {write_summary(report, cfg.output_dir)}")
+    return report
 
 
 def distill(cfg: Config, overwrite: bool = False, check_only: bool = False, log=print) -> dict | None:
@@ -216,9 +282,15 @@ def distill(cfg: Config, overwrite: bool = False, check_only: bool = False, log=
     figures = {"prompts": inputs.prompts.num_rows, "prompts_quarantined": len(inputs.quarantined),
                "prompts_truncated": inputs.truncated}
     figures.update(generate_teacher(cfg, inputs, log))
-    figures.update(generate_pairs(cfg, inputs, log))
-    report = train_student(cfg, inputs, log)
-    report["generation"] = figures
-    storage.write_json(cfg.report_uri(), report)
-    log(f"[plad-ray] summary -> {write_summary(report, cfg.output_dir)}")
-    return report
+    rounds = []
+    for r in range(1, cfg.train.rounds + 1):
+        generated = generate_pairs(cfg, inputs, log, round=r)
+        if r == 1:
+            figures.update(generated)
+        rounds.append({**train_student(cfg, inputs, log, round=r), "pair_generation": generated})
+    evaluation = None
+    if cfg.eval.enabled:
+        from plad_ray.evaluation.stage import evaluate_run
+
+        evaluation = evaluate_run(cfg, inputs.student_path, log=log)
+    return write_report(cfg, rounds, figures, evaluation, log)

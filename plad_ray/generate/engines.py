@@ -34,8 +34,12 @@ def placement_bundle(engine: EngineConfig, use_gpu: bool) -> dict:
 
 
 def sampling_params(engine: EngineConfig, seed_offset: int = 0) -> dict:
+    """vLLM (and OpenAI API) sampling parameters; `stop` only when set, so runs without one record the same."""
     s = engine.sampling
-    return dict(temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_tokens, seed=s.seed + seed_offset)
+    params = dict(temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_tokens, seed=s.seed + seed_offset)
+    if s.stop is not None:
+        params["stop"] = [s.stop]
+    return params
 
 
 def build_engine_processor(

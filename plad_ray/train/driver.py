@@ -75,7 +75,7 @@ def steps_per_epoch(train_rows: int, train: TrainConfig) -> int:
 
 def run_training(pairs_ds, model_path: str, train: TrainConfig, cluster: ClusterConfig, output_dir: str,
                  export_uri: str, pad_id: int, chat_template: bool = False, trust_remote_code: bool = False,
-                 allow_pickle: bool = False) -> dict:
+                 allow_pickle: bool = False, teacher_path: str | None = None) -> dict:
     """Train, evaluate and export; returns the run's figures (also written by the caller)."""
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -96,7 +96,8 @@ def run_training(pairs_ds, model_path: str, train: TrainConfig, cluster: Cluster
         )
     plan = TrainPlan(train=train, model_path=model_path, export_uri=export_uri,
                      tensorboard_dir=tensorboard_dir(_storage_path(output_dir), train.tensorboard), steps_per_epoch=steps,
-                     pad_id=pad_id, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
+                     pad_id=pad_id, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
+                     teacher_path=teacher_path)
     if train.scorer:
         print(f"[train] scorer {train.scorer}: " + teacher_wins_line(counts, train.student_wins), flush=True)
     print(f"[train] {counts['train']} training pairs, {counts['heldout']} held out, "

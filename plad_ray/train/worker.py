@@ -19,7 +19,7 @@ import torch
 from ray.data.collate_fn import NumpyBatchCollateFn
 
 from plad_ray.config import TrainConfig
-from plad_ray.losses import plad_loss, sequence_logps
+from plad_ray.losses import plad_loss, sequence_logps, token_kd_loss
 from plad_ray.train.batching import collate_pairs, length_grouped
 from plad_ray.train.ds_config import deepspeed_config, lr_factor
 from plad_ray.train.export import export_hf
@@ -41,10 +41,12 @@ class TrainPlan:
     pad_id: int
     trust_remote_code: bool = False
     allow_pickle: bool = False  # load .bin weights (student.allow_pickle_weights); else safetensors only
+    teacher_path: str | None = None  # token_kd only: the teacher, frozen, for its token distributions
 
     @property
     def total_steps(self) -> int:
-        return self.steps_per_epoch * self.train.num_epochs
+        steps = self.steps_per_epoch * self.train.num_epochs
+        return steps if self.train.max_steps is None else min(steps, self.train.max_steps)
 
 
 class _Collate(NumpyBatchCollateFn):
@@ -76,18 +78,19 @@ def train_loop_per_worker(config: dict) -> dict | None:
     clock = _Clock()
     torch.manual_seed(plan.train.seed)
     engine = _initialize(plan, ray.train.get_context().get_world_size())
+    teacher = _load_teacher(plan)
     progress = _resume(engine)
     metrics = MetricsWriter(plan.tensorboard_dir if rank == 0 else None)
     clock.lap("init_s")
     eval_ds = ray.train.get_dataset_shard("eval")
     if progress.eval_initial is None:
-        progress.eval_initial = evaluate(engine, eval_ds, plan)
+        progress.eval_initial = evaluate(engine, eval_ds, plan, teacher)
         _log(rank, f"[train] held-out pairs before training: {_fmt(progress.eval_initial)}")
         metrics.log(0, progress.eval_initial, prefix="heldout")
     clock.lap("eval_s")
-    _train(engine, ray.train.get_dataset_shard("train"), plan, progress, rank, metrics)
+    _train(engine, ray.train.get_dataset_shard("train"), plan, progress, rank, metrics, teacher)
     clock.lap("loop_s")
-    eval_trained = evaluate(engine, eval_ds, plan)
+    eval_trained = evaluate(engine, eval_ds, plan, teacher)
     _log(rank, f"[train] held-out pairs after training: {_fmt(eval_trained)}")
     metrics.log(progress.step, eval_trained, prefix="heldout")
     metrics.close()
@@ -146,6 +149,18 @@ def _initialize(plan: TrainPlan, world_size: int):
     return engine
 
 
+def _load_teacher(plan: TrainPlan):
+    """token_kd: the teacher as a frozen fp32 module on every rank (not sharded: KD baselines are small)."""
+    if plan.train.loss.type != "token_kd":
+        return None
+    from transformers import AutoModelForCausalLM
+
+    teacher = AutoModelForCausalLM.from_pretrained(plan.teacher_path, dtype=torch.float32,
+                                                   trust_remote_code=plan.trust_remote_code, use_safetensors=True)
+    teacher.requires_grad_(False)
+    return teacher.eval()
+
+
 def _resume(engine) -> Progress:
     import ray.train
 
@@ -159,7 +174,7 @@ def _resume(engine) -> Progress:
     return progress
 
 
-def _train(engine, shard, plan: TrainPlan, progress: Progress, rank: int, metrics: MetricsWriter) -> None:
+def _train(engine, shard, plan: TrainPlan, progress: Progress, rank: int, metrics: MetricsWriter, teacher) -> None:
     t = plan.train
     window = _Window()
     while progress.step < plan.total_steps:
@@ -171,7 +186,7 @@ def _train(engine, shard, plan: TrainPlan, progress: Progress, rank: int, metric
             if micro // t.gradient_accumulation_steps < done_in_epoch:
                 micro += 1  # consumed before the checkpoint this run resumed from
                 continue
-            stats = _forward(engine, batch, t)
+            stats = _forward(engine, batch, t, teacher)
             engine.backward(stats["loss"])
             engine.step()
             window.add({k: v.detach() for k, v in stats.items()}, batch)
@@ -204,29 +219,37 @@ def _micro_batches(shard, t: TrainConfig, pad_id: int, epoch: int):
             yield collate_pairs(micro, pad_id)
 
 
-def _forward(engine, batch: dict, t: TrainConfig) -> dict:
+def _forward(engine, batch: dict, t: TrainConfig, teacher=None) -> dict:
     device = engine.device
     input_ids = batch["input_ids"].to(device)
     logits = engine(input_ids=input_ids, attention_mask=batch["attention_mask"].to(device)).logits
-    logps, num_tokens = sequence_logps(logits, input_ids, batch["response_mask"].to(device))
+    response_mask = batch["response_mask"].to(device)
+    logps, num_tokens = sequence_logps(logits, input_ids, response_mask)
     half = input_ids.shape[0] // 2
+    kd = None
+    if teacher is not None:  # token_kd: on the chosen (teacher-written) half only
+        with torch.no_grad():
+            teacher_logits = teacher(input_ids=input_ids[:half],
+                                                 attention_mask=batch["attention_mask"][:half].to(device)).logits
+        kd = token_kd_loss(logits[:half], teacher_logits, response_mask[:half])
     return plad_loss(
         logps[:half], num_tokens[:half], logps[half:], num_tokens[half:],
         beta=t.loss.beta, length_normalize=t.loss.length_normalize, nll_weight=t.loss.nll_weight,
         loss_type=t.loss.type, gamma=t.loss.gamma,
         chosen_scores_B=batch["chosen_score"].to(device) if "chosen_score" in batch else None,
         rejected_scores_B=batch["rejected_score"].to(device) if "rejected_score" in batch else None,
+        token_kd=kd,
     )
 
 
 @torch.no_grad()
-def evaluate(engine, dataset, plan: TrainPlan) -> dict:
+def evaluate(engine, dataset, plan: TrainPlan, teacher=None) -> dict:
     """Mean PLaD loss and pair-ranking accuracy over every held-out pair (each rank sees all)."""
     engine.eval()
     totals = torch.zeros(6, dtype=torch.float64)  # pairs, correct, loss sum, margin sum, chosen NLL sum, tokens
     collate = _Collate(plan.pad_id)
     for batch in dataset.iter_torch_batches(batch_size=plan.train.micro_batch_size, collate_fn=collate):
-        stats = _forward(engine, batch, plan.train)
+        stats = _forward(engine, batch, plan.train, teacher)
         n = batch["input_ids"].shape[0] // 2
         chosen_tokens = batch["response_mask"][:n, 1:].sum().item()
         totals += torch.tensor([n, stats["accuracy"] * n, stats["rank_loss"] * n, stats["margin"] * n,

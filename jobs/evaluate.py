@@ -1,0 +1,26 @@
+"""Evaluate a run's trained student(s) on its held-out prompts: greedy vLLM generation, exact match,
+ROUGE-L, verifier accuracy, win rate against the teacher's cached outputs, and calibration (ECE +
+reliability diagram).
+
+    python -m jobs.evaluate --config configs/tiny-cpu.yaml [--set eval.scorer=reverse ...]
+    ray job submit --working-dir . -- python -m jobs.evaluate --config configs/<name>.yaml
+
+Reads output_dir/teacher/ and output_dir/student/ (round-<r>/student/ with train.rounds > 1);
+writes output_dir/eval/ (report.json, summary.md, reliability.png, generations.jsonl).
+jobs.distill runs the same stage at its end.
+"""
+
+from plad_ray import cli, pipeline
+
+
+def run(args) -> None:
+    cfg = cli.load(args)
+    report = pipeline.evaluate(cfg, check_only=args.check)
+    if report is not None:
+        from plad_ray.evaluation.stage import headline
+
+        print("\n" + "\n".join(f"{name:<24} {headline(m)}" for name, m in report["models"].items()), flush=True)
+
+
+if __name__ == "__main__":
+    cli.main(run, __doc__)
