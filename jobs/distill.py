@@ -4,7 +4,8 @@
     ray job submit --working-dir . -- python -m jobs.distill --config configs/<name>.yaml
 
 Starts a local Ray cluster unless cluster.address or $RAY_ADDRESS names one. Writes
-teacher/, pairs/, student/ and report.json under output_dir; re-running resumes.
+teacher/, pairs/, student/ (round-<r>/ for train.rounds > 1), eval/ and report.json under
+output_dir; re-running resumes.
 """
 
 from plad_ray import cli, pipeline

@@ -9,8 +9,8 @@ examples with that seed), then run the engine's jobs as a user would (subprocess
   PLaD + NLL, SeqKD, token KD   jobs.distill on the same teacher outputs and pairs (copied in), one train.* override
   SFT only                      jobs.distill with train.pairs = labelled (prompt, reference) rows + the same held-out pairs
 
-Every method trains the same number of optimizer steps (train.max_steps) with the same
-optimizer, learning rate and batch size, and is evaluated by jobs.distill's evaluate stage
+Every method trains the same number of optimizer steps (as many as the PLaD pairs give, at
+most train.max_steps) with the same optimizer, learning rate and batch size, and is evaluated by jobs.distill's evaluate stage
 (greedy vLLM generation on the same held-out prompts, `reverse` verifier). The table
 (mean ± sample sd over seeds) goes to benchmarks/results/quality-<time>.json and .md.
 """
@@ -141,7 +141,11 @@ def run_seed(seed: int, out: Path, prompts: Path, steps: int) -> dict:
         extra = []
         if name == "SFT only":
             labelled = work / "labelled-pairs.parquet"
-            write_labelled_pairs(base, labelled, NUM_PROMPTS, seed)
+            # As many labelled examples as the distillation methods have training pairs (pairs where the
+            # student already wrote the teacher's text carry no ranking signal and are dropped for every
+            # method), so SFT gets the same steps.
+            train_pairs = json.loads((base / "train_report.json").read_text())["counts"]["train"]
+            write_labelled_pairs(base, labelled, train_pairs, seed)
             extra = [f"train.pairs={labelled}"]
         run_job("distill", target, shared + overrides + extra + ["eval.initial_student=false"],
                 work / f"{target.name}.log")
