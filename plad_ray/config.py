@@ -314,10 +314,18 @@ def load_config(path: str | None, overrides: list[str] = ()) -> Config:
             raise ConfigError(f"override {item!r}: must look like key.path=value, e.g. train.loss.beta=0.5")
         _set_dotted(raw, key.strip(), _parse_value(key, value))
     config = _build(Config, raw, "").validate()
-    if "://" not in config.output_dir:
-        # Ray Train workers and Ray Data tasks run in other working directories.
-        config.output_dir = os.path.abspath(config.output_dir)
+    # Paths are made absolute now, while the launch directory is known: Ray Train workers and
+    # Ray Data tasks run in other working directories, and under `ray job submit` Ray may
+    # replace the job's working-directory package during the run (a stale cwd after training).
+    config.output_dir = _absolute(config.output_dir)
+    config.data.prompts = _absolute(config.data.prompts)
+    config.train.pairs = _absolute(config.train.pairs)
     return config
+
+
+def _absolute(path: str | None) -> str | None:
+    """A local path made absolute; URIs (scheme://) and None unchanged."""
+    return path if not path or "://" in path else os.path.abspath(os.path.expanduser(path))
 
 
 def _parse_value(key: str, value: str) -> Any:

@@ -25,11 +25,16 @@ student: {model: tiny:student}
 """
 
 
-def test_minimal_config_gets_defaults_and_absolute_output_dir(tmp_path):
-    cfg = load_config(write(tmp_path, MINIMAL))
+def test_minimal_config_gets_defaults_and_absolute_paths(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(write(tmp_path, MINIMAL + "train: {pairs: p/pairs}\n"))
     assert cfg.train.loss.beta == 1.0 and cfg.train.zero_stage == 2 and cfg.student.num_samples == 1
-    assert os.path.isabs(cfg.output_dir) and cfg.output_dir.endswith("out")
+    # Local paths are fixed against the launch directory: the job's cwd may not outlive the run.
+    assert cfg.output_dir == str(tmp_path / "out") and cfg.data.prompts == str(tmp_path / "p.jsonl")
+    assert cfg.train.pairs == str(tmp_path / "p" / "pairs")
     assert cfg.pairs_uri() == cfg.output_dir + "/pairs"
+    uris = load_config(write(tmp_path, MINIMAL), ["data.prompts=s3://b/p.jsonl", "train.pairs=gs://b/pairs"])
+    assert (uris.data.prompts, uris.train.pairs) == ("s3://b/p.jsonl", "gs://b/pairs")
 
 
 def test_overrides_are_typed_and_nested(tmp_path):

@@ -34,7 +34,7 @@ def test_distill_through_ray_job_submit_on_two_nodes(two_nodes, tiny_models, tmp
         "submit", "--working-dir", str(ROOT), "--",
         "python", "-m", "jobs.distill", "--config", "configs/tiny-cpu.yaml", "--set", f"output_dir={out}",
         "--set", "data.max_prompts=96", "--set", "train.num_epochs=1", "--set", "train.placement_strategy=SPREAD",
-        "--set", "eval.initial_student=false",
+        "--set", "eval.initial_student=false", "--debug",
     )
     assert submit.returncode == 0, submit.stdout[-4000:] + submit.stderr[-2000:]
     assert "succeeded" in (submit.stdout + submit.stderr)
@@ -42,11 +42,12 @@ def test_distill_through_ray_job_submit_on_two_nodes(two_nodes, tiny_models, tmp
     # The job joined the cluster it was given, not a local one of its own ...
     assert "joined Ray cluster" in submit.stdout
     # ... and ran there: one trainer rank per node (SPREAD), engines and the rest across both.
+    # Engines: teacher, student, and the evaluation's trained student (no initial-student one).
     actors = state(two_nodes, "actors")
     trainers = [a["node_id"] for a in actors if a["class_name"] == "RayTrainWorker"]
     engines = [a["node_id"] for a in actors if "vLLMEngineStageUDF" in a["class_name"]]
     assert len(trainers) == 2 and set(trainers) == nodes, (trainers, nodes)
-    assert len(engines) == 2 and {a["node_id"] for a in actors if a["node_id"]} == nodes
+    assert len(engines) == 3 and {a["node_id"] for a in actors if a["node_id"]} == nodes
     # The outputs: pairs, checkpoint, report, summary.
     from plad_ray.data import parquet
 
@@ -54,3 +55,8 @@ def test_distill_through_ray_job_submit_on_two_nodes(two_nodes, tiny_models, tmp
     report = json.loads((out / "report.json").read_text())
     assert report["counts"]["pairs"] == 96 * 2 and report["steps"] > 0
     assert (out / "student" / "model.safetensors").is_file() and (out / "summary.md").is_file()
+    # The evaluation ran after training, in the same job (its driver's working directory is
+    # Ray's package copy, which Ray may replace meanwhile: paths were fixed at config load).
+    evaluation = json.loads((out / "eval" / "report.json").read_text())
+    assert set(evaluation["models"]) == {"teacher (cached outputs)", "trained student"}
+    assert evaluation["models"]["trained student"]["prompts"] == report["evaluation"]["models"]["trained student"]["prompts"] > 0
