@@ -65,6 +65,9 @@ class EngineConfig:
     replicas: int = 1  # vLLM engine replicas (data parallel), >= 1
     tensor_parallel_size: int = 1  # accelerators per replica (vLLM tensor parallelism)
     cpus_per_replica: float = 1.0  # logical CPUs Ray reserves for each engine replica (per worker if TP > 1)
+    # times Ray restarts a dead engine actor (and retries its batches) before the stage fails; -1: no limit
+    # (ray.data.llm's default, which turns an engine that crashes on every start into an endless loop)
+    max_restarts: int = 3
     batch_size: int = 64  # prompts per batch handed to one replica
     max_model_len: int = 2048  # tokens of prompt + output the engine admits
     gpu_memory_utilization: float = 0.9  # fraction of accelerator memory vLLM takes (on CPU: of RAM), (0, 1]
@@ -218,6 +221,7 @@ def _checks(c: Config):
             "tensor parallelism needs GPUs; set cluster.use_gpu=true or tensor_parallel_size=1",
         )
         yield f"{role}.cpus_per_replica", e.cpus_per_replica > 0, "must be > 0"
+        yield f"{role}.max_restarts", e.max_restarts >= -1, "must be >= 0, or -1 for no limit"
         yield f"{role}.batch_size", e.batch_size >= 1, "must be >= 1"
         yield f"{role}.max_model_len", e.max_model_len >= 2, "must be >= 2"
         yield f"{role}.gpu_memory_utilization", 0 < e.gpu_memory_utilization <= 1, "must be in (0, 1]"

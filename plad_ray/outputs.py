@@ -33,7 +33,7 @@ OUTPUTS = {"teacher": ("teacher", "quarantine"), "pairs": ("pairs",),
            "train": ("train", "student", "train_report.json", "eval", "report.json", "summary.md", "loss_curve.png")}
 # Engine settings that change speed or where the model runs, not what it writes: changing
 # them never makes outputs stale (teacher.model and sampling do).
-_ENGINE_PERF_KEYS = ("replicas", "batch_size", "cpus_per_replica", "env", "gpu_memory_utilization",
+_ENGINE_PERF_KEYS = ("replicas", "batch_size", "cpus_per_replica", "max_restarts", "env", "gpu_memory_utilization",
                      "enable_prefix_caching", "tensor_parallel_size", "engine_kwargs", "endpoint")
 
 

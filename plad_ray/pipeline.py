@@ -10,6 +10,7 @@ teacher outputs are generated only for prompt ids not yet in the cache, pairs ar
 kept once complete, and training resumes from its last checkpoint.
 """
 
+import contextlib
 import json
 import time
 from dataclasses import dataclass, field
@@ -118,11 +119,13 @@ def generate_teacher(cfg: Config, inputs: Inputs, log=print) -> dict:
         workers = t.endpoint.concurrency if t.endpoint else t.replicas
         ds = engines.spread(ray.data.from_arrow(missing), missing.num_rows, t.batch_size, workers)
         if t.endpoint is not None:
-            outputs = teacher_outputs_http(ds, t)
+            outputs, deaths = teacher_outputs_http(ds, t), contextlib.nullcontext()
         else:
             outputs = teacher_outputs(ds, t, inputs.teacher_path, t.model, eos_token_ids(inputs.teacher_path),
                                       cfg.cluster.use_gpu)
-        parquet.write_pending(outputs, uri, pairs.TEACHER_SCHEMA)
+            deaths = engines.engine_deaths("teacher", t)
+        with deaths:
+            parquet.write_pending(outputs, uri, pairs.TEACHER_SCHEMA)
         seconds = time.perf_counter() - start
         tokens = parquet.pending_sum(uri, "teacher_num_tokens")
         stats.update(teacher_seconds=seconds, teacher_tokens=tokens)
@@ -158,12 +161,13 @@ def generate_pairs(cfg: Config, inputs: Inputs, log=print, round: int = 1) -> di
     if todo:
         teacher_ds = parquet.read(cfg.teacher_cache_uri())
         teacher_ds = engines.spread(teacher_ds, teacher_rows["rows"], cfg.student.batch_size, cfg.student.replicas)
-        parquet.write_pending(
-            student_pairs(teacher_ds, cfg.student, student_path,
-                          cfg.student.model if round == 1 else f"{cfg.student.model} after round {round - 1}",
-                          eos_token_ids(student_path), cfg.cluster.use_gpu, cfg.data.heldout_fraction,
-                          skip=done),
-            uri, pairs.PAIR_SCHEMA)
+        with engines.engine_deaths("student", cfg.student):
+            parquet.write_pending(
+                student_pairs(teacher_ds, cfg.student, student_path,
+                              cfg.student.model if round == 1 else f"{cfg.student.model} after round {round - 1}",
+                              eos_token_ids(student_path), cfg.cluster.use_gpu, cfg.data.heldout_fraction,
+                              skip=done),
+                uri, pairs.PAIR_SCHEMA)
     tokens = parquet.pending_sum(uri, "rejected_num_tokens")
     rows = parquet.commit(uri, {"student_model": cfg.student.model}, log)
     seconds = time.perf_counter() - start

@@ -55,3 +55,26 @@ def test_seeded_sampling_survives_prompts_longer_than_a_step(tiny_models):
     assert "CPU Generator does not use offset" in runs["chunked"] and "FINISHED" not in runs["chunked"]
     # ... and the arguments the pipeline uses avoid it.
     assert "FINISHED 16" in runs["whole"], runs["whole"][-3000:]
+
+
+@pytest.mark.integration
+def test_an_engine_that_dies_on_every_start_ends_the_run_with_one_line(tmp_path, tiny_models):
+    """ray.data.llm alone restarts a dead engine forever; with teacher.max_restarts=1 the crash above
+    (chunked prefill forced back on) ends jobs.generate_pairs after two deaths: one line naming the
+    engine and the fix, exit 4, and no teacher outputs or pairs left looking complete."""
+    prompts = tmp_path / "long.jsonl"
+    prompts.write_text("".join(f'{{"id": "p{i}", "prompt": "{"abcdefghij" * 4}>"}}\n' for i in range(16)))
+    out = tmp_path / "run"
+    proc = subprocess.run(
+        [PYTHON, "-m", "jobs.generate_pairs", "--config", "configs/tiny-cpu.yaml", "--set", f"output_dir={out}",
+         "--set", f"data.prompts={prompts}", "--set", "teacher.max_restarts=1",
+         "--set", "teacher.sampling={temperature: 1.0, max_tokens: 8, seed: 0}",
+         "--set", "teacher.engine_kwargs={enable_chunked_prefill: true, max_num_batched_tokens: 64, "
+                  "kv_cache_memory_bytes: 134217728, enforce_eager: true}"],
+        cwd=ROOT, env={**job_env(), "RAY_DEDUP_LOGS": "0"}, capture_output=True, text=True, timeout=900)
+    last = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode == 4, proc.stderr[-3000:]
+    assert last.startswith("plad-ray: error: teacher vLLM engine died 2 times (teacher.max_restarts=1)"), last
+    assert "fix teacher.model or teacher.engine_kwargs" in last
+    assert (proc.stdout + proc.stderr).count("Fatal engine error, exiting actor to trigger restart") == 2
+    assert not (out / "teacher").exists() and not (out / "pairs").exists()

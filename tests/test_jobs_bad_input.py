@@ -53,6 +53,8 @@ CASES = {
     "wrong type": ("distill", None, ["train.num_workers=two"], 2, "config key train.num_workers: expected an integer"),
     "out of range": ("distill", None, ["data.heldout_fraction=1.5"], 2, "config key data.heldout_fraction: must be in"),
     "no such ZeRO stage": ("train", None, ["train.zero_stage=5"], 2, "config key train.zero_stage: must be a DeepSpeed"),
+    "engine restarts < -1": ("generate_pairs", None, ["student.max_restarts=-2"], 2,
+                             "config key student.max_restarts: must be >= 0, or -1 for no limit"),
     "beta <= 0": ("distill", None, ["train.loss.beta=0"], 2, "config key train.loss.beta: the hinge margin must be > 0"),
     "TP without GPUs": ("generate_pairs", None, ["teacher.tensor_parallel_size=2"], 2,
                         "config key teacher.tensor_parallel_size: tensor parallelism needs GPUs"),

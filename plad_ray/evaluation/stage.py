@@ -47,7 +47,7 @@ def generate(cfg: Config, rows: list[dict], model_path: str, use_gpu: bool) -> l
     """Greedy outputs of `model_path` with the student's engine settings, and their mean token log-prob."""
     import ray.data
 
-    from plad_ray.generate.engines import build_engine_processor, sampling_params, spread
+    from plad_ray.generate.engines import build_engine_processor, engine_deaths, sampling_params, spread
 
     engine = dataclasses.replace(cfg.student, sampling=dataclasses.replace(cfg.student.sampling, temperature=0.0))
     params = {**sampling_params(engine), "logprobs": 0}  # 0: only the generated token's own log-prob
@@ -65,7 +65,8 @@ def generate(cfg: Config, rows: list[dict], model_path: str, use_gpu: bool) -> l
 
     ds = spread(ray.data.from_arrow(pa.Table.from_pylist([{"id": r["id"], "prompt": r["prompt"]} for r in rows])),
                 len(rows), engine.batch_size, engine.replicas)
-    out = build_engine_processor(engine, model_path, use_gpu, preprocess, postprocess)(ds).take_all()
+    with engine_deaths("student", engine):  # evaluation runs the student's engine settings
+        out = build_engine_processor(engine, model_path, use_gpu, preprocess, postprocess)(ds).take_all()
     by_id = {r["id"]: r for r in out}
     return [by_id[r["id"]] for r in rows]
 

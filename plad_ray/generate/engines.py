@@ -1,15 +1,22 @@
 """A vLLM engine pool as a `ray.data.llm` processor, from one role's EngineConfig.
 
 ray.data.llm owns the actor pool, batching, back-pressure and engine restarts; this
-module only translates our config into its config. Prompts go to the engine as text
+module only translates our config into its config, and caps the restarts (`max_restarts`)
+so that an engine which dies on every start fails the stage with one line instead of
+being restarted forever. Prompts go to the engine as text
 (vLLM tokenizes and detokenizes inside the engine), so the processor's separate
 tokenize/detokenize stages stay off: they cost an extra pass over every row and, on
 small CPU clusters, an extra actor that can starve the engine of CPUs.
 """
 
+from contextlib import contextmanager
 from typing import Callable
 
 from plad_ray.config import EngineConfig
+from plad_ray.errors import RuntimeFailure
+
+# The processor stage that holds the vLLM engine actors (ray.data.llm names stages by class).
+ENGINE_STAGE = "vLLMEngineStage"
 
 
 def engine_kwargs(engine: EngineConfig, use_gpu: bool) -> dict:
@@ -78,7 +85,29 @@ def build_engine_processor(
         detokenize_stage=False,
         runtime_env={"env_vars": {k: str(v) for k, v in engine.env.items()}} if engine.env else None,
     )
-    return build_processor(config, preprocess=preprocess, postprocess=postprocess)
+    processor = build_processor(config, preprocess=preprocess, postprocess=postprocess)
+    # ray.data.llm leaves Ray Data's actor default, max_restarts=-1: a vLLM engine that dies
+    # ("Fatal engine error, exiting actor to trigger restart") comes back forever, so a crash
+    # on every start never ends the run. The stage's map_batches arguments take the cap.
+    processor.get_stage_by_name(ENGINE_STAGE).map_batches_kwargs["max_restarts"] = engine.max_restarts
+    return processor
+
+
+@contextmanager
+def engine_deaths(role: str, engine: EngineConfig):
+    """Run a stage's engines; their last death (restarts used up) becomes one line naming the role and the fix."""
+    import ray.exceptions
+
+    try:
+        yield
+    except ray.exceptions.ActorDiedError as e:
+        if engine.max_restarts < 0:
+            raise
+        deaths = engine.max_restarts + 1
+        raise RuntimeFailure(
+            f"{role} vLLM engine died {deaths} time{'s' if deaths > 1 else ''} ({role}.max_restarts={engine.max_restarts}); "
+            f"vLLM's reason is in the log above ('Fatal engine error', EngineCore traceback): fix {role}.model or "
+            f"{role}.engine_kwargs, or raise {role}.max_restarts if the deaths are transient (lost nodes)") from e
 
 
 def spread(ds, rows: int, batch_size: int, replicas: int):
