@@ -65,9 +65,7 @@ class EngineConfig:
     replicas: int = 1  # vLLM engine replicas (data parallel), >= 1
     tensor_parallel_size: int = 1  # accelerators per replica (vLLM tensor parallelism)
     cpus_per_replica: float = 1.0  # logical CPUs Ray reserves for each engine replica (per worker if TP > 1)
-    # times Ray restarts a dead engine actor (and retries its batches) before the stage fails; -1: no limit
-    # (ray.data.llm's default, which turns an engine that crashes on every start into an endless loop)
-    max_restarts: int = 3
+    max_restarts: int = 3  # restarts of a dead engine actor before its stage fails; -1: none (ray.data.llm's default)
     batch_size: int = 64  # prompts per batch handed to one replica
     max_model_len: int = 2048  # tokens of prompt + output the engine admits
     gpu_memory_utilization: float = 0.9  # fraction of accelerator memory vLLM takes (on CPU: of RAM), (0, 1]

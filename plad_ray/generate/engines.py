@@ -3,10 +3,10 @@
 ray.data.llm owns the actor pool, batching, back-pressure and engine restarts; this
 module only translates our config into its config, and caps the restarts (`max_restarts`)
 so that an engine which dies on every start fails the stage with one line instead of
-being restarted forever. Prompts go to the engine as text
-(vLLM tokenizes and detokenizes inside the engine), so the processor's separate
-tokenize/detokenize stages stay off: they cost an extra pass over every row and, on
-small CPU clusters, an extra actor that can starve the engine of CPUs.
+being restarted forever. Prompts go to the engine as text (vLLM tokenizes and
+detokenizes inside the engine), so the processor's separate tokenize/detokenize stages
+stay off: they cost an extra pass over every row and, on small CPU clusters, an extra
+actor that can starve the engine of CPUs.
 """
 
 from contextlib import contextmanager
