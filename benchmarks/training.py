@@ -46,7 +46,7 @@ def write_pairs(folder: Path, n: int, seed: int = 0) -> Path:
     text = lambda lo, hi: "".join(rng.choice(string.ascii_lowercase + "  ") for _ in range(rng.randint(lo, hi)))  # noqa: E731
     rows = [{"id": f"b{i:06d}", "sample_index": 0, "prompt": text(32, 160) + ">", "chosen": text(16, 200),
              "rejected": text(16, 200), "chosen_num_tokens": 0, "rejected_num_tokens": 0,
-             "chosen_finish_reason": "stop", "rejected_finish_reason": "stop", "teacher_model": "bench",
+             "chosen_finish_reason": "eos", "rejected_finish_reason": "eos", "teacher_model": "bench",
              "student_model": "bench", "teacher_sampling": "{}", "student_sampling": "{}", "heldout": False}
             for i in range(n)]
     folder.mkdir(parents=True, exist_ok=True)
@@ -60,8 +60,8 @@ def train_config(s: dict, steps: int):
     # cpus_per_worker: Ray caps a worker's OMP/torch threads at its CPUs; (a) and (c) get the whole machine.
     return TrainConfig(num_workers=1, cpus_per_worker=s["cpus_per_worker"], zero_stage=0, precision=s["precision"], micro_batch_size=s["micro_batch"],
                        num_epochs=max(1, -(-steps * s["micro_batch"] // s["pairs"])), learning_rate=s["lr"],
-                       max_length=s["max_length"], log_every_steps=1, tensorboard=False,
-                       loss=LossConfig(beta=1.0))
+                       max_length=s["max_length"], log_every_steps=1, tensorboard=False, eval_every_steps=0,
+                       loss=LossConfig(beta=1.0, nll_weight=0.0))  # = TRL CPO hinge with cpo_alpha=0
 
 
 def peak_rss_mb() -> float:

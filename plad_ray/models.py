@@ -60,3 +60,11 @@ def eos_token_ids(folder: str) -> list[int]:
             if eos is not None:
                 return list(eos) if isinstance(eos, list) else [eos]
     return []
+
+
+def shares_vocabulary(first: str, second: str, trust_remote_code: bool = False) -> bool:
+    """Whether two model folders' tokenizers map every id to the same token (then ids cross as they are)."""
+    from transformers import AutoTokenizer
+
+    vocab = [AutoTokenizer.from_pretrained(p, trust_remote_code=trust_remote_code).get_vocab() for p in (first, second)]
+    return vocab[0] == vocab[1]

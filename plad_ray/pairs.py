@@ -20,7 +20,8 @@ TEACHER_SCHEMA = pa.schema(
         ("prompt", pa.string()),
         ("teacher_text", pa.string()),
         ("teacher_num_tokens", pa.int32()),  # generated tokens, teacher tokenizer, incl. EOS if it stopped on one
-        ("teacher_finish_reason", pa.string()),  # stop | length
+        ("teacher_finish_reason", pa.string()),  # eos | stop (a stop string) | length (see finish_reason)
+        ("teacher_token_ids", pa.list_(pa.int32())),  # the ids the teacher engine generated; null from an HTTP teacher
         ("teacher_model", pa.string()),
         ("teacher_sampling", pa.string()),  # JSON of the sampling parameters
     ]
@@ -35,8 +36,12 @@ PAIR_SCHEMA = pa.schema(
         ("rejected", pa.string()),  # student output y_S
         ("chosen_num_tokens", pa.int32()),
         ("rejected_num_tokens", pa.int32()),
-        ("chosen_finish_reason", pa.string()),
+        ("chosen_finish_reason", pa.string()),  # eos | stop | length
         ("rejected_finish_reason", pa.string()),
+        # The ids each side was generated as, scored as they are (no re-tokenisation of the text):
+        # the student's own ids; the teacher's when teacher and student share a vocabulary, else null.
+        ("chosen_token_ids", pa.list_(pa.int32())),
+        ("rejected_token_ids", pa.list_(pa.int32())),
         ("teacher_model", pa.string()),
         ("student_model", pa.string()),
         ("teacher_sampling", pa.string()),
@@ -46,13 +51,20 @@ PAIR_SCHEMA = pa.schema(
 )
 
 
-def finish_reason(num_generated_tokens: int, max_tokens: int, last_token_id: int | None, eos_token_ids) -> str:
-    """'length' if the output was cut at max_tokens, else 'stop' (EOS or a stop string).
+FINISH_REASONS = ("eos", "stop", "length")
 
-    ray.data.llm does not carry vLLM's finish_reason through, so it is recovered from
-    what it does carry: an output of exactly max_tokens that does not end in EOS was cut.
+
+def finish_reason(num_generated_tokens: int, max_tokens: int, last_token_id: int | None, eos_token_ids) -> str:
+    """How an output ended: 'eos' (the model emitted its end-of-sequence token), 'length' (cut
+    at max_tokens), or 'stop' (a stop string ended it; vLLM keeps the token that completed the
+    stop string in the ids and drops the string from the text).
+
+    ray.data.llm does not carry vLLM's finish_reason through, so it is recovered from what it
+    does carry: the generated ids. Only an output that ended on EOS is trained to end on EOS.
     """
-    if num_generated_tokens >= max_tokens and last_token_id not in set(eos_token_ids):
+    if last_token_id is not None and last_token_id in set(eos_token_ids):
+        return "eos"
+    if num_generated_tokens >= max_tokens:
         return "length"
     return "stop"
 
@@ -74,8 +86,14 @@ def expand_samples(row: dict, num_samples: int, skip=frozenset()) -> list[dict]:
     return [{**row, "sample_index": k} for k in range(num_samples) if (row["id"], k) not in skip]
 
 
-def make_pair(row: dict, student: dict, student_model: str, student_sampling: str, heldout_fraction: float) -> dict:
-    """One pair from a teacher-cache row plus one student generation."""
+def make_pair(row: dict, student: dict, student_model: str, student_sampling: str, heldout_fraction: float,
+              shared_vocabulary: bool = False) -> dict:
+    """One pair from a teacher-cache row plus one student generation.
+
+    With `shared_vocabulary` (teacher and student tokenizers map ids to the same tokens) the
+    teacher's generated ids are kept for scoring; otherwise only its text crosses.
+    """
+    teacher_ids = row.get("teacher_token_ids")
     return {
         "id": row["id"],
         "sample_index": int(row["sample_index"]),
@@ -86,6 +104,8 @@ def make_pair(row: dict, student: dict, student_model: str, student_sampling: st
         "rejected_num_tokens": int(student["num_tokens"]),
         "chosen_finish_reason": row["teacher_finish_reason"],
         "rejected_finish_reason": student["finish_reason"],
+        "chosen_token_ids": _ids(teacher_ids) if shared_vocabulary and teacher_ids is not None else None,
+        "rejected_token_ids": _ids(student["token_ids"]),
         "teacher_model": row["teacher_model"],
         "student_model": student_model,
         "teacher_sampling": row["teacher_sampling"],
@@ -94,12 +114,18 @@ def make_pair(row: dict, student: dict, student_model: str, student_sampling: st
     }
 
 
+def _ids(ids) -> list[int]:
+    return [int(i) for i in ids]
+
+
 def complete_external(batch: dict, heldout_fraction: float) -> dict:
     """Pairs from elsewhere (TRL's prompt/chosen/rejected) with the columns training reads.
 
     Missing ids come from a hash of the pair's text (stable across runs); missing finish
-    reasons are "stop" (the response is complete, so its EOS is scored); a missing
-    `heldout` is the usual split by id.
+    reasons are "eos" (the response is complete, so its EOS is scored); a missing
+    `heldout` is the usual split by id. Their text is tokenized by the student's tokenizer,
+    except where the file has plad-ray's `chosen_token_ids`/`rejected_token_ids` columns
+    (pairs this engine wrote for the same student tokenizer): those ids are kept.
     """
     n = len(batch["prompt"])
     out = {k: list(batch[k]) for k in ("prompt", "chosen", "rejected")}
@@ -110,7 +136,10 @@ def complete_external(batch: dict, heldout_fraction: float) -> dict:
                      for t in zip(out["prompt"], out["chosen"], out["rejected"])]
     for side in ("chosen", "rejected"):
         key = f"{side}_finish_reason"
-        out[key] = list(batch[key]) if key in batch else ["stop"] * n
+        out[key] = list(batch[key]) if key in batch else ["eos"] * n
     out["heldout"] = list(batch["heldout"]) if "heldout" in batch else [is_heldout(i, heldout_fraction)
                                                                        for i in out["id"]]
+    for key in ("chosen_token_ids", "rejected_token_ids"):
+        if key in batch:
+            out[key] = list(batch[key])
     return out

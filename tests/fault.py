@@ -59,7 +59,7 @@ def write_pairs(output_dir: Path, num_pairs: int, heldout_fraction: float = 0.1,
         wrong = "".join(rng.choice(string.ascii_lowercase) for _ in range(len(answer)))
         rows.append({"id": f"s{i:06d}", "sample_index": 0, "prompt": prompt, "chosen": answer, "rejected": wrong,
                      "chosen_num_tokens": len(answer) + 1, "rejected_num_tokens": len(wrong) + 1,
-                     "chosen_finish_reason": "stop", "rejected_finish_reason": "stop",
+                     "chosen_finish_reason": "eos", "rejected_finish_reason": "eos",
                      "teacher_model": "synthetic", "student_model": "synthetic", "teacher_sampling": "{}",
                      "student_sampling": "{}", "heldout": pairs.is_heldout(f"s{i:06d}", heldout_fraction)})
     folder = output_dir / "pairs"

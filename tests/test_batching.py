@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from plad_ray import tiny
-from plad_ray.train.batching import PairTokenizer, collate_pairs, tokenize_pair
+from plad_ray.train.batching import PairTokenizer, collate_pairs, ragged, tokenize_pair
 
 
 def test_tokenize_pair_cuts_responses_and_drops_long_prompts():
@@ -36,7 +36,7 @@ def tokenizer_dir(tmp_path_factory):
     return str(folder)
 
 
-def test_pair_tokenizer_appends_eos_only_to_stopped_outputs(tokenizer_dir):
+def test_pair_tokenizer_appends_eos_only_to_outputs_that_ended_on_eos(tokenizer_dir):
     stage = PairTokenizer(tokenizer_dir, max_length=12)
     batch = {
         "id": np.array(["a", "b", "c"]),
@@ -44,8 +44,8 @@ def test_pair_tokenizer_appends_eos_only_to_stopped_outputs(tokenizer_dir):
         "prompt": np.array(["ab>", "ab>", "abcdefghijklm>"]),
         "chosen": np.array(["ba", "ba", "x"]),
         "rejected": np.array(["bb", "ba", "y"]),
-        "chosen_finish_reason": np.array(["stop", "stop", "stop"]),
-        "rejected_finish_reason": np.array(["length", "stop", "stop"]),
+        "chosen_finish_reason": np.array(["eos", "eos", "eos"]),
+        "rejected_finish_reason": np.array(["length", "eos", "eos"]),
     }
     out = stage(batch)
     assert out["status"].tolist() == ["ok", "identical", "too_long"]
@@ -54,8 +54,41 @@ def test_pair_tokenizer_appends_eos_only_to_stopped_outputs(tokenizer_dir):
     # first, so a printable character c has id ord(c) - 0x21 + 3: 'a' -> 67, '>' -> 32.
     ab, ba, bb = ([ord(c) - 0x21 + 3 for c in s] for s in ("ab>", "ba", "bb"))
     assert out["prompt_ids"][0].tolist() == ab == [67, 68, 32]
-    assert out["chosen_ids"][0].tolist() == ba + [tiny.EOS_ID]  # stopped: EOS is scored
+    assert out["chosen_ids"][0].tolist() == ba + [tiny.EOS_ID]  # ended on EOS: EOS is scored
     assert out["rejected_ids"][0].tolist() == bb  # cut at max_tokens: no EOS
+    assert out["chosen_ids"][1].tolist() == ba + [tiny.EOS_ID]  # identical pairs keep their ids (NLL part)
+
+
+def test_an_output_a_stop_string_ended_is_scored_with_the_stop_string_not_eos(tokenizer_dir):
+    # vLLM drops the stop string from the text but keeps the token that completed it in the ids;
+    # the text path puts it back, so both paths score the same ending, and neither invents an EOS.
+    stage = PairTokenizer(tokenizer_dir, max_length=16, chosen_stop="\n", rejected_stop="\n")
+    batch = {"id": np.array(["a"]), "heldout": np.array([False]), "prompt": np.array(["ab>"]),
+             "chosen": np.array(["ba"]), "rejected": np.array(["bb"]),
+             "chosen_finish_reason": np.array(["stop"]), "rejected_finish_reason": np.array(["stop"]),
+             "rejected_token_ids": np.array([None], dtype=object)}
+    out = stage(batch)
+    newline = tiny.build_tokenizer()("\n", add_special_tokens=False)["input_ids"]
+    ba, bb = ([ord(c) - 0x21 + 3 for c in s] for s in ("ba", "bb"))
+    assert len(newline) == 1 and newline[0] != tiny.EOS_ID
+    assert out["chosen_ids"][0].tolist() == ba + newline
+    assert out["rejected_ids"][0].tolist() == bb + newline
+
+
+def test_generated_ids_are_scored_as_generated(tokenizer_dir):
+    # The engine's ids win over the text wherever a pair carries them: here they differ from the
+    # text on purpose (EOS included by the engine, a token the text would not give), and are used.
+    stage = PairTokenizer(tokenizer_dir, max_length=16)
+    batch = {"id": np.array(["a", "b"]), "heldout": np.array([False, False]), "prompt": np.array(["ab>", "ab>"]),
+             "chosen": np.array(["ba", "ba"]), "rejected": np.array(["bb", "aa"]),
+             "chosen_finish_reason": np.array(["eos", "eos"]), "rejected_finish_reason": np.array(["eos", "length"]),
+             "chosen_token_ids": np.array([[68, 67, 2], None], dtype=object),
+             "rejected_token_ids": np.array([[68, 68, 2], [67, 67, 67]], dtype=object)}
+    out = stage(batch)
+    assert out["chosen_ids"][0].tolist() == [68, 67, 2]
+    assert out["chosen_ids"][1].tolist() == [68, 67, tiny.EOS_ID]  # no ids (another tokenizer): text + EOS
+    assert out["rejected_ids"][0].tolist() == [68, 68, 2]
+    assert out["rejected_ids"][1].tolist() == [67, 67, 67]
 
 
 def test_pair_tokenizer_applies_the_chat_template_like_the_engine(tmp_path):
@@ -65,7 +98,7 @@ def test_pair_tokenizer_applies_the_chat_template_like_the_engine(tmp_path):
     stage = PairTokenizer(str(tmp_path), max_length=32, chat_template=True)
     batch = {"id": np.array(["a"]), "heldout": np.array([False]), "prompt": np.array(["hi"]),
              "chosen": np.array(["x"]), "rejected": np.array(["y"]),
-             "chosen_finish_reason": np.array(["stop"]), "rejected_finish_reason": np.array(["stop"])}
+             "chosen_finish_reason": np.array(["eos"]), "rejected_finish_reason": np.array(["eos"])}
     # The student engine saw "[hi]:" (one user turn plus the generation prompt), so training scores after it.
     assert stage(batch)["prompt_ids"][0].tolist() == tokenizer("[hi]:", add_special_tokens=False)["input_ids"]
 
@@ -76,13 +109,13 @@ def test_pair_tokenizer_scores_pairs_and_applies_the_student_wins_policy(tokeniz
     stage = PairTokenizer(tokenizer_dir, max_length=12, scorer="reverse", student_wins=policy)
     batch = {"id": np.array(["a", "b", "c"]), "heldout": np.array([False] * 3), "prompt": np.array(["ab>"] * 3),
              "chosen": np.array(["ba", "aa", "bb"]), "rejected": np.array(["bb", "ab", "ba"]),
-             "chosen_finish_reason": np.array(["stop", "stop", "length"]),
-             "rejected_finish_reason": np.array(["stop", "stop", "stop"])}
+             "chosen_finish_reason": np.array(["eos", "eos", "length"]),
+             "rejected_finish_reason": np.array(["eos", "eos", "eos"])}
     out = stage(batch)
     assert out["verdict"].tolist() == ["teacher", "tie", "student"]
     assert out["status"].tolist() == ["ok", "ok", "student_better" if policy == "drop" else "ok"]
     ba, bb = ([ord(c) - 0x21 + 3 for c in s] for s in ("ba", "bb"))
-    if policy == "flip":  # the student's right answer becomes chosen (with its EOS: it stopped)
+    if policy == "flip":  # the student's right answer becomes chosen (with its EOS: it ended on one)
         assert out["chosen_ids"][2].tolist() == ba + [tiny.EOS_ID] and out["rejected_ids"][2].tolist() == bb
         assert (out["chosen_score"][2], out["rejected_score"][2]) == (1.0, 0.0)
     else:
@@ -116,3 +149,90 @@ def test_length_grouping_cuts_padding_and_keeps_every_pair_once():
     arrival = [collate_pairs({k: v[i:i + 2] for k, v in bucket.items()}, 0)["attention_mask"] for i in range(0, 8, 2)]
     assert sum(int(m.sum()) for m in grouped) == sum(int(m.sum()) for m in arrival) == 65
     assert sum(m.numel() for m in grouped) == 80 and sum(m.numel() for m in arrival) == 104
+
+
+@pytest.fixture(scope="module")
+def prefix_marker_tokenizer_dir(tmp_path_factory):
+    """A SentencePiece-style tokenizer: words start with the marker '▁' (Metaspace), BPE merges."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    pieces = ["<pad>", "<s>", "</s>", "▁", "a", "b", ">", "▁a", "▁b", "▁ba", "▁ab", "ab", "ab>", "▁ab>"]
+    merges = [("▁", "a"), ("▁", "b"), ("▁b", "a"), ("a", "b"), ("▁a", "b"), ("ab", ">"), ("▁ab", ">")]
+    core = Tokenizer(models.BPE(vocab={p: i for i, p in enumerate(pieces)}, merges=merges))
+    core.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
+    core.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
+    folder = tmp_path_factory.mktemp("spm")
+    PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", bos_token="<s>", eos_token="</s>").save_pretrained(folder)
+    return str(folder)
+
+
+def test_prefix_marker_tokenizer_scores_the_generated_ids_not_a_retokenisation(prefix_marker_tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(prefix_marker_tokenizer_dir)
+    piece = tokenizer.convert_tokens_to_ids
+    # The student engine sampled "▁b" "a" then EOS: a valid id sequence that BPE would not produce
+    # for its own text. vLLM decodes it to "ba" (the decoder drops the leading marker).
+    generated = [piece("▁b"), piece("a"), tokenizer.eos_token_id]
+    text = tokenizer.decode(generated, skip_special_tokens=True)
+    assert text == "ba"
+    retokenised = tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert retokenised == [piece("▁ba")] != generated[:-1]  # the trap: text -> ids is not the identity here
+    stage = PairTokenizer(prefix_marker_tokenizer_dir, max_length=16)
+    batch = {"id": np.array(["a", "b"]), "heldout": np.array([False, False]), "prompt": np.array(["ab>", "ab>"]),
+             "chosen": np.array(["ab", "ab"]), "rejected": np.array([text, text]),
+             "chosen_finish_reason": np.array(["eos", "eos"]), "rejected_finish_reason": np.array(["eos", "eos"]),
+             "rejected_token_ids": np.array([generated, None], dtype=object)}
+    out = stage(batch)
+    # ids -> text -> training ids: the generated ids come back exactly, EOS included where it was emitted.
+    assert out["rejected_ids"][0].tolist() == generated
+    # Without ids (text only, e.g. another tokenizer's output) the same text trains a different sequence.
+    assert out["rejected_ids"][1].tolist() == retokenised + [tokenizer.eos_token_id] != generated
+
+
+def test_byte_level_text_and_ids_paths_agree(tokenizer_dir):
+    # Where text -> ids is the identity (the byte tokenizer of the tiny models), both paths give one sequence.
+    tokenizer = tiny.build_tokenizer()
+    texts = ["olleh", "a b", "ab\u00e9"]
+    ids = [tokenizer(t, add_special_tokens=False)["input_ids"] + [tiny.EOS_ID] for t in texts]
+    assert [tokenizer.decode(i, skip_special_tokens=True) for i in ids] == texts
+    stage = PairTokenizer(tokenizer_dir, max_length=32)
+    n = len(texts)
+    batch = {"id": np.array([f"p{i}" for i in range(n)]), "heldout": np.array([False] * n),
+             "prompt": np.array(["x>"] * n), "chosen": np.array(texts), "rejected": np.array(texts),
+             "chosen_finish_reason": np.array(["eos"] * n), "rejected_finish_reason": np.array(["eos"] * n),
+             "rejected_token_ids": np.array(ids, dtype=object)}
+    out = stage(batch)
+    assert [c.tolist() for c in out["chosen_ids"]] == [r.tolist() for r in out["rejected_ids"]] == ids
+
+
+def test_listwise_groups_one_prompts_samples_into_one_row_and_one_forward():
+    from plad_ray.train.batching import collate_groups, group_samples
+
+    # Prompt "a" has three pairs; the second is identical (no ranking signal) and is left out.
+    pairs = {"id": np.array(["a", "a", "a"]), "status": np.array(["ok", "identical", "ok"]),
+             "prompt_ids": np.array([np.array([10]), np.array([10]), np.array([10])], dtype=object),
+             "chosen_ids": np.array([np.array([20, 2])] * 3, dtype=object),
+             "rejected_ids": np.array([np.array([30]), np.array([20, 2]), np.array([31, 32, 2])], dtype=object)}
+    row = group_samples(pairs)
+    assert row["num_samples"].tolist() == [2]
+    assert [r.tolist() for r in row["rejected_ids_list"][0]] == [[30], [31, 32, 2]]
+    other = {"id": np.array(["b"]), "prompt_ids": ragged([np.array([11, 12])]), "chosen_ids": ragged([np.array([21])]),
+             "rejected_ids_list": ragged([ragged([np.array([33])])]), "num_samples": np.array([1])}
+    batch = {k: np.concatenate([row[k], other[k]]) for k in ("prompt_ids", "chosen_ids", "rejected_ids_list")}
+    out = collate_groups(batch, pad_id=0)
+    # Rows: chosen a, chosen b, then K = 2 slots per prompt: a's two samples, b's one sample and an empty slot.
+    assert out["input_ids"].tolist() == [[10, 20, 2, 0], [11, 12, 21, 0],
+                                         [10, 30, 0, 0], [10, 31, 32, 2], [11, 12, 33, 0], [11, 12, 0, 0]]
+    assert out["response_mask"].tolist() == [[0, 1, 1, 0], [0, 0, 1, 0],
+                                             [0, 1, 0, 0], [0, 1, 1, 1], [0, 0, 1, 0], [0, 0, 0, 0]]
+    assert out["rejected_mask"].tolist() == [[1.0, 1.0], [1.0, 0.0]]
+
+
+def test_collate_pairs_marks_identical_pairs_unranked():
+    batch = {"prompt_ids": np.array([np.array([1]), np.array([1])], dtype=object),
+             "chosen_ids": np.array([np.array([2]), np.array([3])], dtype=object),
+             "rejected_ids": np.array([np.array([4]), np.array([3])], dtype=object),
+             "status": np.array(["ok", "identical"])}
+    assert collate_pairs(batch, pad_id=0)["ranked"].tolist() == [1.0, 0.0]

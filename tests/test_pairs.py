@@ -4,9 +4,11 @@ from plad_ray import pairs
 
 
 def test_finish_reason():
-    # Cut at max_tokens without EOS -> length; EOS at the limit, or fewer tokens -> stop.
+    # Ends on EOS -> eos (also at the limit); cut at max_tokens without EOS -> length; fewer
+    # tokens and no EOS -> a stop string ended it -> stop.
     assert pairs.finish_reason(16, 16, last_token_id=7, eos_token_ids=[2]) == "length"
-    assert pairs.finish_reason(16, 16, last_token_id=2, eos_token_ids=[2]) == "stop"
+    assert pairs.finish_reason(16, 16, last_token_id=2, eos_token_ids=[2]) == "eos"
+    assert pairs.finish_reason(5, 16, last_token_id=2, eos_token_ids=[2, 9]) == "eos"
     assert pairs.finish_reason(5, 16, last_token_id=7, eos_token_ids=[2]) == "stop"
     assert pairs.finish_reason(0, 16, last_token_id=None, eos_token_ids=[2]) == "stop"
 
@@ -21,17 +23,22 @@ def test_heldout_split_is_deterministic_and_near_the_fraction():
 
 def test_expand_and_make_pair():
     teacher_row = {"id": "a", "prompt": "abc>", "teacher_text": "cba", "teacher_num_tokens": 4,
-                   "teacher_finish_reason": "stop", "teacher_model": "T", "teacher_sampling": "{}"}
+                   "teacher_finish_reason": "eos", "teacher_token_ids": [5, 6, 7, 2], "teacher_model": "T",
+                   "teacher_sampling": "{}"}
     rows = pairs.expand_samples(teacher_row, 3)
     assert [r["sample_index"] for r in rows] == [0, 1, 2]
-    pair = pairs.make_pair(rows[1], {"text": "xx", "num_tokens": 16, "finish_reason": "length"}, "S", "{\"t\": 1}", 0.0)
+    student = {"text": "xx", "num_tokens": 2, "finish_reason": "length", "token_ids": [9, 9]}
+    pair = pairs.make_pair(rows[1], student, "S", "{\"t\": 1}", 0.0)
     assert pair == {
         "id": "a", "sample_index": 1, "prompt": "abc>", "chosen": "cba", "rejected": "xx",
-        "chosen_num_tokens": 4, "rejected_num_tokens": 16, "chosen_finish_reason": "stop",
-        "rejected_finish_reason": "length", "teacher_model": "T", "student_model": "S",
+        "chosen_num_tokens": 4, "rejected_num_tokens": 2, "chosen_finish_reason": "eos",
+        "rejected_finish_reason": "length", "chosen_token_ids": None, "rejected_token_ids": [9, 9],
+        "teacher_model": "T", "student_model": "S",
         "teacher_sampling": "{}", "student_sampling": "{\"t\": 1}", "heldout": False,
     }
     assert set(pair) == set(pairs.PAIR_SCHEMA.names)
+    # One vocabulary: the teacher's generated ids are the chosen side's ids.
+    assert pairs.make_pair(rows[1], student, "S", "{}", 0.0, shared_vocabulary=True)["chosen_token_ids"] == [5, 6, 7, 2]
     # TRL's preference convention: prompt/chosen/rejected as plain strings.
     for column in ("prompt", "chosen", "rejected"):
         assert str(pairs.PAIR_SCHEMA.field(column).type) == "string"
@@ -40,7 +47,7 @@ def test_expand_and_make_pair():
 def test_external_trl_pairs_get_ids_finish_reasons_and_split():
     batch = {"prompt": ["p1", "p2"], "chosen": ["a", "b"], "rejected": ["c", "d"]}
     out = pairs.complete_external(batch, heldout_fraction=0.5)
-    assert out["chosen_finish_reason"] == out["rejected_finish_reason"] == ["stop", "stop"]
+    assert out["chosen_finish_reason"] == out["rejected_finish_reason"] == ["eos", "eos"]
     assert len(set(out["id"])) == 2 and out == pairs.complete_external(batch, 0.5)  # stable ids
     assert out["heldout"] == [pairs.is_heldout(i, 0.5) for i in out["id"]]
     kept = pairs.complete_external({**batch, "id": [7, 8], "heldout": [True, False]}, 0.5)

@@ -87,13 +87,20 @@ def build_endpoint_processor(endpoint: EndpointConfig, batch_size: int, preproce
     return build_processor(config, preprocess=preprocess, postprocess=postprocess)
 
 
-def read_response(response: dict) -> dict:
-    """text, num_tokens, finish_reason of an OpenAI completions or chat completions response."""
+def read_response(response: dict, stop_configured: bool = False) -> dict:
+    """text, num_tokens, finish_reason (eos | stop | length) of an OpenAI completions or chat response.
+
+    OpenAI's "stop" covers both the end-of-sequence token and a stop string. vLLM's server
+    tells them apart with `stop_reason` (null or a token id: EOS; a string: that stop
+    string); a server without it ended on EOS unless a stop string was configured.
+    """
     choice = response["choices"][0]
     text = choice["message"]["content"] if "message" in choice else choice["text"]
     usage = response.get("usage") or {}
-    return {
-        "text": text or "",
-        "num_tokens": int(usage.get("completion_tokens") or 0),
-        "finish_reason": "length" if choice.get("finish_reason") == "length" else "stop",
-    }
+    if choice.get("finish_reason") == "length":
+        reason = "length"
+    elif "stop_reason" in choice:
+        reason = "stop" if isinstance(choice["stop_reason"], str) else "eos"
+    else:
+        reason = "stop" if stop_configured else "eos"
+    return {"text": text or "", "num_tokens": int(usage.get("completion_tokens") or 0), "finish_reason": reason}

@@ -33,6 +33,7 @@ class _Output:
             "text": row["generated_text"],
             "num_tokens": n,
             "finish_reason": pairs.finish_reason(n, self.max_tokens, last, self.eos_token_ids),
+            "token_ids": [int(t) for t in tokens],
         }
 
 
@@ -53,6 +54,7 @@ def teacher_outputs(prompts_ds, engine: EngineConfig, model_path: str, model_nam
             "teacher_text": out["text"],
             "teacher_num_tokens": out["num_tokens"],
             "teacher_finish_reason": out["finish_reason"],
+            "teacher_token_ids": out["token_ids"],
             "teacher_model": model_name,
             "teacher_sampling": params_json,
         }
@@ -75,13 +77,14 @@ def teacher_outputs_http(prompts_ds, engine: EngineConfig):
         return {"payload": {"model": engine.model, **prompt, **params}}
 
     def postprocess(row: dict) -> dict:
-        out = read_response(row["http_response"])
+        out = read_response(row["http_response"], stop_configured=engine.sampling.stop is not None)
         return {
             "id": row["id"],
             "prompt": row["prompt"],
             "teacher_text": out["text"],
             "teacher_num_tokens": out["num_tokens"],
             "teacher_finish_reason": out["finish_reason"],
+            "teacher_token_ids": None,  # only text crosses from a black-box teacher
             "teacher_model": model_name,
             "teacher_sampling": params_json,
         }
@@ -99,10 +102,12 @@ def student_pairs(
     use_gpu: bool,
     heldout_fraction: float,
     skip: set = frozenset(),
+    shared_vocabulary: bool = False,
 ):
     """teacher cache rows -> k student samples per prompt -> rows of pairs.PAIR_SCHEMA.
 
-    `skip` holds (id, sample_index) keys already written by an interrupted run.
+    `skip` holds (id, sample_index) keys already written by an interrupted run. With
+    `shared_vocabulary` the teacher's generated ids are kept on the chosen side.
     """
     read = _Output(engine.sampling.max_tokens, list(eos_token_ids))
     params_by_sample = [sampling_params(engine, seed_offset=k) for k in range(engine.num_samples)]
@@ -118,7 +123,7 @@ def student_pairs(
 
     def postprocess(row: dict) -> dict:
         row = {**row, "prompt": row["source_prompt"]}
-        return pairs.make_pair(row, read(row), model_name, params_json, heldout_fraction)
+        return pairs.make_pair(row, read(row), model_name, params_json, heldout_fraction, shared_vocabulary)
 
     expanded = teacher_ds.flat_map(lambda row: pairs.expand_samples(row, engine.num_samples, skip))
     processor = build_engine_processor(engine, model_path, use_gpu, preprocess, postprocess)

@@ -3,13 +3,21 @@
 Tokenization happens in a Ray Data stage before training, so trainer workers receive
 token ids and spend their time in forward/backward. A batch of B pairs becomes one
 forward of 2B sequences: rows 0..B-1 are prompt+chosen, rows B..2B-1 prompt+rejected.
+(A listwise batch of B prompts with K student samples each is B + B*K rows: `collate_groups`.)
 
-Each side is the student's tokenization of the prompt followed by its tokenization of
-the response, plus EOS when that output stopped on its own (finish reason "stop"):
-the student is scored on ending where the output ended. Responses longer than
-`max_length - prompt` are cut; pairs whose prompt alone does not fit are dropped and
-counted: every pair keeps a `status` (ok, identical, too_long) so nothing vanishes
-unaccounted.
+Each side is the student's tokenization of the prompt followed by the response *as it
+was generated*: the engine's own token ids (`chosen_token_ids` / `rejected_token_ids`)
+when the pair carries them, which is always the case for the student's samples and for
+the teacher's outputs when teacher and student share a vocabulary. Re-tokenising decoded
+text is not the identity for subword tokenizers (a SentencePiece word-prefix marker, or
+an id sequence the tokenizer would not produce itself), so the ids are what is scored.
+Text is tokenized only when no ids exist (another tokenizer's teacher, external pairs):
+then the response is followed by EOS only if that output ended on EOS (finish reason
+"eos"), by the stop string if a stop string ended it ("stop"; vLLM's ids include the
+token that completed it, so both paths end the same way), and by nothing if it was cut
+at max_tokens. Responses longer than `max_length - prompt` are cut; pairs whose prompt
+alone does not fit are dropped and counted: every pair keeps a `status` (ok, identical,
+too_long, student_better) so nothing vanishes unaccounted.
 
 With a scorer (`train.scorer`), each pair also gets `chosen_score`/`rejected_score`
 and a `verdict` (teacher, tie, student won), and `train.student_wins` keeps, drops
@@ -29,27 +37,40 @@ def tokenize_pair(prompt_ids: list[int], chosen_ids: list[int], rejected_ids: li
     return prompt_ids, chosen_ids[:room], rejected_ids[:room]
 
 
+def response_ids(generated_ids, text: str, finish_reason: str, encode, eos: list[int], stop: str | None) -> list[int]:
+    """The ids a response is scored on: as generated when known, else its text tokenized (see above)."""
+    if generated_ids is not None:
+        return [int(i) for i in generated_ids]
+    if finish_reason == "stop" and stop:
+        return encode(text + stop)
+    return encode(text) + (eos if finish_reason == "eos" else [])
+
+
 class PairTokenizer:
-    """Ray Data stage: add prompt_ids / chosen_ids / rejected_ids columns (student tokenizer)."""
+    """Ray Data stage: add prompt_ids / chosen_ids / rejected_ids columns (student tokenizer).
+
+    `chosen_stop` / `rejected_stop`: the stop string each side was sampled with (teacher
+    and student `sampling.stop`), for outputs that a stop string ended and that carry no ids.
+    """
 
     def __init__(self, model_path: str, max_length: int, chat_template: bool = False, trust_remote_code: bool = False,
-                 scorer: str | None = None, student_wins: str = "keep"):
+                 scorer: str | None = None, student_wins: str = "keep", chosen_stop: str | None = None,
+                 rejected_stop: str | None = None):
         from transformers import AutoTokenizer
 
         from plad_ray.scoring import get_scorer
 
         self.scorer = get_scorer(scorer) if scorer else None
         self.student_wins = student_wins
-
         self.tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code)
         self.max_length = max_length
         self.chat_template = chat_template
+        self.stops = {"chosen": chosen_stop, "rejected": rejected_stop}
         eos = self.tokenizer.eos_token_id
         self.eos = [] if eos is None else [eos]
 
-    def _response(self, texts, finish_reasons) -> list[list[int]]:
-        ids = self.tokenizer(list(texts), add_special_tokens=False)["input_ids"]
-        return [t + self.eos if reason == "stop" else t for t, reason in zip(ids, finish_reasons)]
+    def _encode(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def _prompts(self, prompts) -> list[list[int]]:
         """The prompt as the student engine saw it: one user turn of the chat template, if on."""
@@ -59,47 +80,51 @@ class PairTokenizer:
                                                  add_generation_prompt=True, tokenize=True)
         return ids["input_ids"] if hasattr(ids, "keys") else ids
 
+    def _responses(self, batch: dict, side: str) -> list[list[int]]:
+        n = len(batch["prompt"])
+        generated = batch.get(f"{side}_token_ids")
+        return [response_ids(generated[i] if generated is not None else None, batch[side][i],
+                             batch[f"{side}_finish_reason"][i], self._encode, self.eos, self.stops[side])
+                for i in range(n)]
+
     def __call__(self, batch: dict) -> dict:
         """Token ids of every pair, its scores, and its `status`: ok, identical (no ranking
         signal), too_long, or student_better (dropped by policy)."""
-        batch, verdicts, dropped = self._score(batch)
         prompt_ids = self._prompts(batch["prompt"])
-        chosen = self._response(batch["chosen"], batch["chosen_finish_reason"])
-        rejected = self._response(batch["rejected"], batch["rejected_finish_reason"])
+        rows = [{"prompt": p, "chosen": c, "rejected": r, "chosen_ids": ci, "rejected_ids": ri}
+                for p, c, r, ci, ri in zip(batch["prompt"], batch["chosen"], batch["rejected"],
+                                           self._responses(batch, "chosen"), self._responses(batch, "rejected"))]
+        rows, verdicts, dropped = self._score(rows)
         out = {name: [] for name in TOKEN_COLUMNS}
         status = []
-        for sides, same, drop in zip(zip(prompt_ids, chosen, rejected), batch["chosen"] == batch["rejected"], dropped):
-            fitted = tokenize_pair(*sides, self.max_length)
-            status.append("identical" if same else "student_better" if drop else "too_long" if fitted is None else "ok")
+        for row, prompt, drop in zip(rows, prompt_ids, dropped):
+            fitted = tokenize_pair(prompt, row["chosen_ids"], row["rejected_ids"], self.max_length)
+            same = row["chosen"] == row["rejected"]
+            status.append("too_long" if fitted is None else "identical" if same else "student_better" if drop else "ok")
             for name, ids in zip(TOKEN_COLUMNS, fitted or ([], [], [])):
                 out[name].append(np.asarray(ids, dtype=np.int32))
         return {"id": batch["id"], "heldout": batch["heldout"], "status": np.asarray(status),
-                "verdict": np.asarray(verdicts), "chosen_score": batch["chosen_score"],
-                "rejected_score": batch["rejected_score"], **{k: ragged(v) for k, v in out.items()}}
+                "verdict": np.asarray(verdicts),
+                "chosen_score": np.asarray([r.get("chosen_score", 0.0) for r in rows], dtype=np.float32),
+                "rejected_score": np.asarray([r.get("rejected_score", 0.0) for r in rows], dtype=np.float32),
+                **{k: ragged(v) for k, v in out.items()}}
 
-    def _score(self, batch: dict) -> tuple[dict, list[str], list[bool]]:
+    def _score(self, rows: list[dict]) -> tuple[list[dict], list[str], list[bool]]:
         """Scores, verdicts and the student-wins policy; without a scorer every score is 0 and verdict ''."""
         from plad_ray.scoring import apply_policy, verdict
 
-        n = len(batch["prompt"])
         if self.scorer is None:
-            zeros = np.zeros(n, dtype=np.float32)
-            return {**batch, "chosen_score": zeros, "rejected_score": zeros}, [""] * n, [False] * n
-        keys = ("prompt", "chosen", "rejected", "chosen_finish_reason", "rejected_finish_reason")
-        rows, verdicts, dropped = [], [], []
-        for values in zip(*(batch[k] for k in keys)):
-            row = dict(zip(keys, values))
-            row["chosen_score"] = self.scorer(row["prompt"], row["chosen"])
-            row["rejected_score"] = self.scorer(row["prompt"], row["rejected"])
+            return rows, [""] * len(rows), [False] * len(rows)
+        scored, verdicts, dropped = [], [], []
+        for row in rows:
+            row = {**row, "chosen_score": self.scorer(row["prompt"], row["chosen"]),
+                   "rejected_score": self.scorer(row["prompt"], row["rejected"])}
             who = verdict(row["chosen_score"], row["rejected_score"])
             kept = apply_policy(row, who, self.student_wins)
             verdicts.append(who)
             dropped.append(kept is None)
-            rows.append(kept or row)
-        scored = {k: np.asarray([r[k] for r in rows], dtype=object) for k in keys}
-        for k in ("chosen_score", "rejected_score"):
-            scored[k] = np.asarray([r[k] for r in rows], dtype=np.float32)
-        return {**batch, **scored}, verdicts, dropped
+            scored.append(kept or row)
+        return scored, verdicts, dropped
 
 
 def ragged(arrays: list[np.ndarray]) -> np.ndarray:
@@ -108,14 +133,10 @@ def ragged(arrays: list[np.ndarray]) -> np.ndarray:
     return out
 
 
-def collate_pairs(batch: dict, pad_id: int) -> dict:
-    """[2B, T] input_ids, attention_mask and response_mask (1 on scored response tokens)."""
+def _pad(sequences: list[np.ndarray], prompt_lengths: list[int], pad_id: int) -> dict:
+    """input_ids, attention_mask and response_mask (1 on scored response tokens) of equal width."""
     import torch
 
-    prompts = list(batch["prompt_ids"])
-    sequences = [np.concatenate([p, r]) for p, r in zip(prompts, batch["chosen_ids"])]
-    sequences += [np.concatenate([p, r]) for p, r in zip(prompts, batch["rejected_ids"])]
-    prompt_lengths = [len(p) for p in prompts] * 2
     width = max(len(s) for s in sequences)
     input_ids = np.full((len(sequences), width), pad_id, dtype=np.int64)
     attention = np.zeros((len(sequences), width), dtype=np.int64)
@@ -124,14 +145,61 @@ def collate_pairs(batch: dict, pad_id: int) -> dict:
         input_ids[row, : len(seq)] = seq
         attention[row, : len(seq)] = 1
         response[row, plen : len(seq)] = 1
-    out = {
-        "input_ids": torch.from_numpy(input_ids),
-        "attention_mask": torch.from_numpy(attention),
-        "response_mask": torch.from_numpy(response),
-    }
+    return {"input_ids": torch.from_numpy(input_ids), "attention_mask": torch.from_numpy(attention),
+            "response_mask": torch.from_numpy(response)}
+
+
+def collate_pairs(batch: dict, pad_id: int) -> dict:
+    """[2B, T] input_ids, attention_mask and response_mask (1 on scored response tokens).
+
+    `ranked` (float [B]) is 0 for pairs whose two sides are the same text: they train the
+    NLL part of an objective but carry no ranking signal.
+    """
+    import torch
+
+    prompts = list(batch["prompt_ids"])
+    sequences = [np.concatenate([p, r]) for p, r in zip(prompts, batch["chosen_ids"])]
+    sequences += [np.concatenate([p, r]) for p, r in zip(prompts, batch["rejected_ids"])]
+    out = _pad(sequences, [len(p) for p in prompts] * 2, pad_id)
     for key in ("chosen_score", "rejected_score"):
         if key in batch:
             out[key] = torch.as_tensor(np.asarray(batch[key], dtype=np.float32))
+    if "status" in batch:
+        out["ranked"] = torch.as_tensor(np.asarray(batch["status"]) != "identical", dtype=torch.float32)
+    return out
+
+
+def group_samples(batch: dict) -> dict:
+    """Ray Data `map_groups` over one prompt id's pairs: one row with its K samples' rejected ids.
+
+    Listwise training ranks the teacher output above every student sample of its prompt in
+    one loss term, so a prompt's samples must share a micro-batch: one row per prompt.
+    """
+    ranked = np.asarray(batch["status"]) != "identical"
+    return {"id": batch["id"][:1], "prompt_ids": ragged([batch["prompt_ids"][0]]),
+            "chosen_ids": ragged([batch["chosen_ids"][0]]),
+            "rejected_ids_list": ragged([ragged([r for r, keep in zip(batch["rejected_ids"], ranked) if keep])]),
+            "num_samples": np.asarray([int(ranked.sum())], dtype=np.int32)}
+
+
+def collate_groups(batch: dict, pad_id: int) -> dict:
+    """[B + B*K, T]: B teacher outputs, then K sample slots per prompt (prompt-major), and
+    `rejected_mask` [B, K] (1 = a real sample; prompts with fewer than K fill with empty slots)."""
+    import torch
+
+    prompts = list(batch["prompt_ids"])
+    samples = [list(s) for s in batch["rejected_ids_list"]]
+    k = max(len(s) for s in samples)
+    sequences = [np.concatenate([p, c]) for p, c in zip(prompts, batch["chosen_ids"])]
+    lengths = [len(p) for p in prompts]
+    mask = np.zeros((len(prompts), k), dtype=np.float32)
+    for b, (p, rows) in enumerate(zip(prompts, samples)):
+        for j in range(k):
+            mask[b, j] = j < len(rows)
+            sequences.append(np.concatenate([p, rows[j]]) if j < len(rows) else p)
+            lengths.append(len(p))
+    out = _pad(sequences, lengths, pad_id)
+    out["rejected_mask"] = torch.from_numpy(mask)
     return out
 
 
@@ -142,8 +210,15 @@ def length_grouped(bucket: dict, micro_batch_size: int, seed) -> list[dict]:
     in the [2B, T] forward; shuffling the micro-batches keeps lengths from trending.
     """
     lengths = [len(p) + max(len(c), len(r))
-               for p, c, r in zip(bucket["prompt_ids"], bucket["chosen_ids"], bucket["rejected_ids"])]
+               for p, c, r in zip(bucket["prompt_ids"], bucket["chosen_ids"], _longest(bucket))]
     order = np.argsort(lengths, kind="stable")
     chunks = [order[i:i + micro_batch_size] for i in range(0, len(order), micro_batch_size)]
     np.random.default_rng(seed).shuffle(chunks)
     return [{k: np.asarray(v)[idx] for k, v in bucket.items()} for idx in chunks]
+
+
+def _longest(bucket: dict):
+    """Each row's longest rejected side (pairs: the one; groups: the longest of its samples)."""
+    if "rejected_ids" in bucket:
+        return bucket["rejected_ids"]
+    return [max(rows, key=len, default=np.zeros(0)) for rows in bucket["rejected_ids_list"]]
