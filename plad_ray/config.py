@@ -20,7 +20,8 @@ import yaml
 from plad_ray.errors import ConfigError
 from plad_ray.scoring import POLICIES, SCORERS
 
-LOSS_TYPES = ("hinge", "margin", "logistic", "seqkd", "token_kd")  # plad_ray.losses.LOSS_TYPES (no torch import here)
+LOSS_TYPES = ("hinge", "margin", "logistic", "listwise", "seqkd", "token_kd")  # = plad_ray.losses.LOSS_TYPES
+# (repeated here so that loading a config does not import torch)
 
 
 @dataclass
@@ -88,14 +89,26 @@ class StudentEngineConfig(EngineConfig):
 @dataclass
 class LossConfig:
     # hinge (PLaD ranking calibration) | margin (hinge with margin beta*(s(chosen)-s(rejected)); needs train.scorer)
-    # | logistic | seqkd (baseline: NLL of the teacher output only)
-    # | token_kd (baseline: forward KL to the teacher's token distribution on teacher outputs; needs a
+    # | logistic | listwise (the teacher output above each of a prompt's student samples, in one term; batches
+    # hold train.micro_batch_size prompts with all their samples) | seqkd (baseline: NLL of the teacher output
+    # only) | token_kd (baseline: forward KL to the teacher's token distribution on teacher outputs; needs a
     # local teacher sharing the student's vocabulary)
     type: str = "hinge"
-    beta: float = 1.0  # hinge margin, > 0, in nats of sequence log-prob
+    beta: float = 1.0  # hinge margin, > 0: nats of sequence log-prob; nats per token with length_normalize
     gamma: float = 1.0  # logistic scale, > 0: -log sigmoid(gamma * (log P(chosen) - log P(rejected)))
-    length_normalize: bool = False  # use mean token log-prob instead of the sum
-    nll_weight: float = 0.0  # lambda of the lambda * NLL(chosen) regulariser, >= 0; 0 is off
+    length_normalize: bool = False  # use mean token log-prob instead of the sum (beta becomes a per-token margin)
+    # lambda of the lambda * NLL(chosen) anchor, >= 0 (0 is off). On by default: without it a ranking loss can
+    # win by making the teacher's outputs less likely too (README "Choosing the objective").
+    nll_weight: float = 1.0
+
+
+@dataclass
+class GuardConfig:
+    # Collapse guard: the held-out teacher outputs' log-prob per token, scored every train.eval_every_steps,
+    # may fall at most this many nats below its value before training; null: no guard
+    max_logp_drop: float | None = 0.1
+    action: str = "warn"  # warn (one warning line, flagged in the summary) | stop (end training, export the last
+    # checkpoint that passed; every checkpoint is then taken right after a held-out evaluation that passed)
 
 
 @dataclass
@@ -121,17 +134,23 @@ class TrainConfig:
     checkpoint_every_steps: int = 0  # 0: checkpoint only at the end of each epoch
     log_every_steps: int = 10  # optimizer steps between logged losses
     max_failures: int = 0  # times Ray Train restarts failed workers from the last checkpoint; -1: no limit
+    eval_every_steps: int = 50  # score the held-out pairs every N optimizer steps (and before/after); 0: only then
     scorer: str | None = None  # score outputs with this plad_ray.scoring scorer (e.g. reverse); null: none
     student_wins: str = "keep"  # pairs where the student's output scored higher: keep | drop | flip
     tensorboard: bool = True  # write training metrics for TensorBoard under output_dir/train/tensorboard
     seed: int = 0
     loss: LossConfig = field(default_factory=LossConfig)
+    guard: GuardConfig = field(default_factory=GuardConfig)
 
 
 @dataclass
 class EvalConfig:
     enabled: bool = True  # jobs.distill evaluates the trained student at its end (jobs.evaluate always does)
     scorer: str | None = None  # verifier for correctness and win rate (plad_ray.scoring); null: train.scorer
+    graded_scorer: str | None = None  # a graded score in [0, 1] (e.g. tiny_similarity) reported and used for
+    # win rates; null: win rates by the verifier, else by ROUGE-L against the reference
+    num_samples: int = 0  # also sample this many outputs per prompt at T=1: sampled accuracy (their mean) and
+    # best-of-n accuracy (the sample with the highest mean token log-prob); 0: greedy only
     initial_student: bool = True  # also evaluate the student before training (one more vLLM pass)
     max_prompts: int | None = None  # evaluate on at most this many held-out prompts; None: all
     num_bins: int = 10  # confidence bins of the ECE and the reliability diagram
@@ -286,10 +305,19 @@ def _checks(c: Config):
     yield "train.loss.beta", t.loss.beta > 0, "the hinge margin must be > 0"
     yield "train.loss.gamma", t.loss.gamma > 0, "the logistic scale must be > 0"
     yield "train.loss.nll_weight", t.loss.nll_weight >= 0, "must be >= 0"
+    yield "train.loss.type", t.loss.type != "listwise" or c.student.num_samples >= 2 or t.pairs is not None, (
+        "listwise ranks a prompt's student samples together: set student.num_samples >= 2")
+    yield "train.eval_every_steps", t.eval_every_steps >= 0, "must be >= 0 (0: only before and after training)"
+    yield "train.guard.max_logp_drop", t.guard.max_logp_drop is None or t.guard.max_logp_drop >= 0, (
+        "must be >= 0 nats per token, or null for no guard")
+    yield "train.guard.action", t.guard.action in ("warn", "stop"), "must be warn or stop"
     e = c.eval
     yield "eval.scorer", e.scorer is None or e.scorer in SCORERS, f"must be null or one of: {', '.join(SCORERS)}"
     yield "eval.max_prompts", e.max_prompts is None or e.max_prompts >= 1, "must be >= 1 or null"
     yield "eval.num_bins", e.num_bins >= 1, "must be >= 1"
+    yield "eval.graded_scorer", e.graded_scorer is None or e.graded_scorer in SCORERS, (
+        f"must be null or one of: {', '.join(SCORERS)}")
+    yield "eval.num_samples", e.num_samples >= 0, "must be >= 0"
     yield "eval.enabled", not e.enabled or c.data.heldout_fraction > 0, (
         "evaluation runs on held-out prompts: set data.heldout_fraction > 0, or eval.enabled=false")
     yield "cluster.num_cpus", c.cluster.num_cpus is None or c.cluster.num_cpus >= 1, "must be >= 1 or null"

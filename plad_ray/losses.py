@@ -14,15 +14,21 @@ over response tokens only. Every loss below takes per-sequence log-probs of shap
     token_kd (baseline, shared vocabulary)    mean over y+ tokens of KL(p_teacher(.|x, y+_<t) || p_student(.|x, y+_<t))
 
 Length normalisation (mean instead of summed token log-prob) is applied to the inputs
-by `length_normalized`, so it composes with every loss. `plad_loss` is the training
-objective the workers call. Tensor names carry their shape: B pairs, K samples, T
-positions, V vocabulary.
+by `length_normalized`, so it composes with every loss; beta is then a margin per token
+(SimPO-style), not per sequence. `plad_loss` is the training objective the workers call.
+Tensor names carry their shape: B pairs, K samples, T positions, V vocabulary.
+
+Why the NLL term is on by default (`train.loss.nll_weight`): a ranking loss alone can
+win the ranking by lowering the likelihood of both outputs ("likelihood displacement",
+Razin et al. 2024); on our benchmark the hinge alone made the teacher's outputs less
+likely and the student worse. SLiC-HF's cross-entropy regulariser and CPO's behaviour-
+cloning term (TRL cpo_alpha = 1) are the same remedy.
 """
 
 import torch
 import torch.nn.functional as F
 
-LOSS_TYPES = ("hinge", "margin", "logistic", "seqkd", "token_kd")
+LOSS_TYPES = ("hinge", "margin", "logistic", "listwise", "seqkd", "token_kd")
 
 
 def sequence_logps(
@@ -125,6 +131,8 @@ def plad_loss(
     chosen_scores_B: torch.Tensor | None = None,
     rejected_scores_B: torch.Tensor | None = None,
     token_kd: torch.Tensor | None = None,
+    ranked_B: torch.Tensor | None = None,
+    rejected_mask_BK: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """The training objective: a ranking loss of `loss_type` (+ lambda * NLL of the chosen output).
 
@@ -132,26 +140,39 @@ def plad_loss(
     chosen output, token_kd the precomputed `token_kd_loss` passed as `token_kd`; their
     ranking loss is still computed and reported, not trained.
 
+    `ranked_B` (1 = ranked) leaves pairs out of the ranking part whose sides are the same
+    text (no ranking signal; they still count in the NLL part). For `listwise`, rejected
+    log-probs and token counts are [B, K] with `rejected_mask_BK` (1 = a real sample).
+
     Returns `loss` (to backpropagate) and detached statistics: the ranking part, the
-    NLL part (per token), the share of pairs ranked right and the mean margin.
+    NLL part (per token), the share of (chosen, rejected) pairs ranked right and the mean margin.
     """
     chosen_B, rejected_B = chosen_logps_B, rejected_logps_B
     if length_normalize:
         chosen_B = length_normalized(chosen_logps_B, chosen_num_tokens_B)
         rejected_B = length_normalized(rejected_logps_B, rejected_num_tokens_B)
-    if loss_type == "hinge":
-        rank = hinge_loss(chosen_B, rejected_B, beta)
-    elif loss_type == "logistic":
-        rank = logistic_loss(chosen_B, rejected_B, gamma)
-    elif loss_type == "margin":
-        if chosen_scores_B is None or rejected_scores_B is None:
-            raise ValueError("loss_type 'margin' needs chosen_scores_B and rejected_scores_B")
-        rank = margin_loss(chosen_B, rejected_B, chosen_scores_B, rejected_scores_B, beta)
-    elif loss_type in ("seqkd", "token_kd"):
-        rank = hinge_loss(chosen_B, rejected_B, beta).detach()  # reported for comparison, not trained
-    else:
-        raise ValueError(f"loss_type {loss_type!r}: expected one of {', '.join(LOSS_TYPES)}")
     nll = nll_loss(chosen_logps_B, chosen_num_tokens_B)
+    if loss_type == "listwise" or rejected_B.dim() == 2:
+        rejected_BK = rejected_B if rejected_B.dim() == 2 else rejected_B[:, None]
+        if rejected_mask_BK is None:  # pairs (K = 1), e.g. held-out evaluation: the ranked ones count
+            rejected_mask_BK = torch.ones_like(rejected_BK) if ranked_B is None else ranked_B[:, None]
+        mask_BK = rejected_mask_BK.to(rejected_BK.dtype)
+        rank = listwise_hinge_loss(chosen_B, rejected_BK, beta, mask_BK)
+        diff_BK = chosen_B[:, None] - rejected_BK
+        pairs = mask_BK.sum().clamp(min=1)
+        accuracy, margin = ((diff_BK > 0).to(mask_BK.dtype) * mask_BK).sum() / pairs, (diff_BK * mask_BK).sum() / pairs
+    else:
+        if ranked_B is not None:  # pairs with a ranking signal only (an empty selection ranks nothing)
+            keep = ranked_B > 0
+            chosen_B, rejected_B = chosen_B[keep], rejected_B[keep]
+            if chosen_scores_B is not None and rejected_scores_B is not None:
+                chosen_scores_B, rejected_scores_B = chosen_scores_B[keep], rejected_scores_B[keep]
+        rank = _ranking(loss_type, chosen_B, rejected_B, beta, gamma, chosen_scores_B, rejected_scores_B)
+        accuracy, margin = (chosen_B > rejected_B).float().mean(), (chosen_B - rejected_B).mean()
+        if chosen_B.numel() == 0:
+            rank, accuracy, margin = chosen_logps_B.sum() * 0, torch.tensor(0.0), torch.tensor(0.0)
+    if loss_type in ("seqkd", "token_kd"):
+        rank = rank.detach()  # reported for comparison, not trained
     if loss_type == "seqkd":
         loss = nll
     elif loss_type == "token_kd":
@@ -164,6 +185,18 @@ def plad_loss(
         "loss": loss,
         "rank_loss": rank.detach(),
         "nll": nll.detach(),
-        "accuracy": (chosen_B > rejected_B).float().mean().detach(),
-        "margin": (chosen_B - rejected_B).mean().detach(),
+        "accuracy": accuracy.detach(),
+        "margin": margin.detach(),
     }
+
+
+def _ranking(loss_type: str, chosen_B, rejected_B, beta, gamma, chosen_scores_B, rejected_scores_B) -> torch.Tensor:
+    if loss_type in ("hinge", "seqkd", "token_kd"):
+        return hinge_loss(chosen_B, rejected_B, beta)
+    if loss_type == "logistic":
+        return logistic_loss(chosen_B, rejected_B, gamma)
+    if loss_type == "margin":
+        if chosen_scores_B is None or rejected_scores_B is None:
+            raise ValueError("loss_type 'margin' needs chosen_scores_B and rejected_scores_B")
+        return margin_loss(chosen_B, rejected_B, chosen_scores_B, rejected_scores_B, beta)
+    raise ValueError(f"loss_type {loss_type!r}: expected one of {', '.join(LOSS_TYPES)}")

@@ -65,7 +65,7 @@ def test_overrides_are_typed_and_nested(tmp_path):
         ("data.heldout_fraction=1.0", "config key data.heldout_fraction: must be in [0, 1)"),
         ("teacher.sampling.max_tokens=5000", "config key teacher.sampling.max_tokens: must be below"),
         ("train=3", "config key train: must be a section"),
-        ("train.loss.type=dpo", "config key train.loss.type: must be one of: hinge, margin, logistic, seqkd, token_kd"),
+        ("train.loss.type=dpo", "config key train.loss.type: must be one of: hinge, margin, logistic, listwise, seqkd, token_kd"),
         ("train.rounds=0", "config key train.rounds: must be >= 1"),
         ("train.max_steps=0", "config key train.max_steps: must be >= 1 or null"),
         ("eval.scorer=rouge", "config key eval.scorer: must be null or one of: reverse"),
@@ -118,9 +118,16 @@ def test_at_least_two_gpu_cluster_configs():
     assert len(gpu) >= 2, gpu
 
 
-def test_quality_benchmark_config_is_valid_with_the_benchmark_overrides():
-    from benchmarks.quality.run import CONFIG, METHODS
+def test_quality_benchmark_config_is_valid_with_every_methods_overrides():
+    from benchmarks.quality.methods import METHODS
+    from benchmarks.quality.run import CONFIG
 
-    for overrides in [["train.rounds=2"], *METHODS.values()]:
-        cfg = load_config(str(CONFIG), ["data.prompts=p.jsonl", "student.model=s", "train.max_steps=160", *overrides])
-        assert cfg.eval.scorer == "reverse" and cfg.train.max_steps == 160 and cfg.data.heldout_fraction > 0
+    assert len({m.name for m in METHODS}) == len(METHODS)
+    for method in METHODS:
+        cfg = load_config(str(CONFIG), ["data.prompts=p.jsonl", "student.model=s", "teacher.model=t",
+                                        "train.pairs=x.parquet", "train.max_steps=120", *method.overrides])
+        assert cfg.eval.scorer == "tiny_exact" and cfg.train.max_steps == 120 and cfg.data.heldout_fraction > 0
+        assert cfg.train.num_epochs == 1 and cfg.student.num_samples == 4
+        # The same pairs per optimizer step for every method: 16 (listwise: 4 prompts x 4 samples).
+        pairs_per_step = cfg.train.micro_batch_size * (cfg.student.num_samples if cfg.train.loss.type == "listwise" else 1)
+        assert pairs_per_step == 16, method.name

@@ -182,3 +182,39 @@ def test_plad_loss_token_kd_trains_the_kd_term_and_reports_the_ranking():
     with pytest.raises(ValueError, match="token_kd"):
         plad_loss(torch.tensor([-1.0]), torch.tensor([2.0]), torch.tensor([-3.0]), torch.tensor([2.0]),
                   beta=1.0, loss_type="token_kd")
+
+
+def test_plad_loss_leaves_identical_pairs_out_of_the_ranking_but_not_the_nll():
+    # Pair 0 is ranked (hinge max(0, 1 - (-1) + (-3)) = 0 ... chosen -1 > rejected -3: margin 2, loss 0);
+    # pair 1 has the same text on both sides (ranked 0): its constant hinge beta = 1 must not count.
+    # NLL over both chosen outputs: (1 + 4) / (2 + 2) = 1.25 per token.
+    c, nc = torch.tensor([-1.0, -4.0], requires_grad=True), torch.tensor([2.0, 2.0])
+    r, nr = torch.tensor([-3.0, -4.0]), torch.tensor([2.0, 2.0])
+    out = plad_loss(c, nc, r, nr, beta=1.0, nll_weight=1.0, ranked_B=torch.tensor([1.0, 0.0]))
+    assert out["rank_loss"].item() == pytest.approx(0.0)
+    assert out["nll"].item() == pytest.approx(1.25)
+    assert out["accuracy"].item() == 1.0 and out["margin"].item() == pytest.approx(2.0)
+    out["loss"].backward()
+    # Only the NLL reaches the chosen log-probs: d/dc of -(c0 + c1) / 4 = -0.25 each.
+    assert c.grad.tolist() == pytest.approx([-0.25, -0.25])
+    # No ranked pair at all: the ranking part is 0, the NLL still trains.
+    none = plad_loss(c, nc, r, nr, beta=1.0, nll_weight=1.0, ranked_B=torch.tensor([0.0, 0.0]))
+    assert none["rank_loss"].item() == 0.0 and none["loss"].item() == pytest.approx(1.25)
+
+
+def test_plad_loss_listwise_over_k_samples_with_a_mask():
+    # Prompt 0: chosen -1, samples -1.5 and -4 -> violations max(0, 1 - (-1) + s): 0.5, 0 -> mean 0.25.
+    # Prompt 1: chosen -2, one real sample -1 (second masked) -> 1 - (-2) + (-1) = 2.
+    # Listwise loss = mean over prompts (0.25 + 2) / 2 = 1.125; pairs ranked right: (-1 > -1.5), (-1 > -4) of 3 real.
+    c, nc = torch.tensor([-1.0, -2.0]), torch.tensor([1.0, 1.0])
+    r_BK, nr_BK = torch.tensor([[-1.5, -4.0], [-1.0, 0.0]]), torch.ones(2, 2)
+    mask_BK = torch.tensor([[1.0, 1.0], [1.0, 0.0]])
+    out = plad_loss(c, nc, r_BK, nr_BK, beta=1.0, loss_type="listwise", rejected_mask_BK=mask_BK)
+    assert out["rank_loss"].item() == pytest.approx(1.125)
+    assert out["accuracy"].item() == pytest.approx(2 / 3)
+    assert out["margin"].item() == pytest.approx((0.5 + 3.0 - 1.0) / 3)
+    assert out["loss"].item() == pytest.approx(1.125)  # nll_weight 0 here
+    # Listwise on pairs (K = 1, held-out evaluation) is the hinge over the ranked pairs.
+    pairs = plad_loss(c, nc, torch.tensor([-1.5, -1.0]), torch.ones(2), beta=1.0, loss_type="listwise",
+                      ranked_B=torch.tensor([1.0, 1.0]))
+    assert pairs["rank_loss"].item() == pytest.approx((0.5 + 2.0) / 2)

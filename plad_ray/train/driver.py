@@ -1,10 +1,12 @@
 """The Ray Train driver: pairs -> token ids (Ray Data) -> TorchTrainer of DeepSpeed workers.
 
 Held-out pairs (the `heldout` column, a deterministic split by prompt id) are scored
-before and after training; the rest are trained on. Pairs where teacher and student
-wrote the same text carry no ranking signal (the hinge is constant) and are dropped
-from both, and counted. Re-running with the same output folder resumes from the last
-checkpoint: Ray Train finds its own run state under `<output_dir>/train`.
+before, during (`train.eval_every_steps`) and after training; the rest are trained on.
+Pairs where teacher and student wrote the same text carry no ranking signal (the hinge
+is constant): they are trained on only when the objective has an NLL part (which they
+anchor), are left out of every ranking figure, and are counted. Listwise training groups
+a prompt's pairs into one row. Re-running with the same output folder resumes from the
+last checkpoint: Ray Train finds its own run state under `<output_dir>/train`.
 """
 
 import math
@@ -13,18 +15,25 @@ import time
 
 from plad_ray.config import ClusterConfig, TrainConfig
 from plad_ray.errors import DataError, RuntimeFailure
-from plad_ray.train.batching import PairTokenizer
+from plad_ray.train.batching import PairTokenizer, group_samples
 from plad_ray.train.metrics import tensorboard_dir
 from plad_ray.train.worker import TrainPlan, train_loop_per_worker
 
 TRAIN_RUN_NAME = "train"
 
 
-def prepare_pairs(pairs_ds, model_path: str, train: TrainConfig, chat_template: bool, trust_remote_code: bool):
+def uses_nll(train: TrainConfig) -> bool:
+    """Whether the objective trains the teacher output's likelihood (then identical pairs still teach)."""
+    return train.loss.type in ("seqkd", "token_kd") or train.loss.nll_weight > 0
+
+
+def prepare_pairs(pairs_ds, model_path: str, train: TrainConfig, chat_template: bool, trust_remote_code: bool,
+                  stops: tuple[str | None, str | None] = (None, None)):
     """(train, heldout) datasets of token ids, and counts of every pair by what happened to it.
 
     One Ray Data pass: shuffle (training order), tokenize with the student's tokenizer,
-    materialise; the splits are filters over the materialised result.
+    materialise; the splits are filters over the materialised result. `stops`: the teacher's
+    and the student's `sampling.stop` (for outputs a stop string ended that carry no ids).
     """
     tokenized = (
         pairs_ds.random_shuffle(seed=train.seed)
@@ -32,7 +41,8 @@ def prepare_pairs(pairs_ds, model_path: str, train: TrainConfig, chat_template: 
             PairTokenizer,
             fn_constructor_kwargs=dict(model_path=model_path, max_length=train.max_length,
                                        chat_template=chat_template, trust_remote_code=trust_remote_code,
-                                       scorer=train.scorer, student_wins=train.student_wins),
+                                       scorer=train.scorer, student_wins=train.student_wins,
+                                       chosen_stop=stops[0], rejected_stop=stops[1]),
             batch_size=256,
             concurrency=1,
             num_cpus=0.5,
@@ -42,7 +52,7 @@ def prepare_pairs(pairs_ds, model_path: str, train: TrainConfig, chat_template: 
     import pyarrow as pa
     import ray
 
-    table = pa.concat_tables(ray.get(tokenized.select_columns(["status", "heldout", "verdict"]).to_arrow_refs()))
+    table = pa.concat_tables(ray.get(tokenized.select_columns(["id", "status", "heldout", "verdict"]).to_arrow_refs()))
     statuses, heldout = table.column("status").to_pylist(), table.column("heldout").to_pylist()
     counts = {"pairs": len(statuses)}
     for status in ("identical", "too_long", "student_better"):
@@ -52,10 +62,20 @@ def prepare_pairs(pairs_ds, model_path: str, train: TrainConfig, chat_template: 
         counts.update({f"{who}_wins" if who != "tie" else "ties": verdicts.count(who)
                        for who in ("teacher", "tie", "student")})
         counts["flipped_student_better"] = counts["student_wins"] if train.student_wins == "flip" else 0
-    counts["train"] = sum(s == "ok" and not h for s, h in zip(statuses, heldout))
-    counts["heldout"] = sum(s == "ok" and h for s, h in zip(statuses, heldout))
-    ok = tokenized.filter(expr="status == 'ok'")
-    return ok.filter(expr="heldout == False"), ok.filter(expr="heldout == True"), counts
+    trained = ("ok", "identical") if uses_nll(train) else ("ok",)
+    if uses_nll(train):
+        counts["dropped_identical"] = 0  # they train the NLL part
+    counts["train"] = sum(s in trained and not h for s, h in zip(statuses, heldout))
+    # Held-out: every pair that fits; ranking figures leave out the identical ones (their NLL counts).
+    counts["heldout"] = sum(s in ("ok", "identical") and h for s, h in zip(statuses, heldout))
+    counts["heldout_ranked"] = sum(s == "ok" and h for s, h in zip(statuses, heldout))
+    train_ds = tokenized.filter(expr=" or ".join(f"status == '{s}'" for s in trained)).filter(expr="heldout == False")
+    heldout_ds = tokenized.filter(expr="status == 'ok' or status == 'identical'").filter(expr="heldout == True")
+    if train.loss.type == "listwise":
+        train_ds = train_ds.groupby("id").map_groups(group_samples, batch_format="numpy")
+        counts["train_prompts"] = len({i for i, s, h in zip(table.column("id").to_pylist(), statuses, heldout)
+                                       if s in trained and not h})
+    return train_ds, heldout_ds, counts
 
 
 def teacher_wins_line(counts: dict, policy: str) -> str:
@@ -67,7 +87,7 @@ def teacher_wins_line(counts: dict, policy: str) -> str:
 
 
 def steps_per_epoch(train_rows: int, train: TrainConfig) -> int:
-    """Optimizer steps per epoch; every worker gets train_rows // num_workers rows."""
+    """Optimizer steps per epoch; every worker gets train_rows // num_workers rows (pairs; prompts for listwise)."""
     rows_per_worker = train_rows // train.num_workers
     micro_batches = math.ceil(rows_per_worker / train.micro_batch_size)
     return micro_batches // train.gradient_accumulation_steps
@@ -75,19 +95,20 @@ def steps_per_epoch(train_rows: int, train: TrainConfig) -> int:
 
 def run_training(pairs_ds, model_path: str, train: TrainConfig, cluster: ClusterConfig, output_dir: str,
                  export_uri: str, pad_id: int, chat_template: bool = False, trust_remote_code: bool = False,
-                 allow_pickle: bool = False, teacher_path: str | None = None) -> dict:
+                 allow_pickle: bool = False, teacher_path: str | None = None,
+                 stops: tuple[str | None, str | None] = (None, None)) -> dict:
     """Train, evaluate and export; returns the run's figures (also written by the caller)."""
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
     start = time.perf_counter()
-    train_ds, heldout_ds, counts = prepare_pairs(pairs_ds, model_path, train, chat_template, trust_remote_code)
+    train_ds, heldout_ds, counts = prepare_pairs(pairs_ds, model_path, train, chat_template, trust_remote_code, stops)
     prepare_s = time.perf_counter() - start
     for ds in (train_ds, heldout_ds):
         # Each dataset executes in the workers with its own context; per-worker progress
         # bars interleave into noise there. Training reports progress as step lines.
         ds.context.enable_progress_bars = False
-    steps = steps_per_epoch(counts["train"], train)
+    steps = steps_per_epoch(counts.get("train_prompts", counts["train"]), train)
     if steps < 1:
         per_step = train.micro_batch_size * train.num_workers * train.gradient_accumulation_steps
         raise DataError(
@@ -97,10 +118,13 @@ def run_training(pairs_ds, model_path: str, train: TrainConfig, cluster: Cluster
     plan = TrainPlan(train=train, model_path=model_path, export_uri=export_uri,
                      tensorboard_dir=tensorboard_dir(_storage_path(output_dir), train.tensorboard), steps_per_epoch=steps,
                      pad_id=pad_id, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
-                     teacher_path=teacher_path)
+                     teacher_path=teacher_path,
+                     checkpoint_root=f"{_storage_path(output_dir).rstrip('/')}/{TRAIN_RUN_NAME}")
     if train.scorer:
         print(f"[train] scorer {train.scorer}: " + teacher_wins_line(counts, train.student_wins), flush=True)
-    print(f"[train] {counts['train']} training pairs, {counts['heldout']} held out, "
+    what = (f"{counts['train_prompts']} training prompts ({counts['train']} pairs)" if "train_prompts" in counts
+            else f"{counts['train']} training pairs")
+    print(f"[train] {what}, {counts['heldout']} held out, "
           f"{train.num_workers} worker(s), {plan.total_steps} optimizer steps, ZeRO-{train.zero_stage} {train.precision}",
           flush=True)
     trainer = TorchTrainer(

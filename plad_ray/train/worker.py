@@ -4,7 +4,14 @@ Ray Train owns rendezvous (the process group DeepSpeed reuses), data sharding,
 checkpoint bookkeeping and restarts; this loop owns the model, the PLaD loss, the
 evaluation before and after training, and the HF export.
 
-    evaluate(initial) -> [forward 2B sequences -> PLaD loss -> DeepSpeed step]* -> evaluate(trained) -> export
+    evaluate(initial) -> [forward 2B sequences -> PLaD loss -> DeepSpeed step, evaluate every N steps]*
+                      -> evaluate(trained) -> export
+
+The collapse guard (`train.guard`) watches what the ranking loss can quietly destroy: the
+student's log-prob per token of the held-out teacher outputs. A ranking loss can win the
+ranking by making both outputs less likely; when that log-prob falls more than
+`max_logp_drop` below its value before training, rank 0 says so in one line, the report
+records it, and with `action: stop` training ends at the last checkpoint that passed.
 """
 
 import json
@@ -20,7 +27,7 @@ from ray.data.collate_fn import NumpyBatchCollateFn
 
 from plad_ray.config import TrainConfig
 from plad_ray.losses import plad_loss, sequence_logps, token_kd_loss
-from plad_ray.train.batching import collate_pairs, length_grouped
+from plad_ray.train.batching import collate_groups, collate_pairs, length_grouped
 from plad_ray.train.ds_config import deepspeed_config, lr_factor
 from plad_ray.train.export import export_hf
 from plad_ray.train.metrics import MetricsWriter
@@ -42,6 +49,7 @@ class TrainPlan:
     trust_remote_code: bool = False
     allow_pickle: bool = False  # load .bin weights (student.allow_pickle_weights); else safetensors only
     teacher_path: str | None = None  # token_kd only: the teacher, frozen, for its token distributions
+    checkpoint_root: str = ""  # where Ray Train persists this run's checkpoints (<output_dir>/train)
 
     @property
     def total_steps(self) -> int:
@@ -67,6 +75,9 @@ class Progress:
     step: int = 0
     curve: list = field(default_factory=list)  # one entry per logged step
     eval_initial: dict | None = None
+    evals: list = field(default_factory=list)  # held-out figures every train.eval_every_steps: {step, ...}
+    guard: dict | None = None  # set when the collapse guard tripped: step, log-probs, what was done
+    last_checkpoint: int | None = None  # step of the newest checkpoint of this run
 
 
 def train_loop_per_worker(config: dict) -> dict | None:
@@ -82,15 +93,21 @@ def train_loop_per_worker(config: dict) -> dict | None:
     progress = _resume(engine)
     metrics = MetricsWriter(plan.tensorboard_dir if rank == 0 else None)
     clock.lap("init_s")
-    eval_ds = ray.train.get_dataset_shard("eval")
+    # The held-out pairs are read once and kept as batches: they are scored every eval_every_steps.
+    eval_batches = list(ray.train.get_dataset_shard("eval").iter_torch_batches(
+        batch_size=plan.train.micro_batch_size, collate_fn=_Collate(plan.pad_id)))
     if progress.eval_initial is None:
-        progress.eval_initial = evaluate(engine, eval_ds, plan, teacher)
+        progress.eval_initial = evaluate(engine, eval_batches, plan, teacher)
         _log(rank, f"[train] held-out pairs before training: {_fmt(progress.eval_initial)}")
         metrics.log(0, progress.eval_initial, prefix="heldout")
     clock.lap("eval_s")
-    _train(engine, ray.train.get_dataset_shard("train"), plan, progress, rank, metrics, teacher)
+    if plan.train.guard.action == "stop" and progress.last_checkpoint is None:
+        _save(engine, progress, rank)  # the last good state, should the very first evaluation trip the guard
+    _train(engine, ray.train.get_dataset_shard("train"), plan, progress, rank, metrics, teacher, eval_batches)
     clock.lap("loop_s")
-    eval_trained = evaluate(engine, eval_ds, plan, teacher)
+    eval_trained = evaluate(engine, eval_batches, plan, teacher)
+    if _check_guard(engine, plan, progress, eval_trained, rank) and plan.train.guard.action == "stop":
+        eval_trained = evaluate(engine, eval_batches, plan, teacher)  # of the restored checkpoint
     _log(rank, f"[train] held-out pairs after training: {_fmt(eval_trained)}")
     metrics.log(progress.step, eval_trained, prefix="heldout")
     metrics.close()
@@ -99,8 +116,8 @@ def train_loop_per_worker(config: dict) -> dict | None:
     clock.lap("export_s")
     if rank == 0:
         return {"steps": progress.step, "curve": progress.curve, "eval_initial": progress.eval_initial,
-                "eval_trained": eval_trained, "worker_timings": clock.laps,
-                "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+                "eval_trained": eval_trained, "evals": progress.evals, "guard": progress.guard,
+                "worker_timings": clock.laps, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
     return None
 
 
@@ -174,9 +191,11 @@ def _resume(engine) -> Progress:
     return progress
 
 
-def _train(engine, shard, plan: TrainPlan, progress: Progress, rank: int, metrics: MetricsWriter, teacher) -> None:
+def _train(engine, shard, plan: TrainPlan, progress: Progress, rank: int, metrics: MetricsWriter, teacher,
+           eval_batches) -> None:
     t = plan.train
     window = _Window()
+    stop_mode = t.guard.action == "stop" and t.guard.max_logp_drop is not None
     while progress.step < plan.total_steps:
         epoch = progress.step // plan.steps_per_epoch
         done_in_epoch = progress.step - epoch * plan.steps_per_epoch
@@ -201,69 +220,135 @@ def _train(engine, shard, plan: TrainPlan, progress: Progress, rank: int, metric
                 done = progress.step / plan.total_steps
                 _log(rank, f"[train] step {progress.step}/{plan.total_steps} ({done:.0%}) epoch {epoch} {_fmt(entry)}")
             end_of_epoch = progress.step % plan.steps_per_epoch == 0
-            if progress.step < plan.total_steps and (
-                (t.checkpoint_every_steps and progress.step % t.checkpoint_every_steps == 0)
-                or (not t.checkpoint_every_steps and end_of_epoch)
-            ):
+            before_end = progress.step < plan.total_steps
+            checkpoint = before_end and ((t.checkpoint_every_steps and progress.step % t.checkpoint_every_steps == 0)
+                                         or (not t.checkpoint_every_steps and end_of_epoch))
+            # In stop mode every checkpoint follows an evaluation that passed, and every evaluation that
+            # passes is checkpointed: the newest checkpoint is always the last good one.
+            if before_end and ((t.eval_every_steps and progress.step % t.eval_every_steps == 0)
+                               or (stop_mode and checkpoint)):
+                figures = evaluate(engine, eval_batches, plan, teacher)
+                progress.evals.append({"step": progress.step, **figures})
+                metrics.log(progress.step, figures, prefix="heldout")
+                _log(rank, f"[train] held-out pairs at step {progress.step}: {_fmt(figures)}")
+                if _check_guard(engine, plan, progress, figures, rank) and stop_mode:
+                    return
+                checkpoint = checkpoint or stop_mode
+            if checkpoint:
                 _save(engine, progress, rank)
             if end_of_epoch or progress.step >= plan.total_steps:
                 break
 
 
+def _check_guard(engine, plan: TrainPlan, progress: Progress, figures: dict, rank: int) -> bool:
+    """True when the held-out teacher-output log-prob fell past train.guard.max_logp_drop (ranks agree).
+
+    Warns once; in stop mode restores the newest (last good) checkpoint and records where training ended.
+    """
+    guard = plan.train.guard
+    initial = -progress.eval_initial["chosen_nll_per_token"]
+    drop = initial - figures["teacher_logp_per_token"]
+    tripped = guard.max_logp_drop is not None and figures["pairs"] > 0 and drop > guard.max_logp_drop
+    if torch.distributed.is_initialized():  # every rank scored the same pairs; decide as one
+        flag = torch.tensor([float(tripped)])
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        tripped = bool(flag.item())
+    if not tripped:
+        return False
+    if progress.guard is None:
+        progress.guard = {"step": progress.step, "initial_logp_per_token": initial,
+                          "logp_per_token": figures["teacher_logp_per_token"], "max_logp_drop": guard.max_logp_drop,
+                          "action": guard.action}
+        _log(rank, f"[train] warning: held-out teacher-output log-prob per token fell {drop:.3f} nats "
+                   f"({initial:.3f} -> {figures['teacher_logp_per_token']:.3f}) by step {progress.step}, more than "
+                   f"train.guard.max_logp_drop={guard.max_logp_drop}: the student is getting less likely to write what "
+                   f"the teacher writes" + ("; stopping at the last good checkpoint" if guard.action == "stop" else
+                                            "; set train.guard.action=stop to end training at the last good checkpoint"))
+    if guard.action == "stop":
+        good = progress.last_checkpoint
+        _restore(engine, plan, good)
+        progress.guard.update(stopped_at_step=progress.step, restored_step=good)
+        _log(rank, f"[train] restored the checkpoint of step {good}; training stops there")
+    return True
+
+
+def _restore(engine, plan: TrainPlan, step: int) -> None:
+    import ray.train
+
+    checkpoint = ray.train.Checkpoint(f"{plan.checkpoint_root}/{_checkpoint_name(step)}")
+    with checkpoint.as_directory() as folder:
+        engine.load_checkpoint(folder, tag=CHECKPOINT_TAG)
+
+
 def _micro_batches(shard, t: TrainConfig, pad_id: int, epoch: int):
     """The shard's micro-batches for one epoch, length-grouped (deterministic, so a resumed
-    run skips exactly the micro-batches it had consumed)."""
+    run skips exactly the micro-batches it had consumed). Listwise rows are whole prompts."""
     group = t.micro_batch_size * t.length_grouping
+    collate = collate_groups if t.loss.type == "listwise" else collate_pairs
     for index, bucket in enumerate(shard.iter_batches(batch_size=group, batch_format="numpy")):
         for micro in length_grouped(bucket, t.micro_batch_size, seed=[t.seed, epoch, index]):
-            yield collate_pairs(micro, pad_id)
+            yield collate(micro, pad_id)
 
 
 def _forward(engine, batch: dict, t: TrainConfig, teacher=None) -> dict:
+    """One forward of every sequence of the batch, then the objective. Rows: B chosen, then the rejected
+    ones (B for pairs; B x K, prompt-major, for listwise groups with `rejected_mask` [B, K])."""
     device = engine.device
-    input_ids = batch["input_ids"].to(device)
-    logits = engine(input_ids=input_ids, attention_mask=batch["attention_mask"].to(device)).logits
-    response_mask = batch["response_mask"].to(device)
-    logps, num_tokens = sequence_logps(logits, input_ids, response_mask)
-    half = input_ids.shape[0] // 2
+    input_ids_NT = batch["input_ids"].to(device)
+    logits_NTV = engine(input_ids=input_ids_NT, attention_mask=batch["attention_mask"].to(device)).logits
+    response_mask_NT = batch["response_mask"].to(device)
+    logps_N, num_tokens_N = sequence_logps(logits_NTV, input_ids_NT, response_mask_NT)
+    mask_BK = batch["rejected_mask"].to(device) if "rejected_mask" in batch else None
+    b = mask_BK.shape[0] if mask_BK is not None else input_ids_NT.shape[0] // 2
+    rejected_logps, rejected_tokens = logps_N[b:], num_tokens_N[b:]
+    if mask_BK is not None:
+        rejected_logps, rejected_tokens = rejected_logps.view(b, -1), rejected_tokens.view(b, -1)
     kd = None
-    if teacher is not None:  # token_kd: on the chosen (teacher-written) half only
+    if teacher is not None:  # token_kd: on the chosen (teacher-written) rows only
         with torch.no_grad():
-            teacher_logits = teacher(input_ids=input_ids[:half],
-                                                 attention_mask=batch["attention_mask"][:half].to(device)).logits
-        kd = token_kd_loss(logits[:half], teacher_logits, response_mask[:half])
+            teacher_logits_BTV = teacher(input_ids=input_ids_NT[:b],
+                                         attention_mask=batch["attention_mask"][:b].to(device)).logits
+        kd = token_kd_loss(logits_NTV[:b], teacher_logits_BTV, response_mask_NT[:b])
     return plad_loss(
-        logps[:half], num_tokens[:half], logps[half:], num_tokens[half:],
+        logps_N[:b], num_tokens_N[:b], rejected_logps, rejected_tokens,
         beta=t.loss.beta, length_normalize=t.loss.length_normalize, nll_weight=t.loss.nll_weight,
         loss_type=t.loss.type, gamma=t.loss.gamma,
         chosen_scores_B=batch["chosen_score"].to(device) if "chosen_score" in batch else None,
         rejected_scores_B=batch["rejected_score"].to(device) if "rejected_score" in batch else None,
-        token_kd=kd,
+        token_kd=kd, ranked_B=batch["ranked"].to(device) if "ranked" in batch else None, rejected_mask_BK=mask_BK,
     )
 
 
 @torch.no_grad()
-def evaluate(engine, dataset, plan: TrainPlan, teacher=None) -> dict:
-    """Mean PLaD loss and pair-ranking accuracy over every held-out pair (each rank sees all)."""
+def evaluate(engine, batches: list[dict], plan: TrainPlan, teacher=None) -> dict:
+    """Held-out pairs (each rank sees all): ranking accuracy, loss and margin over the pairs with a
+    ranking signal, and the student's per-token NLL (= -log-prob) of every held-out teacher output."""
     engine.eval()
-    totals = torch.zeros(6, dtype=torch.float64)  # pairs, correct, loss sum, margin sum, chosen NLL sum, tokens
-    collate = _Collate(plan.pad_id)
-    for batch in dataset.iter_torch_batches(batch_size=plan.train.micro_batch_size, collate_fn=collate):
+    totals = torch.zeros(7, dtype=torch.float64)  # pairs, ranked, correct, loss, margin sums, chosen NLL, tokens
+    for batch in batches:
         stats = _forward(engine, batch, plan.train, teacher)
         n = batch["input_ids"].shape[0] // 2
+        ranked = batch["ranked"].sum().item()
         chosen_tokens = batch["response_mask"][:n, 1:].sum().item()
-        totals += torch.tensor([n, stats["accuracy"] * n, stats["rank_loss"] * n, stats["margin"] * n,
-                                stats["nll"] * chosen_tokens, chosen_tokens], dtype=torch.float64)
+        totals += torch.tensor([n, ranked, stats["accuracy"] * ranked, stats["rank_loss"] * ranked,
+                                stats["margin"] * ranked, stats["nll"] * chosen_tokens, chosen_tokens],
+                               dtype=torch.float64)
     engine.train()
-    pairs = max(totals[0].item(), 1.0)
-    return {"pairs": int(totals[0].item()), "ranking_accuracy": totals[1].item() / pairs,
-            "loss": totals[2].item() / pairs, "margin": totals[3].item() / pairs,
-            "chosen_nll_per_token": totals[4].item() / max(totals[5].item(), 1.0)}
+    ranked = max(totals[1].item(), 1.0)
+    nll = totals[5].item() / max(totals[6].item(), 1.0)
+    return {"pairs": int(totals[0].item()), "ranked_pairs": int(totals[1].item()),
+            "ranking_accuracy": totals[2].item() / ranked, "loss": totals[3].item() / ranked,
+            "margin": totals[4].item() / ranked, "chosen_nll_per_token": nll, "teacher_logp_per_token": -nll}
+
+
+def _checkpoint_name(step: int) -> str:
+    return f"step-{step:08d}"
 
 
 def _save(engine, progress: Progress, rank: int) -> None:
     import ray.train
 
+    progress.last_checkpoint = progress.step
     with tempfile.TemporaryDirectory() as folder:
         engine.save_checkpoint(folder, tag=CHECKPOINT_TAG)
         if rank == 0:
@@ -271,7 +356,7 @@ def _save(engine, progress: Progress, rank: int) -> None:
         ray.train.report(
             {"step": progress.step, **(progress.curve[-1] if progress.curve else {})},
             checkpoint=ray.train.Checkpoint.from_directory(folder),
-            checkpoint_dir_name=f"step-{progress.step:08d}",
+            checkpoint_dir_name=_checkpoint_name(progress.step),
         )
 
 
