@@ -13,6 +13,7 @@ kept once complete, and training resumes from its last checkpoint.
 import contextlib
 import json
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import pyarrow as pa
@@ -25,7 +26,7 @@ from plad_ray.data.prompts import read_prompts
 from plad_ray.generate import engines
 from plad_ray.errors import ConfigError, DataError
 from plad_ray.limits import apply_length_policy, prompt_limits
-from plad_ray.models import eos_token_ids, resolve_model
+from plad_ray.models import eos_token_ids, resolve_model, shares_vocabulary
 from plad_ray.outputs import prepare_output
 from plad_ray.report import write_summary
 
@@ -85,6 +86,10 @@ def check_inputs(cfg: Config, prompts: bool = True, teacher: bool = True, studen
                                             cfg.student.chat_template, log=log)
     if cfg.train.loss.type == "token_kd" and inputs.teacher_path and inputs.student_path:
         check_shared_vocabulary(inputs.teacher_path, inputs.student_path, cfg.student.trust_remote_code)
+    if cfg.teacher.sampling.stop is not None and cfg.student.sampling.stop != cfg.teacher.sampling.stop:
+        log(f"[plad-ray] warning: the teacher stops at {cfg.teacher.sampling.stop!r} but the student at "
+            f"{cfg.student.sampling.stop!r}: the student is trained to end its answers with {cfg.teacher.sampling.stop!r}, "
+            "which will not end its own generations; give student.sampling.stop the same string")
     if prompts:
         source = read_prompts(cfg.data.prompts, cfg.data.max_prompts, cfg.data.bad_rows)
         limits = prompt_limits(cfg, inputs.teacher_path, inputs.student_path)
@@ -159,6 +164,9 @@ def generate_pairs(cfg: Config, inputs: Inputs, log=print, round: int = 1) -> di
         + (f"; {len(done)} pairs already written by an earlier run" if done else ""))
     start = time.perf_counter()
     if todo:
+        # The teacher's own ids are scored as they are when they mean the same tokens to the student.
+        shared = inputs.teacher_path is not None and shares_vocabulary(inputs.teacher_path, student_path,
+                                                                      cfg.student.trust_remote_code)
         teacher_ds = parquet.read(cfg.teacher_cache_uri())
         teacher_ds = engines.spread(teacher_ds, teacher_rows["rows"], cfg.student.batch_size, cfg.student.replicas)
         with engines.engine_deaths("student", cfg.student):
@@ -166,7 +174,7 @@ def generate_pairs(cfg: Config, inputs: Inputs, log=print, round: int = 1) -> di
                 student_pairs(teacher_ds, cfg.student, student_path,
                               cfg.student.model if round == 1 else f"{cfg.student.model} after round {round - 1}",
                               eos_token_ids(student_path), cfg.cluster.use_gpu, cfg.data.heldout_fraction,
-                              skip=done),
+                              skip=done, shared_vocabulary=shared),
                 uri, pairs.PAIR_SCHEMA)
     tokens = parquet.pending_sum(uri, "rejected_num_tokens")
     rows = parquet.commit(uri, {"student_model": cfg.student.model}, log)
@@ -195,13 +203,9 @@ def check_external_pairs(uri: str) -> None:
 
 def check_shared_vocabulary(teacher_path: str, student_path: str, trust_remote_code: bool = False) -> None:
     """token_kd compares token distributions position by position: both tokenizers must be one vocabulary."""
-    from transformers import AutoTokenizer
-
-    vocab = [AutoTokenizer.from_pretrained(p, trust_remote_code=trust_remote_code).get_vocab()
-             for p in (teacher_path, student_path)]
-    if vocab[0] != vocab[1]:
-        raise ConfigError(f"config key train.loss.type: token_kd needs teacher and student to share a vocabulary "
-                          f"(teacher {len(vocab[0])} tokens, student {len(vocab[1])}, or ids differ); "
+    if not shares_vocabulary(teacher_path, student_path, trust_remote_code):
+        raise ConfigError("config key train.loss.type: token_kd needs teacher and student to share a vocabulary "
+                          "(their tokenizers map ids to different tokens); "
                           "use hinge, logistic or seqkd, which only need the teacher's text")
 
 
@@ -230,8 +234,9 @@ def train_student(cfg: Config, inputs: Inputs, log=print, round: int = 1) -> dic
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     start = time.perf_counter()
     s = cfg.student
+    stops = (None, None) if cfg.train.pairs is not None else (cfg.teacher.sampling.stop, s.sampling.stop)
     result = run_training(pairs_ds, student_path, cfg.train, cfg.cluster, cfg.round_dir(round), export_uri, pad_id,
-                          s.chat_template, s.trust_remote_code, s.allow_pickle_weights, inputs.teacher_path)
+                          s.chat_template, s.trust_remote_code, s.allow_pickle_weights, inputs.teacher_path, stops)
     result["train_seconds"] = time.perf_counter() - start
     result["round"] = round
     storage.write_json(report_uri, result)
@@ -268,7 +273,7 @@ def write_report(cfg: Config, rounds: list[dict], generation: dict | None = None
     """report.json: the last round's training figures, one line per round, generation and evaluation."""
     report = dict(rounds[-1])
     report["rounds"] = [{k: r.get(k) for k in ("round", "steps", "counts", "eval_initial", "eval_trained",
-                                                "checkpoint", "train_seconds")} for r in rounds]
+                                                "guard", "checkpoint", "train_seconds")} for r in rounds]
     if generation is not None:
         report["generation"] = generation
     if evaluation is not None:
@@ -286,15 +291,17 @@ def distill(cfg: Config, overwrite: bool = False, check_only: bool = False, log=
     figures = {"prompts": inputs.prompts.num_rows, "prompts_quarantined": len(inputs.quarantined),
                "prompts_truncated": inputs.truncated}
     figures.update(generate_teacher(cfg, inputs, log))
-    rounds = []
-    for r in range(1, cfg.train.rounds + 1):
-        generated = generate_pairs(cfg, inputs, log, round=r)
-        if r == 1:
-            figures.update(generated)
-        rounds.append({**train_student(cfg, inputs, log, round=r), "pair_generation": generated})
-    evaluation = None
-    if cfg.eval.enabled:
-        from plad_ray.evaluation.stage import evaluate_run
+    from plad_ray.evaluation.stage import evaluate_run, start_initial
 
-        evaluation = evaluate_run(cfg, inputs.student_path, log=log)
+    rounds, evaluation = [], None
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        initial = None
+        for r in range(1, cfg.train.rounds + 1):
+            generated = generate_pairs(cfg, inputs, log, round=r)
+            if r == 1:
+                figures.update(generated)
+                initial = start_initial(cfg, inputs.student_path, pool)  # runs while the student trains
+            rounds.append({**train_student(cfg, inputs, log, round=r), "pair_generation": generated})
+        if cfg.eval.enabled:
+            evaluation = evaluate_run(cfg, inputs.student_path, log=log, initial_outputs=initial)
     return write_report(cfg, rounds, figures, evaluation, log)

@@ -9,13 +9,37 @@ evaluated as code). Pure functions over strings.
 
 from typing import Callable
 
+from plad_ray.evaluation.metrics import edit_similarity
+
 
 def reverse_verifier(prompt: str, output: str) -> float:
     """The tiny task (configs/prompts/tiny-reverse.jsonl): "abc>" is answered "cba". 1.0 if right, else 0.0."""
     return float(output == prompt.removesuffix(">")[::-1])
 
 
-SCORERS: dict[str, Callable[[str, str], float]] = {"reverse": reverse_verifier}
+def tiny_answer(prompt: str) -> str | None:
+    """The exact answer of a tiny-task prompt: "abc>" -> "cba" (reversal), "12+345=" -> "357" (addition)."""
+    if prompt.endswith(">"):
+        return prompt[:-1][::-1]
+    head, plus, tail = prompt.removesuffix("=").partition("+")
+    if prompt.endswith("=") and plus and head.isdigit() and tail.isdigit():
+        return str(int(head) + int(tail))
+    return None
+
+
+def tiny_exact(prompt: str, output: str) -> float:
+    """1.0 if the output is the tiny task's exact answer (reversal or addition), else 0.0."""
+    return float(output == tiny_answer(prompt))
+
+
+def tiny_similarity(prompt: str, output: str) -> float:
+    """A graded score in [0, 1]: normalised edit similarity to the exact answer (1.0 = exact)."""
+    answer = tiny_answer(prompt)
+    return 0.0 if answer is None else edit_similarity(output, answer)
+
+
+SCORERS: dict[str, Callable[[str, str], float]] = {"reverse": reverse_verifier, "tiny_exact": tiny_exact,
+                                                    "tiny_similarity": tiny_similarity}
 VERDICTS = ("teacher", "tie", "student")
 POLICIES = ("keep", "drop", "flip")
 
@@ -37,10 +61,11 @@ def apply_policy(pair: dict, who: str, policy: str) -> dict | None:
         return pair
     if policy == "drop":
         return None
-    if policy == "flip":
+    if policy == "flip":  # every chosen* field trades places with its rejected* twin
         swapped = dict(pair)
-        for a, b in (("chosen", "rejected"), ("chosen_finish_reason", "rejected_finish_reason"),
-                     ("chosen_score", "rejected_score")):
-            swapped[a], swapped[b] = pair[b], pair[a]
+        for key in pair:
+            if key.startswith("chosen"):
+                twin = "rejected" + key[len("chosen"):]
+                swapped[key], swapped[twin] = pair[twin], pair[key]
         return swapped
     raise ValueError(f"unknown policy {policy!r}: expected one of {', '.join(POLICIES)}")

@@ -61,12 +61,35 @@ def test_score_outputs_with_a_verifier_and_references():
     m = score_outputs(rows, outputs, "reverse", num_bins=10)
     assert m["verifier_accuracy"] == pytest.approx(2 / 3) and m["exact_match"] == pytest.approx(2 / 3)
     # Student vs teacher by the verifier: tie (both right), loss (teacher right), win (teacher wrong).
-    assert m["vs_teacher"] == {"wins": 1, "ties": 1, "losses": 1, "win_rate": 0.5}
+    assert m["vs_teacher"] == {"wins": 1, "ties": 1, "losses": 1, "win_rate": 0.5, "judged_by": "reverse"}
     # Bins: 0.3 right, 0.8 wrong, 0.9 right -> ECE = (|1-0.3| + |0-0.8| + |1-0.9|) / 3
     assert m["ece"] == pytest.approx((0.7 + 0.8 + 0.1) / 3)
     assert m["mean_confidence"] == pytest.approx((0.9 + 0.8 + 0.3) / 3)
+    # AUROC: correct at 0.9 and 0.3, wrong at 0.8: (0.9 > 0.8) yes, (0.3 > 0.8) no -> 1/2.
+    assert m["auroc"] == pytest.approx(0.5) and m["calibration_note"] is None
     teacher = score_outputs(rows, None, "reverse", num_bins=10)
     assert teacher["verifier_accuracy"] == pytest.approx(2 / 3) and "ece" not in teacher and "vs_teacher" not in teacher
+
+
+def test_score_outputs_with_samples_and_a_graded_scorer():
+    from plad_ray.evaluation.stage import score_outputs
+
+    rows = [{"prompt": "ab>", "teacher_text": "ba", "reference": "ba"},
+            {"prompt": "1+2=", "teacher_text": "3", "reference": "3"}]
+    # Greedy: both wrong (the calibration figures say so). Samples: prompt 1 has one right of two, and the
+    # surer one (-0.1) is it; prompt 2 has none right. Sampled accuracy 1/4, best-of-2 accuracy 1/2.
+    outputs = [{"text": "bb", "num_tokens": 3, "mean_logprob": -0.5,
+                "samples": [{"text": "aa", "mean_logprob": -0.9}, {"text": "ba", "mean_logprob": -0.1}]},
+               {"text": "4", "num_tokens": 2, "mean_logprob": -0.2,
+                "samples": [{"text": "5", "mean_logprob": -0.3}, {"text": "7", "mean_logprob": -0.4}]}]
+    m = score_outputs(rows, outputs, "tiny_exact", num_bins=10, graded_name="tiny_similarity")
+    assert m["verifier_accuracy"] == 0.0 and m["calibration_note"].startswith("uninformative: no output is correct")
+    assert math.isnan(m["auroc"])
+    assert m["sampled_accuracy"] == pytest.approx(0.25) and m["best_of_n_accuracy"] == pytest.approx(0.5)
+    assert m["num_samples"] == 2
+    # Graded: "bb" vs "ba" 1 - 1/2; "4" vs "3" 0 -> mean 0.25; win rates judged by it (teacher 1.0 twice).
+    assert m["graded_score"] == pytest.approx(0.25)
+    assert m["vs_teacher"]["losses"] == 2 and m["vs_teacher"]["judged_by"] == "tiny_similarity"
 
 
 def test_token_logprobs_reads_the_generated_tokens_entry():
@@ -74,3 +97,56 @@ def test_token_logprobs_reads_the_generated_tokens_entry():
 
     rows = [{"5": {"logprob": -0.5, "rank": 1}}, {7: {"logprob": -1.5, "rank": 2}, 3: {"logprob": -0.1, "rank": 1}}]
     assert token_logprobs(rows, [5, 7]) == [-0.5, -1.5]
+
+
+def test_edit_similarity_by_hand():
+    from plad_ray.evaluation.metrics import edit_similarity
+
+    assert edit_similarity("olleh", "olleh") == 1.0
+    assert edit_similarity("olle", "olleh") == pytest.approx(1 - 1 / 5)  # one insertion
+    assert edit_similarity("kitten", "sitting") == pytest.approx(1 - 3 / 7)  # the textbook distance 3
+    assert edit_similarity("", "") == 1.0 and edit_similarity("", "ab") == 0.0
+
+
+def test_auroc_by_hand_and_uninformative_cases():
+    from plad_ray.evaluation.metrics import auroc, calibration_note
+
+    # Correct at 0.9 and 0.4, wrong at 0.5 and 0.1: of the 4 (correct, wrong) pairs, 3 are ordered right.
+    assert auroc([0.9, 0.4, 0.5, 0.1], [1, 1, 0, 0]) == pytest.approx(3 / 4)
+    assert auroc([0.5, 0.5], [1, 0]) == pytest.approx(0.5)  # a tie counts half
+    assert math.isnan(auroc([0.2, 0.3], [0, 0]))
+    assert calibration_note([0, 0, 0]).startswith("uninformative: no output is correct")
+    assert calibration_note([1, 1]).startswith("uninformative: every output is correct")
+    assert calibration_note([1, 0]) is None
+
+
+def test_best_of_n_picks_the_most_confident_sample():
+    from plad_ray.evaluation.metrics import best_of_n
+
+    # Prompt 1: the surest sample (-0.1) is right; prompt 2: the surest (-0.2) is wrong.
+    assert best_of_n([[(-0.5, 0.0), (-0.1, 1.0)], [(-0.2, 0.0), (-0.9, 1.0)]]) == 0.5
+
+
+def test_paired_bootstrap_interval():
+    from plad_ray.evaluation.metrics import paired_bootstrap
+
+    # a beats b by exactly 1 on every item: every resample's mean difference is 1.
+    assert paired_bootstrap([2, 3, 4], [1, 2, 3], num_resamples=200) == {"mean": 1.0, "low": 1.0, "high": 1.0, "n": 3}
+    ci = paired_bootstrap([1, 0] * 50, [0, 0] * 50, num_resamples=2000, seed=1)
+    assert ci["mean"] == 0.5 and 0.38 < ci["low"] < 0.5 < ci["high"] < 0.62  # sd of the mean 0.05
+
+
+def test_evaluation_summary_says_when_ece_is_uninformative():
+    from plad_ray.evaluation.metrics import reliability_bins
+    from plad_ray.evaluation.report import markdown, reliability_png
+
+    bins = reliability_bins([0.2, 0.4], [0, 0], 10)
+    models = {"teacher (cached outputs)": {"prompts": 2, "exact_match": 1.0},
+              "initial student": {"prompts": 2, "exact_match": 0.0, "ece": 0.3, "auroc": float("nan"),
+                                  "mean_confidence": 0.3, "reliability": bins,
+                                  "calibration_note": "uninformative: no output is correct, so ..."}}
+    text = markdown({"models": models, "scorer": None}, "r.png")
+    assert text.index("## Task quality") < text.index("## Calibration")
+    assert "| model | ECE | mean confidence |" in text and "| initial student | 0.300 | 0.300 |" in text  # AUROC: nan
+    assert "- initial student: ECE and AUROC are uninformative: no output is correct" in text
+    assert reliability_png(models)[:4] == b"\x89PNG"

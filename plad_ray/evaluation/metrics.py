@@ -2,11 +2,17 @@
 
     exact match     normalised output == normalised reference
     ROUGE-L         F-measure of the longest common subsequence of whitespace tokens
-    win rate        (wins + ties / 2) / n, the student's score against the teacher's on the same prompt
+    edit similarity 1 - Levenshtein(output, reference) / max(|output|, |reference|), a graded score
+    win rate        (wins + ties / 2) / n, one model's score against another's on the same prompt
     ECE             sum_b |B_b|/n * |accuracy(B_b) - confidence(B_b)| over equal-width confidence bins
+    AUROC           P(confidence of a correct output > that of a wrong one), ties half
+    best-of-n       correctness of the sample the model itself is most sure of (highest mean log-prob)
+    paired bootstrap a 95% interval of mean(a - b) over prompts, resampled with replacement
 
 Confidence is the length-normalised sequence likelihood of the model's own output,
-exp(mean token log-prob); correctness is the verifier's verdict (or exact match).
+exp(mean token log-prob); correctness is the verifier's verdict (or exact match). ECE and
+AUROC say nothing when every output is wrong (or every one right): a model then lowers its
+ECE by growing less sure of wrong answers. `calibration_note` says when that is the case.
 """
 
 import math
@@ -41,6 +47,18 @@ def rouge_l(output: str, reference: str) -> float:
         return 0.0
     precision, recall = common / len(out), common / len(ref)
     return 2 * precision * recall / (precision + recall)
+
+
+def edit_similarity(output: str, reference: str) -> float:
+    """1 - Levenshtein distance / the longer length, in [0, 1]; 1.0 when both are empty."""
+    if not output and not reference:
+        return 1.0
+    row = list(range(len(reference) + 1))
+    for i, x in enumerate(output, start=1):
+        diagonal, row[0] = row[0], i
+        for j, y in enumerate(reference, start=1):
+            diagonal, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, diagonal + (x != y))
+    return 1.0 - row[-1] / max(len(output), len(reference))
 
 
 def win_rate(student_scores: list[float], teacher_scores: list[float]) -> dict:
@@ -83,6 +101,60 @@ def expected_calibration_error(confidences: list[float], correct: list[float], n
         return math.nan
     return sum(b["count"] / n * abs(b["accuracy"] - b["confidence"])
                for b in reliability_bins(confidences, correct, num_bins))
+
+
+def calibration_note(correct: list[float]) -> str | None:
+    """Why ECE/AUROC are uninformative for these outputs, or None when they mean something."""
+    if not correct:
+        return "no outputs"
+    right = sum(1 for c in correct if c >= 1.0)
+    if right == 0:
+        return "uninformative: no output is correct, so ECE only measures how unsure the model is of wrong answers"
+    if right == len(correct):
+        return "uninformative: every output is correct, so ECE only measures how sure the model is"
+    return None
+
+
+def auroc(confidences: list[float], correct: list[float]) -> float:
+    """Area under the ROC curve of confidence as a detector of correct outputs; nan without both kinds."""
+    pos = [c for c, ok in zip(confidences, correct) if ok >= 1.0]
+    neg = [c for c, ok in zip(confidences, correct) if ok < 1.0]
+    if not pos or not neg:
+        return math.nan
+    order = sorted(pos + neg)
+    # Mann-Whitney: average rank of the positives (ties share their mean rank).
+    ranks, i = {}, 0
+    while i < len(order):
+        j = i
+        while j < len(order) and order[j] == order[i]:
+            j += 1
+        ranks[order[i]] = (i + j + 1) / 2  # 1-based mean rank of positions i..j-1
+        i = j
+    rank_sum = sum(ranks[c] for c in pos)
+    return (rank_sum - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg))
+
+
+def best_of_n(samples: list[list[tuple[float, float]]]) -> float:
+    """Mean over prompts of the correctness of the sample with the highest mean token log-prob.
+
+    `samples[p]` holds (mean log-prob, correct) of prompt p's samples; the first wins ties.
+    """
+    picked = [max(s, key=lambda x: x[0])[1] for s in samples if s]
+    return mean(picked)
+
+
+def paired_bootstrap(a: list[float], b: list[float], num_resamples: int = 10000, seed: int = 0) -> dict:
+    """mean(a - b) over paired items and its 95% percentile interval (resampling items with replacement)."""
+    import random
+
+    diffs = [x - y for x, y in zip(a, b)]
+    n = len(diffs)
+    if n == 0:
+        return {"mean": math.nan, "low": math.nan, "high": math.nan, "n": 0}
+    rng = random.Random(seed)
+    means = sorted(sum(diffs[rng.randrange(n)] for _ in range(n)) / n for _ in range(num_resamples))
+    return {"mean": sum(diffs) / n, "low": means[int(0.025 * num_resamples)],
+            "high": means[int(0.975 * num_resamples) - 1], "n": n}
 
 
 def mean(values: list[float]) -> float:

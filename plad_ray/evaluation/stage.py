@@ -1,19 +1,23 @@
-"""The evaluate stage: held-out prompts -> greedy vLLM generations -> quality and calibration.
+"""The evaluate stage: held-out prompts -> vLLM generations -> task quality first, then calibration.
 
     held-out prompt ids --teacher cache--> teacher outputs (no new teacher tokens)
-                        --student vLLM, greedy, token log-probs--> initial / trained student outputs
-    -> exact match, ROUGE-L (against `reference`), verifier accuracy and win rate vs the teacher
-       (train.scorer or eval.scorer), ECE of exp(mean token log-prob) against correctness
+                        --student vLLM, greedy (+ eval.num_samples samples at T=1), token log-probs-->
+                          initial / trained student outputs
+    -> exact match, ROUGE-L (against `reference`), verifier accuracy (eval.scorer), a graded score
+       (eval.graded_scorer), win rates vs the teacher and vs the initial student, sampled and
+       best-of-n accuracy, ECE and AUROC of exp(mean token log-prob) against correctness
     -> eval/report.json, eval/summary.md, eval/reliability.png, eval/generations.jsonl
 
 Held-out prompts are those whose pairs were kept out of training (data.heldout_fraction),
 so the trained student never saw their teacher outputs. Each round's student is evaluated
-(rounds > 1), and the student before training unless eval.initial_student is off.
+(rounds > 1), and the student before training unless eval.initial_student is off; their
+engines run at the same time where the cluster has room (one engine start each, not in turn).
 """
 
 import dataclasses
 import json
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pyarrow as pa
 
@@ -22,10 +26,13 @@ from plad_ray.config import Config
 from plad_ray.data import parquet, storage
 from plad_ray.data.prompts import read_prompts
 from plad_ray.errors import DataError
-from plad_ray.evaluation.metrics import (confidence, exact_match, expected_calibration_error, mean,
-                                         reliability_bins, rouge_l, win_rate)
+from plad_ray.evaluation.metrics import (auroc, best_of_n, calibration_note, confidence, exact_match,
+                                         expected_calibration_error, mean, reliability_bins, rouge_l, win_rate)
 from plad_ray.evaluation.report import markdown, reliability_png
 from plad_ray.scoring import get_scorer
+
+TEACHER = "teacher (cached outputs)"
+INITIAL = "initial student"
 
 
 def heldout_rows(cfg: Config) -> list[dict]:
@@ -44,30 +51,40 @@ def heldout_rows(cfg: Config) -> list[dict]:
 
 
 def generate(cfg: Config, rows: list[dict], model_path: str, use_gpu: bool) -> list[dict]:
-    """Greedy outputs of `model_path` with the student's engine settings, and their mean token log-prob."""
+    """Per held-out row, `model_path`'s greedy output and eval.num_samples samples at temperature 1
+    (student engine settings), each with its mean token log-prob; one engine pass for all of them."""
     import ray.data
 
     from plad_ray.generate.engines import build_engine_processor, engine_deaths, sampling_params, spread
 
     engine = dataclasses.replace(cfg.student, sampling=dataclasses.replace(cfg.student.sampling, temperature=0.0))
-    params = {**sampling_params(engine), "logprobs": 0}  # 0: only the generated token's own log-prob
+    greedy = {**sampling_params(engine), "logprobs": 0}  # 0: only the generated token's own log-prob
+    sampled = [{**greedy, "temperature": 1.0, "top_p": 1.0, "seed": cfg.student.sampling.seed + k}
+               for k in range(cfg.eval.num_samples)]
 
     def preprocess(row: dict) -> dict:
         source = {"messages": [{"role": "user", "content": row["prompt"]}]} if engine.chat_template \
             else {"prompt": row["prompt"]}
-        return {"source_prompt": row["prompt"], "sampling_params": params, **source}
+        k = int(row["sample"])
+        return {"source_prompt": row["prompt"], "sampling_params": greedy if k < 0 else sampled[k], **source}
 
     def postprocess(row: dict) -> dict:
         tokens = [int(t) for t in row["generated_tokens"]]
         logps = token_logprobs(row.get("logprobs"), tokens)
-        return {"id": row["id"], "text": row["generated_text"], "num_tokens": len(tokens),
-                "mean_logprob": sum(logps) / len(logps) if logps else 0.0}
+        return {"id": row["id"], "sample": int(row["sample"]), "text": row["generated_text"],
+                "num_tokens": len(tokens), "mean_logprob": sum(logps) / len(logps) if logps else 0.0}
 
-    ds = spread(ray.data.from_arrow(pa.Table.from_pylist([{"id": r["id"], "prompt": r["prompt"]} for r in rows])),
-                len(rows), engine.batch_size, engine.replicas)
+    requests = [{"id": r["id"], "prompt": r["prompt"], "sample": k} for r in rows
+                for k in range(-1, cfg.eval.num_samples)]
+    ds = spread(ray.data.from_arrow(pa.Table.from_pylist(requests)), len(requests), engine.batch_size, engine.replicas)
     with engine_deaths("student", engine):  # evaluation runs the student's engine settings
         out = build_engine_processor(engine, model_path, use_gpu, preprocess, postprocess)(ds).take_all()
-    by_id = {r["id"]: r for r in out}
+    by_id: dict[str, dict] = {r["id"]: {"samples": [None] * cfg.eval.num_samples} for r in rows}
+    for o in out:
+        if o["sample"] < 0:
+            by_id[o["id"]].update(o)
+        else:
+            by_id[o["id"]]["samples"][o["sample"]] = {"text": o["text"], "mean_logprob": o["mean_logprob"]}
     return [by_id[r["id"]] for r in rows]
 
 
@@ -82,7 +99,19 @@ def token_logprobs(logprobs, tokens: list[int]) -> list[float]:
     return out
 
 
-def score_outputs(rows: list[dict], outputs: list[dict] | None, scorer_name: str | None, num_bins: int) -> dict:
+def judge_scores(rows: list[dict], texts: list[str], scorer_name: str | None, graded_name: str | None) -> list | None:
+    """Per-prompt scores for win rates: the graded scorer, else the verifier, else ROUGE-L vs the reference."""
+    name = graded_name or scorer_name
+    if name:
+        scorer = get_scorer(name)
+        return [scorer(r["prompt"], t) for r, t in zip(rows, texts)]
+    if all(r["reference"] is not None for r in rows):
+        return [rouge_l(t, r["reference"]) for t, r in zip(texts, rows)]
+    return None
+
+
+def score_outputs(rows: list[dict], outputs: list[dict] | None, scorer_name: str | None, num_bins: int,
+                  graded_name: str | None = None) -> dict:
     """Metrics of one model's outputs (None: the teacher's cached outputs) on the held-out rows."""
     scorer = get_scorer(scorer_name) if scorer_name else None
     texts = [r["teacher_text"] for r in rows] if outputs is None else [o["text"] for o in outputs]
@@ -92,62 +121,119 @@ def score_outputs(rows: list[dict], outputs: list[dict] | None, scorer_name: str
         m["references"] = len(refs)
         m["exact_match"] = mean([exact_match(t, ref) for t, ref in refs])
         m["rouge_l"] = mean([rouge_l(t, ref) for t, ref in refs])
+
+    def correctness(prompt_texts: list[str]) -> list[float] | None:
+        if scorer is not None:
+            return [float(scorer(r["prompt"], t) >= 1.0) for r, t in zip(rows, prompt_texts)]
+        if len(refs) == len(rows):
+            return [exact_match(t, r["reference"]) for t, r in zip(prompt_texts, rows)]
+        return None
+
+    correct = correctness(texts)
     if scorer is not None:
-        scores = [scorer(r["prompt"], t) for r, t in zip(rows, texts)]
-        m["verifier_accuracy"] = mean([float(s >= 1.0) for s in scores])
-        if outputs is not None:
-            m["vs_teacher"] = win_rate(scores, [scorer(r["prompt"], r["teacher_text"]) for r in rows])
-    elif refs and outputs is not None:  # no verifier: judge both against the reference by ROUGE-L
-        m["vs_teacher"] = {**win_rate([rouge_l(t, r["reference"]) for t, r in zip(texts, rows) if r["reference"]],
-                                      [rouge_l(r["teacher_text"], r["reference"]) for r in rows if r["reference"]]),
-                           "judged_by": "rouge_l against reference"}
-    if outputs is not None:
-        m["mean_tokens"] = mean([o["num_tokens"] for o in outputs])
-        conf = [confidence(o["mean_logprob"]) for o in outputs]
-        m["mean_confidence"] = mean(conf)
-        correct = ([float(s >= 1.0) for s in scores] if scorer is not None
-                   else [exact_match(t, r["reference"]) for t, r in zip(texts, rows)] if len(refs) == len(rows)
-                   else None)
-        if correct is not None:
-            m["ece"] = expected_calibration_error(conf, correct, num_bins)
-            m["reliability"] = reliability_bins(conf, correct, num_bins)
+        m["verifier_accuracy"] = mean(correct)
+    if graded_name:
+        graded = get_scorer(graded_name)
+        m["graded_score"] = mean([graded(r["prompt"], t) for r, t in zip(rows, texts)])
+    judged = judge_scores(rows, texts, scorer_name, graded_name)
+    if outputs is not None and judged is not None:
+        teacher = judge_scores(rows, [r["teacher_text"] for r in rows], scorer_name, graded_name)
+        m["vs_teacher"] = {**win_rate(judged, teacher), "judged_by": _judge_name(scorer_name, graded_name)}
+    if outputs is None:
+        return m
+    m["mean_tokens"] = mean([o["num_tokens"] for o in outputs])
+    conf = [confidence(o["mean_logprob"]) for o in outputs]
+    m["mean_confidence"] = mean(conf)
+    if correct is not None:
+        m["ece"] = expected_calibration_error(conf, correct, num_bins)
+        m["auroc"] = auroc(conf, correct)
+        m["reliability"] = reliability_bins(conf, correct, num_bins)
+        m["calibration_note"] = calibration_note(correct)
+    samples = [o.get("samples") or [] for o in outputs]
+    if correct is not None and samples and all(samples):
+        per_prompt = _sample_correctness(samples, correctness)
+        m["num_samples"] = len(samples[0])
+        m["sampled_accuracy"] = mean([ok for prompt in per_prompt for _, ok in prompt])
+        m["best_of_n_accuracy"] = best_of_n(per_prompt)
     return m
 
 
-def evaluate_run(cfg: Config, initial_student_path: str | None, log=print, force: bool = False) -> dict:
+def _sample_correctness(samples: list[list[dict]], correctness) -> list[list[tuple[float, float]]]:
+    """(mean log-prob, correct) of every sample of every prompt (each prompt has the same number)."""
+    right_by_k = [correctness([prompt[k]["text"] for prompt in samples]) for k in range(len(samples[0]))]
+    return [[(s["mean_logprob"], right_by_k[k][p]) for k, s in enumerate(prompt)] for p, prompt in enumerate(samples)]
+
+
+def _judge_name(scorer_name: str | None, graded_name: str | None) -> str:
+    return graded_name or scorer_name or "rouge_l against reference"
+
+
+def _settings(cfg: Config) -> dict:
+    return {**dataclasses.asdict(cfg.eval), "rounds": cfg.train.rounds, "scorer": cfg.eval.scorer or cfg.train.scorer}
+
+
+def _finished(cfg: Config) -> dict | None:
+    done = storage.read_json(storage.join(cfg.eval_dir(), "report.json"))
+    return done if done is not None and done.get("settings") == _settings(cfg) else None
+
+
+def start_initial(cfg: Config, initial_student_path: str | None, pool):
+    """The initial student's generations, started on `pool` now: they need no trained model, so they
+    overlap training (the engine waits for room where the trainer holds the accelerators). None when
+    there is nothing to do."""
+    if not (cfg.eval.enabled and cfg.eval.initial_student and initial_student_path) or _finished(cfg):
+        return None
+    return pool.submit(generate, cfg, heldout_rows(cfg), initial_student_path, cfg.cluster.use_gpu)
+
+
+def evaluate_run(cfg: Config, initial_student_path: str | None, log=print, force: bool = False,
+                 initial_outputs=None) -> dict:
     """Evaluate the run's students on its held-out prompts; writes eval/ and returns the figures.
 
     A finished evaluation with the same settings is reused unless `force` (jobs.evaluate).
+    `initial_outputs`: a future of the initial student's generations (start_initial).
     """
     start = time.perf_counter()
     scorer = cfg.eval.scorer or cfg.train.scorer
-    settings = {**dataclasses.asdict(cfg.eval), "rounds": cfg.train.rounds, "scorer": scorer}
-    done = storage.read_json(storage.join(cfg.eval_dir(), "report.json"))
-    if done is not None and done.get("settings") == settings and not force:
+    settings = _settings(cfg)
+    done = _finished(cfg)
+    if done is not None and not force:
         log(f"[eval] already complete: {cfg.eval_dir()}")
         return done
     rows = heldout_rows(cfg)
     models = {}
     if cfg.eval.initial_student and initial_student_path:
-        models["initial student"] = initial_student_path
+        models[INITIAL] = initial_student_path
     for r in range(1, cfg.train.rounds + 1):
         uri = cfg.student_export_uri(r)
         if storage.manifest(uri) is None:
             raise DataError(f"evaluation: {uri} is missing or incomplete; train first (jobs.train or jobs.distill)")
         models["trained student" if cfg.train.rounds == 1 else f"round {r} student"] = storage.local_path(uri)
+    extra = f" + {cfg.eval.num_samples} samples at T=1" if cfg.eval.num_samples else ""
     log(f"[eval] {len(rows)} held-out prompts ({sum(r['reference'] is not None for r in rows)} with references), "
-        f"scorer {scorer or 'none'}; greedy vLLM generation for: {', '.join(models)}")
-    results = {"teacher (cached outputs)": score_outputs(rows, None, scorer, cfg.eval.num_bins)}
+        f"scorer {scorer or 'none'}; greedy{extra} vLLM generation for: {', '.join(models)}")
+    with ThreadPoolExecutor(max_workers=len(models)) as pool:  # Ray queues engines the cluster cannot fit yet
+        futures = {name: initial_outputs if name == INITIAL and initial_outputs is not None
+                   else pool.submit(generate, cfg, rows, path, cfg.cluster.use_gpu) for name, path in models.items()}
+        outputs = {name: future.result() for name, future in futures.items()}
+    graded = cfg.eval.graded_scorer
+    results = {TEACHER: score_outputs(rows, None, scorer, cfg.eval.num_bins, graded)}
     generations = {r["id"]: {"id": r["id"], "prompt": r["prompt"], "reference": r["reference"],
                              "teacher": r["teacher_text"]} for r in rows}
     for name, path in models.items():
-        outputs = generate(cfg, rows, path, cfg.cluster.use_gpu)
-        results[name] = {"model": path, **score_outputs(rows, outputs, scorer, cfg.eval.num_bins)}
-        for o in outputs:
+        results[name] = {"model": path, **score_outputs(rows, outputs[name], scorer, cfg.eval.num_bins, graded)}
+        if INITIAL in outputs and name != INITIAL:
+            judged, base = (judge_scores(rows, [o["text"] for o in outputs[n]], scorer, graded) for n in (name, INITIAL))
+            if judged is not None:
+                results[name]["vs_initial"] = {**win_rate(judged, base), "judged_by": _judge_name(scorer, graded)}
+        for o in outputs[name]:
             generations[o["id"]][name] = o["text"]
             generations[o["id"]][f"{name} mean_logprob"] = o["mean_logprob"]
+            if o["samples"]:
+                generations[o["id"]][f"{name} samples"] = o["samples"]
         log(f"[eval] {name}: {headline(results[name])}")
-    report = {"settings": settings, "scorer": scorer, "heldout_fraction": cfg.data.heldout_fraction, "models": results,
+    report = {"settings": settings, "scorer": scorer, "graded_scorer": graded,
+              "heldout_fraction": cfg.data.heldout_fraction, "models": results,
               "eval_seconds": time.perf_counter() - start}
     folder = cfg.eval_dir()
     storage.write_text(storage.join(folder, "generations.jsonl"),
@@ -160,8 +246,10 @@ def evaluate_run(cfg: Config, initial_student_path: str | None, log=print, force
 
 
 def headline(m: dict) -> str:
-    parts = [f"{k} {m[k]:.3f}" for k in ("verifier_accuracy", "exact_match", "rouge_l", "ece", "mean_confidence")
-             if k in m]
-    if "vs_teacher" in m:
-        parts.append(f"win rate vs teacher {m['vs_teacher']['win_rate']:.3f}")
+    parts = [f"{k} {m[k]:.3f}" for k in ("verifier_accuracy", "exact_match", "graded_score", "rouge_l",
+                                         "sampled_accuracy", "best_of_n_accuracy", "ece", "auroc", "mean_confidence")
+             if isinstance(m.get(k), float)]
+    for key, name in (("vs_teacher", "win rate vs teacher"), ("vs_initial", "win rate vs initial student")):
+        if key in m:
+            parts.append(f"{name} {m[key]['win_rate']:.3f}")
     return ", ".join(parts)
