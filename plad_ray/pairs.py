@@ -141,5 +141,9 @@ def complete_external(batch: dict, heldout_fraction: float) -> dict:
                                                                        for i in out["id"]]
     for key in ("chosen_token_ids", "rejected_token_ids"):
         if key in batch:
-            out[key] = list(batch[key])
+            out[key] = [_ids(v) if _is_sequence(v) else None for v in batch[key]]  # nulls arrive as None or NA
     return out
+
+
+def _is_sequence(value) -> bool:
+    return value is not None and hasattr(value, "__len__") and not isinstance(value, str)

@@ -52,3 +52,12 @@ def test_external_trl_pairs_get_ids_finish_reasons_and_split():
     assert out["heldout"] == [pairs.is_heldout(i, 0.5) for i in out["id"]]
     kept = pairs.complete_external({**batch, "id": [7, 8], "heldout": [True, False]}, 0.5)
     assert kept["id"] == ["7", "8"] and kept["heldout"] == [True, False]
+
+
+def test_external_pairs_keep_plad_token_ids_and_their_nulls():
+    import pandas as pd
+
+    batch = {"prompt": ["p1", "p2"], "chosen": ["a", "b"], "rejected": ["c", "d"],
+             "chosen_token_ids": pd.Series([[5, 2], pd.NA], dtype=object), "rejected_token_ids": [None, [7]]}
+    out = pairs.complete_external(batch, heldout_fraction=0.0)
+    assert out["chosen_token_ids"] == [[5, 2], None] and out["rejected_token_ids"] == [None, [7]]

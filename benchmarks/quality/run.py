@@ -1,207 +1,370 @@
 """Quality benchmark: does PLaD beat SeqKD, token-level KD and SFT under the same budget?
 
     python -m benchmarks.quality.run [--seeds 0 1 2] [--out runs/quality]     (make bench-quality)
-    python -m benchmarks.quality.run --seeds 0 --out runs/quality-lr1e-4 --set train.learning_rate=1e-4
-                                     (a variant: --set applies to every method; use its own --out)
+    python -m benchmarks.quality.run --smoke --out runs/quality-smoke        (minutes: the whole flow, tiny sizes)
 
-Per seed: build the initial student (the tiny student's shape, SFT-ed on labelled reversal
-examples with that seed), then run the engine's jobs as a user would (subprocesses):
+The paper's claim gets a fair test only where there is a capacity gap, so the benchmark shows
+it first: the teacher (4 layers, hidden 128) is trained to >= 0.95 on the task, and each seed's
+initial student (2 layers, hidden 64) is SFT-ed on labelled examples until its accuracy stops
+rising; its ceiling must sit well below the teacher's. Then, per seed, on the same prompts,
+pairs (the greedy teacher's output against 4 student samples per prompt), optimizer, schedule,
+precision and number of steps, every method in methods.py trains that student with the engine
+(plad_ray.pipeline.train_student: Ray Data tokenization, Ray Train + DeepSpeed) and is evaluated
+on held-out prompts, greedy and 8 samples at T=1 (generation.py: one batched evaluator for every
+model; the engine's own vLLM evaluate stage would start an engine per model). A dev split (200)
+picks each method's learning rate on seed 0 only, frozen for seeds 1 and 2; the table and the
+pre-registered decision (analysis.decision) use the test split (1000).
 
-  PLaD hinge + PLaD iterative   jobs.distill, train.rounds=2 (round 1 = hinge, round 2 = iterative)
-  PLaD + NLL, SeqKD, token KD   jobs.distill on the same teacher outputs and pairs (copied in), one train.* override
-  SFT only                      jobs.distill with train.pairs = labelled (prompt, reference) rows + the same held-out pairs
-
-Every method trains the same number of optimizer steps (as many as the PLaD pairs give, at
-most train.max_steps) with the same optimizer, learning rate and batch size, and is evaluated by jobs.distill's evaluate stage
-(greedy vLLM generation on the same held-out prompts, `reverse` verifier). The table
-(mean ± sample sd over seeds) goes to benchmarks/results/quality-<time>.json and .md.
+Everything runs in this process on one local Ray cluster, two methods at a time (their start-ups
+overlap); each finished run is kept under --out, so an interrupted benchmark resumes.
 """
 
 import argparse
 import json
 import os
 import platform
-import random
 import shutil
 import statistics
-import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from plad_ray import tiny
+from benchmarks.quality import analysis
+from benchmarks.quality.methods import LEARNING_RATES, METHODS, Grid, Method, by_name, slug
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG = Path(__file__).with_name("config.yaml")
-NUM_PROMPTS = 1536
-STUDENT = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=1, steps=1000)
-METHODS = {  # name -> train overrides (beyond the shared config)
-    "PLaD + NLL": ["train.loss.nll_weight=1.0"],
-    "SeqKD": ["train.loss.type=seqkd"],
-    "token KD": ["train.loss.type=token_kd"],
-    "SFT only": ["train.loss.type=seqkd"],  # + train.pairs: labelled references instead of teacher outputs
-}
-ROWS = ("teacher", "initial student", "PLaD hinge", "PLaD + NLL", "PLaD iterative (2 rounds)", "SeqKD", "token KD",
-        "SFT only")
-COLUMNS = (("accuracy", "verifier accuracy"), ("win_rate", "win rate vs teacher"),
-           ("pair_ranking_accuracy", "held-out pair-ranking acc."), ("ece", "ECE"))
+# Reversal of 4-16 letter words over a 4-letter alphabet: repeated letters defeat copying by content,
+# so the answer needs positions, and the student's capacity runs out on long words where the
+# teacher's does not (measured before choosing: 26 letters and 3-12 letters let the student
+# reach 0.83 and rising; this task left it at 0.74 after 6000 steps while the teacher reached 1.00).
+TASK = dict(task="reverse", min_len=4, max_len=16, alphabet="abcd")
+TEACHER = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=2, steps=1500,
+               lr=1e-3, **TASK)
+STUDENT = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=1, steps=6000,
+               lr=2e-3, **TASK)
+SIZES = {"full": dict(train=1024, dev=200, test=1000, steps=120, curve_every=1000, samples=8, grid=LEARNING_RATES),
+         "smoke": dict(train=128, dev=32, test=64, steps=8, curve_every=100, samples=2, grid=(1e-3,))}
+LANES = 2  # methods trained and evaluated at the same time
+MAX_NEW_TOKENS = 20  # the longest answer (16 letters) and its EOS, with room
+_print_lock = threading.Lock()
 
 
-def write_prompts(path: Path, n: int, seed: int) -> list[dict]:
-    """n reversal prompts with references; the same set for every seed (one teacher cache)."""
-    rng = random.Random(seed)
-    rows = [dict(zip(("prompt", "reference"), tiny.reversal_example(rng)), id=f"q{i:05d}") for i in range(n)]
+def say(line: str) -> None:
+    with _print_lock:
+        print(line, flush=True)
+
+
+def write_prompts(path: Path, size: dict, seed: int = 4321) -> dict[str, list[str]]:
+    """train / dev / test prompts with references; ids chosen so the engine's held-out split
+    (pairs.is_heldout at data.heldout_fraction) is exactly dev + test."""
+    import random
+
+    from plad_ray import pairs, tiny
+
+    fraction = heldout_fraction(size)
+    rng, splits, rows, i = random.Random(seed), {"train": [], "dev": [], "test": []}, [], 0
+    while len(splits["train"]) < size["train"] or len(splits["dev"]) + len(splits["test"]) < size["dev"] + size["test"]:
+        pid = f"q{i:06d}"
+        i += 1
+        held = pairs.is_heldout(pid, fraction)
+        name = ("dev" if len(splits["dev"]) < size["dev"] else "test") if held else "train"
+        if len(splits[name]) >= size[name]:
+            continue
+        prompt, answer = tiny.task_example(TASK, rng)
+        splits[name].append(pid)
+        rows.append({"id": pid, "prompt": prompt, "reference": answer})
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return rows
+    return splits
 
 
-def run_job(job: str, out: Path, overrides: list[str], log: Path) -> None:
-    cmd = [sys.executable, "-m", f"jobs.{job}", "--config", str(CONFIG), "--set", f"output_dir={out}"]
-    for o in overrides:
-        cmd += ["--set", o]
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+def heldout_fraction(size: dict) -> float:
+    return (size["dev"] + size["test"]) / (size["train"] + size["dev"] + size["test"])
+
+
+def base_overrides(out: Path, size: dict, prompts: Path, teacher: str) -> list[str]:
+    return [f"data.prompts={prompts}", f"data.heldout_fraction={heldout_fraction(size)}", f"teacher.model={teacher}",
+            f"train.max_steps={size['steps']}"]
+
+
+def config(out_dir: Path, overrides: list[str]):
+    from plad_ray.config import load_config
+
+    return load_config(str(CONFIG), [f"output_dir={out_dir}", *overrides])
+
+
+def build_model(role: str, recipe: dict, seed: int, folder: Path, curve_every: int = 0) -> tuple[str, dict]:
+    """A tiny model of `recipe` trained by SFT (cached in `folder`), and its accuracy curve (fresh examples).
+
+    Runs in a worker process of build_models (one torch thread each: the models train side by side)."""
+    import torch
+
+    from plad_ray import tiny
+
+    torch.set_num_threads(1)
+    info = folder / "plad_ray_tiny.json"
+    if info.is_file():
+        return str(folder), json.loads(info.read_text())["curve"]
+    curve = {}
+
+    def on_step(step, model, tokenizer):
+        if curve_every and (step % curve_every == 0 or step == recipe["steps"]):
+            curve[str(step)] = tiny.greedy_accuracy(model, tokenizer, recipe, num=256, seed=10_000 + seed)
+            say(f"  {role} seed {seed}: step {step}/{recipe['steps']} SFT accuracy {curve[str(step)]:.3f} (256 fresh examples)")
+
     start = time.perf_counter()
-    with open(log, "w") as f:
-        code = subprocess.run(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT).returncode
-    print(f"  {job} -> {out.name}: exit {code} in {time.perf_counter() - start:.0f}s (log {log})", flush=True)
-    if code != 0:
-        raise SystemExit(f"benchmark: {' '.join(cmd)} failed (exit {code}); see {log}")
+    partial = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    accuracy = tiny.build(recipe, partial, seed=seed, on_step=on_step)
+    (partial / "plad_ray_tiny.json").write_text(json.dumps({"recipe": recipe, "accuracy": accuracy, "curve": curve,
+                                                            "seconds": time.perf_counter() - start}))
+    partial.rename(folder)
+    return str(folder), curve
 
 
-def seed_method_dir(base: Path, target: Path) -> None:
-    """A new run folder holding the base run's teacher outputs and pairs (and their config keys)."""
-    if target.exists():
-        shutil.rmtree(target)
-    target.mkdir(parents=True)
-    for name in ("teacher", "pairs"):
-        shutil.copytree(base / name, target / name)
-    keys = json.loads((base / "run.json").read_text())
-    (target / "run.json").write_text(json.dumps({k: keys[k] for k in ("teacher", "pairs")}))
+def build_models(out: Path, recipes: dict, seeds: list[int], curve_every: int) -> dict:
+    """The teacher and every seed's initial student, two at a time in worker processes."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    jobs = {"teacher": ("teacher", recipes["teacher"], 0, out / "models" / "teacher", curve_every)}
+    for seed in seeds:
+        jobs[seed] = ("student", recipes["student"], seed, out / f"seed-{seed}" / "initial-student", curve_every)
+        jobs[seed][3].parent.mkdir(parents=True, exist_ok=True)
+    (out / "models").mkdir(parents=True, exist_ok=True)
+    with ProcessPoolExecutor(max_workers=2, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {key: pool.submit(build_model, *args) for key, args in jobs.items()}
+        return {key: future.result() for key, future in futures.items()}
 
 
-def write_labelled_pairs(base: Path, path: Path, n: int, seed: int) -> None:
-    """SFT data: n fresh labelled examples as pairs (chosen = reference), plus the base run's held-out
-    pairs so the held-out pair-ranking figure is measured on the same pairs as every method."""
+def generate(out_dir: Path, overrides: list[str], pairs: bool):
+    """Teacher outputs (and, with `pairs`, student pairs) through the engine's own stages."""
+    from plad_ray import pipeline
+
+    cfg = config(out_dir, overrides)
+    inputs = pipeline.prepare(cfg, generation=True, training=False, log=_quiet)
+    pipeline.generate_teacher(cfg, inputs, log=_quiet)
+    if pairs:
+        pipeline.generate_pairs(cfg, inputs, log=_quiet)
+    return cfg
+
+
+def seed_teacher_cache(source: Path, target: Path) -> None:
+    """A run folder that starts with `source`'s teacher outputs (and their config keys): 0 teacher tokens."""
+    if (target / "run.json").is_file():
+        return
+    target.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(source / "teacher", target / "teacher")
+    keys = json.loads((source / "run.json").read_text())
+    (target / "run.json").write_text(json.dumps({"teacher": keys["teacher"]}))
+
+
+def _quiet(line: str) -> None:
+    if "error" in line.lower() or "warning" in line.lower():
+        say(f"    {line}")
+
+
+def write_variants(work: Path, base_cfg, t07_dir: Path) -> dict[str, str]:
+    """The training data of each `Method.pairs`: the engine's pairs; the same student samples against the
+    T=0.7 teacher's outputs (held-out pairs unchanged); labelled references in place of teacher outputs."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    rng = random.Random(10_000 + seed)
-    rows = []
-    for i in range(n):
-        prompt, answer = tiny.reversal_example(rng)
-        # The rejected side is unused by the SFT loss (seqkd trains the chosen side only).
-        rows.append({"id": f"sft{i:05d}", "prompt": prompt, "chosen": answer, "rejected": prompt[:-1],
-                     "heldout": False})
-    held = pq.read_table(base / "pairs", columns=["id", "prompt", "chosen", "rejected", "heldout", "chosen_finish_reason",
-                                                   "rejected_finish_reason"]).to_pylist()
-    held = [r for r in held if r["heldout"]]
+    from plad_ray.data import parquet
+
+    base = parquet.read_table(base_cfg.pairs_uri())
+    t07 = {r["id"]: r for r in parquet.read_table(str(t07_dir / "teacher")).to_pylist()}
+    refs = {json.loads(line)["id"]: json.loads(line)["reference"]
+            for line in Path(base_cfg.data.prompts).read_text().splitlines()}
+    rows = base.to_pylist()
+    imperfect, labelled = [], []
     for r in rows:
-        r.update(chosen_finish_reason="stop", rejected_finish_reason="stop")
-    pq.write_table(pa.Table.from_pylist(rows + held), path)
-
-
-def figures(run: Path, model: str) -> dict:
-    evaluation = json.loads((run / "eval" / "report.json").read_text())["models"][model]
-    return {"accuracy": evaluation.get("verifier_accuracy"), "win_rate": evaluation.get("vs_teacher", {}).get("win_rate"),
-            "ece": evaluation.get("ece"), "mean_confidence": evaluation.get("mean_confidence")}
-
-
-def train_figures(run: Path, round: int = 1) -> dict:
-    report = json.loads((run / "report.json").read_text())
-    r = report["rounds"][round - 1]
-    return {"pair_ranking_accuracy": r["eval_trained"]["ranking_accuracy"], "steps": r["steps"],
-            "initial_pair_ranking_accuracy": r["eval_initial"]["ranking_accuracy"]}
-
-
-def run_seed(seed: int, out: Path, prompts: Path, steps: int, overrides: list[str] = ()) -> dict:
-    work = out / f"seed-{seed}"
-    work.mkdir(parents=True, exist_ok=True)
-    student = work / "initial-student"
-    if not student.is_dir():
-        start = time.perf_counter()
-        partial = work / "initial-student.partial"
-        shutil.rmtree(partial, ignore_errors=True)
-        accuracy = tiny.build(STUDENT, partial, seed=seed)
-        partial.rename(student)
-        print(f"  initial student (seed {seed}): SFT accuracy {accuracy:.2f} on 64 fresh words, "
-              f"{time.perf_counter() - start:.0f}s", flush=True)
-    shared = [f"data.prompts={prompts}", f"student.model={student}", f"student.sampling.seed={seed}",
-              f"train.seed={seed}", f"train.max_steps={steps}", *overrides]
-    base = work / "plad-hinge"
-    run_job("distill", base, shared + ["train.rounds=2"], work / "plad-hinge.log")
-    results = {"teacher": figures(base, "teacher (cached outputs)"),
-               "initial student": {**figures(base, "initial student"),
-                                   "pair_ranking_accuracy": train_figures(base)["initial_pair_ranking_accuracy"]},
-               "PLaD hinge": {**figures(base, "round 1 student"), **train_figures(base, 1)},
-               "PLaD iterative (2 rounds)": {**figures(base, "round 2 student"), **train_figures(base, 2)}}
-    for name, overrides in METHODS.items():
-        target = work / name.lower().replace(" + ", "-").replace(" ", "-")
-        if (target / "eval" / "report.json").is_file() and (target / "report.json").is_file():
-            results[name] = {**figures(target, "trained student"), **train_figures(target)}  # an earlier run's
+        if r["heldout"]:
+            imperfect.append(r)
+            labelled.append(r)
             continue
-        seed_method_dir(base, target)
-        extra = []
-        if name == "SFT only":
-            labelled = work / "labelled-pairs.parquet"
-            # As many labelled examples as the distillation methods have training pairs (pairs where the
-            # student already wrote the teacher's text carry no ranking signal and are dropped for every
-            # method), so SFT gets the same steps.
-            train_pairs = json.loads((base / "train_report.json").read_text())["counts"]["train"]
-            write_labelled_pairs(base, labelled, train_pairs, seed)
-            extra = [f"train.pairs={labelled}"]
-        run_job("distill", target, shared + overrides + extra + ["eval.initial_student=false"],
-                work / f"{target.name}.log")
-        results[name] = {**figures(target, "trained student"), **train_figures(target)}
-    return results
+        t = t07[r["id"]]
+        imperfect.append({**r, "chosen": t["teacher_text"], "chosen_token_ids": t["teacher_token_ids"],
+                          "chosen_num_tokens": t["teacher_num_tokens"], "chosen_finish_reason": t["teacher_finish_reason"]})
+        labelled.append({**r, "chosen": refs[r["id"]], "chosen_token_ids": None, "chosen_finish_reason": "eos"})
+    paths = {"teacher": base_cfg.pairs_uri()}
+    for name, table in (("teacher_t07", imperfect), ("labelled", labelled)):
+        path = work / f"pairs-{name}.parquet"
+        pq.write_table(pa.Table.from_pylist(table, schema=base.schema), path)
+        paths[name] = str(path)
+    trained = [(r["chosen"], i["chosen"]) for r, i in zip(rows, imperfect) if not r["heldout"]]
+    say(f"  T=0.7 teacher: the greedy teacher's text on {sum(a == b for a, b in trained)}/{len(trained)} training pairs")
+    return paths
 
 
-def table(per_seed: list[dict]) -> str:
-    lines = ["| | " + " | ".join(title for _, title in COLUMNS) + " |", "|---|" + "---|" * len(COLUMNS)]
-    for row in ROWS:
-        cells = []
-        for key, _ in COLUMNS:
-            values = [s[row][key] for s in per_seed if s[row].get(key) is not None]
-            if not values:
-                cells.append("-")
-            elif len(values) == 1:
-                cells.append(f"{values[0]:.3f}")
-            else:
-                cells.append(f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}")
-        lines.append(f"| {row} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+def heldout(prompts: Path, splits: dict) -> list[dict]:
+    """The dev and test prompts, with their references."""
+    keep = set(splits["dev"]) | set(splits["test"])
+    return [r for r in map(json.loads, prompts.read_text().splitlines()) if r["id"] in keep]
+
+
+def evaluate_model(model_path: str, rows: list[dict], size: dict, seed: int, scorers) -> dict:
+    """Greedy + size['samples'] samples of `model_path` on the held-out rows -> a per-prompt record."""
+    from benchmarks.quality.generation import generate as hf_generate
+
+    outputs = hf_generate(model_path, [r["prompt"] for r in rows], size["samples"], MAX_NEW_TOKENS, seed)
+    return analysis.record([r["id"] for r in rows], outputs, rows, *scorers)
+
+
+def run_method(work: Path, seed: int, method: Method, lr: float, shared: list[str], pairs: dict, rows: list[dict],
+               size: dict, student: str, scorers) -> dict:
+    """Train one method at one learning rate with the engine, evaluate it; cached in its folder."""
+    from plad_ray import pipeline
+
+    folder = work / f"{slug(method.name)}-lr{lr:g}"
+    done = folder / "result.json"
+    if done.is_file():
+        return json.loads(done.read_text())
+    if folder.exists():
+        shutil.rmtree(folder)
+    start = time.perf_counter()
+    cfg = config(folder, shared + [f"student.model={student}", f"train.pairs={pairs[method.pairs]}",
+                                   f"train.learning_rate={lr}", f"train.seed={seed}", *method.overrides])
+    inputs = pipeline.prepare(cfg, generation=False, training=True, log=_quiet)
+    report = pipeline.train_student(cfg, inputs, log=_quiet)
+    rec = evaluate_model(cfg.student_export_uri(), rows, size, seed, scorers)
+    result = {"method": method.name, "lr": lr, "seed": seed, "record": rec, "steps": report["steps"],
+              "tokens": sum(c.get("tokens", 0) for c in report["curve"]),
+              "nll_before": report["eval_initial"]["chosen_nll_per_token"],
+              "nll_after": report["eval_trained"]["chosen_nll_per_token"],
+              "pair_ranking_before": report["eval_initial"]["ranking_accuracy"],
+              "pair_ranking_after": report["eval_trained"]["ranking_accuracy"],
+              "counts": report["counts"], "guard": report.get("guard"), "seconds": time.perf_counter() - start}
+    done.write_text(json.dumps(result))
+    say(f"  seed {seed} {method.name} lr {lr:g}: {time.perf_counter() - start:.0f}s, {result['steps']} steps")
+    return result
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--out", default="runs/quality")
-    parser.add_argument("--steps", type=int, default=160, help="optimizer steps of every method (train.max_steps)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="config override for every method's run (repeatable), e.g. train.learning_rate=1e-4")
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes: checks the flow in minutes, measures nothing")
+    parser.add_argument("--methods", nargs="*", help="only these methods (names from methods.py)")
     args = parser.parse_args()
+    import ray
+
+    from plad_ray.scoring import get_scorer
+
+    size = SIZES["smoke" if args.smoke else "full"]
+    recipes = {"teacher": dict(TEACHER), "student": dict(STUDENT)}
+    if args.smoke:
+        recipes["teacher"]["steps"], recipes["student"]["steps"] = 200, 200
+    methods = [by_name(n) for n in args.methods] if args.methods else list(METHODS)
     out = (ROOT / args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
     prompts = out / "prompts.jsonl"
-    write_prompts(prompts, NUM_PROMPTS, seed=4321)
-    start = time.perf_counter()
-    per_seed = []
+    splits = write_prompts(prompts, size)
+    say(f"prompts: {', '.join(f'{k} {len(v)}' for k, v in splits.items())} -> {prompts}")
+    scorers = (get_scorer("tiny_exact"), get_scorer("tiny_similarity"))
+    rows = heldout(prompts, splits)
+    models = build_models(out, recipes, args.seeds, size["curve_every"])
+    teacher, teacher_curve = models["teacher"]
+    ray.init(address="local", num_cpus=6, include_dashboard=False, log_to_driver=False)
+    shared = base_overrides(out, size, prompts, teacher)
+    greedy_dir, t07_dir = out / "teacher-greedy", out / "teacher-t07"
+    # Teacher outputs only; the students come later (the teacher stands in for one: the same tokenizer).
+    generate(greedy_dir, shared + [f"student.model={teacher}"], pairs=False)
+    generate(t07_dir, shared + [f"student.model={teacher}", "teacher.sampling.temperature=0.7",
+                                "teacher.sampling.seed=7"], pairs=False)
+    grid = Grid()
+    per_seed: dict[int, dict] = {}
     for seed in args.seeds:
-        print(f"seed {seed}", flush=True)
-        per_seed.append(run_seed(seed, out, prompts, args.steps, args.overrides))
-    minutes = (time.perf_counter() - start) / 60
-    text = table(per_seed)
-    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}"
+        work = out / f"seed-{seed}"
+        work.mkdir(exist_ok=True)
+        student, curve = models[seed]
+        seed_teacher_cache(greedy_dir, work / "pairs")
+        base_cfg = generate(work / "pairs", shared + [f"student.model={student}", f"student.sampling.seed={seed}"],
+                            pairs=True)
+        pairs = write_variants(work, base_cfg, t07_dir)
+        initial = work / "initial-eval.json"
+        if not initial.is_file():
+            initial.write_text(json.dumps(evaluate_model(student, rows, size, seed, scorers)))
+        teacher_rec = teacher_record(base_cfg, rows, scorers)
+        jobs = [(m, lr) for m in methods for lr in (size["grid"] if seed == args.seeds[0] else [grid.chosen[m.name]])]
+        with ThreadPoolExecutor(max_workers=LANES) as pool:
+            results = list(pool.map(lambda job: run_method(work, seed, job[0], job[1], shared, pairs, rows, size,
+                                                           student, scorers), jobs))
+        initial_rec = json.loads(initial.read_text())
+        if seed == args.seeds[0]:
+            dev = set(splits["dev"])
+            for m in methods:
+                scores = {r["lr"]: analysis.split_metrics(analysis.select(r["record"], dev))[analysis.PRIMARY]
+                          for r in results if r["method"] == m.name}
+                grid.dev[m.name] = scores
+                grid.chosen[m.name] = max(scores, key=lambda lr: (scores[lr], -lr))  # ties: the smaller rate
+            say("dev choice (seed 0): " + "; ".join(f"{k} lr {v:g}" for k, v in grid.chosen.items()))
+        per_seed[seed] = {"initial": initial_rec, "teacher": teacher_rec, "curve": curve,
+                          "runs": {r["method"]: r for r in results if r["lr"] == grid.chosen[r["method"]]}}
+    write_results(out, args, size, splits, recipes, teacher_curve, grid, per_seed, methods,
+                  (time.perf_counter() - started) / 60)
+
+
+def teacher_record(cfg, rows: list[dict], scorers) -> dict:
+    """The greedy teacher's cached outputs on the held-out rows (its confidence is not measured)."""
+    from plad_ray.data import parquet
+
+    texts = dict(zip(*parquet.read_table(cfg.teacher_cache_uri(), ["id", "teacher_text"]).to_pydict().values()))
+    outputs = [{"text": texts[r["id"]], "mean_logprob": None} for r in rows]
+    return analysis.record([r["id"] for r in rows], outputs, rows, *scorers)
+
+
+def write_results(out: Path, args, size, splits, recipes, teacher_curve, grid: Grid, per_seed: dict, methods,
+                  minutes: float) -> None:
+    test = set(splits["test"])
+    seeds = sorted(per_seed)
+    rows = []
+
+    def figures(rec_initial, result=None, rec=None):
+        rec = rec if rec is not None else result["record"]
+        initial = analysis.select(rec_initial, test)
+        figs = analysis.split_metrics(analysis.select(rec, test), initial if result is not None else None)
+        if result is not None:
+            figs.update(nll_drift=result["nll_after"] - result["nll_before"], tokens=result["tokens"], lr=result["lr"])
+        return figs
+
+    rows.append(("teacher", [analysis.split_metrics(analysis.select(per_seed[s]["teacher"], test)) for s in seeds[:1]]))
+    rows.append(("initial student (SFT to convergence)", [figures(per_seed[s]["initial"], rec=per_seed[s]["initial"])
+                                                          for s in seeds]))
+    for m in methods:
+        rows.append((m.name, [figures(per_seed[s]["initial"], per_seed[s]["runs"][m.name]) for s in seeds]))
+    text = analysis.table(rows)
+    plad = [m.name for m in methods if m.family == "PLaD"]
+    best = max(plad, key=lambda n: grid.dev[n][grid.chosen[n]]) if plad else None
+    verdict = None
+    if best and "SeqKD" in grid.chosen and len(seeds) > 1:
+        a = [analysis.select(per_seed[s]["runs"][best]["record"], test) for s in seeds]
+        b = [analysis.select(per_seed[s]["runs"]["SeqKD"]["record"], test) for s in seeds]
+        ci = analysis.paired_difference(a, b)
+        wins, why = analysis.decision(ci)
+        verdict = {"variant": best, "ci": ci, "wins": wins, "why": why}
     stamp = time.strftime("%Y%m%d-%H%M%S")
     results = ROOT / "benchmarks" / "results"
     results.mkdir(exist_ok=True)
-    (results / f"quality-{stamp}.json").write_text(json.dumps(
-        {"seeds": args.seeds, "steps": args.steps, "overrides": args.overrides, "prompts": NUM_PROMPTS, "student_recipe": STUDENT,
-         "minutes": minutes, "machine": machine, "per_seed": per_seed}, indent=1))
-    (results / f"quality-{stamp}.md").write_text(
-        f"{text}\n\nseeds {args.seeds}, {args.steps} steps per method, overrides {args.overrides or 'none'}, "
-        f"{minutes:.1f} min on {machine}\n")
-    print("\n" + text + f"\n\n{minutes:.1f} min; results/quality-{stamp}.json", flush=True)
+    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}"
+    payload = {"seeds": seeds, "size": size, "smoke": args.smoke, "recipes": recipes, "teacher_curve": teacher_curve,
+               "student_curves": {s: per_seed[s]["curve"] for s in seeds}, "dev": grid.dev, "chosen": grid.chosen,
+               "verdict": verdict, "minutes": minutes, "machine": machine, "table": text,
+               "runs": {s: {k: {kk: vv for kk, vv in v.items() if kk != "record"} for k, v in per_seed[s]["runs"].items()}
+                        for s in seeds}}
+    name = f"quality-{'smoke-' if args.smoke else ''}{stamp}"
+    (results / f"{name}.json").write_text(json.dumps(payload, indent=1))
+    lines = [text, "", f"seeds {seeds}; test split {len(test)} prompts; {size['steps']} steps per method; "
+             f"{minutes:.1f} min on {machine}"]
+    if verdict:
+        lines += ["", f"decision ({verdict['variant']} vs SeqKD, test greedy accuracy): "
+                  f"{'PLaD wins' if verdict['wins'] else 'PLaD does not win'} — {verdict['why']}"]
+    (results / f"{name}.md").write_text("\n".join(lines) + "\n")
+    say("\n" + "\n".join(lines) + f"\n\nresults: benchmarks/results/{name}.json")
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
