@@ -47,6 +47,8 @@ def test_pairs_cross_tokenizers_as_text(run):
     assert sum(teacher_right.values()) / len(teacher_right) > 0.8
     assert sum(exact_match(r["rejected"], references[r["id"]]) for r in rows) / len(rows) < 0.3
     assert all("\n" not in r["chosen"] for r in rows)  # the teacher stopped at the newline
+    assert all(r["chosen_token_ids"] is None for r in rows)  # another vocabulary: only text crosses
+    assert all(r["rejected_token_ids"] for r in rows)  # the student's own ids
 
 
 def test_training_moved_the_ranking_and_every_parameter(run):
@@ -54,6 +56,8 @@ def test_training_moved_the_ranking_and_every_parameter(run):
     before, after = report["eval_initial"], report["eval_trained"]
     assert before["pairs"] == after["pairs"] > 0
     assert after["ranking_accuracy"] > before["ranking_accuracy"] and after["loss"] < before["loss"]
+    # The default objective keeps the teacher's held-out answers at least as likely as before.
+    assert after["chosen_nll_per_token"] <= before["chosen_nll_per_token"]
     initial = load_file(str(MODELS / pretrained.SMOLLM2 / "model.safetensors"))
     trained = load_file(str(run / "student" / "model.safetensors"))
     assert set(trained) == set(initial)
