@@ -141,9 +141,13 @@ def complete_external(batch: dict, heldout_fraction: float) -> dict:
                                                                        for i in out["id"]]
     for key in ("chosen_token_ids", "rejected_token_ids"):
         if key in batch:
-            out[key] = [_ids(v) if _is_sequence(v) else None for v in batch[key]]  # nulls arrive as None or NA
+            out[key] = [token_ids(v) for v in batch[key]]
     return out
 
 
-def _is_sequence(value) -> bool:
-    return value is not None and hasattr(value, "__len__") and not isinstance(value, str)
+def token_ids(value) -> list[int] | None:
+    """A token-id column's value as a list, or None where it is null (None, NA or NaN, as data frames
+    and Ray Data batches spell a missing list)."""
+    if value is None or not hasattr(value, "__len__") or isinstance(value, str):
+        return None
+    return _ids(value)

@@ -236,3 +236,14 @@ def test_collate_pairs_marks_identical_pairs_unranked():
              "rejected_ids": np.array([np.array([4]), np.array([3])], dtype=object),
              "status": np.array(["ok", "identical"])}
     assert collate_pairs(batch, pad_id=0)["ranked"].tolist() == [1.0, 0.0]
+
+
+def test_a_null_ids_column_falls_back_to_the_text(tokenizer_dir):
+    # A column with no ids at all reaches the stage as NaN (how Ray Data and pandas spell an all-null list).
+    stage = PairTokenizer(tokenizer_dir, max_length=16)
+    batch = {"id": np.array(["a"]), "heldout": np.array([False]), "prompt": np.array(["ab>"]),
+             "chosen": np.array(["ba"]), "rejected": np.array(["bb"]),
+             "chosen_finish_reason": np.array(["eos"]), "rejected_finish_reason": np.array(["eos"]),
+             "chosen_token_ids": np.array([np.nan], dtype=np.float32), "rejected_token_ids": np.array([None])}
+    out = stage(batch)
+    assert out["chosen_ids"][0].tolist() == [68, 67, tiny.EOS_ID] and out["rejected_ids"][0].tolist() == [68, 68, tiny.EOS_ID]

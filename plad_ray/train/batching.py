@@ -39,8 +39,11 @@ def tokenize_pair(prompt_ids: list[int], chosen_ids: list[int], rejected_ids: li
 
 def response_ids(generated_ids, text: str, finish_reason: str, encode, eos: list[int], stop: str | None) -> list[int]:
     """The ids a response is scored on: as generated when known, else its text tokenized (see above)."""
-    if generated_ids is not None:
-        return [int(i) for i in generated_ids]
+    from plad_ray.pairs import token_ids
+
+    generated = token_ids(generated_ids)
+    if generated is not None:
+        return generated
     if finish_reason == "stop" and stop:
         return encode(text + stop)
     return encode(text) + (eos if finish_reason == "eos" else [])
