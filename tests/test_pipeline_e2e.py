@@ -162,10 +162,11 @@ def test_training_resumes_from_its_last_checkpoint(run):
         cwd=ROOT, env=job_env(), capture_output=True, text=True, timeout=900,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    # One epoch of 54 steps, checkpoints every 20: resume at step 40, finish at 54.
+    # One epoch of 55 steps (872 pairs per rank in micro-batches of 16), checkpoints every 20: resume at
+    # step 40, finish at 55.
     assert "resumed from checkpoint at step 40" in proc.stdout
     resumed = json.loads((out / "report.json").read_text())
-    assert resumed["steps"] == report["steps"] == 54
+    assert resumed["steps"] == report["steps"] == 55
     assert [c["step"] for c in resumed["curve"]] == [c["step"] for c in report["curve"]]
     assert resumed["eval_initial"] == report["eval_initial"]  # kept in the checkpoint, not recomputed
     assert (out / "student" / "model.safetensors").is_file()
@@ -239,7 +240,7 @@ def test_the_collapse_guard_stops_at_the_last_good_checkpoint(run, tmp_path):
     report = json.loads((other / "report.json").read_text())
     guard = report["guard"]
     assert guard is not None and guard["action"] == "stop", report.get("evals")
-    assert guard["stopped_at_step"] == guard["step"] < 54 and guard["restored_step"] % 5 == 0
+    assert guard["stopped_at_step"] == guard["step"] < 55 and guard["restored_step"] % 5 == 0
     assert guard["restored_step"] < guard["stopped_at_step"]
     assert guard["initial_logp_per_token"] - guard["logp_per_token"] > 0.1  # why it tripped
     # The exported student is the restored one: its held-out teacher-output log-prob is within the limit.

@@ -72,7 +72,8 @@ def prepare_pairs(pairs_ds, model_path: str, train: TrainConfig, chat_template: 
     train_ds = tokenized.filter(expr=" or ".join(f"status == '{s}'" for s in trained)).filter(expr="heldout == False")
     heldout_ds = tokenized.filter(expr="status == 'ok' or status == 'identical'").filter(expr="heldout == True")
     if train.loss.type == "listwise":
-        train_ds = train_ds.groupby("id").map_groups(group_samples, batch_format="numpy")
+        # groupby sorts by id: shuffle the prompts again for the training order
+        train_ds = train_ds.groupby("id").map_groups(group_samples, batch_format="numpy").random_shuffle(seed=train.seed)
         counts["train_prompts"] = len({i for i, s, h in zip(table.column("id").to_pylist(), statuses, heldout)
                                        if s in trained and not h})
     return train_ds, heldout_ds, counts
