@@ -64,8 +64,8 @@ def test_training_moved_the_loss_and_kept_the_teacher_outputs_likely(run):
     assert report["steps"] == report["curve"][-1]["step"] > 0
     before, after = report["eval_initial"], report["eval_trained"]
     assert before["pairs"] == after["pairs"] == report["counts"]["heldout"] > 0
-    # The default objective (per-token hinge + NLL anchor) must not make the teacher's held-out outputs
-    # less likely: what a pure ranking loss did here (NLL/token 1.64 -> 3.84 before this default).
+    # The demo's objective (per-token hinge + NLL anchor) must not make the teacher's held-out outputs
+    # less likely: what a pure ranking loss did here (NLL/token 1.64 -> 3.84 before the anchor).
     assert after["chosen_nll_per_token"] < before["chosen_nll_per_token"]
     assert report["guard"] is None  # so the collapse guard never tripped
     assert [e["step"] for e in report["evals"]] == list(range(10, report["steps"], 10))  # train.eval_every_steps
@@ -208,7 +208,8 @@ def test_other_losses_train_on_the_same_pairs(run, loss_type, tmp_path):
         assert report["curve"][-1]["loss"] < report["curve"][0]["loss"]
         assert report["curve"][-1]["nll"] < report["curve"][0]["nll"]
     elif loss_type == "seqkd":
-        # SFT on teacher outputs: the teacher's text gets likelier per token, on training and held-out pairs
+        # SFT on teacher outputs, the engine's default objective: the teacher's text gets likelier per token,
+        # on training and held-out pairs
         # (one pass over 870 prompts; an earlier demo's 4 epochs over 220 made the student memorise them).
         assert report["curve"][-1]["nll"] < report["curve"][0]["nll"]
         assert after["chosen_nll_per_token"] < before["chosen_nll_per_token"]
