@@ -35,6 +35,10 @@ OUTPUTS = {"teacher": ("teacher", "quarantine"), "pairs": ("pairs",),
 # them never makes outputs stale (teacher.model and sampling do).
 _ENGINE_PERF_KEYS = ("replicas", "batch_size", "cpus_per_replica", "max_restarts", "env", "gpu_memory_utilization",
                      "enable_prefix_caching", "tensor_parallel_size", "engine_kwargs", "endpoint")
+# Training settings that change how a run is operated, not the weights it trains: changing them (say, more
+# train.max_failures after a crash) resumes the run instead of refusing it.
+_TRAIN_OPERATIONAL_KEYS = ("max_failures", "log_every_steps", "checkpoint_every_steps", "tensorboard",
+                           "cpus_per_worker", "placement_strategy")
 
 
 def stage_keys(cfg: Config) -> dict:
@@ -44,8 +48,20 @@ def stage_keys(cfg: Config) -> dict:
                "teacher": _semantic(d["teacher"])}
     pairs = {**teacher, "student": _semantic(d["student"]), "data.heldout_fraction": d["data"]["heldout_fraction"]}
     # More rounds continue a run (earlier rounds stay valid); fewer or other train keys do not.
-    train = {k: v for k, v in d["train"].items() if k != "rounds"}
+    train = _semantic_train({k: v for k, v in d["train"].items() if k != "rounds"})
     return {"teacher": teacher, "pairs": pairs, "train": {**pairs, "train": train}}
+
+
+def _semantic_train(train: dict) -> dict:
+    return {k: v for k, v in train.items() if k not in _TRAIN_OPERATIONAL_KEYS}
+
+
+def _comparable(stage: str, keys: dict) -> dict:
+    """A stage's recorded keys without the operational ones (run.json files written before they were left out
+    still hold them)."""
+    if stage != "train" or not isinstance(keys.get("train"), dict):
+        return keys
+    return {**keys, "train": _semantic_train(keys["train"])}
 
 
 def _semantic(engine: dict) -> dict:
@@ -62,9 +78,9 @@ def prepare_output(cfg: Config, overwrite: bool = False, dry_run: bool = False, 
     previous = storage.read_json(run_uri) or {}
     mine = stage_keys(cfg)
     for index, stage in enumerate(STAGES):
-        if stage not in previous or previous[stage] == mine[stage]:
+        if stage not in previous or _comparable(stage, previous[stage]) == mine[stage]:
             continue
-        key = _first_difference(previous[stage], mine[stage])
+        key = _first_difference(_comparable(stage, previous[stage]), mine[stage])
         if not overwrite or dry_run:
             if overwrite:
                 log(f"[plad-ray] --overwrite would replace the {'/'.join(STAGES[index:])} outputs ({key})")

@@ -118,12 +118,18 @@ def _ids(ids) -> list[int]:
     return [int(i) for i in ids]
 
 
+def prompt_id(prompt: str) -> str:
+    """The id of a prompt that came without one: 16 hex digits of its text's SHA-256."""
+    return hashlib.sha256(prompt.encode()).hexdigest()[:16]
+
+
 def complete_external(batch: dict, heldout_fraction: float) -> dict:
     """Pairs from elsewhere (TRL's prompt/chosen/rejected) with the columns training reads.
 
-    Missing ids come from a hash of the pair's text (stable across runs); missing finish
-    reasons are "eos" (the response is complete, so its EOS is scored); a missing
-    `heldout` is the usual split by id. Their text is tokenized by the student's tokenizer,
+    A missing id is the prompt's: a hash of the prompt text (stable across runs), so every pair
+    of one prompt gets the same id and falls on the same side of the held-out split, as the
+    engine's own pairs do (their id is the prompt id). Missing finish reasons are "eos" (the
+    response is complete, so its EOS is scored); a missing `heldout` is the usual split by id. Their text is tokenized by the student's tokenizer,
     except where the file has plad-ray's `chosen_token_ids`/`rejected_token_ids` columns
     (pairs this engine wrote for the same student tokenizer): those ids are kept.
     """
@@ -132,8 +138,7 @@ def complete_external(batch: dict, heldout_fraction: float) -> dict:
     if "id" in batch:
         out["id"] = [str(i) for i in batch["id"]]
     else:
-        out["id"] = [hashlib.sha256("\x00".join(t).encode()).hexdigest()[:16]
-                     for t in zip(out["prompt"], out["chosen"], out["rejected"])]
+        out["id"] = [prompt_id(prompt) for prompt in out["prompt"]]
     for side in ("chosen", "rejected"):
         key = f"{side}_finish_reason"
         out[key] = list(batch[key]) if key in batch else ["eos"] * n

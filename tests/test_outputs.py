@@ -34,6 +34,28 @@ def test_same_config_and_speed_settings_resume(tmp_path):
     assert (tmp_path / "run" / "teacher").exists() and (tmp_path / "run" / "report.json").exists()
 
 
+def test_operational_training_settings_resume(tmp_path):
+    # More restarts after a crash, another logging, checkpoint or tracker cadence: the same weights, so the run
+    # resumes (before, the changed train.max_failures refused it, and --overwrite deleted the checkpoints).
+    prepare_output(make(tmp_path, "train.max_failures=0"))
+    touch_outputs(tmp_path / "run")
+    prepare_output(make(tmp_path, "train.max_failures=3", "train.log_every_steps=1", "train.checkpoint_every_steps=7",
+                        "train.tensorboard=false", "train.cpus_per_worker=2", "train.placement_strategy=SPREAD"))
+    assert all((tmp_path / "run" / name).exists() for name in ("train", "student", "report.json"))
+    # A run.json written before these keys were left out still resumes.
+    import json
+
+    run_json = tmp_path / "run" / "run.json"
+    keys = json.loads(run_json.read_text())
+    keys["train"]["train"]["max_failures"] = 0
+    run_json.write_text(json.dumps(keys))
+    prepare_output(make(tmp_path, "train.max_failures=5"))
+    assert (tmp_path / "run" / "train").exists()
+    # A setting that changes the weights still refuses.
+    with pytest.raises(ConfigError, match=r"train.seed: 0 -> 1"):
+        prepare_output(make(tmp_path, "train.seed=1"))
+
+
 def test_changed_training_config_refused_then_replaced_keeping_pairs(tmp_path):
     prepare_output(make(tmp_path))
     touch_outputs(tmp_path / "run")

@@ -54,6 +54,27 @@ def test_external_trl_pairs_get_ids_finish_reasons_and_split():
     assert kept["id"] == ["7", "8"] and kept["heldout"] == [True, False]
 
 
+def test_id_less_external_pairs_of_one_prompt_fall_on_one_side_of_the_split():
+    # Three pairs for each of 200 prompts, in two batches that cut through one prompt's pairs (Ray Data
+    # blocks): a hash of each pair's text split about half of such prompts across train and held out.
+    prompts = [f"prompt {i}" for i in range(200)]
+    rows = [(p, f"good {k}", f"bad {k}") for p in prompts for k in range(3)]
+    out = {"id": [], "heldout": []}
+    for part in (rows[:301], rows[301:]):
+        batch = {"prompt": [r[0] for r in part], "chosen": [r[1] for r in part], "rejected": [r[2] for r in part]}
+        done = pairs.complete_external(batch, heldout_fraction=0.3)
+        out["id"] += done["id"]
+        out["heldout"] += done["heldout"]
+    sides, ids = {}, {}
+    for (prompt, _, _), pid, held in zip(rows, out["id"], out["heldout"]):
+        sides.setdefault(prompt, set()).add(held)
+        ids.setdefault(prompt, set()).add(pid)
+    assert all(len(s) == 1 for s in sides.values()) and all(len(i) == 1 for i in ids.values())
+    assert len({next(iter(i)) for i in ids.values()}) == 200  # one id per prompt, distinct prompts apart
+    held = sum(next(iter(s)) for s in sides.values())
+    assert 30 < held < 90  # ~0.3 of the 200 prompts held out
+
+
 def test_external_pairs_keep_plad_token_ids_and_their_nulls():
     import pandas as pd
 
