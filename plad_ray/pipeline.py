@@ -22,7 +22,7 @@ import pyarrow.compute as pc
 from plad_ray import pairs
 from plad_ray.config import Config
 from plad_ray.data import parquet, storage
-from plad_ray.data.prompts import read_prompts
+from plad_ray.data.prompts import check_cached_prompts, read_prompts
 from plad_ray.generate import engines
 from plad_ray.errors import ConfigError, DataError
 from plad_ray.limits import apply_length_policy, prompt_limits
@@ -54,6 +54,12 @@ def prepare(cfg: Config, generation: bool, training: bool, overwrite: bool = Fal
                           log=log)
     cluster.check_local(cfg, generation, training)
     prepare_output(cfg, overwrite, dry_run=check_only, log=log)
+    if generation and not (check_only and overwrite):  # (--overwrite would first remove a stale teacher cache)
+        # (--check reads only committed outputs: reading pending ones deletes those cut off mid-write)
+        uri, keys = cfg.teacher_cache_uri(), ["id", "prompt"]
+        cached = parquet.read_table(uri, keys) if check_only else parquet.done_keys(uri, keys, log)
+        if cached is not None:
+            check_cached_prompts(cached, inputs.prompts, cfg.data.prompts, uri)
     if check_only:
         log("[plad-ray] --check: config, inputs, models, resources and output_dir are fine; nothing was started")
         return None
@@ -150,15 +156,21 @@ def generate_pairs(cfg: Config, inputs: Inputs, log=print, round: int = 1) -> di
     uri = cfg.pairs_uri(round)
     student_path = inputs.student_path if round == 1 else storage.local_path(cfg.student_export_uri(round - 1))
     existing = storage.manifest(uri)
-    if existing is not None:
-        log(f"[generate] pairs: {existing['rows']} pairs already complete at {uri}")
-        return {"pairs": existing["rows"]}
     teacher_rows = storage.manifest(cfg.teacher_cache_uri())
     if teacher_rows is None:
         raise DataError(f"teacher cache {cfg.teacher_cache_uri()}: missing; generate teacher outputs first")
+    expected = teacher_rows["rows"] * cfg.student.num_samples
+    if existing is not None and existing["rows"] >= expected:
+        log(f"[generate] pairs: {existing['rows']} pairs already complete at {uri}")
+        return {"pairs": existing["rows"]}
+    # Not there yet: a crashed run's pending files, or prompts appended to the source since pairs/ was
+    # committed (their teacher outputs are new): only the missing (prompt, sample) keys are generated.
     done_table = parquet.done_keys(uri, ["id", "sample_index"], log)
     done = set(zip(done_table.column("id").to_pylist(), done_table.column("sample_index").to_pylist()))
-    todo = teacher_rows["rows"] * cfg.student.num_samples - len(done)
+    todo = expected - len(done)
+    if existing is not None:
+        log(f"[generate] pairs: {existing['rows']} pairs complete at {uri}; the teacher cache has "
+            f"{teacher_rows['rows'] - existing['rows'] // cfg.student.num_samples} more prompts: adding {todo} pairs")
     log(f"[generate] round {round} student: {teacher_rows['rows']} prompts x {cfg.student.num_samples} samples with "
         f"{cfg.student.model if round == 1 else student_path} (0 teacher tokens: teacher outputs from the cache)"
         + (f"; {len(done)} pairs already written by an earlier run" if done else ""))
@@ -179,6 +191,8 @@ def generate_pairs(cfg: Config, inputs: Inputs, log=print, round: int = 1) -> di
     tokens = parquet.pending_sum(uri, "rejected_num_tokens")
     rows = parquet.commit(uri, {"student_model": cfg.student.model}, log)
     seconds = time.perf_counter() - start
+    if existing is not None:
+        log(f"[generate] pairs: added {rows - existing['rows']} pairs to the {existing['rows']} already committed")
     log(f"[generate] pairs: {rows} pairs ({todo} generated now, {tokens} student tokens) in {seconds:.1f}s "
         f"({todo / seconds:.1f} samples/s, {tokens / seconds:.0f} tokens/s incl. start-up) -> {uri}")
     return {"pairs": rows, "pairs_generated": todo, "student_tokens": tokens, "student_seconds": seconds}

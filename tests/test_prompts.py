@@ -7,7 +7,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import ROOT
-from plad_ray.data.prompts import read_prompts
+from plad_ray.data.prompts import check_cached_prompts, read_prompts
 from plad_ray.errors import DataError
 
 
@@ -84,3 +84,31 @@ def test_shipped_tiny_prompts():
     assert table.num_rows == 1024  # python -m plad_ray.tiny --prompts ... --num-prompts 1024
     assert all(p.endswith(">") for p in table.column("prompt").to_pylist())
     assert json.loads(open(ROOT / "configs/prompts/tiny-reverse.jsonl").readline())["id"] == "rev-00000"
+
+
+def _cache_of(table: pa.Table) -> pa.Table:
+    """What the teacher cache keeps of each prompt it answered."""
+    return table.select(["id", "prompt"])
+
+
+def test_cached_teacher_outputs_must_match_the_prompt_text_of_their_id(tmp_path):
+    words = [f"w{i}>" for i in range(6)]
+    source = tmp_path / "p.jsonl"
+    source.write_text("".join(json.dumps({"prompt": w}) + "\n" for w in words))
+    cache = _cache_of(read_prompts(str(source)).table)
+    # Appended rows: new ids, the old ones unchanged -> fine (the teacher runs for the new ids only).
+    source.write_text("".join(json.dumps({"prompt": w}) + "\n" for w in words + ["new1>", "new2>"]))
+    check_cached_prompts(cache, read_prompts(str(source)).table, str(source), "out/teacher")
+    # One row inserted at the top of an id-less file: every id p0..p5 now names the previous row's text.
+    source.write_text("".join(json.dumps({"prompt": w}) + "\n" for w in ["first>"] + words))
+    with pytest.raises(DataError, match=r"^prompt source .*p.jsonl: 6 prompt id\(s\) now name another text than their "
+                                        r"cached teacher output in out/teacher \(first: 'p\d+'\); give the prompts an `id`"):
+        check_cached_prompts(cache, read_prompts(str(source)).table, str(source), "out/teacher")
+    # With ids that travel with their text, the same insertion is harmless.
+    keyed = tmp_path / "k.jsonl"
+    keyed.write_text("".join(json.dumps({"id": w, "prompt": w}) + "\n" for w in words))
+    cache = _cache_of(read_prompts(str(keyed)).table)
+    keyed.write_text("".join(json.dumps({"id": w, "prompt": w}) + "\n" for w in ["first>"] + words))
+    check_cached_prompts(cache, read_prompts(str(keyed)).table, str(keyed), "out/teacher")
+    # An empty cache (first run) never refuses.
+    check_cached_prompts(cache.slice(0, 0), read_prompts(str(source)).table, str(source), "out/teacher")

@@ -16,6 +16,7 @@ import json
 from dataclasses import dataclass, field
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from plad_ray.data.storage import filesystem_and_path, list_files
@@ -155,3 +156,23 @@ def _check(table: pa.Table, uri: str, rows: _Rows) -> pa.Table:
     return pa.table({"id": pa.array([ids[r] for r in keep], pa.string()),
                      "prompt": pa.array([prompts[r] for r in keep], pa.string()),
                      "reference": pa.array([references[r] for r in keep], pa.string())}, schema=_SOURCE_SCHEMA)
+
+
+def check_cached_prompts(cached: pa.Table, prompts: pa.Table, source: str, cache: str) -> None:
+    """Cached teacher outputs (`id`, `prompt`) must answer the prompt text the source now gives
+    their id. A row inserted into an id-less source shifts every later `p<row>` id, and a cached
+    output would then be paired with another prompt; so any id whose text changed stops the run.
+
+    Vectorised (a join on id): no per-row work on the driver.
+    """
+    if cached.num_rows == 0:
+        return
+    joined = cached.select(["id", "prompt"]).join(prompts.select(["id", "prompt"]), "id", join_type="inner",
+                                                  right_suffix="_now")
+    changed = joined.filter(pc.not_equal(joined.column("prompt"), joined.column("prompt_now")))
+    if changed.num_rows:
+        first = changed.column("id")[0].as_py()
+        raise DataError(
+            f"prompt source {source}: {changed.num_rows} prompt id(s) now name another text than their cached "
+            f"teacher output in {cache} (first: {first!r}); give the prompts an `id` column that stays with "
+            "their text, or use a new output_dir")
