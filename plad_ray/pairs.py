@@ -129,9 +129,10 @@ def complete_external(batch: dict, heldout_fraction: float) -> dict:
     A missing id is the prompt's: a hash of the prompt text (stable across runs), so every pair
     of one prompt gets the same id and falls on the same side of the held-out split, as the
     engine's own pairs do (their id is the prompt id). Missing finish reasons are "eos" (the
-    response is complete, so its EOS is scored); a missing `heldout` is the usual split by id. Their text is tokenized by the student's tokenizer,
-    except where the file has plad-ray's `chosen_token_ids`/`rejected_token_ids` columns
-    (pairs this engine wrote for the same student tokenizer): those ids are kept.
+    response is complete, so its EOS is scored); a missing `heldout` is the usual split by id.
+    Their text is tokenized by the student's tokenizer, except where the file has plad-ray's
+    `chosen_token_ids`/`rejected_token_ids` columns (pairs this engine wrote for the same student
+    tokenizer): those ids are kept.
     """
     n = len(batch["prompt"])
     out = {k: list(batch[k]) for k in ("prompt", "chosen", "rejected")}

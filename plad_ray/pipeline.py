@@ -54,8 +54,9 @@ def prepare(cfg: Config, generation: bool, training: bool, overwrite: bool = Fal
                           log=log)
     cluster.check_local(cfg, generation, training)
     prepare_output(cfg, overwrite, dry_run=check_only, log=log)
-    if generation and not (check_only and overwrite):  # (--overwrite would first remove a stale teacher cache)
-        # (--check reads only committed outputs: reading pending ones deletes those cut off mid-write)
+    # Cached teacher outputs still answer their ids' prompts (skipped where --overwrite would first remove a stale
+    # cache; --check reads only committed files, as reading pending ones deletes those cut off mid-write).
+    if generation and not (check_only and overwrite):
         uri, keys = cfg.teacher_cache_uri(), ["id", "prompt"]
         cached = parquet.read_table(uri, keys) if check_only else parquet.done_keys(uri, keys, log)
         if cached is not None:
