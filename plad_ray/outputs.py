@@ -80,6 +80,9 @@ def prepare_output(cfg: Config, overwrite: bool = False, dry_run: bool = False, 
     for index, stage in enumerate(STAGES):
         if stage not in previous or _comparable(stage, previous[stage]) == mine[stage]:
             continue
+        stale = _outputs_from(cfg.output_dir, STAGES[index:])
+        if not any(storage.exists(uri) for uri in stale):
+            break  # nothing made with the old keys (e.g. a generation-only run recorded train keys): just record
         key = _first_difference(_comparable(stage, previous[stage]), mine[stage])
         if not overwrite or dry_run:
             if overwrite:
@@ -89,14 +92,18 @@ def prepare_output(cfg: Config, overwrite: bool = False, dry_run: bool = False, 
                 f"output_dir {cfg.output_dir}: its {stage} outputs were made with a different config "
                 f"({key}); use a new output_dir, or pass --overwrite to replace them"
             )
-        for later in STAGES[index:]:
-            for name in OUTPUTS[later] + (_round_dirs(cfg.output_dir) if later == "pairs" else ()):
-                storage.remove(storage.join(cfg.output_dir, name))
-                storage.remove(storage.join(cfg.output_dir, name + ".partial"))
+        for uri in stale:
+            storage.remove(uri)
         log(f"[plad-ray] --overwrite: removed the {'/'.join(STAGES[index:])} outputs made with {key}")
         break
     if not dry_run:
         storage.write_json(run_uri, mine)
+
+
+def _outputs_from(output_dir: str, stages: tuple[str, ...]) -> list[str]:
+    """Every output (and its unfinished .partial) of these stages."""
+    names = [name for stage in stages for name in OUTPUTS[stage] + (_round_dirs(output_dir) if stage == "pairs" else ())]
+    return [storage.join(output_dir, n + suffix) for n in names for suffix in ("", ".partial")]
 
 
 def _round_dirs(output_dir: str) -> tuple[str, ...]:

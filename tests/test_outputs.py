@@ -68,6 +68,20 @@ def test_changed_training_config_refused_then_replaced_keeping_pairs(tmp_path):
     prepare_output(make(tmp_path, "train.loss.beta=0.5"))  # now the same run: resumes
 
 
+def test_changed_keys_of_a_stage_with_no_outputs_are_just_recorded(tmp_path):
+    # A generation-only run records train keys too; a training config that differs, before anything was
+    # trained, has nothing stale to refuse or remove (the quality benchmark's generation folders).
+    prepare_output(make(tmp_path))
+    run = tmp_path / "run"
+    for name in ("teacher", "pairs"):
+        (run / name).mkdir(parents=True)
+    prepare_output(make(tmp_path, "train.loss.beta=0.5"))
+    assert (run / "teacher").exists() and (run / "pairs").exists()
+    touch_outputs(run)  # now something was trained with beta 0.5: another beta is refused
+    with pytest.raises(ConfigError, match=r"train.loss.beta: 0.5 -> 0.25"):
+        prepare_output(make(tmp_path, "train.loss.beta=0.25"))
+
+
 def test_changed_teacher_makes_everything_stale(tmp_path):
     prepare_output(make(tmp_path))
     touch_outputs(tmp_path / "run")

@@ -6,8 +6,8 @@
 The benchmark shows the gap between teacher and student first: the teacher (4 layers, hidden 128)
 is trained to >= 0.95 on the task, and each seed's initial student (2 layers, hidden 64) is SFT-ed
 on labelled examples for 6000 steps, its accuracy recorded every 1000 (0.71-0.85: a gap of SFT
-budget, not of capacity; the same student reaches 0.95 at 12000 steps, benchmarks/RESULTS.md). Then, per seed, on the same prompts,
-pairs (the greedy teacher's output against 4 student samples per prompt), optimizer, schedule,
+budget, not of capacity; the same student reaches 0.95 at 12000 steps, benchmarks/RESULTS.md).
+Then, per seed, on the same prompts, pairs (the greedy teacher's output against 4 student samples per prompt), optimizer, schedule,
 precision and number of steps, every method in methods.py trains that student with the engine
 (plad_ray.pipeline.train_student: Ray Data tokenization, Ray Train + DeepSpeed) and is evaluated
 on held-out prompts, greedy and 8 samples at T=1 (generation.py: one batched evaluator for every
@@ -144,8 +144,7 @@ def generate(out_dir: Path, overrides: list[str], pairs: bool):
     from plad_ray import pipeline
 
     cfg = config(out_dir, overrides)
-    # overwrite: these folders hold generation outputs only; a changed train.* key must not stop them
-    inputs = pipeline.prepare(cfg, generation=True, training=False, overwrite=True, log=_quiet)
+    inputs = pipeline.prepare(cfg, generation=True, training=False, log=_quiet)
     pipeline.generate_teacher(cfg, inputs, log=_quiet)
     if pairs:
         pipeline.generate_pairs(cfg, inputs, log=_quiet)
