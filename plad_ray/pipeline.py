@@ -143,7 +143,7 @@ def generate_teacher(cfg: Config, inputs: Inputs, log=print) -> dict:
         stats.update(teacher_seconds=seconds, teacher_tokens=tokens)
         log(f"[generate] teacher: {missing.num_rows} outputs, {tokens} tokens in {seconds:.1f}s "
             f"({missing.num_rows / seconds:.1f} prompts/s, {tokens / seconds:.0f} tokens/s incl. start-up) -> {uri}")
-    parquet.commit(uri, {"teacher_model": cfg.teacher.model}, log)
+    parquet.commit(uri, {"teacher_model": cfg.teacher.model}, ["id"], log)
     return stats
 
 
@@ -190,7 +190,7 @@ def generate_pairs(cfg: Config, inputs: Inputs, log=print, round: int = 1) -> di
                               skip=done, shared_vocabulary=shared),
                 uri, pairs.PAIR_SCHEMA)
     tokens = parquet.pending_sum(uri, "rejected_num_tokens")
-    rows = parquet.commit(uri, {"student_model": cfg.student.model}, log)
+    rows = parquet.commit(uri, {"student_model": cfg.student.model}, ["id", "sample_index"], log)
     seconds = time.perf_counter() - start
     if existing is not None:
         log(f"[generate] pairs: added {rows - existing['rows']} pairs to the {existing['rows']} already committed")
@@ -218,10 +218,20 @@ def check_external_pairs(uri: str) -> None:
 
 def check_shared_vocabulary(teacher_path: str, student_path: str, trust_remote_code: bool = False) -> None:
     """token_kd compares token distributions position by position: both tokenizers must be one vocabulary."""
+    from transformers import AutoConfig
+
     if not shares_vocabulary(teacher_path, student_path, trust_remote_code):
         raise ConfigError("config key train.loss.type: token_kd needs teacher and student to share a vocabulary "
                           "(their tokenizers map ids to different tokens); "
                           "use hinge, logistic or seqkd, which only need the teacher's text")
+    # One tokenizer can sit on embedding matrices of different heights (vocabularies padded to a multiple
+    # of 64 or 128): the two logit rows then differ in width, and position-wise KL has no meaning.
+    rows = [AutoConfig.from_pretrained(p, trust_remote_code=trust_remote_code).get_text_config().vocab_size
+            for p in (teacher_path, student_path)]
+    if rows[0] != rows[1]:
+        raise ConfigError(f"config key train.loss.type: token_kd needs logits of one width, but the teacher has "
+                          f"{rows[0]} embedding rows and the student {rows[1]} (a padded vocabulary); "
+                          f"use seqkd or a PLaD loss, which only need the teacher's text")
 
 
 def train_student(cfg: Config, inputs: Inputs, log=print, round: int = 1) -> dict:

@@ -25,18 +25,102 @@ def test_pending_rows_are_done_cut_off_files_are_deleted_and_commit_appends(tmp_
     assert not (tmp_path / "pairs.partial" / "c.parquet").exists() and "c.parquet" in logged[0]
     assert parquet.files(str(uri)) is None  # nothing committed yet: not a complete dataset
 
-    assert parquet.commit(str(uri), {"student_model": "s"}, logged.append) == 3
+    assert parquet.commit(str(uri), {"student_model": "s"}, KEYS, logged.append) == 3
     assert not (tmp_path / "pairs.partial").exists()
     manifest = json.loads((uri / "_manifest.json").read_text())
     assert sorted(manifest["files"]) == ["a.parquet", "b.parquet"] and manifest["rows"] == 3
     # A later append (new prompts) commits on top of what is there.
     (tmp_path / "pairs.partial").mkdir()
     pending_file(uri, "d.parquet", ["p4"])
-    assert parquet.commit(str(uri), {}, logged.append) == 4
+    assert parquet.commit(str(uri), {}, KEYS, logged.append) == 4
     assert sorted(parquet.read_table(str(uri)).column("id").to_pylist()) == ["p1", "p2", "p3", "p4"]
     assert sorted(parquet.done_keys(str(uri), ["id"]).column("id").to_pylist()) == ["p1", "p2", "p3", "p4"]
 
 
 def test_commit_of_nothing_still_marks_complete(tmp_path):
-    assert parquet.commit(str(tmp_path / "teacher"), {"teacher_model": "t"}) == 0
+    assert parquet.commit(str(tmp_path / "teacher"), {"teacher_model": "t"}, ["id"]) == 0
     assert json.loads((tmp_path / "teacher" / "_manifest.json").read_text())["rows"] == 0
+
+
+def committed_dataset(tmp_path, ids):
+    uri = tmp_path / "pairs"
+    (tmp_path / "pairs.partial").mkdir()
+    pending_file(uri, "old.parquet", ids)
+    parquet.commit(str(uri), {"student_model": "s"}, KEYS)
+    return uri
+
+
+KEYS = ["id", "sample_index"]
+
+
+class Crash(Exception):
+    pass
+
+
+def test_a_commit_interrupted_between_its_moves_shows_the_old_dataset_and_the_next_commit_rolls_forward(
+        tmp_path, monkeypatch):
+    uri = committed_dataset(tmp_path, ["p1", "p2"])
+    (tmp_path / "pairs.partial").mkdir()
+    pending_file(uri, "a.parquet", ["p3"])
+    pending_file(uri, "b.parquet", ["p4", "p5"])
+    real_move, moves = parquet._move, []
+
+    def crash_after_one(fs, src, dst):
+        if moves:
+            raise Crash
+        moves.append(src)
+        real_move(fs, src, dst)
+
+    monkeypatch.setattr(parquet, "_move", crash_after_one)
+    try:
+        parquet.commit(str(uri), {}, KEYS)
+    except Crash:
+        pass
+    assert len(moves) == 1 and len(list(uri.glob("*.parquet"))) == 2  # one file moved in, not yet listed
+    # Readers see the old complete dataset, not a mix; the moved file's rows still count as written.
+    assert sorted(parquet.read_table(str(uri)).column("id").to_pylist()) == ["p1", "p2"]
+    assert sorted(parquet.done_keys(str(uri), KEYS).column("id").to_pylist()) == ["p1", "p2", "p3", "p4", "p5"]
+    monkeypatch.setattr(parquet, "_move", real_move)
+    logged = []
+    assert parquet.commit(str(uri), {}, KEYS, logged.append) == 5
+    assert sorted(parquet.read_table(str(uri)).column("id").to_pylist()) == ["p1", "p2", "p3", "p4", "p5"]
+    assert "1 file(s) an interrupted commit had moved in" in logged[0]
+    assert not (tmp_path / "pairs.partial").exists()
+
+
+def test_a_commit_interrupted_before_its_manifest_leaves_the_old_manifest_and_rolls_forward(tmp_path, monkeypatch):
+    uri = committed_dataset(tmp_path, ["p1"])
+    (tmp_path / "pairs.partial").mkdir()
+    pending_file(uri, "a.parquet", ["p2"])
+    real_write = parquet.storage.write_json
+
+    def crash(*args, **kwargs):
+        raise Crash
+
+    monkeypatch.setattr(parquet.storage, "write_json", crash)
+    try:
+        parquet.commit(str(uri), {}, KEYS)
+    except Crash:
+        pass
+    assert json.loads((uri / "_manifest.json").read_text())["files"] == ["old.parquet"]
+    assert parquet.read_table(str(uri)).column("id").to_pylist() == ["p1"]
+    monkeypatch.setattr(parquet.storage, "write_json", real_write)
+    assert parquet.commit(str(uri), {}, KEYS) == 2
+    assert sorted(json.loads((uri / "_manifest.json").read_text())["files"]) == ["a.parquet", "old.parquet"]
+
+
+def test_a_key_written_twice_is_refused_with_one_line_and_nothing_is_committed(tmp_path):
+    import pytest
+
+    from plad_ray.errors import DataError
+
+    uri = committed_dataset(tmp_path, ["p1", "p2"])
+    (tmp_path / "pairs.partial").mkdir()
+    pending_file(uri, "again.parquet", ["p3", "p2"])
+    with pytest.raises(DataError) as err:
+        parquet.commit(str(uri), {}, KEYS)
+    message = str(err.value)
+    assert "\n" not in message and "1 key(s) written twice" in message and "'p2'" in message
+    assert "nothing committed" in message and str(tmp_path / "pairs.partial") in message
+    assert json.loads((uri / "_manifest.json").read_text())["files"] == ["old.parquet"]
+    assert (tmp_path / "pairs.partial" / "again.parquet").exists()  # left for the user to inspect
