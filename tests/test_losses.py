@@ -218,3 +218,32 @@ def test_plad_loss_listwise_over_k_samples_with_a_mask():
     pairs = plad_loss(c, nc, torch.tensor([-1.5, -1.0]), torch.ones(2), beta=1.0, loss_type="listwise",
                       ranked_B=torch.tensor([1.0, 1.0]))
     assert pairs["rank_loss"].item() == pytest.approx((0.5 + 2.0) / 2)
+
+
+def test_step_term_scales_make_accumulated_micro_batches_train_the_whole_batch_mean():
+    # 16 pairs: 4 unranked (identical sides), response lengths 1-9. The engine divides each of the
+    # 2 micro-batches' losses by 2 (accumulation); with the scales their sum is the loss of all 16.
+    from plad_ray.losses import step_term_scales
+
+    g = torch.Generator().manual_seed(0)
+    chosen, rejected = -torch.rand(16, generator=g) * 20, -torch.rand(16, generator=g) * 20
+    tokens_c, tokens_r = torch.randint(1, 10, (16,), generator=g).float(), torch.randint(1, 10, (16,), generator=g).float()
+    ranked = torch.tensor([0.0, 1, 1, 1] * 4)
+    ranked[1] = 0  # the first half holds 5 unranked pairs, the second 3: unequal denominators
+
+    def loss(sl, scales=(1.0, 1.0)):
+        return plad_loss(chosen[sl], tokens_c[sl], rejected[sl], tokens_r[sl], beta=1.0, nll_weight=1.0,
+                         ranked_B=ranked[sl], term_scales=scales)["loss"]
+
+    whole = loss(slice(0, 16))
+    halves = [slice(0, 8), slice(8, 16)]
+    plain = sum(loss(h) for h in halves) / 2
+    scaled = sum(loss(h, step_term_scales(ranked[h].sum().item(), tokens_c[h].sum().item(),
+                                          ranked.sum().item(), tokens_c.sum().item(), 2, 1)) for h in halves) / 2
+    assert not torch.isclose(plain, whole, rtol=1e-3)  # a mean of micro means is not the batch mean
+    assert torch.isclose(scaled, whole, rtol=1e-6)
+    # Two ranks of one micro-batch each (gradients averaged over ranks): the same identity.
+    ranks = sum(loss(h, step_term_scales(ranked[h].sum().item(), tokens_c[h].sum().item(),
+                                         ranked.sum().item(), tokens_c.sum().item(), 1, 2)) for h in halves) / 2
+    assert torch.isclose(ranks, whole, rtol=1e-6)
+    assert step_term_scales(0, 5, 0, 10, 2, 1) == (0.0, 1.0)  # no ranked pair in the step: nothing to rank

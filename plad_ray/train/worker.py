@@ -26,7 +26,7 @@ import torch
 from ray.data.collate_fn import NumpyBatchCollateFn
 
 from plad_ray.config import TrainConfig
-from plad_ray.losses import plad_loss, sequence_logps, token_kd_loss
+from plad_ray.losses import plad_loss, sequence_logps, step_term_scales, token_kd_loss
 from plad_ray.train.batching import collate_groups, collate_pairs, length_grouped
 from plad_ray.train.ds_config import deepspeed_config, lr_factor
 from plad_ray.train.export import export_hf
@@ -89,7 +89,7 @@ def train_loop_per_worker(config: dict) -> dict | None:
     clock = _Clock()
     torch.manual_seed(plan.train.seed)
     engine = _initialize(plan, ray.train.get_context().get_world_size())
-    teacher = _load_teacher(plan)
+    teacher = _load_teacher(plan, engine.device)
     progress = _resume(engine)
     metrics = MetricsWriter(plan.tensorboard_dir if rank == 0 else None)
     clock.lap("init_s")
@@ -166,8 +166,9 @@ def _initialize(plan: TrainPlan, world_size: int):
     return engine
 
 
-def _load_teacher(plan: TrainPlan):
-    """token_kd: the teacher as a frozen fp32 module on every rank (not sharded: KD baselines are small)."""
+def _load_teacher(plan: TrainPlan, device):
+    """token_kd: the teacher as a frozen fp32 module on the rank's device, beside the student's batch
+    (not sharded: KD baselines are small)."""
     if plan.train.loss.type != "token_kd":
         return None
     from transformers import AutoModelForCausalLM
@@ -175,7 +176,7 @@ def _load_teacher(plan: TrainPlan):
     teacher = AutoModelForCausalLM.from_pretrained(plan.teacher_path, dtype=torch.float32,
                                                    trust_remote_code=plan.trust_remote_code, use_safetensors=True)
     teacher.requires_grad_(False)
-    return teacher.eval()
+    return teacher.to(device).eval()
 
 
 def _resume(engine) -> Progress:
@@ -199,19 +200,21 @@ def _train(engine, shard, plan: TrainPlan, progress: Progress, rank: int, metric
     while progress.step < plan.total_steps:
         epoch = progress.step // plan.steps_per_epoch
         done_in_epoch = progress.step - epoch * plan.steps_per_epoch
-        micro = 0
         engine.train()
-        for batch in _micro_batches(shard, t, plan.pad_id, epoch):
-            if micro // t.gradient_accumulation_steps < done_in_epoch:
-                micro += 1  # consumed before the checkpoint this run resumed from
-                continue
-            stats = _forward(engine, batch, t, teacher)
-            engine.backward(stats["loss"])
-            engine.step()
-            window.add({k: v.detach() for k, v in stats.items()}, batch)
-            micro += 1
-            if micro % t.gradient_accumulation_steps:
-                continue
+        for index, step_batches in enumerate(_steps(shard, t, plan.pad_id, epoch)):
+            if index < done_in_epoch:
+                continue  # consumed before the checkpoint this run resumed from
+            counts = [_term_counts(batch, t) for batch in step_batches]
+            totals = torch.tensor(counts, dtype=torch.float64).sum(0)
+            if torch.distributed.is_initialized():
+                torch.distributed.all_reduce(totals)
+            world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+            for batch, (ranked, tokens) in zip(step_batches, counts):
+                scales = step_term_scales(ranked, tokens, totals[0].item(), totals[1].item(), len(step_batches), world)
+                stats = _forward(engine, batch, t, teacher, scales)
+                engine.backward(stats["loss"])
+                engine.step()
+                window.add({k: v.detach() for k, v in stats.items()}, batch)
             progress.step += 1
             if progress.step % t.log_every_steps == 0 or progress.step == plan.total_steps:
                 entry = window.flush(progress.step, epoch, engine.get_lr()[0])
@@ -280,6 +283,26 @@ def _restore(engine, plan: TrainPlan, step: int) -> None:
         engine.load_checkpoint(folder, tag=CHECKPOINT_TAG)
 
 
+def _steps(shard, t: TrainConfig, pad_id: int, epoch: int):
+    """The epoch's optimizer steps, each its gradient_accumulation_steps micro-batches (in hand before
+    the first forward: the step's totals normalise every micro-batch's loss)."""
+    step = []
+    for batch in _micro_batches(shard, t, pad_id, epoch):
+        step.append(batch)
+        if len(step) == t.gradient_accumulation_steps:
+            yield step
+            step = []
+
+
+def _term_counts(batch: dict, t: TrainConfig) -> tuple[float, float]:
+    """(ranking terms, chosen response tokens) of a micro-batch: the denominators of plad_loss's means
+    (ranked pairs; listwise: prompts; the NLL and token KD: the teacher outputs' scored tokens)."""
+    listwise = "rejected_mask" in batch
+    b = batch["rejected_mask"].shape[0] if listwise else batch["input_ids"].shape[0] // 2
+    ranked = b if listwise or t.loss.type == "listwise" or "ranked" not in batch else batch["ranked"].sum().item()
+    return float(ranked), float(batch["response_mask"][:b, 1:].sum().item())
+
+
 def _micro_batches(shard, t: TrainConfig, pad_id: int, epoch: int):
     """The shard's micro-batches for one epoch, length-grouped (deterministic, so a resumed
     run skips exactly the micro-batches it had consumed). Listwise rows are whole prompts."""
@@ -290,7 +313,7 @@ def _micro_batches(shard, t: TrainConfig, pad_id: int, epoch: int):
             yield collate(micro, pad_id)
 
 
-def _forward(engine, batch: dict, t: TrainConfig, teacher=None) -> dict:
+def _forward(engine, batch: dict, t: TrainConfig, teacher=None, term_scales=(1.0, 1.0)) -> dict:
     """One forward of every sequence of the batch, then the objective. Rows: B chosen, then the rejected
     ones (B for pairs; B x K, prompt-major, for listwise groups with `rejected_mask` [B, K])."""
     device = engine.device
@@ -316,6 +339,7 @@ def _forward(engine, batch: dict, t: TrainConfig, teacher=None) -> dict:
         chosen_scores_B=batch["chosen_score"].to(device) if "chosen_score" in batch else None,
         rejected_scores_B=batch["rejected_score"].to(device) if "rejected_score" in batch else None,
         token_kd=kd, ranked_B=batch["ranked"].to(device) if "ranked" in batch else None, rejected_mask_BK=mask_BK,
+        term_scales=term_scales,
     )
 
 

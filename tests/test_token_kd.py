@@ -1,0 +1,50 @@
+"""token_kd's two preconditions a GPU cluster would otherwise find the hard way: the frozen teacher
+sits on the worker's device, and teacher and student logits have one width."""
+
+import pytest
+import torch
+
+from plad_ray.errors import ConfigError
+
+
+def model_folder(path, vocab_size: int) -> str:
+    """A folder with the tiny byte tokenizer and a config of `vocab_size` embedding rows (no weights:
+    the check reads only tokenizers and configs)."""
+    from transformers import LlamaConfig
+
+    from plad_ray import tiny
+
+    tiny.build_tokenizer().save_pretrained(path)
+    LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                num_attention_heads=1).save_pretrained(path)
+    return str(path)
+
+
+def test_token_kd_refuses_a_padded_vocabulary_with_one_line(tmp_path):
+    from plad_ray.pipeline import check_shared_vocabulary
+
+    student = model_folder(tmp_path / "student", 261)
+    check_shared_vocabulary(model_folder(tmp_path / "same", 261), student)  # one tokenizer, one width: fine
+    with pytest.raises(ConfigError) as err:
+        check_shared_vocabulary(model_folder(tmp_path / "padded", 320), student)
+    message = str(err.value)
+    assert "\n" not in message and message.startswith("config key train.loss.type: token_kd needs logits of one width")
+    assert "the teacher has 320 embedding rows and the student 261" in message
+
+
+def test_the_frozen_teacher_is_moved_to_the_workers_device(tmp_path):
+    from transformers import LlamaForCausalLM
+
+    from plad_ray.config import LossConfig, TrainConfig
+    from plad_ray.train import worker
+
+    folder = model_folder(tmp_path / "teacher", 261)
+    config = LlamaForCausalLM.config_class.from_pretrained(folder)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    plan = worker.TrainPlan(train=TrainConfig(loss=LossConfig(type="token_kd")), model_path=folder, export_uri="",
+                            tensorboard_dir=None, steps_per_epoch=1, pad_id=0, teacher_path=folder)
+    # "meta" stands in for a GPU here: a device other than the CPU the weights load on.
+    teacher = worker._load_teacher(plan, torch.device("meta"))
+    assert {p.device.type for p in teacher.parameters()} == {"meta"}
+    assert not any(p.requires_grad for p in teacher.parameters()) and not teacher.training
+    assert worker._load_teacher(plan.__class__(**{**plan.__dict__, "train": TrainConfig()}), "cpu") is None

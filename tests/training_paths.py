@@ -1,0 +1,125 @@
+"""Run the worker's training loop (plad_ray.train.worker._train) on every DeepSpeed path the configs
+expose, on the same pairs and seed, and record per-step losses and final fp32 weights.
+
+    python -m torch.distributed.run --nproc_per_node 2 -m tests.training_paths OUT_DIR
+
+Each variant builds a fresh DeepSpeed engine of the tiny student with `worker._initialize`
+(ZeRO-3 loads through HfDeepSpeedConfig, as on a cluster), trains it with `worker._train`, gathers
+its fp32 master weights with `export.full_state_dict` and, for ZeRO-3, exports it with
+`export.export_hf`. Real DeepSpeed on gloo, 2 ranks; only the Ray Data shard is replaced, by the
+same pairs in a list (tests/test_training_paths.py compares the variants; Ray Train's own feed is
+covered by the end-to-end tests).
+"""
+
+import json
+import os
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+STEPS = 12
+PAIRS_PER_STEP = 16  # per rank: micro 16 x accumulation 1, or micro 8 x accumulation 2
+
+# name: TrainConfig overrides. test_training_paths.py compares each with "zero0" (the plain path) in
+# fp32, where the paths must agree to rounding; bf16 paths against "bf16" (ZeRO-0 in bf16).
+VARIANTS = {
+    "zero0": dict(zero_stage=0),
+    "zero1": dict(zero_stage=1),
+    "zero2": dict(zero_stage=2),
+    "zero3": dict(zero_stage=3),
+    "accumulation": dict(zero_stage=0, micro_batch_size=8, gradient_accumulation_steps=2),
+    "offload": dict(zero_stage=2, offload_optimizer=True),
+    "max_steps": dict(zero_stage=0, max_steps=7),
+    "bf16": dict(zero_stage=0, precision="bf16"),
+    # The LLaMA-2 config's combination: ZeRO-3 in bf16 with micro-batches accumulated.
+    "zero3_accumulation_bf16": dict(zero_stage=3, precision="bf16", micro_batch_size=8,
+                                    gradient_accumulation_steps=2),
+}
+
+
+def synthetic_pairs(num: int, vocab: int, seed: int = 0) -> list[dict]:
+    """Pairs of random token ids (prompt 3-8, chosen and rejected 2-10 tokens), a quarter identical."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(num):
+        prompt = rng.integers(5, vocab, rng.integers(3, 9))
+        chosen = rng.integers(5, vocab, rng.integers(2, 11))
+        identical = i % 4 == 0
+        rejected = chosen.copy() if identical else rng.integers(5, vocab, rng.integers(2, 11))
+        rows.append({"id": f"p{i}", "prompt_ids": prompt, "chosen_ids": chosen, "rejected_ids": rejected,
+                     "status": "identical" if identical else "ranked"})
+    return rows
+
+
+class ListShard:
+    """A rank's rows, handed out as Ray Data's iter_batches(batch_format="numpy") does; records the ids."""
+
+    def __init__(self, rows: list[dict]):
+        self.rows, self.consumed = rows, []
+
+    def iter_batches(self, batch_size: int, batch_format: str = "numpy"):
+        from plad_ray.train.batching import ragged
+
+        for start in range(0, len(self.rows), batch_size):
+            chunk = self.rows[start:start + batch_size]
+            self.consumed += [r["id"] for r in chunk]
+            yield {"id": np.asarray([r["id"] for r in chunk]), "status": np.asarray([r["status"] for r in chunk]),
+                   **{k: ragged([r[k] for r in chunk]) for k in ("prompt_ids", "chosen_ids", "rejected_ids")}}
+
+
+def main(out: Path) -> None:
+    import torch.distributed as dist
+
+    from plad_ray import tiny
+    from plad_ray.config import LossConfig, TrainConfig
+    from plad_ray.train import export, worker
+    from plad_ray.train.metrics import MetricsWriter
+
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    model_path = tiny.materialize(tiny.PREFIX + "student", log=lambda _: None)
+    from transformers import AutoConfig
+
+    vocab = AutoConfig.from_pretrained(model_path).vocab_size
+    rows = synthetic_pairs(STEPS * PAIRS_PER_STEP * world, vocab)
+    base = TrainConfig(num_workers=world, precision="fp32", learning_rate=1e-3, warmup_steps=2, length_grouping=1,
+                       micro_batch_size=PAIRS_PER_STEP, log_every_steps=1, eval_every_steps=0, tensorboard=False,
+                       max_length=64, loss=LossConfig(type="hinge", beta=1.0, nll_weight=1.0))
+    names = sys.argv[2:] or list(VARIANTS)
+    if rank == 0:
+        from transformers import AutoModelForCausalLM
+
+        initial = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+        torch.save({k: v.detach().clone() for k, v in initial.named_parameters()}, out / "initial.pt")
+    results = {}
+    for name in names:
+        train = replace(base, **VARIANTS[name])
+        plan = worker.TrainPlan(train=train, model_path=model_path, export_uri=str(out / f"{name}-export"),
+                                tensorboard_dir=None, steps_per_epoch=STEPS, pad_id=0)
+        torch.manual_seed(train.seed)
+        engine = worker._initialize(plan, world)
+        shard = ListShard(rows[rank::world])  # a fixed split: every variant sees the same pairs per rank
+        progress = worker.Progress()
+        worker._train(engine, shard, plan, progress, rank, MetricsWriter(None), None, [])
+        state = export.full_state_dict(engine.module, rank)
+        consumed = [None] * world
+        dist.all_gather_object(consumed, shard.consumed)
+        if name.startswith("zero3"):
+            export.export_hf(engine, plan, rank)
+        if rank == 0:
+            torch.save(state, out / f"{name}.pt")
+            results[name] = {"losses": [e["loss"] for e in progress.curve], "steps": progress.step,
+                             "engine_steps": engine.global_steps, "consumed": consumed}
+        del engine
+        dist.barrier()
+    if rank == 0:
+        (out / "results.json").write_text(json.dumps(results))
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    main(Path(sys.argv[1]))
