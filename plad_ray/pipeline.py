@@ -127,6 +127,7 @@ def generate_teacher(cfg: Config, inputs: Inputs, log=print) -> dict:
     else:
         log(f"[generate] teacher: {missing.num_rows} prompts to generate ({len(done)} cached) with {cfg.teacher.model}")
         start = time.perf_counter()
+        earlier = parquet.uncommitted_files(uri)  # a crashed run's outputs: not this run's tokens
         t = cfg.teacher
         workers = t.endpoint.concurrency if t.endpoint else t.replicas
         ds = engines.spread(ray.data.from_arrow(missing), missing.num_rows, t.batch_size, workers)
@@ -139,7 +140,7 @@ def generate_teacher(cfg: Config, inputs: Inputs, log=print) -> dict:
         with deaths:
             parquet.write_pending(outputs, uri, pairs.TEACHER_SCHEMA)
         seconds = time.perf_counter() - start
-        tokens = parquet.pending_sum(uri, "teacher_num_tokens")
+        tokens = parquet.pending_sum(uri, "teacher_num_tokens", earlier)
         stats.update(teacher_seconds=seconds, teacher_tokens=tokens)
         log(f"[generate] teacher: {missing.num_rows} outputs, {tokens} tokens in {seconds:.1f}s "
             f"({missing.num_rows / seconds:.1f} prompts/s, {tokens / seconds:.0f} tokens/s incl. start-up) -> {uri}")
@@ -176,6 +177,7 @@ def generate_pairs(cfg: Config, inputs: Inputs, log=print, round: int = 1) -> di
         f"{cfg.student.model if round == 1 else student_path} (0 teacher tokens: teacher outputs from the cache)"
         + (f"; {len(done)} pairs already written by an earlier run" if done else ""))
     start = time.perf_counter()
+    earlier = parquet.uncommitted_files(uri)
     if todo:
         # The teacher's own ids are scored as they are when they mean the same tokens to the student.
         shared = inputs.teacher_path is not None and shares_vocabulary(inputs.teacher_path, student_path,
@@ -189,7 +191,7 @@ def generate_pairs(cfg: Config, inputs: Inputs, log=print, round: int = 1) -> di
                               eos_token_ids(student_path), cfg.cluster.use_gpu, cfg.data.heldout_fraction,
                               skip=done, shared_vocabulary=shared),
                 uri, pairs.PAIR_SCHEMA)
-    tokens = parquet.pending_sum(uri, "rejected_num_tokens")
+    tokens = parquet.pending_sum(uri, "rejected_num_tokens", earlier)
     rows = parquet.commit(uri, {"student_model": cfg.student.model}, ["id", "sample_index"], log)
     seconds = time.perf_counter() - start
     if existing is not None:

@@ -247,3 +247,33 @@ def test_a_null_ids_column_falls_back_to_the_text(tokenizer_dir):
              "chosen_token_ids": np.array([np.nan], dtype=np.float32), "rejected_token_ids": np.array([None])}
     out = stage(batch)
     assert out["chosen_ids"][0].tolist() == [68, 67, tiny.EOS_ID] and out["rejected_ids"][0].tolist() == [68, 68, tiny.EOS_ID]
+
+
+def test_length_grouping_on_or_off_trains_the_same_pairs_each_epoch_once_with_less_padding():
+    # The worker's own feed (worker._steps over a shard), grouping 16 micro-batches vs none.
+    from dataclasses import replace
+
+    from plad_ray.config import TrainConfig
+    from plad_ray.train import worker
+    from tests.training_paths import ListShard, synthetic_pairs
+
+    rows = synthetic_pairs(256, vocab=200)
+    padding = {}
+    for grouping in (1, 16):
+        t = replace(TrainConfig(), micro_batch_size=4, gradient_accumulation_steps=2, length_grouping=grouping)
+        for epoch in (0, 1):
+            steps = list(worker._steps(ListShard(rows), t, 0, epoch))
+            ids = [i for step in steps for batch in step for i in _chosen_rows(batch, rows)]
+            assert len(steps) == 32 and all(len(step) == 2 for step in steps)
+            assert sorted(ids) == sorted(range(256)), (grouping, epoch)  # every pair once per epoch
+        masks = [batch["attention_mask"] for step in steps for batch in step]
+        padding[grouping] = 1 - sum(m.sum().item() for m in masks) / sum(m.numel() for m in masks)
+    assert padding[16] < padding[1]
+
+
+def _chosen_rows(batch, rows):
+    """Row numbers of a collated micro-batch's pairs (its chosen sequences are unique prompt+chosen ids)."""
+    index = {tuple(np.concatenate([r["prompt_ids"], r["chosen_ids"]])): n for n, r in enumerate(rows)}
+    b = batch["input_ids"].shape[0] // 2
+    lengths = batch["attention_mask"][:b].sum(-1)
+    return [index[tuple(batch["input_ids"][i, :lengths[i]].tolist())] for i in range(b)]

@@ -124,3 +124,15 @@ def test_a_key_written_twice_is_refused_with_one_line_and_nothing_is_committed(t
     assert "nothing committed" in message and str(tmp_path / "pairs.partial") in message
     assert json.loads((uri / "_manifest.json").read_text())["files"] == ["old.parquet"]
     assert (tmp_path / "pairs.partial" / "again.parquet").exists()  # left for the user to inspect
+
+
+def test_pending_sum_counts_only_what_this_run_wrote(tmp_path):
+    # A crashed run left p1, p2; this run writes p3 (the 19th issue's "248 outputs, 1703 tokens":
+    # the tokens of all 256 were reported as this run's).
+    uri = tmp_path / "teacher"
+    (tmp_path / "teacher.partial").mkdir()
+    pq.write_table(pa.table({"id": ["p1", "p2"], "teacher_num_tokens": [5, 7]}), tmp_path / "teacher.partial" / "a.parquet")
+    earlier = parquet.uncommitted_files(str(uri))
+    pq.write_table(pa.table({"id": ["p3"], "teacher_num_tokens": [4]}), tmp_path / "teacher.partial" / "b.parquet")
+    assert parquet.pending_sum(str(uri), "teacher_num_tokens", earlier) == 4
+    assert parquet.pending_sum(str(uri), "teacher_num_tokens") == 16

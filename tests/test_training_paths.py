@@ -102,10 +102,11 @@ def test_zero3_export_is_the_gathered_fp32_weights_and_loads_in_vllm(runs):
     for name, tensor in saved.items():
         assert tensor.dtype == torch.float32 and torch.equal(tensor, gathered[name]), name
     script = (f"from vllm import LLM, SamplingParams\n"
-              f"llm = LLM(model={str(export)!r}, dtype='float32', max_model_len=64, enforce_eager=True,"
-              f" kv_cache_memory_bytes=64 * 2**20)\n"
-              f"out = llm.generate(['abc>'], SamplingParams(temperature=0, max_tokens=4))\n"
-              f"print('GENERATED', len(out[0].outputs[0].token_ids))\n")
+              f"if __name__ == '__main__':\n"
+              f"    llm = LLM({str(export)!r}, dtype='float32', max_model_len=64, enforce_eager=True,"
+              f" kv_cache_memory_bytes=64 << 20)\n"
+              f"    out = llm.generate(['abc>'], SamplingParams(temperature=0, max_tokens=4))\n"
+              f"    print('GENERATED', len(out[0].outputs[0].token_ids))\n")
     done = subprocess.run([PYTHON, "-c", script], cwd=ROOT, env=job_env(), capture_output=True, text=True,
                           timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
