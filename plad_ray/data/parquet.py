@@ -57,17 +57,22 @@ def _pending_files(uri: str, log=print) -> list[str]:
     return readable
 
 
-def _orphans(uri: str, existing: dict) -> list[str]:
+def _committed_paths(uri: str, manifest: dict | None) -> list[str]:
+    """Filesystem paths of the files a manifest lists (none without one)."""
+    return [storage.filesystem_and_path(storage.join(uri, name))[1] for name in (manifest or {"files": []})["files"]]
+
+
+def _orphans(uri: str, manifest: dict | None) -> list[str]:
     """Files in the dataset's folder that its manifest does not list: moved there by a commit
     that crashed before writing its manifest (only readable pending files are ever moved)."""
     fs, dst = storage.filesystem_and_path(uri)
-    listed = {storage.filesystem_and_path(p)[1] for p in (files(uri) or [])} if existing["files"] else set()
+    listed = set(_committed_paths(uri, manifest))
     return [f for f in storage.list_files(fs, dst, uri) if f.endswith(".parquet") and f not in listed]
 
 
 def _uncommitted_files(uri: str, log=print) -> list[str]:
     """Rows written but not committed: readable pending files, then files an interrupted commit moved."""
-    return _pending_files(uri, log) + _orphans(uri, storage.manifest(uri) or {"files": []})
+    return _pending_files(uri, log) + _orphans(uri, storage.manifest(uri))
 
 
 def _read_keys(fs, paths: list[str], columns: list[str]) -> pa.Table:
@@ -80,8 +85,7 @@ def _read_keys(fs, paths: list[str], columns: list[str]) -> pa.Table:
 def done_keys(uri: str, columns: list[str], log=print) -> pa.Table:
     """Key columns of every row already written, committed or not."""
     fs, _ = storage.filesystem_and_path(uri)
-    paths = [storage.filesystem_and_path(p)[1] for p in (files(uri) or [])] + _uncommitted_files(uri, log)
-    return _read_keys(fs, paths, columns)
+    return _read_keys(fs, _committed_paths(uri, storage.manifest(uri)) + _uncommitted_files(uri, log), columns)
 
 
 def uncommitted_files(uri: str) -> list[str]:
@@ -95,14 +99,12 @@ def pending_sum(uri: str, column: str, written_before: list[str] = ()) -> int:
     fs, _ = storage.filesystem_and_path(uri)
     earlier = set(written_before)
     return sum(pc.sum(pq.read_table(p, columns=[column], filesystem=fs).column(column)).as_py() or 0
-               for p in _uncommitted_files(uri, log=lambda _: None) if p not in earlier)
+               for p in uncommitted_files(uri) if p not in earlier)
 
 
-def check_unique(uri: str, keys: list[str], log=print) -> None:
-    """DataError naming the first key written twice (committed or not), before anything is committed."""
-    fs, _ = storage.filesystem_and_path(uri)
-    table = done_keys(uri, keys, log)
-    counts = table.group_by(keys).aggregate([([], "count_all")])
+def _check_unique(uri: str, fs, paths: list[str], keys: list[str]) -> None:
+    """DataError naming the first key the files hold twice, before anything is committed."""
+    counts = _read_keys(fs, paths, keys).group_by(keys).aggregate([([], "count_all")])
     twice = counts.filter(pc.greater(counts.column("count_all"), 1))
     if twice.num_rows:
         first = {k: twice.column(k)[0].as_py() for k in keys}
@@ -115,11 +117,12 @@ def commit(uri: str, info: dict, keys: list[str], log=print) -> int:
     """Move uncommitted files into the dataset and write its manifest (the commit point); its total rows.
 
     Refuses (DataError, nothing committed) when a key of `keys` would be in the dataset twice."""
-    existing = storage.manifest(uri) or {"files": [], "rows": 0}
+    manifest = storage.manifest(uri)
+    existing = manifest or {"files": [], "rows": 0}
     fs, dst = storage.filesystem_and_path(uri)
     _, src = storage.filesystem_and_path(pending_uri(uri))
-    check_unique(uri, keys, log)
-    pending, orphans = _pending_files(uri, log), _orphans(uri, existing)
+    pending, orphans = _pending_files(uri, log), _orphans(uri, manifest)
+    _check_unique(uri, fs, _committed_paths(uri, manifest) + pending + orphans, keys)
     if orphans:
         log(f"[plad-ray] {uri}: committing {len(orphans)} file(s) an interrupted commit had moved in")
     fs.create_dir(dst, recursive=True)

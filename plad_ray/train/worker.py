@@ -197,6 +197,8 @@ def _train(engine, shard, plan: TrainPlan, progress: Progress, rank: int, metric
     t = plan.train
     window = _Window()
     stop_mode = t.guard.action == "stop" and t.guard.max_logp_drop is not None
+    distributed = torch.distributed.is_initialized()
+    world = torch.distributed.get_world_size() if distributed else 1
     while progress.step < plan.total_steps:
         epoch = progress.step // plan.steps_per_epoch
         done_in_epoch = progress.step - epoch * plan.steps_per_epoch
@@ -206,9 +208,8 @@ def _train(engine, shard, plan: TrainPlan, progress: Progress, rank: int, metric
                 continue  # consumed before the checkpoint this run resumed from
             counts = [_term_counts(batch, t) for batch in step_batches]
             totals = torch.tensor(counts, dtype=torch.float64).sum(0)
-            if torch.distributed.is_initialized():
+            if distributed:
                 torch.distributed.all_reduce(totals)
-            world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
             for batch, (ranked, tokens) in zip(step_batches, counts):
                 scales = step_term_scales(ranked, tokens, totals[0].item(), totals[1].item(), len(step_batches), world)
                 stats = _forward(engine, batch, t, teacher, scales)
@@ -304,8 +305,9 @@ def _term_counts(batch: dict, t: TrainConfig) -> tuple[float, float]:
 
 
 def _micro_batches(shard, t: TrainConfig, pad_id: int, epoch: int):
-    """The shard's micro-batches for one epoch, length-grouped (deterministic, so a resumed
-    run skips exactly the micro-batches it had consumed). Listwise rows are whole prompts."""
+    """The shard's micro-batches for one epoch, length-grouped (seeded: a bucket always splits the
+    same way; which rows a bucket holds is up to Ray Data, README "Resuming"). Listwise rows are
+    whole prompts."""
     group = t.micro_batch_size * t.length_grouping
     collate = collate_groups if t.loss.type == "listwise" else collate_pairs
     for index, bucket in enumerate(shard.iter_batches(batch_size=group, batch_format="numpy")):
