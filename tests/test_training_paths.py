@@ -3,14 +3,28 @@ offload), on the same pairs and seed, 2 ranks on gloo: per-step losses over 12 s
 weights (tests/training_paths.py runs the worker's own loop). Also: max_steps stops exactly there,
 and the ZeRO-3 export equals the gathered fp32 weights and loads in vLLM.
 
-Tolerances are stated per path. In fp32 the paths differ only in the order of floating-point sums
-(partitioned reductions, the offloaded CPU Adam), so they must agree to rounding: measured
-<= 4.3e-6 relative in the loss and <= 2.4e-6 in any weight (bounds: 1e-5 and 1e-5). bf16 rounds
-every forward and Adam's first steps move every weight by about the learning rate whatever the
-gradient's size, so on a model this small bf16 runs drift apart: measured 9.2e-2 (bf16 vs fp32)
-and 2.3e-1 (ZeRO-3 + accumulation vs ZeRO-0, both bf16) in the loss, and a mean weight difference of
-33-46% of the mean distance the weights moved. Their bounds (0.3; 60%) catch a path that trains
-something else, not rounding; the fp32 rows are the exact check of each mechanism.
+How close is close enough. In fp32 the paths differ only in the order of floating-point sums
+(partitioned reductions, the offloaded CPU Adam's vectorised update). Those differences start at
+one rounding step and the training dynamics amplify them unevenly: some steps' losses are far more
+sensitive than others. Measured on 2026-12-02 (the same figures on a developer machine and in that failed CI run),
+largest first: ZeRO-2 + offload's per-step loss differs by at most 1.5e-6 relative over steps 1-4 but 4.2e-4
+at step 8; its final weights by 5.0e-4 of the distance the weights moved (L2 norms). So each fp32 path
+is held to three bounds:
+  - steps 1-4, before rounding has grown: 1e-5 relative per step;
+  - all 12 steps: 2e-3 relative per step;
+  - final weights: |w - w_plain| <= 5e-3 |w_plain - w_initial| (L2 over all parameters).
+A path that trains something else breaks them by far: the control `accumulation_unweighted` (micro
+8 x accumulation 2 with the weighting fixed in fd984da undone: every micro-batch's terms weigh 1, so
+a step trains a mean of micro-batch means and ranks weigh the same whatever their pair counts)
+measured 2.8e-1 over steps 1-4, 3.3e-1 over all 12 and 3.7e-1 of the movement, and the test asserts
+that it fails every bound. (The first bounds, 1e-5 on every step and on every weight, passed one CI
+run and failed the next on identical code: they sat below the amplification at steps 8 and 11.)
+
+bf16 rounds every forward and Adam's first steps move every weight by about the learning rate
+whatever the gradient's size, so on a model this small bf16 runs drift apart: measured 1.1e-1
+(bf16 vs fp32) and 9.0e-2 (ZeRO-3 + accumulation vs ZeRO-0, both bf16) in the loss, and a mean
+weight difference of 57-58% of the mean distance the weights moved. Their bounds (0.3; 60%) catch a
+path that trains something else, not rounding; the fp32 rows are the exact check of each mechanism.
 """
 
 import json
@@ -24,18 +38,11 @@ from tests.conftest import PYTHON, ROOT, job_env
 
 pytestmark = pytest.mark.integration
 
-# (variant, plain path it must match, max relative loss difference per step, weight bound):
-# fp32 rows bound the largest weight difference; bf16 rows the mean weight difference as a share of
-# the mean distance the plain path's weights moved.
-EQUIVALENT = [
-    ("zero1", "zero0", 1e-5, 1e-5),
-    ("zero2", "zero0", 1e-5, 1e-5),
-    ("zero3", "zero0", 1e-5, 1e-5),
-    ("accumulation", "zero0", 1e-5, 1e-5),  # micro 8 x accumulation 2 vs micro 16 x 1
-    ("offload", "zero0", 1e-5, 1e-5),  # ZeRO-2 with DeepSpeed's CPU Adam vs torch AdamW
-    ("bf16", "zero0", 0.3, 0.6),
-    ("zero3_accumulation_bf16", "bf16", 0.3, 0.6),  # the LLaMA-2 config's combination
-]
+FP32 = ["zero1", "zero2", "zero3", "accumulation", "offload"]  # offload: ZeRO-2 with DeepSpeed's CPU Adam
+EARLY_STEPS, EARLY_TOL, LOSS_TOL, WEIGHT_TOL = 4, 1e-5, 2e-3, 5e-3  # fp32 bounds, module docstring
+# (bf16 variant, plain path it must match, max relative loss difference per step, mean weight difference
+# as a share of the mean distance the plain path's weights moved)
+BF16 = [("bf16", "zero0", 0.3, 0.6), ("zero3_accumulation_bf16", "bf16", 0.3, 0.6)]  # the LLaMA-2 config's
 
 
 @pytest.fixture(scope="module")
@@ -50,29 +57,49 @@ def results(runs: Path) -> dict:
     return json.loads((runs / "results.json").read_text())
 
 
-@pytest.mark.parametrize("variant,plain,loss_tol,weight_tol", EQUIVALENT, ids=[v[0] for v in EQUIVALENT])
-def test_training_path_matches_the_plain_path(runs, variant, plain, loss_tol, weight_tol):
-    got, want = results(runs)[variant], results(runs)[plain]
+def fp32_differences(runs: Path, variant: str) -> tuple[float, float, float]:
+    """(max relative loss difference over the first EARLY_STEPS steps, over all steps, L2 weight
+    difference / L2 distance moved) of an fp32 variant against ZeRO-0."""
+    got, want = results(runs)[variant], results(runs)["zero0"]
     assert got["steps"] == want["steps"] == 12 and got["engine_steps"] == 12
     assert len(got["losses"]) == len(want["losses"]) == 12
+    assert want["losses"][-1] < want["losses"][0]  # the runs compared did train
+    diffs = [abs(a - b) / abs(b) for a, b in zip(got["losses"], want["losses"])]
+    a, b, initial = (torch.load(runs / f"{name}.pt") for name in (variant, "zero0", "initial"))
+    assert a.keys() == b.keys() == initial.keys()
+    weight_diff = sum(((a[k] - b[k]) ** 2).sum().item() for k in a) ** 0.5
+    moved = sum(((b[k] - initial[k]) ** 2).sum().item() for k in b) ** 0.5
+    assert moved > 0
+    print(f"{variant} vs zero0: relative loss difference {max(diffs[:EARLY_STEPS]):.2e} (steps 1-{EARLY_STEPS}), "
+          f"{max(diffs):.2e} (all); weight difference {weight_diff / moved:.2e} of the distance moved")
+    return max(diffs[:EARLY_STEPS]), max(diffs), weight_diff / moved
+
+
+@pytest.mark.parametrize("variant", FP32)
+def test_fp32_training_path_matches_the_plain_path(runs, variant):
+    early, whole, weights = fp32_differences(runs, variant)
+    assert early <= EARLY_TOL and whole <= LOSS_TOL and weights <= WEIGHT_TOL, (variant, early, whole, weights)
+
+
+def test_the_bounds_catch_a_path_that_trains_something_else(runs):
+    # The accumulation bug put back (a step trains a mean of micro-batch means) fails every fp32 bound.
+    early, whole, weights = fp32_differences(runs, "accumulation_unweighted")
+    assert early > EARLY_TOL and whole > LOSS_TOL and weights > WEIGHT_TOL, (early, whole, weights)
+
+
+@pytest.mark.parametrize("variant,plain,loss_tol,weight_tol", BF16, ids=[v[0] for v in BF16])
+def test_bf16_training_path_stays_near_the_plain_path(runs, variant, plain, loss_tol, weight_tol):
+    got, want = results(runs)[variant], results(runs)[plain]
+    assert got["steps"] == want["steps"] == 12 and got["engine_steps"] == 12
     diffs = [abs(a - b) / abs(b) for a, b in zip(got["losses"], want["losses"])]
     print(f"{variant} vs {plain}: max relative loss difference {max(diffs):.2e}")
     assert max(diffs) <= loss_tol, (variant, got["losses"], want["losses"])
-    assert want["losses"][-1] < want["losses"][0]  # the runs compared did train
-    a, b = torch.load(runs / f"{variant}.pt"), torch.load(runs / f"{plain}.pt")
-    initial = torch.load(runs / "initial.pt")
-    assert a.keys() == b.keys() == initial.keys()
-    if "bf16" not in variant:
-        weight_diff = max((a[k] - b[k]).abs().max().item() for k in a)
-        moved = max((b[k] - initial[k]).abs().max().item() for k in b)
-        print(f"{variant} vs {plain}: max weight difference {weight_diff:.2e} (weights moved up to {moved:.2e})")
-        assert weight_diff <= weight_tol and moved > 100 * weight_tol
-    else:
-        weight_diff = sum((a[k] - b[k]).abs().mean().item() for k in a) / len(a)
-        moved = sum((b[k] - initial[k]).abs().mean().item() for k in b) / len(b)
-        print(f"{variant} vs {plain}: mean weight difference {weight_diff:.2e}, {weight_diff / moved:.0%} of the "
-              f"mean distance moved ({moved:.2e})")
-        assert weight_diff <= weight_tol * moved
+    a, b, initial = (torch.load(runs / f"{name}.pt") for name in (variant, plain, "initial"))
+    weight_diff = sum((a[k] - b[k]).abs().mean().item() for k in a) / len(a)
+    moved = sum((b[k] - initial[k]).abs().mean().item() for k in b) / len(b)
+    print(f"{variant} vs {plain}: mean weight difference {weight_diff:.2e}, {weight_diff / moved:.0%} of the "
+          f"mean distance moved ({moved:.2e})")
+    assert weight_diff <= weight_tol * moved
 
 
 def test_every_rank_consumes_each_of_its_pairs_once_per_epoch(runs):

@@ -37,7 +37,11 @@ VARIANTS = {
     # The LLaMA-2 config's combination: ZeRO-3 in bf16 with micro-batches accumulated.
     "zero3_accumulation_bf16": dict(zero_stage=3, precision="bf16", micro_batch_size=8,
                                     gradient_accumulation_steps=2),
+    # A control that must fail the fp32 bounds: accumulation with the bug fixed in fd984da put back (every
+    # micro-batch's loss its own mean, so a step trains a mean of micro-batch means).
+    "accumulation_unweighted": dict(zero_stage=0, micro_batch_size=8, gradient_accumulation_steps=2),
 }
+UNWEIGHTED = {"accumulation_unweighted"}  # run with worker.step_term_scales replaced by constant ones
 
 
 def synthetic_pairs(num: int, vocab: int, seed: int = 0) -> list[dict]:
@@ -103,7 +107,13 @@ def main(out: Path) -> None:
         engine = worker._initialize(plan, world)
         shard = ListShard(rows[rank::world])  # a fixed split: every variant sees the same pairs per rank
         progress = worker.Progress()
-        worker._train(engine, shard, plan, progress, rank, MetricsWriter(None), None, [])
+        weigh = worker.step_term_scales
+        if name in UNWEIGHTED:
+            worker.step_term_scales = lambda *args: (1.0, 1.0)
+        try:
+            worker._train(engine, shard, plan, progress, rank, MetricsWriter(None), None, [])
+        finally:
+            worker.step_term_scales = weigh
         state = export.full_state_dict(engine.module, rank)
         consumed = [None] * world
         dist.all_gather_object(consumed, shard.consumed)
