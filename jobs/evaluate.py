@@ -10,7 +10,8 @@ writes output_dir/eval/ (report.json, summary.md, reliability.png, generations.j
 jobs.distill runs the same stage at its end.
 """
 
-from plad_ray import cli, pipeline
+from jobs import cli
+from plad_ray import pipeline
 
 
 def run(args) -> None:

@@ -6,17 +6,15 @@
 Writes output_dir/teacher/ and output_dir/pairs/ (Parquet: prompt, chosen, rejected, ...).
 """
 
-from plad_ray import cli, pipeline
+from jobs import cli
+from plad_ray import pipeline
 
 
 def run(args) -> None:
     cfg = cli.load(args)
-    inputs = pipeline.prepare(cfg, generation=True, training=False, overwrite=args.overwrite, check_only=args.check)
-    if inputs is None:
-        return
-    figures = pipeline.generate_teacher(cfg, inputs)
-    figures.update(pipeline.generate_pairs(cfg, inputs))
-    print(f"\npairs: {figures['pairs']} at {cfg.pairs_uri()}", flush=True)
+    figures = pipeline.generate(cfg, overwrite=args.overwrite, check_only=args.check)
+    if figures is not None:
+        print(f"\npairs: {figures['pairs']} at {cfg.layout().pairs()}", flush=True)
 
 
 if __name__ == "__main__":

@@ -8,17 +8,16 @@ output_dir/report.json (round 1; jobs.distill runs train.rounds > 1 and the gene
 evaluation, jobs.evaluate the latter alone). Re-running resumes from the last checkpoint.
 """
 
-from plad_ray import cli, pipeline
-from plad_ray.report import summary_lines
+from jobs import cli
+from plad_ray import pipeline
+from plad_ray.summary import summary_lines
 
 
 def run(args) -> None:
     cfg = cli.load(args)
-    inputs = pipeline.prepare(cfg, generation=False, training=True, overwrite=args.overwrite, check_only=args.check)
-    if inputs is None:
-        return
-    report = pipeline.write_report(cfg, [pipeline.train_student(cfg, inputs)])
-    print("\n" + summary_lines(report), flush=True)
+    report = pipeline.train(cfg, overwrite=args.overwrite, check_only=args.check)
+    if report is not None:
+        print("\n" + summary_lines(report), flush=True)
 
 
 if __name__ == "__main__":

@@ -39,7 +39,7 @@ def check_resources(cfg: Config, available: dict, generation: bool = True, train
     where = f"the cluster has {cpus:g} CPUs and {gpus:g} GPUs"
     for role in ("teacher", "student") if generation else ():
         engine: EngineConfig = getattr(cfg, role)
-        if engine.endpoint is not None:
+        if getattr(engine, "endpoint", None) is not None:  # only a teacher has one
             continue  # HTTP request workers take a fraction of a CPU each
         workers = engine.replicas * engine.tensor_parallel_size
         if workers * engine.cpus_per_replica > cpus:

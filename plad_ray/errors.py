@@ -1,7 +1,7 @@
 """Errors a user can fix, each with its own exit code.
 
 Every entry point catches these and prints one line naming the input and the fix
-(`plad_ray.cli`). Anything else is a bug or a runtime failure and exits with
+(`jobs/cli.py`). Anything else is a bug or a runtime failure and exits with
 `RuntimeFailure.exit_code`.
 """
 

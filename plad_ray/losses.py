@@ -28,7 +28,7 @@ cloning term (TRL cpo_alpha = 1) are the same remedy.
 import torch
 import torch.nn.functional as F
 
-LOSS_TYPES = ("hinge", "margin", "logistic", "listwise", "seqkd", "token_kd")
+from plad_ray.config import LOSS_TYPES
 
 
 def sequence_logps(

@@ -123,7 +123,7 @@ def prompt_id(prompt: str) -> str:
     return hashlib.sha256(prompt.encode()).hexdigest()[:16]
 
 
-def complete_external(batch: dict, heldout_fraction: float) -> dict:
+def with_training_columns(batch: dict, heldout_fraction: float) -> dict:
     """Pairs from elsewhere (TRL's prompt/chosen/rejected) with the columns training reads.
 
     A missing id is the prompt's: a hash of the prompt text (stable across runs), so every pair

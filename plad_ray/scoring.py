@@ -69,3 +69,22 @@ def apply_policy(pair: dict, who: str, policy: str) -> dict | None:
                 swapped[key], swapped[twin] = pair[twin], pair[key]
         return swapped
     raise ValueError(f"unknown policy {policy!r}: expected one of {', '.join(POLICIES)}")
+
+
+def judge_pairs(rows: list[dict], scorer: Callable[[str, str], float] | None,
+                student_wins: str) -> tuple[list[dict], list[str], list[bool]]:
+    """Score both sides of every pair (rows with prompt, chosen, rejected), say who won, and apply the
+    student-wins policy: (rows with chosen_score/rejected_score, verdicts, dropped flags). Without a
+    scorer the rows are returned as they are, every verdict '' and nothing dropped."""
+    if scorer is None:
+        return rows, [""] * len(rows), [False] * len(rows)
+    scored, verdicts, dropped = [], [], []
+    for row in rows:
+        row = {**row, "chosen_score": scorer(row["prompt"], row["chosen"]),
+               "rejected_score": scorer(row["prompt"], row["rejected"])}
+        who = verdict(row["chosen_score"], row["rejected_score"])
+        kept = apply_policy(row, who, student_wins)
+        verdicts.append(who)
+        dropped.append(kept is None)
+        scored.append(kept or row)
+    return scored, verdicts, dropped

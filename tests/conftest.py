@@ -13,7 +13,7 @@ PYTHON = sys.executable
 @pytest.fixture(scope="session")
 def tiny_models() -> dict:
     """Folders of the tiny teacher and student (built on first use, cached)."""
-    from plad_ray import tiny
+    from plad_ray.models import tiny
 
     return {role: tiny.materialize(tiny.PREFIX + role) for role in tiny.RECIPES}
 

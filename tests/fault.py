@@ -9,7 +9,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from plad_ray import pairs, tiny
+from plad_ray import pairs
+from plad_ray.models import tiny
 
 
 def descendants(pid: int) -> list[int]:

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from plad_ray import tiny
+from plad_ray.models import tiny
 from plad_ray.train.batching import PairTokenizer, collate_pairs, ragged, tokenize_pair
 
 
@@ -250,11 +250,11 @@ def test_a_null_ids_column_falls_back_to_the_text(tokenizer_dir):
 
 
 def test_length_grouping_on_or_off_trains_the_same_pairs_each_epoch_once_with_less_padding():
-    # The worker's own feed (worker._steps over a shard), grouping 16 micro-batches vs none.
+    # The worker's own feed (feed.optimizer_steps over a shard), grouping 16 micro-batches vs none.
     from dataclasses import replace
 
     from plad_ray.config import TrainConfig
-    from plad_ray.train import worker
+    from plad_ray.train import feed
     from tests.training_paths import ListShard, synthetic_pairs
 
     rows = synthetic_pairs(256, vocab=200)
@@ -262,7 +262,7 @@ def test_length_grouping_on_or_off_trains_the_same_pairs_each_epoch_once_with_le
     for grouping in (1, 16):
         t = replace(TrainConfig(), micro_batch_size=4, gradient_accumulation_steps=2, length_grouping=grouping)
         for epoch in (0, 1):
-            steps = list(worker._steps(ListShard(rows), t, 0, epoch))
+            steps = list(feed.optimizer_steps(ListShard(rows), t, 0, epoch))
             ids = [i for step in steps for batch in step for i in _chosen_rows(batch, rows)]
             assert len(steps) == 32 and all(len(step) == 2 for step in steps)
             assert sorted(ids) == sorted(range(256)), (grouping, epoch)  # every pair once per epoch

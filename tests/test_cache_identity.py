@@ -7,7 +7,7 @@ import subprocess
 import pytest
 
 from conftest import PYTHON, ROOT, job_env
-from plad_ray import tiny
+from plad_ray.models import tiny
 from plad_ray.data import parquet
 
 pytestmark = pytest.mark.integration

@@ -3,13 +3,13 @@
 import pytest
 
 from plad_ray.cluster import check_resources
-from plad_ray.config import Config, EngineConfig, StudentEngineConfig, TrainConfig
+from plad_ray.config import Config, StudentEngineConfig, TeacherEngineConfig, TrainConfig
 from plad_ray.errors import ConfigError
 
 
 def plan(**train) -> Config:
-    return Config(output_dir="o", teacher=EngineConfig(model="t", replicas=2), student=StudentEngineConfig(model="s"),
-                  train=TrainConfig(**train))
+    return Config(output_dir="o", teacher=TeacherEngineConfig(model="t", replicas=2),
+                  student=StudentEngineConfig(model="s"), train=TrainConfig(**train))
 
 
 def test_fits_exactly():

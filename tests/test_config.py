@@ -32,7 +32,7 @@ def test_minimal_config_gets_defaults_and_absolute_paths(tmp_path, monkeypatch):
     # Local paths are fixed against the launch directory: the job's cwd may not outlive the run.
     assert cfg.output_dir == str(tmp_path / "out") and cfg.data.prompts == str(tmp_path / "p.jsonl")
     assert cfg.train.pairs == str(tmp_path / "p" / "pairs")
-    assert cfg.pairs_uri() == cfg.output_dir + "/pairs"
+    assert cfg.layout().pairs() == cfg.output_dir + "/pairs"
     uris = load_config(write(tmp_path, MINIMAL), ["data.prompts=s3://b/p.jsonl", "train.pairs=gs://b/pairs"])
     assert (uris.data.prompts, uris.train.pairs) == ("s3://b/p.jsonl", "gs://b/pairs")
 
@@ -54,6 +54,7 @@ def test_overrides_are_typed_and_nested(tmp_path):
     "override, message",
     [
         ("train.bogus=1", "config key train.bogus: unknown key"),
+        ("student.endpoint.url=http://h/v1/completions", "config key student.endpoint: unknown key; valid keys at student"),
         ("train.zero_stage=4", "config key train.zero_stage: must be a DeepSpeed ZeRO stage"),
         ("train.loss.beta=0", "config key train.loss.beta: the hinge margin must be > 0"),
         ("train.loss.beta=-1", "config key train.loss.beta: the hinge margin must be > 0"),

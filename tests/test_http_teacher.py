@@ -1,6 +1,5 @@
 """A black-box teacher: a real `vllm serve` OpenAI server on loopback (CPU), behind an API key."""
 
-import json
 import os
 import signal
 import subprocess

@@ -1,11 +1,11 @@
-"""data.too_long, one policy for every place a prompt must fit (plad_ray.limits)."""
+"""data.too_long, one policy for every place a prompt must fit (plad_ray.data.limits)."""
 
 import pyarrow as pa
 import pytest
 
-from plad_ray import tiny
+from plad_ray.models import tiny
 from plad_ray.errors import DataError
-from plad_ray.limits import Limit, apply_length_policy
+from plad_ray.data.limits import Limit, apply_length_policy
 
 
 @pytest.fixture(scope="module")

@@ -46,11 +46,11 @@ def test_expand_and_make_pair():
 
 def test_external_trl_pairs_get_ids_finish_reasons_and_split():
     batch = {"prompt": ["p1", "p2"], "chosen": ["a", "b"], "rejected": ["c", "d"]}
-    out = pairs.complete_external(batch, heldout_fraction=0.5)
+    out = pairs.with_training_columns(batch, heldout_fraction=0.5)
     assert out["chosen_finish_reason"] == out["rejected_finish_reason"] == ["eos", "eos"]
-    assert len(set(out["id"])) == 2 and out == pairs.complete_external(batch, 0.5)  # stable ids
+    assert len(set(out["id"])) == 2 and out == pairs.with_training_columns(batch, 0.5)  # stable ids
     assert out["heldout"] == [pairs.is_heldout(i, 0.5) for i in out["id"]]
-    kept = pairs.complete_external({**batch, "id": [7, 8], "heldout": [True, False]}, 0.5)
+    kept = pairs.with_training_columns({**batch, "id": [7, 8], "heldout": [True, False]}, 0.5)
     assert kept["id"] == ["7", "8"] and kept["heldout"] == [True, False]
 
 
@@ -62,7 +62,7 @@ def test_id_less_external_pairs_of_one_prompt_fall_on_one_side_of_the_split():
     out = {"id": [], "heldout": []}
     for part in (rows[:301], rows[301:]):
         batch = {"prompt": [r[0] for r in part], "chosen": [r[1] for r in part], "rejected": [r[2] for r in part]}
-        done = pairs.complete_external(batch, heldout_fraction=0.3)
+        done = pairs.with_training_columns(batch, heldout_fraction=0.3)
         out["id"] += done["id"]
         out["heldout"] += done["heldout"]
     sides, ids = {}, {}
@@ -80,5 +80,5 @@ def test_external_pairs_keep_plad_token_ids_and_their_nulls():
 
     batch = {"prompt": ["p1", "p2"], "chosen": ["a", "b"], "rejected": ["c", "d"],
              "chosen_token_ids": pd.Series([[5, 2], pd.NA], dtype=object), "rejected_token_ids": [None, [7]]}
-    out = pairs.complete_external(batch, heldout_fraction=0.0)
+    out = pairs.with_training_columns(batch, heldout_fraction=0.0)
     assert out["chosen_token_ids"] == [[5, 2], None] and out["rejected_token_ids"] == [None, [7]]

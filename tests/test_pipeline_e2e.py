@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import PYTHON, ROOT, job_env
-from plad_ray import tiny
+from plad_ray.models import tiny
 from plad_ray.data import parquet
 from plad_ray.evaluation.metrics import exact_match, expected_calibration_error
 

@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from plad_ray import pretrained
+from jobs import real_models
+from plad_ray.models import pretrained
 from plad_ray.config import load_config
 from plad_ray.errors import DataError
 
@@ -54,7 +55,7 @@ def test_a_half_written_folder_is_refused_and_stale_partials_removed(tmp_path, m
 def test_the_command_exits_with_one_line_when_a_package_is_missing(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(pretrained.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(SystemExit) as e:
-        pretrained.main(["--out", str(tmp_path / "models")])
+        real_models.main(["--out", str(tmp_path / "models")])
     assert e.value.code != 0
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("plad-ray: error: package ") and "make real-models" in err[0]

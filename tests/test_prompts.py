@@ -81,7 +81,7 @@ def test_missing_wrong_format_and_no_prompt_column(tmp_path):
 
 def test_shipped_tiny_prompts():
     table = read_prompts(str(ROOT / "configs/prompts/tiny-reverse.jsonl")).table
-    assert table.num_rows == 1024  # python -m plad_ray.tiny --prompts ... --num-prompts 1024
+    assert table.num_rows == 1024  # python -m jobs.tiny_models --prompts ... --num-prompts 1024
     assert all(p.endswith(">") for p in table.column("prompt").to_pylist())
     assert json.loads(open(ROOT / "configs/prompts/tiny-reverse.jsonl").readline())["id"] == "rev-00000"
 

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import PYTHON, ROOT, job_env
-from plad_ray import pretrained
+from plad_ray.models import pretrained
 from plad_ray.data import parquet
 from plad_ray.evaluation.metrics import exact_match
 

@@ -12,7 +12,7 @@ def model_folder(path, vocab_size: int) -> str:
     the check reads only tokenizers and configs)."""
     from transformers import LlamaConfig
 
-    from plad_ray import tiny
+    from plad_ray.models import tiny
 
     tiny.build_tokenizer().save_pretrained(path)
     LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
@@ -21,7 +21,7 @@ def model_folder(path, vocab_size: int) -> str:
 
 
 def test_token_kd_refuses_a_padded_vocabulary_with_one_line(tmp_path):
-    from plad_ray.pipeline import check_shared_vocabulary
+    from plad_ray.checks import check_shared_vocabulary
 
     student = model_folder(tmp_path / "student", 261)
     check_shared_vocabulary(model_folder(tmp_path / "same", 261), student)  # one tokenizer, one width: fine

@@ -77,7 +77,7 @@ class ListShard:
 def main(out: Path) -> None:
     import torch.distributed as dist
 
-    from plad_ray import tiny
+    from plad_ray.models import tiny
     from plad_ray.config import LossConfig, TrainConfig
     from plad_ray.train import export, worker
     from plad_ray.train.metrics import MetricsWriter

@@ -11,7 +11,7 @@ of SFT budget, not of capacity; benchmarks/RESULTS.md, "Capacity gap"). A studen
 is the case distillation is for, and the one where objectives can differ by what they add.
 Then, per seed, on the same prompts, pairs (the greedy teacher's output against 4 student samples per prompt), optimizer, schedule,
 precision and number of steps, every method in methods.py trains that student with the engine
-(plad_ray.pipeline.train_student: Ray Data tokenization, Ray Train + DeepSpeed) and is evaluated
+(plad_ray.train.driver.train_student: Ray Data tokenization, Ray Train + DeepSpeed) and is evaluated
 on held-out prompts, greedy and 8 samples at T=1 (generation.py: one batched evaluator for every
 model; the engine's own vLLM evaluate stage would start an engine per model). A dev split (200)
 picks each method's learning rate on seed 0 only, frozen for seeds 1 and 2; the table and the
@@ -26,7 +26,6 @@ import json
 import os
 import platform
 import shutil
-import statistics
 import sys
 import threading
 import time
@@ -65,7 +64,8 @@ def write_prompts(path: Path, size: dict, seed: int = 4321) -> dict[str, list[st
     (pairs.is_heldout at data.heldout_fraction) is exactly dev + test."""
     import random
 
-    from plad_ray import pairs, tiny
+    from plad_ray import pairs
+    from plad_ray.models import tiny
 
     fraction = heldout_fraction(size)
     rng, splits, rows, i = random.Random(seed), {"train": [], "dev": [], "test": []}, [], 0
@@ -104,7 +104,7 @@ def build_model(role: str, recipe: dict, seed: int, folder: Path, curve_every: i
     Runs in a worker process of build_models (one torch thread each: the models train side by side)."""
     import torch
 
-    from plad_ray import tiny
+    from plad_ray.models import tiny
 
     torch.set_num_threads(1)
     info = folder / "plad_ray_tiny.json"
@@ -145,12 +145,14 @@ def build_models(out: Path, recipes: dict, seeds: list[int], curve_every: int) -
 def generate(out_dir: Path, overrides: list[str], pairs: bool):
     """Teacher outputs (and, with `pairs`, student pairs) through the engine's own stages."""
     from plad_ray import pipeline
+    from plad_ray.generate.student import generate_pairs
+    from plad_ray.generate.teacher import generate_teacher
 
     cfg = config(out_dir, overrides)
     inputs = pipeline.prepare(cfg, generation=True, training=False, log=_quiet)
-    pipeline.generate_teacher(cfg, inputs, log=_quiet)
+    generate_teacher(cfg, inputs, log=_quiet)
     if pairs:
-        pipeline.generate_pairs(cfg, inputs, log=_quiet)
+        generate_pairs(cfg, inputs, log=_quiet)
     return cfg
 
 
@@ -177,7 +179,7 @@ def write_variants(work: Path, base_cfg, t07_dir: Path) -> dict[str, str]:
 
     from plad_ray.data import parquet
 
-    base = parquet.read_table(base_cfg.pairs_uri())
+    base = parquet.read_table(base_cfg.layout().pairs())
     t07 = {r["id"]: r for r in parquet.read_table(str(t07_dir / "teacher")).to_pylist()}
     refs = {json.loads(line)["id"]: json.loads(line)["reference"]
             for line in Path(base_cfg.data.prompts).read_text().splitlines()}
@@ -192,7 +194,7 @@ def write_variants(work: Path, base_cfg, t07_dir: Path) -> dict[str, str]:
         imperfect.append({**r, "chosen": t["teacher_text"], "chosen_token_ids": t["teacher_token_ids"],
                           "chosen_num_tokens": t["teacher_num_tokens"], "chosen_finish_reason": t["teacher_finish_reason"]})
         labelled.append({**r, "chosen": refs[r["id"]], "chosen_token_ids": None, "chosen_finish_reason": "eos"})
-    paths = {"teacher": base_cfg.pairs_uri()}
+    paths = {"teacher": base_cfg.layout().pairs()}
     for name, table in (("teacher_t07", imperfect), ("labelled", labelled)):
         path = work / f"pairs-{name}.parquet"
         pq.write_table(pa.Table.from_pylist(table, schema=base.schema), path)
@@ -220,6 +222,7 @@ def run_method(work: Path, seed: int, method: Method, lr: float, shared: list[st
                size: dict, student: str, scorers) -> dict:
     """Train one method at one learning rate with the engine, evaluate it; cached in its folder."""
     from plad_ray import pipeline
+    from plad_ray.train.driver import train_student
 
     folder = work / f"{slug(method.name)}-lr{lr:g}"
     done = folder / "result.json"
@@ -231,8 +234,8 @@ def run_method(work: Path, seed: int, method: Method, lr: float, shared: list[st
     cfg = config(folder, shared + [f"student.model={student}", f"train.pairs={pairs[method.pairs]}",
                                    f"train.learning_rate={lr}", f"train.seed={seed}", *method.overrides])
     inputs = pipeline.prepare(cfg, generation=False, training=True, log=_quiet)
-    report = pipeline.train_student(cfg, inputs, log=_quiet)
-    rec = evaluate_model(cfg.student_export_uri(), rows, size, seed, scorers)
+    report = train_student(cfg, inputs, log=_quiet)
+    rec = evaluate_model(cfg.layout().student(), rows, size, seed, scorers)
     result = {"method": method.name, "lr": lr, "seed": seed, "record": rec, "steps": report["steps"],
               "tokens": sum(c.get("tokens", 0) for c in report["curve"]),
               "nll_before": report["eval_initial"]["chosen_nll_per_token"],
@@ -315,7 +318,7 @@ def teacher_record(cfg, rows: list[dict], scorers) -> dict:
     """The greedy teacher's cached outputs on the held-out rows (its confidence is not measured)."""
     from plad_ray.data import parquet
 
-    texts = dict(zip(*parquet.read_table(cfg.teacher_cache_uri(), ["id", "teacher_text"]).to_pydict().values()))
+    texts = dict(zip(*parquet.read_table(cfg.layout().teacher(), ["id", "teacher_text"]).to_pydict().values()))
     outputs = [{"text": texts[r["id"]], "mean_logprob": None} for r in rows]
     return analysis.record([r["id"] for r in rows], outputs, rows, *scorers)
 

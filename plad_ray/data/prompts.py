@@ -26,6 +26,22 @@ PROMPT_SCHEMA = pa.schema([("id", pa.string()), ("prompt", pa.string())])
 _SOURCE_SCHEMA = pa.schema([*PROMPT_SCHEMA, ("reference", pa.string())])
 
 
+def engine_prompt(prompt: str, chat_template: bool) -> dict:
+    """One prompt as every engine (vLLM or an HTTP endpoint) receives it: the text itself, or, with
+    the chat template on, one user turn (`messages`) that the engine renders."""
+    return {"messages": [{"role": "user", "content": prompt}]} if chat_template else {"prompt": prompt}
+
+
+def prompt_token_ids(tokenizer, prompts: list[str], chat_template: bool) -> list[list[int]]:
+    """The prompts' token ids as the engine saw them (for length limits and training): the tokenizer's
+    own encoding, or one user turn of its chat template with the generation prompt."""
+    if not chat_template:
+        return tokenizer(list(prompts))["input_ids"]
+    ids = tokenizer.apply_chat_template([engine_prompt(p, True)["messages"] for p in prompts],
+                                        add_generation_prompt=True, tokenize=True)
+    return ids["input_ids"] if hasattr(ids, "keys") else ids
+
+
 @dataclass
 class Prompts:
     table: pa.Table  # id, prompt: the rows to generate for

@@ -16,9 +16,19 @@ import pyarrow.fs as pafs
 MANIFEST = "_manifest.json"
 
 
+def is_uri(path: str) -> bool:
+    """A URI with a scheme (s3://, gs://, hdfs://, file://, ...) rather than a local path."""
+    return "://" in path
+
+
+def absolute(path: str | None) -> str | None:
+    """A local path made absolute (user folder expanded); URIs and None unchanged."""
+    return path if not path or is_uri(path) else os.path.abspath(os.path.expanduser(path))
+
+
 def filesystem_and_path(uri: str) -> tuple[pafs.FileSystem, str]:
     """(filesystem, path inside it) for a local path or any URI pyarrow understands."""
-    if "://" in uri:
+    if is_uri(uri):
         return pafs.FileSystem.from_uri(uri)
     return pafs.LocalFileSystem(), os.path.abspath(uri)
 
@@ -30,7 +40,7 @@ def join(uri: str, *parts: str) -> str:
 def local_path(uri: str) -> str:
     """A model folder the engines can open: the path of a local/file:// URI; other URIs unchanged
     (vLLM and transformers then need a shared filesystem mount or their own URI support)."""
-    if "://" not in uri:
+    if not is_uri(uri):
         return os.path.abspath(uri)
     return uri[len("file://"):] if uri.startswith("file://") else uri
 

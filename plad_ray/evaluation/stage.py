@@ -24,7 +24,7 @@ import pyarrow as pa
 from plad_ray import pairs
 from plad_ray.config import Config
 from plad_ray.data import parquet, storage
-from plad_ray.data.prompts import read_prompts
+from plad_ray.data.prompts import engine_prompt, read_prompts
 from plad_ray.errors import DataError
 from plad_ray.evaluation.metrics import (auroc, best_of_n, calibration_note, confidence, exact_match,
                                          expected_calibration_error, mean, reliability_bins, rouge_l, win_rate)
@@ -37,9 +37,9 @@ INITIAL = "initial student"
 
 def heldout_rows(cfg: Config) -> list[dict]:
     """id, prompt, teacher output and reference (None without one) of every held-out prompt."""
-    table = parquet.read_table(cfg.teacher_cache_uri(), ["id", "prompt", "teacher_text"])
+    table = parquet.read_table(cfg.layout().teacher(), ["id", "prompt", "teacher_text"])
     if table is None:
-        raise DataError(f"teacher cache {cfg.teacher_cache_uri()}: missing; run jobs.generate_pairs or jobs.distill first")
+        raise DataError(f"teacher cache {cfg.layout().teacher()}: missing; run jobs.generate_pairs or jobs.distill first")
     references = read_prompts(cfg.data.prompts, cfg.data.max_prompts, "quarantine").references
     rows = [r for r in table.to_pylist() if pairs.is_heldout(r["id"], cfg.data.heldout_fraction)]
     rows.sort(key=lambda r: r["id"])
@@ -55,7 +55,7 @@ def generate(cfg: Config, rows: list[dict], model_path: str, use_gpu: bool) -> l
     (student engine settings), each with its mean token log-prob; one engine pass for all of them."""
     import ray.data
 
-    from plad_ray.generate.engines import build_engine_processor, engine_deaths, sampling_params, spread
+    from plad_ray.generate.engines import build_engine_processor, engine_deaths, sampling_params, split_for_replicas
 
     engine = dataclasses.replace(cfg.student, sampling=dataclasses.replace(cfg.student.sampling, temperature=0.0))
     greedy = {**sampling_params(engine), "logprobs": 0}  # 0: only the generated token's own log-prob
@@ -63,10 +63,9 @@ def generate(cfg: Config, rows: list[dict], model_path: str, use_gpu: bool) -> l
                for k in range(cfg.eval.num_samples)]
 
     def preprocess(row: dict) -> dict:
-        source = {"messages": [{"role": "user", "content": row["prompt"]}]} if engine.chat_template \
-            else {"prompt": row["prompt"]}
         k = int(row["sample"])
-        return {"source_prompt": row["prompt"], "sampling_params": greedy if k < 0 else sampled[k], **source}
+        return {"source_prompt": row["prompt"], "sampling_params": greedy if k < 0 else sampled[k],
+                **engine_prompt(row["prompt"], engine.chat_template)}
 
     def postprocess(row: dict) -> dict:
         tokens = [int(t) for t in row["generated_tokens"]]
@@ -76,7 +75,8 @@ def generate(cfg: Config, rows: list[dict], model_path: str, use_gpu: bool) -> l
 
     requests = [{"id": r["id"], "prompt": r["prompt"], "sample": k} for r in rows
                 for k in range(-1, cfg.eval.num_samples)]
-    ds = spread(ray.data.from_arrow(pa.Table.from_pylist(requests)), len(requests), engine.batch_size, engine.replicas)
+    ds = split_for_replicas(ray.data.from_arrow(pa.Table.from_pylist(requests)), len(requests), engine.batch_size,
+                            engine.replicas)
     with engine_deaths("student", engine):  # evaluation runs the student's engine settings
         out = build_engine_processor(engine, model_path, use_gpu, preprocess, postprocess)(ds).take_all()
     by_id: dict[str, dict] = {r["id"]: {"samples": [None] * cfg.eval.num_samples} for r in rows}
@@ -173,7 +173,7 @@ def _settings(cfg: Config) -> dict:
 
 
 def _finished(cfg: Config) -> dict | None:
-    done = storage.read_json(storage.join(cfg.eval_dir(), "report.json"))
+    done = storage.read_json(storage.join(cfg.layout().eval(), "report.json"))
     return done if done is not None and done.get("settings") == _settings(cfg) else None
 
 
@@ -198,14 +198,14 @@ def evaluate_run(cfg: Config, initial_student_path: str | None, log=print, force
     settings = _settings(cfg)
     done = _finished(cfg)
     if done is not None and not force:
-        log(f"[eval] already complete: {cfg.eval_dir()}")
+        log(f"[eval] already complete: {cfg.layout().eval()}")
         return done
     rows = heldout_rows(cfg)
     models = {}
     if cfg.eval.initial_student and initial_student_path:
         models[INITIAL] = initial_student_path
     for r in range(1, cfg.train.rounds + 1):
-        uri = cfg.student_export_uri(r)
+        uri = cfg.layout().student(r)
         if storage.manifest(uri) is None:
             raise DataError(f"evaluation: {uri} is missing or incomplete; train first (jobs.train or jobs.distill)")
         models["trained student" if cfg.train.rounds == 1 else f"round {r} student"] = storage.local_path(uri)
@@ -235,7 +235,7 @@ def evaluate_run(cfg: Config, initial_student_path: str | None, log=print, force
     report = {"settings": settings, "scorer": scorer, "graded_scorer": graded,
               "heldout_fraction": cfg.data.heldout_fraction, "models": results,
               "eval_seconds": time.perf_counter() - start}
-    folder = cfg.eval_dir()
+    folder = cfg.layout().eval()
     storage.write_text(storage.join(folder, "generations.jsonl"),
                        "".join(json.dumps(g) + "\n" for g in generations.values()))
     storage.write_bytes(storage.join(folder, "reliability.png"), reliability_png(results))

@@ -110,6 +110,6 @@ def engine_deaths(role: str, engine: EngineConfig):
             f"{role}.engine_kwargs, or raise {role}.max_restarts if the deaths are transient (lost nodes)") from e
 
 
-def spread(ds, rows: int, batch_size: int, replicas: int):
+def split_for_replicas(ds, rows: int, batch_size: int, replicas: int):
     """Enough blocks that every engine replica gets batches (one block feeds one actor task)."""
     return ds.repartition(max(1, min(rows, max(replicas * 4, rows // batch_size))))

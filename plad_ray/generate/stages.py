@@ -9,16 +9,11 @@ The student stage reads the teacher cache rather than the prompts, so a later ro
 
 from plad_ray import pairs
 from plad_ray.config import EngineConfig, StudentEngineConfig
+from plad_ray.data.prompts import engine_prompt
 from plad_ray.generate.engines import build_engine_processor, sampling_params
 
 
-def _engine_input(engine: EngineConfig, prompt: str) -> dict:
-    if engine.chat_template:
-        return {"messages": [{"role": "user", "content": prompt}]}
-    return {"prompt": prompt}
-
-
-class _Output:
+class _ReadEngineRow:
     """What an engine row says about its generated text, read in postprocess."""
 
     def __init__(self, max_tokens: int, eos_token_ids: list[int]):
@@ -41,10 +36,10 @@ def teacher_outputs(prompts_ds, engine: EngineConfig, model_path: str, model_nam
     """prompts (id, prompt) -> rows of pairs.TEACHER_SCHEMA."""
     params = sampling_params(engine)
     params_json = pairs.sampling_json(params)
-    read = _Output(engine.sampling.max_tokens, list(eos_token_ids))
+    read = _ReadEngineRow(engine.sampling.max_tokens, list(eos_token_ids))
 
     def preprocess(row: dict) -> dict:
-        return {"source_prompt": row["prompt"], "sampling_params": params, **_engine_input(engine, row["prompt"])}
+        return {"source_prompt": row["prompt"], "sampling_params": params, **engine_prompt(row["prompt"], engine.chat_template)}
 
     def postprocess(row: dict) -> dict:
         out = read(row)
@@ -72,9 +67,7 @@ def teacher_outputs_http(prompts_ds, engine: EngineConfig):
     model_name = f"{engine.model} @ {engine.endpoint.url}"
 
     def preprocess(row: dict) -> dict:
-        prompt = {"messages": [{"role": "user", "content": row["prompt"]}]} if engine.chat_template \
-            else {"prompt": row["prompt"]}
-        return {"payload": {"model": engine.model, **prompt, **params}}
+        return {"payload": {"model": engine.model, **engine_prompt(row["prompt"], engine.chat_template), **params}}
 
     def postprocess(row: dict) -> dict:
         out = read_response(row["http_response"], stop_configured=engine.sampling.stop is not None)
@@ -109,7 +102,7 @@ def student_pairs(
     `skip` holds (id, sample_index) keys already written by an interrupted run. With
     `shared_vocabulary` the teacher's generated ids are kept on the chosen side.
     """
-    read = _Output(engine.sampling.max_tokens, list(eos_token_ids))
+    read = _ReadEngineRow(engine.sampling.max_tokens, list(eos_token_ids))
     params_by_sample = [sampling_params(engine, seed_offset=k) for k in range(engine.num_samples)]
     # The recorded sampling parameters are those of sample 0; sample k used seed + k.
     params_json = pairs.sampling_json({**params_by_sample[0], "seed_per_sample": "seed + sample_index"})
@@ -118,7 +111,7 @@ def student_pairs(
         return {
             "source_prompt": row["prompt"],
             "sampling_params": params_by_sample[int(row["sample_index"])],
-            **_engine_input(engine, row["prompt"]),
+            **engine_prompt(row["prompt"], engine.chat_template),
         }
 
     def postprocess(row: dict) -> dict:

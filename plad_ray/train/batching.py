@@ -19,12 +19,15 @@ at max_tokens. Responses longer than `max_length - prompt` are cut; pairs whose 
 alone does not fit are dropped and counted: every pair keeps a `status` (ok, identical,
 too_long, student_better) so nothing vanishes unaccounted.
 
-With a scorer (`train.scorer`), each pair also gets `chosen_score`/`rejected_score`
-and a `verdict` (teacher, tie, student won), and `train.student_wins` keeps, drops
-(status "student_better") or flips the pairs the student won.
+With a scorer (`train.scorer`), the same stage first judges each pair (`scoring.judge_pairs`,
+a pure step): `chosen_score`/`rejected_score`, a `verdict` (teacher, tie, student won), and
+`train.student_wins` keeps, drops (status "student_better") or flips the pairs the student won.
 """
 
 import numpy as np
+
+from plad_ray.data.prompts import prompt_token_ids
+from plad_ray.scoring import get_scorer, judge_pairs
 
 TOKEN_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
 
@@ -50,7 +53,8 @@ def response_ids(generated_ids, text: str, finish_reason: str, encode, eos: list
 
 
 class PairTokenizer:
-    """Ray Data stage: add prompt_ids / chosen_ids / rejected_ids columns (student tokenizer).
+    """Ray Data stage: judge each pair (scoring.judge_pairs), then add prompt_ids / chosen_ids /
+    rejected_ids columns (student tokenizer).
 
     `chosen_stop` / `rejected_stop`: the stop string each side was sampled with (teacher
     and student `sampling.stop`), for outputs that a stop string ended and that carry no ids.
@@ -60,8 +64,6 @@ class PairTokenizer:
                  scorer: str | None = None, student_wins: str = "keep", chosen_stop: str | None = None,
                  rejected_stop: str | None = None):
         from transformers import AutoTokenizer
-
-        from plad_ray.scoring import get_scorer
 
         self.scorer = get_scorer(scorer) if scorer else None
         self.student_wins = student_wins
@@ -77,11 +79,7 @@ class PairTokenizer:
 
     def _prompts(self, prompts) -> list[list[int]]:
         """The prompt as the student engine saw it: one user turn of the chat template, if on."""
-        if not self.chat_template:
-            return self.tokenizer(list(prompts))["input_ids"]
-        ids = self.tokenizer.apply_chat_template([[{"role": "user", "content": p}] for p in prompts],
-                                                 add_generation_prompt=True, tokenize=True)
-        return ids["input_ids"] if hasattr(ids, "keys") else ids
+        return prompt_token_ids(self.tokenizer, prompts, self.chat_template)
 
     def _responses(self, batch: dict, side: str) -> list[list[int]]:
         n = len(batch["prompt"])
@@ -97,7 +95,7 @@ class PairTokenizer:
         rows = [{"prompt": p, "chosen": c, "rejected": r, "chosen_ids": ci, "rejected_ids": ri}
                 for p, c, r, ci, ri in zip(batch["prompt"], batch["chosen"], batch["rejected"],
                                            self._responses(batch, "chosen"), self._responses(batch, "rejected"))]
-        rows, verdicts, dropped = self._score(rows)
+        rows, verdicts, dropped = judge_pairs(rows, self.scorer, self.student_wins)
         out = {name: [] for name in TOKEN_COLUMNS}
         status = []
         for row, prompt, drop in zip(rows, prompt_ids, dropped):
@@ -111,23 +109,6 @@ class PairTokenizer:
                 "chosen_score": np.asarray([r.get("chosen_score", 0.0) for r in rows], dtype=np.float32),
                 "rejected_score": np.asarray([r.get("rejected_score", 0.0) for r in rows], dtype=np.float32),
                 **{k: ragged(v) for k, v in out.items()}}
-
-    def _score(self, rows: list[dict]) -> tuple[list[dict], list[str], list[bool]]:
-        """Scores, verdicts and the student-wins policy; without a scorer every score is 0 and verdict ''."""
-        from plad_ray.scoring import apply_policy, verdict
-
-        if self.scorer is None:
-            return rows, [""] * len(rows), [False] * len(rows)
-        scored, verdicts, dropped = [], [], []
-        for row in rows:
-            row = {**row, "chosen_score": self.scorer(row["prompt"], row["chosen"]),
-                   "rejected_score": self.scorer(row["prompt"], row["rejected"])}
-            who = verdict(row["chosen_score"], row["rejected_score"])
-            kept = apply_policy(row, who, self.student_wins)
-            verdicts.append(who)
-            dropped.append(kept is None)
-            scored.append(kept or row)
-        return scored, verdicts, dropped
 
 
 def ragged(arrays: list[np.ndarray]) -> np.ndarray:

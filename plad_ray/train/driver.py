@@ -10,16 +10,18 @@ last checkpoint: Ray Train finds its own run state under `<output_dir>/train`.
 """
 
 import math
-import os
 import time
 
-from plad_ray.config import ClusterConfig, TrainConfig
+from plad_ray import pairs
+from plad_ray.checks import Inputs
+from plad_ray.config import ClusterConfig, Config, TrainConfig
+from plad_ray.data import parquet, storage
+from plad_ray.data.layout import TRAIN, OutputLayout
 from plad_ray.errors import DataError, RuntimeFailure
 from plad_ray.train.batching import PairTokenizer, group_samples
 from plad_ray.train.metrics import tensorboard_dir
 from plad_ray.train.worker import TrainPlan, train_loop_per_worker
 
-TRAIN_RUN_NAME = "train"
 
 
 def uses_nll(train: TrainConfig) -> bool:
@@ -117,10 +119,10 @@ def run_training(pairs_ds, model_path: str, train: TrainConfig, cluster: Cluster
             "train.micro_batch_size x train.num_workers x train.gradient_accumulation_steps); add prompts or lower those"
         )
     plan = TrainPlan(train=train, model_path=model_path, export_uri=export_uri,
-                     tensorboard_dir=tensorboard_dir(_storage_path(output_dir), train.tensorboard), steps_per_epoch=steps,
+                     tensorboard_dir=tensorboard_dir(storage.absolute(output_dir), train.tensorboard), steps_per_epoch=steps,
                      pad_id=pad_id, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
                      teacher_path=teacher_path,
-                     checkpoint_root=f"{_storage_path(output_dir).rstrip('/')}/{TRAIN_RUN_NAME}")
+                     checkpoint_root=OutputLayout(storage.absolute(output_dir)).train_state())
     if train.scorer:
         print(f"[train] scorer {train.scorer}: " + teacher_wins_line(counts, train.student_wins), flush=True)
     what = (f"{counts['train_prompts']} training prompts ({counts['train']} pairs)" if "train_prompts" in counts
@@ -143,8 +145,8 @@ def run_training(pairs_ds, model_path: str, train: TrainConfig, cluster: Cluster
         # evaluation drops none (an equal split would) and ZeRO-3 ranks stay in step.
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
         run_config=ray.train.RunConfig(
-            name=TRAIN_RUN_NAME,
-            storage_path=_storage_path(output_dir),
+            name=TRAIN,
+            storage_path=storage.absolute(output_dir),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             failure_config=ray.train.FailureConfig(max_failures=train.max_failures),
         ),
@@ -162,5 +164,36 @@ def run_training(pairs_ds, model_path: str, train: TrainConfig, cluster: Cluster
     return {**out, "counts": counts, "checkpoint": export_uri}
 
 
-def _storage_path(output_dir: str) -> str:
-    return output_dir if "://" in output_dir else os.path.abspath(output_dir)
+def train_student(cfg: Config, inputs: Inputs, log=print, round: int = 1) -> dict:
+    """Train on round `round`'s pairs, evaluate before/after, export the student; writes train_report.json."""
+    from transformers import AutoTokenizer
+
+    layout = cfg.layout()
+    report_uri, export_uri = layout.train_report(round), layout.student(round)
+    done = storage.read_json(report_uri)
+    if done is not None and storage.manifest(export_uri) is not None:
+        log(f"[train] round {round} already complete: {export_uri} and {report_uri}")
+        return done
+    student_path = inputs.student_for_round(cfg, round)
+    if cfg.train.pairs is not None:
+        import ray.data
+
+        pairs_ds = ray.data.read_parquet(cfg.train.pairs, file_extensions=["parquet"]).map_batches(
+            pairs.with_training_columns, fn_kwargs={"heldout_fraction": cfg.data.heldout_fraction}, batch_format="pandas")
+    else:
+        pairs_ds = parquet.read(layout.pairs(round))
+    if pairs_ds is None:
+        raise DataError(f"pairs {layout.pairs(round)}: missing or incomplete; run jobs.generate_pairs first")
+    tokenizer = AutoTokenizer.from_pretrained(student_path, trust_remote_code=cfg.student.trust_remote_code)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    start = time.perf_counter()
+    student = cfg.student
+    stops = (None, None) if cfg.train.pairs is not None else (cfg.teacher.sampling.stop, student.sampling.stop)
+    result = run_training(pairs_ds, student_path, cfg.train, cfg.cluster, layout.round_dir(round), export_uri, pad_id,
+                          student.chat_template, student.trust_remote_code, student.allow_pickle_weights,
+                          inputs.teacher_path, stops)
+    result["train_seconds"] = time.perf_counter() - start
+    result["round"] = round
+    storage.write_json(report_uri, result)
+    log(f"[train] round {round} report -> {report_uri}")
+    return result

@@ -6,6 +6,8 @@ need no server and open anywhere: `tensorboard --logdir <output_dir>/train/tenso
 
 import os
 
+from plad_ray.data import layout, storage
+
 
 class MetricsWriter:
     def __init__(self, folder: str | None):
@@ -31,6 +33,6 @@ class MetricsWriter:
 
 def tensorboard_dir(output_dir: str, enabled: bool) -> str | None:
     """Local (or shared-filesystem) folder for event files; None when off or output_dir is a URI."""
-    if not enabled or "://" in output_dir:
+    if not enabled or storage.is_uri(output_dir):
         return None
-    return os.path.join(output_dir, "train", "tensorboard")
+    return os.path.join(output_dir, layout.TRAIN, "tensorboard")

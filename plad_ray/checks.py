@@ -1,0 +1,120 @@
+"""Every check that runs before the expensive work, in one place.
+
+Config values are checked when the config loads (plad_ray.config); what needs the world
+outside the config is checked here, before Ray starts: prompt rows and their lengths
+(data.prompts, data.too_long), model folders, the teacher endpoint, external pairs, a shared
+vocabulary for token_kd, and cached teacher outputs against the prompts they answer. A
+failing check raises ConfigError or DataError with one line naming the input and the fix.
+"""
+
+from dataclasses import dataclass, field
+
+import pyarrow as pa
+
+from plad_ray.config import Config
+from plad_ray.data import parquet, storage
+from plad_ray.data.prompts import check_cached_prompts, read_prompts
+from plad_ray.errors import ConfigError, DataError
+from plad_ray.data.limits import apply_length_policy, prompt_limits
+from plad_ray.models.folders import resolve_model, shares_vocabulary
+
+
+@dataclass
+class Inputs:
+    """Checked inputs; each field only when the stages run need it."""
+
+    prompts: pa.Table | None = None
+    quarantined: list = field(default_factory=list)  # prompt rows set aside, with their reasons
+    truncated: int = 0  # prompts cut to fit (data.too_long=truncate)
+    teacher_path: str | None = None
+    student_path: str | None = None
+
+    def student_for_round(self, cfg: Config, round: int) -> str:
+        """The student a round starts from: the checked student in round 1, round r-1's export after."""
+        return self.student_path if round == 1 else storage.local_path(cfg.layout().student(round - 1))
+
+
+def check_inputs(cfg: Config, prompts: bool = True, teacher: bool = True, student: bool = True,
+                 pairs_written: bool = False, log=print) -> Inputs:
+    """Read prompts, resolve model folders, find earlier outputs; raises before any expensive work."""
+    if pairs_written and cfg.train.pairs is not None:
+        check_external_pairs(cfg.train.pairs)
+    elif pairs_written and storage.manifest(cfg.layout().pairs()) is None:
+        raise DataError(f"pairs {cfg.layout().pairs()}: missing or incomplete; run jobs.generate_pairs first, "
+                        "or point train.pairs at a pairs dataset")
+    inputs = Inputs()
+    if teacher and cfg.teacher.endpoint is not None:
+        from plad_ray.generate.endpoint import check_endpoint
+
+        check_endpoint(cfg.teacher.endpoint, cfg.teacher.model)
+        log(f"[plad-ray] teacher: {cfg.teacher.model} at {cfg.teacher.endpoint.url}")
+    elif teacher:
+        inputs.teacher_path = resolve_model(cfg.teacher.model, "teacher.model", cfg.teacher.allow_pickle_weights,
+                                            cfg.teacher.chat_template, log=log)
+    if student:
+        inputs.student_path = resolve_model(cfg.student.model, "student.model", cfg.student.allow_pickle_weights,
+                                            cfg.student.chat_template, log=log)
+    if cfg.train.loss.type == "token_kd" and inputs.teacher_path and inputs.student_path:
+        check_shared_vocabulary(inputs.teacher_path, inputs.student_path, cfg.student.trust_remote_code)
+    if cfg.teacher.sampling.stop is not None and cfg.student.sampling.stop != cfg.teacher.sampling.stop:
+        log(f"[plad-ray] warning: the teacher stops at {cfg.teacher.sampling.stop!r} but the student at "
+            f"{cfg.student.sampling.stop!r}: the student is trained to end its answers with {cfg.teacher.sampling.stop!r}, "
+            "which will not end its own generations; give student.sampling.stop the same string")
+    if prompts:
+        source = read_prompts(cfg.data.prompts, cfg.data.max_prompts, cfg.data.bad_rows)
+        limits = prompt_limits(cfg, inputs.teacher_path, inputs.student_path)
+        inputs.prompts, too_long, inputs.truncated = apply_length_policy(
+            source.table, limits, cfg.data.too_long, cfg.data.prompts)
+        inputs.quarantined = source.quarantined + too_long
+        if inputs.prompts.num_rows == 0:
+            raise DataError(f"prompt source {cfg.data.prompts}: no prompt is usable ({len(inputs.quarantined)} set "
+                            f"aside, first: {inputs.quarantined[0]['reason']})")
+        log(f"[plad-ray] {inputs.prompts.num_rows} prompts from {cfg.data.prompts}"
+            + (f"; {len(inputs.quarantined)} set aside" if inputs.quarantined else "")
+            + (f"; {inputs.truncated} truncated to fit" if inputs.truncated else ""))
+    return inputs
+
+
+def check_teacher_cache(cfg: Config, inputs: Inputs, committed_only: bool, log=print) -> None:
+    """Cached teacher outputs must still answer their ids' prompts (an id-less source with a row inserted
+    shifts every id). `committed_only` (--check) reads only committed files: reading pending ones deletes
+    those cut off mid-write."""
+    uri, keys = cfg.layout().teacher(), ["id", "prompt"]
+    cached = parquet.read_table(uri, keys) if committed_only else parquet.done_keys(uri, keys, log)
+    if cached is not None:
+        check_cached_prompts(cached, inputs.prompts, cfg.data.prompts, uri)
+
+
+def check_external_pairs(uri: str) -> None:
+    """train.pairs: a Parquet file or folder with TRL's string columns prompt, chosen, rejected."""
+    import pyarrow.dataset as pads
+
+    fs, path = storage.filesystem_and_path(uri)
+    if not storage.list_files(fs, path, uri):
+        raise DataError(f"config key train.pairs: {uri} not found; give a Parquet file or folder of pairs")
+    try:
+        schema = pads.dataset(path, filesystem=fs, format="parquet", exclude_invalid_files=False).schema
+    except (pa.ArrowInvalid, OSError) as e:
+        raise DataError(f"config key train.pairs: {uri} is not readable Parquet ({e})") from None
+    missing = [c for c in ("prompt", "chosen", "rejected") if c not in schema.names]
+    if missing:
+        raise DataError(f"config key train.pairs: {uri} has no {', '.join(missing)} column(s) "
+                        f"(columns: {', '.join(schema.names)}); pairs use TRL's prompt/chosen/rejected")
+
+
+def check_shared_vocabulary(teacher_path: str, student_path: str, trust_remote_code: bool = False) -> None:
+    """token_kd compares token distributions position by position: both tokenizers must be one vocabulary."""
+    from transformers import AutoConfig
+
+    if not shares_vocabulary(teacher_path, student_path, trust_remote_code):
+        raise ConfigError("config key train.loss.type: token_kd needs teacher and student to share a vocabulary "
+                          "(their tokenizers map ids to different tokens); "
+                          "use hinge, logistic or seqkd, which only need the teacher's text")
+    # One tokenizer can sit on embedding matrices of different heights (vocabularies padded to a multiple
+    # of 64 or 128): the two logit rows then differ in width, and position-wise KL has no meaning.
+    rows = [AutoConfig.from_pretrained(p, trust_remote_code=trust_remote_code).get_text_config().vocab_size
+            for p in (teacher_path, student_path)]
+    if rows[0] != rows[1]:
+        raise ConfigError(f"config key train.loss.type: token_kd needs logits of one width, but the teacher has "
+                          f"{rows[0]} embedding rows and the student {rows[1]} (a padded vocabulary); "
+                          f"use seqkd or a PLaD loss, which only need the teacher's text")

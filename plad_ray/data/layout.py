@@ -1,0 +1,74 @@
+"""Where every output of a run lives under output_dir: the one definition every stage asks.
+
+    output_dir/
+      run.json            the config keys each stage's outputs depend on (data/outputs.py)
+      quarantine/         prompt rows set aside, with their reasons
+      teacher/            teacher outputs by prompt id (shared by every round)
+      pairs/              round 1's preference pairs
+      train/              round 1's Ray Train state and checkpoints (train/tensorboard/: metrics)
+      student/            round 1's trained student (HF folder)
+      train_report.json   round 1's training figures
+      round-<r>/          round r > 1: pairs/, train/, student/, train_report.json
+      eval/               generation quality of the final student (the evaluate stage owns its files)
+      report.json, summary.md, loss_curve.png   the run's report and its summary
+
+Round 1 writes at the top level, so a one-round run has the plain layout above.
+"""
+
+from dataclasses import dataclass
+
+from plad_ray.data import storage
+
+RUN_FILE = "run.json"
+QUARANTINE = "quarantine"
+TEACHER = "teacher"
+PAIRS = "pairs"
+TRAIN = "train"  # Ray Train's run name under a round's folder
+STUDENT = "student"
+TRAIN_REPORT = "train_report.json"
+EVAL = "eval"
+REPORT = "report.json"
+SUMMARY = "summary.md"
+LOSS_CURVE = "loss_curve.png"
+ROUND_PREFIX = "round-"
+
+
+@dataclass(frozen=True)
+class OutputLayout:
+    root: str  # output_dir: a local path or a pyarrow URI
+
+    def run_file(self) -> str:
+        return storage.join(self.root, RUN_FILE)
+
+    def quarantine(self) -> str:
+        return storage.join(self.root, QUARANTINE, "prompts.jsonl")
+
+    def teacher(self) -> str:
+        return storage.join(self.root, TEACHER)
+
+    def round_dir(self, round: int = 1) -> str:
+        return self.root if round == 1 else storage.join(self.root, f"{ROUND_PREFIX}{round}")
+
+    def pairs(self, round: int = 1) -> str:
+        return storage.join(self.round_dir(round), PAIRS)
+
+    def train_state(self, round: int = 1) -> str:
+        return storage.join(self.round_dir(round), TRAIN)
+
+    def student(self, round: int = 1) -> str:
+        return storage.join(self.round_dir(round), STUDENT)
+
+    def train_report(self, round: int = 1) -> str:
+        return storage.join(self.round_dir(round), TRAIN_REPORT)
+
+    def report(self) -> str:
+        return storage.join(self.root, REPORT)
+
+    def eval(self) -> str:
+        return storage.join(self.root, EVAL)
+
+    def summary(self) -> str:
+        return storage.join(self.root, SUMMARY)
+
+    def loss_curve(self) -> str:
+        return storage.join(self.root, LOSS_CURVE)

@@ -1,0 +1,74 @@
+"""What each optimizer step feeds the student, and one micro-batch's forward.
+
+The shard's rows become length-grouped micro-batches, gradient_accumulation_steps of them
+per optimizer step; `term_counts` gives each micro-batch's share of its step's means.
+`forward` runs one micro-batch through the model to the objective's figures: the training
+loop (plad_ray.train.worker) and the held-out evaluation (plad_ray.train.heldout) share it.
+"""
+
+import torch
+
+from plad_ray.config import TrainConfig
+from plad_ray.losses import plad_loss, sequence_logps, token_kd_loss
+from plad_ray.train.batching import collate_groups, collate_pairs, length_grouped
+
+
+def optimizer_steps(shard, train: TrainConfig, pad_id: int, epoch: int):
+    """The epoch's optimizer steps, each its gradient_accumulation_steps micro-batches (in hand before
+    the first forward: the step's totals normalise every micro-batch's loss)."""
+    step = []
+    for batch in micro_batches(shard, train, pad_id, epoch):
+        step.append(batch)
+        if len(step) == train.gradient_accumulation_steps:
+            yield step
+            step = []
+
+
+def term_counts(batch: dict, train: TrainConfig) -> tuple[float, float]:
+    """(ranking terms, chosen response tokens) of a micro-batch: the denominators of plad_loss's means
+    (ranked pairs; listwise: prompts; the NLL and token KD: the teacher outputs' scored tokens)."""
+    listwise = "rejected_mask" in batch
+    b = batch["rejected_mask"].shape[0] if listwise else batch["input_ids"].shape[0] // 2
+    ranked = b if listwise or train.loss.type == "listwise" or "ranked" not in batch else batch["ranked"].sum().item()
+    return float(ranked), float(batch["response_mask"][:b, 1:].sum().item())
+
+
+def micro_batches(shard, train: TrainConfig, pad_id: int, epoch: int):
+    """The shard's micro-batches for one epoch, length-grouped (seeded: a bucket always splits the
+    same way; which rows a bucket holds is up to Ray Data, README "Resuming"). Listwise rows are
+    whole prompts."""
+    group = train.micro_batch_size * train.length_grouping
+    collate = collate_groups if train.loss.type == "listwise" else collate_pairs
+    for index, bucket in enumerate(shard.iter_batches(batch_size=group, batch_format="numpy")):
+        for micro in length_grouped(bucket, train.micro_batch_size, seed=[train.seed, epoch, index]):
+            yield collate(micro, pad_id)
+
+
+def forward(engine, batch: dict, train: TrainConfig, teacher=None, term_scales=(1.0, 1.0)) -> dict:
+    """One forward of every sequence of the batch, then the objective. Rows: B chosen, then the rejected
+    ones (B for pairs; B x K, prompt-major, for listwise groups with `rejected_mask` [B, K])."""
+    device = engine.device
+    input_ids_NT = batch["input_ids"].to(device)
+    logits_NTV = engine(input_ids=input_ids_NT, attention_mask=batch["attention_mask"].to(device)).logits
+    response_mask_NT = batch["response_mask"].to(device)
+    logps_N, num_tokens_N = sequence_logps(logits_NTV, input_ids_NT, response_mask_NT)
+    mask_BK = batch["rejected_mask"].to(device) if "rejected_mask" in batch else None
+    b = mask_BK.shape[0] if mask_BK is not None else input_ids_NT.shape[0] // 2
+    rejected_logps, rejected_tokens = logps_N[b:], num_tokens_N[b:]
+    if mask_BK is not None:
+        rejected_logps, rejected_tokens = rejected_logps.view(b, -1), rejected_tokens.view(b, -1)
+    kd = None
+    if teacher is not None:  # token_kd: on the chosen (teacher-written) rows only
+        with torch.no_grad():
+            teacher_logits_BTV = teacher(input_ids=input_ids_NT[:b],
+                                         attention_mask=batch["attention_mask"][:b].to(device)).logits
+        kd = token_kd_loss(logits_NTV[:b], teacher_logits_BTV, response_mask_NT[:b])
+    return plad_loss(
+        logps_N[:b], num_tokens_N[:b], rejected_logps, rejected_tokens,
+        beta=train.loss.beta, length_normalize=train.loss.length_normalize, nll_weight=train.loss.nll_weight,
+        loss_type=train.loss.type, gamma=train.loss.gamma,
+        chosen_scores_B=batch["chosen_score"].to(device) if "chosen_score" in batch else None,
+        rejected_scores_B=batch["rejected_score"].to(device) if "rejected_score" in batch else None,
+        token_kd=kd, ranked_B=batch["ranked"].to(device) if "ranked" in batch else None, rejected_mask_BK=mask_BK,
+        term_scales=term_scales,
+    )

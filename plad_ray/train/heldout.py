@@ -1,0 +1,102 @@
+"""Held-out evaluation and the collapse guard.
+
+Every rank scores all the held-out pairs before training, every train.eval_every_steps and
+after it: ranking accuracy, loss and margin, and the student's log-prob per token of the
+held-out teacher outputs. That log-prob is what a ranking loss can quietly destroy.
+
+The collapse guard (`train.guard`) watches it. A ranking loss can win the ranking by making
+both outputs less likely; when that log-prob falls more than `max_logp_drop` below its value
+before training, rank 0 says so in one line, the report records it, and with `action: stop`
+training ends at the last checkpoint that passed.
+"""
+
+from typing import TYPE_CHECKING, Callable
+
+import torch
+from ray.data.collate_fn import NumpyBatchCollateFn
+
+from plad_ray.train.batching import collate_pairs
+from plad_ray.train.checkpoints import CHECKPOINT_TAG, Progress, checkpoint_name
+from plad_ray.train.feed import forward
+
+if TYPE_CHECKING:
+    from plad_ray.train.worker import TrainPlan
+
+
+class _Collate(NumpyBatchCollateFn):
+    """collate_pairs as the callable class Ray Data's iter_torch_batches expects."""
+
+    def __init__(self, pad_id: int):
+        super().__init__()
+        self.pad_id = pad_id
+
+    def __call__(self, batch: dict) -> dict:
+        return collate_pairs(batch, self.pad_id)
+
+
+def load_batches(shard, plan: "TrainPlan") -> list[dict]:
+    """The held-out pairs as batches, read once and kept: they are scored every eval_every_steps."""
+    return list(shard.iter_torch_batches(batch_size=plan.train.micro_batch_size, collate_fn=_Collate(plan.pad_id)))
+
+
+@torch.no_grad()
+def evaluate(engine, batches: list[dict], plan: "TrainPlan", teacher=None) -> dict:
+    """Held-out pairs (each rank sees all): ranking accuracy, loss and margin over the pairs with a
+    ranking signal, and the student's per-token NLL (= -log-prob) of every held-out teacher output."""
+    engine.eval()
+    totals_7 = torch.zeros(7, dtype=torch.float64)  # pairs, ranked, correct, loss, margin sums, chosen NLL, tokens
+    for batch in batches:
+        stats = forward(engine, batch, plan.train, teacher)
+        n = batch["input_ids"].shape[0] // 2
+        ranked = batch["ranked"].sum().item()
+        chosen_tokens = batch["response_mask"][:n, 1:].sum().item()
+        totals_7 += torch.tensor([n, ranked, stats["accuracy"] * ranked, stats["rank_loss"] * ranked,
+                                  stats["margin"] * ranked, stats["nll"] * chosen_tokens, chosen_tokens],
+                                 dtype=torch.float64)
+    engine.train()
+    ranked = max(totals_7[1].item(), 1.0)
+    nll = totals_7[5].item() / max(totals_7[6].item(), 1.0)
+    return {"pairs": int(totals_7[0].item()), "ranked_pairs": int(totals_7[1].item()),
+            "ranking_accuracy": totals_7[2].item() / ranked, "loss": totals_7[3].item() / ranked,
+            "margin": totals_7[4].item() / ranked, "chosen_nll_per_token": nll, "teacher_logp_per_token": -nll}
+
+
+def check_guard(engine, plan: "TrainPlan", progress: Progress, figures: dict, log: Callable[[str], None]) -> bool:
+    """True when the held-out teacher-output log-prob fell past train.guard.max_logp_drop (ranks agree).
+
+    Warns once (`log`: rank 0's log line); in stop mode restores the newest (last good) checkpoint and
+    records where training ended.
+    """
+    guard = plan.train.guard
+    initial = -progress.eval_initial["chosen_nll_per_token"]
+    drop = initial - figures["teacher_logp_per_token"]
+    tripped = guard.max_logp_drop is not None and figures["pairs"] > 0 and drop > guard.max_logp_drop
+    if torch.distributed.is_initialized():  # every rank scored the same pairs; decide as one
+        flag = torch.tensor([float(tripped)])
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        tripped = bool(flag.item())
+    if not tripped:
+        return False
+    if progress.guard is None:
+        progress.guard = {"step": progress.step, "initial_logp_per_token": initial,
+                          "logp_per_token": figures["teacher_logp_per_token"], "max_logp_drop": guard.max_logp_drop,
+                          "action": guard.action}
+        log(f"[train] warning: held-out teacher-output log-prob per token fell {drop:.3f} nats "
+            f"({initial:.3f} -> {figures['teacher_logp_per_token']:.3f}) by step {progress.step}, more than "
+            f"train.guard.max_logp_drop={guard.max_logp_drop}: the student is getting less likely to write what "
+            f"the teacher writes" + ("; stopping at the last good checkpoint" if guard.action == "stop" else
+                                     "; set train.guard.action=stop to end training at the last good checkpoint"))
+    if guard.action == "stop":
+        good = progress.last_checkpoint
+        _restore(engine, plan, good)
+        progress.guard.update(stopped_at_step=progress.step, restored_step=good)
+        log(f"[train] restored the checkpoint of step {good}; training stops there")
+    return True
+
+
+def _restore(engine, plan: "TrainPlan", step: int) -> None:
+    import ray.train
+
+    checkpoint = ray.train.Checkpoint(f"{plan.checkpoint_root}/{checkpoint_name(step)}")
+    with checkpoint.as_directory() as folder:
+        engine.load_checkpoint(folder, tag=CHECKPOINT_TAG)
