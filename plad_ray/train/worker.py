@@ -1,8 +1,9 @@
 """The per-worker training loop: one DeepSpeed rank inside a Ray Train worker.
 
-Ray Train owns rendezvous (the process group DeepSpeed reuses), data sharding,
-checkpoint bookkeeping and restarts; this loop owns the model, the PLaD loss, the
-evaluation before and after training, and the HF export.
+Ray Train owns rendezvous (the process group DeepSpeed reuses), checkpoint bookkeeping
+and restarts, and hands each rank its dataset (the driver's fixed split of the training
+pairs, `TrainPlan.train_shard`); this loop owns the model, the PLaD loss, the evaluation
+before and after training, and the HF export.
 
     evaluate(initial) -> [forward 2B sequences -> PLaD loss -> DeepSpeed step, evaluate every N steps]*
                       -> evaluate(trained) -> export
@@ -11,10 +12,12 @@ What a step feeds the model is in plad_ray.train.feed; the held-out evaluation a
 collapse guard in plad_ray.train.heldout; checkpoints in plad_ray.train.checkpoints.
 """
 
+import json
 import resource
 import time
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 
 import torch
 
@@ -42,6 +45,12 @@ class TrainPlan:
     allow_pickle: bool = False  # load .bin weights (student.allow_pickle_weights); else safetensors only
     teacher_path: str | None = None  # token_kd only: the teacher, frozen, for its token distributions
     checkpoint_root: str = ""  # where Ray Train persists this run's checkpoints (<output_dir>/train)
+    trace_pairs_dir: str | None = None  # test hook ($PLAD_RAY_TRACE_PAIRS): each rank logs the pair keys of every step
+
+    @staticmethod
+    def train_shard(rank: int) -> str:
+        """The Ray Train dataset that holds this rank's fixed split of the training pairs."""
+        return f"train_{rank}"
 
     @property
     def total_steps(self) -> int:
@@ -71,7 +80,8 @@ def train_loop_per_worker(config: dict) -> dict | None:
     clock.lap("eval_s")
     if plan.train.guard.action == "stop" and progress.last_checkpoint is None:
         save(engine, progress, rank)  # the last good state, should the very first evaluation trip the guard
-    _train(engine, ray.train.get_dataset_shard("train"), plan, progress, rank, metrics, teacher, eval_batches)
+    shard = ray.train.get_dataset_shard(TrainPlan.train_shard(rank))
+    _train(engine, shard, plan, progress, rank, metrics, teacher, eval_batches)
     clock.lap("loop_s")
     eval_trained = evaluate(engine, eval_batches, plan, teacher)
     if check_guard(engine, plan, progress, eval_trained, log) and plan.train.guard.action == "stop":
@@ -174,6 +184,8 @@ def _train(engine, shard, plan: TrainPlan, progress: Progress, rank: int, metric
                 engine.step()
                 window.add({k: v.detach() for k, v in stats.items()}, batch)
             progress.step += 1
+            if plan.trace_pairs_dir:
+                _trace(plan.trace_pairs_dir, rank, progress.step, epoch, step_batches)
             if progress.step % train.log_every_steps == 0 or progress.step == plan.total_steps:
                 entry = window.flush(progress.step, epoch, engine.get_lr()[0])
                 progress.curve.append(entry)
@@ -226,6 +238,13 @@ class _Window:
                  "padding": 1 - self.tokens / self.padded if self.padded else 0.0}
         self.__init__()
         return entry
+
+
+def _trace(folder: str, rank: int, step: int, epoch: int, step_batches: list[dict]) -> None:
+    """Append the step's pair keys to <folder>/rank-<rank>.jsonl (tests prove resume exactness with it)."""
+    keys = [key for batch in step_batches for key in batch["keys"]]
+    with open(Path(folder) / f"rank-{rank}.jsonl", "a") as out:
+        out.write(json.dumps({"step": step, "epoch": epoch, "keys": keys}) + "\n")
 
 
 def _log(rank: int, line: str) -> None:
