@@ -36,8 +36,8 @@ def prepare_pairs(pairs_ds, model_path: str, train: TrainConfig, chat_template: 
 
     One Ray Data pass: tokenize with the student's tokenizer, order (a shuffle seeded by
     train.seed and fixed by each pair's key), materialise; the splits are filters over the
-    materialised result. `stops`: the teacher's
-    and the student's `sampling.stop` (for outputs a stop string ended that carry no ids).
+    materialised result. `stops`: the teacher's and the student's `sampling.stop` (for outputs
+    a stop string ended that carry no ids).
     """
     tokenized = (
         pairs_ds.map_batches(
