@@ -7,11 +7,10 @@ likely, then the proxies (ranking accuracy, ECE), which can rise while the stude
 worse and are never shown as success on their own.
 """
 
-import io
-
 from plad_ray.config import Config
 from plad_ray.data import storage
 from plad_ray.data.layout import LOSS_CURVE, OutputLayout
+from plad_ray.evaluation.report import png_bytes
 
 NAN = float("nan")
 TEACHER = "teacher (cached outputs)"
@@ -205,11 +204,7 @@ def loss_curve_png(report: dict) -> bytes:
     right.set_ylabel("ranking accuracy (a proxy)")
     right.set_ylim(0, 1.02)
     right.legend(loc="lower right", fontsize=8)
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100)
-    plt.close(fig)
-    return buffer.getvalue()
+    return png_bytes(fig)
 
 
 def write_summary(report: dict, output_dir: str) -> str:

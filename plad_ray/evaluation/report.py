@@ -71,6 +71,13 @@ def reliability_png(models: dict) -> bytes:
         ax.set_xlim(0, 1)
         ax.set_ylim(0, 1.05)
         ax.legend(loc="upper left", fontsize=7)
+    return png_bytes(fig)
+
+
+def png_bytes(fig) -> bytes:
+    """A matplotlib figure as PNG bytes (laid out, 100 dpi); the figure is closed."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=100)
