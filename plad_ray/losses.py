@@ -31,16 +31,72 @@ import torch.nn.functional as F
 from plad_ray.config import LOSS_TYPES
 
 
+LOGPS_CHUNK_BYTES = 1 << 28  # fp32 working set per chunk of scored positions (256 MiB)
+
+
 def sequence_logps(
-    logits_BTV: torch.Tensor, input_ids_BT: torch.Tensor, response_mask_BT: torch.Tensor
+    logits_BTV: torch.Tensor, input_ids_BT: torch.Tensor, response_mask_BT: torch.Tensor,
+    chunk_bytes: int = LOGPS_CHUNK_BYTES,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed log-prob of each sequence's response tokens, and how many there are.
 
     `response_mask_BT` is 1 on the tokens whose probability counts (the response,
     including its EOS when the output stopped), 0 on prompt and padding. Position t's
     logits predict token t+1, so the first token of a sequence is never scored.
-    Uses gather - logsumexp, which never materialises a [B, T, V] log-softmax.
+
+    Memory-bounded: only the scored positions are computed, in chunks of about
+    `chunk_bytes` of fp32, forward and backward (`_ScoredTokenLogps`). Nothing of size
+    [B, T, V] is allocated beyond the logits and, in backward, their gradient (both in the
+    logits' dtype); `dense_sequence_logps` is the same formula over the whole tensor.
     """
+    mask_BT = response_mask_BT[:, 1:] > 0
+    rows_b, rows_t = mask_BT.nonzero(as_tuple=True)
+    targets_N = input_ids_BT[rows_b, rows_t + 1]
+    token_logps_N = _ScoredTokenLogps.apply(logits_BTV, rows_b, rows_t, targets_N, chunk_bytes)
+    token_logps_BT = token_logps_N.new_zeros(mask_BT.shape).index_put((rows_b, rows_t), token_logps_N)
+    return token_logps_BT.sum(-1), mask_BT.to(token_logps_BT.dtype).sum(-1)
+
+
+class _ScoredTokenLogps(torch.autograd.Function):
+    """log p(target) at the scored positions (rows_b, rows_t) of the logits, in fp32, a chunk of
+    positions at a time. Saves the logits (no copy) and one log-normaliser per scored position;
+    backward writes (onehot(target) - softmax) * grad chunk by chunk into the logits' gradient.
+    Written by hand because autograd through logsumexp keeps an fp32 [B, T, V] copy alive."""
+
+    @staticmethod
+    def forward(ctx, logits_BTV, rows_b, rows_t, targets_N, chunk_bytes):
+        n, vocab = targets_N.shape[0], logits_BTV.shape[-1]
+        chunk = max(1, chunk_bytes // (4 * vocab))
+        token_logps_N = torch.empty(n, dtype=torch.float32, device=logits_BTV.device)
+        lse_N = torch.empty_like(token_logps_N)
+        for start in range(0, n, chunk):
+            span = slice(start, start + chunk)
+            block_CV = logits_BTV[rows_b[span], rows_t[span]].float()
+            lse_N[span] = torch.logsumexp(block_CV, -1)
+            token_logps_N[span] = block_CV.gather(1, targets_N[span, None]).squeeze(1) - lse_N[span]
+        ctx.save_for_backward(logits_BTV, rows_b, rows_t, targets_N, lse_N)
+        ctx.chunk = chunk
+        return token_logps_N
+
+    @staticmethod
+    def backward(ctx, grad_N):
+        logits_BTV, rows_b, rows_t, targets_N, lse_N = ctx.saved_tensors
+        grad_BTV = torch.zeros_like(logits_BTV)
+        for start in range(0, targets_N.shape[0], ctx.chunk):
+            span = slice(start, start + ctx.chunk)
+            g_C1 = grad_N[span, None].float()
+            block_CV = logits_BTV[rows_b[span], rows_t[span]].float()
+            block_CV = block_CV.sub_(lse_N[span, None]).exp_().mul_(-g_C1)  # -softmax * grad
+            block_CV.scatter_add_(1, targets_N[span, None], g_C1)
+            grad_BTV[rows_b[span], rows_t[span]] = block_CV.to(grad_BTV.dtype)
+        return grad_BTV, None, None, None, None
+
+
+def dense_sequence_logps(
+    logits_BTV: torch.Tensor, input_ids_BT: torch.Tensor, response_mask_BT: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`sequence_logps` as one expression over the whole [B, T, V] tensor in fp32 (gather -
+    logsumexp). The reference the chunked function is tested and benchmarked against."""
     logits = logits_BTV[:, :-1].float()
     targets_BT = input_ids_BT[:, 1:]
     mask_BT = response_mask_BT[:, 1:].to(logits.dtype)

@@ -7,6 +7,7 @@ import torch
 import pytest
 
 from plad_ray.losses import (
+    dense_sequence_logps,
     hinge_loss,
     length_normalized,
     listwise_hinge_loss,
@@ -63,6 +64,42 @@ def test_sequence_logps_matches_log_softmax_loop():
         )
         assert math.isclose(logps[b].item(), expected, rel_tol=1e-5)
         assert num_tokens[b].item() == mask[b, 1:].sum().item()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("chunk_rows", [1, 3, 1000])
+def test_chunked_sequence_logps_equals_the_dense_formula_in_value_and_gradient(dtype, chunk_rows):
+    # The memory-bounded function (chunks of chunk_rows scored positions) against the whole-tensor
+    # gather - logsumexp: values and logits gradients within 1e-5, including a row with nothing
+    # scored (its gradient must be exactly zero) and an upstream gradient that differs per row.
+    torch.manual_seed(0)
+    vocab = 37
+    logits = (torch.randn(4, 9, vocab) * 3).to(dtype)
+    input_ids = torch.randint(0, vocab, (4, 9))
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1, 0, 0, 0], [0, 1, 1, 1, 1, 1, 1, 1, 1],
+                         [0, 0, 0, 0, 0, 0, 0, 0, 0], [0, 0, 0, 0, 0, 1, 1, 1, 0]])
+    weights = torch.tensor([1.0, -2.0, 3.0, 0.5])
+    results = []
+    for fn in (lambda *a: sequence_logps(*a, chunk_bytes=4 * vocab * chunk_rows), dense_sequence_logps):
+        leaf = logits.clone().requires_grad_(True)
+        logps, num_tokens = fn(leaf, input_ids, mask)
+        (logps * weights).sum().backward()
+        results.append((logps.detach(), num_tokens, leaf.grad))
+    (chunked, n_chunked, grad_chunked), (dense, n_dense, grad_dense) = results
+    assert chunked.dtype == dense.dtype == torch.float32 and grad_chunked.dtype == dtype
+    assert torch.equal(n_chunked, n_dense) and n_chunked.tolist() == [4.0, 8.0, 0.0, 3.0]
+    assert torch.allclose(chunked, dense, rtol=1e-5, atol=1e-5)
+    assert torch.allclose(grad_chunked.float(), grad_dense.float(), rtol=1e-5, atol=1e-5)
+    assert grad_chunked[2].abs().sum() == 0 and grad_chunked[:, -1].abs().sum() == 0  # nothing scored there
+    assert grad_chunked.abs().sum() > 0
+
+
+def test_chunked_sequence_logps_with_nothing_scored_is_zero_with_zero_gradient():
+    logits = torch.randn(2, 5, 7, requires_grad=True)
+    logps, num_tokens = sequence_logps(logits, torch.zeros(2, 5, dtype=torch.long), torch.zeros(2, 5))
+    logps.sum().backward()
+    assert logps.tolist() == [0.0, 0.0] and num_tokens.tolist() == [0.0, 0.0]
+    assert logits.grad.abs().sum() == 0
 
 
 def test_plad_loss_length_normalised_and_nll():
