@@ -110,6 +110,19 @@ def test_every_rank_consumes_each_of_its_pairs_once_per_epoch(runs):
         assert len(consumed) == len(set(consumed)) == 12 * 16 * 2, variant
 
 
+@pytest.mark.parametrize("variant", ["zero0", "zero3"])
+def test_heldout_scoring_shared_over_ranks_equals_scoring_every_pair_on_one(runs, variant):
+    # 5 held-out batches of 4 pairs on 2 ranks (3 and 2 batches; under ZeRO-3 rank 1 runs an extra empty
+    # forward to keep the parameter gathers in step): the all-reduced figures equal one rank scoring all 20.
+    figures = results(runs)[variant]["heldout"]
+    whole, (rank0, rank1) = figures["whole"], figures["shared"]
+    assert rank0 == rank1  # every rank holds the same figures
+    assert whole["pairs"] == rank0["pairs"] == 20 and whole["ranked_pairs"] == rank0["ranked_pairs"] == 15
+    for key in ("ranking_accuracy", "loss", "margin", "chosen_nll_per_token"):
+        assert rank0[key] == pytest.approx(whole[key], rel=1e-6, abs=1e-9), key
+    assert 0 < whole["chosen_nll_per_token"] and 0 < whole["ranking_accuracy"] < 1
+
+
 def test_max_steps_stops_exactly_there(runs):
     record = results(runs)["max_steps"]
     assert record["steps"] == record["engine_steps"] == 7 and len(record["losses"]) == 7

@@ -42,6 +42,8 @@ VARIANTS = {
     "accumulation_unweighted": dict(zero_stage=0, micro_batch_size=8, gradient_accumulation_steps=2),
 }
 UNWEIGHTED = {"accumulation_unweighted"}  # run with worker.step_term_scales replaced by constant ones
+HELDOUT = {"zero0", "zero3"}  # after training, also score held-out pairs shared out over the ranks and whole
+HELDOUT_BATCHES, HELDOUT_BATCH = 5, 4  # 5 batches on 2 ranks: 3 and 2, so ZeRO-3 must match forwards
 
 
 def synthetic_pairs(num: int, vocab: int, seed: int = 0) -> list[dict]:
@@ -79,7 +81,8 @@ def main(out: Path) -> None:
 
     from plad_ray.models import tiny
     from plad_ray.config import LossConfig, TrainConfig
-    from plad_ray.train import export, worker
+    from plad_ray.train import export, heldout, worker
+    from plad_ray.train.batching import collate_pairs
     from plad_ray.train.metrics import MetricsWriter
 
     dist.init_process_group("gloo")
@@ -117,12 +120,20 @@ def main(out: Path) -> None:
         state = export.full_state_dict(engine.module, rank)
         consumed = [None] * world
         dist.all_gather_object(consumed, shard.consumed)
+        figures = None
+        if name in HELDOUT:
+            eval_rows = synthetic_pairs(HELDOUT_BATCHES * HELDOUT_BATCH, vocab, seed=1)
+            batches = [collate_pairs(b, 0) for b in ListShard(eval_rows).iter_batches(HELDOUT_BATCH)]
+            shared = heldout.evaluate(engine, batches[rank::world], plan)  # as the workers score them
+            figures = [None] * world
+            dist.all_gather_object(figures, shared)
+            figures = {"shared": figures, "whole": heldout.evaluate(engine, batches, plan, reduce=False)}
         if name.startswith("zero3"):
             export.export_hf(engine, plan, rank)
         if rank == 0:
             torch.save(state, out / f"{name}.pt")
             results[name] = {"losses": [e["loss"] for e in progress.curve], "steps": progress.step,
-                             "engine_steps": engine.global_steps, "consumed": consumed}
+                             "engine_steps": engine.global_steps, "consumed": consumed, "heldout": figures}
         del engine
         dist.barrier()
     if rank == 0:

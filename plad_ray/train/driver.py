@@ -34,10 +34,11 @@ def prepare_pairs(pairs_ds, model_path: str, train: TrainConfig, chat_template: 
                   stops: tuple[str | None, str | None] = (None, None)):
     """(train, heldout) datasets of token ids, and counts of every pair by what happened to it.
 
-    One Ray Data pass: tokenize with the student's tokenizer, order (a shuffle seeded by
-    train.seed and fixed by each pair's key), materialise; the splits are filters over the
-    materialised result. `stops`: the teacher's and the student's `sampling.stop` (for outputs
-    a stop string ended that carry no ids).
+    One Ray Data pass: tokenize with the student's tokenizer (up to one actor per trainer
+    worker), order (a shuffle seeded by train.seed and fixed by each pair's key), materialise;
+    the counts are an aggregation and the splits filters over the materialised result.
+    `stops`: the teacher's and the student's `sampling.stop` (for outputs a stop string ended
+    that carry no ids).
     """
     tokenized = (
         pairs_ds.map_batches(
@@ -47,7 +48,8 @@ def prepare_pairs(pairs_ds, model_path: str, train: TrainConfig, chat_template: 
                                        scorer=train.scorer, student_wins=train.student_wins,
                                        chosen_stop=stops[0], rejected_stop=stops[1]),
             batch_size=256,
-            concurrency=1,
+            # autoscaled by Ray Data from one tokenizer to one per trainer worker
+            concurrency=(1, max(1, train.num_workers)),
             num_cpus=0.5,
         )
         # The training order: a shuffle seeded by train.seed and fixed by each pair's key, not by the
@@ -56,35 +58,34 @@ def prepare_pairs(pairs_ds, model_path: str, train: TrainConfig, chat_template: 
         .sort("order")
         .materialize()
     )
-    import pyarrow as pa
-    import ray
-
-    table = pa.concat_tables(ray.get(tokenized.select_columns(["id", "status", "heldout", "verdict"]).to_arrow_refs()))
-    statuses, heldout = table.column("status").to_pylist(), table.column("heldout").to_pylist()
-    counts = {"pairs": len(statuses)}
+    # Counts by (status, heldout[, verdict]): a Ray Data aggregation, a handful of rows to the driver.
+    keys = ["status", "heldout"] + (["verdict"] if train.scorer else [])
+    groups = tokenized.groupby(keys).count().take_all()
+    count = lambda **match: sum(g["count()"] for g in groups if all(g[k] in v for k, v in match.items()))  # noqa: E731
+    counts = {"pairs": count()}
     for status in ("identical", "too_long", "student_better"):
-        counts[f"dropped_{status}"] = statuses.count(status)
+        counts[f"dropped_{status}"] = count(status=[status])
     if train.scorer:
-        verdicts = table.column("verdict").to_pylist()
-        counts.update({f"{who}_wins" if who != "tie" else "ties": verdicts.count(who)
+        counts.update({f"{who}_wins" if who != "tie" else "ties": count(verdict=[who])
                        for who in ("teacher", "tie", "student")})
         counts["flipped_student_better"] = counts["student_wins"] if train.student_wins == "flip" else 0
     trained = ("ok", "identical") if uses_nll(train) else ("ok",)
     if uses_nll(train):
         counts["dropped_identical"] = 0  # they train the NLL part
-    counts["train"] = sum(s in trained and not h for s, h in zip(statuses, heldout))
+    counts["train"] = count(status=trained, heldout=[False])
     # Held-out: every pair that fits; ranking figures leave out the identical ones (their NLL counts).
-    counts["heldout"] = sum(s in ("ok", "identical") and h for s, h in zip(statuses, heldout))
-    counts["heldout_ranked"] = sum(s == "ok" and h for s, h in zip(statuses, heldout))
-    train_ds = tokenized.filter(expr=" or ".join(f"status == '{s}'" for s in trained)).filter(expr="heldout == False")
-    heldout_ds = tokenized.filter(expr="status == 'ok' or status == 'identical'").filter(expr="heldout == True")
+    counts["heldout"] = count(status=["ok", "identical"], heldout=[True])
+    counts["heldout_ranked"] = count(status=["ok"], heldout=[True])
+    from ray.data.expressions import col
+
+    train_ds = tokenized.filter(expr=col("status").is_in(list(trained)) & (col("heldout") == False))  # noqa: E712
+    heldout_ds = tokenized.filter(expr=col("status").is_in(["ok", "identical"]) & (col("heldout") == True))  # noqa: E712
     if train.loss.type == "listwise":
         # groupby sorts by id: put the prompts back in a seeded order fixed by their ids
         train_ds = (train_ds.groupby("id").map_groups(group_samples, batch_format="numpy")
                     .map_batches(pairs.with_training_order, fn_kwargs={"seed": train.seed}, batch_format="numpy")
-                    .sort("order"))
-        counts["train_prompts"] = len({i for i, s, h in zip(table.column("id").to_pylist(), statuses, heldout)
-                                       if s in trained and not h})
+                    .sort("order").materialize())
+        counts["train_prompts"] = train_ds.count()
     return train_ds, heldout_ds, counts
 
 
@@ -118,7 +119,10 @@ def run_training(pairs_ds, model_path: str, train: TrainConfig, cluster: Cluster
     # hands out blocks as they arrive): an epoch reads the same micro-batches every time, so a run resumed
     # from a mid-epoch checkpoint skips exactly the steps it trained (README "Resuming").
     shards = train_ds.split(train.num_workers, equal=True)
-    for ds in (*shards, heldout_ds):
+    # Held-out scoring is shared out too (within one pair per rank; the figures are all-reduced).
+    eval_shards = heldout_ds.split_at_indices(
+        [counts["heldout"] * rank // train.num_workers for rank in range(1, train.num_workers)])
+    for ds in (*shards, *eval_shards):
         # Each dataset executes in the workers with its own context; per-worker progress
         # bars interleave into noise there. Training reports progress as step lines.
         ds.context.enable_progress_bars = False
@@ -152,9 +156,9 @@ def run_training(pairs_ds, model_path: str, train: TrainConfig, cluster: Cluster
             placement_strategy=train.placement_strategy,
         ),
         torch_config=TorchConfig(backend="nccl" if cluster.use_gpu else "gloo"),
-        datasets={**{TrainPlan.train_shard(rank): shard for rank, shard in enumerate(shards)}, "eval": heldout_ds},
-        # Ray Train splits nothing: the training pairs are split above, and every rank scores all
-        # held-out pairs, so the evaluation drops none and ZeRO-3 ranks stay in step.
+        datasets={**{TrainPlan.train_shard(rank): shard for rank, shard in enumerate(shards)},
+                  **{TrainPlan.eval_shard(rank): shard for rank, shard in enumerate(eval_shards)}},
+        # Ray Train splits nothing: both are split above, in a fixed order.
         dataset_config=ray.train.DataConfig(datasets_to_split=[], execution_options=_in_order()),
         run_config=ray.train.RunConfig(
             name=TRAIN,

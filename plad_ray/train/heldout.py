@@ -1,8 +1,10 @@
 """Held-out evaluation and the collapse guard.
 
-Every rank scores all the held-out pairs before training, every train.eval_every_steps and
-after it: ranking accuracy, loss and margin, and the student's log-prob per token of the
-held-out teacher outputs. That log-prob is what a ranking loss can quietly destroy.
+The held-out pairs are scored before training, every train.eval_every_steps and after it:
+ranking accuracy, loss and margin, and the student's log-prob per token of the held-out
+teacher outputs. That log-prob is what a ranking loss can quietly destroy. Each rank scores
+its own share (the driver's split, `TrainPlan.eval_shard`) and the sums are all-reduced, so
+every rank holds the figures of all the pairs and N ranks do 1/N of the work each.
 
 The collapse guard (`train.guard`) watches it. A ranking loss can win the ranking by making
 both outputs less likely; when that log-prob falls more than `max_logp_drop` below its value
@@ -40,9 +42,14 @@ def load_batches(shard, plan: "TrainPlan") -> list[dict]:
 
 
 @torch.no_grad()
-def evaluate(engine, batches: list[dict], plan: "TrainPlan", teacher=None) -> dict:
-    """Held-out pairs (each rank sees all): ranking accuracy, loss and margin over the pairs with a
-    ranking signal, and the student's per-token NLL (= -log-prob) of every held-out teacher output."""
+def evaluate(engine, batches: list[dict], plan: "TrainPlan", teacher=None, reduce: bool = True) -> dict:
+    """Held-out pairs: ranking accuracy, loss and margin over the pairs with a ranking signal, and the
+    student's per-token NLL (= -log-prob) of every held-out teacher output.
+
+    `batches` are this rank's share; with `reduce` (and a process group) the sums are all-reduced over
+    the ranks, which then all hold the same figures. Under ZeRO-3 every forward is a collective (the
+    parameters are gathered), so a rank with fewer batches than another runs empty forwards to match.
+    """
     engine.eval()
     totals_7 = torch.zeros(7, dtype=torch.float64)  # pairs, ranked, correct, loss, margin sums, chosen NLL, tokens
     for batch in batches:
@@ -53,12 +60,24 @@ def evaluate(engine, batches: list[dict], plan: "TrainPlan", teacher=None) -> di
         totals_7 += torch.tensor([n, ranked, stats["accuracy"] * ranked, stats["rank_loss"] * ranked,
                                   stats["margin"] * ranked, stats["nll"] * chosen_tokens, chosen_tokens],
                                  dtype=torch.float64)
+    if reduce and torch.distributed.is_initialized():
+        if plan.train.zero_stage == 3:
+            _match_forwards(engine, len(batches), plan.pad_id)
+        torch.distributed.all_reduce(totals_7)
     engine.train()
     ranked = max(totals_7[1].item(), 1.0)
     nll = totals_7[5].item() / max(totals_7[6].item(), 1.0)
     return {"pairs": int(totals_7[0].item()), "ranked_pairs": int(totals_7[1].item()),
             "ranking_accuracy": totals_7[2].item() / ranked, "loss": totals_7[3].item() / ranked,
             "margin": totals_7[4].item() / ranked, "chosen_nll_per_token": nll, "teacher_logp_per_token": -nll}
+
+
+def _match_forwards(engine, forwards: int, pad_id: int) -> None:
+    """Run one-token forwards until this rank has run as many as the rank with the most batches."""
+    most = torch.tensor([forwards], dtype=torch.int64)
+    torch.distributed.all_reduce(most, op=torch.distributed.ReduceOp.MAX)
+    for _ in range(int(most.item()) - forwards):
+        engine(input_ids=torch.full((1, 1), pad_id, dtype=torch.long, device=engine.device))
 
 
 def check_guard(engine, plan: "TrainPlan", progress: Progress, figures: dict, log: Callable[[str], None]) -> bool:
@@ -71,7 +90,7 @@ def check_guard(engine, plan: "TrainPlan", progress: Progress, figures: dict, lo
     initial = -progress.eval_initial["chosen_nll_per_token"]
     drop = initial - figures["teacher_logp_per_token"]
     tripped = guard.max_logp_drop is not None and figures["pairs"] > 0 and drop > guard.max_logp_drop
-    if torch.distributed.is_initialized():  # every rank scored the same pairs; decide as one
+    if torch.distributed.is_initialized():  # the figures are all-reduced; decide as one all the same
         flag = torch.tensor([float(tripped)])
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
         tripped = bool(flag.item())

@@ -52,6 +52,11 @@ class TrainPlan:
         """The Ray Train dataset that holds this rank's fixed split of the training pairs."""
         return f"train_{rank}"
 
+    @staticmethod
+    def eval_shard(rank: int) -> str:
+        """The Ray Train dataset that holds this rank's share of the held-out pairs (`heldout.evaluate`)."""
+        return f"eval_{rank}"
+
     @property
     def total_steps(self) -> int:
         steps = self.steps_per_epoch * self.train.num_epochs
@@ -72,7 +77,7 @@ def train_loop_per_worker(config: dict) -> dict | None:
     progress = resume(engine)
     metrics = MetricsWriter(plan.tensorboard_dir if rank == 0 else None)
     clock.lap("init_s")
-    eval_batches = load_batches(ray.train.get_dataset_shard("eval"), plan)
+    eval_batches = load_batches(ray.train.get_dataset_shard(TrainPlan.eval_shard(rank)), plan)
     if progress.eval_initial is None:
         progress.eval_initial = evaluate(engine, eval_batches, plan, teacher)
         log(f"[train] held-out pairs before training: {_fmt(progress.eval_initial)}")
