@@ -201,6 +201,8 @@ class TrainConfig:
     warmup_steps: int = 0  # linear warm-up, in optimizer steps
     max_length: int = 1024  # prompt + response tokens; longer responses are cut, longer prompts dropped
     checkpoint_every_steps: int = 0  # 0: checkpoint only at the end of each epoch
+    checkpoint_upload: str = "async"  # async: Ray Train copies each checkpoint to storage in the background while
+    # training goes on | sync: the ranks wait for it (guard.action=stop always waits: it may restore the newest)
     log_every_steps: int = 10  # optimizer steps between logged losses
     max_failures: int = 0  # times Ray Train restarts failed workers from the last checkpoint; -1: no limit
     eval_every_steps: int = 50  # score the held-out pairs every N optimizer steps (and before/after); 0: only then
@@ -229,6 +231,7 @@ class TrainConfig:
         yield f"{prefix}warmup_steps", self.warmup_steps >= 0, "must be >= 0"
         yield f"{prefix}max_length", self.max_length >= 2, "must be >= 2"
         yield f"{prefix}checkpoint_every_steps", self.checkpoint_every_steps >= 0, "must be >= 0"
+        yield f"{prefix}checkpoint_upload", self.checkpoint_upload in ("async", "sync"), "must be async or sync"
         yield f"{prefix}log_every_steps", self.log_every_steps >= 1, "must be >= 1"
         yield f"{prefix}max_failures", self.max_failures >= -1, "must be >= 0, or -1 for no limit"
         yield from self.loss.checks(f"{prefix}loss.")

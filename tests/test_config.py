@@ -60,6 +60,7 @@ def test_overrides_are_typed_and_nested(tmp_path):
         ("train.loss.beta=-1", "config key train.loss.beta: the hinge margin must be > 0"),
         ("train.num_workers=two", "config key train.num_workers: expected an integer, got 'two'"),
         ("train.precision=fp16", "config key train.precision: must be bf16 or fp32"),
+        ("train.checkpoint_upload=later", "config key train.checkpoint_upload: must be async or sync"),
         ("train.offload_optimizer=true", "config key train.offload_optimizer: optimizer offload needs"),
         ("teacher.tensor_parallel_size=2", "config key teacher.tensor_parallel_size: tensor parallelism needs GPUs"),
         ("student.num_samples=0", "config key student.num_samples: must be >= 1"),

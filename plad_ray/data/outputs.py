@@ -29,8 +29,8 @@ _ENGINE_PERF_KEYS = ("replicas", "batch_size", "cpus_per_replica", "max_restarts
                      "enable_prefix_caching", "tensor_parallel_size", "engine_kwargs", "endpoint")
 # Training settings that change how a run is operated, not the weights it trains: changing them (say, more
 # train.max_failures after a crash) resumes the run instead of refusing it.
-_TRAIN_OPERATIONAL_KEYS = ("max_failures", "log_every_steps", "checkpoint_every_steps", "tensorboard",
-                           "cpus_per_worker", "placement_strategy")
+_TRAIN_OPERATIONAL_KEYS = ("max_failures", "log_every_steps", "checkpoint_every_steps", "checkpoint_upload",
+                           "tensorboard", "cpus_per_worker", "placement_strategy")
 
 
 def stage_keys(cfg: Config) -> dict:

@@ -2,10 +2,17 @@
 
 Ray Train restarts failed workers from the newest checkpoint (`resume`); the collapse guard
 (plad_ray.train.heldout) loads an older one by its step.
+
+`save` writes DeepSpeed's state to a local folder and hands it to Ray Train, which copies it to
+the run's storage (`<output_dir>/train`) and deletes the local copy. With train.checkpoint_upload
+= async (Ray Train's CheckpointUploadMode.ASYNC) the copy runs in a background thread while the
+ranks train on; uploads are reported in order, and the last one is flushed when the training
+function returns. Each save's stall (seconds the ranks waited) is kept in `Progress.checkpoint_s`.
 """
 
 import json
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,6 +30,7 @@ class Progress:
     evals: list = field(default_factory=list)  # held-out figures every train.eval_every_steps: {step, ...}
     guard: dict | None = None  # set when the collapse guard tripped: step, log-probs, what was done
     last_checkpoint: int | None = None  # step of the newest checkpoint of this run
+    checkpoint_s: list = field(default_factory=list)  # [step, seconds training waited] of each save
 
 
 def checkpoint_name(step: int) -> str:
@@ -42,16 +50,22 @@ def resume(engine) -> Progress:
     return progress
 
 
-def save(engine, progress: Progress, rank: int) -> None:
+def save(engine, progress: Progress, rank: int, upload: str = "sync") -> None:
+    """Checkpoint the engine and `progress` as <root>/step-<N>; `upload`: async | sync (train.checkpoint_upload)."""
     import ray.train
 
+    start = time.perf_counter()
     progress.last_checkpoint = progress.step
-    with tempfile.TemporaryDirectory() as folder:
-        engine.save_checkpoint(folder, tag=CHECKPOINT_TAG)
-        if rank == 0:
-            (Path(folder) / PROGRESS_FILE).write_text(json.dumps(progress.__dict__))
-        ray.train.report(
-            {"step": progress.step, **(progress.curve[-1] if progress.curve else {})},
-            checkpoint=ray.train.Checkpoint.from_directory(folder),
-            checkpoint_dir_name=checkpoint_name(progress.step),
-        )
+    folder = tempfile.mkdtemp(prefix="plad-ray-checkpoint-")  # Ray Train deletes it once uploaded
+    engine.save_checkpoint(folder, tag=CHECKPOINT_TAG)
+    if rank == 0:
+        (Path(folder) / PROGRESS_FILE).write_text(json.dumps(progress.__dict__))
+    mode = ray.train.CheckpointUploadMode.ASYNC if upload == "async" else ray.train.CheckpointUploadMode.SYNC
+    ray.train.report(
+        {"step": progress.step, **(progress.curve[-1] if progress.curve else {})},
+        checkpoint=ray.train.Checkpoint.from_directory(folder),
+        checkpoint_dir_name=checkpoint_name(progress.step),
+        checkpoint_upload_mode=mode,
+        delete_local_checkpoint_after_upload=True,
+    )
+    progress.checkpoint_s.append([progress.step, time.perf_counter() - start])

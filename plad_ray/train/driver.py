@@ -58,9 +58,10 @@ def prepare_pairs(pairs_ds, model_path: str, train: TrainConfig, chat_template: 
         .sort("order")
         .materialize()
     )
-    # Counts by (status, heldout[, verdict]): a Ray Data aggregation, a handful of rows to the driver.
+    # Counts by (status, heldout[, verdict]): a Ray Data aggregation, a handful of rows to the driver
+    # (one partition: there are at most a dozen groups).
     keys = ["status", "heldout"] + (["verdict"] if train.scorer else [])
-    groups = tokenized.groupby(keys).count().take_all()
+    groups = tokenized.groupby(keys, num_partitions=1).count().take_all()
     count = lambda **match: sum(g["count()"] for g in groups if all(g[k] in v for k, v in match.items()))  # noqa: E731
     counts = {"pairs": count()}
     for status in ("identical", "too_long", "student_better"):

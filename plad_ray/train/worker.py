@@ -100,6 +100,7 @@ def train_loop_per_worker(config: dict) -> dict | None:
     if rank == 0:
         return {"steps": progress.step, "curve": progress.curve, "eval_initial": progress.eval_initial,
                 "eval_trained": eval_trained, "evals": progress.evals, "guard": progress.guard,
+                "checkpoint_s": progress.checkpoint_s,
                 "worker_timings": clock.laps, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
     return None
 
@@ -213,8 +214,8 @@ def _train(engine, shard, plan: TrainPlan, progress: Progress, rank: int, metric
                 if check_guard(engine, plan, progress, figures, log) and stop_mode:
                     return
                 checkpoint = checkpoint or stop_mode
-            if checkpoint:
-                save(engine, progress, rank)
+            if checkpoint:  # stop mode waits for each upload: the guard may restore the newest at once
+                save(engine, progress, rank, upload="sync" if stop_mode else train.checkpoint_upload)
             if end_of_epoch or progress.step >= plan.total_steps:
                 break
 
