@@ -82,9 +82,9 @@ def is_heldout(prompt_id: str, fraction: float) -> bool:
     return int.from_bytes(digest[:8], "big") / 2**64 < fraction
 
 
-def expand_samples(row: dict, num_samples: int, skip=frozenset()) -> list[dict]:
-    """One row per student sample of a prompt, numbered 0..k-1, except (id, k) keys in `skip`."""
-    return [{**row, "sample_index": k} for k in range(num_samples) if (row["id"], k) not in skip]
+def expand_samples(row: dict, num_samples: int) -> list[dict]:
+    """One row per student sample of a prompt, numbered 0..k-1."""
+    return [{**row, "sample_index": k} for k in range(num_samples)]
 
 
 def make_pair(row: dict, student: dict, student_model: str, student_sampling: str, heldout_fraction: float,

@@ -13,15 +13,6 @@ from plad_ray.config import LossConfig, TrainConfig
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
 def reversal_pairs(n: int, seed: int = 0) -> pa.Table:
     """Reversal prompts ("abc>" -> "cba"): the teacher right on most, the student on some, a few
     identical, a few whose prompt alone is too long for max_length, a fifth held out."""

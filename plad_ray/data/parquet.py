@@ -88,6 +88,16 @@ def done_keys(uri: str, columns: list[str], log=print) -> pa.Table:
     return _read_keys(fs, _committed_paths(uri, storage.manifest(uri)) + _uncommitted_files(uri, log), columns)
 
 
+def done_keys_dataset(uri: str, columns: list[str], log=print):
+    """Key columns of every row already written, committed or not, as a Ray Dataset read by Ray's tasks
+    (None when nothing is written): for anti-joins, without the keys passing through the driver."""
+    import ray.data
+
+    fs, _ = storage.filesystem_and_path(uri)
+    paths = _committed_paths(uri, storage.manifest(uri)) + _uncommitted_files(uri, log)
+    return ray.data.read_parquet(paths, filesystem=fs).select_columns(columns) if paths else None
+
+
 def uncommitted_files(uri: str) -> list[str]:
     """The files of rows written but not yet committed (pending, or moved in by an interrupted commit)."""
     return _uncommitted_files(uri, log=lambda _: None)
@@ -104,7 +114,10 @@ def pending_sum(uri: str, column: str, written_before: list[str] = ()) -> int:
 
 def _check_unique(uri: str, fs, paths: list[str], keys: list[str]) -> None:
     """DataError naming the first key the files hold twice, before anything is committed."""
-    counts = _read_keys(fs, paths, keys).group_by(keys).aggregate([([], "count_all")])
+    # use_threads=False: Ray Data's Parquet reader resizes this process's Arrow CPU pool (pa.set_cpu_count)
+    # when a dataset is planned here, and Acero's threaded group-by then fails with "thread index N is out
+    # of range [0, N)" (seen after the resume anti-join counted the keys on disk).
+    counts = _read_keys(fs, paths, keys).group_by(keys, use_threads=False).aggregate([([], "count_all")])
     twice = counts.filter(pc.greater(counts.column("count_all"), 1))
     if twice.num_rows:
         first = {k: twice.column(k)[0].as_py() for k in keys}

@@ -183,8 +183,9 @@ def check_cached_prompts(cached: pa.Table, prompts: pa.Table, source: str, cache
     """
     if cached.num_rows == 0:
         return
+    # use_threads=False: see parquet._check_unique (Ray Data resizes the driver's Arrow CPU pool)
     joined = cached.select(["id", "prompt"]).join(prompts.select(["id", "prompt"]), "id", join_type="inner",
-                                                  right_suffix="_now")
+                                                  right_suffix="_now", use_threads=False)
     changed = joined.filter(pc.not_equal(joined.column("prompt"), joined.column("prompt_now")))
     if changed.num_rows:
         first = changed.column("id")[0].as_py()

@@ -86,21 +86,36 @@ def teacher_outputs_http(prompts_ds, engine: EngineConfig):
     return processor(prompts_ds)
 
 
+def samples_to_generate(teacher_ds, num_samples: int, done_ds=None, num_partitions: int = 1):
+    """teacher cache rows -> one row per (prompt id, sample index) still to generate: k per prompt,
+    less the keys in `done_ds` (an interrupted run's, `parquet.done_keys_dataset`), taken out by a
+    Ray Data anti-join in `num_partitions` hash partitions, so no key passes through the driver."""
+    expanded = teacher_ds.flat_map(lambda row: pairs.expand_samples(row, num_samples))
+    if done_ds is None:
+        return expanded
+    done_ds = done_ds.map_batches(_int64_sample_index, batch_format="pyarrow")  # the join hashes like types
+    return expanded.join(done_ds, "left_anti", num_partitions=num_partitions, on=("id", "sample_index"))
+
+
+def _int64_sample_index(table):
+    import pyarrow as pa
+
+    column = table.schema.get_field_index("sample_index")
+    return table.set_column(column, "sample_index", table.column("sample_index").cast(pa.int64()))
+
+
 def student_pairs(
-    teacher_ds,
+    samples_ds,
     engine: StudentEngineConfig,
     model_path: str,
     model_name: str,
     eos_token_ids,
     use_gpu: bool,
     heldout_fraction: float,
-    skip: set = frozenset(),
     shared_vocabulary: bool = False,
 ):
-    """teacher cache rows -> k student samples per prompt -> rows of pairs.PAIR_SCHEMA.
-
-    `skip` holds (id, sample_index) keys already written by an interrupted run. With
-    `shared_vocabulary` the teacher's generated ids are kept on the chosen side.
+    """(teacher cache row, sample index) rows (`samples_to_generate`) -> student samples -> rows of
+    pairs.PAIR_SCHEMA. With `shared_vocabulary` the teacher's generated ids are kept on the chosen side.
     """
     read = _ReadEngineRow(engine.sampling.max_tokens, list(eos_token_ids))
     params_by_sample = [sampling_params(engine, seed_offset=k) for k in range(engine.num_samples)]
@@ -118,6 +133,5 @@ def student_pairs(
         row = {**row, "prompt": row["source_prompt"]}
         return pairs.make_pair(row, read(row), model_name, params_json, heldout_fraction, shared_vocabulary)
 
-    expanded = teacher_ds.flat_map(lambda row: pairs.expand_samples(row, engine.num_samples, skip))
     processor = build_engine_processor(engine, model_path, use_gpu, preprocess, postprocess)
-    return processor(expanded)
+    return processor(samples_ds)

@@ -1,8 +1,9 @@
 """The student step: k student samples per cached teacher output, written as pairs.
 
 Resumes per (prompt id, sample index): a crashed run's pending pairs are kept and only the
-missing keys are generated; prompts whose teacher outputs arrived after pairs/ was committed
-extend it. Round r > 1 samples round r-1's trained student against the same teacher outputs.
+missing keys are generated (a Ray Data anti-join of every (prompt, sample) against the keys on
+disk: the keys never pass through the driver); prompts whose teacher outputs arrived after
+pairs/ was committed extend it. Round r > 1 samples round r-1's trained student against the same teacher outputs.
 """
 
 import time
@@ -13,8 +14,11 @@ from plad_ray.config import Config
 from plad_ray.data import parquet, storage
 from plad_ray.errors import DataError
 from plad_ray.generate import engines
-from plad_ray.generate.stages import student_pairs
+from plad_ray.generate.stages import samples_to_generate, student_pairs
 from plad_ray.models.folders import eos_token_ids, shares_vocabulary
+
+
+JOIN_ROWS_PER_PARTITION = 1_000_000  # keys already written, per hash partition of the resume anti-join
 
 
 def generate_pairs(cfg: Config, inputs: Inputs, log=print, round: int = 1) -> dict:
@@ -35,30 +39,30 @@ def generate_pairs(cfg: Config, inputs: Inputs, log=print, round: int = 1) -> di
         return {"pairs": existing["rows"]}
     # Not there yet: a crashed run's pending files, or prompts appended to the source since pairs/ was
     # committed (their teacher outputs are new): only the missing (prompt, sample) keys are generated.
-    done_table = parquet.done_keys(uri, ["id", "sample_index"], log)
-    done = set(zip(done_table.column("id").to_pylist(), done_table.column("sample_index").to_pylist()))
-    todo = expected - len(done)
+    done_ds = parquet.done_keys_dataset(uri, ["id", "sample_index"], log)  # read by Ray tasks, not here
+    done = 0 if done_ds is None else done_ds.count()  # from the files' metadata
+    todo = expected - done
     if existing is not None:
         log(f"[generate] pairs: {existing['rows']} pairs complete at {uri}; the teacher cache has "
             f"{teacher_rows['rows'] - existing['rows'] // cfg.student.num_samples} more prompts: adding {todo} pairs")
     log(f"[generate] round {round} student: {teacher_rows['rows']} prompts x {cfg.student.num_samples} samples with "
         f"{cfg.student.model if round == 1 else student_path} (0 teacher tokens: teacher outputs from the cache)"
-        + (f"; {len(done)} pairs already written by an earlier run" if done else ""))
+        + (f"; {done} pairs already written by an earlier run" if done else ""))
     start = time.perf_counter()
     earlier = parquet.uncommitted_files(uri)
     if todo:
         # The teacher's own ids are scored as they are when they mean the same tokens to the student.
         shared = inputs.teacher_path is not None and shares_vocabulary(inputs.teacher_path, student_path,
                                                                       cfg.student.trust_remote_code)
-        teacher_ds = parquet.read(layout.teacher())
-        teacher_ds = engines.split_for_replicas(teacher_ds, teacher_rows["rows"], cfg.student.batch_size,
-                                                cfg.student.replicas)
+        samples = samples_to_generate(parquet.read(layout.teacher()), cfg.student.num_samples, done_ds,
+                                      num_partitions=1 + done // JOIN_ROWS_PER_PARTITION)
+        samples = engines.split_for_replicas(samples, todo, cfg.student.batch_size, cfg.student.replicas)
         with engines.engine_deaths("student", cfg.student):
             parquet.write_pending(
-                student_pairs(teacher_ds, cfg.student, student_path,
+                student_pairs(samples, cfg.student, student_path,
                               cfg.student.model if round == 1 else f"{cfg.student.model} after round {round - 1}",
                               eos_token_ids(student_path), cfg.cluster.use_gpu, cfg.data.heldout_fraction,
-                              skip=done, shared_vocabulary=shared),
+                              shared_vocabulary=shared),
                 uri, pairs.PAIR_SCHEMA)
     tokens = parquet.pending_sum(uri, "rejected_num_tokens", earlier)
     rows = parquet.commit(uri, {"student_model": cfg.student.model}, ["id", "sample_index"], log)
