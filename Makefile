@@ -20,7 +20,7 @@ export TOKENIZERS_PARALLELISM := false
 BENCH_STAMP := $(VENV)/.bench-installed
 SETTING ?= smoke
 
-.PHONY: demo demo-real real-models test test-slow test-real venv gpu-venv clean bench bench-generation bench-training bench-end-to-end bench-logprob-memory bench-quality
+.PHONY: demo demo-real real-models test test-slow test-real venv gpu-venv clean bench bench-generation bench-training bench-end-to-end bench-scale bench-logprob-memory bench-quality
 
 demo: $(STAMP)
 	$(PY) -m jobs.distill --config configs/tiny-cpu.yaml
@@ -67,6 +67,11 @@ bench-training: $(BENCH_STAMP)
 
 bench-end-to-end: $(STAMP)
 	$(PY) -m benchmarks.end_to_end
+
+# Driver memory and stage times from 10k to 1M synthetic prompts (SIZES="10000 100000" for a shorter run).
+SIZES ?= 10000 100000 1000000
+bench-scale: $(STAMP)
+	$(PY) -m benchmarks.scale --sizes $(SIZES)
 
 # Peak memory of the training log-probs, 152k vocabulary x 1,024 tokens x micro-batch 4 (needs ~24 GiB for the dense one).
 bench-logprob-memory: $(STAMP)

@@ -89,6 +89,17 @@ def save(name: str, result: dict) -> Path:
     return path
 
 
+def in_fresh_process(module: str, tag: str, kwargs: dict, failure: str) -> dict:
+    """`python -m module --one '<kwargs as JSON>'` in a fresh process (its own peak RSS, its own Ray);
+    the module's main answers with `answer_one`."""
+    return run_worker(module, "--one", json.dumps(kwargs), tag, failure)
+
+
+def answer_one(one: str, measure, tag: str) -> None:
+    """The fresh process's side of `in_fresh_process`: measure(**kwargs), printed after `tag `."""
+    print(f"{tag} {json.dumps(measure(**json.loads(one)))}", flush=True)
+
+
 def run_worker(module: str, flag: str, arg: str, tag: str, failure: str) -> dict:
     """Run `python -m module flag arg` in a fresh process; its result is the JSON after `tag ` on stdout."""
     proc = subprocess.run([sys.executable, "-m", module, flag, arg], capture_output=True, text=True, timeout=3600)

@@ -16,12 +16,11 @@ in the logits' dtype) are the same for both and stay outside what is compared.
 """
 
 import argparse
-import json
 import resource
 import sys
 import time
 
-from benchmarks.common import run_worker, save, table
+from benchmarks.common import answer_one, in_fresh_process, save, table
 
 TAG = "LOGPROB_MEMORY"
 
@@ -69,16 +68,15 @@ def main() -> None:
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one variant (JSON arguments)
     args = parser.parse_args()
     if args.one:
-        print(f"{TAG} {json.dumps(measure(**json.loads(args.one)))}", flush=True)
-        return
+        return answer_one(args.one, measure, TAG)
     shape = dict(vocab=args.vocab, tokens=args.tokens, micro_batch=args.micro_batch, dtype=args.dtype,
                  prompt_share=args.prompt_share)
     rows = []
     for variant in ("dense", "chunked"):
         print(f"[logprob-memory] {variant}: {2 * args.micro_batch} x {args.tokens} x {args.vocab} {args.dtype} ...",
               file=sys.stderr, flush=True)
-        rows.append(run_worker("benchmarks.logprob_memory", "--one", json.dumps({"variant": variant, **shape}), TAG,
-                               f"the {variant} variant failed"))
+        rows.append(in_fresh_process("benchmarks.logprob_memory", TAG, {"variant": variant, **shape},
+                                     f"the {variant} variant failed"))
     dense, chunked = rows
     logps_diff = max(abs(a - b) / max(abs(a), 1.0) for a, b in zip(dense["logps"], chunked["logps"]))
     grad_diff = abs(dense["grad_abs_sum"] - chunked["grad_abs_sum"]) / dense["grad_abs_sum"]
