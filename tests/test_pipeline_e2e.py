@@ -173,9 +173,12 @@ def test_training_resumes_from_its_last_checkpoint(run):
     assert (out / "student" / "model.safetensors").is_file()
 
 
-# logistic trains through the hinge's path with another pure loss (tests/test_losses.py): make test-slow only.
-@pytest.mark.parametrize("loss_type", [pytest.param("logistic", marks=pytest.mark.slow), "seqkd", "margin", "token_kd",
-                                       "listwise"])
+# make test-slow only: logistic trains through the hinge's path with another pure loss (tests/test_losses.py);
+# margin's verdict counts and flip policy are checked by tests/test_train_driver.py and its loss by test_losses;
+# listwise's grouping by test_train_driver, its collate by test_batching and its loss by test_losses.
+@pytest.mark.parametrize("loss_type", [pytest.param("logistic", marks=pytest.mark.slow), "seqkd",
+                                       pytest.param("margin", marks=pytest.mark.slow), "token_kd",
+                                       pytest.param("listwise", marks=pytest.mark.slow)])
 def test_other_losses_train_on_the_same_pairs(run, loss_type, tmp_path):
     # Same pairs, steps and optimizer as the hinge run; only train.loss.type differs (margin
     # also scores every pair with the task's verifier and flips pairs the student won; listwise

@@ -3,7 +3,8 @@
 Resumes per (prompt id, sample index): a crashed run's pending pairs are kept and only the
 missing keys are generated (a Ray Data anti-join of every (prompt, sample) against the keys on
 disk: the keys never pass through the driver); prompts whose teacher outputs arrived after
-pairs/ was committed extend it. Round r > 1 samples round r-1's trained student against the same teacher outputs.
+pairs/ was committed extend it. Round r > 1 samples round r-1's trained student against the
+same teacher outputs.
 """
 
 import time
@@ -40,7 +41,7 @@ def generate_pairs(cfg: Config, inputs: Inputs, log=print, round: int = 1) -> di
     # Not there yet: a crashed run's pending files, or prompts appended to the source since pairs/ was
     # committed (their teacher outputs are new): only the missing (prompt, sample) keys are generated.
     done_ds = parquet.done_keys_dataset(uri, ["id", "sample_index"], log)  # read by Ray tasks, not here
-    done = 0 if done_ds is None else done_ds.count()  # from the files' metadata
+    done = 0 if done_ds is None else done_ds.count()  # counted by Ray Data
     todo = expected - done
     if existing is not None:
         log(f"[generate] pairs: {existing['rows']} pairs complete at {uri}; the teacher cache has "
