@@ -49,11 +49,12 @@ def source_rows(uri: str, max_prompts: int | None = None):
     """The source's rows (prompts.ROW_SCHEMA) read and numbered by Ray tasks, one task per file."""
     import ray.data
 
-    _, root = storage.filesystem_and_path(uri)
+    fs, root = storage.filesystem_and_path(uri)
     files = source_files(uri)
     listing = ray.data.from_items([{"file": i, "path": f, "shown": display(uri, f, root)} for i, f in enumerate(files)],
                                   override_num_blocks=len(files))
-    parsed = listing.map_batches(_read_files, fn_kwargs={"uri": uri}, batch_size=1, batch_format="pyarrow").materialize()
+    parsed = listing.map_batches(_read_files, fn_kwargs={"uri": uri}, batch_size=1, batch_format="pyarrow",
+                                 **_on_this_node(fs)).materialize()
     per_file = _where(parsed, "parsed").groupby("file", num_partitions=1).aggregate(*_file_counts()).take_all()
     offsets, start = {}, 0
     for f in sorted(per_file, key=lambda r: r["file"]):
@@ -116,6 +117,19 @@ def check_cached_prompts(cached, prompts, source: str, cache: str) -> None:
             f"prompt source {source}: {n} prompt id(s) now name another text than their cached "
             f"teacher output in {cache} (first: {first!r}); give the prompts an `id` column that stays with "
             "their text, or use a new output_dir")
+
+
+def _on_this_node(fs) -> dict:
+    """A local path is read on the driver's node (under `ray job submit`, the head), where it was listed and
+    where the checks before Ray found it; other nodes may not have it. Remote stores are read anywhere."""
+    import pyarrow.fs as pafs
+
+    if not isinstance(fs, pafs.LocalFileSystem):
+        return {}
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    return {"scheduling_strategy": NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)}
 
 
 def _read_files(listing: pa.Table, uri: str) -> pa.Table:
