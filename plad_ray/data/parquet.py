@@ -186,7 +186,8 @@ def files(uri: str) -> list[str] | None:
 
 
 def read_table(uri: str, columns: list[str] | None = None) -> pa.Table | None:
-    """A complete dataset as one Arrow table, read by this process."""
+    """A complete dataset as one Arrow table, read by this process (tests and benchmarks; the stages read
+    through Ray Data: `read`)."""
     paths = files(uri)
     if paths is None:
         return None
