@@ -9,7 +9,8 @@ machine: what grows with the prompt count is the data path, which is what is mea
 Per size: the driver's peak RSS (the job process itself; Ray's workers are other processes),
 seconds and rows/s of each stage, and the object store's peak (Plasma usage polled every
 second). Stages:
-  checks:  read, validate and length-check the prompts, start Ray (pipeline.prepare);
+  checks:  check config, models and prompt files, start Ray, then read, validate and
+           length-check the prompt rows in Ray Data (pipeline.prepare);
   teacher: teacher outputs through the vLLM engine, written and committed (generate_teacher);
   pairs:   one student sample per prompt, pairs written and committed (generate_pairs);
   feed:    the training driver's preparation (tokenise, order, count, split per rank) of the

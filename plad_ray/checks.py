@@ -1,21 +1,23 @@
 """Every check that runs before the expensive work, in one place.
 
 Config values are checked when the config loads (plad_ray.config); what needs the world
-outside the config is checked here, before Ray starts: prompt rows and their lengths
-(data.prompts, data.too_long), model folders, the teacher endpoint, external pairs, a shared
-vocabulary for token_kd, and cached teacher outputs against the prompts they answer. A
-failing check raises ConfigError or DataError with one line naming the input and the fix.
+outside the config is checked here, before Ray starts: the prompt source's files, model
+folders, the teacher endpoint, external pairs, a shared vocabulary for token_kd. What reads
+every prompt row runs as the first Ray Data stage, before any engine starts
+(plad_ray.data.prompt_checks): rows and their lengths (data.bad_rows, data.too_long), and
+cached teacher outputs against the prompts they answer. A failing check raises ConfigError
+or DataError with one line naming the input and the fix.
 """
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import pyarrow as pa
 
 from plad_ray.config import Config
 from plad_ray.data import parquet, storage
-from plad_ray.data.prompts import check_cached_prompts, read_prompts
+from plad_ray.data.limits import prompt_limits
+from plad_ray.data.prompt_checks import check_cached_prompts, check_prompts, source_files
 from plad_ray.errors import ConfigError, DataError
-from plad_ray.data.limits import apply_length_policy, prompt_limits
 from plad_ray.models.folders import resolve_model, shares_vocabulary
 
 
@@ -23,8 +25,10 @@ from plad_ray.models.folders import resolve_model, shares_vocabulary
 class Inputs:
     """Checked inputs; each field only when the stages run need it."""
 
-    prompts: pa.Table | None = None
-    quarantined: list = field(default_factory=list)  # prompt rows set aside, with their reasons
+    prompts: object | None = None  # checked prompts (id, prompt, reference): a materialized Ray Dataset
+    num_prompts: int = 0
+    quarantine: object | None = None  # prompt rows set aside with their reasons (a Ray Dataset), or None
+    quarantined: int = 0
     truncated: int = 0  # prompts cut to fit (data.too_long=truncate)
     teacher_path: str | None = None
     student_path: str | None = None
@@ -61,28 +65,30 @@ def check_inputs(cfg: Config, prompts: bool = True, teacher: bool = True, studen
             f"{cfg.student.sampling.stop!r}: the student is trained to end its answers with {cfg.teacher.sampling.stop!r}, "
             "which will not end its own generations; give student.sampling.stop the same string")
     if prompts:
-        source = read_prompts(cfg.data.prompts, cfg.data.max_prompts, cfg.data.bad_rows)
-        limits = prompt_limits(cfg, inputs.teacher_path, inputs.student_path)
-        inputs.prompts, too_long, inputs.truncated = apply_length_policy(
-            source.table, limits, cfg.data.too_long, cfg.data.prompts)
-        inputs.quarantined = source.quarantined + too_long
-        if inputs.prompts.num_rows == 0:
-            raise DataError(f"prompt source {cfg.data.prompts}: no prompt is usable ({len(inputs.quarantined)} set "
-                            f"aside, first: {inputs.quarantined[0]['reason']})")
-        log(f"[plad-ray] {inputs.prompts.num_rows} prompts from {cfg.data.prompts}"
-            + (f"; {len(inputs.quarantined)} set aside" if inputs.quarantined else "")
-            + (f"; {inputs.truncated} truncated to fit" if inputs.truncated else ""))
+        source_files(cfg.data.prompts)  # the rows are read by check_prompt_rows, once Ray is up
     return inputs
 
 
-def check_teacher_cache(cfg: Config, inputs: Inputs, committed_only: bool, log=print) -> None:
-    """Cached teacher outputs must still answer their ids' prompts (an id-less source with a row inserted
-    shifts every id). `committed_only` (--check) reads only committed files: reading pending ones deletes
-    those cut off mid-write."""
-    uri, keys = cfg.layout().teacher(), ["id", "prompt"]
-    cached = parquet.read_table(uri, keys) if committed_only else parquet.done_keys(uri, keys, log)
-    if cached is not None:
-        check_cached_prompts(cached, inputs.prompts, cfg.data.prompts, uri)
+def check_prompt_rows(cfg: Config, inputs: Inputs, log=print) -> None:
+    """Read and check every prompt row in Ray Data (data.bad_rows, data.too_long); the checked prompts
+    go to `inputs`. Needs Ray; runs before any engine starts."""
+    import ray
+
+    limits = prompt_limits(cfg, inputs.teacher_path, inputs.student_path)
+    checked = check_prompts(cfg.data.prompts, cfg.data.max_prompts, cfg.data.bad_rows, cfg.data.too_long, limits,
+                            tokenizers=int(ray.cluster_resources().get("CPU", 1)))
+    inputs.prompts, inputs.num_prompts = checked.prompts, checked.count
+    inputs.quarantine, inputs.quarantined, inputs.truncated = checked.quarantine, checked.quarantined, checked.truncated
+    log(f"[plad-ray] {inputs.num_prompts} prompts from {cfg.data.prompts}"
+        + (f"; {inputs.quarantined} set aside" if inputs.quarantined else "")
+        + (f"; {inputs.truncated} truncated to fit" if inputs.truncated else ""))
+
+
+def check_teacher_cache(cfg: Config, inputs: Inputs, log=print) -> None:
+    """Cached teacher outputs, committed or left by a crash, must still answer their ids' prompts (an
+    id-less source with a row inserted shifts every id). Needs Ray."""
+    uri = cfg.layout().teacher()
+    check_cached_prompts(parquet.done_keys_dataset(uri, ["id", "prompt"], log), inputs.prompts, cfg.data.prompts, uri)
 
 
 def check_external_pairs(uri: str) -> None:

@@ -260,7 +260,9 @@ class EvalConfig:
     num_samples: int = 0  # also sample this many outputs per prompt at T=1: sampled accuracy (their mean) and
     # best-of-n accuracy (the sample with the highest mean token log-prob); 0: greedy only
     initial_student: bool = True  # also evaluate the student before training (one more vLLM pass)
-    max_prompts: int | None = None  # evaluate on at most this many held-out prompts; None: all
+    # evaluate on at most this many held-out prompts (the first by id; 2,000 give a 95% interval of about
+    # +-2.2 points on an accuracy near 50%); null: all, each of which is scored on the driver
+    max_prompts: int | None = 2000
     num_bins: int = 10  # confidence bins of the ECE and the reliability diagram
 
     def checks(self, prefix: str):

@@ -4,18 +4,18 @@
                                   |  (rounds r > 1: round r-1's student samples again) |
                                   +--> round-<r>/pairs/ --DeepSpeed--> round-<r>/student/ ...
 
-Inputs are checked before Ray starts (plad_ray.checks). Each step reuses a complete output
+Inputs are checked before Ray starts (plad_ray.checks), prompt rows by Ray Data before any
+engine starts (plad_ray.data.prompt_checks). Each step reuses a complete output
 of the same run in output_dir (plad_ray.data.outputs decides what a re-run may reuse), so a re-run
 after a crash continues where it stopped: teacher outputs are generated only for prompt ids
 not yet cached (generate/teacher.py), pairs only for missing (prompt, sample) keys
 (generate/student.py), and training resumes from its last checkpoint (train/driver.py).
 """
 
-import json
 from concurrent.futures import ThreadPoolExecutor
 
 from plad_ray import cluster
-from plad_ray.checks import Inputs, check_inputs, check_teacher_cache
+from plad_ray.checks import Inputs, check_inputs, check_prompt_rows, check_teacher_cache
 from plad_ray.config import Config
 from plad_ray.data import storage
 from plad_ray.errors import DataError
@@ -33,7 +33,7 @@ def distill(cfg: Config, overwrite: bool = False, check_only: bool = False, log=
     inputs = prepare(cfg, generation=True, training=True, overwrite=overwrite, check_only=check_only, log=log)
     if inputs is None:
         return None
-    figures = {"prompts": inputs.prompts.num_rows, "prompts_quarantined": len(inputs.quarantined),
+    figures = {"prompts": inputs.num_prompts, "prompts_quarantined": inputs.quarantined,
                "prompts_truncated": inputs.truncated}
     figures.update(generate_teacher(cfg, inputs, log))
     rounds, evaluation = [], None
@@ -94,23 +94,30 @@ def evaluate(cfg: Config, check_only: bool = False, log=print) -> dict | None:
 
 def prepare(cfg: Config, generation: bool, training: bool, overwrite: bool = False, check_only: bool = False,
             log=print) -> Inputs | None:
-    """Everything before the expensive work: inputs, resources, output folder, then Ray.
+    """Everything before the expensive work: inputs, resources, output folder, then Ray, then the prompt rows
+    (Ray Data) and the cached teacher outputs against them; nothing is written before the rows pass.
 
-    With check_only (`--check`), stop before writing anything or starting Ray; None.
+    With check_only (`--check`), stop before writing anything or starting Ray; None. (Prompt rows are read
+    by Ray tasks: `--check` checks the source's files, not its rows.)
     """
     token_kd = training and cfg.train.loss.type == "token_kd"
     inputs = check_inputs(cfg, prompts=generation, teacher=generation or token_kd, pairs_written=not generation,
                           log=log)
     cluster.check_local(cfg, generation, training)
-    prepare_output(cfg, overwrite, dry_run=check_only, log=log)
-    if generation and not (check_only and overwrite):  # --overwrite would first remove a stale cache
-        check_teacher_cache(cfg, inputs, committed_only=check_only, log=log)
+    prepare_output(cfg, overwrite, dry_run=True, log=log if check_only else (lambda _: None))
     if check_only:
-        log("[plad-ray] --check: config, inputs, models, resources and output_dir are fine; nothing was started")
+        log("[plad-ray] --check: config, prompt files, models, resources and output_dir are fine; nothing was started "
+            "(prompt rows are checked when the run starts, before any engine)")
         return None
-    if inputs.quarantined:
-        quarantine = cfg.layout().quarantine()
-        storage.write_text(quarantine, "".join(json.dumps(q) + "\n" for q in inputs.quarantined))
-        log(f"[plad-ray] {len(inputs.quarantined)} prompt rows quarantined with their reasons -> {quarantine}")
     cluster.start(cfg, generation, training, log=log)
+    if generation:
+        check_prompt_rows(cfg, inputs, log)
+    prepare_output(cfg, overwrite, log=log)
+    if generation:
+        check_teacher_cache(cfg, inputs, log)  # after --overwrite removed a stale cache
+    if inputs.quarantine is not None:
+        quarantine = cfg.layout().quarantine()
+        storage.remove(quarantine)
+        inputs.quarantine.write_json(quarantine)
+        log(f"[plad-ray] {inputs.quarantined} prompt rows set aside with their reasons -> {quarantine}")
     return inputs

@@ -7,7 +7,8 @@ import pytest
 
 from conftest import PYTHON, ROOT, job_env
 from plad_ray.config import load_config
-from plad_ray.generate.engines import engine_kwargs, sampling_params
+from plad_ray.data.parquet import MAX_ROWS_PER_FILE, rows_per_file
+from plad_ray.generate.engines import MAX_BLOCKS_PER_REPLICA, engine_blocks, engine_kwargs, sampling_params
 
 
 def student(*overrides):
@@ -31,7 +32,8 @@ def test_seeded_sampling_survives_prompts_longer_than_a_step(tiny_models):
         import sys
         from vllm import LLM, SamplingParams
         from plad_ray.config import load_config
-        from plad_ray.generate.engines import engine_kwargs, sampling_params
+        from plad_ray.data.parquet import MAX_ROWS_PER_FILE, rows_per_file
+from plad_ray.generate.engines import MAX_BLOCKS_PER_REPLICA, engine_blocks, engine_kwargs, sampling_params
 
         def main(chunked):
             engine = load_config("configs/tiny-cpu.yaml", ["student.engine_kwargs={{max_num_batched_tokens: 64, "
@@ -79,3 +81,18 @@ def test_an_engine_that_dies_on_every_start_ends_the_run_with_one_line(tmp_path,
     assert "fix teacher.model or teacher.engine_kwargs" in last
     assert (proc.stdout + proc.stderr).count("Fatal engine error, exiting actor to trigger restart") == 2
     assert not (out / "teacher").exists() and not (out / "pairs").exists()
+
+
+def test_engine_blocks_grow_with_the_cluster_not_the_prompts():
+    assert engine_blocks(1024, 64, 1) == 16  # one block per engine batch
+    assert engine_blocks(100, 64, 2) == 8  # at least 4 per replica
+    assert engine_blocks(3, 64, 2) == 3  # never more blocks than rows
+    assert engine_blocks(1_000_000, 256, 1) == engine_blocks(10_000_000, 256, 1) == MAX_BLOCKS_PER_REPLICA
+    assert engine_blocks(1_000_000, 256, 16) == 16 * MAX_BLOCKS_PER_REPLICA
+
+
+def test_written_files_hold_a_64th_of_a_write_between_one_batch_and_the_cap():
+    assert rows_per_file(2048, 64) == 64  # small writes: one file per engine batch, as before
+    assert rows_per_file(100_000, 256) == 1562
+    assert rows_per_file(1_000_000, 256) == 15_625  # 64 files
+    assert rows_per_file(10**8, 256) == MAX_ROWS_PER_FILE  # a crash loses at most this

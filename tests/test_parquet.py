@@ -1,11 +1,20 @@
-"""Resumable datasets (plad_ray.data.parquet): pending files count once, cut-off files are redone."""
+"""Resumable datasets (plad_ray.data.parquet): pending files count once, cut-off files are redone.
+Commit's uniqueness check, row count and token sums run in Ray Data: a local Ray for the module."""
 
 import json
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 
 from plad_ray.data import parquet
+
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("local_ray")]
+
+
+def done_keys(uri: str, columns: list[str], log=print) -> pa.Table:
+    """Every written row's keys, committed or not, read here (what the anti-joins read in Ray tasks)."""
+    return pa.concat_tables([pq.read_table(p, columns=columns) for p in parquet.written_files(uri, log)])
 
 
 def pending_file(uri, name, ids):
@@ -20,7 +29,7 @@ def test_pending_rows_are_done_cut_off_files_are_deleted_and_commit_appends(tmp_
     pending_file(uri, "b.parquet", ["p3"])
     (tmp_path / "pairs.partial" / "c.parquet").write_bytes(b"PAR1 cut off before the footer")
     logged = []
-    keys = parquet.done_keys(str(uri), ["id", "sample_index"], logged.append)
+    keys = done_keys(str(uri), ["id", "sample_index"], logged.append)
     assert sorted(keys.column("id").to_pylist()) == ["p1", "p2", "p3"]
     assert not (tmp_path / "pairs.partial" / "c.parquet").exists() and "c.parquet" in logged[0]
     assert parquet.files(str(uri)) is None  # nothing committed yet: not a complete dataset
@@ -34,7 +43,7 @@ def test_pending_rows_are_done_cut_off_files_are_deleted_and_commit_appends(tmp_
     pending_file(uri, "d.parquet", ["p4"])
     assert parquet.commit(str(uri), {}, KEYS, logged.append) == 4
     assert sorted(parquet.read_table(str(uri)).column("id").to_pylist()) == ["p1", "p2", "p3", "p4"]
-    assert sorted(parquet.done_keys(str(uri), ["id"]).column("id").to_pylist()) == ["p1", "p2", "p3", "p4"]
+    assert sorted(done_keys(str(uri), ["id"]).column("id").to_pylist()) == ["p1", "p2", "p3", "p4"]
 
 
 def test_commit_of_nothing_still_marks_complete(tmp_path):
@@ -79,7 +88,7 @@ def test_a_commit_interrupted_between_its_moves_shows_the_old_dataset_and_the_ne
     assert len(moves) == 1 and len(list(uri.glob("*.parquet"))) == 2  # one file moved in, not yet listed
     # Readers see the old complete dataset, not a mix; the moved file's rows still count as written.
     assert sorted(parquet.read_table(str(uri)).column("id").to_pylist()) == ["p1", "p2"]
-    assert sorted(parquet.done_keys(str(uri), KEYS).column("id").to_pylist()) == ["p1", "p2", "p3", "p4", "p5"]
+    assert sorted(done_keys(str(uri), KEYS).column("id").to_pylist()) == ["p1", "p2", "p3", "p4", "p5"]
     monkeypatch.setattr(parquet, "_move", real_move)
     logged = []
     assert parquet.commit(str(uri), {}, KEYS, logged.append) == 5

@@ -1,14 +1,11 @@
-"""Prompt sources (plad_ray.data.prompts): formats, ids, and one clear line per bad input."""
-
-import json
+"""Prompt sources, file by file and block by block (plad_ray.data.prompts): formats, ids, and one
+clear line per bad row. The same functions run as Ray Data operations in test_prompt_checks.py."""
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-import pytest
 
 from conftest import ROOT
-from plad_ray.data.prompts import check_cached_prompts, read_prompts
-from plad_ray.errors import DataError
+from plad_ray.data.prompts import error_line, mark_duplicates, number_rows, read_file
 
 
 def jsonl(tmp_path, lines, name="p.jsonl") -> str:
@@ -17,98 +14,70 @@ def jsonl(tmp_path, lines, name="p.jsonl") -> str:
     return str(path)
 
 
-def test_jsonl_without_ids_gets_row_numbers(tmp_path):
-    table = read_prompts(jsonl(tmp_path, ['{"prompt": "a"}', "", '{"prompt": "b", "extra": 1}'])).table
-    assert table.to_pydict() == {"id": ["p0000000", "p0000001"], "prompt": ["a", "b"]}
+def rows_of(path: str, file: int = 0) -> pa.Table:
+    return read_file(path, path, file, path)
 
 
-def test_parquet_folder_with_ids_and_max_prompts(tmp_path):
-    folder = tmp_path / "prompts"
-    folder.mkdir()
-    pq.write_table(pa.table({"id": [1, 2], "prompt": ["x", "y"], "other": [0, 0]}), folder / "a.parquet")
-    pq.write_table(pa.table({"id": [3], "prompt": ["z"], "other": [0]}), folder / "b.parquet")
-    assert read_prompts(str(folder)).table.to_pydict() == {"id": ["1", "2", "3"], "prompt": ["x", "y", "z"]}
-    assert read_prompts(str(folder), max_prompts=2).table.num_rows == 2
-    assert read_prompts("file://" + str(folder)).table.num_rows == 3  # pyarrow filesystem URI
+def test_jsonl_lines_become_parsed_rows_or_bad_rows_with_their_line(tmp_path):
+    path = jsonl(tmp_path, ['{"prompt": "a", "reference": 7}', "", '{"prompt": "b"', b'{"prompt": "\xff"}',
+                            '["a"]', '{"text": "a"}', '{"prompt": 3}', '{"id": 5, "prompt": "c", "extra": 1}'])
+    rows = rows_of(path, file=3).to_pylist()
+    assert [(r["line"], r["index"], r["id"], r["prompt"], r["reference"]) for r in rows if r["check"] is None] == [
+        (1, 0, None, "a", "7"), (8, 1, "5", "c", None)]
+    bad = [(r["line"], r["check"], r["where"], r["reason"]) for r in rows if r["check"] is not None]
+    assert [b[0] for b in bad] == [3, 4, 5, 6, 7] and {b[1] for b in bad} == {"row"}
+    assert bad[0][2] == f"prompt file {path} line 3" and bad[0][3].startswith("malformed JSON")
+    assert [b[3] for b in bad[1:]] == ["not UTF-8 text (re-encode the file as UTF-8)",
+                                       "expected a JSON object like {\"prompt\": \"...\"}",
+                                       "no 'prompt' key; every line needs one", "'prompt' must be a string, not int"]
+    assert {r["file"] for r in rows} == {3} and rows[1]["raw"] == '{"prompt": "b"'
 
 
-@pytest.mark.parametrize(
-    "lines, message",
-    [
-        (['{"prompt": "a"}', '{"prompt": "b"'], "line 2: malformed JSON"),
-        (['{"prompt": "a"}', b'{"prompt": "\xff"}'], "line 2: not UTF-8 text"),
-        (['{"text": "a"}'], "line 1: no 'prompt' key"),
-        (['["a"]'], "line 1: expected a JSON object"),
-        (['{"prompt": 3}'], "line 1: 'prompt' must be a string, not int"),
-        (['{"prompt": "  "}'], "row 0 (id p0000000): empty prompt"),
-        (['{"prompt": null}'], "row 0 (id p0000000): empty prompt"),
-        (['{"id": "a", "prompt": "x"}', '{"id": "a", "prompt": "y"}'], "rows 0 and 1: duplicate id 'a'"),
-        ([""], "has no rows"),
-    ],
-)
-def test_bad_jsonl(tmp_path, lines, message):
-    path = jsonl(tmp_path, lines)
-    with pytest.raises(DataError) as error:
-        read_prompts(path)
-    assert message in str(error.value) and path in str(error.value)
+def test_parquet_rows_and_unreadable_files(tmp_path):
+    pq.write_table(pa.table({"id": [1, 2], "prompt": ["x", "y"], "other": [0, 0]}), tmp_path / "a.parquet")
+    rows = rows_of(str(tmp_path / "a.parquet")).to_pylist()
+    assert [(r["line"], r["index"], r["id"], r["prompt"], r["check"]) for r in rows] == [(0, 0, "1", "x", None),
+                                                                                        (1, 1, "2", "y", None)]
+    pq.write_table(pa.table({"text": ["a"]}), tmp_path / "b.parquet")
+    (tmp_path / "c.parquet").write_bytes(b"not parquet")
+    pq.write_table(pa.table({"prompt": [1]}), tmp_path / "d.parquet")
+    problems = [rows_of(str(tmp_path / f"{n}.parquet")).to_pylist() for n in "bcd"]
+    assert all(len(p) == 1 and p[0]["check"] == "file" for p in problems)
+    assert error_line(problems[0][0]) == (f"prompt file {tmp_path}/b.parquet: no 'prompt' column (columns: text); "
+                                          "rename the prompt column to 'prompt'")
+    assert "not a readable Parquet file" in problems[1][0]["reason"]
+    assert problems[2][0]["reason"] == "column 'prompt' must hold strings, not int64"
 
 
-def test_bad_rows_quarantined_with_reasons_and_counted(tmp_path):
-    path = jsonl(tmp_path, ['{"id": "a", "prompt": "x"}', '{"id": "b", "prompt": "y"', b'{"prompt": "\xff"}',
-                            '{"id": "a", "prompt": "z"}', '{"id": "c", "prompt": ""}', '{"id": "d", "prompt": "w"}'])
-    prompts = read_prompts(path, bad_rows="quarantine")
-    assert prompts.table.to_pydict() == {"id": ["a", "d"], "prompt": ["x", "w"]}
-    reasons = [q["reason"] for q in prompts.quarantined]
-    assert len(reasons) == 4
-    assert reasons[0].startswith("malformed JSON") and reasons[1].startswith("not UTF-8")
-    assert reasons[2] == "duplicate id 'a' (ids must be unique)" and reasons[3] == "empty prompt"
-    assert prompts.quarantined[0]["where"] == f"prompt file {path} line 2"
+def test_rows_are_numbered_across_files_named_when_the_source_has_no_ids_and_cut_at_max_prompts(tmp_path):
+    first = rows_of(jsonl(tmp_path, ['{"prompt": "a"}', '{"prompt": "b"', '{"prompt": "  "}'], "a.jsonl"), 0)
+    second = rows_of(jsonl(tmp_path, ['{"prompt": "c"}', '{"prompt": "d"}'], "b.jsonl"), 1)
+    offsets = {0: 2, 1: 0}  # file 1 first in this listing, as the driver's per-file counts say
+    out = [number_rows(t, offsets, True, 3, "src").to_pylist() for t in (first, second)]
+    rows = {(r["file"], r["line"]): r for part in out for r in part}
+    assert (rows[(1, 1)]["row"], rows[(1, 1)]["id"]) == (0, "p0000000")
+    assert (rows[(0, 1)]["row"], rows[(0, 1)]["id"], rows[(0, 1)]["check"]) == (2, "p0000002", None)
+    assert (rows[(0, 2)]["row"], rows[(0, 2)]["check"]) == (None, "row")  # unparsable: kept as it was
+    assert (0, 3) not in rows  # row 3 is past max_prompts = 3
+    blank = number_rows(first, {0: 0}, True, None, "src").to_pylist()[2]
+    assert error_line(blank) == "prompt source src row 1 (id p0000001): empty prompt; fix or remove it, or set " \
+                                "data.bad_rows=quarantine"
+    ids = rows_of(jsonl(tmp_path, ['{"id": "x", "prompt": "a"}', '{"prompt": "b"}'], "c.jsonl"))
+    missing = number_rows(ids, {0: 0}, False, None, "src").to_pylist()
+    assert [r["id"] for r in missing] == ["x", None] and missing[1]["reason"].startswith("empty id")
 
 
-def test_missing_wrong_format_and_no_prompt_column(tmp_path):
-    with pytest.raises(DataError, match="not found"):
-        read_prompts(str(tmp_path / "missing.jsonl"))
-    (tmp_path / "p.csv").write_text("prompt\na\n")
-    with pytest.raises(DataError, match="unsupported format"):
-        read_prompts(str(tmp_path / "p.csv"))
-    pq.write_table(pa.table({"text": ["a"]}), tmp_path / "p.parquet")
-    with pytest.raises(DataError, match=r"no 'prompt' column \(columns: text\)"):
-        read_prompts(str(tmp_path / "p.parquet"))
-    (tmp_path / "broken.parquet").write_bytes(b"not parquet")
-    with pytest.raises(DataError, match="not a readable Parquet file"):
-        read_prompts(str(tmp_path / "broken.parquet"))
+def test_every_row_of_a_repeated_id_after_its_first_is_bad(tmp_path):
+    rows = number_rows(rows_of(jsonl(tmp_path, ['{"id": "a", "prompt": "x"}', '{"id": "b", "prompt": "y"}',
+                                                '{"id": "a", "prompt": "z"}'])), {0: 0}, False, None, "src")
+    joined = rows.append_column("first_row", pa.array([0, None, 0], pa.int64()))
+    out = mark_duplicates(joined, "src").to_pylist()
+    assert [r["check"] for r in out] == [None, None, "row"] and "first_row" not in out[0]
+    assert error_line(out[2]) == ("prompt source src rows 0 and 2: duplicate id 'a' (ids must be unique); fix or "
+                                  "remove it, or set data.bad_rows=quarantine")
 
 
 def test_shipped_tiny_prompts():
-    table = read_prompts(str(ROOT / "configs/prompts/tiny-reverse.jsonl")).table
-    assert table.num_rows == 1024  # python -m jobs.tiny_models --prompts ... --num-prompts 1024
-    assert all(p.endswith(">") for p in table.column("prompt").to_pylist())
-    assert json.loads(open(ROOT / "configs/prompts/tiny-reverse.jsonl").readline())["id"] == "rev-00000"
-
-
-def _cache_of(table: pa.Table) -> pa.Table:
-    """What the teacher cache keeps of each prompt it answered."""
-    return table.select(["id", "prompt"])
-
-
-def test_cached_teacher_outputs_must_match_the_prompt_text_of_their_id(tmp_path):
-    words = [f"w{i}>" for i in range(6)]
-    source = tmp_path / "p.jsonl"
-    source.write_text("".join(json.dumps({"prompt": w}) + "\n" for w in words))
-    cache = _cache_of(read_prompts(str(source)).table)
-    # Appended rows: new ids, the old ones unchanged -> fine (the teacher runs for the new ids only).
-    source.write_text("".join(json.dumps({"prompt": w}) + "\n" for w in words + ["new1>", "new2>"]))
-    check_cached_prompts(cache, read_prompts(str(source)).table, str(source), "out/teacher")
-    # One row inserted at the top of an id-less file: every id p0..p5 now names the previous row's text.
-    source.write_text("".join(json.dumps({"prompt": w}) + "\n" for w in ["first>"] + words))
-    with pytest.raises(DataError, match=r"^prompt source .*p.jsonl: 6 prompt id\(s\) now name another text than their "
-                                        r"cached teacher output in out/teacher \(first: 'p\d+'\); give the prompts an `id`"):
-        check_cached_prompts(cache, read_prompts(str(source)).table, str(source), "out/teacher")
-    # With ids that travel with their text, the same insertion is harmless.
-    keyed = tmp_path / "k.jsonl"
-    keyed.write_text("".join(json.dumps({"id": w, "prompt": w}) + "\n" for w in words))
-    cache = _cache_of(read_prompts(str(keyed)).table)
-    keyed.write_text("".join(json.dumps({"id": w, "prompt": w}) + "\n" for w in ["first>"] + words))
-    check_cached_prompts(cache, read_prompts(str(keyed)).table, str(keyed), "out/teacher")
-    # An empty cache (first run) never refuses.
-    check_cached_prompts(cache.slice(0, 0), read_prompts(str(source)).table, str(source), "out/teacher")
+    rows = rows_of(str(ROOT / "configs/prompts/tiny-reverse.jsonl")).to_pylist()
+    assert len(rows) == 1024 and all(r["check"] is None for r in rows)  # jobs.tiny_models --num-prompts 1024
+    assert all(r["prompt"].endswith(">") for r in rows) and rows[0]["id"] == "rev-00000"

@@ -2,7 +2,7 @@
 
     output_dir/
       run.json            the config keys each stage's outputs depend on (data/outputs.py)
-      quarantine/         prompt rows set aside, with their reasons
+      quarantine/         prompt rows set aside, with where they sit and why (JSON lines)
       teacher/            teacher outputs by prompt id (shared by every round)
       pairs/              round 1's preference pairs
       train/              round 1's Ray Train state and checkpoints (train/tensorboard/: metrics)
@@ -41,7 +41,7 @@ class OutputLayout:
         return storage.join(self.root, RUN_FILE)
 
     def quarantine(self) -> str:
-        return storage.join(self.root, QUARANTINE, "prompts.jsonl")
+        return storage.join(self.root, QUARANTINE)
 
     def teacher(self) -> str:
         return storage.join(self.root, TEACHER)

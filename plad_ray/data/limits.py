@@ -1,4 +1,4 @@
-"""Prompt length limits, checked in the driver before any engine starts.
+"""Prompt length limits, checked in Ray Data tasks before any engine starts.
 
 A prompt must fit three places: the teacher engine (its tokens + teacher max_tokens <=
 teacher.max_model_len), the student engine (likewise), and training (its student tokens
@@ -11,10 +11,10 @@ where instructions such as "TL;DR:" sit, so that it fits everywhere), or `error`
 from dataclasses import dataclass
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from plad_ray.config import Config
-from plad_ray.data.prompts import prompt_token_ids
-from plad_ray.errors import DataError
+from plad_ray.data.prompts import conform, prompt_token_ids
 
 
 @dataclass
@@ -56,35 +56,47 @@ class _Counter:
         return self([prompt])[0] <= self.limit.max_prompt_tokens
 
 
-def apply_length_policy(table: pa.Table, limits: list[Limit], policy: str, source: str) -> tuple[pa.Table, list, int]:
-    """(prompts to use, quarantined rows, number truncated) under data.too_long."""
-    counters = [_Counter(limit) for limit in limits]
-    ids, prompts = table.column("id").to_pylist(), table.column("prompt").to_pylist()
-    over: dict[int, tuple[Limit, int]] = {}
-    for counter in counters:
-        for row, n in enumerate(counter(prompts)):
-            if n > counter.limit.max_prompt_tokens and row not in over:
-                over[row] = (counter.limit, n)
-    quarantined, truncated, skipped = [], 0, set()
-    for row, (limit, n) in sorted(over.items()):
-        reason = f"{n} prompt tokens exceed {limit.where} = {limit.max_prompt_tokens}"
-        if policy == "error":
-            raise DataError(f"prompt source {source} row {row} (id {ids[row]}): {reason}; shorten it, raise the "
-                            "limit, or set data.too_long to skip or truncate")
-        if policy == "truncate":
-            cut = _keep_end(prompts[row], counters)
-            if cut:
-                prompts[row] = cut
-                truncated += 1
-                continue
-            reason += " (even its last character does not fit)"
-        skipped.add(row)
-        quarantined.append({"where": f"prompt source {source} row {row}", "id": ids[row], "reason": reason,
-                            "prompt": prompts[row][:200]})
-    keep = [r for r in range(len(ids)) if r not in skipped]
-    out = pa.table({"id": pa.array([ids[r] for r in keep], pa.string()),
-                    "prompt": pa.array([prompts[r] for r in keep], pa.string())}, schema=table.schema)
-    return out, quarantined, truncated
+class LengthCheck:
+    """A Ray Data UDF over blocks of prompt rows (plad_ray.data.prompts.ROW_SCHEMA): each tokenizer is
+    loaded once per worker; a good row over a limit is cut to fit (policy `truncate`) or becomes a bad
+    row with check "length" naming the first limit it exceeds (`skip` and `error`: the driver decides)."""
+
+    def __init__(self, limits: list[Limit], policy: str, source: str):
+        self.counters = [_Counter(limit) for limit in limits]
+        self.policy, self.source = policy, source
+
+    def __call__(self, block: pa.Table) -> pa.Table:
+        block = conform(block)
+        good = pc.is_null(block.column("check")).to_pylist()
+        prompts = block.column("prompt").to_pylist()
+        over: dict[int, str] = {}
+        rows = [i for i, g in enumerate(good) if g]
+        if not rows:
+            return block
+        for counter in self.counters:
+            limit = counter.limit
+            for i, n in zip(rows, counter([prompts[i] for i in rows])):
+                if n > limit.max_prompt_tokens and i not in over:
+                    over[i] = f"{n} prompt tokens exceed {limit.where} = {limit.max_prompt_tokens}"
+        if not over:
+            return block
+        check, where, reason = (block.column(c).to_pylist() for c in ("check", "where", "reason"))
+        truncated = block.column("truncated").to_pylist()
+        row = block.column("row").to_pylist()
+        for i, why in over.items():
+            if self.policy == "truncate":
+                cut = _keep_end(prompts[i], self.counters)
+                if cut:
+                    prompts[i], truncated[i] = cut, True
+                    continue
+                why += " (even its last character does not fit)"
+            check[i], where[i], reason[i] = "length", f"prompt source {self.source} row {row[i]}", why
+            prompts[i] = prompts[i][:200]
+        for name, values in (("check", check), ("where", where), ("reason", reason), ("prompt", prompts),
+                             ("truncated", truncated)):
+            block = block.set_column(block.schema.get_field_index(name), name,
+                                     pa.array(values, block.schema.field(name).type))
+        return block
 
 
 def _keep_end(prompt: str, counters: list[_Counter]) -> str | None:

@@ -1,29 +1,46 @@
 """Prompt sources: JSONL or Parquet with a `prompt` column, an optional `id` and an
 optional `reference` (the expected answer, read by evaluation only).
 
-Prompts are read once by the driver with pyarrow, on any pyarrow filesystem (local
-paths, file://, s3://, gs://, hdfs://), and checked before any engine starts: a bad row
-found after an hour of generation is the expensive kind of error. Rows without an `id`
-get `p<row number>`, so ids are stable across re-runs and rounds.
+The functions here are pure: they turn one file, or one block of rows, into rows of
+ROW_SCHEMA, where a good row has no `check` and a bad row names the check it failed, where
+it sits and why. plad_ray.data.prompt_checks runs them as Ray Data operations over blocks,
+so no prompt passes through the driver. Rows without an `id` get `p<row number>` (their
+position among the source's parsed rows, in file order), so ids are stable across re-runs.
 
-A source that cannot be read at all (missing, empty, no `prompt` column) always stops
-the run. A bad row (malformed JSON, not UTF-8, empty prompt, duplicate id, ...) stops
+A source that cannot be read at all (missing, no `prompt` column, unreadable file) always
+stops the run. A bad row (malformed JSON, not UTF-8, empty prompt, duplicate id, ...) stops
 it too, unless `data.bad_rows: quarantine`: then the row is set aside with its reason,
 counted, and written to output_dir/quarantine/ (never dropped silently).
 """
 
 import json
-from dataclasses import dataclass, field
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from plad_ray.data.storage import filesystem_and_path, list_files
-from plad_ray.errors import DataError
+from plad_ray.data.storage import filesystem_and_path
 
-PROMPT_SCHEMA = pa.schema([("id", pa.string()), ("prompt", pa.string())])
-_SOURCE_SCHEMA = pa.schema([*PROMPT_SCHEMA, ("reference", pa.string())])
+FORMATS = (".jsonl", ".json", ".parquet")
+ROW_SCHEMA = pa.schema([
+    ("file", pa.int32()),  # the file's place in the source's sorted listing
+    ("line", pa.int64()),  # JSONL line (1-based) or Parquet record (0-based): source order within the file
+    ("index", pa.int64()),  # a parsed row's position among its file's parsed rows
+    ("row", pa.int64()),  # a parsed row's position in the whole source (set by number_rows)
+    ("id", pa.string()),
+    ("prompt", pa.string()),
+    ("reference", pa.string()),
+    ("check", pa.string()),  # None: a good row; else "file", "row" or "length" (which policy decides)
+    ("where", pa.string()),
+    ("reason", pa.string()),
+    ("raw", pa.string()),  # the start of a line that did not parse
+    ("truncated", pa.bool_()),  # cut to fit under data.too_long=truncate
+])
+QUARANTINE_COLUMNS = ["where", "reason", "id", "prompt", "raw"]
+_FIXES = {
+    "row": "fix or remove it, or set data.bad_rows=quarantine",
+    "length": "shorten it, raise the limit, or set data.too_long to skip or truncate",
+}
 
 
 def engine_prompt(prompt: str, chat_template: bool) -> dict:
@@ -42,154 +59,144 @@ def prompt_token_ids(tokenizer, prompts: list[str], chat_template: bool) -> list
     return ids["input_ids"] if hasattr(ids, "keys") else ids
 
 
-@dataclass
-class Prompts:
-    table: pa.Table  # id, prompt: the rows to generate for
-    quarantined: list[dict] = field(default_factory=list)  # {source, row, id, reason, raw}
-    references: dict[str, str] = field(default_factory=dict)  # id -> reference answer, where the source has one
+def error_line(row: dict) -> str:
+    """The one line a bad row stops the run with (file problems carry their fix in the reason)."""
+    where = row["where"] + (f" (id {row['id']})" if row["check"] == "length" else "")
+    fix = _FIXES.get(row["check"])
+    return f"{where}: {row['reason']}" + (f"; {fix}" if fix else "")
 
 
-class _Rows:
-    """Row-level problems: raise at once (bad_rows=error) or collect (quarantine)."""
-
-    def __init__(self, policy: str):
-        self.policy = policy
-        self.quarantined: list[dict] = []
-
-    def bad(self, where: str, reason: str, **row) -> None:
-        if self.policy == "error":
-            raise DataError(f"{where}: {reason}; fix or remove it, or set data.bad_rows=quarantine")
-        self.quarantined.append({"where": where, "reason": reason, **row})
-
-
-def read_prompts(uri: str, max_prompts: int | None = None, bad_rows: str = "error") -> Prompts:
-    """Read and check a prompt source."""
-    fs, path = filesystem_and_path(uri)
-    files = list_files(fs, path, uri)
-    if not files:
-        raise DataError(f"prompt source {uri}: not found; point data.prompts at a .jsonl or .parquet file or folder")
-    rows = _Rows(bad_rows)
-    tables = [_read_one(fs, f, _display(uri, f, path), rows) for f in files]
-    table = pa.concat_tables(tables) if len(tables) > 1 else tables[0]
-    if max_prompts is not None:
-        table = table.slice(0, max_prompts)
-    if table.num_rows == 0 and not rows.quarantined:
-        raise DataError(f"prompt source {uri}: has no rows; add prompts (one JSON object per line with a 'prompt' key)")
-    table = _check(table, uri, rows)
-    if table.num_rows == 0:
-        raise DataError(f"prompt source {uri}: every row is bad ({len(rows.quarantined)} quarantined); fix the source")
-    references = {i: r for i, r in zip(table.column("id").to_pylist(), table.column("reference").to_pylist())
-                  if r is not None}
-    return Prompts(table.select(PROMPT_SCHEMA.names), rows.quarantined, references)
-
-
-def _display(uri: str, file: str, root: str) -> str:
+def display(uri: str, file: str, root: str) -> str:
+    """A file of the source as the user named it."""
     return uri if file == root else f"{uri.rstrip('/')}/{file[len(root):].lstrip('/')}"
 
 
-def _read_one(fs, path: str, shown: str, rows: _Rows) -> pa.Table:
+def rows_table(columns: dict, n: int) -> pa.Table:
+    """A ROW_SCHEMA table of n rows from the given columns (the others null)."""
+    return pa.table({f.name: columns.get(f.name, pa.nulls(n, f.type)) for f in ROW_SCHEMA}, schema=ROW_SCHEMA)
+
+
+def _file_problem(file: int, shown: str, reason: str) -> pa.Table:
+    return rows_table({"file": pa.array([file], pa.int32()), "line": pa.array([0], pa.int64()),
+                       "check": pa.array(["file"]), "where": pa.array([f"prompt file {shown}"]),
+                       "reason": pa.array([reason])}, 1)
+
+
+def read_file(uri: str, path: str, file: int, shown: str) -> pa.Table:
+    """One file of the source -> ROW_SCHEMA rows: its parsed rows and its unparsable lines; a file
+    that cannot be read at all is one row with check "file"."""
+    fs, _ = filesystem_and_path(uri)
     if path.endswith(".parquet"):
         try:
             table = pq.read_table(path, filesystem=fs)
-        except pa.ArrowInvalid as e:
-            raise DataError(f"prompt file {shown}: not a readable Parquet file ({e})") from None
-        return _select(table, shown)
-    if path.endswith((".jsonl", ".json")):
-        with fs.open_input_stream(path) as f:
-            return _select(_parse_jsonl(f.read(), shown, rows), shown)
-    raise DataError(f"prompt file {shown}: unsupported format; use .jsonl (one JSON object per line) or .parquet")
+        except (pa.ArrowInvalid, OSError) as e:
+            return _file_problem(file, shown, f"not a readable Parquet file ({e})")
+        return _parquet_rows(table, file, shown)
+    with fs.open_input_stream(path) as f:
+        return _jsonl_rows(f.read(), file, shown)
 
 
-def _parse_jsonl(data: bytes, shown: str, rows: _Rows) -> pa.Table:
-    ids, prompts, references, has_id = [], [], [], False
+def _parquet_rows(table: pa.Table, file: int, shown: str) -> pa.Table:
+    if "prompt" not in table.column_names:
+        return _file_problem(file, shown, f"no 'prompt' column (columns: {', '.join(table.column_names) or 'none'}); "
+                                          "rename the prompt column to 'prompt'")
+    kind = table.schema.field("prompt").type
+    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+        return _file_problem(file, shown, f"column 'prompt' must hold strings, not {kind}")
+    n = table.num_rows
+    columns = {"file": pa.array([file] * n, pa.int32()), "line": pa.array(range(n), pa.int64()),
+               "index": pa.array(range(n), pa.int64()), "prompt": table.column("prompt").cast(pa.string())}
+    for name in ("id", "reference"):
+        if name in table.column_names:
+            columns[name] = table.column(name).cast(pa.string())
+    return rows_table(columns, n)
+
+
+def _jsonl_rows(data: bytes, file: int, shown: str) -> pa.Table:
+    rows = []  # one file's rows, in the task that parses it
     for number, line in enumerate(data.split(b"\n"), start=1):
         if not line.strip():
             continue
         where = f"prompt file {shown} line {number}"
         raw = line[:200].decode("utf-8", errors="replace")
+        bad = {"line": number, "check": "row", "where": where, "raw": raw}
         try:
             row = json.loads(line.decode("utf-8"))
         except UnicodeDecodeError:
-            rows.bad(where, "not UTF-8 text (re-encode the file as UTF-8)", raw=raw)
+            rows.append({**bad, "reason": "not UTF-8 text (re-encode the file as UTF-8)"})
             continue
         except json.JSONDecodeError as e:
-            rows.bad(where, f"malformed JSON ({e.msg})", raw=raw)
+            rows.append({**bad, "reason": f"malformed JSON ({e.msg})"})
             continue
         if not isinstance(row, dict):
-            rows.bad(where, "expected a JSON object like {\"prompt\": \"...\"}", raw=raw)
+            rows.append({**bad, "reason": "expected a JSON object like {\"prompt\": \"...\"}"})
         elif "prompt" not in row:
-            rows.bad(where, "no 'prompt' key; every line needs one", raw=raw)
+            rows.append({**bad, "reason": "no 'prompt' key; every line needs one"})
         elif row["prompt"] is not None and not isinstance(row["prompt"], str):
-            rows.bad(where, f"'prompt' must be a string, not {type(row['prompt']).__name__}", raw=raw)
+            rows.append({**bad, "reason": f"'prompt' must be a string, not {type(row['prompt']).__name__}"})
         else:
-            has_id = has_id or "id" in row
-            ids.append(None if row.get("id") is None else str(row["id"]))
-            prompts.append(row["prompt"])
-            reference = row.get("reference")
-            references.append(None if reference is None else str(reference))
-    columns = {"prompt": pa.array(prompts, pa.string()), "reference": pa.array(references, pa.string())}
-    if has_id:
-        columns["id"] = pa.array(ids, pa.string())
-    return pa.table(columns)
+            rows.append({"line": number, "id": None if row.get("id") is None else str(row["id"]),
+                         "prompt": row["prompt"],
+                         "reference": None if row.get("reference") is None else str(row["reference"])})
+    good = [r for r in rows if "check" not in r]
+    for index, r in enumerate(good):
+        r["index"] = index
+    table = pa.Table.from_pylist(rows, schema=ROW_SCHEMA) if rows else ROW_SCHEMA.empty_table()
+    return table.set_column(0, "file", pa.array([file] * table.num_rows, pa.int32()))
 
 
-def _select(table: pa.Table, shown: str) -> pa.Table:
-    if "prompt" not in table.column_names:
-        raise DataError(
-            f"prompt file {shown}: no 'prompt' column (columns: {', '.join(table.column_names) or 'none'}); "
-            "rename the prompt column to 'prompt'"
-        )
-    kind = table.schema.field("prompt").type
-    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
-        raise DataError(f"prompt file {shown}: column 'prompt' must hold strings, not {kind}")
-    prompts = table.column("prompt").cast(pa.string())
-    ids = table.column("id").cast(pa.string()) if "id" in table.column_names else pa.nulls(table.num_rows, pa.string())
-    references = (table.column("reference").cast(pa.string()) if "reference" in table.column_names
-                  else pa.nulls(table.num_rows, pa.string()))
-    return pa.table({"id": ids, "prompt": prompts, "reference": references}, schema=_SOURCE_SCHEMA)
+def number_rows(block: pa.Table, offsets: dict[int, int], name_ids: bool, max_prompts: int | None,
+                source: str) -> pa.Table:
+    """Parsed rows get their place in the whole source (`row`: the file's offset + index) and, when the
+    source has no ids at all, the id `p<row>`; rows past data.max_prompts are dropped; an empty id or
+    prompt makes a bad row. Bad rows pass unchanged."""
+    block = conform(block)
+    parsed = pc.is_null(block.column("check"))
+    start = pa.array([offsets.get(f, 0) for f in block.column("file").to_pylist()], pa.int64())
+    row = pc.if_else(parsed, pc.add(start, pc.fill_null(block.column("index"), 0)), pa.scalar(None, pa.int64()))
+    block = block.set_column(block.schema.get_field_index("row"), "row", row)
+    if max_prompts is not None:
+        block = block.filter(pc.or_(pc.invert(parsed), pc.less(pc.fill_null(row, 0), max_prompts)))
+        parsed, row = pc.is_null(block.column("check")), block.column("row")
+    ids = block.column("id")
+    if name_ids:
+        named = pc.binary_join_element_wise("p", pc.utf8_lpad(pc.cast(row, pa.string()), 7, "0"), "")
+        ids = pc.if_else(parsed, named, ids)
+        block = block.set_column(block.schema.get_field_index("id"), "id", ids)
+    no_id = pc.and_(parsed, pc.fill_null(pc.equal(pc.utf8_length(pc.fill_null(ids, "")), 0), True))
+    blank = pc.fill_null(pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(block.column("prompt"))), 0), True)
+    no_prompt = pc.and_(pc.and_(parsed, pc.invert(no_id)), blank)
+    at = pc.binary_join_element_wise(f"prompt source {source} row ", pc.cast(row, pa.string()), "")
+    where = pc.if_else(no_prompt, pc.binary_join_element_wise(at, " (id ", ids, ")", ""), at)
+    reason = pc.if_else(no_id, "empty id (give every row an id, or none at all)",
+                        pc.if_else(no_prompt, "empty prompt", pa.scalar(None, pa.string())))
+    flagged = pc.or_(no_id, no_prompt)
+    return _set(block, check=pc.if_else(flagged, "row", block.column("check")),
+                where=pc.if_else(flagged, where, block.column("where")),
+                reason=pc.if_else(flagged, reason, block.column("reason")))
 
 
-def _check(table: pa.Table, uri: str, rows: _Rows) -> pa.Table:
-    ids = table.column("id").to_pylist()
-    prompts = table.column("prompt").to_pylist()
-    references = table.column("reference").to_pylist()
-    if all(i is None for i in ids):
-        ids = [f"p{row:07d}" for row in range(len(ids))]
-    seen: dict[str, int] = {}
-    keep = []
-    for row, (pid, prompt) in enumerate(zip(ids, prompts)):
-        where = f"prompt source {uri} row {row}"
-        if pid is None or pid == "":
-            rows.bad(where, "empty id (give every row an id, or none at all)", prompt=prompt)
-        elif pid in seen:
-            rows.bad(f"prompt source {uri} rows {seen[pid]} and {row}", f"duplicate id {pid!r} (ids must be unique)",
-                     id=pid, prompt=prompt)
-        elif prompt is None or not prompt.strip():
-            rows.bad(f"{where} (id {pid})", "empty prompt", id=pid)
-        else:
-            seen[pid] = row
-            keep.append(row)
-    return pa.table({"id": pa.array([ids[r] for r in keep], pa.string()),
-                     "prompt": pa.array([prompts[r] for r in keep], pa.string()),
-                     "reference": pa.array([references[r] for r in keep], pa.string())}, schema=_SOURCE_SCHEMA)
+def mark_duplicates(block: pa.Table, source: str) -> pa.Table:
+    """Rows joined with `first_row` (the smallest row of their id, where the id is on several rows):
+    every row but the first is bad."""
+    first = block.column("first_row").cast(pa.int64())
+    block = conform(block)  # a join hands back large strings
+    row = block.column("row")
+    later = pc.fill_null(pc.not_equal(first, row), False)
+    rows = pc.binary_join_element_wise(f"prompt source {source} rows ", pc.cast(first, pa.string()), " and ",
+                                       pc.cast(row, pa.string()), "")
+    reason = pc.binary_join_element_wise("duplicate id '", block.column("id"), "' (ids must be unique)", "")
+    return _set(block, check=pc.if_else(later, "row", block.column("check")),
+                where=pc.if_else(later, rows, block.column("where")),
+                reason=pc.if_else(later, reason, block.column("reason")))
 
 
-def check_cached_prompts(cached: pa.Table, prompts: pa.Table, source: str, cache: str) -> None:
-    """Cached teacher outputs (`id`, `prompt`) must answer the prompt text the source now gives
-    their id. A row inserted into an id-less source shifts every later `p<row>` id, and a cached
-    output would then be paired with another prompt; so any id whose text changed stops the run.
+def conform(block: pa.Table) -> pa.Table:
+    """A block in ROW_SCHEMA's columns and types (Ray Data's joins and unions may widen strings)."""
+    return block.select(ROW_SCHEMA.names).cast(ROW_SCHEMA)
 
-    Vectorised (a join on id): no per-row work on the driver.
-    """
-    if cached.num_rows == 0:
-        return
-    # use_threads=False: see parquet._check_unique (Ray Data resizes the driver's Arrow CPU pool)
-    joined = cached.select(["id", "prompt"]).join(prompts.select(["id", "prompt"]), "id", join_type="inner",
-                                                  right_suffix="_now", use_threads=False)
-    changed = joined.filter(pc.not_equal(joined.column("prompt"), joined.column("prompt_now")))
-    if changed.num_rows:
-        first = changed.column("id")[0].as_py()
-        raise DataError(
-            f"prompt source {source}: {changed.num_rows} prompt id(s) now name another text than their cached "
-            f"teacher output in {cache} (first: {first!r}); give the prompts an `id` column that stays with "
-            "their text, or use a new output_dir")
+
+def _set(block: pa.Table, **columns) -> pa.Table:
+    for name, values in columns.items():
+        block = block.set_column(block.schema.get_field_index(name), name, pc.cast(values, ROW_SCHEMA.field(name).type))
+    return block

@@ -24,7 +24,8 @@ import pyarrow as pa
 from plad_ray import pairs
 from plad_ray.config import Config
 from plad_ray.data import parquet, storage
-from plad_ray.data.prompts import engine_prompt, read_prompts
+from plad_ray.data.prompt_checks import source_rows
+from plad_ray.data.prompts import engine_prompt
 from plad_ray.errors import DataError
 from plad_ray.evaluation.metrics import (auroc, best_of_n, calibration_note, confidence, exact_match,
                                          expected_calibration_error, mean, reliability_bins, rouge_l, win_rate)
@@ -36,18 +37,38 @@ INITIAL = "initial student"
 
 
 def heldout_rows(cfg: Config) -> list[dict]:
-    """id, prompt, teacher output and reference (None without one) of every held-out prompt."""
-    table = parquet.read_table(cfg.layout().teacher(), ["id", "prompt", "teacher_text"])
-    if table is None:
+    """id, prompt, teacher output and reference (None without one) of every held-out prompt, by id, at
+    most eval.max_prompts. Ray tasks read the teacher cache and the prompt source and keep the held-out
+    rows; only those (bounded by eval.max_prompts) come to the driver."""
+    teacher = parquet.read(cfg.layout().teacher())
+    if teacher is None:
         raise DataError(f"teacher cache {cfg.layout().teacher()}: missing; run jobs.generate_pairs or jobs.distill first")
-    references = read_prompts(cfg.data.prompts, cfg.data.max_prompts, "quarantine").references
-    rows = [r for r in table.to_pylist() if pairs.is_heldout(r["id"], cfg.data.heldout_fraction)]
-    rows.sort(key=lambda r: r["id"])
-    rows = rows[: cfg.eval.max_prompts] if cfg.eval.max_prompts else rows
+    held = teacher.select_columns(["id", "prompt", "teacher_text"]).map_batches(
+        _heldout, fn_kwargs={"fraction": cfg.data.heldout_fraction}, batch_format="pyarrow").sort("id")
+    rows = (held.limit(cfg.eval.max_prompts) if cfg.eval.max_prompts else held).take_all()
     if not rows:
-        raise DataError(f"evaluation: no held-out prompt among {table.num_rows} (data.heldout_fraction "
-                        f"{cfg.data.heldout_fraction}); raise data.heldout_fraction or add prompts")
-    return [{**r, "reference": references.get(r["id"])} for r in rows]
+        raise DataError(f"evaluation: no held-out prompt among {storage.manifest(cfg.layout().teacher())['rows']} "
+                        f"(data.heldout_fraction {cfg.data.heldout_fraction}); raise data.heldout_fraction or add "
+                        "prompts")
+    ids = pa.array([r["id"] for r in rows], pa.string())
+    references = source_rows(cfg.data.prompts, cfg.data.max_prompts).map_batches(
+        _references_of, fn_kwargs={"ids": ids}, batch_format="pyarrow").take_all()  # at most one per held-out row
+    by_id = {r["id"]: r["reference"] for r in references}
+    return [{**r, "reference": by_id.get(r["id"])} for r in rows]
+
+
+def _heldout(table: pa.Table, fraction: float) -> pa.Table:
+    keep = [pairs.is_heldout(i, fraction) for i in table.column("id").to_pylist()]
+    return table.filter(pa.array(keep, pa.bool_()))
+
+
+def _references_of(table: pa.Table, ids: pa.Array) -> pa.Table:
+    """The references of these ids, from good source rows."""
+    import pyarrow.compute as pc
+
+    keep = pc.and_(pc.and_(pc.is_null(table.column("check")), pc.is_valid(table.column("reference"))),
+                   pc.is_in(table.column("id"), value_set=ids))
+    return table.filter(pc.fill_null(keep, False)).select(["id", "reference"])
 
 
 def generate(cfg: Config, rows: list[dict], model_path: str, use_gpu: bool) -> list[dict]:

@@ -110,6 +110,16 @@ def engine_deaths(role: str, engine: EngineConfig):
             f"{role}.engine_kwargs, or raise {role}.max_restarts if the deaths are transient (lost nodes)") from e
 
 
+MAX_BLOCKS_PER_REPLICA = 64
+
+
+def engine_blocks(rows: int, batch_size: int, replicas: int) -> int:
+    """Blocks to cut `rows` into for the engines (one block feeds one actor task): a block per engine batch,
+    at least 4 and at most MAX_BLOCKS_PER_REPLICA per replica, so that the number of blocks (whose metadata
+    the driver holds) grows with the cluster, not with the prompts."""
+    return max(1, min(rows, max(replicas * 4, min(rows // batch_size, replicas * MAX_BLOCKS_PER_REPLICA))))
+
+
 def split_for_replicas(ds, rows: int, batch_size: int, replicas: int):
-    """Enough blocks that every engine replica gets batches (one block feeds one actor task)."""
-    return ds.repartition(max(1, min(rows, max(replicas * 4, rows // batch_size))))
+    """Enough blocks that every engine replica gets batches (`engine_blocks`)."""
+    return ds.repartition(engine_blocks(rows, batch_size, replicas))

@@ -19,9 +19,6 @@ from plad_ray.generate.stages import samples_to_generate, student_pairs
 from plad_ray.models.folders import eos_token_ids, shares_vocabulary
 
 
-JOIN_ROWS_PER_PARTITION = 1_000_000  # keys already written, per hash partition of the resume anti-join
-
-
 def generate_pairs(cfg: Config, inputs: Inputs, log=print, round: int = 1) -> dict:
     """k student samples per cached teacher output -> pairs; resumes a crashed run per (prompt, sample).
 
@@ -56,7 +53,7 @@ def generate_pairs(cfg: Config, inputs: Inputs, log=print, round: int = 1) -> di
         shared = inputs.teacher_path is not None and shares_vocabulary(inputs.teacher_path, student_path,
                                                                       cfg.student.trust_remote_code)
         samples = samples_to_generate(parquet.read(layout.teacher()), cfg.student.num_samples, done_ds,
-                                      num_partitions=1 + done // JOIN_ROWS_PER_PARTITION)
+                                      num_partitions=1 + done // parquet.JOIN_ROWS_PER_PARTITION)
         samples = engines.split_for_replicas(samples, todo, cfg.student.batch_size, cfg.student.replicas)
         with engines.engine_deaths("student", cfg.student):
             parquet.write_pending(
@@ -64,7 +61,7 @@ def generate_pairs(cfg: Config, inputs: Inputs, log=print, round: int = 1) -> di
                               cfg.student.model if round == 1 else f"{cfg.student.model} after round {round - 1}",
                               eos_token_ids(student_path), cfg.cluster.use_gpu, cfg.data.heldout_fraction,
                               shared_vocabulary=shared),
-                uri, pairs.PAIR_SCHEMA)
+                uri, pairs.PAIR_SCHEMA, parquet.rows_per_file(todo, cfg.student.batch_size))
     tokens = parquet.pending_sum(uri, "rejected_num_tokens", earlier)
     rows = parquet.commit(uri, {"student_model": cfg.student.model}, ["id", "sample_index"], log)
     seconds = time.perf_counter() - start
