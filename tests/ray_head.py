@@ -1,9 +1,13 @@
 """A real Ray head (and optional extra nodes) on loopback, owned by one test.
 
-Started with `ray start`, its own temp dir and free ports, token auth off (a local
-test cluster; see ENVIRONMENT.md), and the venv's bin first on PATH so job
-entrypoints find this Python. Stopped by killing the processes under its own temp dir;
-never `ray stop`, which would end every Ray cluster on the machine.
+Started with `ray start`, free ports, token auth off (a local test cluster; see
+ENVIRONMENT.md), and the venv's bin first on PATH so job entrypoints find this Python.
+Every node gets its own temp dir, as every machine of a real cluster has its own disk:
+nodes sharing one would share `session_*/runtime_resources`, and a node's runtime-env
+agent, setting up a job's `working_dir` for its first task there, deletes and unpacks
+that folder again (Ray's working_dir plugin overwrites), under the feet of a job driver
+running in it on the head. Stopped by killing the processes under its temp dirs; never
+`ray stop`, which would end every Ray cluster on the machine.
 """
 
 import os
@@ -29,12 +33,13 @@ class RayHead:
     def __init__(self, num_cpus: int = 4):
         # Short path: Ray's Unix sockets live under the temp dir and paths are capped at 107 bytes.
         self.temp_dir = tempfile.mkdtemp(prefix="/tmp/plr-")
+        self.temp_dirs = [self.temp_dir]  # the head's, then one per added node
         self.port = free_port()
         self.dashboard_port = free_port()
         self.env = job_env()
         self.env.update(RAY_AUTH_MODE="disabled", PATH=f"{Path(PYTHON).parent}:{self.env['PATH']}")
         self._start(["--head", f"--port={self.port}", f"--dashboard-port={self.dashboard_port}",
-                     "--include-dashboard=true", "--dashboard-host=127.0.0.1"], num_cpus)
+                     "--include-dashboard=true", "--dashboard-host=127.0.0.1"], num_cpus, self.temp_dir)
 
     @property
     def address(self) -> str:
@@ -47,16 +52,17 @@ class RayHead:
     def add_node(self, num_cpus: int, resources: str | None = None) -> None:
         """Another Ray node on this machine, joined to the head."""
         extra = [f"--address={self.address}"] + ([f"--resources={resources}"] if resources else [])
-        self._start(extra, num_cpus)
+        self.temp_dirs.append(tempfile.mkdtemp(prefix="/tmp/plr-"))
+        self._start(extra, num_cpus, self.temp_dirs[-1])
 
-    def _start(self, args: list[str], num_cpus: int) -> None:
+    def _start(self, args: list[str], num_cpus: int, temp_dir: str) -> None:
         ports = [f"--{name}={free_port()}" for name in (
             "node-manager-port", "object-manager-port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
             "runtime-env-agent-port", "metrics-export-port")]
         if "--head" in args:
             ports.append(f"--ray-client-server-port={free_port()}")
         subprocess.run(
-            [RAY, "start", *args, *ports, f"--num-cpus={num_cpus}", f"--temp-dir={self.temp_dir}",
+            [RAY, "start", *args, *ports, f"--num-cpus={num_cpus}", f"--temp-dir={temp_dir}",
              "--node-ip-address=127.0.0.1", "--disable-usage-stats"],
             env=self.env, check=True, capture_output=True, text=True, timeout=180,
         )
@@ -70,7 +76,7 @@ class RayHead:
                               capture_output=True, text=True, timeout=timeout)
 
     def stop(self) -> None:
-        """Kill only this cluster's processes: those whose command line names our temp dir."""
+        """Kill only this cluster's processes: those whose command line or environment names one of our temp dirs."""
         for _ in range(3):
             pids = [int(p) for p in os.listdir("/proc") if p.isdigit() and self._ours(int(p))]
             for pid in pids:
@@ -86,4 +92,4 @@ class RayHead:
             env = Path(f"/proc/{pid}/environ").read_bytes() if pid != os.getpid() else b""
         except OSError:
             return False
-        return self.temp_dir.encode() in cmdline or self.temp_dir.encode() in env
+        return any(d.encode() in cmdline or d.encode() in env for d in self.temp_dirs)
