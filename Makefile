@@ -23,7 +23,7 @@ SETTING ?= smoke
 .PHONY: demo demo-real real-models test test-slow test-real venv gpu-venv clean bench bench-generation bench-training bench-end-to-end bench-scale bench-logprob-memory bench-quality
 
 demo: $(STAMP)
-	$(PY) -m jobs.distill --config configs/tiny-cpu.yaml
+	$(VENV)/bin/plad-ray distill --config configs/tiny-cpu.yaml
 
 test: $(STAMP)
 	$(PY) -m pytest
@@ -37,7 +37,7 @@ real-models: $(STAMP)
 	$(PY) -m jobs.real_models --install --out models
 
 demo-real: real-models
-	$(PY) -m jobs.distill --config configs/gemma3-270m-to-smollm2-135m-cpu.yaml
+	$(VENV)/bin/plad-ray distill --config configs/gemma3-270m-to-smollm2-135m-cpu.yaml
 
 # The same run under pytest, with its assertions (tests/test_real_models.py; not part of make test).
 test-real: real-models

@@ -13,8 +13,10 @@ from plad_ray.config import Config, load_config
 from plad_ray.errors import PladError, RuntimeFailure
 
 
-def parser(description: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parser(description: str, prog: str | None = None, sections: str | None = None) -> argparse.ArgumentParser:
+    epilog = f"config sections read: {sections} (see configs/ and README, Configuration)" if sections else None
+    p = argparse.ArgumentParser(prog=prog, description=description, epilog=epilog,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True, help="the run's YAML config (see configs/)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set train.loss.beta=0.5 (repeatable)")
@@ -27,12 +29,20 @@ def parser(description: str) -> argparse.ArgumentParser:
 
 
 def load(args: argparse.Namespace) -> Config:
-    return load_config(args.config, args.overrides)
+    """The config, and its outputs' absolute location said once (again by `done` at the end)."""
+    cfg = load_config(args.config, args.overrides)
+    print(f"[plad-ray] outputs: {cfg.output_dir}", flush=True)
+    return cfg
 
 
-def main(run, description: str, argv: list[str] | None = None) -> None:
+def done(cfg: Config) -> None:
+    print(f"outputs: {cfg.output_dir}", flush=True)
+
+
+def main(run, description: str, argv: list[str] | None = None, prog: str | None = None,
+         sections: str | None = None) -> None:
     """Parse, run `run(args)`, and turn failures into one line and an exit code."""
-    args = parser(description).parse_args(argv)
+    args = parser(description, prog, sections).parse_args(argv)
     try:
         run(args)
     except PladError as e:

@@ -21,6 +21,7 @@ def run(args) -> None:
         from plad_ray.evaluation.stage import headline
 
         print("\n" + "\n".join(f"{name:<24} {headline(m)}" for name, m in report["models"].items()), flush=True)
+        cli.done(cfg)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ def run(args) -> None:
     figures = pipeline.generate(cfg, overwrite=args.overwrite, check_only=args.check)
     if figures is not None:
         print(f"\npairs: {figures['pairs']} at {cfg.layout().pairs()}", flush=True)
+        cli.done(cfg)
 
 
 if __name__ == "__main__":

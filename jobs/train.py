@@ -18,6 +18,7 @@ def run(args) -> None:
     report = pipeline.train(cfg, overwrite=args.overwrite, check_only=args.check)
     if report is not None:
         print("\n" + summary_lines(report), flush=True)
+        cli.done(cfg)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Joining a Ray cluster, or starting a local one when none is given."""
 
 import os
+import time
 
 from plad_ray.config import ClusterConfig, Config, EngineConfig
 from plad_ray.errors import ConfigError
@@ -93,3 +94,48 @@ def start(cfg: Config, generation: bool = True, training: bool = True, log=print
     log(f"[plad-ray] {connect(cfg.cluster)}")
     if joining:
         check_resources(cfg, ray.cluster_resources(), generation, training)
+        check_output_visible(cfg.output_dir)
+
+
+def check_output_visible(output_dir: str) -> None:
+    """On a cluster of several nodes, a local output_dir must be one folder that every node sees (a shared
+    mount): trainer workers write checkpoints there, and engines and tasks on any node read and write pairs.
+    The driver writes a marker beside it and one zero-CPU task per alive node looks for it; a node that does
+    not see it stops the run with one line. URIs are shared by construction."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from plad_ray.data import storage
+
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    if storage.is_uri(output_dir) or len(nodes) < 2:
+        return
+    folder = _nearest_existing(output_dir)
+    marker = os.path.join(folder, f".plad-ray-visible-{os.getpid()}-{time.time_ns()}")
+    try:
+        open(marker, "w").close()
+    except OSError as e:
+        raise ConfigError(f"config key output_dir: cannot write under {folder} ({e.strerror}); point output_dir "
+                          "(or cluster.storage) at a writable shared folder or URI") from e
+    exists = ray.remote(num_cpus=0)(os.path.exists)
+    try:
+        seen = ray.get([exists.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
+                        .remote(marker) for n in nodes])
+    finally:
+        os.remove(marker)
+    blind = [n["NodeManagerAddress"] for n, ok in zip(nodes, seen) if not ok]
+    if blind:
+        raise ConfigError(
+            f"config key output_dir: {output_dir} is a local folder that {len(blind)} of the cluster's {len(nodes)} "
+            f"nodes do not see ({', '.join(sorted(set(blind)))}); on a multi-node cluster point output_dir (or "
+            "cluster.storage, for a relative one) at shared storage: a folder mounted on every node, or a URI such "
+            "as s3://bucket/runs")
+
+
+def _nearest_existing(path: str) -> str:
+    while not os.path.isdir(path):
+        parent = os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    return path

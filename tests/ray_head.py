@@ -11,6 +11,7 @@ running in it on the head. Stopped by killing the processes under its temp dirs;
 """
 
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -49,23 +50,26 @@ class RayHead:
     def dashboard(self) -> str:
         return f"http://127.0.0.1:{self.dashboard_port}"
 
-    def add_node(self, num_cpus: int, resources: str | None = None) -> None:
-        """Another Ray node on this machine, joined to the head."""
+    def add_node(self, num_cpus: int, resources: str | None = None, hide: str | None = None) -> None:
+        """Another Ray node on this machine, joined to the head. `hide`: a folder this node sees empty (its
+        processes run in their own mount namespace with a tmpfs over it), as a machine without a shared mount
+        would."""
         extra = [f"--address={self.address}"] + ([f"--resources={resources}"] if resources else [])
         self.temp_dirs.append(tempfile.mkdtemp(prefix="/tmp/plr-"))
-        self._start(extra, num_cpus, self.temp_dirs[-1])
+        self._start(extra, num_cpus, self.temp_dirs[-1], hide)
 
-    def _start(self, args: list[str], num_cpus: int, temp_dir: str) -> None:
+    def _start(self, args: list[str], num_cpus: int, temp_dir: str, hide: str | None = None) -> None:
         ports = [f"--{name}={free_port()}" for name in (
             "node-manager-port", "object-manager-port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
             "runtime-env-agent-port", "metrics-export-port")]
         if "--head" in args:
             ports.append(f"--ray-client-server-port={free_port()}")
-        subprocess.run(
-            [RAY, "start", *args, *ports, f"--num-cpus={num_cpus}", f"--temp-dir={temp_dir}",
-             "--node-ip-address=127.0.0.1", "--disable-usage-stats"],
-            env=self.env, check=True, capture_output=True, text=True, timeout=180,
-        )
+        command = [RAY, "start", *args, *ports, f"--num-cpus={num_cpus}", f"--temp-dir={temp_dir}",
+                   "--node-ip-address=127.0.0.1", "--disable-usage-stats"]
+        if hide is not None:
+            command = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                       f"mount -t tmpfs plr-hidden {shlex.quote(hide)} && exec {shlex.join(command)}"]
+        subprocess.run(command, env=self.env, check=True, capture_output=True, text=True, timeout=180)
 
     def job(self, *args: str, timeout: int = 1500) -> subprocess.CompletedProcess:
         return self.job_cli("job", *args, timeout=timeout)

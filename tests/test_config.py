@@ -1,6 +1,7 @@
 """Config loading, overrides and validation; every shipped config must load and validate."""
 
 import glob
+import json
 import os
 
 import pytest
@@ -35,6 +36,28 @@ def test_minimal_config_gets_defaults_and_absolute_paths(tmp_path, monkeypatch):
     assert cfg.layout().pairs() == cfg.output_dir + "/pairs"
     uris = load_config(write(tmp_path, MINIMAL), ["data.prompts=s3://b/p.jsonl", "train.pairs=gs://b/pairs"])
     assert (uris.data.prompts, uris.train.pairs) == ("s3://b/p.jsonl", "gs://b/pairs")
+
+
+def test_relative_output_dir_under_a_ray_job_goes_to_cluster_storage(tmp_path, monkeypatch):
+    """Under `ray job submit --working-dir`, the launch directory is Ray's temporary copy of the working
+    dir: inputs come from it, outputs never go there (README, Running on a cluster)."""
+    monkeypatch.chdir(tmp_path)
+    job = json.dumps({"runtime_env": {"working_dir": "gcs://_ray_pkg_0123.zip"}, "metadata": {}})
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", job)
+    cfg = load_config(write(tmp_path, MINIMAL), ["cluster.storage=/runs/root"])
+    assert cfg.output_dir == "/runs/root/out" and cfg.data.prompts == str(tmp_path / "p.jsonl")
+    # The default root is under the user's home; a URI root keeps its scheme; absolute paths and URIs stay.
+    assert load_config(write(tmp_path, MINIMAL)).output_dir == os.path.expanduser("~/plad-ray-runs/out")
+    assert load_config(write(tmp_path, MINIMAL), ["cluster.storage=s3://b/runs"]).output_dir == "s3://b/runs/out"
+    assert load_config(write(tmp_path, MINIMAL), ["output_dir=/abs/out"]).output_dir == "/abs/out"
+    assert load_config(write(tmp_path, MINIMAL), ["output_dir=gs://b/o"]).output_dir == "gs://b/o"
+    # A job submitted without a working_dir, or no job at all: the launch directory, as before.
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps({"runtime_env": {}}))
+    assert load_config(write(tmp_path, MINIMAL)).output_dir == str(tmp_path / "out")
+    monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    assert load_config(write(tmp_path, MINIMAL)).output_dir == str(tmp_path / "out")
+    with pytest.raises(ConfigError, match="cluster.storage"):
+        load_config(write(tmp_path, MINIMAL), ["cluster.storage="])
 
 
 def test_overrides_are_typed_and_nested(tmp_path):

@@ -26,6 +26,28 @@ def absolute(path: str | None) -> str | None:
     return path if not path or is_uri(path) else os.path.abspath(os.path.expanduser(path))
 
 
+def job_working_dir(environ=os.environ) -> bool:
+    """Whether this process is a `ray job submit` driver started in Ray's copy of the job's `working_dir`
+    (the job supervisor hands the driver its runtime env in RAY_JOB_CONFIG_JSON_ENV_VAR). That copy lives
+    in the cluster's temporary session folder, a cache Ray may clear: no place for a run's outputs."""
+    raw = environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    if not raw:
+        return False
+    try:
+        runtime_env = json.loads(raw).get("runtime_env") or {}
+    except (ValueError, AttributeError):
+        return False
+    return bool(runtime_env.get("working_dir"))
+
+
+def output_root(output_dir: str, storage_root: str, in_job_copy: bool) -> str:
+    """Where a run's outputs go: a URI or absolute path as given; a relative path against the launch directory,
+    except in a job's working_dir copy (`in_job_copy`), where it is taken under `storage_root` (cluster.storage)."""
+    if is_uri(output_dir) or os.path.isabs(os.path.expanduser(output_dir)) or not in_job_copy:
+        return absolute(output_dir)
+    return join(storage_root, output_dir) if is_uri(storage_root) else absolute(os.path.join(storage_root, output_dir))
+
+
 def filesystem_and_path(uri: str) -> tuple[pafs.FileSystem, str]:
     """(filesystem, path inside it) for a local path or any URI pyarrow understands."""
     if is_uri(uri):

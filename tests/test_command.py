@@ -1,0 +1,50 @@
+"""The `plad-ray` console command: its help, its jobs, and one line for a job it does not know."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from jobs import command
+
+
+def test_help_lists_every_job_and_each_job_names_its_config_sections(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        command.main(["--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    for job in ("distill", "generate-pairs", "train", "evaluate"):
+        assert f"\n  {job} " in out
+    assert "Generate teacher outputs" in out  # the job's own first docstring line
+    for job, (_, sections) in command.JOBS.items():
+        with pytest.raises(SystemExit) as exit_:
+            command.main([job, "--help"])
+        assert exit_.value.code == 0
+        text = capsys.readouterr().out
+        assert text.startswith(f"usage: plad-ray {job} ") and "--config CONFIG" in text and "--check" in text
+        assert f"config sections read: {sections}" in " ".join(text.split())
+
+
+def test_unknown_or_missing_job_is_one_line_and_exit_2(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        command.main(["distil", "--config", "x.yaml"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err == ("plad-ray: error: unknown job 'distil'; choose one of: distill, generate-pairs, train, evaluate "
+                   "(plad-ray --help)")
+    with pytest.raises(SystemExit) as exit_:
+        command.main([])
+    assert exit_.value.code == 2 and "jobs:" in capsys.readouterr().out
+
+
+def test_console_script_is_installed_and_runs_a_job(tmp_path):
+    """pyproject.toml declares it: the venv has `plad-ray`, which runs the job (here its --check)."""
+    exe = Path(sys.executable).parent / "plad-ray"
+    assert exe.is_file(), "plad-ray is not installed in this venv: make venv"
+    listed = subprocess.run([str(exe), "--help"], capture_output=True, text=True, timeout=60)
+    assert listed.returncode == 0 and "generate-pairs" in listed.stdout
+    missing = subprocess.run([str(exe), "train", "--config", str(tmp_path / "none.yaml")], capture_output=True,
+                             text=True, timeout=120)
+    assert missing.returncode == 2 and missing.stderr.strip().splitlines()[-1].startswith("plad-ray: error: ")
+    assert "none.yaml" in missing.stderr
