@@ -7,8 +7,10 @@ traceback instead.
 
 import argparse
 import sys
+from pathlib import Path
 import traceback
 
+from plad_ray import console
 from plad_ray.config import Config, load_config
 from plad_ray.errors import PladError, RuntimeFailure
 
@@ -24,6 +26,8 @@ def parser(description: str, prog: str | None = None, sections: str | None = Non
                    help="replace output_dir if it holds a run of a different config")
     p.add_argument("--check", action="store_true",
                    help="check config, inputs, models, resources and output_dir, then exit without starting anything")
+    p.add_argument("--verbose", action="store_true",
+                   help="show engine, Ray and DeepSpeed logs live (they always go to output_dir/logs/run.log)")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     return p
 
@@ -43,8 +47,13 @@ def main(run, description: str, argv: list[str] | None = None, prog: str | None 
          sections: str | None = None) -> None:
     """Parse, run `run(args)`, and turn failures into one line and an exit code."""
     args = parser(description, prog, sections).parse_args(argv)
+    # The command as the user gave it (the model card records it).
+    args.command = [*(prog.split() if prog else ["python", "-m", f"jobs.{Path(sys.argv[0]).stem}"]),
+                    *(sys.argv[1:] if argv is None else argv)]
+    console.quiet(verbose=args.verbose)
     try:
         run(args)
+        console.close()
     except PladError as e:
         _fail(args, e, f"plad-ray: error: {e}", e.exit_code)
     except KeyboardInterrupt as e:
@@ -59,6 +68,9 @@ def _fail(args, error: BaseException, line: str, code: int) -> None:
     if args.debug:
         traceback.print_exception(error)
     _stop_ray()  # its shutdown logs would otherwise bury the line below
+    console.close()
+    if console.log_path():
+        print(f"plad-ray: engine, Ray and DeepSpeed logs: {console.log_path()}", file=sys.stderr, flush=True)
     print(line, file=sys.stderr, flush=True)
     sys.exit(code)
 

@@ -24,7 +24,7 @@ JOBS = {
 
 def usage() -> str:
     width = max(map(len, JOBS))
-    lines = ["usage: plad-ray JOB --config FILE [--set KEY=VALUE ...] [--check] [--overwrite] [--debug]", "",
+    lines = ["usage: plad-ray JOB --config FILE [--set KEY=VALUE ...] [--check] [--overwrite] [--verbose] [--debug]", "",
              "PLaD distillation on Ray: vLLM pair generation, DeepSpeed ranking-loss training.", "", "jobs:"]
     for name, (module, _) in JOBS.items():
         lines.append(f"  {name:<{width}}  {_summary(module)}")

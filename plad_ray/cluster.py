@@ -21,14 +21,21 @@ def connect(cluster: ClusterConfig) -> str:
     """
     import ray
 
+    from plad_ray import console
+
+    console.route_libraries()  # Ray set up its loggers when imported; ray.init logs through them
     if ray.is_initialized():
         return "already connected"
     address = cluster.address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address)
-        return f"joined Ray cluster at {address}"
-    ray.init(address="local", num_cpus=cluster.num_cpus, include_dashboard=False)
-    return f"started a local Ray cluster ({ray.cluster_resources().get('CPU', 0):g} logical CPUs)"
+        said = f"joined Ray cluster at {address}"
+    else:
+        ray.init(address="local", num_cpus=cluster.num_cpus, include_dashboard=False)
+        said = f"started a local Ray cluster ({ray.cluster_resources().get('CPU', 0):g} logical CPUs)"
+    console.forward_worker_logs()  # worker logs to the run's log file; plad-ray's own lines to the terminal
+    console.route_libraries()
+    return said
 
 
 def check_resources(cfg: Config, available: dict, generation: bool = True, training: bool = True) -> None:

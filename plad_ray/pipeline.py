@@ -14,7 +14,7 @@ not yet cached (generate/teacher.py), pairs only for missing (prompt, sample) ke
 
 from concurrent.futures import ThreadPoolExecutor
 
-from plad_ray import cluster
+from plad_ray import cluster, console
 from plad_ray.checks import Inputs, check_inputs, check_prompt_rows, check_teacher_cache
 from plad_ray.config import Config
 from plad_ray.data import storage
@@ -84,12 +84,20 @@ def evaluate(cfg: Config, check_only: bool = False, log=print) -> dict | None:
         log("[plad-ray] --check: config, run outputs, models and resources are fine; nothing was started")
         return None
     cluster.start(cfg, generation=True, training=False, log=log)
+    _log_file(cfg, log)
     evaluation = evaluate_run(cfg, inputs.student_path, log=log, force=True)
     report = storage.read_json(layout.report())
     if report is not None:
         report["evaluation"] = evaluation
         storage.write_json(layout.report(), report)
     return evaluation
+
+
+def _log_file(cfg: Config, log) -> None:
+    """The run's log file goes under output_dir/logs/ now that output_dir is claimed; its path, once."""
+    path = console.attach(cfg.layout().logs())
+    if path:
+        log(f"[plad-ray] engine, Ray and DeepSpeed logs -> {path} (--verbose shows them here too)")
 
 
 def prepare(cfg: Config, generation: bool, training: bool, overwrite: bool = False, check_only: bool = False,
@@ -113,6 +121,7 @@ def prepare(cfg: Config, generation: bool, training: bool, overwrite: bool = Fal
     if generation:
         check_prompt_rows(cfg, inputs, log)
     prepare_output(cfg, overwrite, log=log)
+    _log_file(cfg, log)
     if generation:
         check_teacher_cache(cfg, inputs, log)  # after --overwrite removed a stale cache
     if inputs.quarantine is not None:

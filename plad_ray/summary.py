@@ -94,6 +94,16 @@ def quality_rows(evaluation: dict) -> tuple[list[str], list[tuple[str, list[str]
     return names, rows
 
 
+def quality_table(evaluation: dict, heading: str) -> list[str]:
+    """The task-quality table in Markdown under `heading` (its {prompts} filled in); [] without an evaluation."""
+    names, rows = quality_rows(evaluation)
+    if not rows:
+        return []
+    prompts = next(iter(evaluation["models"].values())).get("prompts", "?")
+    return ([heading.format(prompts=prompts), "", "| | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+            + [f"| {figure} | " + " | ".join(cells) + " |" for figure, cells in rows])
+
+
 def summary_lines(report: dict) -> str:
     """Task quality first, then teacher-output likelihood, then proxies, then the run's bookkeeping."""
     curve = report.get("curve") or [{}]
@@ -136,13 +146,9 @@ def markdown(report: dict, plot_name: str) -> str:
     evaluation = report.get("evaluation") or {}
     lines = ["# plad-ray run summary", "", f"Trained student: `{report.get('checkpoint')}`", ""]
     lines += [f"**{line}**" if line.startswith("WARNING") else line for line in verdict(report)] + [""]
-    names, rows = quality_rows(evaluation)
-    if rows:
-        first = next(iter(evaluation["models"].values()))
-        lines += [f"## Task quality ({first.get('prompts', '?')} held-out prompts, greedy)", "",
-                  "| | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
-        lines += [f"| {title} | " + " | ".join(cells) + " |" for title, cells in rows]
-        lines += ["", "Details, calibration and the reliability diagram: `eval/summary.md`.", ""]
+    table = quality_table(evaluation, "## Task quality ({prompts} held-out prompts, greedy)")
+    if table:
+        lines += table + ["", "Details, calibration and the reliability diagram: `eval/summary.md`.", ""]
     nll_before, nll_after, pairs = teacher_nll(report)
     lines += ["## Did the student keep the teacher's outputs likely?", "",
               f"Per-token NLL of the {pairs} held-out teacher outputs: {_num(nll_before)} before training, "

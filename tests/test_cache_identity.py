@@ -24,6 +24,10 @@ def write(source, words) -> None:
     source.write_text("".join(json.dumps({"prompt": f"{w}>"}) + "\n" for w in words))
 
 
+# make test-slow (its three runs took 320 s of make test): the refusal is the Ray Data join that
+# test_prompt_checks.py::test_cached_teacher_outputs_must_match_the_prompt_text_of_their_id runs for real, and
+# generating only the missing keys is the anti-join of test_resume_keys.py and the Ctrl-C resume test.
+@pytest.mark.slow
 def test_appended_prompts_extend_the_pairs_and_an_insertion_is_refused(tiny_models, tmp_path):
     import random
 

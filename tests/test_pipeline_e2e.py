@@ -30,11 +30,11 @@ def run(tiny_models, tmp_path_factory):
         cwd=ROOT, env=job_env(), capture_output=True, text=True, timeout=1500,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return out, proc.stdout
+    return out, proc.stdout, proc.stderr
 
 
 def test_pairs_cover_every_prompt_times_samples(run):
-    out, _ = run
+    out, _, _ = run
     table = parquet.read_table(str(out / "pairs"))
     assert table.num_rows == PROMPTS * 2  # prompts x student.num_samples
     keys = set(zip(table.column("id").to_pylist(), table.column("sample_index").to_pylist()))
@@ -59,7 +59,7 @@ def test_pairs_cover_every_prompt_times_samples(run):
 
 
 def test_training_moved_the_loss_and_kept_the_teacher_outputs_likely(run):
-    out, stdout = run
+    out, stdout, _ = run
     report = json.loads((out / "report.json").read_text())
     assert report["steps"] == report["curve"][-1]["step"] > 0
     before, after = report["eval_initial"], report["eval_trained"]
@@ -83,7 +83,7 @@ def test_training_moved_the_loss_and_kept_the_teacher_outputs_likely(run):
 
 
 def test_distill_evaluates_the_student_with_calibration(run):
-    out, stdout = run
+    out, stdout, _ = run
     report = json.loads((out / "eval" / "report.json").read_text())
     assert json.loads((out / "report.json").read_text())["evaluation"] == report
     models = report["models"]
@@ -120,8 +120,23 @@ def test_distill_evaluates_the_student_with_calibration(run):
           f"trained {trained['exact_match']:.3f}; ECE initial {initial['ece']:.3f}, trained {trained['ece']:.3f}")
 
 
+def test_the_terminal_is_quiet_and_the_logs_are_in_a_file(run):
+    """What a user sees of the demo's run: plad-ray's stage lines, training steps and the summary, no traceback;
+    engine, Ray and DeepSpeed logs in output_dir/logs/run.log, whose path is said once."""
+    out, stdout, stderr = run
+    terminal = (stdout + stderr).splitlines()
+    assert len(terminal) <= 60, "\n".join(terminal)
+    assert "Traceback" not in stdout + stderr
+    log = out / "logs" / "run.log"
+    assert sum(f"logs -> {log}" in line for line in terminal) == 1
+    assert any(line.startswith("[train] step") for line in terminal)
+    text = log.read_text()
+    assert "vLLMEngineStageUDF" in text and "RayTrainWorker" in text  # the engines' and the ranks' own logs
+    assert "[train] step" in text  # the file has every line the terminal showed from the workers too
+
+
 def test_parameters_changed(run, tiny_models):
-    out, _ = run
+    out, _, _ = run
     initial = load_file(f"{tiny_models['student']}/model.safetensors")
     trained = load_file(str(out / "student" / "model.safetensors"))
     assert initial.keys() == trained.keys()
@@ -130,9 +145,13 @@ def test_parameters_changed(run, tiny_models):
 
 
 def test_checkpoint_loads_in_transformers_and_vllm(run):
-    out, _ = run
+    out, _, _ = run
     student = out / "student"
     assert (student / "tokenizer.json").is_file() and (student / "_manifest.json").is_file()
+    # The model card beside the weights: the run's evaluation table and its command; both loaders ignore it.
+    card = (student / "README.md").read_text()
+    assert "## Evaluation on 152 held-out prompts (greedy)" in card and "| exact match |" in card
+    assert f"python -m jobs.distill --config configs/tiny-cpu.yaml --set output_dir={out}" in card
     assert json.loads((student / "config.json").read_text())["dtype"] == "float32"  # the source model's dtype
     script = textwrap.dedent(f"""
         from transformers import AutoModelForCausalLM
@@ -154,7 +173,7 @@ def test_checkpoint_loads_in_transformers_and_vllm(run):
 @pytest.mark.slow  # make test-slow; resuming from a checkpoint runs in make test as test_fault_tolerance's kill
 def test_training_resumes_from_its_last_checkpoint(run):
     # A crash after the last checkpoint: the export and report are gone, train/ remains.
-    out, _ = run
+    out, _, _ = run
     report = json.loads((out / "report.json").read_text())
     shutil.rmtree(out / "student")
     (out / "report.json").unlink()
@@ -183,7 +202,7 @@ def test_other_losses_train_on_the_same_pairs(run, loss_type, tmp_path):
     # Same pairs, steps and optimizer as the hinge run; only train.loss.type differs (margin
     # also scores every pair with the task's verifier and flips pairs the student won; listwise
     # ranks the teacher output above both samples of its prompt in one term).
-    out, _ = run
+    out, _, _ = run
     hinge = json.loads((out / "report.json").read_text())
     other = tmp_path / loss_type
     proc = subprocess.run(
@@ -234,7 +253,7 @@ def test_the_collapse_guard_stops_at_the_last_good_checkpoint(run, tmp_path):
     # The old objective (a pure summed hinge) at a from-scratch learning rate: it wins the ranking by
     # making the teacher's outputs less likely. With action=stop the guard ends training at the last
     # checkpoint that passed, and the exported student is that one.
-    out, _ = run
+    out, _, _ = run
     other = tmp_path / "guarded"
     proc = subprocess.run(
         [PYTHON, "-m", "jobs.train", "--config", "configs/tiny-cpu.yaml", "--set", f"output_dir={other}",
@@ -261,7 +280,7 @@ def test_the_collapse_guard_stops_at_the_last_good_checkpoint(run, tmp_path):
 
 
 def test_a_second_round_samples_the_trained_student_and_reuses_teacher_outputs(run):
-    out, _ = run
+    out, _, _ = run
     round_1 = json.loads((out / "report.json").read_text())
     proc = subprocess.run(
         [PYTHON, "-m", "jobs.distill", "--config", "configs/tiny-cpu.yaml", "--set", f"output_dir={out}",
@@ -291,7 +310,7 @@ def test_a_second_round_samples_the_trained_student_and_reuses_teacher_outputs(r
 @pytest.mark.slow  # make test-slow; zero teacher requests on a re-run are in make test's round-2 and Ctrl-C tests
 def test_new_student_round_reuses_teacher_outputs(run):
     # Another student configuration on the same output: zero teacher requests.
-    out, _ = run
+    out, _, _ = run
     teacher_before = (out / "teacher" / "_manifest.json").read_text()
     proc = subprocess.run(
         [PYTHON, "-m", "jobs.generate_pairs", "--config", "configs/tiny-cpu.yaml", "--set", f"output_dir={out}",

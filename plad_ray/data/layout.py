@@ -2,6 +2,7 @@
 
     output_dir/
       run.json            the config keys each stage's outputs depend on (data/outputs.py)
+      logs/run.log        engine, Ray, DeepSpeed and library logs (plad_ray/console.py; appended per run)
       quarantine/         prompt rows set aside, with where they sit and why (JSON lines)
       teacher/            teacher outputs by prompt id (shared by every round)
       pairs/              round 1's preference pairs
@@ -21,6 +22,7 @@ from plad_ray.data import storage
 
 RUN_FILE = "run.json"
 QUARANTINE = "quarantine"
+LOGS = "logs"
 TEACHER = "teacher"
 PAIRS = "pairs"
 TRAIN = "train"  # Ray Train's run name under a round's folder
@@ -39,6 +41,9 @@ class OutputLayout:
 
     def run_file(self) -> str:
         return storage.join(self.root, RUN_FILE)
+
+    def logs(self) -> str:
+        return storage.join(self.root, LOGS)
 
     def quarantine(self) -> str:
         return storage.join(self.root, QUARANTINE)

@@ -80,8 +80,10 @@ def check_prompts(uri: str, max_prompts: int | None, bad_rows: str, too_long: st
                            on=("id",))
         valid = valid.map_batches(mark_duplicates, fn_kwargs={"source": uri}, batch_format="pyarrow")
     if limits:
+        # max_restarts=0: a restartable actor whose constructor arguments sit in the object store makes Ray's
+        # core worker print an error line on the driver's terminal; a lost tokenizer actor fails the check.
         valid = valid.map_batches(LengthCheck, fn_constructor_args=(limits, too_long, uri), batch_format="pyarrow",
-                                  concurrency=(1, max(1, tokenizers)))
+                                  concurrency=(1, max(1, tokenizers)), max_restarts=0)
     checked = valid.union(_where(rows, "bad")).materialize()
     counts, first = _summary(checked)
     _stop_at_first(first, ("file",) + (("row",) if bad_rows == "error" else ()) + (("length",) if too_long == "error"

@@ -12,6 +12,7 @@ import os
 import urllib.error
 import urllib.request
 
+from plad_ray import console
 from plad_ray.config import EndpointConfig
 from plad_ray.errors import ConfigError, DataError
 
@@ -84,7 +85,9 @@ def build_endpoint_processor(endpoint: EndpointConfig, batch_size: int, preproce
         # Request workers wait on the network, not the CPU.
         http_request_stage={"num_cpus": REQUEST_WORKER_CPUS, "concurrency": endpoint.concurrency},
     )
-    return build_processor(config, preprocess=preprocess, postprocess=postprocess)
+    processor = build_processor(config, preprocess=preprocess, postprocess=postprocess)
+    console.route_libraries()  # ray.llm sets up its loggers on import
+    return processor
 
 
 def read_response(response: dict, stop_configured: bool = False) -> dict:

@@ -12,6 +12,7 @@ actor that can starve the engine of CPUs.
 from contextlib import contextmanager
 from typing import Callable
 
+from plad_ray import console
 from plad_ray.config import EngineConfig
 from plad_ray.errors import RuntimeFailure
 
@@ -83,14 +84,24 @@ def build_engine_processor(
         chat_template_stage=engine.chat_template,
         tokenize_stage=False,
         detokenize_stage=False,
-        runtime_env={"env_vars": {k: str(v) for k, v in engine.env.items()}} if engine.env else None,
+        runtime_env={"env_vars": {**ENGINE_ACTOR_ENV, **{k: str(v) for k, v in engine.env.items()}}},
     )
     processor = build_processor(config, preprocess=preprocess, postprocess=postprocess)
+    console.route_libraries()  # vLLM and ray.llm set up their loggers on import
     # ray.data.llm leaves Ray Data's actor default, max_restarts=-1: a vLLM engine that dies
     # ("Fatal engine error, exiting actor to trigger restart") comes back forever, so a crash
     # on every start never ends the run. The stage's map_batches arguments take the cap.
     processor.get_stage_by_name(ENGINE_STAGE).map_batches_kwargs["max_restarts"] = engine.max_restarts
     return processor
+
+
+# When an engine actor exits gracefully (its dataset done), Ray's core worker first kills the actor's child
+# processes, the multiprocessing resource tracker among them, and only then do Python's finalizers run:
+# vLLM's shared-memory queues and semaphores unlink themselves, the dead tracker is relaunched and does not
+# know them, and it prints `KeyError: '/psm_...'` tracebacks after a successful run. Leaving the children
+# to the actor's own shutdown (vLLM terminates its engine processes itself, and they exit when their
+# parent dies) keeps the tracker alive until the unlinks are done. A killed actor (SIGKILL) is unaffected.
+ENGINE_ACTOR_ENV = {"RAY_kill_child_processes_on_worker_exit": "0"}
 
 
 @contextmanager

@@ -13,7 +13,7 @@ import math
 import os
 import time
 
-from plad_ray import pairs
+from plad_ray import console, pairs
 from plad_ray.checks import Inputs
 from plad_ray.config import ClusterConfig, Config, TrainConfig
 from plad_ray.data import parquet, storage
@@ -169,6 +169,7 @@ def run_training(pairs_ds, model_path: str, train: TrainConfig, cluster: Cluster
         ),
     )
     start = time.perf_counter()
+    console.route_libraries()  # Ray Train sets up its loggers on import
     result = trainer.fit()
     fit_s = time.perf_counter() - start
     if result.error is not None:
