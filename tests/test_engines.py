@@ -32,8 +32,7 @@ def test_seeded_sampling_survives_prompts_longer_than_a_step(tiny_models):
         import sys
         from vllm import LLM, SamplingParams
         from plad_ray.config import load_config
-        from plad_ray.data.parquet import MAX_ROWS_PER_FILE, rows_per_file
-from plad_ray.generate.engines import MAX_BLOCKS_PER_REPLICA, engine_blocks, engine_kwargs, sampling_params
+        from plad_ray.generate.engines import engine_kwargs, sampling_params
 
         def main(chunked):
             engine = load_config("configs/tiny-cpu.yaml", ["student.engine_kwargs={{max_num_batched_tokens: 64, "

@@ -21,10 +21,16 @@ pytestmark = pytest.mark.integration
 
 
 def start(command, log_dir, env: dict | None = None):
-    """The job with its output in files (a pipe nobody reads would fill up and stall it)."""
+    """The job with its output in files (a pipe nobody reads would fill up and stall it), and Ctrl-C's signal
+    handled as on a terminal: a test run started in the background by a shell without job control (`make test
+    &` in a script) inherits SIGINT ignored, and a Python started with SIGINT ignored keeps ignoring it."""
     out, err = open(log_dir / "stdout.log", "w+"), open(log_dir / "stderr.log", "w+")
     return subprocess.Popen(command, cwd=ROOT, env={**job_env(), **(env or {})}, stdout=out, stderr=err, text=True,
-                            start_new_session=True), out, err
+                            start_new_session=True, preexec_fn=_sigint_as_on_a_terminal), out, err
+
+
+def _sigint_as_on_a_terminal():
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def finish(job, out, err, timeout=900) -> tuple[str, str]:
