@@ -178,9 +178,8 @@ def _worker_lines(data: dict, worker) -> None:
         return
     # A Ray Train worker's line reaches the driver twice (its stdout, and its logging mirror on stderr).
     ours = [line for line in lines if line.lstrip().startswith(TAGS) and not _seen(line)]
-    if ours:
-        stream = sys.stderr if data.get("is_err") else sys.stdout
-        print("\n".join(ours), file=stream, flush=True)
+    if ours:  # on stdout whichever stream they came on: Ray Train's copies on both race
+        print("\n".join(ours), flush=True)
 
 
 _recent: dict[str, None] = {}

@@ -77,4 +77,4 @@ def test_a_line_that_arrives_twice_is_shown_once(fresh, tmp_path, capsys):
     console._worker_lines(batch("[train] step 5/54 loss 0.7", is_err=True), ray)
     console._worker_lines(batch("[train] step 10/54 loss 0.6", is_err=True), ray)
     out = capsys.readouterr()
-    assert out.out == "[train] step 5/54 loss 0.7\n" and out.err == "[train] step 10/54 loss 0.6\n"
+    assert out.out == "[train] step 5/54 loss 0.7\n[train] step 10/54 loss 0.6\n" and out.err == ""

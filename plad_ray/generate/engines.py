@@ -117,7 +117,7 @@ def engine_deaths(role: str, engine: EngineConfig):
         deaths = engine.max_restarts + 1
         raise RuntimeFailure(
             f"{role} vLLM engine died {deaths} time{'s' if deaths > 1 else ''} ({role}.max_restarts={engine.max_restarts}); "
-            f"vLLM's reason is in the log above ('Fatal engine error', EngineCore traceback): fix {role}.model or "
+            f"vLLM's reason is in the run's log named above ('Fatal engine error', EngineCore traceback): fix {role}.model or "
             f"{role}.engine_kwargs, or raise {role}.max_restarts if the deaths are transient (lost nodes)") from e
 
 
