@@ -94,12 +94,7 @@ def quiet(verbose: bool = False) -> None:
         return
     _sink, _verbose = _Sink(), verbose
     logging.captureWarnings(True)
-    handler = logging.StreamHandler(_SinkStream())
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    for name in LIBRARIES:
-        _route(logging.getLogger(name), handler)
-    if not logging.getLogger("py.warnings").handlers:
-        logging.getLogger("py.warnings").addHandler(handler)
+    route_libraries()
 
 
 def route_libraries() -> None:
