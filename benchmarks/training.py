@@ -60,7 +60,7 @@ def train_config(s: dict, steps: int):
     # cpus_per_worker: Ray caps a worker's OMP/torch threads at its CPUs; (a) and (c) get the whole machine.
     return TrainConfig(num_workers=1, cpus_per_worker=s["cpus_per_worker"], zero_stage=0, precision=s["precision"], micro_batch_size=s["micro_batch"],
                        num_epochs=max(1, -(-steps * s["micro_batch"] // s["pairs"])), learning_rate=s["lr"],
-                       max_length=s["max_length"], log_every_steps=1, tensorboard=False, eval_every_steps=0,
+                       max_length=s["max_length"], log_every_steps=1, trackers=[], eval_every_steps=0,
                        loss=LossConfig(beta=1.0, nll_weight=0.0))  # = TRL CPO hinge with cpo_alpha=0
 
 

@@ -20,6 +20,7 @@ from plad_ray.data import storage
 from plad_ray.data.layout import OutputLayout
 from plad_ray.errors import ConfigError
 from plad_ray.scoring import POLICIES, SCORERS
+from plad_ray.tracking import TRACKERS
 
 LOSS_TYPES = ("hinge", "margin", "logistic", "listwise", "seqkd", "token_kd")  # implemented in plad_ray.losses
 
@@ -214,7 +215,10 @@ class TrainConfig:
     eval_every_steps: int = 50  # score the held-out pairs every N optimizer steps (and before/after); 0: only then
     scorer: str | None = None  # score outputs with this plad_ray.scoring scorer (e.g. reverse); null: none
     student_wins: str = "keep"  # pairs where the student's output scored higher: keep | drop | flip
-    tensorboard: bool = True  # write training metrics for TensorBoard under output_dir/train/tensorboard
+    trackers: list[str] = field(default_factory=lambda: ["tensorboard"])  # experiment trackers: tensorboard
+    # (output_dir/train/tensorboard), mlflow ($MLFLOW_TRACKING_URI), wandb ($WANDB_API_KEY or WANDB_MODE=offline);
+    # [] for none. Where they log and their credentials come only from the environment (plad_ray/tracking.py)
+    experiment: str = "plad-ray"  # the MLflow experiment and the W&B project the runs go to
     seed: int = 0
     loss: LossConfig = field(default_factory=LossConfig)
     guard: GuardConfig = field(default_factory=GuardConfig)
@@ -255,6 +259,11 @@ class TrainConfig:
         yield f"{prefix}eval_every_steps", self.eval_every_steps >= 0, (
             "must be >= 0 (0: only before and after training)")
         yield from self.guard.checks(f"{prefix}guard.")
+        yield f"{prefix}trackers", set(self.trackers) <= set(TRACKERS), (
+            f"unknown tracker {sorted(set(self.trackers) - set(TRACKERS))[0]!r}; choose from: {', '.join(TRACKERS)}"
+            if set(self.trackers) - set(TRACKERS) else "")
+        yield f"{prefix}trackers", len(set(self.trackers)) == len(self.trackers), "lists a tracker twice"
+        yield f"{prefix}experiment", bool(self.experiment.strip()), "must name the MLflow experiment / W&B project"
 
 
 @dataclass

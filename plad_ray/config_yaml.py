@@ -94,12 +94,17 @@ def _coerce(hint, value: Any, key: str) -> Any:
             pass
     if hint is dict and isinstance(value, dict):
         return dict(value)
+    if origin is list and isinstance(value, list):
+        (inner,) = typing.get_args(hint)
+        return [_coerce(inner, item, f"{key}[{i}]") for i, item in enumerate(value)]
     if hint in (int, float, str, bool) and type(value) is hint:
         return value
     raise ConfigError(f"config key {key}: expected {_type_name(hint)}, got {value!r}")
 
 
 def _type_name(hint) -> str:
+    if typing.get_origin(hint) is list:
+        return f"a list of {_type_name(typing.get_args(hint)[0]).split(' ', 1)[1]}s, e.g. [a, b]"
     return {int: "an integer", float: "a number", str: "a string", bool: "true or false", dict: "a mapping"}.get(
         hint, str(hint)
     )

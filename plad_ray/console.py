@@ -26,7 +26,7 @@ import threading
 
 TAGS = ("[plad-ray]", "[generate]", "[train]", "[eval]", "[pretrained]")
 LIBRARIES = ("ray", "ray.data", "ray.llm", "ray.train", "vllm", "deepspeed", "DeepSpeed", "transformers", "torch",
-             "py.warnings", "filelock", "urllib3")
+             "py.warnings", "filelock", "urllib3", "mlflow", "wandb", "alembic")
 LOG_NAME = "run.log"
 
 

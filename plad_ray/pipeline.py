@@ -23,6 +23,7 @@ from plad_ray.generate.student import generate_pairs
 from plad_ray.generate.teacher import generate_teacher
 from plad_ray.data.outputs import prepare_output
 from plad_ray.summary import write_report
+from plad_ray.tracking import check_trackers, log_report
 
 
 def distill(cfg: Config, overwrite: bool = False, check_only: bool = False, log=print) -> dict | None:
@@ -47,7 +48,9 @@ def distill(cfg: Config, overwrite: bool = False, check_only: bool = False, log=
             rounds.append({**train_student(cfg, inputs, log, round=r), "pair_generation": generated})
         if cfg.eval.enabled:
             evaluation = evaluate_run(cfg, inputs.student_path, log=log, initial_outputs=initial)
-    return write_report(cfg, rounds, figures, evaluation, log)
+    report = write_report(cfg, rounds, figures, evaluation, log)
+    log_report(cfg, report, log)
+    return report
 
 
 def generate(cfg: Config, overwrite: bool = False, check_only: bool = False, log=print) -> dict | None:
@@ -65,7 +68,9 @@ def train(cfg: Config, overwrite: bool = False, check_only: bool = False, log=pr
     inputs = prepare(cfg, generation=False, training=True, overwrite=overwrite, check_only=check_only, log=log)
     if inputs is None:
         return None
-    return write_report(cfg, [train_student(cfg, inputs, log)], log=log)
+    report = write_report(cfg, [train_student(cfg, inputs, log)], log=log)
+    log_report(cfg, report, log)
+    return report
 
 
 def evaluate(cfg: Config, check_only: bool = False, log=print) -> dict | None:
@@ -90,6 +95,7 @@ def evaluate(cfg: Config, check_only: bool = False, log=print) -> dict | None:
     if report is not None:
         report["evaluation"] = evaluation
         storage.write_json(layout.report(), report)
+        log_report(cfg, report, log)
     return evaluation
 
 
@@ -111,6 +117,8 @@ def prepare(cfg: Config, generation: bool, training: bool, overwrite: bool = Fal
     token_kd = training and cfg.train.loss.type == "token_kd"
     inputs = check_inputs(cfg, prompts=generation, teacher=generation or token_kd, pairs_written=not generation,
                           log=log)
+    if training:
+        check_trackers(cfg.train.trackers)
     cluster.check_local(cfg, generation, training)
     prepare_output(cfg, overwrite, dry_run=True, log=log if check_only else (lambda _: None))
     if check_only:

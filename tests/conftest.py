@@ -34,3 +34,42 @@ def job_env() -> dict:
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env["PYTHONPATH"] = str(ROOT)
     return env
+
+
+MLFLOW_SERVER = ROOT / ".venv" / "mlflow-server" / "bin" / "mlflow"
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """A real MLflow tracking server on loopback (SQLite store), from its own venv (make test builds it)."""
+    import socket
+    import subprocess
+    import time
+    import urllib.request
+
+    if not MLFLOW_SERVER.exists():
+        pytest.fail(f"{MLFLOW_SERVER} is missing: run make test (it builds the MLflow server's venv)")
+    folder = tmp_path_factory.mktemp("mlflow")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = open(folder / "server.log", "w")
+    server = subprocess.Popen(
+        [str(MLFLOW_SERVER), "server", "--backend-store-uri", f"sqlite:///{folder}/mlflow.db",
+         "--default-artifact-root", str(folder / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
+         "--workers", "1"], stdout=log, stderr=subprocess.STDOUT, cwd=folder)
+    uri = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while True:
+        try:
+            urllib.request.urlopen(f"{uri}/health", timeout=2)
+            break
+        except OSError:
+            if server.poll() is not None or time.time() > deadline:
+                server.kill()
+                pytest.fail(f"the MLflow server did not start: {(folder / 'server.log').read_text()[-2000:]}")
+            time.sleep(0.5)
+    yield uri
+    server.terminate()
+    server.wait(timeout=30)
+    log.close()

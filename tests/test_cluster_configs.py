@@ -79,9 +79,9 @@ def test_kuberay_raycluster_and_rayjob():
         check_resources(run, resources)
 
 
-def test_dockerfile_builds_on_the_pinned_ray_with_the_gpu_extra():
+def test_dockerfile_builds_on_the_pinned_ray_with_the_gpu_and_tracking_extras():
     lines = [line.strip() for line in (CLUSTER / "Dockerfile.gpu").read_text().splitlines()]
     assert f"FROM rayproject/ray:{RAY_VERSION}-py311-gpu" in lines
-    assert 'RUN pip install --no-cache-dir -e ".[gpu]"' in lines
+    assert 'RUN pip install --no-cache-dir -e ".[gpu,tracking]"' in lines  # trackers: MLflow and W&B clients
     for copied in ("plad_ray", "jobs", "configs"):
         assert any(line.startswith("COPY") and f" {copied} " in line + " " for line in lines), copied

@@ -40,7 +40,7 @@ def test_operational_training_settings_resume(tmp_path):
     prepare_output(make(tmp_path, "train.max_failures=0"))
     touch_outputs(tmp_path / "run")
     prepare_output(make(tmp_path, "train.max_failures=3", "train.log_every_steps=1", "train.checkpoint_every_steps=7",
-                        "train.tensorboard=false", "train.cpus_per_worker=2", "train.placement_strategy=SPREAD"))
+                        "train.trackers=[]", "train.cpus_per_worker=2", "train.placement_strategy=SPREAD"))
     assert all((tmp_path / "run" / name).exists() for name in ("train", "student", "report.json"))
     # A run.json written before these keys were left out still resumes.
     import json

@@ -93,7 +93,7 @@ def main(out: Path) -> None:
     vocab = AutoConfig.from_pretrained(model_path).vocab_size
     rows = synthetic_pairs(STEPS * PAIRS_PER_STEP * world, vocab)
     base = TrainConfig(num_workers=world, precision="fp32", learning_rate=1e-3, warmup_steps=2, length_grouping=1,
-                       micro_batch_size=PAIRS_PER_STEP, log_every_steps=1, eval_every_steps=0, tensorboard=False,
+                       micro_batch_size=PAIRS_PER_STEP, log_every_steps=1, eval_every_steps=0, trackers=[],
                        max_length=64, loss=LossConfig(type="hinge", beta=1.0, nll_weight=1.0))
     names = sys.argv[2:] or list(VARIANTS)
     if rank == 0:
@@ -105,7 +105,7 @@ def main(out: Path) -> None:
     for name in names:
         train = replace(base, **VARIANTS[name])
         plan = worker.TrainPlan(train=train, model_path=model_path, export_uri=str(out / f"{name}-export"),
-                                tensorboard_dir=None, steps_per_epoch=STEPS, pad_id=0)
+                                tracking=None, steps_per_epoch=STEPS, pad_id=0)
         torch.manual_seed(train.seed)
         engine = worker._initialize(plan, world)
         shard = ListShard(rows[rank::world])  # a fixed split: every variant sees the same pairs per rank

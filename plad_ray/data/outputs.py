@@ -30,7 +30,8 @@ _ENGINE_PERF_KEYS = ("replicas", "batch_size", "cpus_per_replica", "max_restarts
 # Training settings that change how a run is operated, not the weights it trains: changing them (say, more
 # train.max_failures after a crash) resumes the run instead of refusing it.
 _TRAIN_OPERATIONAL_KEYS = ("max_failures", "log_every_steps", "checkpoint_every_steps", "checkpoint_upload",
-                           "tensorboard", "cpus_per_worker", "placement_strategy")
+                           "trackers", "experiment", "cpus_per_worker", "placement_strategy",
+                           "tensorboard")  # tensorboard: what train.trackers replaced, in older run.json files
 
 
 def stage_keys(cfg: Config) -> dict:

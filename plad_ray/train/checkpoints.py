@@ -31,6 +31,7 @@ class Progress:
     guard: dict | None = None  # set when the collapse guard tripped: step, log-probs, what was done
     last_checkpoint: int | None = None  # step of the newest checkpoint of this run
     checkpoint_s: list = field(default_factory=list)  # [step, seconds training waited] of each save
+    tracker_runs: dict = field(default_factory=dict)  # tracker -> run id: a restarted rank 0 logs to the same runs
 
 
 def checkpoint_name(step: int) -> str:

@@ -19,8 +19,8 @@ from plad_ray.config import ClusterConfig, Config, TrainConfig
 from plad_ray.data import parquet, storage
 from plad_ray.data.layout import TRAIN, OutputLayout
 from plad_ray.errors import DataError, RuntimeFailure
+from plad_ray.tracking import Tracking, plan_tracking
 from plad_ray.train.batching import PairTokenizer, group_samples
-from plad_ray.train.metrics import tensorboard_dir
 from plad_ray.train.worker import TrainPlan, train_loop_per_worker
 
 
@@ -108,7 +108,7 @@ def steps_per_epoch(train_rows: int, train: TrainConfig) -> int:
 def run_training(pairs_ds, model_path: str, train: TrainConfig, cluster: ClusterConfig, output_dir: str,
                  export_uri: str, pad_id: int, chat_template: bool = False, trust_remote_code: bool = False,
                  allow_pickle: bool = False, teacher_path: str | None = None,
-                 stops: tuple[str | None, str | None] = (None, None)) -> dict:
+                 stops: tuple[str | None, str | None] = (None, None), tracking: Tracking | None = None) -> dict:
     """Train, evaluate and export; returns the run's figures (also written by the caller)."""
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -135,7 +135,7 @@ def run_training(pairs_ds, model_path: str, train: TrainConfig, cluster: Cluster
             "train.micro_batch_size x train.num_workers x train.gradient_accumulation_steps); add prompts or lower those"
         )
     plan = TrainPlan(train=train, model_path=model_path, export_uri=export_uri,
-                     tensorboard_dir=tensorboard_dir(storage.absolute(output_dir), train.tensorboard), steps_per_epoch=steps,
+                     tracking=tracking, steps_per_epoch=steps,
                      pad_id=pad_id, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
                      teacher_path=teacher_path,
                      checkpoint_root=OutputLayout(storage.absolute(output_dir)).train_state(),
@@ -207,9 +207,12 @@ def train_student(cfg: Config, inputs: Inputs, log=print, round: int = 1) -> dic
     start = time.perf_counter()
     student = cfg.student
     stops = (None, None) if cfg.train.pairs is not None else (cfg.teacher.sampling.stop, student.sampling.stop)
+    name = os.path.basename(storage.absolute(cfg.output_dir).rstrip("/")) + ("" if round == 1 else f"-round-{round}")
+    tracking = plan_tracking(cfg.train.trackers, cfg.train.experiment, storage.absolute(layout.round_dir(round)), name,
+                             cfg.to_safe_dict())
     result = run_training(pairs_ds, student_path, cfg.train, cfg.cluster, layout.round_dir(round), export_uri, pad_id,
                           student.chat_template, student.trust_remote_code, student.allow_pickle_weights,
-                          inputs.teacher_path, stops)
+                          inputs.teacher_path, stops, tracking)
     result["train_seconds"] = time.perf_counter() - start
     result["round"] = round
     storage.write_json(report_uri, result)

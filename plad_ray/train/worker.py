@@ -23,12 +23,12 @@ import torch
 
 from plad_ray.config import TrainConfig
 from plad_ray.losses import step_term_scales
+from plad_ray.tracking import Tracker, Tracking
 from plad_ray.train.checkpoints import Progress, resume, save
 from plad_ray.train.ds_config import deepspeed_config, lr_factor
 from plad_ray.train.export import export_hf
 from plad_ray.train.feed import forward, optimizer_steps, term_counts
 from plad_ray.train.heldout import check_guard, evaluate, load_batches
-from plad_ray.train.metrics import MetricsWriter
 
 
 @dataclass
@@ -38,7 +38,7 @@ class TrainPlan:
     train: TrainConfig
     model_path: str
     export_uri: str  # where rank 0 publishes the trained model (HF folder)
-    tensorboard_dir: str | None  # where rank 0 writes TensorBoard event files (None: off)
+    tracking: Tracking | None  # the experiment trackers rank 0 logs to (plad_ray.tracking); None: none
     steps_per_epoch: int  # optimizer steps per epoch (identical on every worker)
     pad_id: int
     trust_remote_code: bool = False
@@ -75,7 +75,7 @@ def train_loop_per_worker(config: dict) -> dict | None:
     engine = _initialize(plan, ray.train.get_context().get_world_size())
     teacher = _load_teacher(plan, engine.device)
     progress = resume(engine)
-    metrics = MetricsWriter(plan.tensorboard_dir if rank == 0 else None)
+    metrics = _open_trackers(plan, progress, rank)
     clock.lap("init_s")
     eval_batches = load_batches(ray.train.get_dataset_shard(TrainPlan.eval_shard(rank)), plan)
     if progress.eval_initial is None:
@@ -93,16 +93,26 @@ def train_loop_per_worker(config: dict) -> dict | None:
         eval_trained = evaluate(engine, eval_batches, plan, teacher)  # of the restored checkpoint
     log(f"[train] held-out pairs after training: {_fmt(eval_trained)}")
     metrics.log(progress.step, eval_trained, prefix="heldout")
-    metrics.close()
+    tracker_runs = metrics.close()
     clock.lap("eval_s")
     export_hf(engine, plan, rank)
     clock.lap("export_s")
     if rank == 0:
         return {"steps": progress.step, "curve": progress.curve, "eval_initial": progress.eval_initial,
                 "eval_trained": eval_trained, "evals": progress.evals, "guard": progress.guard,
-                "checkpoint_s": progress.checkpoint_s,
+                "checkpoint_s": progress.checkpoint_s, "tracker_runs": tracker_runs,
                 "worker_timings": clock.laps, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
     return None
+
+
+def _open_trackers(plan: TrainPlan, progress: Progress, rank: int) -> Tracker:
+    """Rank 0 opens the run's trackers (the same runs again after a restart from a checkpoint); others none."""
+    if rank != 0 or plan.tracking is None or not plan.tracking.trackers:
+        return Tracker(None)
+    plan.tracking.run_ids.update(progress.tracker_runs)
+    tracker = Tracker(plan.tracking, params=plan.tracking.config)
+    progress.tracker_runs = dict(plan.tracking.run_ids)
+    return tracker
 
 
 class _Clock:
@@ -163,7 +173,7 @@ def _load_teacher(plan: TrainPlan, device):
     return teacher.to(device).eval()
 
 
-def _train(engine, shard, plan: TrainPlan, progress: Progress, rank: int, metrics: MetricsWriter, teacher,
+def _train(engine, shard, plan: TrainPlan, progress: Progress, rank: int, metrics: Tracker, teacher,
            eval_batches) -> None:
     train = plan.train
     window = _Window()
@@ -215,6 +225,7 @@ def _train(engine, shard, plan: TrainPlan, progress: Progress, rank: int, metric
                     return
                 checkpoint = checkpoint or stop_mode
             if checkpoint:  # stop mode waits for each upload: the guard may restore the newest at once
+                metrics.sync()
                 save(engine, progress, rank, upload="sync" if stop_mode else train.checkpoint_upload)
             if end_of_epoch or progress.step >= plan.total_steps:
                 break
