@@ -2,6 +2,7 @@
 
 import glob
 import json
+import math
 import os
 
 import pytest
@@ -158,3 +159,21 @@ def test_quality_benchmark_config_is_valid_with_every_methods_overrides():
         # The same pairs per optimizer step for every method: 16 (listwise: 4 prompts x 4 samples).
         pairs_per_step = cfg.train.micro_batch_size * (cfg.student.num_samples if cfg.train.loss.type == "listwise" else 1)
         assert pairs_per_step == 16, method.name
+
+
+
+def test_lr_schedule_is_transformers_linear_one_step_ahead():
+    """plad_ray's linear schedule (ds_config.lr_factor) is transformers' get_linear_schedule_with_warmup one step
+    ahead during warm-up, and the same decay after: it never spends a step at learning rate 0."""
+    import torch
+    from transformers import get_linear_schedule_with_warmup
+
+    from plad_ray.train.ds_config import lr_factor
+
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    for warmup, total in ((5, 55), (0, 10), (3, 4)):
+        theirs = get_linear_schedule_with_warmup(optimizer, warmup, total).lr_lambdas[0]
+        ours = [lr_factor(step, warmup, total) for step in range(total)]
+        assert ours[:warmup] == pytest.approx([theirs(step + 1) for step in range(warmup)])
+        assert ours[warmup:] == pytest.approx([theirs(step) for step in range(warmup, total)])
+        assert all(lr > 0 for lr in ours) and theirs(0) == (0.0 if warmup else 1.0)

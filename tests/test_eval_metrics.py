@@ -24,6 +24,32 @@ def test_rouge_l_by_hand():
     assert rouge_l("", "a") == 0.0
 
 
+def test_rouge_l_scores_words_not_punctuation_in_any_script():
+    # Whitespace-split ROUGE (before rouge-score) gave "Rome." vs "Rome" 0.0.
+    assert rouge_l("Rome.", "Rome") == 1.0 and rouge_l("It is Rome!", "it is rome") == 1.0
+    # rouge-score's own tokenizer drops non-[a-z0-9]: these would all have scored 0 (or 1 for both empty).
+    assert rouge_l("Köln liegt am Rhein", "Köln am Rhein") == pytest.approx(2 * 1 * 0.75 / 1.75)
+    assert rouge_l("東京 です", "東京 です") == 1.0 and rouge_l("東京", "大阪") == 0.0
+    assert rouge_l("...", "!!") == 1.0  # no words on either side
+
+
+def test_ece_equals_torchmetrics_binary_calibration_error():
+    """ECE stays hand-written because the reliability diagram needs its per-bin counts, which torchmetrics does
+    not return; it must equal torchmetrics' L1 binary calibration error on the same equal-width bins."""
+    import random
+
+    import torch
+    from torchmetrics.functional.classification import binary_calibration_error
+
+    rng = random.Random(0)
+    for n, bins in ((50, 10), (500, 15), (7, 5)):
+        conf = [rng.random() for _ in range(n)]
+        right = [float(rng.random() < c) for c in conf]
+        theirs = binary_calibration_error(torch.tensor(conf, dtype=torch.float64), torch.tensor(right).long(),
+                                          n_bins=bins, norm="l1").item()
+        assert expected_calibration_error(conf, right, bins) == pytest.approx(theirs, abs=1e-6)
+
+
 def test_win_rate_counts_ties_half():
     out = win_rate([1, 0, 1, 0], [0, 0, 1, 1])
     assert out == {"wins": 1, "ties": 2, "losses": 1, "win_rate": 0.5}

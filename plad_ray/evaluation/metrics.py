@@ -1,7 +1,7 @@
 """Generation-quality metrics. Pure functions over strings and numbers (no torch, ray or vllm).
 
     exact match     normalised output == normalised reference
-    ROUGE-L         F-measure of the longest common subsequence of whitespace tokens
+    ROUGE-L         F-measure of the longest common subsequence of word tokens (rouge-score)
     edit similarity 1 - Levenshtein(output, reference) / max(|output|, |reference|), a graded score
     win rate        (wins + ties / 2) / n, one model's score against another's on the same prompt
     ECE             sum_b |B_b|/n * |accuracy(B_b) - confidence(B_b)| over equal-width confidence bins
@@ -16,6 +16,7 @@ ECE by growing less sure of wrong answers. `calibration_note` says when that is 
 """
 
 import math
+import re
 
 
 def normalize(text: str) -> str:
@@ -27,26 +28,30 @@ def exact_match(output: str, reference: str) -> float:
     return float(normalize(output) == normalize(reference))
 
 
-def _lcs(a: list[str], b: list[str]) -> int:
-    """Length of the longest common subsequence (O(len(a) * len(b)) time, O(len(b)) memory)."""
-    row = [0] * (len(b) + 1)
-    for x in a:
-        diagonal = 0
-        for j, y in enumerate(b, start=1):
-            diagonal, row[j] = row[j], diagonal + 1 if x == y else max(row[j], row[j - 1])
-    return row[-1]
+class _Words:
+    """ROUGE tokens: lower-cased runs of Unicode word characters. rouge-score's default tokenizer keeps only
+    [a-z0-9] (English): it would score any non-Latin answer as empty."""
+
+    @staticmethod
+    def tokenize(text: str) -> list[str]:
+        return _WORD.findall(text.lower())
+
+
+_WORD = re.compile(r"\w+")
+_ROUGE = None
 
 
 def rouge_l(output: str, reference: str) -> float:
-    """ROUGE-L F1 over lower-cased whitespace tokens; 1.0 when both are empty."""
-    out, ref = normalize(output).split(), normalize(reference).split()
-    if not out or not ref:
-        return float(out == ref)
-    common = _lcs(out, ref)
-    if common == 0:
-        return 0.0
-    precision, recall = common / len(out), common / len(ref)
-    return 2 * precision * recall / (precision + recall)
+    """ROUGE-L F1 (Google's rouge-score, on word tokens: punctuation and case ignored, "Rome." = "Rome");
+    1.0 when both have no words."""
+    global _ROUGE
+    if _ROUGE is None:
+        from rouge_score import rouge_scorer
+
+        _ROUGE = rouge_scorer.RougeScorer(["rougeL"], tokenizer=_Words())
+    if not _Words.tokenize(output) and not _Words.tokenize(reference):
+        return 1.0
+    return _ROUGE.score(reference, output)["rougeL"].fmeasure
 
 
 def edit_similarity(output: str, reference: str) -> float:
