@@ -12,6 +12,7 @@ or DataError with one line naming the input and the fix.
 from dataclasses import dataclass
 
 import pyarrow as pa
+import pyarrow.fs  # noqa: F401 - pa.fs below
 
 from plad_ray.config import Config
 from plad_ray.data import parquet, storage
@@ -106,6 +107,62 @@ def check_external_pairs(uri: str) -> None:
     if missing:
         raise DataError(f"config key train.pairs: {uri} has no {', '.join(missing)} column(s) "
                         f"(columns: {', '.join(schema.names)}); pairs use TRL's prompt/chosen/rejected")
+    for column in ("prompt", "chosen", "rejected"):
+        kind = schema.field(column).type
+        if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+            raise DataError(f"config key train.pairs: {uri} column {column} holds {kind}, not text; pairs use "
+                            "TRL's string columns prompt/chosen/rejected (conversational lists are not read)")
+
+
+def check_step_budget(cfg: Config, generation: bool) -> None:
+    """Arithmetic across keys, before anything starts: the most training rows the run can have (every prompt
+    the source holds, up to data.max_prompts, times student.num_samples, none held out, no row refused)
+    must fill one optimizer step; otherwise training would refuse them after all the generation.
+
+    Row counts come only from what the files state cheaply: Parquet metadata, or the lines of a local JSON
+    Lines file (read in chunks); other sources are counted when the run reads them."""
+    train = cfg.train
+    if generation:
+        rows = _rows_stated(cfg.data.prompts)
+        if rows is None:
+            return
+        prompts = rows if cfg.data.max_prompts is None else min(rows, cfg.data.max_prompts)
+        most = prompts if train.loss.type == "listwise" else prompts * cfg.student.num_samples
+        what = (f"{prompts} prompts" if train.loss.type == "listwise"
+                else f"{most} pairs ({prompts} prompts x student.num_samples {cfg.student.num_samples})")
+        source = f"data.prompts {cfg.data.prompts}"
+    elif train.pairs is not None and train.loss.type != "listwise":
+        most = _rows_stated(train.pairs)
+        if most is None:
+            return
+        what, source = f"{most} pairs", f"train.pairs {train.pairs}"
+    else:
+        return
+    per_worker = (train.gradient_accumulation_steps - 1) * train.micro_batch_size + 1
+    need = train.num_workers * per_worker  # the fewest rows steps_per_epoch turns into one step
+    if most < need:
+        raise ConfigError(
+            f"{source}: gives at most {what}, before any is held out; one optimizer step needs {need} "
+            f"(train.num_workers {train.num_workers} x ((train.gradient_accumulation_steps "
+            f"{train.gradient_accumulation_steps} - 1) x train.micro_batch_size {train.micro_batch_size} + 1)); "
+            "add prompts or lower those")
+
+
+def _rows_stated(uri: str) -> int | None:
+    import pyarrow.parquet as pq
+
+    fs, path = storage.filesystem_and_path(uri)
+    total = 0
+    for f in storage.list_files(fs, path, uri):
+        if f.endswith(".parquet"):
+            with fs.open_input_file(f) as handle:
+                total += pq.ParquetFile(handle).metadata.num_rows
+        elif f.endswith(".jsonl") and isinstance(fs, pa.fs.LocalFileSystem):
+            with open(f, "rb") as handle:
+                total += sum(1 for line in handle if line.strip())
+        else:
+            return None
+    return total
 
 
 def check_shared_vocabulary(teacher_path: str, student_path: str, trust_remote_code: bool = False) -> None:

@@ -15,7 +15,7 @@ not yet cached (generate/teacher.py), pairs only for missing (prompt, sample) ke
 from concurrent.futures import ThreadPoolExecutor
 
 from plad_ray import cluster, console
-from plad_ray.checks import Inputs, check_inputs, check_prompt_rows, check_teacher_cache
+from plad_ray.checks import Inputs, check_inputs, check_prompt_rows, check_step_budget, check_teacher_cache
 from plad_ray.config import Config
 from plad_ray.data import storage
 from plad_ray.errors import DataError
@@ -119,6 +119,7 @@ def prepare(cfg: Config, generation: bool, training: bool, overwrite: bool = Fal
                           log=log)
     if training:
         check_trackers(cfg.train.trackers)
+        check_step_budget(cfg, generation)
     cluster.check_local(cfg, generation, training)
     prepare_output(cfg, overwrite, dry_run=True, log=log if check_only else (lambda _: None))
     if check_only:

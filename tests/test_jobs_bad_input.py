@@ -35,6 +35,12 @@ def bad(tmp_path_factory, tiny_models):
         (d / "notok" / f).unlink()
     (d / "pickle" / "model.safetensors").rename(d / "pickle" / "pytorch_model.bin")
     (d / "bad.yaml").write_text("output_dir: x\ntrain: [\n")
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    # Conversational pairs (TRL's other format), which plad-ray does not read: chosen is a list of messages.
+    messages = [[{"role": "assistant", "content": "cba"}]]
+    pq.write_table(pa.table({"prompt": ["abc>"], "chosen": messages, "rejected": messages}), d / "chat-pairs.parquet")
     (d / "a-file").write_text("not a folder")
     (d / "other").mkdir()
     (d / "other" / "notes.txt").write_text("someone's files")
@@ -56,6 +62,13 @@ CASES = {
                              "config key train.offload_optimizer: optimizer offload needs train.zero_stage >= 1"),
     "more workers than CPUs": ("distill", None, ["train.num_workers=4"], 2,
                                "config key train.num_workers: 4 workers x 1 CPUs plus 1 CPU for the data"),
+    "too few prompts for one step": ("distill", None, ["data.max_prompts=2", "train.gradient_accumulation_steps=4"], 2,
+                                     "data.prompts {root}/configs/prompts/tiny-reverse.jsonl: gives at most 4 pairs "
+                                     "(2 prompts x student.num_samples 2), before any is held out; one optimizer step "
+                                     "needs 98 (train.num_workers 2 x ((train.gradient_accumulation_steps 4 - 1) x "
+                                     "train.micro_batch_size 16 + 1)); add prompts or lower those"),
+    "conversational pairs": ("train", None, ["train.pairs={d}/chat-pairs.parquet"], 3,
+                             "config key train.pairs: {d}/chat-pairs.parquet column chosen holds list<"),
     "missing config": ("distill", "{d}/nope.yaml", [], 2, "config file {d}/nope.yaml: not found"),
     "malformed config": ("train", "{d}/bad.yaml", [], 2, "config file {d}/bad.yaml line 3: not valid YAML"),
     "missing prompts": ("distill", None, ["data.prompts={d}/missing.jsonl"], 3,
@@ -92,7 +105,7 @@ ROW_CASES = ("duplicate ids", "malformed JSON line", "prompt over the context") 
 def test_bad_input(case, bad, tmp_path):
     job, config, overrides, code, message = CASES[case]
     out = tmp_path / "run"
-    sets = [x for o in [f"output_dir={out}", *overrides] for x in ("--set", o.format(d=bad))]
+    sets = [x for o in [f"output_dir={out}", *overrides] for x in ("--set", o.format(d=bad, root=ROOT))]
     proc = run_job(job, config.format(d=bad) if config else str(CONFIG), *sets)
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == code, proc.stderr[-2000:]
@@ -101,7 +114,7 @@ def test_bad_input(case, bad, tmp_path):
         assert errors == lines[-1:], proc.stderr[-2000:]
     else:
         assert errors == lines and len(lines) == 1, proc.stderr[-2000:]
-    assert message.format(d=bad) in lines[-1]
+    assert message.format(d=bad, root=ROOT) in lines[-1]
     assert "Traceback" not in proc.stderr + proc.stdout
     if case in ROW_CASES:
         assert "[generate]" not in proc.stdout  # refused before any engine started
@@ -142,3 +155,28 @@ def test_train_without_pairs_says_what_to_run_first(tmp_path):
     assert proc.stderr.strip() == (
         f"plad-ray: error: pairs {out}/pairs: missing or incomplete; run jobs.generate_pairs first, "
         "or point train.pairs at a pairs dataset")
+
+
+def test_the_step_budget_counts_parquet_rows_from_metadata(tmp_path):
+    """External pairs (and Parquet prompt sources) are counted from their footers; JSON Lines by their lines."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from plad_ray.checks import check_step_budget
+    from plad_ray.config import load_config
+    from plad_ray.errors import ConfigError
+
+    (tmp_path / "pairs").mkdir()
+    for i in range(2):  # 2 files x 3 pairs
+        pq.write_table(pa.table({"prompt": ["a>"] * 3, "chosen": ["a"] * 3, "rejected": ["b"] * 3}),
+                       tmp_path / "pairs" / f"part-{i}.parquet")
+    sets = [f"output_dir={tmp_path / 'run'}", f"train.pairs={tmp_path / 'pairs'}", "train.micro_batch_size=4"]
+    check_step_budget(load_config(str(CONFIG), [*sets, "train.gradient_accumulation_steps=1"]), generation=False)
+    with pytest.raises(ConfigError, match=r"train.pairs .*: gives at most 6 pairs, before any is held out; one "
+                                          r"optimizer step needs 10 \(train.num_workers 2 x"):
+        check_step_budget(load_config(str(CONFIG), [*sets, "train.gradient_accumulation_steps=2"]), generation=False)
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "a>"}\n\n{"prompt": "b>"}\n')  # the blank line is no row
+    with pytest.raises(ConfigError, match=r"gives at most 4 pairs \(2 prompts x student.num_samples 2\)"):
+        check_step_budget(load_config(str(CONFIG), [f"data.prompts={prompts}", "train.gradient_accumulation_steps=2"]),
+                          generation=True)
