@@ -112,6 +112,13 @@ def test_a_file_that_cannot_be_read_stops_the_run_under_quarantine_too(local_ray
     pq.write_table(pa.table({"text": ["a"]}), tmp_path / "p.parquet")
     with pytest.raises(DataError, match=r"no 'prompt' column \(columns: text\)"):
         check(str(tmp_path / "p.parquet"), bad_rows="quarantine")
+    # Parquet states its schema in the footer: the listing before Ray (and --check) refuses these already.
+    with pytest.raises(DataError, match=r"p.parquet: no 'prompt' column \(columns: text\)"):
+        source_files(str(tmp_path / "p.parquet"))
+    (tmp_path / "ints").mkdir()
+    pq.write_table(pa.table({"prompt": [1]}), tmp_path / "ints" / "p.parquet")
+    with pytest.raises(DataError, match=r"ints/p.parquet: column 'prompt' must hold strings, not int64"):
+        source_files(str(tmp_path / "ints"))
 
 
 def test_length_policies(local_ray, tmp_path, tok):

@@ -14,12 +14,13 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from plad_ray.data import storage
 from plad_ray.data.parquet import JOIN_ROWS_PER_PARTITION
 from plad_ray.data.limits import LengthCheck, Limit
 from plad_ray.data.prompts import FORMATS, QUARANTINE_COLUMNS, display, error_line, mark_duplicates, number_rows, \
-    read_file
+    parquet_schema_problem, read_file
 from plad_ray.errors import DataError
 
 
@@ -42,6 +43,14 @@ def source_files(uri: str) -> list[str]:
         if not f.endswith(FORMATS):
             raise DataError(f"prompt file {display(uri, f, path)}: unsupported format; "
                             "use .jsonl (one JSON object per line) or .parquet")
+        if f.endswith(".parquet"):  # the schema is in the footer: --check reads it without reading the rows
+            try:
+                with fs.open_input_file(f) as handle:
+                    problem = parquet_schema_problem(pq.read_schema(handle))
+            except (pa.ArrowInvalid, OSError) as e:
+                problem = f"not a readable Parquet file ({e})"
+            if problem:
+                raise DataError(f"prompt file {display(uri, f, path)}: {problem}")
     return files
 
 

@@ -96,13 +96,20 @@ def read_file(uri: str, path: str, file: int, shown: str) -> pa.Table:
         return _jsonl_rows(f.read(), file, shown)
 
 
-def _parquet_rows(table: pa.Table, file: int, shown: str) -> pa.Table:
-    if "prompt" not in table.column_names:
-        return _file_problem(file, shown, f"no 'prompt' column (columns: {', '.join(table.column_names) or 'none'}); "
-                                          "rename the prompt column to 'prompt'")
-    kind = table.schema.field("prompt").type
+def parquet_schema_problem(schema: pa.Schema) -> str | None:
+    """Why a Parquet prompt file cannot be read, from its schema alone (checked again by --check from the footer)."""
+    if "prompt" not in schema.names:
+        return f"no 'prompt' column (columns: {', '.join(schema.names) or 'none'}); rename the prompt column to 'prompt'"
+    kind = schema.field("prompt").type
     if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
-        return _file_problem(file, shown, f"column 'prompt' must hold strings, not {kind}")
+        return f"column 'prompt' must hold strings, not {kind}"
+    return None
+
+
+def _parquet_rows(table: pa.Table, file: int, shown: str) -> pa.Table:
+    problem = parquet_schema_problem(table.schema)
+    if problem:
+        return _file_problem(file, shown, problem)
     n = table.num_rows
     columns = {"file": pa.array([file] * n, pa.int32()), "line": pa.array(range(n), pa.int64()),
                "index": pa.array(range(n), pa.int64()), "prompt": table.column("prompt").cast(pa.string())}
