@@ -42,25 +42,23 @@ def wandb_records(path: str) -> list:
     return out
 
 
-def wandb_history(folder) -> list[dict]:
-    """Every logged row of every offline W&B run under `folder` (wandb/offline-run-*)."""
-    rows = []
+def _wandb_items(folder, kind: str) -> list[dict]:
+    """Every `history` row (or `summary` update) of every offline W&B run under `folder` (wandb/offline-run-*)."""
+    out = []
     for path in sorted(glob.glob(f"{folder}/wandb/offline-run-*/run-*.wandb")):
         for record in wandb_records(path):
-            if record.WhichOneof("record_type") == "history":
-                rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json)
-                             for item in record.history.item})
-    return rows
+            if record.WhichOneof("record_type") == kind:
+                items = record.history.item if kind == "history" else record.summary.update
+                out.append({item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in items})
+    return out
+
+
+def wandb_history(folder) -> list[dict]:
+    return _wandb_items(folder, "history")
 
 
 def wandb_summaries(folder) -> dict:
-    out = {}
-    for path in sorted(glob.glob(f"{folder}/wandb/offline-run-*/run-*.wandb")):
-        for record in wandb_records(path):
-            if record.WhichOneof("record_type") == "summary":
-                out.update({item.key or "/".join(item.nested_key): json.loads(item.value_json)
-                            for item in record.summary.update})
-    return out
+    return {key: value for update in _wandb_items(folder, "summary") for key, value in update.items()}
 
 
 def test_config_refuses_unknown_and_repeated_trackers():
