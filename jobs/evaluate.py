@@ -12,6 +12,8 @@ jobs.distill runs the same stage at its end.
 
 from jobs import cli
 from plad_ray import pipeline
+from plad_ray.data import storage
+from plad_ray.model_card import write_card
 
 
 def run(args) -> None:
@@ -20,6 +22,10 @@ def run(args) -> None:
     if report is not None:
         from plad_ray.evaluation.stage import headline
 
+        run_report = storage.read_json(cfg.layout().report())
+        card = write_card(cfg, run_report, run_report.get("command") or args.command) if run_report else None
+        if card:  # the card's evaluation table follows the new evaluation; its command stays the one that trained
+            print(f"[plad-ray] model card -> {card}", flush=True)
         print("\n" + "\n".join(f"{name:<24} {headline(m)}" for name, m in report["models"].items()), flush=True)
         cli.done(cfg)
 

@@ -16,7 +16,7 @@ from plad_ray.summary import summary_lines
 
 def run(args) -> None:
     cfg = cli.load(args)
-    report = pipeline.train(cfg, overwrite=args.overwrite, check_only=args.check)
+    report = pipeline.train(cfg, overwrite=args.overwrite, check_only=args.check, command=args.command)
     if report is not None:
         card = write_card(cfg, report, args.command)
         if card:

@@ -26,7 +26,8 @@ from plad_ray.summary import write_report
 from plad_ray.tracking import check_trackers, log_report
 
 
-def distill(cfg: Config, overwrite: bool = False, check_only: bool = False, log=print) -> dict | None:
+def distill(cfg: Config, overwrite: bool = False, check_only: bool = False, log=print,
+            command: list[str] | None = None) -> dict | None:
     """jobs.distill: the whole pipeline; the report with generation figures (None with check_only)."""
     from plad_ray.evaluation.stage import evaluate_run, start_initial
     from plad_ray.train.driver import train_student
@@ -48,7 +49,7 @@ def distill(cfg: Config, overwrite: bool = False, check_only: bool = False, log=
             rounds.append({**train_student(cfg, inputs, log, round=r), "pair_generation": generated})
         if cfg.eval.enabled:
             evaluation = evaluate_run(cfg, inputs.student_path, log=log, initial_outputs=initial)
-    report = write_report(cfg, rounds, figures, evaluation, log)
+    report = write_report(cfg, rounds, figures, evaluation, log, command)
     log_report(cfg, report, log)
     return report
 
@@ -61,14 +62,15 @@ def generate(cfg: Config, overwrite: bool = False, check_only: bool = False, log
     return {**generate_teacher(cfg, inputs, log), **generate_pairs(cfg, inputs, log)}
 
 
-def train(cfg: Config, overwrite: bool = False, check_only: bool = False, log=print) -> dict | None:
+def train(cfg: Config, overwrite: bool = False, check_only: bool = False, log=print,
+          command: list[str] | None = None) -> dict | None:
     """jobs.train: round 1's training on existing pairs; the report (None with check_only)."""
     from plad_ray.train.driver import train_student
 
     inputs = prepare(cfg, generation=False, training=True, overwrite=overwrite, check_only=check_only, log=log)
     if inputs is None:
         return None
-    report = write_report(cfg, [train_student(cfg, inputs, log)], log=log)
+    report = write_report(cfg, [train_student(cfg, inputs, log)], log=log, command=command)
     log_report(cfg, report, log)
     return report
 

@@ -222,9 +222,12 @@ def write_summary(report: dict, output_dir: str) -> str:
 
 
 def write_report(cfg: Config, rounds: list[dict], generation: dict | None = None,
-                 evaluation: dict | None = None, log=print) -> dict:
-    """report.json: the last round's training figures, one line per round, generation and evaluation."""
+                 evaluation: dict | None = None, log=print, command: list[str] | None = None) -> dict:
+    """report.json: the last round's training figures, one line per round, generation and evaluation, and the
+    command line that made the run (the model card quotes it, also when `plad-ray evaluate` rewrites the card)."""
     report = dict(rounds[-1])
+    if command:
+        report["command"] = list(command)
     report["rounds"] = [{k: r.get(k) for k in ("round", "steps", "counts", "eval_initial", "eval_trained",
                                                 "guard", "checkpoint", "train_seconds")} for r in rounds]
     if generation is not None:

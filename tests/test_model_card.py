@@ -41,3 +41,24 @@ def test_card_without_evaluation_says_so_and_seqkd_reads_plainly():
     card = model_card(config(type="seqkd"), {**REPORT, "evaluation": None}, ["python", "-m", "jobs.train"])
     assert "| objective | seqkd (NLL of the teacher's outputs) |" in card
     assert "No generation evaluation ran with this run" in card and "python -m jobs.train" in card
+
+
+def test_report_keeps_the_command_for_a_later_card(tmp_path):
+    """write_report records the command line; `plad-ray evaluate` rewrites the card from report.json with it."""
+    import json
+
+    from plad_ray.model_card import write_card
+    from plad_ray.summary import write_report
+
+    cfg = Config(output_dir=str(tmp_path))
+    cfg.data.prompts, cfg.teacher.model, cfg.student.model = "/data/p.jsonl", "tiny:teacher", "tiny:student"
+    made = ["plad-ray", "distill", "--config", "c.yaml"]
+    held_out = {"chosen_nll_per_token": 0.4, "ranking_accuracy": 0.8, "pairs": 304}
+    round_1 = {**REPORT, "eval_initial": held_out, "eval_trained": held_out, "curve": [], "evals": []}
+    write_report(cfg, [round_1], log=lambda _: None, command=made)
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["command"] == made
+    (tmp_path / "student").mkdir()
+    (tmp_path / "student" / "_manifest.json").write_text("{}")
+    card = write_card(cfg, report, report["command"])
+    assert "plad-ray distill --config c.yaml" in (tmp_path / "student" / "README.md").read_text() and card
