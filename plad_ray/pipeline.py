@@ -120,7 +120,7 @@ def prepare(cfg: Config, generation: bool, training: bool, overwrite: bool = Fal
     inputs = check_inputs(cfg, prompts=generation, teacher=generation or token_kd, pairs_written=not generation,
                           log=log)
     if training:
-        check_trackers(cfg.train.trackers)
+        check_trackers(cfg.train.trackers, output_dir=cfg.output_dir)
         check_step_budget(cfg, generation)
     cluster.check_local(cfg, generation, training)
     prepare_output(cfg, overwrite, dry_run=True, log=log if check_only else (lambda _: None))

@@ -51,7 +51,7 @@ class Tracking:
         return tuple(t for t in self.trackers if t != "tensorboard")
 
 
-def check_trackers(trackers, environ=os.environ) -> None:
+def check_trackers(trackers, environ=os.environ, output_dir: str = "") -> None:
     """Refuse, in one line, a tracker whose package is missing or whose environment says nowhere to log."""
     for name in trackers:
         if name == "tensorboard":
@@ -68,6 +68,11 @@ def check_trackers(trackers, environ=os.environ) -> None:
             "offline", "disabled"):
         raise ConfigError("train.trackers: wandb needs WANDB_API_KEY in the environment, or WANDB_MODE=offline "
                           "(then `wandb sync` uploads the runs later)")
+    if ("wandb" in trackers and environ.get("WANDB_MODE") == "offline" and "://" in output_dir
+            and not environ.get("WANDB_DIR")):
+        raise ConfigError(f"train.trackers: wandb is offline and output_dir {output_dir} is a URI, so its runs "
+                          "would stay in a worker's temporary folder; set WANDB_DIR to a folder rank 0 can "
+                          "keep (a shared mount), or log online")
 
 
 def plan_tracking(trackers, experiment: str, output_dir: str, run_name: str, config: dict | None = None,
@@ -75,7 +80,7 @@ def plan_tracking(trackers, experiment: str, output_dir: str, run_name: str, con
     """The driver's half: what rank 0 opens, from the config and the driver's environment."""
     from plad_ray.data import layout, storage
 
-    check_trackers(trackers, environ)
+    check_trackers(trackers, environ, output_dir)
     folder = storage.join(output_dir, layout.TRAIN, "tensorboard")
     plan = Tracking(trackers=tuple(trackers), experiment=experiment, run_name=run_name, config=config or {})
     if "tensorboard" in trackers:
@@ -87,6 +92,7 @@ def plan_tracking(trackers, experiment: str, output_dir: str, run_name: str, con
         plan.env.update({key: environ[key] for key in ENV[name] if key in environ})
     if "wandb" in trackers and "WANDB_DIR" not in plan.env and not storage.is_uri(output_dir):
         plan.env["WANDB_DIR"] = storage.join(output_dir, layout.LOGS)  # offline runs beside the run's logs
+
     return plan
 
 

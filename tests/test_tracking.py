@@ -89,6 +89,11 @@ def test_the_plan_carries_the_environment_but_never_shows_it(tmp_path):
     assert plan.tensorboard_dir == f"{tmp_path}/train/tensorboard" and plan.tensorboard_uri is None
     remote = plan_tracking(["tensorboard"], "exp", "s3://bucket/run", "run", environ={})
     assert remote.tensorboard_dir is None and remote.tensorboard_uri == "s3://bucket/run/train/tensorboard"
+    with pytest.raises(ConfigError, match="wandb is offline and output_dir s3://bucket/run is a URI"):
+        plan_tracking(["wandb"], "exp", "s3://bucket/run", "run", environ={"WANDB_MODE": "offline"})
+    kept = plan_tracking(["wandb"], "exp", "s3://bucket/run", "run", environ={"WANDB_MODE": "offline",
+                                                                                "WANDB_DIR": "/mnt/shared/wandb"})
+    assert kept.env["WANDB_DIR"] == "/mnt/shared/wandb"
 
 
 def test_evaluation_table_becomes_metrics():
