@@ -315,7 +315,6 @@ def test_the_collapse_guard_stops_at_the_last_good_checkpoint(run, tmp_path):
     assert (other / "student" / "model.safetensors").is_file()
 
 
-@pytest.mark.slow  # make test-slow; rounds run in make test within tests/test_ray_job_submit.py's two-node job
 def test_a_second_round_samples_the_trained_student_and_reuses_teacher_outputs(run):
     out, _, _ = run
     round_1 = json.loads((out / "report.json").read_text())

@@ -83,7 +83,7 @@ def main(out: Path) -> None:
     from plad_ray.config import LossConfig, TrainConfig
     from plad_ray.train import export, heldout, worker
     from plad_ray.train.batching import collate_pairs
-    from plad_ray.train.metrics import MetricsWriter
+    from plad_ray.tracking import Tracker
 
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -114,7 +114,7 @@ def main(out: Path) -> None:
         if name in UNWEIGHTED:
             worker.step_term_scales = lambda *args: (1.0, 1.0)
         try:
-            worker._train(engine, shard, plan, progress, rank, MetricsWriter(None), None, [])
+            worker._train(engine, shard, plan, progress, rank, Tracker(None), None, [])
         finally:
             worker.step_term_scales = weigh
         state = export.full_state_dict(engine.module, rank)
