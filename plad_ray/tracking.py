@@ -68,7 +68,9 @@ def check_trackers(trackers, environ=os.environ, output_dir: str = "") -> None:
             "offline", "disabled"):
         raise ConfigError("train.trackers: wandb needs WANDB_API_KEY in the environment, or WANDB_MODE=offline "
                           "(then `wandb sync` uploads the runs later)")
-    if ("wandb" in trackers and environ.get("WANDB_MODE") == "offline" and "://" in output_dir
+    from plad_ray.data import storage
+
+    if ("wandb" in trackers and environ.get("WANDB_MODE") == "offline" and storage.is_uri(output_dir)
             and not environ.get("WANDB_DIR")):
         raise ConfigError(f"train.trackers: wandb is offline and output_dir {output_dir} is a URI, so its runs "
                           "would stay in a worker's temporary folder; set WANDB_DIR to a folder rank 0 can "
@@ -76,12 +78,13 @@ def check_trackers(trackers, environ=os.environ, output_dir: str = "") -> None:
 
 
 def plan_tracking(trackers, experiment: str, output_dir: str, run_name: str, config: dict | None = None,
-                  environ=os.environ) -> Tracking:
-    """The driver's half: what rank 0 opens, from the config and the driver's environment."""
+                  environ=os.environ, round_dir: str | None = None) -> Tracking:
+    """The driver's half: what rank 0 opens, from the config and the driver's environment. TensorBoard goes
+    under the round's train/ (`round_dir`, default output_dir), W&B's offline runs under the run's logs/."""
     from plad_ray.data import layout, storage
 
     check_trackers(trackers, environ, output_dir)
-    folder = storage.join(output_dir, layout.TRAIN, "tensorboard")
+    folder = storage.join(round_dir or output_dir, layout.TRAIN, "tensorboard")
     plan = Tracking(trackers=tuple(trackers), experiment=experiment, run_name=run_name, config=config or {})
     if "tensorboard" in trackers:
         if storage.is_uri(output_dir):
@@ -92,7 +95,6 @@ def plan_tracking(trackers, experiment: str, output_dir: str, run_name: str, con
         plan.env.update({key: environ[key] for key in ENV[name] if key in environ})
     if "wandb" in trackers and "WANDB_DIR" not in plan.env and not storage.is_uri(output_dir):
         plan.env["WANDB_DIR"] = storage.join(output_dir, layout.LOGS)  # offline runs beside the run's logs
-
     return plan
 
 

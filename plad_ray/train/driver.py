@@ -208,8 +208,8 @@ def train_student(cfg: Config, inputs: Inputs, log=print, round: int = 1) -> dic
     student = cfg.student
     stops = (None, None) if cfg.train.pairs is not None else (cfg.teacher.sampling.stop, student.sampling.stop)
     name = os.path.basename(storage.absolute(cfg.output_dir).rstrip("/")) + ("" if round == 1 else f"-round-{round}")
-    tracking = plan_tracking(cfg.train.trackers, cfg.train.experiment, storage.absolute(layout.round_dir(round)), name,
-                             cfg.to_safe_dict())
+    tracking = plan_tracking(cfg.train.trackers, cfg.train.experiment, storage.absolute(cfg.output_dir), name,
+                             cfg.to_safe_dict(), round_dir=storage.absolute(layout.round_dir(round)))
     result = run_training(pairs_ds, student_path, cfg.train, cfg.cluster, layout.round_dir(round), export_uri, pad_id,
                           student.chat_template, student.trust_remote_code, student.allow_pickle_weights,
                           inputs.teacher_path, stops, tracking)
