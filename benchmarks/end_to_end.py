@@ -5,8 +5,11 @@
 
 Runs the job as users do (a fresh process, a fresh output folder) and reads its
 report.json: teacher generation, student generation (with the pair write), training
-data preparation (tokenization), trainer start-up, evaluation before and after, the
-training loop, and the export; what is left is Ray and process start-up.
+data preparation (tokenization), trainer start-up, held-out scoring before and after, the
+training loop, the export, and the task-quality evaluation (vLLM; the initial student's
+generations overlap training, so this is what is left of it after training); what is left
+is Ray and process start-up and the checks. A second table breaks the trainer start-up
+down by phase (rank 0's clock; report.json `timings.startup`).
 """
 
 import argparse
@@ -43,9 +46,10 @@ def main() -> None:
         "student generation + pair write": g.get("student_seconds", 0.0),
         "training data prep (tokenize)": t["prepare_s"],
         "trainer start-up (workers, model, DeepSpeed)": t["startup_s"],
-        "evaluation (before + after)": t["eval_s"],
+        "held-out scoring (before + after)": t["eval_s"],
         "training loop": t["loop_s"],
         "export (HF checkpoint)": t["export_s"],
+        "task-quality evaluation (after training)": (report.get("evaluation") or {}).get("eval_seconds", 0.0),
     }
     stages["rest (Ray start, checks, driver)"] = wall - sum(stages.values())
     rows = [{"stage": k, "seconds": v, "share": v / wall} for k, v in stages.items()]
@@ -53,9 +57,12 @@ def main() -> None:
     curve = report["curve"]
     padding = 1 - sum(c["tokens"] for c in curve) / sum(c["tokens"] / (1 - c["padding"]) for c in curve)
     print(table(rows, ["stage", "seconds", "share"]))
+    startup = t.get("startup", {})
+    print(table([{"trainer start-up phase": k.removesuffix("_s"), "seconds": v} for k, v in startup.items()],
+                ["trainer start-up phase", "seconds"]))
     print(f"padding share of training tokens: {padding:.3f}   teacher tokens: {g.get('teacher_tokens')}   "
           f"student tokens: {g.get('student_tokens')}")
-    print(f"results -> {save('end_to_end', {'config': args.config, 'overrides': args.overrides, 'stages': stages, 'wall_s': wall, 'padding': padding})}")
+    print(f"results -> {save('end_to_end', {'config': args.config, 'overrides': args.overrides, 'stages': stages, 'startup': startup, 'wall_s': wall, 'padding': padding})}")
 
 
 if __name__ == "__main__":

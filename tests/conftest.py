@@ -20,10 +20,15 @@ def tiny_models() -> dict:
 
 @pytest.fixture(scope="module")
 def local_ray():
-    """A local Ray cluster in the test process, for tests of Ray Data steps called directly."""
+    """A local Ray cluster in the test process, for tests of Ray Data steps called directly; set up as
+    plad-ray sets up its own (plad_ray.cluster: idle workers kept, Ray Data's settings)."""
     import ray
 
+    from plad_ray import cluster
+
+    os.environ.setdefault("RAY_num_workers_soft_limit", str(cluster.LOCAL_IDLE_WORKERS))
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    cluster.configure_data()
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield
     ray.shutdown()

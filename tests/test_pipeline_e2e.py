@@ -16,6 +16,7 @@ from conftest import PYTHON, ROOT, job_env
 from test_tracking import SECRET_KEY, SECRET_TOKEN, wandb_history, wandb_summaries
 from plad_ray.config import load_config
 from plad_ray.models import tiny
+from plad_ray.train.driver import STARTUP_PHASES
 from plad_ray.data import parquet
 from plad_ray.evaluation.metrics import exact_match, expected_calibration_error
 
@@ -85,6 +86,12 @@ def test_training_moved_the_loss_and_kept_the_teacher_outputs_likely(run):
     assert (out / "loss_curve.png").read_bytes()[:4] == b"\x89PNG"
     assert list((out / "train" / "tensorboard").glob("events.out.tfevents.*"))
     assert report["generation"]["teacher_tokens"] > 0 and report["generation"]["student_tokens"] > 0
+    # The trainer's start-up, phase by phase (benchmarks/end_to_end.py prints them): every phase measured,
+    # none negative (the worker group's share compares the driver's clock with rank 0's).
+    startup = report["timings"]["startup"]
+    assert set(startup) == {"worker_group_s", *STARTUP_PHASES, "teardown_s"}
+    assert all(v >= 0 for v in startup.values())
+    assert startup["worker_group_s"] > 0 and startup["imports_s"] > 0 and startup["deepspeed_init_s"] > 0
 
 
 def test_distill_evaluates_the_student_with_calibration(run):

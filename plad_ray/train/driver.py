@@ -168,7 +168,7 @@ def run_training(pairs_ds, model_path: str, train: TrainConfig, cluster: Cluster
             failure_config=ray.train.FailureConfig(max_failures=train.max_failures),
         ),
     )
-    start = time.perf_counter()
+    start, started_at = time.perf_counter(), time.time()
     console.route_libraries()  # Ray Train sets up its loggers on import
     result = trainer.fit()
     fit_s = time.perf_counter() - start
@@ -178,8 +178,23 @@ def run_training(pairs_ds, model_path: str, train: TrainConfig, cluster: Cluster
     worker = out.pop("worker_timings")
     phases = {k: worker.get(k, 0.0) for k in ("eval_s", "loop_s", "export_s")}
     # Start-up: Ray Train's controller and worker group, model load, DeepSpeed init (and any restarts).
-    out["timings"] = {"prepare_s": prepare_s, "startup_s": fit_s - sum(phases.values()), **phases}
+    out["timings"] = {"prepare_s": prepare_s, "startup_s": fit_s - sum(phases.values()), **phases,
+                      "startup": startup_breakdown(worker, out.pop("worker_started_at") - started_at, fit_s)}
     return {**out, "counts": counts, "checkpoint": export_uri}
+
+
+STARTUP_PHASES = ("imports_s", "model_load_s", "deepspeed_init_s", "teacher_load_s", "resume_s", "trackers_s",
+                  "eval_data_s")
+
+
+def startup_breakdown(worker: dict, worker_start_s: float, fit_s: float) -> dict:
+    """Rank 0's start-up by phase: `worker_group_s` from trainer.fit() to the training function's first
+    line (Ray Train's controller, the worker actors, the process group; a restart's lost work too), then
+    the function's own phases, and `teardown_s` from its return to fit()'s (the last upload, shutdown)."""
+    phases = {"worker_group_s": worker_start_s, **{k: worker.get(k, 0.0) for k in STARTUP_PHASES}}
+    worker_s = sum(worker.values())
+    phases["teardown_s"] = fit_s - worker_start_s - worker_s
+    return phases
 
 
 def train_student(cfg: Config, inputs: Inputs, log=print, round: int = 1) -> dict:

@@ -72,12 +72,15 @@ def train_loop_per_worker(config: dict) -> dict | None:
     log = partial(_log, rank)
     clock = _Clock()
     torch.manual_seed(plan.train.seed)
-    engine = _initialize(plan, ray.train.get_context().get_world_size())
+    engine = _initialize(plan, ray.train.get_context().get_world_size(), clock)
     teacher = _load_teacher(plan, engine.device)
+    clock.lap("teacher_load_s")
     progress = resume(engine)
+    clock.lap("resume_s")
     metrics = _open_trackers(plan, progress, rank)
-    clock.lap("init_s")
+    clock.lap("trackers_s")
     eval_batches = load_batches(ray.train.get_dataset_shard(TrainPlan.eval_shard(rank)), plan)
+    clock.lap("eval_data_s")
     if progress.eval_initial is None:
         progress.eval_initial = evaluate(engine, eval_batches, plan, teacher)
         log(f"[train] held-out pairs before training: {_fmt(progress.eval_initial)}")
@@ -101,7 +104,8 @@ def train_loop_per_worker(config: dict) -> dict | None:
         return {"steps": progress.step, "curve": progress.curve, "eval_initial": progress.eval_initial,
                 "eval_trained": eval_trained, "evals": progress.evals, "guard": progress.guard,
                 "checkpoint_s": progress.checkpoint_s, "tracker_runs": tracker_runs,
-                "worker_timings": clock.laps, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+                "worker_timings": clock.laps, "worker_started_at": clock.started_at,
+                "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
     return None
 
 
@@ -116,10 +120,13 @@ def _open_trackers(plan: TrainPlan, progress: Progress, rank: int) -> Tracker:
 
 
 class _Clock:
-    """Seconds spent per phase of this worker (phases may recur: laps add up)."""
+    """Seconds spent per phase of this worker (phases may recur: laps add up); `started_at`: the
+    wall-clock time the training function began (the driver measures the worker group's start-up
+    against it)."""
 
     def __init__(self):
         self.laps: dict[str, float] = {}
+        self.started_at = time.time()
         self.last = time.perf_counter()
 
     def lap(self, name: str) -> None:
@@ -128,10 +135,29 @@ class _Clock:
         self.last = now
 
 
-def _initialize(plan: TrainPlan, world_size: int):
-    import deepspeed
+def _import_deepspeed():
+    """`import deepspeed` without MLflow: DeepSpeed's autotuner (which plad-ray does not use) imports MLflow
+    whenever it is installed, 1.5 of DeepSpeed's 2 s import on each rank here. The rank that logs to MLflow
+    (plad_ray.tracking) imports it itself, later."""
+    import sys
+
+    if "mlflow" in sys.modules:
+        import deepspeed
+        return deepspeed
+    sys.modules["mlflow"] = None  # `import mlflow` raises ModuleNotFoundError; DeepSpeed's autotuner goes without
+    try:
+        import deepspeed
+    finally:
+        del sys.modules["mlflow"]
+    return deepspeed
+
+
+def _initialize(plan: TrainPlan, world_size: int, clock: _Clock):
     from transformers import AutoModelForCausalLM
 
+    deepspeed = _import_deepspeed()
+
+    clock.lap("imports_s")
     ds_config = deepspeed_config(plan.train, world_size)
     if plan.train.zero_stage == 3:
         # Partition weights while loading instead of materialising the full model per rank.
@@ -143,6 +169,7 @@ def _initialize(plan: TrainPlan, world_size: int):
         use_safetensors=None if plan.allow_pickle else True,
     )
     model.config.use_cache = False
+    clock.lap("model_load_s")
     optimizer = None
     if not plan.train.offload_optimizer:
         optimizer = torch.optim.AdamW(
@@ -157,6 +184,7 @@ def _initialize(plan: TrainPlan, world_size: int):
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
         config=ds_config,
     )
+    clock.lap("deepspeed_init_s")
     return engine
 
 
