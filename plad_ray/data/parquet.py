@@ -91,11 +91,29 @@ def written_files(uri: str, log=print) -> list[str]:
     return _committed_paths(uri, storage.manifest(uri)) + _uncommitted_files(uri, log)
 
 
-def _dataset(uri: str, paths: list[str], columns: list[str] | None = None):
+def read_dataset(paths, **kwargs):
+    """`ray.data.read_parquet`, without the progress bar of its footer sampling.
+
+    Ray Data's first Parquet datasource (plad_ray.cluster.configure_data) samples a few files while the
+    read is set up and draws a bar for it, which a terminal that is not a TTY (a log, `ray job submit`)
+    gets as two lines per read, about ten reads per run. The dataset keeps the caller's progress setting.
+    """
     import ray.data
 
+    context = ray.data.DataContext.get_current()
+    shown = context.enable_progress_bars
+    context.enable_progress_bars = False
+    try:
+        ds = ray.data.read_parquet(paths, **kwargs)
+    finally:
+        context.enable_progress_bars = shown
+    ds.context.enable_progress_bars = shown
+    return ds
+
+
+def _dataset(uri: str, paths: list[str], columns: list[str] | None = None):
     fs, _ = storage.filesystem_and_path(uri)
-    ds = ray.data.read_parquet(paths, filesystem=fs)
+    ds = read_dataset(paths, filesystem=fs)
     return ds if columns is None else ds.select_columns(columns)
 
 
@@ -198,9 +216,7 @@ def read_table(uri: str, columns: list[str] | None = None) -> pa.Table | None:
 
 def read(uri: str):
     """A complete dataset as a Ray Dataset."""
-    import ray.data
-
     paths = files(uri)
     if paths is None:
         return None
-    return ray.data.read_parquet(paths)
+    return read_dataset(paths)

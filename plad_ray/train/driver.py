@@ -209,9 +209,7 @@ def train_student(cfg: Config, inputs: Inputs, log=print, round: int = 1) -> dic
         return done
     student_path = inputs.student_for_round(cfg, round)
     if cfg.train.pairs is not None:
-        import ray.data
-
-        pairs_ds = ray.data.read_parquet(cfg.train.pairs, file_extensions=["parquet"]).map_batches(
+        pairs_ds = parquet.read_dataset(cfg.train.pairs, file_extensions=["parquet"]).map_batches(
             pairs.with_training_columns, fn_kwargs={"heldout_fraction": cfg.data.heldout_fraction}, batch_format="pandas")
     else:
         pairs_ds = parquet.read(layout.pairs(round))

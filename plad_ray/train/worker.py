@@ -152,9 +152,11 @@ def _import_deepspeed():
     return deepspeed
 
 
-def _initialize(plan: TrainPlan, world_size: int, clock: _Clock):
+def _initialize(plan: TrainPlan, world_size: int, clock: _Clock | None = None):
+    """The DeepSpeed engine of the student; `clock` gets the imports', the load's and the initialisation's laps."""
     from transformers import AutoModelForCausalLM
 
+    clock = clock or _Clock()
     deepspeed = _import_deepspeed()
 
     clock.lap("imports_s")
