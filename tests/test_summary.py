@@ -73,7 +73,7 @@ def test_markdown_and_png(tmp_path):
     assert "| exact match | 0.250 | 0.400 | 1.000 |" in text
     assert "| 2 | -1.4 | 0.6 |" in text  # the held-out evaluation during training
     assert "| ranking accuracy | 0.4 | 0.8 |" in text
-    assert "| prompts set aside (quarantine/) | 1 |" in text
+    assert "| prompts set aside (quarantine/prompts/) | 1 |" in text
     write_summary(REPORT, str(tmp_path))
     assert (tmp_path / "summary.md").read_text() == text
     assert (tmp_path / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -3,7 +3,8 @@
     output_dir/
       run.json            the config keys each stage's outputs depend on (data/outputs.py)
       logs/run.log        engine, Ray, DeepSpeed and library logs (plad_ray/console.py; appended per run)
-      quarantine/         prompt rows set aside, with where they sit and why (JSON lines)
+      quarantine/prompts/ prompt rows set aside, with where they sit and why (JSON lines; rewritten per run)
+      quarantine/teacher/ prompts a black-box teacher refused (HTTP 4xx, empty), with status and reason (JSON lines)
       teacher/            teacher outputs by prompt id (shared by every round)
       pairs/              round 1's preference pairs
       train/              round 1's Ray Train state and checkpoints (train/tensorboard/: metrics)
@@ -46,7 +47,12 @@ class OutputLayout:
         return storage.join(self.root, LOGS)
 
     def quarantine(self) -> str:
-        return storage.join(self.root, QUARANTINE)
+        """Prompt rows the checks set aside (rewritten by every run)."""
+        return storage.join(self.root, QUARANTINE, "prompts")
+
+    def teacher_refused(self) -> str:
+        """Prompts a black-box teacher refused (kept across runs: a re-run does not ask again)."""
+        return storage.join(self.root, QUARANTINE, "teacher")
 
     def teacher(self) -> str:
         return storage.join(self.root, TEACHER)

@@ -124,6 +124,12 @@ def done_keys_dataset(uri: str, columns: list[str], log=print):
     return _dataset(uri, paths, columns) if paths else None
 
 
+def written_rows(uri: str) -> int:
+    """Rows already written, committed or not (from the files' footers): what a failed run leaves safe."""
+    fs, _ = storage.filesystem_and_path(uri)
+    return sum(pq.read_metadata(path, filesystem=fs).num_rows for path in written_files(uri, log=lambda _: None))
+
+
 def uncommitted_files(uri: str) -> list[str]:
     """The files of rows written but not yet committed (pending, or moved in by an interrupted commit)."""
     return _uncommitted_files(uri, log=lambda _: None)

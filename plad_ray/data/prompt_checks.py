@@ -3,7 +3,7 @@ Ray Data operations over blocks, before any engine starts. The driver lists the 
 collects a few counts (one row per file, one per duplicated id); no prompt passes through it.
 
     files --read_file--> rows --number_rows--> --duplicates (groupby id)--> --LengthCheck--> checked
-    checked: good rows -> the prompts the teacher answers; bad rows -> quarantine/ (JSON lines, each
+    checked: good rows -> the prompts the teacher answers; bad rows -> quarantine/prompts/ (JSON lines, each
              naming its file and line or row) or one error line
 
 Every bad row stops the run under its policy's `error` (data.bad_rows for rows, data.too_long for

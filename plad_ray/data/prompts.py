@@ -10,7 +10,7 @@ position among the source's parsed rows, in file order), so ids are stable acros
 A source that cannot be read at all (missing, no `prompt` column, unreadable file) always
 stops the run. A bad row (malformed JSON, not UTF-8, empty prompt, duplicate id, ...) stops
 it too, unless `data.bad_rows: quarantine`: then the row is set aside with its reason,
-counted, and written to output_dir/quarantine/ (never dropped silently).
+counted, and written to output_dir/quarantine/prompts/ (never dropped silently).
 """
 
 import json

@@ -1,10 +1,10 @@
-"""A black-box teacher: any OpenAI-compatible HTTP server, via ray.data.llm's HTTP processor.
+"""A black-box teacher: any OpenAI-compatible HTTP server. Checked before the run, read after.
 
-Only text crosses: the server may run any model with any tokenizer. ray.data.llm owns
-the request workers, per-worker rate limits and retries with exponential backoff (on
-408/429/5xx and connection errors). The API key is read from an environment variable
-inside each request worker when it opens its session; it is never in the config, the
-Ray task arguments, the logs or the outputs.
+Only text crosses: the server may run any model with any tokenizer. The request workers
+(plad_ray.generate.endpoint_worker) ride out outages, honour rate limits and set refused
+prompts aside. The API key is read from an environment variable inside each request worker
+when it opens its session; it is never in the config, the Ray task arguments, the logs or
+the outputs.
 """
 
 import json
@@ -12,31 +12,10 @@ import os
 import urllib.error
 import urllib.request
 
-from plad_ray import console
 from plad_ray.config import EndpointConfig
 from plad_ray.errors import ConfigError, DataError
 
-REQUEST_WORKER_CPUS = 0.25
-
-
-class _Session:
-    """aiohttp session factory for the request workers: the Authorization header comes from the env."""
-
-    def __init__(self, api_key_env: str | None, timeout_s: float):
-        self.api_key_env = api_key_env
-        self.timeout_s = timeout_s
-
-    def __call__(self):
-        import aiohttp
-
-        headers = {}
-        if self.api_key_env:
-            key = os.environ.get(self.api_key_env)
-            if not key:
-                raise RuntimeError(f"teacher.endpoint.api_key_env: ${self.api_key_env} is not set on this Ray worker; "
-                                   "set it in the cluster's environment or the job's runtime_env env_vars")
-            headers["Authorization"] = f"Bearer {key}"
-        return aiohttp.ClientSession(headers=headers, timeout=aiohttp.ClientTimeout(total=self.timeout_s))
+REQUEST_WORKER_CPUS = 0.25  # request workers wait on the network, not the CPU
 
 
 def api_key(endpoint: EndpointConfig) -> str | None:
@@ -49,10 +28,15 @@ def api_key(endpoint: EndpointConfig) -> str | None:
     return key
 
 
+def models_url(url: str) -> str:
+    """The server's model list beside its (chat) completions URL: what answers when the server is up."""
+    return url.rstrip("/").rsplit("/chat/completions", 1)[0].rsplit("/completions", 1)[0] + "/models"
+
+
 def check_endpoint(endpoint: EndpointConfig, model: str) -> None:
     """Before generation: the server answers, accepts the key, and serves `model`."""
-    base = endpoint.url.rstrip("/").rsplit("/chat/completions", 1)[0].rsplit("/completions", 1)[0]
-    request = urllib.request.Request(f"{base}/models")
+    base = models_url(endpoint.url).rsplit("/models", 1)[0]
+    request = urllib.request.Request(models_url(endpoint.url))
     key = api_key(endpoint)
     if key:
         request.add_header("Authorization", f"Bearer {key}")
@@ -68,26 +52,6 @@ def check_endpoint(endpoint: EndpointConfig, model: str) -> None:
     if served and model not in served:
         raise DataError(f"config key teacher.model: the endpoint serves {', '.join(map(str, served))}, "
                         f"not {model!r}; set teacher.model to the served model name")
-
-
-def build_endpoint_processor(endpoint: EndpointConfig, batch_size: int, preprocess, postprocess):
-    """A processor sending each row's `payload` to the endpoint; rows come back with `http_response`."""
-    from ray.data.llm import HttpRequestProcessorConfig, build_processor
-
-    config = HttpRequestProcessorConfig(
-        url=endpoint.url,
-        batch_size=batch_size,
-        concurrency=endpoint.concurrency,
-        qps=endpoint.qps,
-        max_retries=endpoint.max_retries,
-        base_retry_wait_time_in_s=endpoint.retry_wait_s,
-        session_factory=_Session(endpoint.api_key_env, endpoint.timeout_s),
-        # Request workers wait on the network, not the CPU.
-        http_request_stage={"num_cpus": REQUEST_WORKER_CPUS, "concurrency": endpoint.concurrency},
-    )
-    processor = build_processor(config, preprocess=preprocess, postprocess=postprocess)
-    console.route_libraries()  # ray.llm sets up its loggers on import
-    return processor
 
 
 def read_response(response: dict, stop_configured: bool = False) -> dict:

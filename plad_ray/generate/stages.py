@@ -58,32 +58,20 @@ def teacher_outputs(prompts_ds, engine: EngineConfig, model_path: str, model_nam
     return processor(prompts_ds)
 
 
-def teacher_outputs_http(prompts_ds, engine: EngineConfig):
-    """prompts (id, prompt) -> rows of pairs.TEACHER_SCHEMA, from an OpenAI-compatible endpoint."""
-    from plad_ray.generate.endpoint import build_endpoint_processor, read_response
+def teacher_outputs_http(prompts_ds, engine: EngineConfig, refused_uri: str, stats):
+    """prompts (id, prompt) -> rows of pairs.TEACHER_SCHEMA, from an OpenAI-compatible endpoint; prompts the
+    server refuses go to `refused_uri`, and what the workers saw to `stats` (plad_ray.generate.endpoint_worker)."""
+    import ray.data
+
+    from plad_ray.generate.endpoint import REQUEST_WORKER_CPUS
+    from plad_ray.generate.endpoint_worker import EndpointWorker
 
     params = sampling_params(engine)
-    params_json = pairs.sampling_json(params)
-    model_name = f"{engine.model} @ {engine.endpoint.url}"
-
-    def preprocess(row: dict) -> dict:
-        return {"payload": {"model": engine.model, **engine_prompt(row["prompt"], engine.chat_template), **params}}
-
-    def postprocess(row: dict) -> dict:
-        out = read_response(row["http_response"], stop_configured=engine.sampling.stop is not None)
-        return {
-            "id": row["id"],
-            "prompt": row["prompt"],
-            "teacher_text": out["text"],
-            "teacher_num_tokens": out["num_tokens"],
-            "teacher_finish_reason": out["finish_reason"],
-            "teacher_token_ids": None,  # only text crosses from a black-box teacher
-            "teacher_model": model_name,
-            "teacher_sampling": params_json,
-        }
-
-    processor = build_endpoint_processor(engine.endpoint, engine.batch_size, preprocess, postprocess)
-    return processor(prompts_ds)
+    worker_args = dict(engine=engine, params=params, model_name=f"{engine.model} @ {engine.endpoint.url}",
+                       params_json=pairs.sampling_json(params), quarantine_uri=refused_uri, stats=stats)
+    return prompts_ds.map_batches(EndpointWorker, fn_constructor_kwargs=worker_args, batch_size=engine.batch_size,
+                                  batch_format="pyarrow", num_cpus=REQUEST_WORKER_CPUS,
+                                  compute=ray.data.ActorPoolStrategy(size=engine.endpoint.concurrency))
 
 
 def samples_to_generate(teacher_ds, num_samples: int, done_ds=None, num_partitions: int = 1):

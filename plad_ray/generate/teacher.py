@@ -7,13 +7,13 @@ prompts less the cached ids, by a Ray Data anti-join; the commit lists every fil
 (plad_ray.data.parquet).
 """
 
-import contextlib
 import time
 
 from plad_ray import pairs
 from plad_ray.checks import Inputs
 from plad_ray.config import Config
 from plad_ray.data import parquet
+from plad_ray.errors import RuntimeFailure
 from plad_ray.generate import engines
 from plad_ray.generate.stages import teacher_outputs, teacher_outputs_http
 from plad_ray.models.folders import eos_token_ids
@@ -27,6 +27,9 @@ def generate_teacher(cfg: Config, inputs: Inputs, log=print) -> dict:
     missing = inputs.prompts.select_columns(["id", "prompt"])
     if done_ds is not None:  # an anti-join on id: the cached ids never pass through the driver
         missing = missing.join(done_ds, "left_anti", num_partitions=1 + done // parquet.JOIN_ROWS_PER_PARTITION, on=("id",))
+    refused = _refused_earlier(cfg, log)
+    if refused:
+        missing = missing.filter(lambda row: row["id"] not in refused)
     missing = missing.materialize()
     todo = missing.count()
     stats = {"teacher_cached": done, "teacher_generated": todo}
@@ -39,18 +42,73 @@ def generate_teacher(cfg: Config, inputs: Inputs, log=print) -> dict:
         teacher = cfg.teacher
         workers = teacher.endpoint.concurrency if teacher.endpoint else teacher.replicas
         ds = engines.split_for_replicas(missing, todo, teacher.batch_size, workers)
+        rows_per_file = parquet.rows_per_file(todo, teacher.batch_size)
         if teacher.endpoint is not None:
-            outputs, deaths = teacher_outputs_http(ds, teacher), contextlib.nullcontext()
+            endpoint = _write_from_endpoint(cfg, ds, uri, rows_per_file, done + todo)
+            tokens = endpoint["completion_tokens"]  # as the server counted them, for this run's requests only
+            stats["teacher_endpoint"] = endpoint
         else:
             outputs = teacher_outputs(ds, teacher, inputs.teacher_path, teacher.model,
                                       eos_token_ids(inputs.teacher_path), cfg.cluster.use_gpu)
-            deaths = engines.engine_deaths("teacher", teacher)
-        with deaths:
-            parquet.write_pending(outputs, uri, pairs.TEACHER_SCHEMA, parquet.rows_per_file(todo, teacher.batch_size))
+            with engines.engine_deaths("teacher", teacher):
+                parquet.write_pending(outputs, uri, pairs.TEACHER_SCHEMA, rows_per_file)
+            tokens = parquet.pending_sum(uri, "teacher_num_tokens", earlier)
         seconds = time.perf_counter() - start
-        tokens = parquet.pending_sum(uri, "teacher_num_tokens", earlier)
-        stats.update(teacher_seconds=seconds, teacher_tokens=tokens)
-        log(f"[generate] teacher: {todo} outputs, {tokens} tokens in {seconds:.1f}s "
-            f"({todo / seconds:.1f} prompts/s, {tokens / seconds:.0f} tokens/s incl. start-up) -> {uri}")
+        written = todo - stats.get("teacher_endpoint", {}).get("refused", 0)
+        stats.update(teacher_generated=written, teacher_seconds=seconds, teacher_tokens=tokens)
+        log(f"[generate] teacher: {written} outputs, {tokens} tokens in {seconds:.1f}s "
+            f"({written / seconds:.1f} prompts/s, {tokens / seconds:.0f} tokens/s incl. start-up) -> {uri}")
+        if "teacher_endpoint" in stats:
+            log(_endpoint_line(stats["teacher_endpoint"], cfg.layout().teacher_refused()))
     parquet.commit(uri, {"teacher_model": cfg.teacher.model}, ["id"], log)
     return stats
+
+
+def _refused_earlier(cfg: Config, log) -> set:
+    """Prompt ids a black-box teacher refused in an earlier run of this output_dir: not asked again."""
+    if cfg.teacher.endpoint is None:
+        return set()
+    from plad_ray.generate.endpoint_worker import refused_ids
+
+    refused = refused_ids(cfg.layout().teacher_refused())
+    if refused:
+        log(f"[generate] teacher: {len(refused)} prompts the endpoint refused earlier are not asked again "
+            f"(reasons in {cfg.layout().teacher_refused()}; delete that folder to ask again)")
+    return set(refused)
+
+
+def _write_from_endpoint(cfg: Config, ds, uri: str, rows_per_file: int, total: int) -> dict:
+    """The HTTP teacher's rows into the pending cache; what its request workers counted. An outage past the
+    budget (or a revoked key) ends the run with one line: the endpoint, the last error, what is safe, how to go on."""
+    import ray
+
+    from plad_ray.generate.endpoint_worker import EndpointStats
+
+    stats = ray.remote(num_cpus=0)(EndpointStats).remote()
+    try:
+        parquet.write_pending(teacher_outputs_http(ds, cfg.teacher, cfg.layout().teacher_refused(), stats), uri,
+                              pairs.TEACHER_SCHEMA, rows_per_file)
+    except Exception:
+        failure = ray.get(stats.first_failure.remote())  # what a request worker said; Ray Data wraps its exception
+        if failure is None:
+            raise
+        raise RuntimeFailure(f"{failure}; {parquet.written_rows(uri)} of {total} teacher outputs are safe on disk "
+                             f"in {uri}; re-run the same command to resume") from None
+    finally:
+        report = ray.get(stats.report.remote())
+        ray.kill(stats)
+    return {key: report.get(key, 0) for key in ENDPOINT_FIGURES}
+
+
+ENDPOINT_FIGURES = ("requests", "retries", "polls", "throttled", "throttle_wait_s", "outage_s", "refused",
+                    "prompt_tokens", "completion_tokens")
+
+
+def _endpoint_line(figures: dict, refused_uri: str) -> str:
+    line = (f"[generate] teacher endpoint: {figures['requests']} requests, {figures['retries']} retries, "
+            f"{figures['throttled']} throttled ({figures['throttle_wait_s']:.1f} s waited), "
+            f"{figures['outage_s']:.1f} s down; usage {figures['prompt_tokens']} prompt + "
+            f"{figures['completion_tokens']} completion tokens")
+    if figures["refused"]:
+        line += f"; {figures['refused']} prompts refused, set aside in {refused_uri}"
+    return line
