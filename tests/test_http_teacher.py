@@ -36,7 +36,9 @@ class Server:
              "--host", "127.0.0.1", "--port", str(self.port),
              "--served-model-name", "tiny-teacher", "--api-key", KEY, "--dtype", "float32", "--max-model-len", "64",
              "--enforce-eager", "--kv-cache-memory-bytes", str(256 << 20)],
-            env=job_env(), stdout=subprocess.DEVNULL, stderr=self.log, start_new_session=True)
+            # One process fewer per start (28 s instead of 41 s here), as in configs/tiny-cpu.yaml's engines.
+            env={**job_env(), "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}, stdout=subprocess.DEVNULL, stderr=self.log,
+            start_new_session=True)
         deadline = time.time() + 600
         while time.time() < deadline:
             assert self.proc.poll() is None, open(self.log.name).read()[-3000:]

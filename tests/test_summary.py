@@ -77,3 +77,16 @@ def test_markdown_and_png(tmp_path):
     write_summary(REPORT, str(tmp_path))
     assert (tmp_path / "summary.md").read_text() == text
     assert (tmp_path / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_markdown_gives_a_black_box_teachers_account():
+    endpoint = {"requests": 52, "retries": 4, "polls": 7, "throttled": 3, "throttle_wait_s": 3.0, "outage_s": 61.4,
+                "refused": 2, "prompt_tokens": 296, "completion_tokens": 290}
+    report = copy.deepcopy(REPORT)
+    report["generation"]["teacher_endpoint"] = endpoint
+    text = markdown(report, "loss_curve.png")
+    assert "| teacher endpoint: requests / retries / throttled | 52 / 4 / 3 |" in text
+    assert "| teacher endpoint: seconds throttled / down | 3 / 61.4 |" in text
+    assert "| teacher endpoint: usage prompt / completion tokens | 296 / 290 |" in text
+    assert "| teacher endpoint: prompts refused (quarantine/teacher/) | 2 |" in text
+    assert "teacher endpoint" not in markdown(REPORT, "loss_curve.png")  # a vLLM teacher: no such rows
