@@ -53,6 +53,7 @@ def main(run, description: str, argv: list[str] | None = None, prog: str | None 
     console.quiet(verbose=args.verbose)
     try:
         run(args)
+        _stop_ray()
         console.close()
     except PladError as e:
         _fail(args, e, f"plad-ray: error: {e}", e.exit_code)
@@ -76,9 +77,11 @@ def _fail(args, error: BaseException, line: str, code: int) -> None:
 
 
 def _stop_ray() -> None:
-    ray = sys.modules.get("ray")
-    if ray is not None and ray.is_initialized():
+    """Ray's shutdown, and a local cluster's leftover processes killed (plad_ray.cluster.shutdown)."""
+    if "ray" in sys.modules:
+        from plad_ray import cluster
+
         try:
-            ray.shutdown()
+            cluster.shutdown()
         except BaseException:  # a second Ctrl-C during shutdown: the line still matters more
             pass

@@ -17,6 +17,50 @@ DATA_CPUS = 1.0
 LOCAL_IDLE_WORKERS = 16
 
 
+def raylet_env(num_cpus: int | None = None) -> dict[str, str]:
+    """The Ray settings plad-ray starts its local cluster with (the raylet reads them from its environment):
+
+    - `num_workers_soft_limit`: LOCAL_IDLE_WORKERS idle workers kept (above).
+    - `kill_child_processes_on_worker_exit_with_raylet_subreaper`: the raylet kills what a dead worker
+      leaves behind. A vLLM engine actor killed with SIGKILL (a lost node, the OOM killer, a test) leaves
+      its `VLLM::EngineCore` process orphaned, holding the model's memory (on a GPU, the GPU's memory),
+      because engine actors keep their children until their own shutdown (generate/engines.py); with the
+      raylet as subreaper it is killed within seconds. Set it on clusters you start (cluster/Dockerfile.gpu).
+    """
+    return {"RAY_num_workers_soft_limit": str(max(LOCAL_IDLE_WORKERS, num_cpus or 0)),
+            "RAY_kill_child_processes_on_worker_exit_with_raylet_subreaper": "true"}
+
+
+_started_local: list[bool] = []  # this process started the local cluster it is connected to
+
+
+def shutdown(grace_s: float = 5.0) -> None:
+    """Disconnect from Ray. A local cluster this process started ends with it, and so does everything below it:
+    Ray stops its own processes, but a vLLM engine's `VLLM::EngineCore` outlives its actor when the raylet goes
+    first (a Ctrl-C, a failed run: 1 GB each for the tiny models, the model's memory for real ones). Whatever
+    is still alive `grace_s` after Ray's shutdown is killed."""
+    import ray
+
+    if not ray.is_initialized():
+        return
+    below = []
+    if _started_local:
+        import psutil
+
+        below = psutil.Process().children(recursive=True)
+    ray.shutdown()
+    _started_local.clear()
+    if below:
+        import psutil
+
+        _, alive = psutil.wait_procs(below, timeout=grace_s)
+        for process in alive:
+            try:
+                process.kill()
+            except psutil.NoSuchProcess:
+                pass
+
+
 def connect(cluster: ClusterConfig) -> str:
     """Join cluster.address (or $RAY_ADDRESS, as `ray job submit` sets), else start a local cluster.
 
@@ -37,9 +81,10 @@ def connect(cluster: ClusterConfig) -> str:
         ray.init(address=address)
         said = f"joined Ray cluster at {address}"
     else:
-        # A user's RAY_num_workers_soft_limit wins; the raylet reads it from the environment at start.
-        os.environ.setdefault("RAY_num_workers_soft_limit", str(max(LOCAL_IDLE_WORKERS, cluster.num_cpus or 0)))
+        for name, value in raylet_env(cluster.num_cpus).items():
+            os.environ.setdefault(name, value)  # a value the user set wins
         ray.init(address="local", num_cpus=cluster.num_cpus, include_dashboard=False)
+        _started_local.append(True)
         said = f"started a local Ray cluster ({ray.cluster_resources().get('CPU', 0):g} logical CPUs)"
     console.forward_worker_logs()  # worker logs to the run's log file; plad-ray's own lines to the terminal
     console.route_libraries()

@@ -26,7 +26,8 @@ def local_ray():
 
     from plad_ray import cluster
 
-    os.environ.setdefault("RAY_num_workers_soft_limit", str(cluster.LOCAL_IDLE_WORKERS))
+    for name, value in cluster.raylet_env().items():
+        os.environ.setdefault(name, value)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     cluster.configure_data()
     ray.data.DataContext.get_current().enable_progress_bars = False

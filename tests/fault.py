@@ -31,16 +31,25 @@ def descendants(pid: int) -> list[int]:
     return out
 
 
+def find_in(pid: int, marker: str) -> bool:
+    """The process's command line contains `marker`."""
+    try:
+        return marker in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+    except OSError:
+        return False
+
+
 def find(pid: int, marker: str) -> list[int]:
     """Descendants of `pid` whose command line contains `marker` (Ray names actors ray::<Class>)."""
-    found = []
-    for child in descendants(pid):
-        try:
-            if marker in Path(f"/proc/{child}/cmdline").read_bytes().decode(errors="replace"):
-                found.append(child)
-        except OSError:
-            pass
-    return found
+    return [child for child in descendants(pid) if find_in(child, marker)]
+
+
+def alive(pid: int) -> bool:
+    """The process exists and is not a zombie waiting to be reaped."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
 
 
 def kill(pids: list[int]) -> None:

@@ -6,8 +6,8 @@ Every node gets its own temp dir, as every machine of a real cluster has its own
 nodes sharing one would share `session_*/runtime_resources`, and a node's runtime-env
 agent, setting up a job's `working_dir` for its first task there, deletes and unpacks
 that folder again (Ray's working_dir plugin overwrites), under the feet of a job driver
-running in it on the head. Nodes keep 16 idle worker processes, as plad-ray's own local
-cluster does (plad_ray.cluster.LOCAL_IDLE_WORKERS; README "Small nodes"). Stopped by killing the processes under its temp dirs; never
+running in it on the head. Nodes start with the settings plad-ray's own local
+cluster has (plad_ray.cluster.raylet_env: 16 idle workers kept, README "Small nodes"; orphans reaped). Stopped by killing the processes under its temp dirs; never
 `ray stop`, which would end every Ray cluster on the machine.
 """
 
@@ -22,7 +22,7 @@ from pathlib import Path
 
 from conftest import PYTHON, job_env
 
-from plad_ray.cluster import LOCAL_IDLE_WORKERS
+from plad_ray.cluster import raylet_env
 
 RAY = str(Path(PYTHON).parent / "ray")
 
@@ -41,8 +41,7 @@ class RayHead:
         self.port = free_port()
         self.dashboard_port = free_port()
         self.env = job_env()
-        self.env.update(RAY_AUTH_MODE="disabled", PATH=f"{Path(PYTHON).parent}:{self.env['PATH']}",
-                        RAY_num_workers_soft_limit=str(LOCAL_IDLE_WORKERS))
+        self.env.update(RAY_AUTH_MODE="disabled", PATH=f"{Path(PYTHON).parent}:{self.env['PATH']}", **raylet_env())
         self._start(["--head", f"--port={self.port}", f"--dashboard-port={self.dashboard_port}",
                      "--include-dashboard=true", "--dashboard-host=127.0.0.1"], num_cpus, self.temp_dir)
 

@@ -12,7 +12,7 @@ import pytest
 from safetensors.torch import load_file
 
 from conftest import PYTHON, ROOT, job_env
-from fault import find, kill, write_pairs
+from fault import alive, descendants, find, find_in, kill, write_pairs
 import pyarrow.parquet as pq
 
 from plad_ray.data import parquet
@@ -133,9 +133,13 @@ def test_ctrl_c_then_resume_with_an_engine_killed_writes_every_pair_once(tmp_pat
     job, stdout_file, stderr_file = start(command, tmp_path)
     pending = out / "pairs.partial"
     wait_for(lambda: list(pending.glob("*.parquet")), job, what="the first pairs on disk")
+    below = descendants(job.pid)  # its local Ray cluster, the student's engine actor and VLLM::EngineCore among them
+    assert [p for p in below if find_in(p, "EngineCore")], "no vLLM engine process under the job"
     job.send_signal(signal.SIGINT)  # what Ctrl-C sends the job's driver
     stdout, stderr = finish(job, stdout_file, stderr_file, timeout=300)
     assert job.returncode == 130, stdout[-2000:] + stderr[-3000:]
+    # The interrupted job leaves no process behind (an orphaned EngineCore would hold the model's memory).
+    assert not [p for p in below if alive(p)], [Path(f"/proc/{p}/cmdline").read_bytes() for p in below if alive(p)]
     assert stderr.strip().splitlines()[-1] == "plad-ray: interrupted; re-run the same command to resume"
     assert not (out / "pairs" / "_manifest.json").exists()  # no pairs that look complete
     written = sum(pq.read_metadata(p).num_rows for p in parquet.written_files(str(out / "pairs")))
@@ -146,7 +150,12 @@ def test_ctrl_c_then_resume_with_an_engine_killed_writes_every_pair_once(tmp_pat
     # The student engine of the second run: the teacher is cached, so the only engine is the student's.
     wait_for(lambda: find(again.pid, "vLLMEngineStageUDF"), again, what="the student engine")
     engines = find(again.pid, "vLLMEngineStageUDF")
-    kill(engines)  # the engine actor; its vLLM engine process goes with it
+    wait_for(lambda: [p for e in engines for p in find(e, "EngineCore")], again, what="the engine's vLLM process")
+    below = [p for e in engines for p in descendants(e)]  # VLLM::EngineCore and its helpers
+    kill(engines)  # the engine actor, as the OOM killer or a lost node would
+    # What the killed actor started goes too (the raylet reaps it: plad_ray.cluster.raylet_env), else
+    # its VLLM::EngineCore would live on, holding the model's memory.
+    wait_for(lambda: not [p for p in below if alive(p)], again, timeout=60, what="the killed engine's processes to end")
     wait_for(lambda: set(find(again.pid, "vLLMEngineStageUDF")) - set(engines), again, what="a replacement engine")
     stdout, stderr = finish(again, stdout_file, stderr_file)
     assert again.returncode == 0, stdout[-3000:] + stderr[-3000:]
