@@ -19,16 +19,8 @@ LOCAL_IDLE_WORKERS = 16
 
 def raylet_env(num_cpus: int | None = None) -> dict[str, str]:
     """The Ray settings plad-ray starts its local cluster with (the raylet reads them from its environment):
-
-    - `num_workers_soft_limit`: LOCAL_IDLE_WORKERS idle workers kept (above).
-    - `kill_child_processes_on_worker_exit_with_raylet_subreaper`: the raylet kills what a dead worker
-      leaves behind. A vLLM engine actor killed with SIGKILL (a lost node, the OOM killer, a test) leaves
-      its `VLLM::EngineCore` process orphaned, holding the model's memory (on a GPU, the GPU's memory),
-      because engine actors keep their children until their own shutdown (generate/engines.py); with the
-      raylet as subreaper it is killed within seconds. Set it on clusters you start (cluster/Dockerfile.gpu).
-    """
-    return {"RAY_num_workers_soft_limit": str(max(LOCAL_IDLE_WORKERS, num_cpus or 0)),
-            "RAY_kill_child_processes_on_worker_exit_with_raylet_subreaper": "true"}
+    LOCAL_IDLE_WORKERS idle workers kept (above)."""
+    return {"RAY_num_workers_soft_limit": str(max(LOCAL_IDLE_WORKERS, num_cpus or 0))}
 
 
 _started_local: list[bool] = []  # this process started the local cluster it is connected to

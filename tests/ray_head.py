@@ -7,7 +7,7 @@ nodes sharing one would share `session_*/runtime_resources`, and a node's runtim
 agent, setting up a job's `working_dir` for its first task there, deletes and unpacks
 that folder again (Ray's working_dir plugin overwrites), under the feet of a job driver
 running in it on the head. Nodes start with the settings plad-ray's own local
-cluster has (plad_ray.cluster.raylet_env: 16 idle workers kept, README "Small nodes"; orphans reaped). Stopped by killing the processes under its temp dirs; never
+cluster has (plad_ray.cluster.raylet_env: 16 idle workers kept, README "Small nodes"). Stopped by killing the processes under its temp dirs; never
 `ray stop`, which would end every Ray cluster on the machine.
 """
 

@@ -153,8 +153,7 @@ def test_ctrl_c_then_resume_with_an_engine_killed_writes_every_pair_once(tmp_pat
     wait_for(lambda: [p for e in engines for p in find(e, "EngineCore")], again, what="the engine's vLLM process")
     below = [p for e in engines for p in descendants(e)]  # VLLM::EngineCore and its helpers
     kill(engines)  # the engine actor, as the OOM killer or a lost node would
-    # What the killed actor started goes too (the raylet reaps it: plad_ray.cluster.raylet_env), else
-    # its VLLM::EngineCore would live on, holding the model's memory.
+    # What the killed actor started goes too, else its VLLM::EngineCore would live on holding the model's memory.
     wait_for(lambda: not [p for p in below if alive(p)], again, timeout=60, what="the killed engine's processes to end")
     wait_for(lambda: set(find(again.pid, "vLLMEngineStageUDF")) - set(engines), again, what="a replacement engine")
     stdout, stderr = finish(again, stdout_file, stderr_file)
