@@ -64,14 +64,15 @@ $(STAMP): pyproject.toml
 	$(PY) -c "import vllm, ray.data.llm, deepspeed, transformers, plad_ray; print('plad-ray venv ready')"
 	touch $(STAMP)
 
-# Throughput benchmarks (benchmarks/RESULTS.md); SETTING=smoke (here) or full (GPU cluster, add MODEL=...).
+# Throughput benchmarks (benchmarks/RESULTS.md); SETTING=smoke (here) or full (GPU cluster, add MODEL=...;
+# PEAK_FLOPS=<one GPU's dense peak FLOP/s> adds MFU to bench-training).
 bench: bench-generation bench-training bench-end-to-end
 
 bench-generation: $(STAMP)
 	$(PY) -m benchmarks.generation --setting $(SETTING) $(if $(MODEL),--model $(MODEL))
 
 bench-training: $(BENCH_STAMP)
-	$(PY) -m benchmarks.training --setting $(SETTING) $(if $(MODEL),--model $(MODEL))
+	$(PY) -m benchmarks.training --setting $(SETTING) $(if $(MODEL),--model $(MODEL)) $(if $(PEAK_FLOPS),--peak-flops $(PEAK_FLOPS))
 
 bench-end-to-end: $(STAMP)
 	$(PY) -m benchmarks.end_to_end

@@ -47,6 +47,31 @@ def build_bench_model(name: str, folder: Path) -> str:
     return str(folder)
 
 
+def parameter_count(model: str) -> int:
+    """Parameters of an HF causal LM folder, counted on the meta device (no weights loaded; tied ones once)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(model)
+    with torch.device("meta"):
+        net = AutoModelForCausalLM.from_config(config)
+    return sum(p.numel() for p in net.parameters())
+
+
+def mfu(tokens_per_s: float, parameters: int, peak_flops: float | None, devices: int = 1) -> float | None:
+    """Model FLOPs utilisation of training: 6 * N * tokens/s (2N forward and 4N backward FLOPs per token;
+    attention's own FLOPs left out, as in the usual 6N estimate) over the devices' peak FLOP/s (the dense
+    peak of the precision trained in, per device, e.g. 312e12 for an A100's bf16). None without a peak."""
+    if not peak_flops:
+        return None
+    return 6 * parameters * tokens_per_s / (peak_flops * devices)
+
+
+def per_device(tokens_per_s: float, devices: int | None) -> float | None:
+    """Tokens/s per accelerator (None on CPU, where the machine's cores are shared by every contender)."""
+    return tokens_per_s / devices if devices else None
+
+
 def random_prompts(n: int, length: int, seed: int = 0) -> list[str]:
     """n prompts of `length` printable characters (= tokens with the byte tokenizer)."""
     rng = random.Random(seed)

@@ -10,14 +10,15 @@ Same prompts, model, engine settings and sampling on both sides:
                 after the first (the engine is up and warm by then) over the time from the
                 first block to the last.
 Both report a cold rate too (engine start-up included). The ratio (b)/(a) of steady
-rates is the pipeline's overhead; the table repeats (b) for each replica count.
+rates is the pipeline's overhead; the table repeats (b) for each replica count. On GPUs
+the table gives steady tokens/s per GPU too ((a) one GPU; (b) replicas x TP 1).
 """
 
 import argparse
 import json
 import time
 
-from benchmarks.common import RESULTS, build_bench_model, random_prompts, run_worker, save, table
+from benchmarks.common import RESULTS, build_bench_model, per_device, random_prompts, run_worker, save, table
 
 SETTINGS = {
     # replicas: (engine replicas, CPUs per replica); the machine's 2 cores go to one engine, then to two.
@@ -27,6 +28,14 @@ SETTINGS = {
     "full": dict(model=None, prompts=20000, prompt_len=512, max_tokens=256, batch_size=256, replicas=[[1, 8], [2, 8], [4, 8], [8, 8]],
                  ray_cpus=None, use_gpu=True, dtype="bfloat16", max_model_len=2048, engine_kwargs={}),
 }
+
+
+def plan(s: dict) -> str:
+    """What each contender will generate: the line printed before the run (the run-sheet's expected tokens)."""
+    replicas = ", ".join(f"{r} x {c} CPUs" for r, c in s["replicas"])
+    return (f"plan: {s['prompts']:,} prompts of {s['prompt_len']} tokens x up to {s['max_tokens']} new tokens: at most "
+            f"{s['prompts'] * s['max_tokens']:,} generated tokens per contender run; (b) at replicas {replicas}; "
+            f"{s['dtype']}, {'GPUs' if s['use_gpu'] else 'CPU'}")
 
 
 def engine_config(s: dict, model: str, replicas: int, cpus_per_replica: float = 1.0):
@@ -116,13 +125,17 @@ def main() -> None:
     model = args.model or (build_bench_model(s["model"], RESULTS / "models" / s["model"]) if s["model"] else None)
     if model is None:
         parser.error("--model is required for the full setting")
+    print(plan(s), flush=True)
     raw = run_raw(s, model)
     pipelines = [run_pipeline(s, model, r, c) for r, c in s["replicas"]]
-    rows = [{"contender": "(a) raw vllm.LLM.generate", "replicas": 1, "cpus_per_replica": "all", **raw}]
+    gpus = (lambda replicas: replicas) if s["use_gpu"] else (lambda replicas: None)  # TP 1 in both settings
+    rows = [{"contender": "(a) raw vllm.LLM.generate", "replicas": 1, "cpus_per_replica": "all", **raw,
+             "steady_tokens_per_s_per_gpu": per_device(raw["steady_tokens_per_s"], gpus(1))}]
     rows += [{"contender": "(b) Ray Data teacher stage", **p,
+              "steady_tokens_per_s_per_gpu": per_device(p["steady_tokens_per_s"], gpus(p["replicas"])),
               "ratio_b_over_a": p["steady_tokens_per_s"] / raw["steady_tokens_per_s"]} for p in pipelines]
-    print(table(rows, ["contender", "replicas", "cpus_per_replica", "tokens", "steady_tokens_per_s", "steady_prompts_per_s",
-                       "cold_tokens_per_s", "ratio_b_over_a"]))
+    print(table(rows, ["contender", "replicas", "cpus_per_replica", "tokens", "steady_tokens_per_s",
+                       "steady_tokens_per_s_per_gpu", "steady_prompts_per_s", "cold_tokens_per_s", "ratio_b_over_a"]))
     path = save("generation", {"setting": args.setting, "settings": s, "model": model, "raw": raw,
                                "pipeline": pipelines})
     print(f"results -> {path}")

@@ -13,7 +13,9 @@ precision on all three, one process/worker each:
   (c) TRL:      `CPOTrainer(loss_type="hinge", beta=1, cpo_alpha=0)`, the same loss: with
                 summed log-probs, relu(1 - (log P(y+) - log P(y-))).
 Metric: real (non-padding) tokens per second over the timed steps (after warm-up
-steps); mean step time; peak RSS of the training process; padding share.
+steps); mean step time; peak RSS of the training process; padding share; with
+--peak-flops (one device's dense peak FLOP/s in the precision trained, e.g. 312e12 for an
+A100 in bf16), MFU = 6 * parameters * tokens/s / peak (each contender trains on one device).
 """
 
 import argparse
@@ -25,7 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import RESULTS, build_bench_model, run_worker, save, table
+from benchmarks.common import RESULTS, build_bench_model, mfu, parameter_count, run_worker, save, table
 
 SETTINGS = {
     "smoke": dict(model="bench-25m", pairs=480, micro_batch=8, steps=60, warmup_steps=10, max_length=256,
@@ -52,6 +54,14 @@ def write_pairs(folder: Path, n: int, seed: int = 0) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     pq.write_table(pa.Table.from_pylist(rows, schema=pairs.PAIR_SCHEMA), folder / "pairs.parquet")
     return folder
+
+
+def plan(s: dict, parameters: int) -> str:
+    """What one contender will train: the line printed before the run (the run-sheet's expected tokens)."""
+    most = s["steps"] * s["micro_batch"] * 2 * s["max_length"]
+    return (f"plan: {parameters / 1e6:,.1f}M parameters; {s['steps']} steps ({s['warmup_steps']} warm-up) x "
+            f"{s['micro_batch']} pairs, chosen + rejected of up to {s['max_length']} tokens: at most {most:,} tokens "
+            f"per contender, {s['precision']}, {'one GPU' if s['use_gpu'] else 'CPU'} each")
 
 
 def train_config(s: dict, steps: int):
@@ -203,6 +213,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--setting", choices=SETTINGS, default="smoke")
     parser.add_argument("--model", help="HF model folder (full setting); smoke builds a random bench model")
+    parser.add_argument("--peak-flops", type=float, help="one device's dense peak FLOP/s, for MFU (e.g. 312e12)")
     parser.add_argument("--bare-worker", help=argparse.SUPPRESS)
     parser.add_argument("--trl-worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -214,6 +225,8 @@ def main() -> None:
     model = args.model or (build_bench_model(s["model"], RESULTS / "models" / s["model"]) if s["model"] else None)
     if model is None:
         parser.error("--model is required for the full setting")
+    parameters = parameter_count(model)
+    print(plan(s, parameters), flush=True)
     with tempfile.TemporaryDirectory() as work:
         pairs_dir = write_pairs(Path(work) / "pairs", s["pairs"])
         plad, rows = run_plad(s, model, pairs_dir, Path(work) / "run")
@@ -221,11 +234,13 @@ def main() -> None:
         trl = run_trl(s, model, pairs_dir)
     results = [{"contender": "(a) bare DeepSpeed loop", **bare}, {"contender": "(b) plad-ray Ray Train + DeepSpeed", **plad},
                {"contender": "(c) TRL CPOTrainer(hinge)", **trl}]
+    for r in results:
+        r["mfu"] = mfu(r["tokens_per_s"], parameters, args.peak_flops)
     ratios = {"b_over_a": plad["tokens_per_s"] / bare["tokens_per_s"],
               "b_over_c": plad["tokens_per_s"] / trl["tokens_per_s"]}
-    print(table(results, ["contender", "tokens_per_s", "step_s", "timed_steps", "peak_rss_mb", "padding"]))
+    print(table(results, ["contender", "tokens_per_s", "mfu", "step_s", "timed_steps", "peak_rss_mb", "padding"]))
     print(f"ratio (b)/(a) = {ratios['b_over_a']:.3f}   ratio (b)/(c) = {ratios['b_over_c']:.3f}")
-    print(f"results -> {save('training', {'setting': args.setting, 'settings': s, 'model': model, 'results': results, 'ratios': ratios})}")
+    print(f"results -> {save('training', {'setting': args.setting, 'settings': s, 'model': model, 'parameters': parameters, 'peak_flops': args.peak_flops, 'results': results, 'ratios': ratios})}")
 
 
 if __name__ == "__main__":
