@@ -183,5 +183,6 @@ def test_a_revoked_key_stops_the_run_at_once(local_ray, tmp_path):
     with pytest.raises(RuntimeFailure) as failure:
         run(tmp_path, stub, "teacher.endpoint.concurrency=1", "teacher.batch_size=1")
     stub.close()
-    assert "HTTP 401: invalid api key in the middle of the run" in str(failure.value)
-    assert len(stub.requests) == 3  # no retries of an auth failure
+    assert "HTTP 401: invalid api key in the middle of the run; it wants a key: set teacher.endpoint.api_key_env" \
+        in str(failure.value)
+    assert len(stub.requests) == 3  # no retries of an auth failure, and no batch sent after it

@@ -81,17 +81,22 @@ class EndpointWorker:
         self.loop = asyncio.new_event_loop()
         self.lock = asyncio.Lock()
         self.counts, self.outages = Counter(), []
+        self.failure: str | None = None  # once set, every later batch fails at once (see __call__)
 
     # -- the batch -------------------------------------------------------------------------------
 
     def __call__(self, table):
         import pyarrow as pa
 
+        if self.failure is not None:
+            # Ray Data has already queued more batches on this actor; they must not send anything either.
+            raise EndpointFailure(self.failure)
         rows = table.to_pylist()
         try:
             results = self.loop.run_until_complete(self._batch(rows))
         except EndpointFailure as e:
-            self._flush(failure=str(e))
+            self.failure = str(e)
+            self._flush(failure=self.failure)
             raise
         self._flush()
         kept = [r for r in results if r["status"] == OK]
@@ -142,8 +147,9 @@ class EndpointWorker:
                 return self._answered(row, body, now)
             text = error_text(status, body, error)
             if kind == FATAL:
-                raise EndpointFailure(f"teacher endpoint {self.endpoint.url}: {text} in the middle of the run; check "
-                                      f"the key in ${self.endpoint.api_key_env}")
+                fix = (f"check the key in ${self.endpoint.api_key_env}" if self.endpoint.api_key_env else
+                       "it wants a key: set teacher.endpoint.api_key_env")
+                raise EndpointFailure(f"teacher endpoint {self.endpoint.url}: {text} in the middle of the run; {fix}")
             if kind == REFUSED:
                 self._close_outage(now)
                 self.counts["refused"] += 1
