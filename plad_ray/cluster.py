@@ -23,7 +23,7 @@ def raylet_env(num_cpus: int | None = None) -> dict[str, str]:
     return {"RAY_num_workers_soft_limit": str(max(LOCAL_IDLE_WORKERS, num_cpus or 0))}
 
 
-_started_local: list[bool] = []  # this process started the local cluster it is connected to
+_started_local = False  # this process started the local cluster it is connected to
 
 
 def shutdown(grace_s: float = 5.0) -> None:
@@ -31,26 +31,25 @@ def shutdown(grace_s: float = 5.0) -> None:
     Ray stops its own processes, but a vLLM engine's `VLLM::EngineCore` outlives its actor when the raylet goes
     first (a Ctrl-C, a failed run: 1 GB each for the tiny models, the model's memory for real ones). Whatever
     is still alive `grace_s` after Ray's shutdown is killed."""
+    global _started_local
     import ray
 
     if not ray.is_initialized():
         return
-    below = []
-    if _started_local:
-        import psutil
+    if not _started_local:
+        ray.shutdown()
+        return
+    import psutil  # (vLLM's and Ray's dependency) only for a cluster this process started
 
-        below = psutil.Process().children(recursive=True)
+    below = psutil.Process().children(recursive=True)
     ray.shutdown()
-    _started_local.clear()
-    if below:
-        import psutil
-
-        _, alive = psutil.wait_procs(below, timeout=grace_s)
-        for process in alive:
-            try:
-                process.kill()
-            except psutil.NoSuchProcess:
-                pass
+    _started_local = False
+    _, alive = psutil.wait_procs(below, timeout=grace_s)
+    for process in alive:
+        try:
+            process.kill()
+        except psutil.NoSuchProcess:
+            pass
 
 
 def connect(cluster: ClusterConfig) -> str:
@@ -61,6 +60,7 @@ def connect(cluster: ClusterConfig) -> str:
     stages, vLLM engines and trainer workers need more logical CPUs than cores to
     be scheduled at the same time.
     """
+    global _started_local
     import ray
 
     from plad_ray import console
@@ -76,7 +76,7 @@ def connect(cluster: ClusterConfig) -> str:
         for name, value in raylet_env(cluster.num_cpus).items():
             os.environ.setdefault(name, value)  # a value the user set wins
         ray.init(address="local", num_cpus=cluster.num_cpus, include_dashboard=False)
-        _started_local.append(True)
+        _started_local = True
         said = f"started a local Ray cluster ({ray.cluster_resources().get('CPU', 0):g} logical CPUs)"
     console.forward_worker_logs()  # worker logs to the run's log file; plad-ray's own lines to the terminal
     console.route_libraries()

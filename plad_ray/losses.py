@@ -31,6 +31,8 @@ likely and the student worse. SLiC-HF's cross-entropy regulariser and CPO's beha
 cloning term (TRL cpo_alpha = 1) are the same remedy.
 """
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -207,8 +209,8 @@ def _kl(p_BTn: torch.Tensor, q_BTn: torch.Tensor) -> torch.Tensor:
 
 
 def _mixture(p_BTn: torch.Tensor, q_BTn: torch.Tensor, weight: float) -> torch.Tensor:
-    """log(weight * p + (1 - weight) * q), from log-probs."""
-    return torch.logaddexp(p_BTn + torch.log(torch.tensor(weight)), q_BTn + torch.log(torch.tensor(1.0 - weight)))
+    """log(weight * p + (1 - weight) * q), from log-probs; 0 < weight < 1."""
+    return torch.logaddexp(p_BTn + math.log(weight), q_BTn + math.log(1.0 - weight))
 
 
 def _masked_mean(value_BT: torch.Tensor, mask_BT: torch.Tensor) -> torch.Tensor:

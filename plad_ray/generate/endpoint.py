@@ -28,15 +28,20 @@ def api_key(endpoint: EndpointConfig) -> str | None:
     return key
 
 
+def base_url(url: str) -> str:
+    """The API root of a (chat) completions URL: http://host/v1 of http://host/v1/chat/completions."""
+    return url.rstrip("/").rsplit("/chat/completions", 1)[0].rsplit("/completions", 1)[0]
+
+
 def models_url(url: str) -> str:
     """The server's model list beside its (chat) completions URL: what answers when the server is up."""
-    return url.rstrip("/").rsplit("/chat/completions", 1)[0].rsplit("/completions", 1)[0] + "/models"
+    return base_url(url) + "/models"
 
 
 def check_endpoint(endpoint: EndpointConfig, model: str) -> None:
     """Before generation: the server answers, accepts the key, and serves `model`."""
-    base = models_url(endpoint.url).rsplit("/models", 1)[0]
-    request = urllib.request.Request(models_url(endpoint.url))
+    base = base_url(endpoint.url)
+    request = urllib.request.Request(base + "/models")
     key = api_key(endpoint)
     if key:
         request.add_header("Authorization", f"Bearer {key}")

@@ -76,7 +76,7 @@ class EndpointWorker:
         self.outage = Outage(self.endpoint.max_outage_s)
         self.breaker_open = False  # stop sending until /models answers again
         self.polls_ok = 0  # how many polls found the endpoint up (waiters compare against it)
-        self.announced_at = None  # when the log said "down since"
+        self.announced = False  # the log said "down since" for the outage now open
         self.sent = deque()
         self.loop = asyncio.new_event_loop()
         self.lock = asyncio.Lock()
@@ -232,9 +232,9 @@ class EndpointWorker:
             return
         wall_now = time.time()
         self.outages.append((wall_now - lasted, wall_now))
-        if self.announced_at is not None:
+        if self.announced:
             print(f"{self.prefix} {self.endpoint.url} back after {lasted:.0f} s", flush=True)
-            self.announced_at = None
+            self.announced = False
 
     async def _wait_until_up(self, session) -> None:
         """The circuit breaker: one coroutine polls /models with backoff; the batch's others wait for it."""
@@ -243,8 +243,8 @@ class EndpointWorker:
             if self.polls_ok != seen or not self.breaker_open:
                 return  # another request found the endpoint up meanwhile
             now = time.monotonic()
-            if self.announced_at is None:
-                self.announced_at = now
+            if not self.announced:
+                self.announced = True
                 since = time.strftime("%H:%M:%S", time.localtime(time.time() - self.outage.length(now)))
                 print(f"{self.prefix} {self.endpoint.url} down since {since} ({self.outage.last_error}); "
                       f"waiting for it (budget {self.endpoint.max_outage_s:g} s, teacher.endpoint.max_outage_s)",
