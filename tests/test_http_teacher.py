@@ -101,9 +101,9 @@ def test_pairs_from_an_http_teacher_through_two_outages_never_leak_the_key(serve
     """The server killed once the first outputs are on disk: with a 5 s budget the run ends with one line and
     exit 4; the same command with a longer budget resumes, rides out a second kill and restart, and ends
     with every prompt and pair once, right, and the key nowhere. (Last in this file: it restarts the server.)"""
-    out, pending = tmp_path / "run", tmp_path / "run" / "teacher.partial"
+    out, pending, n = tmp_path / "run", tmp_path / "run" / "teacher.partial", 32
     slow = ("--set", "teacher.batch_size=4", "--set", "teacher.endpoint.concurrency=1",
-            "--set", "teacher.endpoint.qps=2", "--set", "data.max_prompts=48")
+            "--set", "teacher.endpoint.qps=2", "--set", f"data.max_prompts={n}")
     env = {**job_env(), KEY_ENV: KEY}
 
     def start(budget):
@@ -125,7 +125,7 @@ def test_pairs_from_an_http_teacher_through_two_outages_never_leak_the_key(serve
     last = stderr.strip().splitlines()[-1]
     assert last.startswith(f"plad-ray: error: teacher endpoint {server.url}/completions: down for "), last
     assert "more than teacher.endpoint.max_outage_s=5 (last error: connection refused" in last
-    safe = re.search(r"; (\d+) of 48 teacher outputs are safe on disk in \S+; re-run the same command to resume$", last)
+    safe = re.search(rf"; (\d+) of {n} teacher outputs are safe on disk in \S+; re-run the same command to resume$", last)
     assert safe and int(safe.group(1)) >= 4, last
     safe = int(safe.group(1))
     assert "down since" in stdout and "waiting for it (budget 5 s" in stdout
@@ -141,13 +141,13 @@ def test_pairs_from_an_http_teacher_through_two_outages_never_leak_the_key(serve
     assert re.search(r"teacher endpoint \S+ down since \d\d:\d\d:\d\d \((connection refused|Server"
                      r"DisconnectedError)", stdout), stdout[-3000:]
     assert re.search(r"teacher endpoint \S+ back after \d+ s", stdout), stdout[-3000:]
-    assert f"[generate] teacher: {48 - safe} outputs" in stdout
+    assert f"[generate] teacher: {n - safe} outputs" in stdout
     down = float(re.search(r"(\d+\.\d) s down", stdout).group(1))
     assert down > 10, stdout[-3000:]
     rows = parquet.read_table(str(out / "teacher")).to_pylist()
-    assert len(rows) == 48 and len({r["id"] for r in rows}) == 48
+    assert len(rows) == n and len({r["id"] for r in rows}) == n
     pair_keys = [(r["id"], r["sample_index"]) for r in parquet.read_table(str(out / "pairs")).to_pylist()]
-    assert len(pair_keys) == 96 and len(set(pair_keys)) == 96
+    assert len(pair_keys) == 2 * n and len(set(pair_keys)) == 2 * n
 
     right = sum(r["teacher_text"] == r["prompt"][:-1][::-1] for r in rows)
     assert right / len(rows) > 0.9  # the served tiny teacher (greedy) reverses words
