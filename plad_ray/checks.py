@@ -59,6 +59,12 @@ def check_inputs(cfg: Config, prompts: bool = True, teacher: bool = True, studen
     if student:
         inputs.student_path = resolve_model(cfg.student.model, "student.model", cfg.student.allow_pickle_weights,
                                             cfg.student.chat_template, log=log)
+    if cfg.teacher.score_samples and inputs.teacher_path and inputs.student_path and not shares_vocabulary(
+            inputs.teacher_path, inputs.student_path, cfg.student.trust_remote_code):
+        raise ConfigError("config key teacher.score_samples: the teacher's and the student's tokenizers map ids to "
+                          "different tokens, and teacher log-probs are read position by position on the student's "
+                          "ids (the same id must mean the same token, equal sizes are not enough); set "
+                          "teacher.score_samples=false and train on the pairs' text (hinge, logistic, seqkd)")
     if cfg.train.loss.type == "token_kd" and inputs.teacher_path and inputs.student_path:
         check_shared_vocabulary(inputs.teacher_path, inputs.student_path, cfg.student.trust_remote_code)
     if cfg.teacher.sampling.stop is not None and cfg.student.sampling.stop != cfg.teacher.sampling.stop:

@@ -19,7 +19,7 @@ from plad_ray.config_yaml import apply_override, build, read_mapping
 from plad_ray.data import storage
 from plad_ray.data.layout import OutputLayout
 from plad_ray.errors import ConfigError
-from plad_ray.scoring import POLICIES, SCORERS
+from plad_ray.scoring import POLICIES, SCORERS, TEACHER
 from plad_ray.tracking import TRACKERS
 
 LOSS_TYPES = ("hinge", "margin", "logistic", "listwise", "seqkd", "token_kd")  # implemented in plad_ray.losses
@@ -130,12 +130,30 @@ class EngineConfig:
             f"must be below {prefix}max_model_len to leave room for the prompt")
 
 
+# vLLM's default cap on log-probs per token (EngineArgs max_logprobs); engine_kwargs.max_logprobs raises it.
+VLLM_MAX_LOGPROBS = 20
+
+
 @dataclass
 class TeacherEngineConfig(EngineConfig):
     endpoint: EndpointConfig | None = None  # a black-box HTTP server instead of vLLM engines
+    # After each round's pairs: the teacher's vLLM engines prefill every student sample (and each prompt's
+    # teacher output) and keep, per response token, its log-prob and the top score_top_k alternatives
+    # (output_dir/teacher_scores/; plad_ray/teacher_logprobs.py). Needs a vLLM teacher sharing the
+    # student's vocabulary. Prefill only: no teacher text is generated.
+    score_samples: bool = False
+    score_top_k: int = 20  # alternatives kept per token, 1 .. vLLM's max_logprobs (engine_kwargs; default 20)
 
     def checks(self, prefix: str):
         yield from super().checks(prefix)
+        yield f"{prefix}score_top_k", self.score_top_k >= 1, "must be >= 1"
+        most = self.engine_kwargs.get("max_logprobs", VLLM_MAX_LOGPROBS)
+        yield f"{prefix}score_top_k", most == -1 or self.score_top_k <= most, (
+            f"must be <= {most}, the most log-probs vLLM returns per token; raise {prefix}engine_kwargs.max_logprobs "
+            "to score more")
+        yield f"{prefix}score_samples", not (self.score_samples and self.endpoint is not None), (
+            "a black-box teacher endpoint returns no per-token log-probs of given text here; score with a vLLM "
+            f"teacher ({prefix}model without {prefix}endpoint), or set {prefix}score_samples=false")
         if self.endpoint is not None:
             yield from self.endpoint.checks(f"{prefix}endpoint.")
             chat_url = self.endpoint.url.rstrip("/").endswith("chat/completions")
@@ -216,7 +234,9 @@ class TrainConfig:
     log_every_steps: int = 10  # optimizer steps between logged losses
     max_failures: int = 0  # times Ray Train restarts failed workers from the last checkpoint; -1: no limit
     eval_every_steps: int = 50  # score the held-out pairs every N optimizer steps (and before/after); 0: only then
-    scorer: str | None = None  # score outputs with this plad_ray.scoring scorer (e.g. reverse); null: none
+    # score outputs with this plad_ray.scoring scorer (e.g. reverse), or `teacher`: the teacher's mean log-prob per
+    # token of each side, from teacher_scores/ (needs teacher.score_samples); null: none
+    scorer: str | None = None
     student_wins: str = "keep"  # pairs where the student's output scored higher: keep | drop | flip
     trackers: list[str] = field(default_factory=lambda: ["tensorboard"])  # experiment trackers: tensorboard
     # (output_dir/train/tensorboard), mlflow ($MLFLOW_TRACKING_URI), wandb ($WANDB_API_KEY or WANDB_MODE=offline);
@@ -252,8 +272,8 @@ class TrainConfig:
         yield f"{prefix}rounds", self.rounds >= 1, "must be >= 1"
         yield f"{prefix}rounds", self.rounds == 1 or self.pairs is None, (
             f"later rounds regenerate student samples; they cannot start from external {prefix}pairs")
-        yield f"{prefix}scorer", self.scorer is None or self.scorer in SCORERS, (
-            f"must be null or one of: {', '.join(SCORERS)}")
+        yield f"{prefix}scorer", self.scorer is None or self.scorer in (*SCORERS, TEACHER), (
+            f"must be null or one of: {', '.join((*SCORERS, TEACHER))}")
         yield f"{prefix}loss.type", self.loss.type != "margin" or self.scorer is not None, (
             f"the margin loss needs scores: set {prefix}scorer")
         yield f"{prefix}student_wins", self.student_wins in POLICIES, f"must be one of: {', '.join(POLICIES)}"
@@ -326,6 +346,9 @@ class Config:
         samples_or_given_pairs = self.student.num_samples >= 2 or self.train.pairs is not None
         yield "train.loss.type", loss_type != "listwise" or samples_or_given_pairs, (
             "listwise ranks a prompt's student samples together: set student.num_samples >= 2")
+        yield "train.scorer", self.train.scorer != TEACHER or (self.teacher.score_samples and self.train.pairs is None), (
+            "the teacher scorer reads the teacher's log-probs of this run's pairs: set teacher.score_samples=true "
+            "(and leave train.pairs unset)")
         yield "eval.enabled", not self.eval.enabled or self.data.heldout_fraction > 0, (
             "evaluation runs on held-out prompts: set data.heldout_fraction > 0, or eval.enabled=false")
 

@@ -3,6 +3,7 @@
     prompts --teacher vLLM--> teacher/ --student vLLM--> pairs/ --DeepSpeed--> student/ --vLLM--> eval/
                                   |  (rounds r > 1: round r-1's student samples again) |
                                   +--> round-<r>/pairs/ --DeepSpeed--> round-<r>/student/ ...
+    (teacher.score_samples: pairs/ --teacher vLLM, prefill--> teacher_scores/, in every round)
 
 Inputs are checked before Ray starts (plad_ray.checks), prompt rows by Ray Data before any
 engine starts (plad_ray.data.prompt_checks). Each step reuses a complete output
@@ -19,6 +20,7 @@ from plad_ray.checks import Inputs, check_inputs, check_prompt_rows, check_step_
 from plad_ray.config import Config
 from plad_ray.data import storage
 from plad_ray.errors import DataError
+from plad_ray.generate.scores import score_pairs
 from plad_ray.generate.student import generate_pairs
 from plad_ray.generate.teacher import generate_teacher
 from plad_ray.data.outputs import prepare_output
@@ -42,7 +44,7 @@ def distill(cfg: Config, overwrite: bool = False, check_only: bool = False, log=
     with ThreadPoolExecutor(max_workers=1) as pool:
         initial = None
         for r in range(1, cfg.train.rounds + 1):
-            generated = generate_pairs(cfg, inputs, log, round=r)
+            generated = {**generate_pairs(cfg, inputs, log, round=r), **_scores(cfg, inputs, log, r)}
             if r == 1:
                 figures.update(generated)
                 initial = start_initial(cfg, inputs.student_path, pool)  # runs while the student trains
@@ -59,7 +61,13 @@ def generate(cfg: Config, overwrite: bool = False, check_only: bool = False, log
     inputs = prepare(cfg, generation=True, training=False, overwrite=overwrite, check_only=check_only, log=log)
     if inputs is None:
         return None
-    return {**generate_teacher(cfg, inputs, log), **generate_pairs(cfg, inputs, log)}
+    return {**generate_teacher(cfg, inputs, log), **generate_pairs(cfg, inputs, log), **_scores(cfg, inputs, log, 1)}
+
+
+def _scores(cfg: Config, inputs: Inputs, log, round: int) -> dict:
+    """The teacher's scores of a round's pairs, when teacher.score_samples is on; their figures under
+    `teacher_scoring`."""
+    return {"teacher_scoring": score_pairs(cfg, inputs, log, round)} if cfg.teacher.score_samples else {}
 
 
 def train(cfg: Config, overwrite: bool = False, check_only: bool = False, log=print,

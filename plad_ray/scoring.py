@@ -40,11 +40,16 @@ def tiny_similarity(prompt: str, output: str) -> float:
 
 SCORERS: dict[str, Callable[[str, str], float]] = {"reverse": reverse_verifier, "tiny_exact": tiny_exact,
                                                     "tiny_similarity": tiny_similarity}
+# s(y) = the teacher's mean log-prob per token of y, read from the run's teacher_scores/ (teacher.score_samples)
+# rather than computed from text: a teacher-judged margin that needs no verifier (plad_ray.losses.teacher_scores).
+TEACHER = "teacher"
 VERDICTS = ("teacher", "tie", "student")
 POLICIES = ("keep", "drop", "flip")
 
 
-def get_scorer(name: str) -> Callable[[str, str], float]:
+def get_scorer(name: str) -> Callable[[str, str], float] | str:
+    if name == TEACHER:
+        return TEACHER
     if name not in SCORERS:
         raise ValueError(f"unknown scorer {name!r}: expected one of {', '.join(SCORERS)}")
     return SCORERS[name]
@@ -71,17 +76,19 @@ def apply_policy(pair: dict, who: str, policy: str) -> dict | None:
     raise ValueError(f"unknown policy {policy!r}: expected one of {', '.join(POLICIES)}")
 
 
-def judge_pairs(rows: list[dict], scorer: Callable[[str, str], float] | None,
+def judge_pairs(rows: list[dict], scorer: Callable[[str, str], float] | str | None,
                 student_wins: str) -> tuple[list[dict], list[str], list[bool]]:
     """Score both sides of every pair (rows with prompt, chosen, rejected), say who won, and apply the
     student-wins policy: (rows with chosen_score/rejected_score, verdicts, dropped flags). Without a
-    scorer the rows are returned as they are, every verdict '' and nothing dropped."""
+    scorer the rows are returned as they are, every verdict '' and nothing dropped. With the TEACHER
+    scorer the rows already carry their scores (`chosen_score`, `rejected_score`)."""
     if scorer is None:
         return rows, [""] * len(rows), [False] * len(rows)
     scored, verdicts, dropped = [], [], []
     for row in rows:
-        row = {**row, "chosen_score": scorer(row["prompt"], row["chosen"]),
-               "rejected_score": scorer(row["prompt"], row["rejected"])}
+        if scorer != TEACHER:
+            row = {**row, "chosen_score": scorer(row["prompt"], row["chosen"]),
+                   "rejected_score": scorer(row["prompt"], row["rejected"])}
         who = verdict(row["chosen_score"], row["rejected_score"])
         kept = apply_policy(row, who, student_wins)
         verdicts.append(who)

@@ -176,6 +176,7 @@ def markdown(report: dict, plot_name: str) -> str:
             ("teacher tokens, seconds", f"{g.get('teacher_tokens', '-')}, {_num(g.get('teacher_seconds'))}"),
             ("student tokens, seconds", f"{g.get('student_tokens', '-')}, {_num(g.get('student_seconds'))}"),
             *_endpoint_rows(g.get("teacher_endpoint")),
+            *_scoring_rows(report),
             ("optimizer steps, training seconds", f"{report.get('steps')}, {_num(report.get('train_seconds'))}")]
     lines += ["", "| run | |", "|---|---|"] + [f"| {k} | {v if v is not None else '-'} |" for k, v in rows]
     lines += ["", f"![training loss, ranking accuracy and teacher-output log-prob]({plot_name})", ""]
@@ -190,6 +191,21 @@ def _endpoint_rows(e: dict | None) -> list[tuple[str, str]]:
             ("teacher endpoint: seconds throttled / down", f"{_num(e['throttle_wait_s'])} / {_num(e['outage_s'])}"),
             ("teacher endpoint: usage prompt / completion tokens", f"{e['prompt_tokens']} / {e['completion_tokens']}"),
             ("teacher endpoint: prompts refused (quarantine/teacher/)", str(e["refused"]))]
+
+
+def _scoring_rows(report: dict) -> list[tuple[str, str]]:
+    """teacher.score_samples: each round's prefill, apart from the tokens generated."""
+    rows = []
+    for r in report.get("rounds") or [{"round": 1, "pair_generation": report.get("generation")}]:
+        s = (r.get("pair_generation") or {}).get("teacher_scoring")
+        if s:
+            rows.append((f"round {r['round']} teacher scoring: sequences scored now / in all, prefill tokens, seconds",
+                         f"{s['scored_now']} / {s['scored_sequences']}, {s.get('scoring_prefill_tokens', 0)}, "
+                         f"{_num(s.get('scoring_seconds'))}"))
+            if "scores_bytes_per_token" in s:
+                rows.append((f"round {r['round']} teacher scores on disk: bytes per scored token (top {s['score_top_k']})",
+                             _num(s["scores_bytes_per_token"])))
+    return rows
 
 
 def _num(value) -> str:
@@ -240,7 +256,8 @@ def write_report(cfg: Config, rounds: list[dict], generation: dict | None = None
     if command:
         report["command"] = list(command)
     report["rounds"] = [{k: r.get(k) for k in ("round", "steps", "counts", "eval_initial", "eval_trained",
-                                                "guard", "checkpoint", "train_seconds")} for r in rounds]
+                                                "guard", "checkpoint", "train_seconds", "pair_generation")}
+                        for r in rounds]
     if generation is not None:
         report["generation"] = generation
     if evaluation is not None:

@@ -34,6 +34,12 @@ def bad(tmp_path_factory, tiny_models):
     for f in ("tokenizer.json", "tokenizer_config.json"):
         (d / "notok" / f).unlink()
     (d / "pickle" / "model.safetensors").rename(d / "pickle" / "pytorch_model.bin")
+    # A teacher whose tokenizer has as many ids as the student's, two of them swapped: one size, two vocabularies.
+    shutil.copytree(tiny_models["teacher"], d / "swapped")
+    tokenizer = json.loads((d / "swapped" / "tokenizer.json").read_text())
+    vocab = tokenizer["model"]["vocab"]
+    vocab["a"], vocab["b"] = vocab["b"], vocab["a"]
+    (d / "swapped" / "tokenizer.json").write_text(json.dumps(tokenizer))
     (d / "bad.yaml").write_text("output_dir: x\ntrain: [\n")
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -88,6 +94,16 @@ CASES = {
                      "config key student.model: {d}/notok has no tokenizer files"),
     "chat template missing": ("distill", None, ["student.chat_template=true"], 3,
                               "'s tokenizer has no chat template, but student.chat_template is on"),
+    "scoring k over vLLM's cap": ("generate_pairs", None, ["teacher.score_samples=true", "teacher.score_top_k=21"], 2,
+                                  "config key teacher.score_top_k: must be <= 20, the most log-probs vLLM returns per "
+                                  "token; raise teacher.engine_kwargs.max_logprobs to score more"),
+    "scoring through an endpoint": ("generate_pairs", None, ["teacher.score_samples=true", "teacher.model=t",
+                                                             "teacher.endpoint.url=http://127.0.0.1:9/v1/completions"],
+                                    2, "config key teacher.score_samples: a black-box teacher endpoint returns no "
+                                       "per-token log-probs"),
+    "scoring across vocabularies": ("generate_pairs", None, ["teacher.score_samples=true", "teacher.model={d}/swapped"],
+                                    2, "config key teacher.score_samples: the teacher's and the student's tokenizers "
+                                       "map ids to different tokens"),
     "pickle weights": ("distill", None, ["teacher.model={d}/pickle"], 3,
                        "config key teacher.model: {d}/pickle has only pickle (.bin/.pt) weights"),
     "output is a file": ("distill", None, ["output_dir={d}/a-file"], 3, "output_dir {d}/a-file: is a file"),

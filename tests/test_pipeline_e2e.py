@@ -293,6 +293,34 @@ def test_other_losses_train_on_the_same_pairs(run, loss_type, tmp_path):
           f"{hinge['eval_trained']['chosen_nll_per_token']:.3f}")
 
 
+@pytest.mark.slow  # make test-slow: its join and verdicts are in tests/test_teacher_scores.py, margin's loss in test_losses
+def test_a_teacher_judged_margin_trains_on_the_runs_pairs(run, tmp_path):
+    """train.scorer=teacher: PLaD's margin loss with s(y) the teacher's mean token log-prob of y, read from
+    teacher_scores/ (scored here, on a copy of the run: its teacher outputs and pairs are kept)."""
+    out, _, _ = run
+    other = tmp_path / "teacher-margin"
+    shutil.copytree(out, other, ignore=shutil.ignore_patterns("round-*", "teacher_scores", "student", "train", "eval"))
+    proc = subprocess.run(
+        [PYTHON, "-m", "jobs.distill", "--config", "configs/tiny-cpu.yaml", "--set", f"output_dir={other}",
+         "--set", "teacher.score_samples=true", "--set", "train.loss.type=margin", "--set", "train.scorer=teacher",
+         "--set", "eval.enabled=false", "--overwrite"],
+        cwd=ROOT, env=job_env(), capture_output=True, text=True, timeout=1500,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "0 teacher requests" in proc.stdout and "pairs already complete" in proc.stdout
+    report = json.loads((other / "report.json").read_text())
+    counts, before, after = report["counts"], report["eval_initial"], report["eval_trained"]
+    # The greedy teacher finds its own output likelier than the student's sample on most pairs.
+    assert counts["teacher_wins"] + counts["ties"] + counts["student_wins"] == counts["pairs"] == PROMPTS * 2
+    assert counts["teacher_wins"] / counts["pairs"] > 0.8, counts
+    assert "teacher-wins assumption held" in proc.stdout
+    assert after["ranking_accuracy"] > before["ranking_accuracy"] and after["loss"] < before["loss"]
+    assert report["curve"][-1]["loss"] < report["curve"][0]["loss"]
+    print(f"teacher margin: {counts['teacher_wins']} teacher wins of {counts['pairs']}; ranking accuracy "
+          f"{before['ranking_accuracy']:.3f} -> {after['ranking_accuracy']:.3f}, chosen NLL/token "
+          f"{before['chosen_nll_per_token']:.3f} -> {after['chosen_nll_per_token']:.3f}")
+
+
 def test_the_collapse_guard_stops_at_the_last_good_checkpoint(run, tmp_path):
     # The old objective (a pure summed hinge) at a from-scratch learning rate: it wins the ranking by
     # making the teacher's outputs less likely. With action=stop the guard ends training at the last
@@ -323,16 +351,19 @@ def test_the_collapse_guard_stops_at_the_last_good_checkpoint(run, tmp_path):
     assert (other / "student" / "model.safetensors").is_file()
 
 
-def test_a_second_round_samples_the_trained_student_and_reuses_teacher_outputs(run):
+def test_a_second_round_samples_the_trained_student_and_reuses_teacher_outputs(run, tiny_models):
+    # With the teacher's scoring turned on (teacher.score_samples, top 20): round 1's pairs, which the run
+    # already has, are scored too, without making its teacher outputs, pairs or training stale.
     out, _, _ = run
     round_1 = json.loads((out / "report.json").read_text())
     proc = subprocess.run(
         [PYTHON, "-m", "jobs.distill", "--config", "configs/tiny-cpu.yaml", "--set", f"output_dir={out}",
-         "--set", "train.rounds=2", "--set", "eval.initial_student=false"],
+         "--set", "train.rounds=2", "--set", "eval.initial_student=false", "--set", "teacher.score_samples=true"],
         cwd=ROOT, env=job_env(), capture_output=True, text=True, timeout=1500,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "0 teacher requests" in proc.stdout and "round 1 already complete" in proc.stdout
+    check_teacher_scores(out, tiny_models, proc.stdout)
     first, second = parquet.read_table(str(out / "pairs")), parquet.read_table(str(out / "round-2" / "pairs"))
     assert second.num_rows == first.num_rows
     def chosen(table):
@@ -349,6 +380,45 @@ def test_a_second_round_samples_the_trained_student_and_reuses_teacher_outputs(r
     assert report["rounds"][1]["eval_trained"]["ranking_accuracy"] > report["rounds"][1]["eval_initial"]["ranking_accuracy"]
     models = report["evaluation"]["models"]
     assert {"round 1 student", "round 2 student"} <= set(models) and "initial student" not in models
+    # Each round's prefill is reported apart from the tokens generated (round 2 generated no teacher text).
+    scoring = [r["pair_generation"]["teacher_scoring"] for r in report["rounds"]]
+    assert [s["scored_now"] for s in scoring] == [PROMPTS * 3, PROMPTS * 3]
+    assert all(s["scoring_prefill_tokens"] > s["scored_tokens"] > 0 for s in scoring)
+    assert report["rounds"][1]["pair_generation"]["student_tokens"] > 0
+    summary = (out / "summary.md").read_text()
+    assert f"| round 2 teacher scoring: sequences scored now / in all, prefill tokens, seconds | {PROMPTS * 3} / " in summary
+
+
+def check_teacher_scores(out, tiny_models, stdout):
+    """Both rounds' pairs scored once per (id, sample, side): every student sample, and each prompt's teacher
+    output once; on a sample of them, the log-probs and top 20 equal the teacher's own forward pass over the
+    student's training sequence (fp32 on both sides)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    assert stdout.count("0 teacher text generated") == 2
+    teacher = AutoModelForCausalLM.from_pretrained(tiny_models["teacher"], dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_models["student"])
+    for folder in (out, out / "round-2"):
+        scores = parquet.read_table(str(folder / "teacher_scores")).to_pylist()
+        keys = {(r["id"], r["sample_index"], r["side"]) for r in scores}
+        assert len(scores) == len(keys) == PROMPTS * 3
+        assert sum(r["side"] == "chosen" for r in scores) == PROMPTS
+        pairs = {(p["id"], p["sample_index"]): p for p in parquet.read_table(str(folder / "pairs")).to_pylist()}
+        assert {(i, k) for i, k, side in keys if side == "rejected"} == set(pairs)
+        for row in scores[:48]:
+            pair = pairs[(row["id"], row["sample_index"])]
+            assert row["token_ids"] == list(pair[f"{row['side']}_token_ids"])  # the ids as generated
+            prompt = tokenizer(pair["prompt"])["input_ids"]
+            assert row["prompt_tokens"] == len(prompt) and row["num_tokens"] == len(row["token_ids"]) > 0
+            with torch.no_grad():
+                logps = torch.log_softmax(teacher(torch.tensor([prompt + row["token_ids"]])).logits[0], -1)
+            at = logps[len(prompt) - 1:-1]  # position t predicts token t + 1
+            want = at.gather(-1, torch.tensor(row["token_ids"])[:, None])[:, 0]
+            assert torch.allclose(torch.tensor(row["logprobs"]), want, atol=1e-4), (row["logprobs"], want)
+            # The 20 highest values, and each id with its own log-prob (ids, not order, where two values tie).
+            got_ids, got = torch.tensor(row["topk_ids"]).view(-1, 20), torch.tensor(row["topk_logprobs"]).view(-1, 20)
+            assert torch.allclose(got, torch.topk(at, 20).values, atol=1e-4)
+            assert torch.allclose(at.gather(-1, got_ids), got, atol=1e-4)
 
 
 @pytest.mark.slow  # make test-slow; zero teacher requests on a re-run are in make test's round-2 and Ctrl-C tests

@@ -90,3 +90,18 @@ def test_markdown_gives_a_black_box_teachers_account():
     assert "| teacher endpoint: usage prompt / completion tokens | 296 / 290 |" in text
     assert "| teacher endpoint: prompts refused (quarantine/teacher/) | 2 |" in text
     assert "teacher endpoint" not in markdown(REPORT, "loss_curve.png")  # a vLLM teacher: no such rows
+
+
+def test_markdown_gives_each_rounds_teacher_scoring():
+    scoring = {"scored_now": 3072, "scored_sequences": 3072, "scoring_prefill_tokens": 39930, "scored_tokens": 19815,
+               "scoring_seconds": 64.6, "scores_bytes": 2135113, "scores_bytes_per_token": 107.75, "score_top_k": 20}
+    report = copy.deepcopy(REPORT)
+    report["rounds"] = [{"round": 1, "pair_generation": {"teacher_scoring": scoring}},
+                        {"round": 2, "pair_generation": {"teacher_scoring": {"scored_now": 0, "scored_sequences": 3072}}}]
+    text = markdown(report, "loss_curve.png")
+    assert "| round 1 teacher scoring: sequences scored now / in all, prefill tokens, seconds | 3072 / 3072, 39930, 64.6 |" in text
+    assert "| round 1 teacher scores on disk: bytes per scored token (top 20) | 107.8 |" in text
+    # a round whose scores were all on disk already: nothing prefilled, no new size
+    assert "| round 2 teacher scoring: sequences scored now / in all, prefill tokens, seconds | 0 / 3072, 0, - |" in text
+    assert "round 2 teacher scores on disk" not in text
+    assert "teacher scoring" not in markdown(REPORT, "loss_curve.png")

@@ -7,10 +7,11 @@
       quarantine/teacher/ prompts a black-box teacher refused (HTTP 4xx, empty), with status and reason (JSON lines)
       teacher/            teacher outputs by prompt id (shared by every round)
       pairs/              round 1's preference pairs
+      teacher_scores/     round 1's teacher log-probs of the pairs' sequences (teacher.score_samples)
       train/              round 1's Ray Train state and checkpoints (train/tensorboard/: metrics)
       student/            round 1's trained student (HF folder)
       train_report.json   round 1's training figures
-      round-<r>/          round r > 1: pairs/, train/, student/, train_report.json
+      round-<r>/          round r > 1: pairs/, teacher_scores/, train/, student/, train_report.json
       eval/               generation quality of the final student (the evaluate stage owns its files)
       report.json, summary.md, loss_curve.png   the run's report and its summary
 
@@ -26,6 +27,7 @@ QUARANTINE = "quarantine"
 LOGS = "logs"
 TEACHER = "teacher"
 PAIRS = "pairs"
+SCORES = "teacher_scores"
 TRAIN = "train"  # Ray Train's run name under a round's folder
 STUDENT = "student"
 TRAIN_REPORT = "train_report.json"
@@ -62,6 +64,9 @@ class OutputLayout:
 
     def pairs(self, round: int = 1) -> str:
         return storage.join(self.round_dir(round), PAIRS)
+
+    def scores(self, round: int = 1) -> str:
+        return storage.join(self.round_dir(round), SCORES)
 
     def train_state(self, round: int = 1) -> str:
         return storage.join(self.round_dir(round), TRAIN)

@@ -3,7 +3,8 @@
 Each stage's outputs (their places: plad_ray.data.layout) depend on these config keys,
 cumulatively: the teacher cache and quarantine on the data source and the teacher; the pairs
 also on the student and the held-out split; training, the student, the evaluation and the
-reports also on train. run.json records them.
+reports also on train; the teacher's scores of the pairs (teacher.score_samples) on the pairs and the
+scoring keys, and nothing after them depends on those keys yet. run.json records them.
 
 A re-run with the same keys resumes. When a stage's keys changed, that stage's outputs
 and everything after it are stale: the run refuses (naming the first changed key)
@@ -19,10 +20,14 @@ from plad_ray.config import Config
 from plad_ray.data import layout, storage
 from plad_ray.errors import ConfigError, DataError
 
-STAGES = ("teacher", "pairs", "train")
+# "scores" last: turning teacher scoring on or changing its k makes only the scores stale.
+STAGES = ("teacher", "pairs", "train", "scores")
 OUTPUTS = {"teacher": (layout.TEACHER, layout.QUARANTINE), "pairs": (layout.PAIRS,),
            "train": (layout.TRAIN, layout.STUDENT, layout.TRAIN_REPORT, layout.EVAL, layout.REPORT, layout.SUMMARY,
-                     layout.LOSS_CURVE)}
+                     layout.LOSS_CURVE),
+           "scores": (layout.SCORES,)}
+# Teacher keys of the scoring stage alone: the teacher outputs and pairs do not depend on them.
+_SCORE_KEYS = ("score_samples", "score_top_k")
 # Engine settings that change speed or where the model runs, not what it writes: changing
 # them never makes outputs stale (teacher.model and sampling do).
 _ENGINE_PERF_KEYS = ("replicas", "batch_size", "cpus_per_replica", "max_restarts", "env", "gpu_memory_utilization",
@@ -37,12 +42,14 @@ _TRAIN_OPERATIONAL_KEYS = ("max_failures", "log_every_steps", "checkpoint_every_
 def stage_keys(cfg: Config) -> dict:
     """For each stage, the config values its outputs depend on (cumulative)."""
     d = cfg.to_safe_dict()
+    teacher_keys = _semantic(d["teacher"])
     teacher = {**{f"data.{k}": d["data"][k] for k in ("prompts", "max_prompts", "bad_rows", "too_long")},
-               "teacher": _semantic(d["teacher"])}
+               "teacher": {k: v for k, v in teacher_keys.items() if k not in _SCORE_KEYS}}
     pairs = {**teacher, "student": _semantic(d["student"]), "data.heldout_fraction": d["data"]["heldout_fraction"]}
     # More rounds continue a run (earlier rounds stay valid); fewer or other train keys do not.
     train = _semantic_train({k: v for k, v in d["train"].items() if k != "rounds"})
-    return {"teacher": teacher, "pairs": pairs, "train": {**pairs, "train": train}}
+    scores = {**pairs, "teacher_scoring": {k: teacher_keys[k] for k in _SCORE_KEYS}}
+    return {"teacher": teacher, "pairs": pairs, "train": {**pairs, "train": train}, "scores": scores}
 
 
 def _semantic_train(train: dict) -> dict:
@@ -70,6 +77,10 @@ def prepare_output(cfg: Config, overwrite: bool = False, dry_run: bool = False, 
     _check_location(cfg.output_dir, run_uri)
     previous = storage.read_json(run_uri) or {}
     mine = stage_keys(cfg)
+    if not cfg.teacher.score_samples:  # scoring off: its outputs are neither read nor written, and keep their record
+        mine.pop("scores")
+        if "scores" in previous:
+            mine["scores"] = previous["scores"]
     for index, stage in enumerate(STAGES):
         if stage not in previous or _comparable(stage, previous[stage]) == mine[stage]:
             continue
@@ -95,7 +106,9 @@ def prepare_output(cfg: Config, overwrite: bool = False, dry_run: bool = False, 
 
 def _outputs_from(output_dir: str, stages: tuple[str, ...]) -> list[str]:
     """Every output (and its unfinished .partial) of these stages."""
-    names = [name for stage in stages for name in OUTPUTS[stage] + (_round_dirs(output_dir) if stage == "pairs" else ())]
+    rounds = _round_dirs(output_dir)
+    names = [name for stage in stages for name in OUTPUTS[stage] + (rounds if stage == "pairs" else ())
+             + (tuple(f"{r}/{layout.SCORES}" for r in rounds) if stage == "scores" else ())]
     return [storage.join(output_dir, n + suffix) for n in names for suffix in ("", ".partial")]
 
 

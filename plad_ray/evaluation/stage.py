@@ -190,7 +190,7 @@ def _judge_name(scorer_name: str | None, graded_name: str | None) -> str:
 
 
 def _settings(cfg: Config) -> dict:
-    return {**dataclasses.asdict(cfg.eval), "rounds": cfg.train.rounds, "scorer": cfg.eval.scorer or cfg.train.scorer}
+    return {**dataclasses.asdict(cfg.eval), "rounds": cfg.train.rounds, "scorer": verifier(cfg)}
 
 
 def _finished(cfg: Config) -> dict | None:
@@ -215,7 +215,7 @@ def evaluate_run(cfg: Config, initial_student_path: str | None, log=print, force
     `initial_outputs`: a future of the initial student's generations (start_initial).
     """
     start = time.perf_counter()
-    scorer = cfg.eval.scorer or cfg.train.scorer
+    scorer = verifier(cfg)
     settings = _settings(cfg)
     done = _finished(cfg)
     if done is not None and not force:
@@ -274,3 +274,11 @@ def headline(m: dict) -> str:
         if key in m:
             parts.append(f"{name} {m[key]['win_rate']:.3f}")
     return ", ".join(parts)
+
+
+def verifier(cfg: Config) -> str | None:
+    """The scorer that judges generations: eval.scorer, else train.scorer when that one reads text (the teacher
+    scorer judges pairs by the teacher's log-probs, which new generations do not have)."""
+    from plad_ray.scoring import TEACHER
+
+    return cfg.eval.scorer or (cfg.train.scorer if cfg.train.scorer != TEACHER else None)

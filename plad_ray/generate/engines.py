@@ -63,12 +63,14 @@ def build_engine_processor(
     use_gpu: bool,
     preprocess: Callable[[dict], dict],
     postprocess: Callable[[dict], dict],
+    chat_template: bool | None = None,
 ):
     """A processor mapping a Dataset through `replicas` vLLM engines of `model_path`.
 
     `preprocess` must return `prompt` (or `messages` when the chat template is on) and
-    `sampling_params`; every input column reaches `postprocess` beside the engine's
-    `generated_text`, `generated_tokens` and `num_generated_tokens`.
+    `sampling_params` (or `tokenized_prompt`, with `chat_template=False`: the engine's own setting
+    otherwise); every input column reaches `postprocess` beside the engine's `generated_text`,
+    `generated_tokens`, `num_generated_tokens`, `prompt_token_ids` and, when asked for, `prompt_logprobs`.
     """
     from ray.data.llm import build_processor, vLLMEngineProcessorConfig
 
@@ -81,7 +83,7 @@ def build_engine_processor(
         accelerator_type=None,
         # Engine metrics export needs ray[serve] and a metrics port; progress is logged instead.
         log_engine_metrics=False,
-        chat_template_stage=engine.chat_template,
+        chat_template_stage=engine.chat_template if chat_template is None else chat_template,
         tokenize_stage=False,
         detokenize_stage=False,
         runtime_env={"env_vars": {**ENGINE_ACTOR_ENV, **{k: str(v) for k, v in engine.env.items()}}},

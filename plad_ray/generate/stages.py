@@ -81,11 +81,11 @@ def samples_to_generate(teacher_ds, num_samples: int, done_ds=None, num_partitio
     expanded = teacher_ds.flat_map(lambda row: pairs.expand_samples(row, num_samples))
     if done_ds is None:
         return expanded
-    done_ds = done_ds.map_batches(_int64_sample_index, batch_format="pyarrow")  # the join hashes like types
+    done_ds = done_ds.map_batches(int64_sample_index, batch_format="pyarrow")  # the join hashes like types
     return expanded.join(done_ds, "left_anti", num_partitions=num_partitions, on=("id", "sample_index"))
 
 
-def _int64_sample_index(table):
+def int64_sample_index(table):
     import pyarrow as pa
 
     column = table.schema.get_field_index("sample_index")

@@ -95,6 +95,9 @@ class PairTokenizer:
         rows = [{"prompt": p, "chosen": c, "rejected": r, "chosen_ids": ci, "rejected_ids": ri}
                 for p, c, r, ci, ri in zip(batch["prompt"], batch["chosen"], batch["rejected"],
                                            self._responses(batch, "chosen"), self._responses(batch, "rejected"))]
+        if "chosen_score" in batch:  # scored before this stage (the teacher scorer: driver.with_teacher_scores)
+            for row, c, r in zip(rows, batch["chosen_score"], batch["rejected_score"]):
+                row.update(chosen_score=float(c), rejected_score=float(r))
         rows, verdicts, dropped = judge_pairs(rows, self.scorer, self.student_wins)
         out = {name: [] for name in TOKEN_COLUMNS}
         status = []

@@ -13,12 +13,15 @@ import math
 import os
 import time
 
+import numpy as np
+
 from plad_ray import console, pairs
 from plad_ray.checks import Inputs
 from plad_ray.config import ClusterConfig, Config, TrainConfig
 from plad_ray.data import parquet, storage
 from plad_ray.data.layout import TRAIN, OutputLayout
 from plad_ray.errors import DataError, RuntimeFailure
+from plad_ray.scoring import TEACHER
 from plad_ray.tracking import Tracking, plan_tracking
 from plad_ray.train.batching import PairTokenizer, group_samples
 from plad_ray.train.worker import TrainPlan, train_loop_per_worker
@@ -197,6 +200,36 @@ def startup_breakdown(worker: dict, worker_start_s: float, fit_s: float) -> dict
     return phases
 
 
+def with_teacher_scores(pairs_ds, scores_uri: str, pairs_rows: int):
+    """Pairs with `chosen_score` / `rejected_score`: the teacher's mean log-prob per token of each side, from
+    teacher_scores/ (train.scorer=teacher). Two Ray Data joins on the pairs' keys; a pair without its scores
+    is an error, not a pair dropped."""
+    from ray.data.expressions import col
+
+    scores_ds = parquet.read(scores_uri)
+    if scores_ds is None:
+        raise DataError(f"teacher scores {scores_uri}: missing or incomplete; train.scorer=teacher needs "
+                        "teacher.score_samples=true in the run that made the pairs (re-run jobs.generate_pairs with it)")
+    means = scores_ds.select_columns(["id", "sample_index", "side", "logprobs"]).map_batches(
+        _mean_logprobs, batch_format="numpy")
+    rejected = means.filter(expr=col("side") == "rejected").select_columns(["id", "sample_index", "score"]) \
+        .rename_columns({"score": "rejected_score"})
+    chosen = means.filter(expr=col("side") == "chosen").select_columns(["id", "score"]).rename_columns({"score": "chosen_score"})
+    partitions = 1 + pairs_rows // parquet.JOIN_ROWS_PER_PARTITION
+    joined = (pairs_ds.join(rejected, "inner", num_partitions=partitions, on=("id", "sample_index"))
+              .join(chosen, "inner", num_partitions=partitions, on=("id",)).materialize())
+    if joined.count() != pairs_rows:
+        raise DataError(f"teacher scores {scores_uri}: {pairs_rows - joined.count()} of {pairs_rows} pairs have no "
+                        "teacher scores; re-run jobs.generate_pairs with teacher.score_samples=true to score them")
+    return joined
+
+
+def _mean_logprobs(batch: dict) -> dict:
+    means = [float(np.mean(lp)) if len(lp) else 0.0 for lp in batch["logprobs"]]
+    return {"id": batch["id"], "sample_index": batch["sample_index"], "side": batch["side"],
+            "score": np.asarray(means, dtype=np.float32)}
+
+
 def train_student(cfg: Config, inputs: Inputs, log=print, round: int = 1) -> dict:
     """Train on round `round`'s pairs, evaluate before/after, export the student; writes train_report.json."""
     from transformers import AutoTokenizer
@@ -215,6 +248,8 @@ def train_student(cfg: Config, inputs: Inputs, log=print, round: int = 1) -> dic
         pairs_ds = parquet.read(layout.pairs(round))
     if pairs_ds is None:
         raise DataError(f"pairs {layout.pairs(round)}: missing or incomplete; run jobs.generate_pairs first")
+    if cfg.train.scorer == TEACHER:
+        pairs_ds = with_teacher_scores(pairs_ds, layout.scores(round), pairs_rows=storage.manifest(layout.pairs(round))["rows"])
     tokenizer = AutoTokenizer.from_pretrained(student_path, trust_remote_code=cfg.student.trust_remote_code)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     start = time.perf_counter()
