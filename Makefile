@@ -70,6 +70,7 @@ bench: bench-generation bench-training bench-end-to-end
 
 bench-generation: $(STAMP)
 	$(PY) -m benchmarks.generation --setting $(SETTING) $(if $(MODEL),--model $(MODEL))
+	$(PY) -m benchmarks.scoring --setting $(SETTING) $(if $(MODEL),--model $(MODEL))
 
 bench-training: $(BENCH_STAMP)
 	$(PY) -m benchmarks.training --setting $(SETTING) $(if $(MODEL),--model $(MODEL)) $(if $(PEAK_FLOPS),--peak-flops $(PEAK_FLOPS))

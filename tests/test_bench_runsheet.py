@@ -5,7 +5,7 @@ import subprocess
 
 import pytest
 
-from benchmarks import generation, training
+from benchmarks import generation, scoring, training
 from benchmarks.common import BENCH_MODELS, mfu, parameter_count, per_device
 from conftest import ROOT
 
@@ -33,6 +33,9 @@ def test_the_full_settings_say_what_they_will_run():
     assert generation.plan(generation.SETTINGS["full"]) == (
         "plan: 20,000 prompts of 512 tokens x up to 256 new tokens: at most 5,120,000 generated tokens per contender "
         "run; (b) at replicas 1 x 8 CPUs, 2 x 8 CPUs, 4 x 8 CPUs, 8 x 8 CPUs; bfloat16, GPUs")
+    assert scoring.plan(scoring.SETTINGS["full"]) == (
+        "plan: 20,000 sequences of 512 prompt + 256 response tokens, top 20 log-probs per response token: about "
+        "15,360,000 prefill tokens per contender run; bfloat16, GPUs")
     assert training.plan(training.SETTINGS["full"], 494_032_768) == (
         "plan: 494.0M parameters; 300 steps (30 warm-up) x 8 pairs, chosen + rejected of up to 1024 tokens: at most "
         "4,915,200 tokens per contender, bf16, one GPU each")
@@ -45,3 +48,4 @@ def test_make_passes_the_model_and_the_peak_through():
     dry = subprocess.run(["make", "-n", "bench-generation", "SETTING=full", "MODEL=/m"], cwd=ROOT,
                          capture_output=True, text=True, check=True).stdout
     assert "-m benchmarks.generation --setting full --model /m" in dry
+    assert "-m benchmarks.scoring --setting full --model /m" in dry
