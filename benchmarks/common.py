@@ -132,3 +132,22 @@ def run_worker(module: str, flag: str, arg: str, tag: str, failure: str) -> dict
     if proc.returncode != 0 or not line:
         raise RuntimeError(f"{failure}: {proc.stderr[-3000:]}")
     return json.loads(line[-1][len(tag) + 1:])
+
+
+def bench_parser(doc: str, settings: dict):
+    """The arguments every throughput benchmark takes: --setting and --model."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--setting", choices=settings, default="smoke")
+    parser.add_argument("--model", help="HF model folder (full setting); smoke builds a random bench model")
+    return parser
+
+
+def setting_and_model(parser, args, settings: dict) -> tuple[dict, str]:
+    """The chosen setting and its model: --model, else the setting's random bench model (built once)."""
+    s = settings[args.setting]
+    model = args.model or (build_bench_model(s["model"], RESULTS / "models" / s["model"]) if s["model"] else None)
+    if model is None:
+        parser.error("--model is required for the full setting")
+    return s, model

@@ -18,7 +18,8 @@ import argparse
 import json
 import time
 
-from benchmarks.common import RESULTS, build_bench_model, per_device, random_prompts, run_worker, save, table
+from benchmarks.common import (bench_parser, per_device, random_prompts, run_worker, save, setting_and_model,
+                               table)
 
 SETTINGS = {
     # replicas: (engine replicas, CPUs per replica); the machine's 2 cores go to one engine, then to two.
@@ -114,17 +115,12 @@ def run_pipeline(s: dict, model: str, replicas: int, cpus_per_replica: float) ->
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--setting", choices=SETTINGS, default="smoke")
-    parser.add_argument("--model", help="HF model folder (full setting); smoke builds a random bench model")
+    parser = bench_parser(__doc__, SETTINGS)
     parser.add_argument("--raw-worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.raw_worker:
         return raw_worker(json.loads(args.raw_worker))
-    s = SETTINGS[args.setting]
-    model = args.model or (build_bench_model(s["model"], RESULTS / "models" / s["model"]) if s["model"] else None)
-    if model is None:
-        parser.error("--model is required for the full setting")
+    s, model = setting_and_model(parser, args, SETTINGS)
     print(plan(s), flush=True)
     raw = run_raw(s, model)
     pipelines = [run_pipeline(s, model, r, c) for r, c in s["replicas"]]

@@ -19,7 +19,8 @@ import json
 import random
 import time
 
-from benchmarks.common import RESULTS, build_bench_model, per_device, random_prompts, run_worker, save, table
+from benchmarks.common import (bench_parser, per_device, random_prompts, run_worker, save, setting_and_model,
+                               table)
 
 SETTINGS = {
     "smoke": dict(model="bench-4m", sequences=1024, prompt_len=32, response_len=64, top_k=20, batch_size=64,
@@ -118,17 +119,12 @@ def run_stage(s: dict, model: str) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--setting", choices=SETTINGS, default="smoke")
-    parser.add_argument("--model", help="HF model folder (full setting); smoke builds a random bench model")
+    parser = bench_parser(__doc__, SETTINGS)
     parser.add_argument("--raw-worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.raw_worker:
         return raw_worker(json.loads(args.raw_worker))
-    s = SETTINGS[args.setting]
-    model = args.model or (build_bench_model(s["model"], RESULTS / "models" / s["model"]) if s["model"] else None)
-    if model is None:
-        parser.error("--model is required for the full setting")
+    s, model = setting_and_model(parser, args, SETTINGS)
     print(plan(s), flush=True)
     raw = run_worker("benchmarks.scoring", "--raw-worker", json.dumps({**s, "model": model}), "RAW",
                      "raw vLLM scoring run failed")

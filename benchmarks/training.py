@@ -27,7 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import RESULTS, build_bench_model, mfu, parameter_count, run_worker, save, table
+from benchmarks.common import bench_parser, mfu, parameter_count, run_worker, save, setting_and_model, table
 
 SETTINGS = {
     "smoke": dict(model="bench-25m", pairs=480, micro_batch=8, steps=60, warmup_steps=10, max_length=256,
@@ -210,9 +210,7 @@ def trl_worker(job: dict) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--setting", choices=SETTINGS, default="smoke")
-    parser.add_argument("--model", help="HF model folder (full setting); smoke builds a random bench model")
+    parser = bench_parser(__doc__, SETTINGS)
     parser.add_argument("--peak-flops", type=float, help="one device's dense peak FLOP/s, for MFU (e.g. 312e12)")
     parser.add_argument("--bare-worker", help=argparse.SUPPRESS)
     parser.add_argument("--trl-worker", help=argparse.SUPPRESS)
@@ -221,10 +219,7 @@ def main() -> None:
         return bare_worker(args.bare_worker)
     if args.trl_worker:
         return trl_worker(json.loads(args.trl_worker))
-    s = SETTINGS[args.setting]
-    model = args.model or (build_bench_model(s["model"], RESULTS / "models" / s["model"]) if s["model"] else None)
-    if model is None:
-        parser.error("--model is required for the full setting")
+    s, model = setting_and_model(parser, args, SETTINGS)
     parameters = parameter_count(model)
     print(plan(s, parameters), flush=True)
     with tempfile.TemporaryDirectory() as work:
