@@ -18,7 +18,7 @@ from plad_ray.data import parquet, storage
 from plad_ray.data.prompts import prompt_token_ids
 from plad_ray.errors import DataError
 from plad_ray.generate import engines
-from plad_ray.generate.stages import int64_sample_index
+from plad_ray.generate.stages import not_done
 
 
 def score_pairs(cfg: Config, inputs: Inputs, log=print, round: int = 1) -> dict:
@@ -67,11 +67,8 @@ def score_pairs(cfg: Config, inputs: Inputs, log=print, round: int = 1) -> dict:
 
 def _to_score(pairs_ds, done_ds, num_partitions: int):
     """pairs -> one row per (id, sample_index, side) sequence not in `done_ds`."""
-    sequences = pairs_ds.flat_map(teacher_logprobs.scoring_sequences)
-    if done_ds is None:
-        return sequences
-    done_ds = done_ds.map_batches(int64_sample_index, batch_format="pyarrow")  # the join hashes like types
-    return sequences.join(done_ds, "left_anti", num_partitions=num_partitions, on=tuple(teacher_logprobs.KEYS))
+    return not_done(pairs_ds.flat_map(teacher_logprobs.scoring_sequences), done_ds, tuple(teacher_logprobs.KEYS),
+                    num_partitions)
 
 
 def _file_bytes(uri: str) -> int:

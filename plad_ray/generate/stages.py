@@ -79,13 +79,18 @@ def samples_to_generate(teacher_ds, num_samples: int, done_ds=None, num_partitio
     less the keys in `done_ds` (an interrupted run's, `parquet.done_keys_dataset`), taken out by a
     Ray Data anti-join in `num_partitions` hash partitions, so no key passes through the driver."""
     expanded = teacher_ds.flat_map(lambda row: pairs.expand_samples(row, num_samples))
+    return not_done(expanded, done_ds, ("id", "sample_index"), num_partitions)
+
+
+def not_done(rows_ds, done_ds, keys: tuple[str, ...], num_partitions: int):
+    """`rows_ds` less the rows whose `keys` are in `done_ds` (None: nothing done): a Ray Data anti-join."""
     if done_ds is None:
-        return expanded
-    done_ds = done_ds.map_batches(int64_sample_index, batch_format="pyarrow")  # the join hashes like types
-    return expanded.join(done_ds, "left_anti", num_partitions=num_partitions, on=("id", "sample_index"))
+        return rows_ds
+    done_ds = done_ds.map_batches(_int64_sample_index, batch_format="pyarrow")  # the join hashes like types
+    return rows_ds.join(done_ds, "left_anti", num_partitions=num_partitions, on=keys)
 
 
-def int64_sample_index(table):
+def _int64_sample_index(table):
     import pyarrow as pa
 
     column = table.schema.get_field_index("sample_index")
