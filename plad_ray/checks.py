@@ -44,6 +44,10 @@ def check_inputs(cfg: Config, prompts: bool = True, teacher: bool = True, studen
     """Read prompts, resolve model folders, find earlier outputs; raises before any expensive work."""
     if pairs_written and cfg.train.pairs is not None:
         check_external_pairs(cfg.train.pairs)
+        if cfg.train.teacher_scores is not None and storage.manifest(cfg.train.teacher_scores) is None:
+            raise DataError(f"config key train.teacher_scores: {cfg.train.teacher_scores} is not a finished "
+                            "teacher_scores folder; point it at the teacher_scores/ of the run that made train.pairs "
+                            "(jobs.generate_pairs with teacher.score_samples=true)")
     elif pairs_written and storage.manifest(cfg.layout().pairs()) is None:
         raise DataError(f"pairs {cfg.layout().pairs()}: missing or incomplete; run jobs.generate_pairs first, "
                         "or point train.pairs at a pairs dataset")

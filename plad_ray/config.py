@@ -22,7 +22,11 @@ from plad_ray.errors import ConfigError
 from plad_ray.scoring import POLICIES, SCORERS, TEACHER
 from plad_ray.tracking import TRACKERS
 
-LOSS_TYPES = ("hinge", "margin", "logistic", "listwise", "seqkd", "token_kd")  # implemented in plad_ray.losses
+LOSS_TYPES = ("hinge", "margin", "logistic", "listwise", "seqkd", "token_kd", "onpolicy_kd",
+              "contrastive")  # implemented in plad_ray.losses
+# Objectives trained on the teacher's top-k log-probs from teacher_scores/ (teacher.score_samples).
+TOPK_LOSS_TYPES = ("onpolicy_kd", "contrastive")
+DIVERGENCES = ("reverse_kl", "forward_kl", "jsd")
 
 
 @dataclass
@@ -186,9 +190,17 @@ class LossConfig:
     # lambda of the lambda * NLL(chosen) anchor, >= 0 (0 is off). On by default: without it a ranking loss can
     # win by making the teacher's outputs less likely too (README "Choosing the objective").
     nll_weight: float = 1.0
+    # onpolicy_kd: per-token divergence on the student's samples over the teacher's top-k plus the rest:
+    # reverse_kl KL(S||T), forward_kl KL(T||S) or jsd (GKD's generalised JSD with jsd_beta)
+    divergence: str = "reverse_kl"
+    jsd_beta: float = 0.5  # in (0, 1)
+    skew_alpha: float = 0.1  # contrastive: DistiLLM-2's skew, in [0, 1)
 
     def checks(self, prefix: str):
         yield f"{prefix}type", self.type in LOSS_TYPES, f"must be one of: {', '.join(LOSS_TYPES)}"
+        yield f"{prefix}divergence", self.divergence in DIVERGENCES, f"must be one of: {', '.join(DIVERGENCES)}"
+        yield f"{prefix}jsd_beta", 0 < self.jsd_beta < 1, "must be in (0, 1)"
+        yield f"{prefix}skew_alpha", 0 <= self.skew_alpha < 1, "must be in [0, 1)"
         yield f"{prefix}beta", self.beta > 0, "the hinge margin must be > 0"
         yield f"{prefix}gamma", self.gamma > 0, "the logistic scale must be > 0"
         yield f"{prefix}nll_weight", self.nll_weight >= 0, "must be >= 0"
@@ -211,6 +223,9 @@ class GuardConfig:
 @dataclass
 class TrainConfig:
     pairs: str | None = None  # pairs to train on (Parquet with TRL's prompt/chosen/rejected); None: output_dir/pairs
+    # the teacher's scores of train.pairs: the teacher_scores/ folder of the run that made them (teacher.score_samples),
+    # for train.scorer=teacher and the top-k objectives on given pairs (a teacher scores once, many students train)
+    teacher_scores: str | None = None
     num_workers: int = 1  # Ray Train workers, one DeepSpeed rank each
     cpus_per_worker: float = 1.0  # logical CPUs Ray reserves per worker
     placement_strategy: str = "PACK"  # PACK (fill nodes; fast collectives) | SPREAD (one per node where possible)
@@ -272,6 +287,8 @@ class TrainConfig:
         yield f"{prefix}rounds", self.rounds >= 1, "must be >= 1"
         yield f"{prefix}rounds", self.rounds == 1 or self.pairs is None, (
             f"later rounds regenerate student samples; they cannot start from external {prefix}pairs")
+        yield f"{prefix}teacher_scores", self.teacher_scores is None or self.pairs is not None, (
+            f"scores of given pairs: set {prefix}pairs too (a run's own pairs use its teacher.score_samples)")
         yield f"{prefix}scorer", self.scorer is None or self.scorer in (*SCORERS, TEACHER), (
             f"must be null or one of: {', '.join((*SCORERS, TEACHER))}")
         yield f"{prefix}loss.type", self.loss.type != "margin" or self.scorer is not None, (
@@ -346,11 +363,18 @@ class Config:
         samples_or_given_pairs = self.student.num_samples >= 2 or self.train.pairs is not None
         yield "train.loss.type", loss_type != "listwise" or samples_or_given_pairs, (
             "listwise ranks a prompt's student samples together: set student.num_samples >= 2")
-        yield "train.scorer", self.train.scorer != TEACHER or (self.teacher.score_samples and self.train.pairs is None), (
-            "the teacher scorer reads the teacher's log-probs of this run's pairs: set teacher.score_samples=true "
-            "(and leave train.pairs unset)")
+        yield "train.loss.type", loss_type not in TOPK_LOSS_TYPES or self._teacher_scored(), (
+            f"{loss_type} trains on the teacher's top-k log-probs of the pairs: set teacher.score_samples=true (this "
+            "run's pairs) or train.teacher_scores (beside train.pairs)")
+        yield "train.scorer", self.train.scorer != TEACHER or self._teacher_scored(), (
+            "the teacher scorer reads the teacher's log-probs of the pairs: set teacher.score_samples=true (this "
+            "run's pairs) or train.teacher_scores (beside train.pairs)")
         yield "eval.enabled", not self.eval.enabled or self.data.heldout_fraction > 0, (
             "evaluation runs on held-out prompts: set data.heldout_fraction > 0, or eval.enabled=false")
+
+    def _teacher_scored(self) -> bool:
+        """Training can read the teacher's scores of its pairs: this run's (scored as they are made) or given."""
+        return (self.teacher.score_samples and self.train.pairs is None) or self.train.teacher_scores is not None
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -388,6 +412,7 @@ def load_config(path: str | None, overrides: list[str] = ()) -> Config:
     config.output_dir = storage.output_root(config.output_dir, config.cluster.storage, storage.job_working_dir())
     config.data.prompts = storage.absolute(config.data.prompts)
     config.train.pairs = storage.absolute(config.train.pairs)
+    config.train.teacher_scores = storage.absolute(config.train.teacher_scores)
     return config
 
 

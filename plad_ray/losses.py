@@ -265,6 +265,10 @@ def teacher_scores(teacher_token_logps_BT: torch.Tensor, mask_BT: torch.Tensor) 
     return ((teacher_token_logps_BT * mask_BT).sum(-1) / mask_BT.sum(-1).clamp(min=1)).detach()
 
 
+# Objectives whose trained term is computed per token outside plad_loss and passed in as `token_kd`.
+TOKEN_TERM_LOSSES = ("token_kd", "onpolicy_kd", "contrastive")
+
+
 def plad_loss(
     chosen_logps_B: torch.Tensor,
     chosen_num_tokens_B: torch.Tensor,
@@ -284,9 +288,10 @@ def plad_loss(
 ) -> dict[str, torch.Tensor]:
     """The training objective: a ranking loss of `loss_type` (+ lambda * NLL of the chosen output).
 
-    The two baselines train something else on the same batches: seqkd the NLL of the
-    chosen output, token_kd the precomputed `token_kd_loss` passed as `token_kd`; their
-    ranking loss is still computed and reported, not trained.
+    The token-level objectives train something else on the same batches: seqkd the NLL of the
+    chosen output; token_kd, onpolicy_kd and contrastive a precomputed per-token term passed as
+    `token_kd` (`token_kd_loss`, `topk_divergence`, `contrastive_topk_loss`); their ranking loss is
+    still computed and reported, not trained.
 
     `ranked_B` (1 = ranked) leaves pairs out of the ranking part whose sides are the same
     text (no ranking signal; they still count in the NLL part). For `listwise`, rejected
@@ -324,14 +329,15 @@ def plad_loss(
         accuracy, margin = (chosen_B > rejected_B).float().mean(), (chosen_B - rejected_B).mean()
         if chosen_B.numel() == 0:
             rank, accuracy, margin = chosen_logps_B.sum() * 0, torch.tensor(0.0), torch.tensor(0.0)
-    if loss_type in ("seqkd", "token_kd"):
+    if loss_type in ("seqkd", *TOKEN_TERM_LOSSES):
         rank = rank.detach()  # reported for comparison, not trained
     rank_scale, token_scale = term_scales
     if loss_type == "seqkd":
         loss = _scaled(nll, token_scale)
-    elif loss_type == "token_kd":
+    elif loss_type in TOKEN_TERM_LOSSES:
         if token_kd is None:
-            raise ValueError("loss_type 'token_kd' needs token_kd (see token_kd_loss)")
+            raise ValueError(f"loss_type {loss_type!r} needs its per-token term as token_kd (see token_kd_loss, "
+                             "topk_divergence, contrastive_topk_loss)")
         loss = _scaled(token_kd, token_scale)
     else:
         trained_rank = _scaled(rank, rank_scale)
@@ -366,7 +372,7 @@ def step_term_scales(ranked: float, tokens: float, step_ranked: float, step_toke
 
 
 def _ranking(loss_type: str, chosen_B, rejected_B, beta, gamma, chosen_scores_B, rejected_scores_B) -> torch.Tensor:
-    if loss_type in ("hinge", "seqkd", "token_kd"):
+    if loss_type in ("hinge", "seqkd", *TOKEN_TERM_LOSSES):  # the hinge is what the others report
         return hinge_loss(chosen_B, rejected_B, beta)
     if loss_type == "logistic":
         return logistic_loss(chosen_B, rejected_B, gamma)

@@ -171,3 +171,11 @@ def token_ids(value) -> list[int] | None:
     if value is None or not hasattr(value, "__len__") or isinstance(value, str):
         return None
     return _ids(value)
+
+
+def int64_sample_index(table):
+    """A pyarrow batch with its sample_index as int64: Ray Data's joins hash int32 and int64 keys apart."""
+    import pyarrow as pa
+
+    column = table.schema.get_field_index("sample_index")
+    return table.set_column(column, "sample_index", table.column("sample_index").cast(pa.int64()))

@@ -161,8 +161,9 @@ def markdown(report: dict, plot_name: str) -> str:
     lines += ["## Proxies (not task quality)", "",
               "Ranking accuracy can rise while the student gets worse (by making both outputs less likely).", "",
               "| held-out pairs | before training | after training |", "|---|---|---|"]
-    for key in ("ranking_accuracy", "loss", "margin"):
-        lines.append(f"| {key.replace('_', ' ')} | {_num(before.get(key))} | {_num(after.get(key))} |")
+    for key, name in (("ranking_accuracy", "ranking accuracy"), ("loss", "ranking loss"), ("margin", "margin"),
+                      ("objective", "trained objective")):
+        lines.append(f"| {name} | {_num(before.get(key))} | {_num(after.get(key))} |")
     rows = [("pairs", c.get("pairs")), ("training pairs", c.get("train")), ("held-out pairs", c.get("heldout")),
             ("identical pairs dropped", c.get("dropped_identical")),
             ("pairs over train.max_length dropped", (c.get("dropped_too_long") or 0)),

@@ -150,8 +150,9 @@ def test_quality_benchmark_config_is_valid_with_every_methods_overrides():
 
     assert len({m.name for m in METHODS}) == len(METHODS)
     for method in METHODS:
+        scores = ["train.teacher_scores=x/teacher_scores"] if method.scored else []  # as run.run_method gives them
         cfg = load_config(str(CONFIG), ["data.prompts=p.jsonl", "student.model=s", "teacher.model=t",
-                                        "train.pairs=x.parquet", "train.max_steps=120", *method.overrides])
+                                        "train.pairs=x.parquet", *scores, "train.max_steps=120", *method.overrides])
         assert cfg.eval.scorer == "tiny_exact" and cfg.train.max_steps == 120 and cfg.data.heldout_fraction > 0
         # Three epochs, so train.max_steps ends every method: the hinge without NLL drops identical pairs and
         # had 58 steps in one epoch on seed 0 (928 pairs).

@@ -47,6 +47,7 @@ def bad(tmp_path_factory, tiny_models):
     # Conversational pairs (TRL's other format), which plad-ray does not read: chosen is a list of messages.
     messages = [[{"role": "assistant", "content": "cba"}]]
     pq.write_table(pa.table({"prompt": ["abc>"], "chosen": messages, "rejected": messages}), d / "chat-pairs.parquet")
+    pq.write_table(pa.table({"prompt": ["abc>"], "chosen": ["cba"], "rejected": ["abc"]}), d / "pairs.parquet")
     (d / "a-file").write_text("not a folder")
     (d / "other").mkdir()
     (d / "other" / "notes.txt").write_text("someone's files")
@@ -104,6 +105,14 @@ CASES = {
     "scoring across vocabularies": ("generate_pairs", None, ["teacher.score_samples=true", "teacher.model={d}/swapped"],
                                     2, "config key teacher.score_samples: the teacher's and the student's tokenizers "
                                        "map ids to different tokens"),
+    "top-k loss on unscored pairs": ("train", None, ["train.pairs={d}/chat-pairs.parquet", "train.loss.type=onpolicy_kd"],
+                                     2, "config key train.loss.type: onpolicy_kd trains on the teacher's top-k log-probs "
+                                        "of the pairs: set teacher.score_samples=true (this run's pairs) or "
+                                        "train.teacher_scores (beside train.pairs)"),
+    "missing teacher scores": ("train", None, ["train.pairs={d}/pairs.parquet", "train.teacher_scores={d}/nowhere",
+                                               "train.loss.type=contrastive"], 3,
+                               "config key train.teacher_scores: {d}/nowhere is not a finished teacher_scores folder; "
+                               "point it at the teacher_scores/ of the run that made train.pairs"),
     "pickle weights": ("distill", None, ["teacher.model={d}/pickle"], 3,
                        "config key teacher.model: {d}/pickle has only pickle (.bin/.pt) weights"),
     "output is a file": ("distill", None, ["output_dir={d}/a-file"], 3, "output_dir {d}/a-file: is a file"),

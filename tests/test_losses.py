@@ -210,15 +210,20 @@ def test_token_kd_is_forward_kl_per_response_token_by_hand():
     assert only_first.item() == pytest.approx(kl_0, rel=1e-5)
 
 
-def test_plad_loss_token_kd_trains_the_kd_term_and_reports_the_ranking():
+@pytest.mark.parametrize("loss_type", ["token_kd", "onpolicy_kd", "contrastive"])
+def test_plad_loss_token_terms_train_the_term_and_report_the_ranking(loss_type):
     kd = torch.tensor(0.7, requires_grad=True)
     out = plad_loss(torch.tensor([-1.0]), torch.tensor([2.0]), torch.tensor([-3.0]), torch.tensor([2.0]),
-                    beta=1.0, loss_type="token_kd", token_kd=kd)
+                    beta=1.0, loss_type=loss_type, token_kd=kd)
     assert out["loss"] is kd
     assert out["rank_loss"].item() == 0.0 and out["accuracy"].item() == 1.0
-    with pytest.raises(ValueError, match="token_kd"):
+    # the hinge is reported, not trained: sequence log-probs -3 (chosen) vs -2, beta 1 -> 1 - (-3 + 2) = 2
+    worse = plad_loss(torch.tensor([-3.0], requires_grad=True), torch.tensor([2.0]), torch.tensor([-2.0]),
+                      torch.tensor([2.0]), beta=1.0, loss_type=loss_type, token_kd=kd)
+    assert worse["rank_loss"].item() == pytest.approx(2.0) and not worse["rank_loss"].requires_grad
+    with pytest.raises(ValueError, match=loss_type):
         plad_loss(torch.tensor([-1.0]), torch.tensor([2.0]), torch.tensor([-3.0]), torch.tensor([2.0]),
-                  beta=1.0, loss_type="token_kd")
+                  beta=1.0, loss_type=loss_type)
 
 
 def test_plad_loss_leaves_identical_pairs_out_of_the_ranking_but_not_the_nll():

@@ -293,34 +293,6 @@ def test_other_losses_train_on_the_same_pairs(run, loss_type, tmp_path):
           f"{hinge['eval_trained']['chosen_nll_per_token']:.3f}")
 
 
-@pytest.mark.slow  # make test-slow: its join and verdicts are in tests/test_teacher_scores.py, margin's loss in test_losses
-def test_a_teacher_judged_margin_trains_on_the_runs_pairs(run, tmp_path):
-    """train.scorer=teacher: PLaD's margin loss with s(y) the teacher's mean token log-prob of y, read from
-    teacher_scores/ (scored here, on a copy of the run: its teacher outputs and pairs are kept)."""
-    out, _, _ = run
-    other = tmp_path / "teacher-margin"
-    shutil.copytree(out, other, ignore=shutil.ignore_patterns("round-*", "teacher_scores", "student", "train", "eval"))
-    proc = subprocess.run(
-        [PYTHON, "-m", "jobs.distill", "--config", "configs/tiny-cpu.yaml", "--set", f"output_dir={other}",
-         "--set", "teacher.score_samples=true", "--set", "train.loss.type=margin", "--set", "train.scorer=teacher",
-         "--set", "eval.enabled=false", "--overwrite"],
-        cwd=ROOT, env=job_env(), capture_output=True, text=True, timeout=1500,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "0 teacher requests" in proc.stdout and "pairs already complete" in proc.stdout
-    report = json.loads((other / "report.json").read_text())
-    counts, before, after = report["counts"], report["eval_initial"], report["eval_trained"]
-    # The greedy teacher finds its own output likelier than the student's sample on most pairs.
-    assert counts["teacher_wins"] + counts["ties"] + counts["student_wins"] == counts["pairs"] == PROMPTS * 2
-    assert counts["teacher_wins"] / counts["pairs"] > 0.8, counts
-    assert "teacher-wins assumption held" in proc.stdout
-    assert after["ranking_accuracy"] > before["ranking_accuracy"] and after["loss"] < before["loss"]
-    assert report["curve"][-1]["loss"] < report["curve"][0]["loss"]
-    print(f"teacher margin: {counts['teacher_wins']} teacher wins of {counts['pairs']}; ranking accuracy "
-          f"{before['ranking_accuracy']:.3f} -> {after['ranking_accuracy']:.3f}, chosen NLL/token "
-          f"{before['chosen_nll_per_token']:.3f} -> {after['chosen_nll_per_token']:.3f}")
-
-
 def test_the_collapse_guard_stops_at_the_last_good_checkpoint(run, tmp_path):
     # The old objective (a pure summed hinge) at a from-scratch learning rate: it wins the ranking by
     # making the teacher's outputs less likely. With action=stop the guard ends training at the last
@@ -419,6 +391,61 @@ def check_teacher_scores(out, tiny_models, stdout):
             got_ids, got = torch.tensor(row["topk_ids"]).view(-1, 20), torch.tensor(row["topk_logprobs"]).view(-1, 20)
             assert torch.allclose(got, torch.topk(at, 20).values, atol=1e-4)
             assert torch.allclose(at.gather(-1, got_ids), got, atol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def scored(run):
+    """The run's round-1 pairs with the teacher's scores (teacher_scores/, top 20): the round-2 test above
+    scores them; run alone, this scores them (jobs.generate_pairs keeps the teacher outputs and pairs)."""
+    out, _, _ = run
+    if not (out / "teacher_scores" / "_manifest.json").is_file():
+        proc = subprocess.run(
+            [PYTHON, "-m", "jobs.generate_pairs", "--config", "configs/tiny-cpu.yaml", "--set", f"output_dir={out}",
+             "--set", "teacher.score_samples=true"], cwd=ROOT, env=job_env(), capture_output=True, text=True, timeout=900)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out
+
+
+# The objectives that read the teacher's scores, trained on the run's pairs and its teacher_scores/ as given
+# inputs (train.pairs, train.teacher_scores: one scoring, many students), with the hinge run's steps.
+TEACHER_SCORED = {
+    "teacher margin": ["train.loss.type=margin", "train.scorer=teacher"],  # PLaD's margin, s(y) the teacher's
+    "onpolicy_kd": ["train.loss.type=onpolicy_kd"],  # reverse KL over the teacher's top 20 + rest, on the samples
+    "contrastive": ["train.loss.type=contrastive"],  # DistiLLM-2's skew KL pair on (teacher output, sample)
+}
+
+
+@pytest.mark.parametrize("objective", list(TEACHER_SCORED))
+def test_objectives_on_the_teachers_scores_train_on_the_runs_pairs(scored, tiny_models, objective, tmp_path):
+    out = scored
+    hinge = json.loads((out / "report.json").read_text())
+    other = tmp_path / objective.replace(" ", "-")
+    sets = [f"output_dir={other}", f"train.pairs={out / 'pairs'}", f"train.teacher_scores={out / 'teacher_scores'}",
+            *TEACHER_SCORED[objective]]
+    proc = subprocess.run([PYTHON, "-m", "jobs.train", "--config", "configs/tiny-cpu.yaml",
+                           *[x for s in sets for x in ("--set", s)]],
+                          cwd=ROOT, env=job_env(), capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads((other / "report.json").read_text())
+    counts, before, after = report["counts"], report["eval_initial"], report["eval_trained"]
+    assert report["steps"] == hinge["steps"] and counts["train"] == hinge["counts"]["train"]
+    if objective == "teacher margin":
+        # Every pair judged by the teacher's mean log-prob per token: it finds its own (greedy) output likelier
+        # than the student's sample on most pairs (1,807 of 2,048 when this test was written).
+        assert counts["teacher_wins"] + counts["ties"] + counts["student_wins"] == counts["pairs"] == PROMPTS * 2
+        assert counts["teacher_wins"] / counts["pairs"] > 0.8, counts
+        assert "teacher-wins assumption held" in proc.stdout
+        assert after["ranking_accuracy"] > before["ranking_accuracy"]
+    # The trained objective (the margin loss + NLL; the top-k divergence) falls in training and on the held-out
+    # pairs, whose teacher scores are joined too; every parameter moves.
+    assert after["objective"] < before["objective"], (before, after)
+    assert report["curve"][-1]["loss"] < report["curve"][0]["loss"]
+    initial = load_file(f"{tiny_models['student']}/model.safetensors")
+    trained = load_file(str(other / "student" / "model.safetensors"))
+    assert all(not torch.equal(initial[name], trained[name]) for name in initial)
+    print(f"{objective}: held-out objective {before['objective']:.4f} -> {after['objective']:.4f}; ranking accuracy "
+          f"{before['ranking_accuracy']:.3f} -> {after['ranking_accuracy']:.3f}; chosen NLL/token "
+          f"{before['chosen_nll_per_token']:.3f} -> {after['chosen_nll_per_token']:.3f}")
 
 
 @pytest.mark.slow  # make test-slow; zero teacher requests on a re-run are in make test's round-2 and Ctrl-C tests

@@ -151,7 +151,7 @@ def test_pairs_get_the_teacher_mean_log_prob_of_each_side(local_ray, tmp_path):
                                               "chosen": ["c2"], "rejected": ["r20"]})])
     with pytest.raises(DataError, match="1 of 4 pairs have no teacher scores"):
         with_teacher_scores(ray.data.from_arrow(more), uri, 4)
-    with pytest.raises(DataError, match="train.scorer=teacher needs teacher.score_samples=true"):
+    with pytest.raises(DataError, match="the top-k objectives need teacher.score_samples=true"):
         with_teacher_scores(ray.data.from_arrow(pairs), str(tmp_path / "none"), 3)
 
 
@@ -161,11 +161,22 @@ def test_the_teacher_scorer_needs_the_scoring_stage_and_is_no_verifier():
 
     cfg = Config()
     cfg.train.scorer, cfg.train.loss.type = "teacher", "margin"
-    assert [(k, t) for k, ok, t in cfg._checks() if not ok and k.startswith("train.")] == [
-        ("train.scorer", "the teacher scorer reads the teacher's log-probs of this run's pairs: set "
-                         "teacher.score_samples=true (and leave train.pairs unset)")]
+    def refused(cfg):
+        return [(k, t) for k, ok, t in cfg._checks() if not ok and k.startswith("train.")]
+
+    assert refused(cfg) == [
+        ("train.scorer", "the teacher scorer reads the teacher's log-probs of the pairs: set teacher.score_samples=true "
+                         "(this run's pairs) or train.teacher_scores (beside train.pairs)")]
     cfg.teacher.score_samples = True
-    assert [k for k, ok, _ in cfg._checks() if not ok and k.startswith("train.")] == []
+    assert refused(cfg) == []
+    # Given pairs: this run's scoring does not score them; their own run's teacher_scores/ does.
+    cfg.train.pairs = "other/pairs"
+    assert [k for k, _ in refused(cfg)] == ["train.scorer"]
+    cfg.train.teacher_scores = "other/teacher_scores"
+    assert refused(cfg) == []
+    cfg.train.pairs = None  # scores without the pairs they score
+    assert refused(cfg) == [("train.teacher_scores", "scores of given pairs: set train.pairs too (a run's own pairs "
+                                                     "use its teacher.score_samples)")]
     assert verifier(cfg) is None  # new generations have no teacher scores: evaluation judges by text only
     cfg.eval.scorer = "reverse"
     assert verifier(cfg) == "reverse"

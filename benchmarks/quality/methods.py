@@ -4,7 +4,8 @@ Every method trains the same initial student on the same prompts, with the same 
 schedule, precision, number of optimizer steps and pairs per step; only the objective (and
 the learning rate, chosen per method on the dev split) differs. `pairs` names the training
 data: the greedy teacher's pairs (`teacher`), the T=0.7 teacher's (`teacher_t07`), or labelled
-references in place of teacher outputs (`labelled`).
+references in place of teacher outputs (`labelled`). `scored` methods also read the teacher's
+log-probs and top 20 of those pairs' sequences (the engine's scoring stage, teacher.score_samples).
 """
 
 from dataclasses import dataclass, field
@@ -16,6 +17,7 @@ class Method:
     overrides: tuple[str, ...]
     pairs: str = "teacher"
     family: str = "PLaD"  # PLaD | baseline
+    scored: bool = False  # trains on the teacher's scores of the greedy teacher's pairs (train.teacher_scores)
 
 
 METHODS = (
@@ -31,9 +33,17 @@ METHODS = (
     Method("PLaD imperfect teacher (T=0.7, student_wins=drop) + NLL",
            ("train.loss.type=hinge", "train.loss.nll_weight=1", "train.scorer=tiny_exact", "train.student_wins=drop"),
            pairs="teacher_t07"),
+    # The margin of "graded margin + NLL" with s(y) the teacher's mean log-prob per token of y: no verifier.
+    Method("PLaD teacher-judged margin + NLL", ("train.loss.type=margin", "train.scorer=teacher",
+                                                "train.loss.nll_weight=1"), scored=True),
     Method("SeqKD", ("train.loss.type=seqkd",), family="baseline"),
     Method("token KD", ("train.loss.type=token_kd",), family="baseline"),
     Method("SFT on labelled references", ("train.loss.type=seqkd",), pairs="labelled", family="baseline"),
+    # On the student's own samples, per token over the teacher's top 20 plus the rest (GKD's on-policy setting).
+    Method("on-policy KD (reverse KL, teacher top-20)", ("train.loss.type=onpolicy_kd", "train.loss.divergence=reverse_kl"),
+           family="baseline", scored=True),
+    # DistiLLM-2: skew KL pulling the teacher's output up, skew reverse KL pushing the student's sample down.
+    Method("contrastive (DistiLLM-2, teacher top-20)", ("train.loss.type=contrastive",), family="baseline", scored=True),
 )
 LEARNING_RATES = (1e-4, 3e-4, 1e-3)  # the dev grid, seed 0 only; the student stopped near lr 1.6e-3 of its SFT
 

@@ -143,16 +143,19 @@ def build_models(out: Path, recipes: dict, seeds: list[int], curve_every: int) -
 
 
 def generate(out_dir: Path, overrides: list[str], pairs: bool):
-    """Teacher outputs (and, with `pairs`, student pairs) through the engine's own stages."""
+    """Teacher outputs (and, with `pairs`, student pairs and the teacher's scores of them) through the
+    engine's own stages."""
     from plad_ray import pipeline
+    from plad_ray.generate.scores import score_pairs
     from plad_ray.generate.student import generate_pairs
     from plad_ray.generate.teacher import generate_teacher
 
-    cfg = config(out_dir, overrides)
+    cfg = config(out_dir, overrides + (["teacher.score_samples=true"] if pairs else []))
     inputs = pipeline.prepare(cfg, generation=True, training=False, log=_quiet)
     generate_teacher(cfg, inputs, log=_quiet)
     if pairs:
         generate_pairs(cfg, inputs, log=_quiet)
+        score_pairs(cfg, inputs, log=_quiet)
     return cfg
 
 
@@ -194,7 +197,7 @@ def write_variants(work: Path, base_cfg, t07_dir: Path) -> dict[str, str]:
         imperfect.append({**r, "chosen": t["teacher_text"], "chosen_token_ids": t["teacher_token_ids"],
                           "chosen_num_tokens": t["teacher_num_tokens"], "chosen_finish_reason": t["teacher_finish_reason"]})
         labelled.append({**r, "chosen": refs[r["id"]], "chosen_token_ids": None, "chosen_finish_reason": "eos"})
-    paths = {"teacher": base_cfg.layout().pairs()}
+    paths = {"teacher": base_cfg.layout().pairs(), "teacher_scores": base_cfg.layout().scores()}
     for name, table in (("teacher_t07", imperfect), ("labelled", labelled)):
         path = work / f"pairs-{name}.parquet"
         pq.write_table(pa.Table.from_pylist(table, schema=base.schema), path)
@@ -231,7 +234,8 @@ def run_method(work: Path, seed: int, method: Method, lr: float, shared: list[st
     if folder.exists():
         shutil.rmtree(folder)
     start = time.perf_counter()
-    cfg = config(folder, shared + [f"student.model={student}", f"train.pairs={pairs[method.pairs]}",
+    scores = [f"train.teacher_scores={pairs['teacher_scores']}"] if method.scored else []
+    cfg = config(folder, shared + [f"student.model={student}", f"train.pairs={pairs[method.pairs]}", *scores,
                                    f"train.learning_rate={lr}", f"train.seed={seed}", *method.overrides])
     inputs = pipeline.prepare(cfg, generation=False, training=True, log=_quiet)
     report = train_student(cfg, inputs, log=_quiet)

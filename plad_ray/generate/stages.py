@@ -86,15 +86,8 @@ def not_done(rows_ds, done_ds, keys: tuple[str, ...], num_partitions: int):
     """`rows_ds` less the rows whose `keys` are in `done_ds` (None: nothing done): a Ray Data anti-join."""
     if done_ds is None:
         return rows_ds
-    done_ds = done_ds.map_batches(_int64_sample_index, batch_format="pyarrow")  # the join hashes like types
+    done_ds = done_ds.map_batches(pairs.int64_sample_index, batch_format="pyarrow")  # the join hashes like types
     return rows_ds.join(done_ds, "left_anti", num_partitions=num_partitions, on=keys)
-
-
-def _int64_sample_index(table):
-    import pyarrow as pa
-
-    column = table.schema.get_field_index("sample_index")
-    return table.set_column(column, "sample_index", table.column("sample_index").cast(pa.int64()))
 
 
 def student_pairs(

@@ -30,6 +30,9 @@ from plad_ray.data.prompts import prompt_token_ids
 from plad_ray.scoring import get_scorer, judge_pairs
 
 TOKEN_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
+# The teacher's top-k per response token (teacher_scores/), flat, k per token, and how many tokens they cover.
+TOPK_COLUMNS = ("chosen_topk_ids", "chosen_topk_logps", "chosen_topk_tokens",
+                "rejected_topk_ids", "rejected_topk_logps", "rejected_topk_tokens")
 
 
 def tokenize_pair(prompt_ids: list[int], chosen_ids: list[int], rejected_ids: list[int], max_length: int):
@@ -98,8 +101,11 @@ class PairTokenizer:
         if "chosen_score" in batch:  # scored before this stage (the teacher scorer: driver.with_teacher_scores)
             for row, c, r in zip(rows, batch["chosen_score"], batch["rejected_score"]):
                 row.update(chosen_score=float(c), rejected_score=float(r))
+        topk = [key for key in TOPK_COLUMNS if key in batch]  # the teacher's top-k (driver.with_teacher_topk)
+        for i, row in enumerate(rows):
+            row.update({key: batch[key][i] for key in topk})
         rows, verdicts, dropped = judge_pairs(rows, self.scorer, self.student_wins)
-        out = {name: [] for name in TOKEN_COLUMNS}
+        out = {name: [] for name in TOKEN_COLUMNS + tuple(topk)}
         status = []
         for row, prompt, drop in zip(rows, prompt_ids, dropped):
             fitted = tokenize_pair(prompt, row["chosen_ids"], row["rejected_ids"], self.max_length)
@@ -107,13 +113,27 @@ class PairTokenizer:
             status.append("too_long" if fitted is None else "identical" if same else "student_better" if drop else "ok")
             for name, ids in zip(TOKEN_COLUMNS, fitted or ([], [], [])):
                 out[name].append(np.asarray(ids, dtype=np.int32))
+            for side, response in (("chosen", 1), ("rejected", 2)):
+                if f"{side}_topk_ids" in topk:  # cut with the response it scores
+                    out_topk(out, row, side, len(fitted[response]) if fitted else 0)
         sample_index = batch["sample_index"] if "sample_index" in batch else np.zeros(len(rows), dtype=np.int32)
         return {"id": batch["id"], "sample_index": np.asarray(sample_index, dtype=np.int32),
                 "heldout": batch["heldout"], "status": np.asarray(status),
                 "verdict": np.asarray(verdicts),
                 "chosen_score": np.asarray([r.get("chosen_score", 0.0) for r in rows], dtype=np.float32),
                 "rejected_score": np.asarray([r.get("rejected_score", 0.0) for r in rows], dtype=np.float32),
-                **{k: ragged(v) for k, v in out.items()}}
+                **{k: np.asarray(v, dtype=np.int32) if k.endswith("_topk_tokens") else ragged(v) for k, v in out.items()}}
+
+
+def out_topk(out: dict, row: dict, side: str, kept: int) -> None:
+    """A side's top-k columns cut to the first `kept` response tokens (the teacher may have scored fewer:
+    its max_model_len), appended to `out`."""
+    scored = int(row[f"{side}_topk_tokens"])
+    k = len(row[f"{side}_topk_ids"]) // scored if scored else 0
+    n = min(kept, scored)
+    out[f"{side}_topk_ids"].append(np.asarray(row[f"{side}_topk_ids"], dtype=np.int32)[: n * k])
+    out[f"{side}_topk_logps"].append(np.asarray(row[f"{side}_topk_logps"], dtype=np.float32)[: n * k])
+    out[f"{side}_topk_tokens"].append(n)
 
 
 def ragged(arrays: list[np.ndarray]) -> np.ndarray:
@@ -155,7 +175,35 @@ def collate_pairs(batch: dict, pad_id: int) -> dict:
             out[key] = torch.as_tensor(np.asarray(batch[key], dtype=np.float32))
     if "status" in batch:
         out["ranked"] = torch.as_tensor(np.asarray(batch["status"]) != "identical", dtype=torch.float32)
+    if "rejected_topk_ids" in batch:
+        out.update(collate_topk(batch, [len(p) for p in prompts], out["input_ids"].shape[1]))
     return out
+
+
+def collate_topk(batch: dict, prompt_lengths: list[int], width: int) -> dict:
+    """The teacher's top-k at the positions of the [2B, width] rows (chosen rows, then rejected):
+    `topk_ids` / `topk_logps` [2B, width, k] hold, at the position of response token t, the teacher's k
+    most likely tokens there (what the logits one position earlier predict); `topk_mask` [2B, width] is 1
+    where they exist. A side without top-k columns (onpolicy_kd scores only the samples) is all 0."""
+    import torch
+
+    b = len(prompt_lengths)
+    sides = [side for side in ("chosen", "rejected") if f"{side}_topk_ids" in batch]
+    widths = [len(ids) // n for side in sides for ids, n in zip(batch[f"{side}_topk_ids"], batch[f"{side}_topk_tokens"]) if n]
+    k = widths[0] if widths else 1
+    ids = np.zeros((2 * b, width, k), dtype=np.int64)
+    logps = np.zeros((2 * b, width, k), dtype=np.float32)
+    mask = np.zeros((2 * b, width), dtype=np.float32)
+    for offset, side in ((0, "chosen"), (b, "rejected")):
+        if side not in sides:
+            continue
+        for i, (flat_ids, flat_logps, n) in enumerate(zip(batch[f"{side}_topk_ids"], batch[f"{side}_topk_logps"],
+                                                           batch[f"{side}_topk_tokens"])):
+            start, n = prompt_lengths[i], int(n)
+            ids[offset + i, start:start + n] = np.asarray(flat_ids).reshape(n, k)
+            logps[offset + i, start:start + n] = np.asarray(flat_logps).reshape(n, k)
+            mask[offset + i, start:start + n] = 1
+    return {"topk_ids": torch.from_numpy(ids), "topk_logps": torch.from_numpy(logps), "topk_mask": torch.from_numpy(mask)}
 
 
 def group_samples(batch: dict) -> dict:

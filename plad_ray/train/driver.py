@@ -17,7 +17,7 @@ import numpy as np
 
 from plad_ray import console, pairs
 from plad_ray.checks import Inputs
-from plad_ray.config import ClusterConfig, Config, TrainConfig
+from plad_ray.config import TOPK_LOSS_TYPES, ClusterConfig, Config, TrainConfig
 from plad_ray.data import parquet, storage
 from plad_ray.data.layout import TRAIN, OutputLayout
 from plad_ray.errors import DataError, RuntimeFailure
@@ -202,22 +202,45 @@ def startup_breakdown(worker: dict, worker_start_s: float, fit_s: float) -> dict
 
 def with_teacher_scores(pairs_ds, scores_uri: str, pairs_rows: int):
     """Pairs with `chosen_score` / `rejected_score`: the teacher's mean log-prob per token of each side, from
-    teacher_scores/ (train.scorer=teacher). Two Ray Data joins on the pairs' keys; a pair without its scores
-    is an error, not a pair dropped."""
-    from ray.data.expressions import col
+    teacher_scores/ (train.scorer=teacher)."""
+    means = _read_scores(scores_uri).select_columns(["id", "sample_index", "side", "logprobs"]).map_batches(
+        _mean_logprobs, batch_format="numpy")
+    return _join_scores(pairs_ds, means, {"score": "{side}_score"}, ("chosen", "rejected"), scores_uri, pairs_rows)
 
+
+def with_teacher_topk(pairs_ds, scores_uri: str, pairs_rows: int, sides: tuple[str, ...]):
+    """Pairs with the teacher's top-k of `sides` (batching.TOPK_COLUMNS) from teacher_scores/, for the
+    objectives trained on them (onpolicy_kd: the samples; contrastive: both sides)."""
+    names = {"topk_ids": "{side}_topk_ids", "topk_logprobs": "{side}_topk_logps", "num_tokens": "{side}_topk_tokens"}
+    return _join_scores(pairs_ds, _read_scores(scores_uri), names, sides, scores_uri, pairs_rows)
+
+
+def _read_scores(scores_uri: str):
     scores_ds = parquet.read(scores_uri)
     if scores_ds is None:
-        raise DataError(f"teacher scores {scores_uri}: missing or incomplete; train.scorer=teacher needs "
-                        "teacher.score_samples=true in the run that made the pairs (re-run jobs.generate_pairs with it)")
-    means = scores_ds.select_columns(["id", "sample_index", "side", "logprobs"]).map_batches(
-        _mean_logprobs, batch_format="numpy")
-    rejected = means.filter(expr=col("side") == "rejected").select_columns(["id", "sample_index", "score"]) \
-        .rename_columns({"score": "rejected_score"})
-    chosen = means.filter(expr=col("side") == "chosen").select_columns(["id", "score"]).rename_columns({"score": "chosen_score"})
+        raise DataError(f"teacher scores {scores_uri}: missing or incomplete; train.scorer=teacher and the top-k "
+                        "objectives need teacher.score_samples=true in the run that made the pairs (re-run "
+                        "jobs.generate_pairs with it)")
+    return scores_ds
+
+
+def _join_scores(pairs_ds, scores_ds, names: dict, sides: tuple[str, ...], scores_uri: str, pairs_rows: int):
+    """Pairs joined with columns of each side's score rows (renamed by `names`, "{side}" filled in): the
+    sample's on (id, sample_index), the teacher output's on id. A pair without its scores is an error, not
+    a pair dropped."""
+    from ray.data.expressions import col
+
     partitions = 1 + pairs_rows // parquet.JOIN_ROWS_PER_PARTITION
-    joined = (pairs_ds.join(rejected, "inner", num_partitions=partitions, on=("id", "sample_index"))
-              .join(chosen, "inner", num_partitions=partitions, on=("id",)).materialize())
+    # given pairs (train.pairs) read through pandas carry an int64 sample_index, the scores an int32 one
+    joined = pairs_ds.map_batches(pairs.int64_sample_index, batch_format="pyarrow")
+    for side in sides:
+        keys = ("id", "sample_index") if side == "rejected" else ("id",)
+        rows = scores_ds.filter(expr=col("side") == side).select_columns([*keys, *names]).rename_columns(
+            {name: new.format(side=side) for name, new in names.items()})
+        if side == "rejected":
+            rows = rows.map_batches(pairs.int64_sample_index, batch_format="pyarrow")
+        joined = joined.join(rows, "inner", num_partitions=partitions, on=keys)
+    joined = joined.materialize()
     if joined.count() != pairs_rows:
         raise DataError(f"teacher scores {scores_uri}: {pairs_rows - joined.count()} of {pairs_rows} pairs have no "
                         "teacher scores; re-run jobs.generate_pairs with teacher.score_samples=true to score them")
@@ -248,8 +271,15 @@ def train_student(cfg: Config, inputs: Inputs, log=print, round: int = 1) -> dic
         pairs_ds = parquet.read(layout.pairs(round))
     if pairs_ds is None:
         raise DataError(f"pairs {layout.pairs(round)}: missing or incomplete; run jobs.generate_pairs first")
-    if cfg.train.scorer == TEACHER:
-        pairs_ds = with_teacher_scores(pairs_ds, layout.scores(round), pairs_rows=storage.manifest(layout.pairs(round))["rows"])
+    if cfg.train.scorer == TEACHER or cfg.train.loss.type in TOPK_LOSS_TYPES:
+        scores_uri = cfg.train.teacher_scores or layout.scores(round)
+        made = storage.manifest(cfg.train.pairs or layout.pairs(round))
+        rows = made["rows"] if made is not None else pairs_ds.count()  # given pairs need not be an engine output
+        if cfg.train.scorer == TEACHER:
+            pairs_ds = with_teacher_scores(pairs_ds, scores_uri, rows)
+        if cfg.train.loss.type in TOPK_LOSS_TYPES:
+            sides = ("rejected",) if cfg.train.loss.type == "onpolicy_kd" else ("chosen", "rejected")
+            pairs_ds = with_teacher_topk(pairs_ds, scores_uri, rows, sides)
     tokenizer = AutoTokenizer.from_pretrained(student_path, trust_remote_code=cfg.student.trust_remote_code)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     start = time.perf_counter()

@@ -9,7 +9,7 @@ loop (plad_ray.train.worker) and the held-out evaluation (plad_ray.train.heldout
 import torch
 
 from plad_ray.config import TrainConfig
-from plad_ray.losses import plad_loss, sequence_logps, token_kd_loss
+from plad_ray.losses import contrastive_topk_loss, plad_loss, sequence_logps, token_kd_loss, topk_divergence
 from plad_ray.train.batching import collate_groups, collate_pairs, length_grouped
 
 
@@ -30,6 +30,8 @@ def term_counts(batch: dict, train: TrainConfig) -> tuple[float, float]:
     listwise = "rejected_mask" in batch
     b = batch["rejected_mask"].shape[0] if listwise else batch["input_ids"].shape[0] // 2
     ranked = b if listwise or train.loss.type == "listwise" or "ranked" not in batch else batch["ranked"].sum().item()
+    if train.loss.type == "onpolicy_kd":  # its per-token mean is over the samples' scored tokens
+        return float(ranked), float(batch["topk_mask"][b:, 1:].sum().item())
     return float(ranked), float(batch["response_mask"][:b, 1:].sum().item())
 
 
@@ -67,6 +69,8 @@ def forward(engine, batch: dict, train: TrainConfig, teacher=None, term_scales=(
             teacher_logits_BTV = teacher(input_ids=input_ids_NT[:b],
                                          attention_mask=batch["attention_mask"][:b].to(device)).logits
         kd = token_kd_loss(logits_NTV[:b], teacher_logits_BTV, response_mask_NT[:b])
+    elif "topk_ids" in batch:
+        kd = topk_term(logits_NTV, batch, b, train)
     return plad_loss(
         logps_N[:b], num_tokens_N[:b], rejected_logps, rejected_tokens,
         beta=train.loss.beta, length_normalize=train.loss.length_normalize, nll_weight=train.loss.nll_weight,
@@ -76,3 +80,24 @@ def forward(engine, batch: dict, train: TrainConfig, teacher=None, term_scales=(
         token_kd=kd, ranked_B=batch["ranked"].to(device) if "ranked" in batch else None, rejected_mask_BK=mask_BK,
         term_scales=term_scales,
     )
+
+
+def student_at_teacher_topk(logits_NTV: torch.Tensor, topk_ids_NTk: torch.Tensor) -> torch.Tensor:
+    """The student's log-probs of the teacher's top-k tokens at every scored position: position t's top-k
+    (collate_topk) is what the logits at t - 1 predict. [N, T-1, k], aligned with `[:, 1:]` of the batch."""
+    logits_NTV = logits_NTV[:, :-1].float()
+    return logits_NTV.gather(-1, topk_ids_NTk[:, 1:]) - torch.logsumexp(logits_NTV, -1, keepdim=True)
+
+
+def topk_term(logits_NTV: torch.Tensor, batch: dict, b: int, train: TrainConfig) -> torch.Tensor:
+    """The per-token objective on the teacher's top-k: onpolicy_kd on the student's samples (rows b:),
+    contrastive on both sides (plad_ray.losses)."""
+    device = logits_NTV.device
+    ids_NTk, teacher_NTk = batch["topk_ids"].to(device), batch["topk_logps"].to(device)[:, 1:]
+    mask_NT = batch["topk_mask"].to(device)[:, 1:]
+    student_NTk = student_at_teacher_topk(logits_NTV, ids_NTk)
+    loss = train.loss
+    if loss.type == "onpolicy_kd":
+        return topk_divergence(student_NTk[b:], teacher_NTk[b:], mask_NT[b:], kind=loss.divergence, beta=loss.jsd_beta)
+    return contrastive_topk_loss(student_NTk[:b], teacher_NTk[:b], mask_NT[:b], student_NTk[b:], teacher_NTk[b:],
+                                 mask_NT[b:], alpha=loss.skew_alpha)

@@ -1,8 +1,9 @@
 """Held-out evaluation and the collapse guard.
 
 The held-out pairs are scored before training, every train.eval_every_steps and after it:
-ranking accuracy, loss and margin, and the student's log-prob per token of the held-out
-teacher outputs. That log-prob is what a ranking loss can quietly destroy. Each rank scores
+ranking accuracy, ranking loss (`loss`) and margin, the trained objective (`objective`: for the
+token-level objectives, not the ranking loss they only report), and the student's log-prob per
+token of the held-out teacher outputs. That log-prob is what a ranking loss can quietly destroy. Each rank scores
 its own share (the driver's split, `TrainPlan.eval_shard`) and the sums are all-reduced, so
 every rank holds the figures of all the pairs and N ranks do 1/N of the work each.
 
@@ -19,7 +20,8 @@ from ray.data.collate_fn import NumpyBatchCollateFn
 
 from plad_ray.train.batching import collate_pairs
 from plad_ray.train.checkpoints import CHECKPOINT_TAG, Progress, checkpoint_name
-from plad_ray.train.feed import forward
+from plad_ray.losses import TOKEN_TERM_LOSSES
+from plad_ray.train.feed import forward, term_counts
 
 if TYPE_CHECKING:
     from plad_ray.train.worker import TrainPlan
@@ -51,25 +53,29 @@ def evaluate(engine, batches: list[dict], plan: "TrainPlan", teacher=None, reduc
     parameters are gathered), so a rank with fewer batches than another runs empty forwards to match.
     """
     engine.eval()
-    totals_7 = torch.zeros(7, dtype=torch.float64)  # pairs, ranked, correct, loss, margin sums, chosen NLL, tokens
+    # pairs, ranked, correct, loss, margin sums, chosen NLL, tokens, objective sum, its count
+    totals_9 = torch.zeros(9, dtype=torch.float64)
+    per_token = plan.train.loss.type in ("seqkd", *TOKEN_TERM_LOSSES)  # objective: a mean over tokens, not pairs
     for batch in batches:
         stats = forward(engine, batch, plan.train, teacher)
         n = batch["input_ids"].shape[0] // 2
         ranked = batch["ranked"].sum().item()
         chosen_tokens = batch["response_mask"][:n, 1:].sum().item()
-        totals_7 += torch.tensor([n, ranked, stats["accuracy"] * ranked, stats["rank_loss"] * ranked,
-                                  stats["margin"] * ranked, stats["nll"] * chosen_tokens, chosen_tokens],
-                                 dtype=torch.float64)
+        count = term_counts(batch, plan.train)[1 if per_token else 0]
+        totals_9 += torch.tensor([n, ranked, stats["accuracy"] * ranked, stats["rank_loss"] * ranked,
+                                  stats["margin"] * ranked, stats["nll"] * chosen_tokens, chosen_tokens,
+                                  float(stats["loss"]) * count, count], dtype=torch.float64)
     if reduce and torch.distributed.is_initialized():
         if plan.train.zero_stage == 3:
             _match_forwards(engine, len(batches), plan.pad_id)
-        torch.distributed.all_reduce(totals_7)
+        torch.distributed.all_reduce(totals_9)
     engine.train()
-    ranked = max(totals_7[1].item(), 1.0)
-    nll = totals_7[5].item() / max(totals_7[6].item(), 1.0)
-    return {"pairs": int(totals_7[0].item()), "ranked_pairs": int(totals_7[1].item()),
-            "ranking_accuracy": totals_7[2].item() / ranked, "loss": totals_7[3].item() / ranked,
-            "margin": totals_7[4].item() / ranked, "chosen_nll_per_token": nll, "teacher_logp_per_token": -nll}
+    ranked = max(totals_9[1].item(), 1.0)
+    nll = totals_9[5].item() / max(totals_9[6].item(), 1.0)
+    return {"pairs": int(totals_9[0].item()), "ranked_pairs": int(totals_9[1].item()),
+            "ranking_accuracy": totals_9[2].item() / ranked, "loss": totals_9[3].item() / ranked,
+            "margin": totals_9[4].item() / ranked, "objective": totals_9[7].item() / max(totals_9[8].item(), 1.0),
+            "chosen_nll_per_token": nll, "teacher_logp_per_token": -nll}
 
 
 def _match_forwards(engine, forwards: int, pad_id: int) -> None:
