@@ -73,3 +73,16 @@ def test_prepare_pairs_counts_equal_a_row_by_row_recount(local_ray, tiny_models,
     assert counts == expected
     assert heldout_ds.count() == counts["heldout"]
     assert train_ds.count() == counts.get("train_prompts", counts["train"])
+
+
+@pytest.mark.parametrize("workers", [1, 2, 3])
+def test_heldout_shards_cover_every_pair_once_for_any_number_of_ranks(local_ray, workers):
+    # One trainer worker used to fail here (Ray Data refuses split_at_indices([])): the quality benchmark's config.
+    import ray
+
+    from plad_ray.train.driver import heldout_shards
+
+    shards = heldout_shards(ray.data.range(10), 10, workers)
+    ids = [[row["id"] for row in shard.take_all()] for shard in shards]
+    assert len(ids) == workers and sorted(i for shard in ids for i in shard) == list(range(10))
+    assert max(map(len, ids)) - min(map(len, ids)) <= 1

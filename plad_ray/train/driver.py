@@ -108,6 +108,13 @@ def steps_per_epoch(train_rows: int, train: TrainConfig) -> int:
     return micro_batches // train.gradient_accumulation_steps
 
 
+def heldout_shards(heldout_ds, rows: int, num_workers: int) -> list:
+    """The held-out pairs cut into one contiguous shard per rank (sizes within one of each other)."""
+    if num_workers == 1:
+        return [heldout_ds]  # Ray Data's split_at_indices refuses an empty list of cuts
+    return heldout_ds.split_at_indices([rows * rank // num_workers for rank in range(1, num_workers)])
+
+
 def run_training(pairs_ds, model_path: str, train: TrainConfig, cluster: ClusterConfig, output_dir: str,
                  export_uri: str, pad_id: int, chat_template: bool = False, trust_remote_code: bool = False,
                  allow_pickle: bool = False, teacher_path: str | None = None,
@@ -124,8 +131,7 @@ def run_training(pairs_ds, model_path: str, train: TrainConfig, cluster: Cluster
     # from a mid-epoch checkpoint skips exactly the steps it trained (README "Resuming").
     shards = train_ds.split(train.num_workers, equal=True)
     # Held-out scoring is shared out too (within one pair per rank; the figures are all-reduced).
-    eval_shards = heldout_ds.split_at_indices(
-        [counts["heldout"] * rank // train.num_workers for rank in range(1, train.num_workers)])
+    eval_shards = heldout_shards(heldout_ds, counts["heldout"], train.num_workers)
     for ds in (*shards, *eval_shards):
         # Each dataset executes in the workers with its own context; per-worker progress
         # bars interleave into noise there. Training reports progress as step lines.
