@@ -12,6 +12,8 @@ precision on all three, one process/worker each:
                 one DeepSpeed worker), as `jobs.train` runs it;
   (c) TRL:      `CPOTrainer(loss_type="hinge", beta=1, cpo_alpha=0)`, the same loss: with
                 summed log-probs, relu(1 - (log P(y+) - log P(y-))).
+  (d) plad-ray with `train.packing`: (b) with each micro-batch's sequences packed into fewer
+                rows (the same pairs per step and the same log-probs; less padding).
 Metric: real (non-padding) tokens per second over the timed steps (after warm-up
 steps); mean step time; peak RSS of the training process; padding share; with
 --peak-flops (one device's dense peak FLOP/s in the precision trained, e.g. 312e12 for an
@@ -64,13 +66,13 @@ def plan(s: dict, parameters: int) -> str:
             f"per contender, {s['precision']}, {'one GPU' if s['use_gpu'] else 'CPU'} each")
 
 
-def train_config(s: dict, steps: int):
+def train_config(s: dict, steps: int, packing: bool = False):
     from plad_ray.config import LossConfig, TrainConfig
 
     # cpus_per_worker: Ray caps a worker's OMP/torch threads at its CPUs; (a) and (c) get the whole machine.
     return TrainConfig(num_workers=1, cpus_per_worker=s["cpus_per_worker"], zero_stage=0, precision=s["precision"], micro_batch_size=s["micro_batch"],
                        num_epochs=max(1, -(-steps * s["micro_batch"] // s["pairs"])), learning_rate=s["lr"],
-                       max_length=s["max_length"], log_every_steps=1, trackers=[], eval_every_steps=0,
+                       max_length=s["max_length"], log_every_steps=1, trackers=[], eval_every_steps=0, packing=packing,
                        loss=LossConfig(beta=1.0, nll_weight=0.0))  # = TRL CPO hinge with cpo_alpha=0
 
 
@@ -84,8 +86,8 @@ def rate(step_tokens: list[int], step_seconds: list[float], warmup: int) -> dict
             "timed_steps": len(step_seconds[warmup:])}
 
 
-def run_plad(s: dict, model: str, pairs_dir: Path, out: Path) -> tuple[dict, list]:
-    """(b) and the batches it trained on, in order (for (a))."""
+def run_plad(s: dict, model: str, pairs_dir: Path, out: Path, packing: bool = False) -> tuple[dict, list]:
+    """(b) (or (d), with `packing`) and the batches it trained on, in order (for (a))."""
     import ray
 
     from plad_ray.config import ClusterConfig
@@ -94,7 +96,7 @@ def run_plad(s: dict, model: str, pairs_dir: Path, out: Path) -> tuple[dict, lis
     ray.init(address="local", num_cpus=s["ray_cpus"], include_dashboard=False, log_to_driver=False)
     try:
         ray.data.DataContext.get_current().enable_progress_bars = False
-        cfg = train_config(s, s["steps"])
+        cfg = train_config(s, s["steps"], packing)
         pairs = ray.data.read_parquet(str(pairs_dir))
         start = time.perf_counter()
         report = run_training(pairs, model, cfg, ClusterConfig(use_gpu=s["use_gpu"]), str(out), str(out / "student"),
@@ -227,14 +229,18 @@ def main() -> None:
         plad, rows = run_plad(s, model, pairs_dir, Path(work) / "run")
         bare = run_bare(s, model, rows)
         trl = run_trl(s, model, pairs_dir)
+        packed, _ = run_plad(s, model, pairs_dir, Path(work) / "run-packed", packing=True)
     results = [{"contender": "(a) bare DeepSpeed loop", **bare}, {"contender": "(b) plad-ray Ray Train + DeepSpeed", **plad},
-               {"contender": "(c) TRL CPOTrainer(hinge)", **trl}]
+               {"contender": "(c) TRL CPOTrainer(hinge)", **trl},
+               {"contender": "(d) plad-ray, train.packing", **packed}]
     for r in results:
         r["mfu"] = mfu(r["tokens_per_s"], parameters, args.peak_flops)
     ratios = {"b_over_a": plad["tokens_per_s"] / bare["tokens_per_s"],
-              "b_over_c": plad["tokens_per_s"] / trl["tokens_per_s"]}
+              "b_over_c": plad["tokens_per_s"] / trl["tokens_per_s"],
+              "d_over_a": packed["tokens_per_s"] / bare["tokens_per_s"],
+              "d_over_c": packed["tokens_per_s"] / trl["tokens_per_s"]}
     print(table(results, ["contender", "tokens_per_s", "mfu", "step_s", "timed_steps", "peak_rss_mb", "padding"]))
-    print(f"ratio (b)/(a) = {ratios['b_over_a']:.3f}   ratio (b)/(c) = {ratios['b_over_c']:.3f}")
+    print("   ".join(f"ratio ({k[0]})/({k[-1]}) = {v:.3f}" for k, v in ratios.items()))
     print(f"results -> {save('training', {'setting': args.setting, 'settings': s, 'model': model, 'parameters': parameters, 'peak_flops': args.peak_flops, 'results': results, 'ratios': ratios})}")
 
 

@@ -235,6 +235,9 @@ class TrainConfig:
     micro_batch_size: int = 8  # pairs per worker per step (each pair is 2 sequences in one forward)
     gradient_accumulation_steps: int = 1  # micro-batches per optimizer step
     length_grouping: int = 16  # sort each run of this many micro-batches by length (less padding); 1: off
+    # lay each micro-batch's sequences end to end in fewer rows for the forward (position ids restart per
+    # sequence; the same log-probs, less padding: plad_ray/train/packing.py); the held-out scoring stays unpacked
+    packing: bool = False
     num_epochs: int = 1  # passes over the training pairs
     max_steps: int | None = None  # stop after this many optimizer steps (fixed budgets across methods); None: no cap
     rounds: int = 1  # PLaD rounds: round r > 1 regenerates student samples with round r-1's student (teacher

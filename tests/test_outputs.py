@@ -40,7 +40,8 @@ def test_operational_training_settings_resume(tmp_path):
     prepare_output(make(tmp_path, "train.max_failures=0"))
     touch_outputs(tmp_path / "run")
     prepare_output(make(tmp_path, "train.max_failures=3", "train.log_every_steps=1", "train.checkpoint_every_steps=7",
-                        "train.trackers=[]", "train.cpus_per_worker=2", "train.placement_strategy=SPREAD"))
+                        "train.trackers=[]", "train.cpus_per_worker=2", "train.placement_strategy=SPREAD",
+                        "train.packing=true"))
     assert all((tmp_path / "run" / name).exists() for name in ("train", "student", "report.json"))
     # A run.json written before these keys were left out still resumes.
     import json
@@ -54,6 +55,25 @@ def test_operational_training_settings_resume(tmp_path):
     # A setting that changes the weights still refuses.
     with pytest.raises(ConfigError, match=r"train.seed: 0 -> 1"):
         prepare_output(make(tmp_path, "train.seed=1"))
+
+
+def test_a_run_recorded_before_a_key_existed_resumes_while_the_key_keeps_its_default(tmp_path):
+    # run.json from an older plad-ray: no train.loss.divergence, no train.teacher_scores.
+    import json
+
+    prepare_output(make(tmp_path))
+    touch_outputs(tmp_path / "run")
+    run_json = tmp_path / "run" / "run.json"
+    keys = json.loads(run_json.read_text())
+    del keys["train"]["train"]["loss"]["divergence"], keys["train"]["train"]["teacher_scores"]
+    run_json.write_text(json.dumps(keys))
+    prepare_output(make(tmp_path))
+    assert (tmp_path / "run" / "train").exists()
+    assert json.loads(run_json.read_text())["train"]["train"]["loss"]["divergence"] == "reverse_kl"  # recorded now
+    run_json.write_text(json.dumps(keys))
+    # The new key set to something else than its default did change the run.
+    with pytest.raises(ConfigError, match=r"train.loss.divergence: None -> 'jsd'"):
+        prepare_output(make(tmp_path, "train.loss.divergence=jsd"))
 
 
 def test_changed_training_config_refused_then_replaced_keeping_pairs(tmp_path):

@@ -38,7 +38,8 @@ from tests.conftest import PYTHON, ROOT, job_env
 
 pytestmark = pytest.mark.integration
 
-FP32 = ["zero1", "zero2", "zero3", "accumulation", "offload"]  # offload: ZeRO-2 with DeepSpeed's CPU Adam
+# offload: ZeRO-2 with DeepSpeed's CPU Adam; packing: train.packing (the same sums over fewer, fuller rows)
+FP32 = ["zero1", "zero2", "zero3", "accumulation", "offload", "packing"]
 EARLY_STEPS, EARLY_TOL, LOSS_TOL, WEIGHT_TOL = 4, 1e-5, 2e-3, 5e-3  # fp32 bounds, module docstring
 # (bf16 variant, plain path it must match, max relative loss difference per step, mean weight difference
 # as a share of the mean distance the plain path's weights moved)
@@ -79,6 +80,14 @@ def fp32_differences(runs: Path, variant: str) -> tuple[float, float, float]:
 def test_fp32_training_path_matches_the_plain_path(runs, variant):
     early, whole, weights = fp32_differences(runs, variant)
     assert early <= EARLY_TOL and whole <= LOSS_TOL and weights <= WEIGHT_TOL, (variant, early, whole, weights)
+
+
+def test_packing_leaves_less_padding_in_the_forward(runs):
+    # The same micro-batches (matched above to the fp32 bounds); the forward's padding share of rank 0's logged
+    # steps: random lengths, prompt 3-8 + response 2-10 tokens, 32 sequences per micro-batch.
+    plain, packed = results(runs)["zero0"]["padding"], results(runs)["packing"]["padding"]
+    print(f"padding: {plain:.1%} padded, {packed:.1%} packed")
+    assert packed < plain / 2, (plain, packed)
 
 
 def test_the_bounds_catch_a_path_that_trains_something_else(runs):

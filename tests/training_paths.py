@@ -33,6 +33,8 @@ VARIANTS = {
     "accumulation": dict(zero_stage=0, micro_batch_size=8, gradient_accumulation_steps=2),
     "offload": dict(zero_stage=2, offload_optimizer=True),
     "max_steps": dict(zero_stage=0, max_steps=7),
+    # Sequence packing: each micro-batch's 32 sequences in fewer rows, position ids restarting per sequence.
+    "packing": dict(zero_stage=0, packing=True),
     "bf16": dict(zero_stage=0, precision="bf16"),
     # The LLaMA-2 config's combination: ZeRO-3 in bf16 with micro-batches accumulated.
     "zero3_accumulation_bf16": dict(zero_stage=3, precision="bf16", micro_batch_size=8,
@@ -133,7 +135,8 @@ def main(out: Path) -> None:
         if rank == 0:
             torch.save(state, out / f"{name}.pt")
             results[name] = {"losses": [e["loss"] for e in progress.curve], "steps": progress.step,
-                             "engine_steps": engine.global_steps, "consumed": consumed, "heldout": figures}
+                             "engine_steps": engine.global_steps, "consumed": consumed, "heldout": figures,
+                             "padding": sum(e["padding"] for e in progress.curve) / len(progress.curve)}
         del engine
         dist.barrier()
     if rank == 0:

@@ -34,8 +34,9 @@ _ENGINE_PERF_KEYS = ("replicas", "batch_size", "cpus_per_replica", "max_restarts
                      "enable_prefix_caching", "tensor_parallel_size", "engine_kwargs", "endpoint")
 # Training settings that change how a run is operated, not the weights it trains: changing them (say, more
 # train.max_failures after a crash) resumes the run instead of refusing it.
+# packing: the same log-probs from fewer rows (rounding aside), like the ZeRO stage's partitioned sums.
 _TRAIN_OPERATIONAL_KEYS = ("max_failures", "log_every_steps", "checkpoint_every_steps", "checkpoint_upload",
-                           "trackers", "experiment", "cpus_per_worker", "placement_strategy",
+                           "trackers", "experiment", "cpus_per_worker", "placement_strategy", "packing",
                            "tensorboard")  # tensorboard: what train.trackers replaced, in older run.json files
 
 
@@ -56,12 +57,26 @@ def _semantic_train(train: dict) -> dict:
     return {k: v for k, v in train.items() if k not in _TRAIN_OPERATIONAL_KEYS}
 
 
-def _comparable(stage: str, keys: dict) -> dict:
+def _comparable(stage: str, keys: dict, mine: dict) -> dict:
     """A stage's recorded keys without the operational ones (run.json files written before they were left out
-    still hold them)."""
+    still hold them), and with the keys plad-ray gained since the record was written at their defaults, where
+    this config leaves them there: a new option left alone does not make a finished run stale."""
+    keys = _with_new_defaults(keys, mine[stage], stage_keys(Config())[stage])
     if stage != "train" or not isinstance(keys.get("train"), dict):
         return keys
     return {**keys, "train": _semantic_train(keys["train"])}
+
+
+def _with_new_defaults(recorded, current, default):
+    if not (isinstance(recorded, dict) and isinstance(current, dict) and isinstance(default, dict)):
+        return recorded
+    out = dict(recorded)
+    for key, value in current.items():
+        if key in recorded:
+            out[key] = _with_new_defaults(recorded[key], value, default.get(key))
+        elif key in default and default[key] == value:
+            out[key] = value
+    return out
 
 
 def _semantic(engine: dict) -> dict:
@@ -82,12 +97,12 @@ def prepare_output(cfg: Config, overwrite: bool = False, dry_run: bool = False, 
         if "scores" in previous:
             mine["scores"] = previous["scores"]
     for index, stage in enumerate(STAGES):
-        if stage not in previous or _comparable(stage, previous[stage]) == mine[stage]:
+        if stage not in previous or _comparable(stage, previous[stage], mine) == mine[stage]:
             continue
         stale = _outputs_from(cfg.output_dir, STAGES[index:])
         if not any(storage.exists(uri) for uri in stale):
             break  # nothing made with the old keys (e.g. a generation-only run recorded train keys): just record
-        key = _first_difference(_comparable(stage, previous[stage]), mine[stage])
+        key = _first_difference(_comparable(stage, previous[stage], mine), mine[stage])
         if not overwrite or dry_run:
             if overwrite:
                 log(f"[plad-ray] --overwrite would replace the {'/'.join(STAGES[index:])} outputs ({key})")

@@ -20,7 +20,7 @@ from plad_ray.checks import Inputs
 from plad_ray.config import TOPK_LOSS_TYPES, ClusterConfig, Config, TrainConfig
 from plad_ray.data import parquet, storage
 from plad_ray.data.layout import TRAIN, OutputLayout
-from plad_ray.errors import DataError, RuntimeFailure
+from plad_ray.errors import DataError, PladError, RuntimeFailure
 from plad_ray.scoring import TEACHER
 from plad_ray.tracking import Tracking, plan_tracking
 from plad_ray.train.batching import PairTokenizer, group_samples
@@ -179,10 +179,13 @@ def run_training(pairs_ds, model_path: str, train: TrainConfig, cluster: Cluster
     )
     start, started_at = time.perf_counter(), time.time()
     console.route_libraries()  # Ray Train sets up its loggers on import
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except ray.train.TrainingFailedError as e:
+        raise _worker_user_error(e) or e
     fit_s = time.perf_counter() - start
     if result.error is not None:
-        raise RuntimeFailure(f"training failed: {result.error}")
+        raise _worker_user_error(result.error) or RuntimeFailure(f"training failed: {result.error}")
     out = dict(result.return_value)
     worker = out.pop("worker_timings")
     phases = {k: worker.get(k, 0.0) for k in ("eval_s", "loop_s", "export_s")}
@@ -194,6 +197,14 @@ def run_training(pairs_ds, model_path: str, train: TrainConfig, cluster: Cluster
 
 STARTUP_PHASES = ("imports_s", "model_load_s", "deepspeed_init_s", "teacher_load_s", "resume_s", "trackers_s",
                   "eval_data_s")
+
+
+def _worker_user_error(error: Exception) -> PladError | None:
+    """A user-facing error a rank raised (e.g. train.packing's check), for its one line instead of Ray's report."""
+    for failure in getattr(error, "worker_failures", {}).values():
+        if isinstance(failure, PladError):
+            return failure
+    return None
 
 
 def startup_breakdown(worker: dict, worker_start_s: float, fit_s: float) -> dict:

@@ -27,7 +27,7 @@ from plad_ray.tracking import Tracker, Tracking
 from plad_ray.train.checkpoints import Progress, resume, save
 from plad_ray.train.ds_config import deepspeed_config, lr_factor
 from plad_ray.train.export import export_hf
-from plad_ray.train.feed import forward, optimizer_steps, term_counts
+from plad_ray.train.feed import check_packing, forward, optimizer_steps, term_counts
 from plad_ray.train.heldout import check_guard, evaluate, load_batches
 
 
@@ -211,6 +211,7 @@ def _train(engine, shard, plan: TrainPlan, progress: Progress, rank: int, metric
     distributed = torch.distributed.is_initialized()
     world = torch.distributed.get_world_size() if distributed else 1
     log = partial(_log, rank)
+    packing_checked = False
     while progress.step < plan.total_steps:
         epoch = progress.step // plan.steps_per_epoch
         done_in_epoch = progress.step - epoch * plan.steps_per_epoch
@@ -224,6 +225,10 @@ def _train(engine, shard, plan: TrainPlan, progress: Progress, rank: int, metric
                 torch.distributed.all_reduce(step_totals_2)  # over every rank's micro-batches of the step
             step_ranked, step_tokens = step_totals_2[0].item(), step_totals_2[1].item()
             for batch, (ranked, tokens) in zip(step_batches, counts):
+                if train.packing and not packing_checked:
+                    log(f"[train] packing: first micro-batch's packed log-probs within "
+                        f"{check_packing(engine, batch):.2g} nats per token of the padded ones")
+                    packing_checked = True
                 scales = step_term_scales(ranked, tokens, step_ranked, step_tokens, len(step_batches), world)
                 stats = forward(engine, batch, train, teacher, scales)
                 engine.backward(stats["loss"])
@@ -276,7 +281,7 @@ class _Window:
             self.sums[key] = self.sums.get(key, 0.0) + float(stats[key])
         self.count += 1
         self.tokens += int(batch["attention_mask"].sum())
-        self.padded += batch["attention_mask"].numel()
+        self.padded += (batch["packed_input_ids"] if "packed_input_ids" in batch else batch["attention_mask"]).numel()
 
     def flush(self, step: int, epoch: int, lr: float) -> dict:
         seconds = time.perf_counter() - self.start
