@@ -23,27 +23,33 @@ def raylet_env(num_cpus: int | None = None) -> dict[str, str]:
     return {"RAY_num_workers_soft_limit": str(max(LOCAL_IDLE_WORKERS, num_cpus or 0))}
 
 
-_started_local = False  # this process started the local cluster it is connected to
+_ray_processes = None  # the processes ray.init started for the local cluster this process runs (None: none)
 
 
 def shutdown(grace_s: float = 5.0) -> None:
     """Disconnect from Ray. A local cluster this process started ends with it, and so does everything below it:
     Ray stops its own processes, but a vLLM engine's `VLLM::EngineCore` outlives its actor when the raylet goes
     first (a Ctrl-C, a failed run: 1 GB each for the tiny models, the model's memory for real ones). Whatever
-    is still alive `grace_s` after Ray's shutdown is killed."""
-    global _started_local
+    of Ray's process tree is still alive `grace_s` after Ray's shutdown is killed; other children of this
+    process (W&B's service, which still has to flush at exit) are left alone."""
+    global _ray_processes
     import ray
 
     if not ray.is_initialized():
         return
-    if not _started_local:
+    if _ray_processes is None:
         ray.shutdown()
         return
     import psutil  # (vLLM's and Ray's dependency) only for a cluster this process started
 
-    below = psutil.Process().children(recursive=True)
+    below = []
+    for root in _ray_processes:
+        try:
+            below += [root, *root.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            pass
     ray.shutdown()
-    _started_local = False
+    _ray_processes = None
     _, alive = psutil.wait_procs(below, timeout=grace_s)
     for process in alive:
         try:
@@ -60,7 +66,7 @@ def connect(cluster: ClusterConfig) -> str:
     stages, vLLM engines and trainer workers need more logical CPUs than cores to
     be scheduled at the same time.
     """
-    global _started_local
+    global _ray_processes
     import ray
 
     from plad_ray import console
@@ -75,8 +81,11 @@ def connect(cluster: ClusterConfig) -> str:
     else:
         for name, value in raylet_env(cluster.num_cpus).items():
             os.environ.setdefault(name, value)  # a value the user set wins
+        import psutil
+
+        before = {p.pid for p in psutil.Process().children()}
         ray.init(address="local", num_cpus=cluster.num_cpus, include_dashboard=False)
-        _started_local = True
+        _ray_processes = [p for p in psutil.Process().children() if p.pid not in before]  # Ray's, started now
         said = f"started a local Ray cluster ({ray.cluster_resources().get('CPU', 0):g} logical CPUs)"
     console.forward_worker_logs()  # worker logs to the run's log file; plad-ray's own lines to the terminal
     console.route_libraries()
