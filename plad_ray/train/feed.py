@@ -60,12 +60,7 @@ def forward(engine, batch: dict, train: TrainConfig, teacher=None, term_scales=(
     ones (B for pairs; B x K, prompt-major, for listwise groups with `rejected_mask` [B, K])."""
     device = engine.device
     input_ids_NT = batch["input_ids"].to(device)
-    if "packed_input_ids" in batch:  # train.packing: the same logits from fewer rows (plad_ray.train.packing)
-        packed_RTV = engine(input_ids=batch["packed_input_ids"].to(device),
-                            position_ids=batch["packed_position_ids"].to(device), use_cache=False).logits
-        logits_NTV = unpack_logits(packed_RTV, batch["unpack_index"].to(device))
-    else:
-        logits_NTV = engine(input_ids=input_ids_NT, attention_mask=batch["attention_mask"].to(device)).logits
+    logits_NTV = student_logits(engine, batch, packed="packed_input_ids" in batch)
     response_mask_NT = batch["response_mask"].to(device)
     logps_N, num_tokens_N = sequence_logps(logits_NTV, input_ids_NT, response_mask_NT)
     mask_BK = batch["rejected_mask"].to(device) if "rejected_mask" in batch else None
@@ -90,6 +85,17 @@ def forward(engine, batch: dict, train: TrainConfig, teacher=None, term_scales=(
         token_kd=kd, ranked_B=batch["ranked"].to(device) if "ranked" in batch else None, rejected_mask_BK=mask_BK,
         term_scales=term_scales,
     )
+
+
+def student_logits(engine, batch: dict, packed: bool) -> torch.Tensor:
+    """The student's logits [N, T, V] of the batch's padded rows: one forward of those rows, or with `packed`
+    (train.packing) of the fewer packed rows, gathered back to the padded layout (plad_ray.train.packing)."""
+    device = engine.device
+    if not packed:
+        return engine(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits
+    packed_RTV = engine(input_ids=batch["packed_input_ids"].to(device),
+                        position_ids=batch["packed_position_ids"].to(device), use_cache=False).logits
+    return unpack_logits(packed_RTV, batch["unpack_index"].to(device))
 
 
 def student_at_teacher_topk(logits_NTV: torch.Tensor, topk_ids_NTk: torch.Tensor) -> torch.Tensor:
@@ -125,10 +131,7 @@ def check_packing(engine, batch: dict) -> float:
     Once, on the first micro-batch: the packed and padded log-probs per token must agree."""
     device = engine.device
     input_ids_NT, response_NT = batch["input_ids"].to(device), batch["response_mask"].to(device)
-    padded_NTV = engine(input_ids=input_ids_NT, attention_mask=batch["attention_mask"].to(device)).logits
-    packed_NTV = unpack_logits(engine(input_ids=batch["packed_input_ids"].to(device), use_cache=False,
-                                      position_ids=batch["packed_position_ids"].to(device)).logits,
-                               batch["unpack_index"].to(device))
+    padded_NTV, packed_NTV = (student_logits(engine, batch, packed) for packed in (False, True))
     want_N, tokens_N = sequence_logps(padded_NTV, input_ids_NT, response_NT)
     gap = ((sequence_logps(packed_NTV, input_ids_NT, response_NT)[0] - want_N).abs() / tokens_N.clamp(min=1)).max().item()
     if gap > PACKING_TOLERANCE:
