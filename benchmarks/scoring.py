@@ -91,7 +91,7 @@ def run_stage(s: dict, model: str) -> dict:
     import ray
 
     from plad_ray.generate.engines import split_for_replicas
-    from plad_ray.generate.scores import teacher_scores
+    from plad_ray.generate.scores import SequenceIds, teacher_scores
 
     rows = sequences(s, model)
     ray.init(address="local", num_cpus=s["ray_cpus"], include_dashboard=False, log_to_driver=False)
@@ -100,7 +100,8 @@ def run_stage(s: dict, model: str) -> dict:
         engine = engine_config(s, model)
         ds = split_for_replicas(ray.data.from_arrow(pa.Table.from_pylist(rows)), len(rows), engine.batch_size,
                                 engine.replicas)
-        out = teacher_scores(ds, engine, model, model, False, False, s["use_gpu"], {"chosen": None, "rejected": None})
+        ids = SequenceIds(model, False, False, engine.max_model_len, {"chosen": None, "rejected": None})
+        out = teacher_scores(ds, ids, engine, model, s["use_gpu"])
         start = time.perf_counter()
         first, n, tokens, after_tokens = None, 0, 0, 0
         for block in out.iter_batches(batch_size=None, batch_format="pyarrow"):

@@ -20,6 +20,7 @@ from plad_ray.data.limits import prompt_limits
 from plad_ray.data.prompt_checks import check_cached_prompts, check_prompts, source_files
 from plad_ray.errors import ConfigError, DataError
 from plad_ray.models.folders import resolve_model, shares_vocabulary
+from plad_ray.teacher_logprobs import CROSS_VOCABULARY
 
 
 @dataclass
@@ -55,7 +56,7 @@ def check_inputs(cfg: Config, prompts: bool = True, teacher: bool = True, studen
     if teacher and cfg.teacher.endpoint is not None:
         from plad_ray.generate.endpoint import check_endpoint
 
-        check_endpoint(cfg.teacher.endpoint, cfg.teacher.model)
+        card = check_endpoint(cfg.teacher.endpoint, cfg.teacher.model)
         log(f"[plad-ray] teacher: {cfg.teacher.model} at {cfg.teacher.endpoint.url}")
     elif teacher:
         inputs.teacher_path = resolve_model(cfg.teacher.model, "teacher.model", cfg.teacher.allow_pickle_weights,
@@ -65,10 +66,13 @@ def check_inputs(cfg: Config, prompts: bool = True, teacher: bool = True, studen
                                             cfg.student.chat_template, log=log)
     if cfg.teacher.score_samples and inputs.teacher_path and inputs.student_path and not shares_vocabulary(
             inputs.teacher_path, inputs.student_path, cfg.student.trust_remote_code):
-        raise ConfigError("config key teacher.score_samples: the teacher's and the student's tokenizers map ids to "
-                          "different tokens, and teacher log-probs are read position by position on the student's "
-                          "ids (the same id must mean the same token, equal sizes are not enough); set "
-                          "teacher.score_samples=false and train on the pairs' text (hinge, logistic, seqkd)")
+        raise ConfigError(CROSS_VOCABULARY)
+    if cfg.teacher.score_samples and teacher and cfg.teacher.endpoint is not None and inputs.student_path:
+        from plad_ray.generate.endpoint_scores import check_scoring
+
+        check_scoring(cfg.teacher, card, inputs.student_path, cfg.student.trust_remote_code)
+        log(f"[plad-ray] teacher scoring: the endpoint returns top-{cfg.teacher.score_top_k} prompt log-probs and "
+            "tokenizes a probe as the student does")
     if cfg.train.loss.type == "token_kd" and inputs.teacher_path and inputs.student_path:
         check_shared_vocabulary(inputs.teacher_path, inputs.student_path, cfg.student.trust_remote_code)
     if cfg.teacher.sampling.stop is not None and cfg.student.sampling.stop != cfg.teacher.sampling.stop:

@@ -141,23 +141,21 @@ VLLM_MAX_LOGPROBS = 20
 @dataclass
 class TeacherEngineConfig(EngineConfig):
     endpoint: EndpointConfig | None = None  # a black-box HTTP server instead of vLLM engines
-    # After each round's pairs: the teacher's vLLM engines prefill every student sample (and each prompt's
-    # teacher output) and keep, per response token, its log-prob and the top score_top_k alternatives
-    # (output_dir/teacher_scores/; plad_ray/teacher_logprobs.py). Needs a vLLM teacher sharing the
-    # student's vocabulary. Prefill only: no teacher text is generated.
+    # After each round's pairs: the teacher prefills every student sample (and each prompt's teacher output)
+    # and keeps, per response token, its log-prob and the top score_top_k alternatives
+    # (output_dir/teacher_scores/; plad_ray/teacher_logprobs.py): with its vLLM engines, or, for an endpoint,
+    # with the server's prompt log-probs (vLLM's OpenAI server; checked with one probe before the run). The
+    # teacher must share the student's vocabulary. Prefill only: no teacher text is generated.
     score_samples: bool = False
-    score_top_k: int = 20  # alternatives kept per token, 1 .. vLLM's max_logprobs (engine_kwargs; default 20)
+    score_top_k: int = 20  # alternatives kept per token, 1 .. vLLM's max_logprobs (engine_kwargs or the server's)
 
     def checks(self, prefix: str):
         yield from super().checks(prefix)
         yield f"{prefix}score_top_k", self.score_top_k >= 1, "must be >= 1"
         most = self.engine_kwargs.get("max_logprobs", VLLM_MAX_LOGPROBS)
-        yield f"{prefix}score_top_k", most == -1 or self.score_top_k <= most, (
+        yield f"{prefix}score_top_k", self.endpoint is not None or most == -1 or self.score_top_k <= most, (
             f"must be <= {most}, the most log-probs vLLM returns per token; raise {prefix}engine_kwargs.max_logprobs "
             "to score more")
-        yield f"{prefix}score_samples", not (self.score_samples and self.endpoint is not None), (
-            "a black-box teacher endpoint returns no per-token log-probs of given text here; score with a vLLM "
-            f"teacher ({prefix}model without {prefix}endpoint), or set {prefix}score_samples=false")
         if self.endpoint is not None:
             yield from self.endpoint.checks(f"{prefix}endpoint.")
             chat_url = self.endpoint.url.rstrip("/").endswith("chat/completions")

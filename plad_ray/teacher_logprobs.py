@@ -34,6 +34,11 @@ SCORE_SCHEMA = pa.schema(
 )
 KEYS = ["id", "sample_index", "side"]
 
+CROSS_VOCABULARY = ("config key teacher.score_samples: the teacher's and the student's tokenizers map ids to different "
+                    "tokens, and teacher log-probs are read position by position on the student's ids (the same id "
+                    "must mean the same token, equal sizes are not enough); set teacher.score_samples=false and train "
+                    "on the pairs' text (hinge, logistic, seqkd)")
+
 
 def scoring_sequences(pair: dict) -> list[dict]:
     """The sequences of one pair row to score: its student sample, and, for sample 0, the prompt's

@@ -186,3 +186,45 @@ def test_a_revoked_key_stops_the_run_at_once(local_ray, tmp_path):
     assert "HTTP 401: invalid api key in the middle of the run; it wants a key: set teacher.endpoint.api_key_env" \
         in str(failure.value)
     assert len(stub.requests) == 3  # no retries of an auth failure, and no batch sent after it
+
+
+def test_a_scoring_request_the_server_refuses_ends_the_run_with_its_reason(local_ray, tmp_path):
+    """A prompt can be set aside; a sequence to score cannot (every pair needs its scores): one line naming the
+    sequence and the server's words, and the rows already scored are kept pending for the resume."""
+    import pyarrow.parquet as pq
+    import ray
+
+    from openai_stub import Stub
+    from plad_ray.config import EndpointConfig, TeacherEngineConfig
+    from plad_ray.generate.endpoint_scores import scores_http
+    from plad_ray.generate.endpoint_worker import write_from_endpoint
+    from plad_ray.teacher_logprobs import SCORE_SCHEMA
+
+    def completions(body):
+        if body["prompt"][0] == 13:
+            return 400, {"error": {"message": "This model's maximum context length is 64 tokens"}}
+        ids = body["prompt"]
+        top = {str(t): {"logprob": -0.5 * r, "rank": r} for r, t in enumerate((40, 41), 1)}
+        return 200, {"choices": [{"prompt_logprobs": [None] + [{**top, str(t): {"logprob": -3.0, "rank": 9}}
+                                                               for t in ids[1:]]}], "usage": {"prompt_tokens": len(ids)}}
+
+    stub = Stub(completions, None)
+    engine = TeacherEngineConfig(model="stub-teacher", batch_size=4, score_top_k=2,
+                                 endpoint=EndpointConfig(url=stub.url, concurrency=1))
+    rows = [{"id": f"p{i:02d}", "sample_index": 0, "side": "rejected", "prompt_len": 2,
+             "tokenized_prompt": [i, 7, 8, 9]} for i in range(16)]
+    uri = str(tmp_path / "teacher_scores")
+    with pytest.raises(RuntimeFailure) as failure:
+        write_from_endpoint(lambda stats: scores_http(ray.data.from_items(rows), engine, stats), uri, SCORE_SCHEMA, 4,
+                            "16 teacher scores")
+    stub.close()
+    line = str(failure.value)
+    assert "\n" not in line
+    assert line.startswith(f"teacher endpoint {stub.url}: scoring sequence (p13, 0, rejected) refused (HTTP 400: "
+                           "This model's maximum context length is 64 tokens); every pair needs its teacher scores; "), line
+    safe = re.search(rf"; (\d+) of 16 teacher scores are safe on disk in {uri}; re-run the same command to resume$",
+                     line)
+    assert safe, line
+    written = [r for f in parquet.written_files(uri) for r in pq.read_table(f).to_pylist()]
+    assert len(written) == int(safe.group(1)) and "p13" not in {r["id"] for r in written}
+    assert all(r["logprobs"] == [-3.0, -3.0] and r["topk_ids"] == [40, 41, 40, 41] for r in written)

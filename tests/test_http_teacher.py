@@ -93,6 +93,57 @@ def test_unreachable_endpoint(tmp_path):
     assert "not reachable" in proc.stderr.strip().splitlines()[-1]
 
 
+def test_a_k_over_the_servers_cap_is_refused_before_the_run(server, tmp_path):
+    proc = generate(tmp_path / "run", server.url, KEY, "--set", "teacher.score_samples=true",
+                    "--set", "teacher.score_top_k=21")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"plad-ray: error: config key teacher.score_top_k: teacher endpoint {server.url}/completions refuses 21 prompt "
+        "log-probs per token (HTTP 400: Requested prompt logprobs of 21, which is greater than max allowed: 20 "
+        "(parameter=prompt_logprobs, value=21)); lower teacher.score_top_k, or start the server with a larger "
+        "--max-logprobs")
+    assert not (tmp_path / "run").exists()
+
+
+def test_an_http_teacher_scores_the_pairs_as_its_model_does(server, tmp_path, tiny_models):
+    """teacher.score_samples through the endpoint: every student sample and each prompt's teacher output scored
+    once, by the server's prompt log-probs of the student's ids; they equal the teacher's own forward pass
+    (fp32 on both sides), and the key appears nowhere."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out, n, k = tmp_path / "run", 16, 5
+    proc = generate(out, server.url, KEY, "--set", f"data.max_prompts={n}", "--set", "teacher.score_samples=true",
+                    "--set", f"teacher.score_top_k={k}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "teacher scoring: the endpoint returns top-5 prompt log-probs and tokenizes a probe as the student does" \
+        in proc.stdout
+    assert re.search(rf"teacher scoring endpoint: {3 * n} requests, 0 retries", proc.stdout), proc.stdout[-3000:]
+    pairs = {(p["id"], p["sample_index"]): p for p in parquet.read_table(str(out / "pairs")).to_pylist()}
+    scores = parquet.read_table(str(out / "teacher_scores")).to_pylist()
+    keys = {(r["id"], r["sample_index"], r["side"]) for r in scores}
+    assert len(pairs) == 2 * n and len(scores) == len(keys) == 3 * n
+    assert keys == {(i, s, "rejected") for i, s in pairs} | {(i, 0, "chosen") for i, _ in pairs}
+    teacher = AutoModelForCausalLM.from_pretrained(tiny_models["teacher"], dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_models["student"])
+    for row in scores:
+        pair = pairs[(row["id"], row["sample_index"])]
+        if row["side"] == "rejected":
+            assert row["token_ids"] == list(pair["rejected_token_ids"])  # the student's ids as generated
+        prompt = tokenizer(pair["prompt"])["input_ids"]
+        assert row["prompt_tokens"] == len(prompt) and row["num_tokens"] == len(row["token_ids"]) > 0
+        with torch.no_grad():
+            at = torch.log_softmax(teacher(torch.tensor([prompt + row["token_ids"]])).logits[0], -1)[len(prompt) - 1:-1]
+        want = at.gather(-1, torch.tensor(row["token_ids"])[:, None])[:, 0]
+        assert torch.allclose(torch.tensor(row["logprobs"]), want, atol=1e-4), (row["logprobs"], want)
+        got_ids, got = torch.tensor(row["topk_ids"]).view(-1, k), torch.tensor(row["topk_logprobs"]).view(-1, k)
+        assert torch.allclose(got, torch.topk(at, k).values, atol=1e-4)
+        assert torch.allclose(at.gather(-1, got_ids), got, atol=1e-4)
+    for file in out.rglob("*"):
+        if file.is_file():
+            assert KEY.encode() not in file.read_bytes(), file
+
+
 def _files(folder) -> int:
     return len(list(folder.glob("*.parquet"))) if folder.exists() else 0
 

@@ -98,10 +98,10 @@ CASES = {
     "scoring k over vLLM's cap": ("generate_pairs", None, ["teacher.score_samples=true", "teacher.score_top_k=21"], 2,
                                   "config key teacher.score_top_k: must be <= 20, the most log-probs vLLM returns per "
                                   "token; raise teacher.engine_kwargs.max_logprobs to score more"),
-    "scoring through an endpoint": ("generate_pairs", None, ["teacher.score_samples=true", "teacher.model=t",
-                                                             "teacher.endpoint.url=http://127.0.0.1:9/v1/completions"],
-                                    2, "config key teacher.score_samples: a black-box teacher endpoint returns no "
-                                       "per-token log-probs"),
+    "scoring through an endpoint without log-probs": (
+        "generate_pairs", None, ["teacher.score_samples=true", "teacher.model=stub-teacher",
+                                 "teacher.endpoint.url={stub}"],
+        2, "config key teacher.score_samples: teacher endpoint {stub} returns no prompt log-probs"),
     "scoring across vocabularies": ("generate_pairs", None, ["teacher.score_samples=true", "teacher.model={d}/swapped"],
                                     2, "config key teacher.score_samples: the teacher's and the student's tokenizers "
                                        "map ids to different tokens"),
@@ -126,11 +126,21 @@ CASES = {
 ROW_CASES = ("duplicate ids", "malformed JSON line", "prompt over the context")  # found by Ray Data tasks
 
 
+@pytest.fixture(scope="module")
+def blackbox():
+    """A completions server that ignores prompt_logprobs, as OpenAI's own API does."""
+    from openai_stub import Stub
+
+    stub = Stub(lambda body: (200, {"choices": [{"text": "x", "finish_reason": "length"}]}), None)
+    yield stub.url
+    stub.close()
+
+
 @pytest.mark.parametrize("case", list(CASES))
-def test_bad_input(case, bad, tmp_path):
+def test_bad_input(case, bad, blackbox, tmp_path):
     job, config, overrides, code, message = CASES[case]
     out = tmp_path / "run"
-    sets = [x for o in [f"output_dir={out}", *overrides] for x in ("--set", o.format(d=bad, root=ROOT))]
+    sets = [x for o in [f"output_dir={out}", *overrides] for x in ("--set", o.format(d=bad, root=ROOT, stub=blackbox))]
     proc = run_job(job, config.format(d=bad) if config else str(CONFIG), *sets)
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == code, proc.stderr[-2000:]
@@ -139,7 +149,7 @@ def test_bad_input(case, bad, tmp_path):
         assert errors == lines[-1:], proc.stderr[-2000:]
     else:
         assert errors == lines and len(lines) == 1, proc.stderr[-2000:]
-    assert message.format(d=bad, root=ROOT) in lines[-1]
+    assert message.format(d=bad, root=ROOT, stub=blackbox) in lines[-1]
     assert "Traceback" not in proc.stderr + proc.stdout
     if case in ROW_CASES:
         assert "[generate]" not in proc.stdout  # refused before any engine started

@@ -73,8 +73,11 @@ def test_scoring_config_is_checked_with_one_line_each():
     assert problems(score_top_k=64, engine_kwargs={"max_logprobs": 64}) == []
     assert problems(score_top_k=64, engine_kwargs={"max_logprobs": -1}) == []  # vLLM: no cap
     endpoint = EndpointConfig(url="http://x/v1/completions")
-    assert [k for k, _ in problems(score_samples=True, endpoint=endpoint)] == ["teacher.score_samples"]
-    assert problems(score_samples=False, endpoint=endpoint) == []
+    # An endpoint scores with its server's prompt log-probs; how many it returns is the server's to say (the
+    # probe before the run asks it: tests/test_endpoint_scoring.py), not engine_kwargs'.
+    assert problems(score_samples=True, endpoint=endpoint) == []
+    assert problems(score_samples=True, score_top_k=50, endpoint=endpoint) == []
+    assert [k for k, _ in problems(score_samples=True, score_top_k=0, endpoint=endpoint)] == ["teacher.score_top_k"]
     assert Config().teacher.score_samples is False and Config().teacher.score_top_k == 20
 
 

@@ -14,6 +14,7 @@ import urllib.request
 
 from plad_ray.config import EndpointConfig
 from plad_ray.errors import ConfigError, DataError
+from plad_ray.generate.endpoint_policy import error_text
 
 REQUEST_WORKER_CPUS = 0.25  # request workers wait on the network, not the CPU
 
@@ -38,25 +39,53 @@ def models_url(url: str) -> str:
     return base_url(url) + "/models"
 
 
-def check_endpoint(endpoint: EndpointConfig, model: str) -> None:
-    """Before generation: the server answers, accepts the key, and serves `model`."""
-    base = base_url(endpoint.url)
-    request = urllib.request.Request(base + "/models")
+def completions_url(url: str) -> str:
+    """The completions URL beside a (chat) completions URL: where token ids may be the prompt."""
+    return base_url(url) + "/completions"
+
+
+def server_root(url: str) -> str:
+    """The server's root (http://host of http://host/v1/completions): vLLM serves /tokenize there."""
+    base = base_url(url)
+    return base[:-len("/v1")] if base.endswith("/v1") else base
+
+
+def call(endpoint: EndpointConfig, url: str, payload: dict | None = None) -> tuple[int, dict | None, str]:
+    """One GET (or POST of `payload` as JSON) with the endpoint's key: (HTTP status, JSON body or None, text).
+    An unreachable server raises DataError with its reason."""
+    data = None if payload is None else json.dumps(payload).encode()
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"} if data else {})
     key = api_key(endpoint)
     if key:
         request.add_header("Authorization", f"Bearer {key}")
     try:
-        with urllib.request.urlopen(request, timeout=30) as response:
-            served = [m.get("id") for m in json.loads(response.read()).get("data", [])]
+        with urllib.request.urlopen(request, timeout=60) as response:
+            status, text = response.status, response.read().decode(errors="replace")
     except urllib.error.HTTPError as e:
-        hint = "; check the key in $" + str(endpoint.api_key_env) if e.code in (401, 403) else ""
-        raise DataError(f"teacher endpoint {base}/models: HTTP {e.code} {e.reason}{hint}") from None
+        status, text = e.code, e.read().decode(errors="replace")
     except (urllib.error.URLError, OSError) as e:
-        raise DataError(f"teacher endpoint {base}: not reachable ({getattr(e, 'reason', e)}); "
+        raise DataError(f"teacher endpoint {base_url(endpoint.url)}: not reachable ({getattr(e, 'reason', e)}); "
                         "check teacher.endpoint.url and that the server is up") from None
-    if served and model not in served:
-        raise DataError(f"config key teacher.model: the endpoint serves {', '.join(map(str, served))}, "
+    try:
+        body = json.loads(text)
+    except ValueError:
+        body = None
+    return status, body if isinstance(body, dict) else None, text
+
+
+def check_endpoint(endpoint: EndpointConfig, model: str) -> dict:
+    """Before generation: the server answers, accepts the key, and serves `model`; its /models entry for it
+    (vLLM's says max_model_len)."""
+    base = base_url(endpoint.url)
+    status, body, text = call(endpoint, base + "/models")
+    if status != 200:
+        hint = "; check the key in $" + str(endpoint.api_key_env) if status in (401, 403) else ""
+        raise DataError(f"teacher endpoint {base}/models: {error_text(status, text)}{hint}")
+    cards = [m for m in (body or {}).get("data", []) if isinstance(m, dict)]
+    if cards and model not in [m.get("id") for m in cards]:
+        raise DataError(f"config key teacher.model: the endpoint serves {', '.join(str(m.get('id')) for m in cards)}, "
                         f"not {model!r}; set teacher.model to the served model name")
+    return next((m for m in cards if m.get("id") == model), {})
 
 
 def read_response(response: dict, stop_configured: bool = False) -> dict:

@@ -75,13 +75,13 @@ def error_text(status: int | None, body: str = "", exception: BaseException | No
 
 
 def _message(body: str) -> str:
-    """The server's own words from an OpenAI-style error body, or the start of the body."""
+    """The server's own words from an OpenAI-style error body (FastAPI's `detail` too), or the start of the body."""
     import json
 
     try:
         data = json.loads(body)
         error = data.get("error", data) if isinstance(data, dict) else data
-        message = error.get("message", "") if isinstance(error, dict) else str(error)
+        message = (error.get("message") or error.get("detail") or "") if isinstance(error, dict) else str(error)
     except (ValueError, AttributeError):
         message = body
     return " ".join(str(message).split())[:300]

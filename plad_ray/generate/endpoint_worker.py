@@ -72,6 +72,7 @@ class EndpointWorker:
         self.engine, self.endpoint = engine, engine.endpoint
         self.params, self.model_name, self.params_json = params, model_name, params_json
         self.quarantine_uri, self.stats, self.prefix = quarantine_uri, stats, log_prefix
+        self.url = self.endpoint.url  # where requests go (a ScoringWorker posts to the completions URL)
         self.rate = AdaptiveRate(cap=self.endpoint.qps)
         self.outage = Outage(self.endpoint.max_outage_s)
         self.breaker_open = False  # stop sending until /models answers again
@@ -102,9 +103,34 @@ class EndpointWorker:
         kept = [r for r in results if r["status"] == OK]
         refused = [r for r in results if r["status"] == REFUSED]
         if refused:
-            self._quarantine(refused)
-        return pa.Table.from_pylist([r["row"] for r in kept], schema=_teacher_schema()) if kept else \
-            _teacher_schema().empty_table()
+            self.set_aside(refused)
+        schema = self.schema()
+        return pa.Table.from_pylist([r["row"] for r in kept], schema=schema) if kept else schema.empty_table()
+
+    # -- what a request is: a teacher output here; the teacher's prompt log-probs in ScoringWorker ---
+
+    def schema(self):
+        from plad_ray.pairs import TEACHER_SCHEMA
+
+        return TEACHER_SCHEMA
+
+    def payload(self, row: dict) -> dict:
+        from plad_ray.data.prompts import engine_prompt
+
+        return {"model": self.engine.model, **engine_prompt(row["prompt"], self.engine.chat_template), **self.params}
+
+    def read(self, row: dict, response: dict) -> dict | str:
+        """The output row of an answered request, or why the answer cannot be used (the prompt is set aside)."""
+        out = read_response(response, stop_configured=self.engine.sampling.stop is not None)
+        if not out["text"] and not self.endpoint.allow_empty:
+            return "empty completion (teacher.endpoint.allow_empty is false)"
+        return {"id": row["id"], "prompt": row["prompt"], "teacher_text": out["text"],
+                "teacher_num_tokens": out["num_tokens"], "teacher_finish_reason": out["finish_reason"],
+                "teacher_token_ids": None,  # only text crosses from a black-box teacher
+                "teacher_model": self.model_name, "teacher_sampling": self.params_json}
+
+    def set_aside(self, refused: list[dict]) -> None:
+        self._quarantine(refused)
 
     async def _batch(self, rows):
         import aiohttp
@@ -131,9 +157,7 @@ class EndpointWorker:
     # -- one prompt ------------------------------------------------------------------------------
 
     async def _one(self, session, row: dict) -> dict:
-        from plad_ray.data.prompts import engine_prompt
-
-        payload = {"model": self.engine.model, **engine_prompt(row["prompt"], self.engine.chat_template), **self.params}
+        payload = self.payload(row)
         attempt, throttles, throttled_since = 0, 0, None
         while True:
             if self.breaker_open:
@@ -189,7 +213,7 @@ class EndpointWorker:
         self.counts["requests"] += 1
         self.sent.append(time.monotonic())
         try:
-            async with session.post(self.endpoint.url, json=payload) as response:
+            async with session.post(self.url, json=payload) as response:
                 return response.status, await response.text(), response.headers.get("Retry-After"), None
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
             return None, "", None, e
@@ -207,21 +231,16 @@ class EndpointWorker:
 
     def _answered(self, row: dict, body: str, now: float) -> dict:
         response = json.loads(body)
-        out = read_response(response, stop_configured=self.engine.sampling.stop is not None)
         self._close_outage(now)
         usage = response.get("usage") or {}
         self.counts["prompt_tokens"] += int(usage.get("prompt_tokens") or 0)
         self.counts["completion_tokens"] += int(usage.get("completion_tokens") or 0)
-        if not out["text"] and not self.endpoint.allow_empty:
+        out = self.read(row, response)
+        if isinstance(out, str):
             self.counts["refused"] += 1
-            return {"status": REFUSED, "row": row, "http_status": 200,
-                    "message": "empty completion (teacher.endpoint.allow_empty is false)"}
+            return {"status": REFUSED, "row": row, "http_status": 200, "message": out}
         self.counts["outputs"] += 1
-        return {"status": OK, "row": {
-            "id": row["id"], "prompt": row["prompt"], "teacher_text": out["text"],
-            "teacher_num_tokens": out["num_tokens"], "teacher_finish_reason": out["finish_reason"],
-            "teacher_token_ids": None,  # only text crosses from a black-box teacher
-            "teacher_model": self.model_name, "teacher_sampling": self.params_json}}
+        return {"status": OK, "row": out}
 
     # -- outages ---------------------------------------------------------------------------------
 
@@ -296,12 +315,6 @@ class EndpointWorker:
                   f"{self.quarantine_uri}", flush=True)
 
 
-def _teacher_schema():
-    from plad_ray.pairs import TEACHER_SCHEMA
-
-    return TEACHER_SCHEMA
-
-
 def refused_ids(quarantine_uri: str) -> dict[str, str]:
     """Prompt ids an earlier run set aside as refused by the endpoint, with the reason."""
     from plad_ray.data import storage
@@ -316,3 +329,31 @@ def refused_ids(quarantine_uri: str) -> dict[str, str]:
                         record = json.loads(line)
                         refused[record["id"]] = record["reason"]
     return refused
+
+
+ENDPOINT_FIGURES = ("requests", "retries", "polls", "throttled", "throttle_wait_s", "outage_s", "refused",
+                    "prompt_tokens", "completion_tokens")
+
+
+def write_from_endpoint(rows_of, uri: str, schema, rows_per_file: int, total: str) -> dict:
+    """The rows request workers make (`rows_of(stats)`: a dataset of them, its workers reporting to `stats`)
+    into `uri`'s pending files; what the workers counted (ENDPOINT_FIGURES). An outage past the budget (or a
+    revoked key) ends the run with one line: the endpoint, the last error, how many of `total` are safe, how
+    to go on."""
+    import ray
+
+    from plad_ray.data import parquet
+
+    stats = ray.remote(num_cpus=0)(EndpointStats).remote()
+    try:
+        parquet.write_pending(rows_of(stats), uri, schema, rows_per_file)
+    except Exception:
+        failure = ray.get(stats.first_failure.remote())  # what a request worker said; Ray Data wraps its exception
+        if failure is None:
+            raise
+        raise RuntimeFailure(f"{failure}; {parquet.written_rows(uri)} of {total} are safe on disk in {uri}; "
+                             "re-run the same command to resume") from None
+    finally:
+        report = ray.get(stats.report.remote())
+        ray.kill(stats)
+    return {key: report.get(key, 0) for key in ENDPOINT_FIGURES}

@@ -3,7 +3,8 @@
     pairs/ --(id, sample, side) sequences--> teacher vLLM engines, prefill only --> teacher_scores/
 
 Every student sample, and each prompt's teacher output once, is prefilled by the teacher's vLLM engines
-with `prompt_logprobs=k` (ray.data.llm returns them in its rows); plad_ray.teacher_logprobs reads them.
+with `prompt_logprobs=k` (ray.data.llm returns them in its rows), or by a teacher endpoint's server
+(plad_ray.generate.endpoint_scores); plad_ray.teacher_logprobs reads them.
 Like the pairs, the scores resume per key (id, sample_index, side): a crashed run's written rows are kept
 and only the missing keys are scored, by a Ray Data anti-join; the commit refuses a key twice.
 """
@@ -18,6 +19,8 @@ from plad_ray.data import parquet, storage
 from plad_ray.data.prompts import prompt_token_ids
 from plad_ray.errors import DataError
 from plad_ray.generate import engines
+from plad_ray.generate.endpoint_scores import scores_http
+from plad_ray.generate.endpoint_worker import write_from_endpoint
 from plad_ray.generate.stages import not_done
 
 
@@ -41,15 +44,23 @@ def score_pairs(cfg: Config, inputs: Inputs, log=print, round: int = 1) -> dict:
         f"(top {k} log-probs per token; 0 teacher text generated)" + (f"; {done} scored by an earlier run" if done else ""))
     start = time.perf_counter()
     earlier = parquet.uncommitted_files(uri)
+    endpoint = None
     if todo:
+        teacher = cfg.teacher
         sequences = _to_score(parquet.read(pairs_uri), done_ds, 1 + done // parquet.JOIN_ROWS_PER_PARTITION)
-        sequences = engines.split_for_replicas(sequences, todo, cfg.teacher.batch_size, cfg.teacher.replicas)
-        scored = teacher_scores(sequences, cfg.teacher, inputs.teacher_path, inputs.student_for_round(cfg, round),
-                                cfg.student.chat_template, cfg.student.trust_remote_code, cfg.cluster.use_gpu,
-                                {"chosen": cfg.teacher.sampling.stop, "rejected": cfg.student.sampling.stop})
-        with engines.engine_deaths("teacher", cfg.teacher):
-            parquet.write_pending(scored, uri, teacher_logprobs.SCORE_SCHEMA,
-                                  parquet.rows_per_file(todo, cfg.teacher.batch_size))
+        workers = teacher.endpoint.concurrency if teacher.endpoint else teacher.replicas
+        sequences = engines.split_for_replicas(sequences, todo, teacher.batch_size, workers)
+        ids = SequenceIds(inputs.student_for_round(cfg, round), cfg.student.trust_remote_code,
+                          cfg.student.chat_template, teacher.max_model_len,
+                          {"chosen": teacher.sampling.stop, "rejected": cfg.student.sampling.stop})
+        rows_per_file = parquet.rows_per_file(todo, teacher.batch_size)
+        if teacher.endpoint is not None:
+            endpoint = write_from_endpoint(lambda stats: scores_http(sequences.map(ids), teacher, stats), uri,
+                                           teacher_logprobs.SCORE_SCHEMA, rows_per_file, f"{expected} teacher scores")
+        else:
+            scored = teacher_scores(sequences, ids, teacher, inputs.teacher_path, cfg.cluster.use_gpu)
+            with engines.engine_deaths("teacher", teacher):
+                parquet.write_pending(scored, uri, teacher_logprobs.SCORE_SCHEMA, rows_per_file)
     tokens = parquet.pending_sum(uri, "num_tokens", earlier)
     prefill = tokens + parquet.pending_sum(uri, "prompt_tokens", earlier)
     rows = parquet.commit(uri, {"teacher_model": cfg.teacher.model, "top_k": k}, teacher_logprobs.KEYS, log)
@@ -60,9 +71,15 @@ def score_pairs(cfg: Config, inputs: Inputs, log=print, round: int = 1) -> dict:
     log(f"[generate] teacher scores: {rows} sequences ({todo} now: {prefill} prefill tokens, {tokens} of them "
         f"scored) in {seconds:.1f}s ({prefill / seconds:.0f} prefill tokens/s incl. start-up); {on_disk} bytes, "
         f"{per_token:.1f} bytes per scored token (top {k}) -> {uri}")
-    return {"scored_sequences": rows, "scored_now": todo, "scoring_prefill_tokens": prefill,
-            "scored_tokens": tokens, "scoring_seconds": seconds, "scores_bytes": on_disk,
-            "scores_bytes_per_token": per_token, "score_top_k": k}
+    figures = {"scored_sequences": rows, "scored_now": todo, "scoring_prefill_tokens": prefill,
+               "scored_tokens": tokens, "scoring_seconds": seconds, "scores_bytes": on_disk,
+               "scores_bytes_per_token": per_token, "score_top_k": k}
+    if endpoint is not None:
+        log(f"[generate] teacher scoring endpoint: {endpoint['requests']} requests, {endpoint['retries']} retries, "
+            f"{endpoint['throttled']} throttled, {endpoint['outage_s']:.1f} s down; usage {endpoint['prompt_tokens']} "
+            "prompt tokens")
+        figures["scoring_endpoint"] = endpoint
+    return figures
 
 
 def _to_score(pairs_ds, done_ds, num_partitions: int):
@@ -84,28 +101,38 @@ def _tokenizer(path: str, trust_remote_code: bool):
     return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
 
 
-def teacher_scores(sequences_ds, engine: EngineConfig, teacher_path: str, student_path: str, chat_template: bool,
-                   trust_remote_code: bool, use_gpu: bool, stops: dict):
-    """(id, sample_index, side, prompt, text, finish_reason, generated_ids) rows -> rows of SCORE_SCHEMA.
+class SequenceIds:
+    """A sequence to score (id, sample_index, side, prompt, text, finish_reason, generated_ids) -> the ids to
+    prefill: the one the student trains on, its tokenizer's prompt (with its chat template when on) and the
+    response's ids as generated (plad_ray.train.batching.response_ids; `stops`: each side's sampling.stop, for
+    a response that a stop string ended and that carries no ids), cut to `max_model_len`."""
 
-    The sequence prefilled is the one the student trains on: its tokenizer's prompt (with its chat template
-    when on) and the response's ids as generated (plad_ray.train.batching.response_ids; `stops`: each side's
-    sampling.stop, for a response that a stop string ended and that carries no ids)."""
-    from plad_ray.train.batching import response_ids
+    def __init__(self, student_path: str, trust_remote_code: bool, chat_template: bool, max_model_len: int,
+                 stops: dict):
+        self.student_path, self.trust_remote_code, self.chat_template = student_path, trust_remote_code, chat_template
+        self.max_model_len, self.stops = max_model_len, stops
 
+    def __call__(self, row: dict) -> dict:
+        from plad_ray.train.batching import response_ids
+
+        tokenizer = _tokenizer(self.student_path, self.trust_remote_code)
+        encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+        eos = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
+        prompt = prompt_token_ids(tokenizer, [row["prompt"]], self.chat_template)[0]
+        response = response_ids(row["generated_ids"], row["text"], row["finish_reason"], encode, eos,
+                                self.stops[row["side"]])
+        prompt, response = teacher_logprobs.fit(list(prompt), list(response), self.max_model_len)
+        return {"id": row["id"], "sample_index": row["sample_index"], "side": row["side"],
+                "prompt_len": len(prompt), "tokenized_prompt": prompt + response}
+
+
+def teacher_scores(sequences_ds, ids: SequenceIds, engine: EngineConfig, teacher_path: str, use_gpu: bool):
+    """Sequences to score -> rows of SCORE_SCHEMA, from the teacher's vLLM engines (ray.data.llm)."""
     k = engine.score_top_k
     params = {"max_tokens": 1, "temperature": 0.0, "prompt_logprobs": k, "detokenize": False}
 
     def preprocess(row: dict) -> dict:
-        tokenizer = _tokenizer(student_path, trust_remote_code)
-        encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
-        eos = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
-        prompt = prompt_token_ids(tokenizer, [row["prompt"]], chat_template)[0]
-        response = response_ids(row["generated_ids"], row["text"], row["finish_reason"], encode, eos,
-                                stops[row["side"]])
-        prompt, response = teacher_logprobs.fit(list(prompt), list(response), engine.max_model_len)
-        return {"id": row["id"], "sample_index": row["sample_index"], "side": row["side"],
-                "prompt_len": len(prompt), "tokenized_prompt": prompt + response, "sampling_params": params}
+        return {**ids(row), "sampling_params": params}
 
     def postprocess(row: dict) -> dict:
         read = teacher_logprobs.read_prompt_logprobs(row["prompt_logprobs"], list(row["prompt_token_ids"]),

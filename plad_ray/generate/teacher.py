@@ -13,8 +13,8 @@ from plad_ray import pairs
 from plad_ray.checks import Inputs
 from plad_ray.config import Config
 from plad_ray.data import parquet
-from plad_ray.errors import RuntimeFailure
 from plad_ray.generate import engines
+from plad_ray.generate.endpoint_worker import refused_ids, write_from_endpoint
 from plad_ray.generate.stages import teacher_outputs, teacher_outputs_http
 from plad_ray.models.folders import eos_token_ids
 
@@ -44,7 +44,9 @@ def generate_teacher(cfg: Config, inputs: Inputs, log=print) -> dict:
         ds = engines.split_for_replicas(missing, todo, teacher.batch_size, workers)
         rows_per_file = parquet.rows_per_file(todo, teacher.batch_size)
         if teacher.endpoint is not None:
-            endpoint = _write_from_endpoint(cfg, ds, uri, rows_per_file, done + todo)
+            endpoint = write_from_endpoint(
+                lambda stats: teacher_outputs_http(ds, teacher, cfg.layout().teacher_refused(), stats), uri,
+                pairs.TEACHER_SCHEMA, rows_per_file, f"{done + todo} teacher outputs")
             tokens = endpoint["completion_tokens"]  # as the server counted them, for this run's requests only
             stats["teacher_endpoint"] = endpoint
         else:
@@ -68,40 +70,11 @@ def _refused_earlier(cfg: Config, log) -> set:
     """Prompt ids a black-box teacher refused in an earlier run of this output_dir: not asked again."""
     if cfg.teacher.endpoint is None:
         return set()
-    from plad_ray.generate.endpoint_worker import refused_ids
-
     refused = refused_ids(cfg.layout().teacher_refused())
     if refused:
         log(f"[generate] teacher: {len(refused)} prompts the endpoint refused earlier are not asked again "
             f"(reasons in {cfg.layout().teacher_refused()}; delete that folder to ask again)")
     return set(refused)
-
-
-def _write_from_endpoint(cfg: Config, ds, uri: str, rows_per_file: int, total: int) -> dict:
-    """The HTTP teacher's rows into the pending cache; what its request workers counted. An outage past the
-    budget (or a revoked key) ends the run with one line: the endpoint, the last error, what is safe, how to go on."""
-    import ray
-
-    from plad_ray.generate.endpoint_worker import EndpointStats
-
-    stats = ray.remote(num_cpus=0)(EndpointStats).remote()
-    try:
-        parquet.write_pending(teacher_outputs_http(ds, cfg.teacher, cfg.layout().teacher_refused(), stats), uri,
-                              pairs.TEACHER_SCHEMA, rows_per_file)
-    except Exception:
-        failure = ray.get(stats.first_failure.remote())  # what a request worker said; Ray Data wraps its exception
-        if failure is None:
-            raise
-        raise RuntimeFailure(f"{failure}; {parquet.written_rows(uri)} of {total} teacher outputs are safe on disk "
-                             f"in {uri}; re-run the same command to resume") from None
-    finally:
-        report = ray.get(stats.report.remote())
-        ray.kill(stats)
-    return {key: report.get(key, 0) for key in ENDPOINT_FIGURES}
-
-
-ENDPOINT_FIGURES = ("requests", "retries", "polls", "throttled", "throttle_wait_s", "outage_s", "refused",
-                    "prompt_tokens", "completion_tokens")
 
 
 def _endpoint_line(figures: dict, refused_uri: str) -> str:

@@ -1,0 +1,42 @@
+"""A stub OpenAI-compatible server on loopback, for the servers vLLM's is not (tests of what plad-ray refuses)."""
+
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+
+class Stub:
+    """/v1/models, /v1/completions and /tokenize, each answered by a function of the request body."""
+
+    def __init__(self, completions, tokenize, max_model_len=64):
+        routes = {"/v1/completions": completions, "/tokenize": tokenize}
+        self.requests = []
+        stub = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                self._send(200, {"data": [{"id": "stub-teacher", "max_model_len": max_model_len}]})
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                stub.requests.append((self.path, body))
+                route = routes.get(self.path)
+                self._send(*(route(body) if route else (404, {"detail": "Not Found"})))
+
+            def _send(self, status, payload):
+                data = json.dumps(payload).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_port}/v1/completions"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
