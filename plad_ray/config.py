@@ -107,6 +107,9 @@ class EngineConfig:
     cpus_per_replica: float = 1.0  # logical CPUs Ray reserves for each engine replica (per worker if TP > 1)
     max_restarts: int = 3  # restarts of a dead engine actor before its stage fails; -1: none (ray.data.llm's default)
     batch_size: int = 64  # prompts per batch handed to one replica
+    # batches one replica works on at once (ray.data.llm's max_concurrent_batches): overlaps a batch's tail
+    # with the next one's start; batch_size x this is the most requests queued in one engine
+    max_concurrent_batches: int = 8
     max_model_len: int = 2048  # tokens of prompt + output the engine admits
     gpu_memory_utilization: float = 0.9  # fraction of accelerator memory vLLM takes (on CPU: of RAM), (0, 1]
     dtype: str = "auto"  # auto | bfloat16 | float16 | float32
@@ -125,6 +128,7 @@ class EngineConfig:
         yield f"{prefix}cpus_per_replica", self.cpus_per_replica > 0, "must be > 0"
         yield f"{prefix}max_restarts", self.max_restarts >= -1, "must be >= 0, or -1 for no limit"
         yield f"{prefix}batch_size", self.batch_size >= 1, "must be >= 1"
+        yield f"{prefix}max_concurrent_batches", self.max_concurrent_batches >= 1, "must be >= 1"
         yield f"{prefix}max_model_len", self.max_model_len >= 2, "must be >= 2"
         yield f"{prefix}gpu_memory_utilization", 0 < self.gpu_memory_utilization <= 1, "must be in (0, 1]"
         yield f"{prefix}dtype", self.dtype in ("auto", "bfloat16", "float16", "float32"), (

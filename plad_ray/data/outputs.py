@@ -12,6 +12,7 @@ unless --overwrite is given, which removes only the stale parts; a new training
 config on the same pairs keeps the teacher outputs and the pairs.
 """
 
+import functools
 import os
 
 import pyarrow.fs as pafs
@@ -30,7 +31,7 @@ OUTPUTS = {"teacher": (layout.TEACHER, layout.QUARANTINE), "pairs": (layout.PAIR
 _SCORE_KEYS = ("score_samples", "score_top_k")
 # Engine settings that change speed or where the model runs, not what it writes: changing
 # them never makes outputs stale (teacher.model and sampling do).
-_ENGINE_PERF_KEYS = ("replicas", "batch_size", "cpus_per_replica", "max_restarts", "env", "gpu_memory_utilization",
+_ENGINE_PERF_KEYS = ("replicas", "batch_size", "max_concurrent_batches", "cpus_per_replica", "max_restarts", "env", "gpu_memory_utilization",
                      "enable_prefix_caching", "tensor_parallel_size", "engine_kwargs", "endpoint")
 # Training settings that change how a run is operated, not the weights it trains: changing them (say, more
 # train.max_failures after a crash) resumes the run instead of refusing it.
@@ -61,10 +62,16 @@ def _comparable(stage: str, keys: dict, mine: dict) -> dict:
     """A stage's recorded keys without the operational ones (run.json files written before they were left out
     still hold them), and with the keys plad-ray gained since the record was written at their defaults, where
     this config leaves them there: a new option left alone does not make a finished run stale."""
-    keys = _with_new_defaults(keys, mine[stage], stage_keys(Config())[stage])
+    keys = _with_new_defaults(keys, mine[stage], _default_keys()[stage])
     if stage != "train" or not isinstance(keys.get("train"), dict):
         return keys
     return {**keys, "train": _semantic_train(keys["train"])}
+
+
+@functools.cache
+def _default_keys() -> dict:
+    """stage_keys of a default Config (read-only: the defaults a key plad-ray gained since a record had)."""
+    return stage_keys(Config())
 
 
 def _with_new_defaults(recorded, current, default):

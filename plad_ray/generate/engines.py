@@ -79,6 +79,7 @@ def build_engine_processor(
         engine_kwargs=engine_kwargs(engine, use_gpu),
         concurrency=(engine.replicas, engine.replicas),
         batch_size=engine.batch_size,
+        max_concurrent_batches=engine.max_concurrent_batches,
         placement_group_config={"bundle_per_worker": placement_bundle(engine, use_gpu)},
         accelerator_type=None,
         # Engine metrics export needs ray[serve] and a metrics port; progress is logged instead.
