@@ -5,6 +5,23 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
+def send_json(handler: BaseHTTPRequestHandler, status: int, headers: dict, payload) -> None:
+    data = json.dumps(payload).encode()
+    handler.send_response(status)
+    for k, v in {"Content-Type": "application/json", **headers}.items():
+        handler.send_header(k, v)
+    handler.send_header("Content-Length", str(len(data)))
+    handler.end_headers()
+    handler.wfile.write(data)
+
+
+def serve(handler) -> tuple[ThreadingHTTPServer, str]:
+    """A threaded server of `handler` on a free loopback port, and its completions URL."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, f"http://127.0.0.1:{server.server_port}/v1/completions"
+
+
 class Stub:
     """/v1/models, /v1/completions and /tokenize, each answered by a function of the request body."""
 
@@ -27,16 +44,9 @@ class Stub:
                 self._send(*(route(body) if route else (404, {"detail": "Not Found"})))
 
             def _send(self, status, payload):
-                data = json.dumps(payload).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
+                send_json(self, status, {}, payload)
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_port}/v1/completions"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.server, self.url = serve(Handler)
 
     def close(self):
         self.server.shutdown()

@@ -7,10 +7,11 @@ import json
 import re
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
 import pytest
 
+from openai_stub import send_json, serve
 from plad_ray.checks import Inputs
 from plad_ray.config import load_config
 from plad_ray.data import parquet
@@ -48,17 +49,9 @@ class Stub:
                 self._send(*answer)
 
             def _send(self, status, headers, payload):
-                data = json.dumps(payload).encode()
-                self.send_response(status)
-                for k, v in {"Content-Type": "application/json", **headers}.items():
-                    self.send_header(k, v)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
+                send_json(self, status, headers, payload)
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_port}/v1/completions"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.server, self.url = serve(Handler)
 
     def prompts(self) -> list[str]:
         return [p for _, p in self.requests]
