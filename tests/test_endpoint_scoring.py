@@ -104,7 +104,8 @@ def test_an_endpoint_that_cannot_score_the_students_ids_is_refused_with_one_line
 
 
 def test_an_answer_becomes_the_sequences_score_row_or_the_reason_it_cannot():
-    engine = TeacherEngineConfig(model="stub-teacher", score_top_k=2, endpoint=EndpointConfig(url="http://h/v1/chat/completions"))
+    engine = TeacherEngineConfig(model="stub-teacher", score_top_k=2,
+                                 endpoint=EndpointConfig(url="http://h/v1/chat/completions"))
     worker = ScoringWorker(engine, stats=None)
     assert worker.url == "http://h/v1/completions"  # token ids go to the completions URL, even for a chat teacher
     row = {"id": "p1", "sample_index": 1, "side": "rejected", "prompt_len": 2, "tokenized_prompt": [5, 6, 7, 8]}

@@ -31,8 +31,9 @@ OUTPUTS = {"teacher": (layout.TEACHER, layout.QUARANTINE), "pairs": (layout.PAIR
 _SCORE_KEYS = ("score_samples", "score_top_k")
 # Engine settings that change speed or where the model runs, not what it writes: changing
 # them never makes outputs stale (teacher.model and sampling do).
-_ENGINE_PERF_KEYS = ("replicas", "batch_size", "max_concurrent_batches", "cpus_per_replica", "max_restarts", "env", "gpu_memory_utilization",
-                     "enable_prefix_caching", "tensor_parallel_size", "engine_kwargs", "endpoint")
+_ENGINE_PERF_KEYS = ("replicas", "batch_size", "max_concurrent_batches", "cpus_per_replica", "max_restarts", "env",
+                     "gpu_memory_utilization", "enable_prefix_caching", "tensor_parallel_size", "engine_kwargs",
+                     "endpoint")
 # Training settings that change how a run is operated, not the weights it trains: changing them (say, more
 # train.max_failures after a crash) resumes the run instead of refusing it.
 # packing: the same log-probs from fewer rows (rounding aside), like the ZeRO stage's partitioned sums.
