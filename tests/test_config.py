@@ -88,6 +88,7 @@ def test_overrides_are_typed_and_nested(tmp_path):
         ("train.offload_optimizer=true", "config key train.offload_optimizer: optimizer offload needs"),
         ("teacher.tensor_parallel_size=2", "config key teacher.tensor_parallel_size: tensor parallelism needs GPUs"),
         ("student.num_samples=0", "config key student.num_samples: must be >= 1"),
+        ("teacher.max_concurrent_batches=0", "config key teacher.max_concurrent_batches: must be >= 1"),
         ("data.heldout_fraction=1.0", "config key data.heldout_fraction: must be in [0, 1)"),
         ("teacher.sampling.max_tokens=5000", "config key teacher.sampling.max_tokens: must be below"),
         ("train=3", "config key train: must be a section"),

@@ -98,3 +98,18 @@ def test_written_files_hold_a_64th_of_a_write_between_one_batch_and_the_cap():
     assert rows_per_file(100_000, 256) == 1562
     assert rows_per_file(1_000_000, 256) == 15_625  # 64 files
     assert rows_per_file(10**8, 256) == MAX_ROWS_PER_FILE  # a crash loses at most this
+
+
+@pytest.mark.integration
+def test_the_engine_settings_reach_ray_data_llm(local_ray, tiny_models):
+    """batch_size, max_concurrent_batches, max_restarts and cpus_per_replica as ray.data.llm's engine stage
+    holds them (a processor is built, no engine started)."""
+    from plad_ray.generate.engines import ENGINE_STAGE, build_engine_processor
+
+    engine = student("student.batch_size=16", "student.max_concurrent_batches=3", "student.max_restarts=1",
+                     "student.cpus_per_replica=0.5")
+    stage = build_engine_processor(engine, tiny_models["student"], False, dict, dict).get_stage_by_name(ENGINE_STAGE)
+    assert stage.map_batches_kwargs["max_concurrency"] == 3 and stage.map_batches_kwargs["max_restarts"] == 1
+    assert stage.fn_constructor_kwargs["max_concurrent_batches"] == 3
+    assert stage.fn_constructor_kwargs["batch_size"] == 16
+    assert stage.map_batches_kwargs["num_cpus"] == 0.5

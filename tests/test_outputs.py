@@ -30,7 +30,8 @@ def test_same_config_and_speed_settings_resume(tmp_path):
     prepare_output(make(tmp_path))
     touch_outputs(tmp_path / "run")
     # Replicas, batch size and cluster settings change speed, not outputs.
-    prepare_output(make(tmp_path, "teacher.replicas=4", "student.batch_size=8", "cluster.num_cpus=8"))
+    prepare_output(make(tmp_path, "teacher.replicas=4", "student.batch_size=8", "cluster.num_cpus=8",
+                        "teacher.max_concurrent_batches=2"))
     assert (tmp_path / "run" / "teacher").exists() and (tmp_path / "run" / "report.json").exists()
 
 
