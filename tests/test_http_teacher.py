@@ -188,9 +188,9 @@ def test_pairs_from_an_http_teacher_through_two_outages_never_leak_the_key(serve
     server.start()  # the vLLM server answers again some 30-60 s later on these machines
     stdout, stderr = proc.communicate(timeout=900)
     assert proc.returncode == 0, stderr[-3000:]
-    # In-flight requests see the server disconnect, later ones a refused connection.
+    # In-flight requests see the server disconnect or reset the connection, later ones a refused connection.
     assert re.search(r"teacher endpoint \S+ down since \d\d:\d\d:\d\d \((connection refused|Server"
-                     r"DisconnectedError)", stdout), stdout[-3000:]
+                     r"DisconnectedError|ClientOSError: \[Errno 104\] Connection reset by peer)", stdout), stdout[-3000:]
     assert re.search(r"teacher endpoint \S+ back after \d+ s", stdout), stdout[-3000:]
     assert f"[generate] teacher: {n - safe} outputs" in stdout
     down = float(re.search(r"(\d+\.\d) s down", stdout).group(1))
