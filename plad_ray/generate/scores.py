@@ -19,7 +19,7 @@ from plad_ray.data import parquet, storage
 from plad_ray.data.prompts import prompt_token_ids
 from plad_ray.errors import DataError
 from plad_ray.generate import engines
-from plad_ray.generate.endpoint_scores import scores_http
+from plad_ray.generate.endpoint_scores import scores_http, scoring_params
 from plad_ray.generate.endpoint_worker import write_from_endpoint
 from plad_ray.generate.stages import not_done
 
@@ -129,7 +129,7 @@ class SequenceIds:
 def teacher_scores(sequences_ds, ids: SequenceIds, engine: EngineConfig, teacher_path: str, use_gpu: bool):
     """Sequences to score -> rows of SCORE_SCHEMA, from the teacher's vLLM engines (ray.data.llm)."""
     k = engine.score_top_k
-    params = {"max_tokens": 1, "temperature": 0.0, "prompt_logprobs": k, "detokenize": False}
+    params = {**scoring_params(k), "detokenize": False}  # vLLM's SamplingParams: no text of the one sampled token
 
     def preprocess(row: dict) -> dict:
         return {**ids(row), "sampling_params": params}
