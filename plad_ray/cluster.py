@@ -9,6 +9,9 @@ from plad_ray.errors import ConfigError
 # CPUs kept free while trainer workers run, for the Ray Data tasks that feed them;
 # without them the workers hold every CPU and the data stage never gets scheduled.
 DATA_CPUS = 1.0
+# Each pair tokenizer actor's CPUs (up to one actor per trainer worker, plad_ray.train.driver.tokenize). With
+# train.stream they hold them beside the engines, the trainer and Ray Data's tasks.
+TOKENIZER_CPUS = 0.5
 # Idle worker processes a local cluster keeps (Ray's `num_workers_soft_limit`; its default is the node's
 # *available* CPUs, so 4 logical CPUs, fewer while engines or trainer workers hold some). Ray kills idle
 # workers past that limit after 1 s, and each stage of a run then starts and imports new Python processes
@@ -95,7 +98,8 @@ def connect(cluster: ClusterConfig) -> str:
 def check_resources(cfg: Config, available: dict, generation: bool = True, training: bool = True) -> None:
     """Refuse a plan the cluster cannot place (it would wait forever instead of failing).
 
-    Generation stages run one after another, then training; each must fit on its own.
+    Generation stages run one after another, then training; each must fit on its own, except that with
+    train.stream the student engines and the trainer run at once.
     """
     cpus, gpus = available.get("CPU", 0.0), available.get("GPU", 0.0)
     where = f"the cluster has {cpus:g} CPUs and {gpus:g} GPUs"
@@ -118,6 +122,8 @@ def check_resources(cfg: Config, available: dict, generation: bool = True, train
     t = cfg.train
     if not training:
         return
+    if generation and t.stream:
+        _check_together(cfg, cpus, gpus, where)
     if t.num_workers * t.cpus_per_worker + DATA_CPUS > cpus:
         raise ConfigError(
             f"config key train.num_workers: {t.num_workers} workers x {t.cpus_per_worker:g} CPUs plus "
@@ -126,6 +132,26 @@ def check_resources(cfg: Config, available: dict, generation: bool = True, train
         )
     if cfg.cluster.use_gpu and t.num_workers > gpus:
         raise ConfigError(f"config key train.num_workers: {t.num_workers} workers need {t.num_workers} GPUs ({where})")
+
+
+def _check_together(cfg: Config, cpus: float, gpus: float, where: str) -> None:
+    """train.stream: the student engines and the trainer workers (and the data between them) at once."""
+    s, t = cfg.student, cfg.train
+    engine_cpus = s.replicas * s.tensor_parallel_size * s.cpus_per_replica
+    data_cpus = DATA_CPUS + TOKENIZER_CPUS * t.num_workers
+    need = engine_cpus + t.num_workers * t.cpus_per_worker + data_cpus
+    if need > cpus:
+        raise ConfigError(
+            f"config key train.stream: the student engines ({engine_cpus:g} CPUs), {t.num_workers} trainer workers x "
+            f"{t.cpus_per_worker:g} CPUs and {data_cpus:g} CPUs for the data between them run at once and need "
+            f"{need:g} CPUs ({where}); lower student.replicas or train.num_workers, raise cluster.num_cpus, or set "
+            "train.stream=false")
+    engine_gpus = s.replicas * s.tensor_parallel_size
+    if cfg.cluster.use_gpu and engine_gpus + t.num_workers > gpus:
+        raise ConfigError(
+            f"config key train.stream: the student engines ({engine_gpus} GPUs) and {t.num_workers} trainer workers "
+            f"run at once and need {engine_gpus + t.num_workers} GPUs ({where}); lower student.replicas or "
+            "train.num_workers, or set train.stream=false")
 
 
 def local_resources(cluster: ClusterConfig) -> dict | None:

@@ -241,6 +241,10 @@ class TrainConfig:
     # sequence; the same log-probs, less padding: plad_ray/train/packing.py); the held-out scoring stays unpacked
     packing: bool = False
     num_epochs: int = 1  # passes over the training pairs
+    # train while the student engines make the pairs (README "Streaming"): their stream is the trainer's dataset,
+    # the held-out prompts' pairs first; every pair is written to pairs/ before a rank reads it. Engines and
+    # trainer workers run at once, so both must fit the cluster together. One epoch; no checkpoint mid-stream
+    stream: bool = False
     max_steps: int | None = None  # stop after this many optimizer steps (fixed budgets across methods); None: no cap
     rounds: int = 1  # PLaD rounds: round r > 1 regenerates student samples with round r-1's student (teacher
     # outputs reused from the cache: zero teacher tokens) and trains it again; outputs under output_dir/round-<r>/
@@ -266,6 +270,24 @@ class TrainConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     guard: GuardConfig = field(default_factory=GuardConfig)
 
+    def stream_checks(self, prefix: str):
+        """What train.stream cannot do (yet), each with its way out."""
+        if not self.stream:
+            return
+        off = f"or set {prefix}stream=false"
+        yield f"{prefix}stream", self.pairs is None, f"streams the run's own student engines; with {prefix}pairs " \
+            f"there is nothing to generate: set {prefix}stream=false"
+        yield f"{prefix}stream", self.num_epochs == 1, f"trains one epoch, on the stream: set {prefix}num_epochs=1 {off}"
+        yield f"{prefix}stream", self.loss.type != "listwise", (
+            f"listwise groups need every sample of a prompt in one row, which a stream does not have: {off}")
+        yield f"{prefix}stream", self.scorer != TEACHER and self.loss.type not in TOPK_LOSS_TYPES, (
+            f"the teacher scores the pairs after they are written; {prefix}scorer=teacher and the top-k objectives "
+            f"need those scores before training: {off}")
+        yield f"{prefix}stream", self.max_failures == 0, (
+            f"a restarted worker group would read the stream again: set {prefix}max_failures=0 {off}")
+        yield f"{prefix}stream", self.guard.action != "stop", (
+            f"guard.action=stop restores checkpoints, and a streamed epoch takes none: set {prefix}guard.action=warn {off}")
+
     def checks(self, prefix: str):
         yield f"{prefix}num_workers", self.num_workers >= 1, "must be >= 1"
         yield f"{prefix}cpus_per_worker", self.cpus_per_worker > 0, "must be > 0"
@@ -290,6 +312,7 @@ class TrainConfig:
         yield from self.loss.checks(f"{prefix}loss.")
         yield f"{prefix}max_steps", self.max_steps is None or self.max_steps >= 1, "must be >= 1 or null"
         yield f"{prefix}rounds", self.rounds >= 1, "must be >= 1"
+        yield from self.stream_checks(prefix)
         yield f"{prefix}rounds", self.rounds == 1 or self.pairs is None, (
             f"later rounds regenerate student samples; they cannot start from external {prefix}pairs")
         yield f"{prefix}teacher_scores", self.teacher_scores is None or self.pairs is not None, (

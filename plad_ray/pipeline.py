@@ -4,6 +4,7 @@
                                   |  (rounds r > 1: round r-1's student samples again) |
                                   +--> round-<r>/pairs/ --DeepSpeed--> round-<r>/student/ ...
     (teacher.score_samples: pairs/ --teacher vLLM, prefill--> teacher_scores/, in every round)
+    (train.stream: the student vLLM's pairs feed DeepSpeed as they are made, and are written to pairs/ on the way)
 
 Inputs are checked before Ray starts (plad_ray.checks), prompt rows by Ray Data before any
 engine starts (plad_ray.data.prompt_checks). Each step reuses a complete output
@@ -13,6 +14,7 @@ not yet cached (generate/teacher.py), pairs only for missing (prompt, sample) ke
 (generate/student.py), and training resumes from its last checkpoint (train/driver.py).
 """
 
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 from plad_ray import cluster, console
@@ -21,7 +23,7 @@ from plad_ray.config import Config
 from plad_ray.data import storage
 from plad_ray.errors import DataError
 from plad_ray.generate.scores import score_pairs
-from plad_ray.generate.student import generate_pairs
+from plad_ray.generate.student import commit_pairs, generate_pairs, pair_stream
 from plad_ray.generate.teacher import generate_teacher
 from plad_ray.data.outputs import prepare_output
 from plad_ray.summary import write_report
@@ -44,11 +46,21 @@ def distill(cfg: Config, overwrite: bool = False, check_only: bool = False, log=
     with ThreadPoolExecutor(max_workers=1) as pool:
         initial = None
         for r in range(1, cfg.train.rounds + 1):
-            generated = {**generate_pairs(cfg, inputs, log, round=r), **_scores(cfg, inputs, log, r)}
+            stream = pair_stream(cfg, inputs, log, round=r) if cfg.train.stream else None
+            if stream is None:
+                generated = {**generate_pairs(cfg, inputs, log, round=r), **_scores(cfg, inputs, log, r)}
+                if r == 1:
+                    initial = start_initial(cfg, inputs.student_path, pool)  # runs while the student trains
+                trained = train_student(cfg, inputs, log, round=r)
+            else:  # train.stream: the student engines feed the trainer; their pairs are committed after
+                start = time.perf_counter()
+                trained = train_student(cfg, inputs, log, round=r, stream=stream)
+                generated = commit_pairs(cfg, r, start, log)
+                if r == 1:  # the engines and the trainer are done with the resources it needs
+                    initial = start_initial(cfg, inputs.student_path, pool)
             if r == 1:
                 figures.update(generated)
-                initial = start_initial(cfg, inputs.student_path, pool)  # runs while the student trains
-            rounds.append({**train_student(cfg, inputs, log, round=r), "pair_generation": generated})
+            rounds.append({**trained, "pair_generation": generated})
         if cfg.eval.enabled:
             evaluation = evaluate_run(cfg, inputs.student_path, log=log, initial_outputs=initial)
     report = write_report(cfg, rounds, figures, evaluation, log, command)

@@ -52,6 +52,30 @@ def write_pending(ds, uri: str, schema: pa.Schema, min_rows_per_file: int | None
                                                                         min_rows_per_file=min_rows_per_file)
 
 
+class WritePending:
+    """A Ray Data stage that writes each block it passes into the pending part of the dataset at `uri` and
+    hands the block on (train.stream: the pairs are on disk before a trainer reads them). A block's file is
+    named by its first key and row count, so a block Ray Data computes again overwrites its own file."""
+
+    def __init__(self, uri: str, schema: pa.Schema, keys: list[str]):
+        self.uri, self.schema, self.keys = uri, schema, keys
+
+    def __call__(self, table: pa.Table) -> pa.Table:
+        import hashlib
+
+        if table.num_rows == 0:
+            return table
+        table = _cast(self.schema)(table)
+        first = "#".join(str(table.column(k)[0].as_py()) for k in self.keys)
+        name = hashlib.sha256(f"{first}:{table.num_rows}".encode()).hexdigest()[:24]
+        fs, path = storage.filesystem_and_path(pending_uri(self.uri))
+        fs.create_dir(path, recursive=True)
+        with fs.open_output_stream(f"{path}/.{name}.tmp") as out:  # no half-written file under its final name
+            pq.write_table(table, out)
+        fs.move(f"{path}/.{name}.tmp", f"{path}/stream-{name}.parquet")
+        return table
+
+
 def _pending_files(uri: str, log=print) -> list[str]:
     """Readable pending files; files cut off mid-write (no Parquet footer) are deleted."""
     fs, path = storage.filesystem_and_path(pending_uri(uri))

@@ -8,6 +8,10 @@ same teacher outputs.
 """
 
 import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
 
 from plad_ray import pairs
 from plad_ray.checks import Inputs
@@ -17,6 +21,9 @@ from plad_ray.errors import DataError
 from plad_ray.generate import engines
 from plad_ray.generate.stages import samples_to_generate, student_pairs
 from plad_ray.models.folders import eos_token_ids, shares_vocabulary
+
+
+HELDOUT_LAST = "training_pair"  # the sort key that puts the held-out prompts' samples first (train.stream)
 
 
 def generate_pairs(cfg: Config, inputs: Inputs, log=print, round: int = 1) -> dict:
@@ -49,22 +56,87 @@ def generate_pairs(cfg: Config, inputs: Inputs, log=print, round: int = 1) -> di
     start = time.perf_counter()
     earlier = parquet.uncommitted_files(uri)
     if todo:
-        # The teacher's own ids are scored as they are when they mean the same tokens to the student.
-        shared = inputs.teacher_path is not None and shares_vocabulary(inputs.teacher_path, student_path,
-                                                                      cfg.student.trust_remote_code)
-        samples = samples_to_generate(parquet.read(layout.teacher()), cfg.student.num_samples, done_ds,
-                                      num_partitions=1 + done // parquet.JOIN_ROWS_PER_PARTITION)
-        samples = engines.split_for_replicas(samples, todo, cfg.student.batch_size, cfg.student.replicas)
         with engines.engine_deaths("student", cfg.student):
-            parquet.write_pending(
-                student_pairs(samples, cfg.student, student_path,
-                              cfg.student.model if round == 1 else f"{cfg.student.model} after round {round - 1}",
-                              eos_token_ids(student_path), cfg.cluster.use_gpu, cfg.data.heldout_fraction,
-                              shared_vocabulary=shared),
-                uri, pairs.PAIR_SCHEMA, parquet.rows_per_file(todo, cfg.student.batch_size))
+            parquet.write_pending(_pairs(cfg, inputs, round, done_ds, done, todo), uri, pairs.PAIR_SCHEMA,
+                                  parquet.rows_per_file(todo, cfg.student.batch_size))
+    return _commit(cfg, uri, existing, todo, earlier, start, log)
+
+
+def _pairs(cfg: Config, inputs: Inputs, round: int, done_ds, done: int, todo: int, heldout_first: bool = False):
+    """The Ray Dataset of the round's pairs still to generate (rows of pairs.PAIR_SCHEMA); with `heldout_first`,
+    the held-out prompts' samples go through the engines first (train.stream reads them before training)."""
+    layout = cfg.layout()
+    student_path = inputs.student_for_round(cfg, round)
+    # The teacher's own ids are scored as they are when they mean the same tokens to the student.
+    shared = inputs.teacher_path is not None and shares_vocabulary(inputs.teacher_path, student_path,
+                                                                  cfg.student.trust_remote_code)
+    samples = samples_to_generate(parquet.read(layout.teacher()), cfg.student.num_samples, done_ds,
+                                  num_partitions=1 + done // parquet.JOIN_ROWS_PER_PARTITION)
+    if heldout_first:
+        # The held-out prompts' samples first, then the rest in train.seed's shuffle (the order the sequential
+        # trainer uses, pairs.with_training_order): a sort keeps its order through the stream (Ray Data's
+        # preserve_order), a union does not. It waits for the samples to be listed, not for any engine.
+        samples = samples.map_batches(_stream_order, fn_kwargs={"fraction": cfg.data.heldout_fraction,
+                                                                "seed": cfg.train.seed}, batch_format="numpy")
+        samples = samples.sort([HELDOUT_LAST, "order"])
+    samples = engines.split_for_replicas(samples, todo, cfg.student.batch_size, cfg.student.replicas)
+    return student_pairs(samples, cfg.student, student_path,
+                         cfg.student.model if round == 1 else f"{cfg.student.model} after round {round - 1}",
+                         eos_token_ids(student_path), cfg.cluster.use_gpu, cfg.data.heldout_fraction,
+                         shared_vocabulary=shared)
+
+
+@dataclass
+class PairStream:
+    """train.stream: the student engines' pairs as a Ray Dataset, and what the trainer plans with."""
+
+    ds: Any  # rows of pairs.PAIR_SCHEMA, the held-out prompts' first, each block written to pairs/ as it passes
+    train_pairs: int  # pairs expected for training (the stream may bring fewer: too long, identical)
+    heldout_pairs: int
+    block_rows: int  # rows per block as the engines make them (the ranks take blocks; small blocks, even ranks)
+
+
+def _stream_order(batch: dict, fraction: float, seed: int) -> dict:
+    later = np.asarray([not pairs.is_heldout(i, fraction) for i in batch["id"]])
+    return {**pairs.with_training_order(batch, seed), HELDOUT_LAST: later}
+
+
+def pair_stream(cfg: Config, inputs: Inputs, log=print, round: int = 1) -> PairStream | None:
+    """train.stream: the round's pairs as a stream that writes each block to pairs/'s pending files as it
+    passes (`parquet.WritePending`), the held-out prompts' pairs first; None when pairs/ already holds some
+    (a re-run: `generate_pairs` completes them and training reads them from disk). `commit_pairs` commits
+    what the stream wrote."""
+    layout = cfg.layout()
+    uri = layout.pairs(round)
+    if storage.manifest(uri) is not None or parquet.written_files(uri, log=lambda _: None):
+        return None
+    teacher = parquet.read(layout.teacher())
+    if teacher is None:
+        raise DataError(f"teacher cache {layout.teacher()}: missing; generate teacher outputs first")
+    fraction, k = cfg.data.heldout_fraction, cfg.student.num_samples
+    heldout = teacher.select_columns(["id"]).filter(lambda row: pairs.is_heldout(row["id"], fraction)).count()
+    todo = teacher.count() * k
+    log(f"[generate] round {round} student, streaming into training: {todo // k} prompts x {k} samples with "
+        f"{cfg.student.model if round == 1 else inputs.student_for_round(cfg, round)}, the {heldout} held-out "
+        f"prompts' pairs first; every pair is written to {uri} before a trainer reads it")
+    stream = _pairs(cfg, inputs, round, None, 0, todo, heldout_first=True).map_batches(
+        parquet.WritePending, fn_constructor_kwargs=dict(uri=uri, schema=pairs.PAIR_SCHEMA, keys=["id", "sample_index"]),
+        batch_size=None, batch_format="pyarrow", concurrency=1, num_cpus=0)  # I/O: holds no CPU
+    return PairStream(stream, train_pairs=todo - heldout * k, heldout_pairs=heldout * k,
+                      block_rows=cfg.student.batch_size)
+
+
+def commit_pairs(cfg: Config, round: int, start: float, log=print) -> dict:
+    """Commit the pairs a stream wrote (`pair_stream`); their figures, as `generate_pairs` reports them."""
+    return _commit(cfg, cfg.layout().pairs(round), None, None, [], start, log)
+
+
+def _commit(cfg: Config, uri: str, existing: dict | None, todo: int | None, earlier: list[str], start: float,
+            log) -> dict:
     tokens = parquet.pending_sum(uri, "rejected_num_tokens", earlier)
     rows = parquet.commit(uri, {"student_model": cfg.student.model}, ["id", "sample_index"], log)
     seconds = time.perf_counter() - start
+    todo = rows - (existing or {"rows": 0})["rows"] if todo is None else todo
     if existing is not None:
         log(f"[generate] pairs: added {rows - existing['rows']} pairs to the {existing['rows']} already committed")
     log(f"[generate] pairs: {rows} pairs ({todo} generated now, {tokens} student tokens) in {seconds:.1f}s "

@@ -17,6 +17,7 @@ import numpy as np
 
 from plad_ray import console, pairs
 from plad_ray.checks import Inputs
+from plad_ray.cluster import TOKENIZER_CPUS
 from plad_ray.config import TOPK_LOSS_TYPES, ClusterConfig, Config, TrainConfig
 from plad_ray.data import parquet, storage
 from plad_ray.data.layout import TRAIN, OutputLayout
@@ -44,17 +45,7 @@ def prepare_pairs(pairs_ds, model_path: str, train: TrainConfig, chat_template: 
     that carry no ids).
     """
     tokenized = (
-        pairs_ds.map_batches(
-            PairTokenizer,
-            fn_constructor_kwargs=dict(model_path=model_path, max_length=train.max_length,
-                                       chat_template=chat_template, trust_remote_code=trust_remote_code,
-                                       scorer=train.scorer, student_wins=train.student_wins,
-                                       chosen_stop=stops[0], rejected_stop=stops[1]),
-            batch_size=256,
-            # autoscaled by Ray Data from one tokenizer to one per trainer worker
-            concurrency=(1, max(1, train.num_workers)),
-            num_cpus=0.5,
-        )
+        tokenize(pairs_ds, model_path, train, chat_template, trust_remote_code, stops)
         # The training order: a shuffle seeded by train.seed and fixed by each pair's key, not by the
         # order the pairs were read in (pairs.with_training_order).
         .map_batches(pairs.with_training_order, fn_kwargs={"seed": train.seed}, batch_format="numpy")
@@ -73,7 +64,7 @@ def prepare_pairs(pairs_ds, model_path: str, train: TrainConfig, chat_template: 
         counts.update({f"{who}_wins" if who != "tie" else "ties": count(verdict=[who])
                        for who in ("teacher", "tie", "student")})
         counts["flipped_student_better"] = counts["student_wins"] if train.student_wins == "flip" else 0
-    trained = ("ok", "identical") if uses_nll(train) else ("ok",)
+    trained = trained_statuses(train)
     if uses_nll(train):
         counts["dropped_identical"] = 0  # they train the NLL part
     counts["train"] = count(status=trained, heldout=[False])
@@ -91,6 +82,28 @@ def prepare_pairs(pairs_ds, model_path: str, train: TrainConfig, chat_template: 
                     .sort("order").materialize())
         counts["train_prompts"] = train_ds.count()
     return train_ds, heldout_ds, counts
+
+
+def tokenize(pairs_ds, model_path: str, train: TrainConfig, chat_template: bool, trust_remote_code: bool,
+             stops: tuple[str | None, str | None], batch_size: int = 256):
+    """Pair rows -> token ids and `status` (batching.PairTokenizer), by Ray Data actors, in blocks of
+    `batch_size` rows."""
+    return pairs_ds.map_batches(
+        PairTokenizer,
+        fn_constructor_kwargs=dict(model_path=model_path, max_length=train.max_length,
+                                   chat_template=chat_template, trust_remote_code=trust_remote_code,
+                                   scorer=train.scorer, student_wins=train.student_wins,
+                                   chosen_stop=stops[0], rejected_stop=stops[1]),
+        batch_size=batch_size,
+        # autoscaled by Ray Data from one tokenizer to one per trainer worker
+        concurrency=(1, max(1, train.num_workers)),
+        num_cpus=TOKENIZER_CPUS,
+    )
+
+
+def trained_statuses(train: TrainConfig) -> tuple[str, ...]:
+    """The pair statuses the objective trains on: identical pairs only when it has an NLL part."""
+    return ("ok", "identical") if uses_nll(train) else ("ok",)
 
 
 def teacher_wins_line(counts: dict, policy: str) -> str:
@@ -118,29 +131,36 @@ def heldout_shards(heldout_ds, rows: int, num_workers: int) -> list:
 def run_training(pairs_ds, model_path: str, train: TrainConfig, cluster: ClusterConfig, output_dir: str,
                  export_uri: str, pad_id: int, chat_template: bool = False, trust_remote_code: bool = False,
                  allow_pickle: bool = False, teacher_path: str | None = None,
-                 stops: tuple[str | None, str | None] = (None, None), tracking: Tracking | None = None) -> dict:
-    """Train, evaluate and export; returns the run's figures (also written by the caller)."""
+                 stops: tuple[str | None, str | None] = (None, None), tracking: Tracking | None = None,
+                 stream=None) -> dict:
+    """Train, evaluate and export; returns the run's figures (also written by the caller).
+
+    With `stream` (train.stream: a generate.student.PairStream), the ranks read the student engines' pairs
+    as they are made (train.stream_feed) instead of `pairs_ds`."""
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from plad_ray.train.stream_split import StreamSplit
+
     start = time.perf_counter()
-    train_ds, heldout_ds, counts = prepare_pairs(pairs_ds, model_path, train, chat_template, trust_remote_code, stops)
+    if stream is not None:
+        # blocks as the engines make them: the ranks take whole blocks, so small ones keep their shares even
+        datasets = {TrainPlan.STREAM: tokenize(stream.ds, model_path, train, chat_template, trust_remote_code, stops,
+                                               batch_size=stream.block_rows)}
+        counts, expected = None, stream.train_pairs
+    else:
+        datasets, counts = _fixed_shards(pairs_ds, model_path, train, chat_template, trust_remote_code, stops)
+        expected = counts.get("train_prompts", counts["train"])
     prepare_s = time.perf_counter() - start
-    # Each rank gets a fixed, ordered split of the training pairs (not Ray Data's streaming split, which
-    # hands out blocks as they arrive): an epoch reads the same micro-batches every time, so a run resumed
-    # from a mid-epoch checkpoint skips exactly the steps it trained (README "Resuming").
-    shards = train_ds.split(train.num_workers, equal=True)
-    # Held-out scoring is shared out too (within one pair per rank; the figures are all-reduced).
-    eval_shards = heldout_shards(heldout_ds, counts["heldout"], train.num_workers)
-    for ds in (*shards, *eval_shards):
+    for ds in datasets.values():
         # Each dataset executes in the workers with its own context; per-worker progress
         # bars interleave into noise there. Training reports progress as step lines.
         ds.context.enable_progress_bars = False
-    steps = steps_per_epoch(counts.get("train_prompts", counts["train"]), train)
+    steps = steps_per_epoch(expected, train)
     if steps < 1:
         per_step = train.micro_batch_size * train.num_workers * train.gradient_accumulation_steps
         raise DataError(
-            f"pairs: {counts['train']} training pairs are fewer than one optimizer step needs ({per_step} = "
+            f"pairs: {expected} training pairs are fewer than one optimizer step needs ({per_step} = "
             "train.micro_batch_size x train.num_workers x train.gradient_accumulation_steps); add prompts or lower those"
         )
     plan = TrainPlan(train=train, model_path=model_path, export_uri=export_uri,
@@ -148,14 +168,20 @@ def run_training(pairs_ds, model_path: str, train: TrainConfig, cluster: Cluster
                      pad_id=pad_id, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
                      teacher_path=teacher_path,
                      checkpoint_root=OutputLayout(storage.absolute(output_dir)).train_state(),
-                     trace_pairs_dir=os.environ.get("PLAD_RAY_TRACE_PAIRS"))
-    if train.scorer:
-        print(f"[train] scorer {train.scorer}: " + teacher_wins_line(counts, train.student_wins), flush=True)
-    what = (f"{counts['train_prompts']} training prompts ({counts['train']} pairs)" if "train_prompts" in counts
-            else f"{counts['train']} training pairs")
-    print(f"[train] {what}, {counts['heldout']} held out, "
-          f"{train.num_workers} worker(s), {plan.total_steps} optimizer steps, ZeRO-{train.zero_stage} {train.precision}",
-          flush=True)
+                     trace_pairs_dir=os.environ.get("PLAD_RAY_TRACE_PAIRS"), stream=stream is not None,
+                     trained_statuses=trained_statuses(train))
+    if counts is None:
+        print(f"[train] streaming: up to {stream.train_pairs} training pairs as the student engines make them, "
+              f"{stream.heldout_pairs} held out (they come first); {train.num_workers} worker(s), up to {plan.total_steps} "
+              f"optimizer steps, ZeRO-{train.zero_stage} {train.precision}; no checkpoint in the streamed epoch",
+              flush=True)
+    else:
+        if train.scorer:
+            print(f"[train] scorer {train.scorer}: " + teacher_wins_line(counts, train.student_wins), flush=True)
+        what = (f"{counts['train_prompts']} training prompts ({counts['train']} pairs)" if "train_prompts" in counts
+                else f"{counts['train']} training pairs")
+        print(f"[train] {what}, {counts['heldout']} held out, {train.num_workers} worker(s), {plan.total_steps} "
+              f"optimizer steps, ZeRO-{train.zero_stage} {train.precision}", flush=True)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"plan": plan},
@@ -166,10 +192,11 @@ def run_training(pairs_ds, model_path: str, train: TrainConfig, cluster: Cluster
             placement_strategy=train.placement_strategy,
         ),
         torch_config=TorchConfig(backend="nccl" if cluster.use_gpu else "gloo"),
-        datasets={**{TrainPlan.train_shard(rank): shard for rank, shard in enumerate(shards)},
-                  **{TrainPlan.eval_shard(rank): shard for rank, shard in enumerate(eval_shards)}},
-        # Ray Train splits nothing: both are split above, in a fixed order.
-        dataset_config=ray.train.DataConfig(datasets_to_split=[], execution_options=_in_order()),
+        datasets=datasets,
+        # Ray Train splits only the stream (in the stream's order: held-out pairs first; train.stream_split); the
+        # fixed shards are split by _fixed_shards, in a fixed order.
+        dataset_config=(StreamSplit(TrainPlan.STREAM, _in_order()) if counts is None
+                        else ray.train.DataConfig(datasets_to_split=[], execution_options=_in_order())),
         run_config=ray.train.RunConfig(
             name=TRAIN,
             storage_path=storage.absolute(output_dir),
@@ -187,12 +214,32 @@ def run_training(pairs_ds, model_path: str, train: TrainConfig, cluster: Cluster
     if result.error is not None:
         raise _worker_user_error(result.error) or RuntimeFailure(f"training failed: {result.error}")
     out = dict(result.return_value)
+    if counts is None:
+        counts = out.pop("stream_counts")
+        print(f"[train] the stream brought {counts['pairs']} pairs: trained on {counts['trained']}, "
+              f"{counts['heldout']} held out, {counts['untrained_uneven']} left when a rank ran out of steps; "
+              f"dropped: {counts['dropped_too_long']} too long, {counts['dropped_identical']} identical", flush=True)
     worker = out.pop("worker_timings")
     phases = {k: worker.get(k, 0.0) for k in ("eval_s", "loop_s", "export_s")}
     # Start-up: Ray Train's controller and worker group, model load, DeepSpeed init (and any restarts).
     out["timings"] = {"prepare_s": prepare_s, "startup_s": fit_s - sum(phases.values()), **phases,
                       "startup": startup_breakdown(worker, out.pop("worker_started_at") - started_at, fit_s)}
     return {**out, "counts": counts, "checkpoint": export_uri}
+
+
+def _fixed_shards(pairs_ds, model_path: str, train: TrainConfig, chat_template: bool, trust_remote_code: bool,
+                  stops: tuple[str | None, str | None]) -> tuple[dict, dict]:
+    """The Ray Train datasets of pairs on disk: each rank's fixed training split and held-out share; the counts."""
+    train_ds, heldout_ds, counts = prepare_pairs(pairs_ds, model_path, train, chat_template, trust_remote_code, stops)
+    # Each rank gets a fixed, ordered split of the training pairs (not Ray Data's streaming split, which
+    # hands out blocks as they arrive): an epoch reads the same micro-batches every time, so a run resumed
+    # from a mid-epoch checkpoint skips exactly the steps it trained (README "Resuming").
+    shards = train_ds.split(train.num_workers, equal=True)
+    # Held-out scoring is shared out too (within one pair per rank; the figures are all-reduced).
+    eval_shards = heldout_shards(heldout_ds, counts["heldout"], train.num_workers)
+    datasets = {**{TrainPlan.train_shard(rank): shard for rank, shard in enumerate(shards)},
+                **{TrainPlan.eval_shard(rank): shard for rank, shard in enumerate(eval_shards)}}
+    return datasets, counts
 
 
 STARTUP_PHASES = ("imports_s", "model_load_s", "deepspeed_init_s", "teacher_load_s", "resume_s", "trackers_s",
@@ -270,8 +317,11 @@ def _mean_logprobs(batch: dict) -> dict:
             "score": np.asarray(means, dtype=np.float32)}
 
 
-def train_student(cfg: Config, inputs: Inputs, log=print, round: int = 1) -> dict:
-    """Train on round `round`'s pairs, evaluate before/after, export the student; writes train_report.json."""
+def train_student(cfg: Config, inputs: Inputs, log=print, round: int = 1, stream=None) -> dict:
+    """Train on round `round`'s pairs, evaluate before/after, export the student; writes train_report.json.
+
+    `stream` (train.stream): the student engines' pairs (generate.student.PairStream), trained on as they
+    are made instead of pairs/ on disk."""
     from transformers import AutoTokenizer
 
     layout = cfg.layout()
@@ -281,14 +331,16 @@ def train_student(cfg: Config, inputs: Inputs, log=print, round: int = 1) -> dic
         log(f"[train] round {round} already complete: {export_uri} and {report_uri}")
         return done
     student_path = inputs.student_for_round(cfg, round)
-    if cfg.train.pairs is not None:
+    if stream is not None:
+        pairs_ds = None
+    elif cfg.train.pairs is not None:
         pairs_ds = parquet.read_dataset(cfg.train.pairs, file_extensions=["parquet"]).map_batches(
             pairs.with_training_columns, fn_kwargs={"heldout_fraction": cfg.data.heldout_fraction}, batch_format="pandas")
     else:
         pairs_ds = parquet.read(layout.pairs(round))
-    if pairs_ds is None:
+    if pairs_ds is None and stream is None:
         raise DataError(f"pairs {layout.pairs(round)}: missing or incomplete; run jobs.generate_pairs first")
-    if cfg.train.scorer == TEACHER or cfg.train.loss.type in TOPK_LOSS_TYPES:
+    if stream is None and (cfg.train.scorer == TEACHER or cfg.train.loss.type in TOPK_LOSS_TYPES):
         scores_uri = cfg.train.teacher_scores or layout.scores(round)
         made = storage.manifest(cfg.train.pairs or layout.pairs(round))
         rows = made["rows"] if made is not None else pairs_ds.count()  # given pairs need not be an engine output
@@ -307,7 +359,7 @@ def train_student(cfg: Config, inputs: Inputs, log=print, round: int = 1) -> dic
                              cfg.to_safe_dict(), round_dir=storage.absolute(layout.round_dir(round)))
     result = run_training(pairs_ds, student_path, cfg.train, cfg.cluster, layout.round_dir(round), export_uri, pad_id,
                           student.chat_template, student.trust_remote_code, student.allow_pickle_weights,
-                          inputs.teacher_path, stops, tracking)
+                          inputs.teacher_path, stops, tracking, stream=stream)
     result["train_seconds"] = time.perf_counter() - start
     result["round"] = round
     storage.write_json(report_uri, result)

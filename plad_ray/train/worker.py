@@ -29,6 +29,7 @@ from plad_ray.train.ds_config import deepspeed_config, lr_factor
 from plad_ray.train.export import export_hf
 from plad_ray.train.feed import check_packing, forward, optimizer_steps, term_counts
 from plad_ray.train.heldout import check_guard, evaluate, load_batches
+from plad_ray.train.stream_feed import StreamFeed, any_rank
 
 
 @dataclass
@@ -46,6 +47,12 @@ class TrainPlan:
     teacher_path: str | None = None  # token_kd only: the teacher, frozen, for its token distributions
     checkpoint_root: str = ""  # where Ray Train persists this run's checkpoints (<output_dir>/train)
     trace_pairs_dir: str | None = None  # test hook ($PLAD_RAY_TRACE_PAIRS): each rank logs the pair keys of every step
+    # train.stream: the ranks read the pair stream (`STREAM`, plad_ray.train.stream_feed) instead of fixed shards;
+    # steps_per_epoch is then planned from the pairs expected (the stream may end sooner)
+    stream: bool = False
+    trained_statuses: tuple[str, ...] = ("ok",)  # pair statuses the objective trains on (driver.prepare_pairs)
+
+    STREAM = "stream"  # the Ray Train dataset of train.stream, split across the ranks by Ray Train
 
     @staticmethod
     def train_shard(rank: int) -> str:
@@ -79,7 +86,14 @@ def train_loop_per_worker(config: dict) -> dict | None:
     clock.lap("resume_s")
     metrics = _open_trackers(plan, progress, rank)
     clock.lap("trackers_s")
-    eval_batches = load_batches(ray.train.get_dataset_shard(TrainPlan.eval_shard(rank)), plan)
+    feed = None
+    if plan.stream:  # held-out pairs come first in the stream: this waits for them
+        feed = StreamFeed(ray.train.get_dataset_shard(TrainPlan.STREAM), plan.trained_statuses,
+                          scorer=plan.train.scorer is not None,
+                          read_rows=plan.train.micro_batch_size * plan.train.gradient_accumulation_steps)
+        eval_batches = feed.heldout(plan.train.micro_batch_size, plan.pad_id)
+    else:
+        eval_batches = load_batches(ray.train.get_dataset_shard(TrainPlan.eval_shard(rank)), plan)
     clock.lap("eval_data_s")
     if progress.eval_initial is None:
         progress.eval_initial = evaluate(engine, eval_batches, plan, teacher)
@@ -88,8 +102,9 @@ def train_loop_per_worker(config: dict) -> dict | None:
     clock.lap("eval_s")
     if plan.train.guard.action == "stop" and progress.last_checkpoint is None:
         save(engine, progress, rank)  # the last good state, should the very first evaluation trip the guard
-    shard = ray.train.get_dataset_shard(TrainPlan.train_shard(rank))
-    _train(engine, shard, plan, progress, rank, metrics, teacher, eval_batches)
+    shard = feed if feed is not None else ray.train.get_dataset_shard(TrainPlan.train_shard(rank))
+    trained_rows = _train(engine, shard, plan, progress, rank, metrics, teacher, eval_batches)
+    stream_counts = feed.finish(trained_rows) if feed is not None else None
     clock.lap("loop_s")
     eval_trained = evaluate(engine, eval_batches, plan, teacher)
     if check_guard(engine, plan, progress, eval_trained, log) and plan.train.guard.action == "stop":
@@ -105,7 +120,8 @@ def train_loop_per_worker(config: dict) -> dict | None:
                 "eval_trained": eval_trained, "evals": progress.evals, "guard": progress.guard,
                 "checkpoint_s": progress.checkpoint_s, "tracker_runs": tracker_runs,
                 "worker_timings": clock.laps, "worker_started_at": clock.started_at,
-                "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+                "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                **({"stream_counts": stream_counts} if stream_counts is not None else {})}
     return None
 
 
@@ -203,8 +219,25 @@ def _load_teacher(plan: TrainPlan, device):
     return teacher.to(device).eval()
 
 
+def _joined(steps, spare: list[dict], accumulation: int):
+    """train.stream: (step, spare) while any rank has a step. The ranks' splits of the stream may hold
+    different numbers of pairs; a rank out of them runs its last step's micro-batches again (`spare`, and
+    the held-out ones before any) with zero weight, so every rank makes the same DeepSpeed steps while the
+    others' gradients are exactly theirs (stream_feed.any_rank)."""
+    last = None
+    for step in steps:
+        any_rank(True)
+        last = step
+        yield step, False
+    while any_rank(False):
+        if last is None and not spare:
+            raise RuntimeError("train.stream: this rank got no pairs from the stream; use fewer train.num_workers")
+        yield last or spare[:1] * accumulation, True
+
+
 def _train(engine, shard, plan: TrainPlan, progress: Progress, rank: int, metrics: Tracker, teacher,
-           eval_batches) -> None:
+           eval_batches) -> int:
+    """The training loop; the rows (pairs; listwise: prompts) this rank trained on."""
     train = plan.train
     window = _Window()
     stop_mode = train.guard.action == "stop" and train.guard.max_logp_drop is not None
@@ -212,14 +245,19 @@ def _train(engine, shard, plan: TrainPlan, progress: Progress, rank: int, metric
     world = torch.distributed.get_world_size() if distributed else 1
     log = partial(_log, rank)
     packing_checked = False
+    trained_rows = 0
     while progress.step < plan.total_steps:
         epoch = progress.step // plan.steps_per_epoch
         done_in_epoch = progress.step - epoch * plan.steps_per_epoch
         engine.train()
-        for index, step_batches in enumerate(optimizer_steps(shard, train, plan.pad_id, epoch)):
+        steps = optimizer_steps(shard, train, plan.pad_id, epoch)
+        steps = _joined(steps, eval_batches, train.gradient_accumulation_steps) if plan.stream else (
+            (step, False) for step in steps)
+        for index, (step_batches, spare) in enumerate(steps):
             if index < done_in_epoch:
                 continue  # consumed before the checkpoint this run resumed from
-            counts = [term_counts(batch, train) for batch in step_batches]  # (ranking terms, chosen tokens) each
+            # (ranking terms, chosen tokens) of each micro-batch; a spare step's weigh nothing
+            counts = [(0.0, 0.0) if spare else term_counts(batch, train) for batch in step_batches]
             step_totals_2 = torch.tensor(counts, dtype=torch.float64).sum(0)
             if distributed:
                 torch.distributed.all_reduce(step_totals_2)  # over every rank's micro-batches of the step
@@ -233,11 +271,14 @@ def _train(engine, shard, plan: TrainPlan, progress: Progress, rank: int, metric
                 stats = forward(engine, batch, train, teacher, scales)
                 engine.backward(stats["loss"])
                 engine.step()
-                window.add({k: v.detach() for k, v in stats.items()}, batch)
+                if not spare:
+                    window.add({k: v.detach() for k, v in stats.items()}, batch)
             progress.step += 1
-            if plan.trace_pairs_dir:
-                _trace(plan.trace_pairs_dir, rank, progress.step, epoch, step_batches)
-            if progress.step % train.log_every_steps == 0 or progress.step == plan.total_steps:
+            if not spare:  # a spare step trained none of its pairs; it still joins the collectives below
+                trained_rows += sum(len(batch["keys"]) for batch in step_batches)
+                if plan.trace_pairs_dir:
+                    _trace(plan.trace_pairs_dir, rank, progress.step, epoch, step_batches)
+            if window.count and (progress.step % train.log_every_steps == 0 or progress.step == plan.total_steps):
                 entry = window.flush(progress.step, epoch, engine.get_lr()[0])
                 progress.curve.append(entry)
                 metrics.log(progress.step, entry)
@@ -246,8 +287,9 @@ def _train(engine, shard, plan: TrainPlan, progress: Progress, rank: int, metric
             end_of_epoch = progress.step % plan.steps_per_epoch == 0
             before_end = progress.step < plan.total_steps
             checkpoint_every = train.checkpoint_every_steps
-            checkpoint = before_end and ((checkpoint_every and progress.step % checkpoint_every == 0)
-                                         or (not checkpoint_every and end_of_epoch))
+            # a streamed epoch is not checkpointed (its order is the engines'; README "Streaming")
+            checkpoint = before_end and not plan.stream and (
+                (checkpoint_every and progress.step % checkpoint_every == 0) or (not checkpoint_every and end_of_epoch))
             # In stop mode every checkpoint follows an evaluation that passed, and every evaluation that
             # passes is checkpointed: the newest checkpoint is always the last good one.
             if before_end and ((train.eval_every_steps and progress.step % train.eval_every_steps == 0)
@@ -262,8 +304,16 @@ def _train(engine, shard, plan: TrainPlan, progress: Progress, rank: int, metric
             if checkpoint:  # stop mode waits for each upload: the guard may restore the newest at once
                 metrics.sync()
                 save(engine, progress, rank, upload="sync" if stop_mode else train.checkpoint_upload)
-            if end_of_epoch or progress.step >= plan.total_steps:
+            if not plan.stream and (end_of_epoch or progress.step >= plan.total_steps):
                 break
+        if plan.stream:  # the stream ended (at most the planned steps): one epoch, whatever its length
+            if window.count:
+                entry = window.flush(progress.step, epoch, engine.get_lr()[0])
+                progress.curve.append(entry)
+                metrics.log(progress.step, entry)
+                log(f"[train] step {progress.step} (the stream's last) epoch {epoch} {_fmt(entry)}")
+            break
+    return trained_rows
 
 
 class _Window:

@@ -1,0 +1,149 @@
+"""A rank's share of the pair stream (train.stream): held-out pairs first, then the pairs it trains on.
+
+With train.stream the student engines' pairs reach the ranks as they are made (plad_ray.train.driver,
+`stream_dataset`): one Ray Data stream, split across the ranks by Ray Train, in the stream's order, with
+the held-out prompts' pairs first. Each rank reads its share once:
+
+    stream --held-out rows (until the first training row)--> held-out batches (scored before training)
+           --training rows--> the rows `micro_batches` cuts into steps, like a fixed shard's
+
+Rows the objective does not train on (too long, identical without an NLL part, dropped by the scorer)
+are counted, as the sequential driver counts them (`driver.prepare_pairs`), and left out. Ranks may get
+different numbers of training rows: while any rank has a step, `any_rank` keeps the others stepping with
+zero-weight spare steps (plad_ray.train.worker), and `finish` sums the counts over the ranks.
+"""
+
+from collections import Counter
+
+import numpy as np
+import torch
+
+from plad_ray.train.batching import collate_pairs
+
+HELDOUT_STATUSES = ("ok", "identical")
+COUNTED_STATUSES = ("identical", "too_long", "student_better")
+
+
+def classify(batch: dict, trained: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """(held-out mask, training mask) of a tokenized batch; a row in neither is not used."""
+    status, heldout = batch["status"], np.asarray(batch["heldout"], dtype=bool)
+    return heldout & np.isin(status, HELDOUT_STATUSES), ~heldout & np.isin(status, trained)
+
+
+def count_rows(batch: dict, trained: tuple[str, ...], scorer: bool) -> Counter:
+    """The counts `driver.prepare_pairs` reports, for one tokenized batch."""
+    heldout_rows, train_rows = classify(batch, trained)
+    status = batch["status"]
+    counts = Counter(pairs=len(status), train=int(train_rows.sum()), heldout=int(heldout_rows.sum()),
+                     heldout_ranked=int((heldout_rows & (status == "ok")).sum()))
+    for name in COUNTED_STATUSES:
+        counts[f"dropped_{name}"] = 0 if name == "identical" and "identical" in trained else int((status == name).sum())
+    if scorer:
+        verdicts = batch["verdict"]
+        counts.update(teacher_wins=int((verdicts == "teacher").sum()), ties=int((verdicts == "tie").sum()),
+                      student_wins=int((verdicts == "student").sum()))
+    return counts
+
+
+def take(batch: dict, mask: np.ndarray) -> dict:
+    return {k: v[mask] for k, v in batch.items()}
+
+
+def concat(batches: list[dict]) -> dict:
+    return {k: np.concatenate([b[k] for b in batches]) for k in batches[0]} if batches else {}
+
+
+def rows_of(batch: dict) -> int:
+    return len(next(iter(batch.values()))) if batch else 0
+
+
+class StreamFeed:
+    """One rank's pass over its split of the stream (a Ray Train DataIterator of tokenized pair rows)."""
+
+    def __init__(self, shard, trained: tuple[str, ...], scorer: bool = False, read_rows: int = 16):
+        # read a step's rows at a time: the ranks take blocks from the stream at the pace they train
+        self.batches = iter(shard.iter_batches(batch_size=read_rows, batch_format="numpy"))
+        self.trained, self.scorer = trained, scorer
+        self.counts = Counter()
+        self.first_training: dict = {}  # training rows of the batch that ended the held-out part
+        self.read_heldout = False
+
+    def _next(self) -> dict | None:
+        batch = next(self.batches, None)
+        if batch is not None:
+            self.counts.update(count_rows(batch, self.trained, self.scorer))
+        return batch
+
+    def heldout(self, micro_batch_size: int, pad_id: int) -> list[dict]:
+        """This rank's held-out pairs, collated: every row before the first training row (the stream puts
+        the held-out prompts first)."""
+        rows = []
+        while True:
+            batch = self._next()
+            if batch is None:
+                break
+            heldout_rows, train_rows = classify(batch, self.trained)
+            rows.append(take(batch, heldout_rows))
+            if train_rows.any():
+                self.first_training = take(batch, train_rows)
+                if heldout_rows[np.argmax(train_rows):].any():
+                    raise RuntimeError("train.stream: a held-out pair came after a training pair; the stream "
+                                       "lost its order (Ray Data's preserve_order)")
+                break
+        self.read_heldout = True
+        held = concat([r for r in rows if rows_of(r)])
+        n = rows_of(held)
+        return [collate_pairs({k: v[i:i + micro_batch_size] for k, v in held.items()}, pad_id)
+                for i in range(0, n, micro_batch_size)]
+
+    def _training_rows(self):
+        if rows_of(self.first_training):
+            yield self.first_training
+            self.first_training = {}
+        while (batch := self._next()) is not None:
+            heldout_rows, train_rows = classify(batch, self.trained)
+            if heldout_rows.any():
+                raise RuntimeError("train.stream: a held-out pair came after a training pair; the stream lost "
+                                   "its order (Ray Data's preserve_order)")
+            yield take(batch, train_rows)
+
+    def iter_batches(self, batch_size: int, batch_format: str = "numpy"):
+        """The training rows in batches of `batch_size` (the last may be short), like a Ray Data shard's."""
+        assert self.read_heldout and batch_format == "numpy"
+        held: list[dict] = []
+        size = 0
+        for rows in self._training_rows():
+            while rows_of(rows):
+                cut = batch_size - size
+                held.append({k: v[:cut] for k, v in rows.items()})
+                size += rows_of(held[-1])
+                rows = {k: v[cut:] for k, v in rows.items()}
+                if size == batch_size:
+                    yield concat(held)
+                    held, size = [], 0
+        if size:
+            yield concat(held)
+
+    def finish(self, trained_rows: int) -> dict:
+        """Read the rest of this rank's split (the stream writes every pair before a rank reads it, so this
+        only empties the split), then the counts summed over the ranks (every rank calls it), with
+        `trained` (rows trained on) and `untrained_uneven` (training rows left when a rank ran out of steps)."""
+        for _ in iter(self._next, None):
+            pass
+        self.counts["trained"] = trained_rows
+        keys = sorted(self.counts)
+        totals = torch.tensor([self.counts[k] for k in keys], dtype=torch.float64)
+        if torch.distributed.is_initialized():
+            torch.distributed.all_reduce(totals)
+        counts = {k: int(v) for k, v in zip(keys, totals.tolist())}
+        counts["untrained_uneven"] = counts["train"] - counts["trained"]
+        return counts
+
+def any_rank(has_step: bool) -> bool:
+    """Whether any rank has another optimizer step (ranks of a stream may hold different numbers of pairs;
+    DeepSpeed's collectives need the same steps on all of them). Every rank calls it once per step."""
+    if not torch.distributed.is_initialized():
+        return has_step
+    flag = torch.tensor([1.0 if has_step else 0.0])
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    return bool(flag.item())

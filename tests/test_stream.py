@@ -1,0 +1,109 @@
+"""train.stream's pieces that need no cluster: a rank's reading of its split (held-out first, then training
+rows cut into steps), the counts, the refusals, the resource plan and the write-as-it-passes stage.
+The stream itself, with vLLM, Ray Train and DeepSpeed, is tests/test_fault_tolerance.py's streaming test."""
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from plad_ray import pairs
+from plad_ray.cluster import check_resources
+from plad_ray.config import Config, StudentEngineConfig, TeacherEngineConfig, TrainConfig, load_config
+from plad_ray.data import parquet
+from plad_ray.errors import ConfigError
+from plad_ray.train.stream_feed import StreamFeed, count_rows
+
+from test_config import MINIMAL, write
+
+
+def rows(ids, heldout, status=None):
+    n = len(ids)
+    return {"id": np.asarray([f"p{i}" for i in ids]), "sample_index": np.zeros(n, dtype=np.int32),
+            "heldout": np.asarray(heldout, dtype=bool),
+            "status": np.asarray(status or ["ok"] * n),
+            "verdict": np.asarray([""] * n),
+            "prompt_ids": np.asarray([np.asarray([1, 2], dtype=np.int32)] * n + [None], dtype=object)[:n],
+            "chosen_ids": np.asarray([np.asarray([3, 4, 5], dtype=np.int32)] * n + [None], dtype=object)[:n],
+            "rejected_ids": np.asarray([np.asarray([6], dtype=np.int32)] * n + [None], dtype=object)[:n]}
+
+
+class Split:
+    """A rank's split as a list of numpy batches (what Ray Train's DataIterator.iter_batches yields)."""
+
+    def __init__(self, batches):
+        self.batches = batches
+
+    def iter_batches(self, batch_size, batch_format):
+        assert batch_format == "numpy"
+        return iter(self.batches)
+
+
+def test_a_rank_reads_its_heldout_pairs_then_its_training_pairs_in_steps():
+    split = Split([rows([0, 1, 2], [True] * 3),
+                   rows([3, 4, 5, 6], [True, False, False, False], ["ok", "ok", "too_long", "identical"]),
+                   rows(range(7, 17), [False] * 10)])
+    feed = StreamFeed(split, trained=("ok",))
+    heldout = feed.heldout(micro_batch_size=2, pad_id=0)
+    assert [b["input_ids"].shape[0] // 2 for b in heldout] == [2, 2]  # p0..p3, collated two pairs a batch
+    batches = list(feed.iter_batches(batch_size=4))
+    ids = [list(b["id"]) for b in batches]
+    # p5 (too long) and p6 (identical, no NLL part) are not trained; the rest in the stream's order
+    assert ids == [["p4", "p7", "p8", "p9"], ["p10", "p11", "p12", "p13"], ["p14", "p15", "p16"]]
+    counts = feed.finish(trained_rows=8)
+    assert counts == {"pairs": 17, "train": 11, "heldout": 4, "heldout_ranked": 4, "dropped_identical": 1,
+                      "dropped_too_long": 1, "dropped_student_better": 0, "trained": 8, "untrained_uneven": 3}
+
+
+def test_a_heldout_pair_after_a_training_pair_stops_the_rank():
+    feed = StreamFeed(Split([rows([0], [True]), rows([1, 2], [False, False]), rows([3], [True])]), trained=("ok",))
+    feed.heldout(micro_batch_size=2, pad_id=0)
+    with pytest.raises(RuntimeError, match="a held-out pair came after a training pair"):
+        list(feed.iter_batches(batch_size=2))
+    with pytest.raises(RuntimeError, match="a held-out pair came after a training pair"):
+        StreamFeed(Split([rows([0, 1, 2], [False, True, False])]), trained=("ok",)).heldout(2, 0)
+
+
+def test_identical_pairs_train_and_count_with_an_nll_part():
+    counts = count_rows(rows([0, 1], [False, False], ["ok", "identical"]), trained=("ok", "identical"), scorer=False)
+    assert counts["train"] == 2 and counts["dropped_identical"] == 0
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.num_epochs=2", "trains one epoch, on the stream"),
+    ("train.loss.type=listwise", "listwise groups need every sample of a prompt in one row"),
+    ("train.max_failures=1", "a restarted worker group would read the stream again"),
+    ("train.guard.action=stop", "a streamed epoch takes none"),
+    ("train.pairs=given", "there is nothing to generate"),
+])
+def test_what_a_stream_cannot_do_is_refused_with_its_key(tmp_path, override, message):
+    with pytest.raises(ConfigError) as error:
+        load_config(write(tmp_path, MINIMAL), ["train.stream=true", override])
+    assert str(error.value).startswith("config key train.stream: ") and message in str(error.value)
+    # the same without the stream is fine (given pairs are checked when the run starts)
+    load_config(write(tmp_path, MINIMAL), ["student.num_samples=2", "train.stream=false", override])
+
+
+def test_engines_and_trainer_must_fit_at_once():
+    cfg = Config(output_dir="o", teacher=TeacherEngineConfig(model="t"), student=StudentEngineConfig(model="s"),
+                 train=TrainConfig(num_workers=2, stream=True))
+    # 1 engine + 2 workers + 1 for Ray Data's tasks + 2 x 0.5 for the tokenizers = 5
+    with pytest.raises(ConfigError, match=r"config key train.stream: .* need 5 CPUs \(the cluster has 4 CPUs"):
+        check_resources(cfg, {"CPU": 4.0})
+    check_resources(cfg, {"CPU": 5.0})
+    cfg.train.stream = False
+    check_resources(cfg, {"CPU": 4.0})  # one after the other: each fits on its own
+
+
+def test_the_stream_writes_each_block_once_under_a_name_of_its_own(tmp_path):
+    uri = str(tmp_path / "pairs")
+    table = pa.table({"id": ["a", "b"], "sample_index": [0, 1]})
+    write_block = parquet.WritePending(uri, pa.schema([("id", pa.string()), ("sample_index", pa.int32())]),
+                                       ["id", "sample_index"])
+    assert write_block(table).num_rows == 2
+    write_block(table)  # Ray Data computing the block again overwrites its file
+    write_block(pa.table({"id": ["c"], "sample_index": [0]}))
+    files = sorted((tmp_path / "pairs.partial").glob("*.parquet"))
+    assert len(files) == 2 and not list((tmp_path / "pairs.partial").glob(".*"))
+    assert sorted(r for f in files for r in pq.read_table(f).column("id").to_pylist()) == ["a", "b", "c"]
+    assert sorted(parquet.written_files(uri)) == [str(f) for f in files]  # what a resume and a commit see
