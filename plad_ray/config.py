@@ -243,7 +243,8 @@ class TrainConfig:
     num_epochs: int = 1  # passes over the training pairs
     # train while the student engines make the pairs (README "Streaming"): their stream is the trainer's dataset,
     # the held-out prompts' pairs first; every pair is written to pairs/ before a rank reads it. Engines and
-    # trainer workers run at once, so both must fit the cluster together. One epoch; no checkpoint mid-stream
+    # trainer workers run at once, so both must fit the cluster together. No checkpoint mid-stream; epochs after
+    # the first read pairs/ from disk
     stream: bool = False
     max_steps: int | None = None  # stop after this many optimizer steps (fixed budgets across methods); None: no cap
     rounds: int = 1  # PLaD rounds: round r > 1 regenerates student samples with round r-1's student (teacher
@@ -277,7 +278,6 @@ class TrainConfig:
         off = f"or set {prefix}stream=false"
         yield f"{prefix}stream", self.pairs is None, f"streams the run's own student engines; with {prefix}pairs " \
             f"there is nothing to generate: set {prefix}stream=false"
-        yield f"{prefix}stream", self.num_epochs == 1, f"trains one epoch, on the stream: set {prefix}num_epochs=1 {off}"
         yield f"{prefix}stream", self.loss.type != "listwise", (
             f"listwise groups need every sample of a prompt in one row, which a stream does not have: {off}")
         yield f"{prefix}stream", self.scorer != TEACHER and self.loss.type not in TOPK_LOSS_TYPES, (

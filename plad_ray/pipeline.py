@@ -56,6 +56,8 @@ def distill(cfg: Config, overwrite: bool = False, check_only: bool = False, log=
                 start = time.perf_counter()
                 trained = train_student(cfg, inputs, log, round=r, stream=stream)
                 generated = commit_pairs(cfg, r, start, log)
+                if cfg.train.num_epochs > 1:  # the other epochs read the committed pairs, from its checkpoint
+                    trained = train_student(cfg, inputs, log, round=r)
                 if r == 1:  # the engines and the trainer are done with the resources it needs
                     initial = start_initial(cfg, inputs.student_path, pool)
             if r == 1:

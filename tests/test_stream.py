@@ -70,7 +70,6 @@ def test_identical_pairs_train_and_count_with_an_nll_part():
 
 
 @pytest.mark.parametrize("override, message", [
-    ("train.num_epochs=2", "trains one epoch, on the stream"),
     ("train.loss.type=listwise", "listwise groups need every sample of a prompt in one row"),
     ("train.max_failures=1", "a restarted worker group would read the stream again"),
     ("train.guard.action=stop", "a streamed epoch takes none"),
@@ -107,3 +106,18 @@ def test_the_stream_writes_each_block_once_under_a_name_of_its_own(tmp_path):
     assert len(files) == 2 and not list((tmp_path / "pairs.partial").glob(".*"))
     assert sorted(r for f in files for r in pq.read_table(f).column("id").to_pylist()) == ["a", "b", "c"]
     assert sorted(parquet.written_files(uri)) == [str(f) for f in files]  # what a resume and a commit see
+
+
+def test_a_rerun_of_a_stopped_stream_completes_the_pairs_on_disk_instead(tmp_path):
+    """A streamed epoch takes no checkpoints: once pairs/ holds any pair (a run stopped mid-stream), the round
+    is not streamed again; the pipeline generates the missing pairs and trains from disk (generate_pairs)."""
+    from plad_ray.checks import Inputs
+    from plad_ray.generate.student import pair_stream
+
+    cfg = load_config(write(tmp_path, MINIMAL), [f"output_dir={tmp_path / 'run'}", "train.stream=true"])
+    pending = tmp_path / "run" / "pairs.partial"
+    pending.mkdir(parents=True)
+    pq.write_table(pa.table({"id": ["p0"], "sample_index": [0]}), pending / "stream-0.parquet")
+    lines = []
+    assert pair_stream(cfg, Inputs(student_path="s"), log=lines.append) is None
+    assert len(lines) == 1 and "train.stream does not stream this round again" in lines[0]

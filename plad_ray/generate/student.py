@@ -108,7 +108,13 @@ def pair_stream(cfg: Config, inputs: Inputs, log=print, round: int = 1) -> PairS
     what the stream wrote."""
     layout = cfg.layout()
     uri = layout.pairs(round)
-    if storage.manifest(uri) is not None or parquet.written_files(uri, log=lambda _: None):
+    if storage.manifest(uri) is not None:
+        return None  # committed: generate_pairs says whether any are missing
+    written = parquet.written_files(uri, log=lambda _: None)
+    if written:
+        log(f"[generate] round {round}: {uri} already holds pairs ({len(written)} files) from an earlier run; "
+            "train.stream does not stream this round again: the missing pairs are generated first, then "
+            "training reads them from disk")
         return None
     teacher = parquet.read(layout.teacher())
     if teacher is None:

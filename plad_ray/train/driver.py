@@ -132,11 +132,13 @@ def run_training(pairs_ds, model_path: str, train: TrainConfig, cluster: Cluster
                  export_uri: str, pad_id: int, chat_template: bool = False, trust_remote_code: bool = False,
                  allow_pickle: bool = False, teacher_path: str | None = None,
                  stops: tuple[str | None, str | None] = (None, None), tracking: Tracking | None = None,
-                 stream=None) -> dict:
+                 stream=None, first_epoch_steps: int | None = None) -> dict:
     """Train, evaluate and export; returns the run's figures (also written by the caller).
 
     With `stream` (train.stream: a generate.student.PairStream), the ranks read the student engines' pairs
-    as they are made (train.stream_feed) instead of `pairs_ds`."""
+    as they are made (train.stream_feed) instead of `pairs_ds`; with more than one epoch it ends with a
+    checkpoint, and the next call, with `first_epoch_steps` (the streamed epoch's steps), trains the other
+    epochs on the pairs on disk from it, and exports."""
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -169,11 +171,13 @@ def run_training(pairs_ds, model_path: str, train: TrainConfig, cluster: Cluster
                      teacher_path=teacher_path,
                      checkpoint_root=OutputLayout(storage.absolute(output_dir)).train_state(),
                      trace_pairs_dir=os.environ.get("PLAD_RAY_TRACE_PAIRS"), stream=stream is not None,
-                     trained_statuses=trained_statuses(train))
+                     trained_statuses=trained_statuses(train), first_epoch_steps=first_epoch_steps,
+                     export=stream is None or train.num_epochs == 1)
     if counts is None:
         print(f"[train] streaming: up to {stream.train_pairs} training pairs as the student engines make them, "
               f"{stream.heldout_pairs} held out (they come first); {train.num_workers} worker(s), up to {plan.total_steps} "
-              f"optimizer steps, ZeRO-{train.zero_stage} {train.precision}; no checkpoint in the streamed epoch",
+              f"optimizer steps, ZeRO-{train.zero_stage} {train.precision}; no checkpoint in the streamed epoch"
+              + ("" if plan.export else f", one at its end (epochs 2-{train.num_epochs} read the pairs from disk)"),
               flush=True)
     else:
         if train.scorer:
@@ -330,6 +334,11 @@ def train_student(cfg: Config, inputs: Inputs, log=print, round: int = 1, stream
     if done is not None and storage.manifest(export_uri) is not None:
         log(f"[train] round {round} already complete: {export_uri} and {report_uri}")
         return done
+    # a streamed first epoch's report (train.stream, num_epochs > 1): the other epochs resume from its checkpoint
+    streamed = done.get("streamed_epoch_steps") if done is not None and stream is None else None
+    if streamed:
+        log(f"[train] round {round}: the streamed first epoch took {streamed} steps; epochs 2-{cfg.train.num_epochs} "
+            "resume from its checkpoint and read the pairs from disk")
     student_path = inputs.student_for_round(cfg, round)
     if stream is not None:
         pairs_ds = None
@@ -359,8 +368,13 @@ def train_student(cfg: Config, inputs: Inputs, log=print, round: int = 1, stream
                              cfg.to_safe_dict(), round_dir=storage.absolute(layout.round_dir(round)))
     result = run_training(pairs_ds, student_path, cfg.train, cfg.cluster, layout.round_dir(round), export_uri, pad_id,
                           student.chat_template, student.trust_remote_code, student.allow_pickle_weights,
-                          inputs.teacher_path, stops, tracking, stream=stream)
+                          inputs.teacher_path, stops, tracking, stream=stream, first_epoch_steps=streamed)
     result["train_seconds"] = time.perf_counter() - start
+    if stream is not None and cfg.train.num_epochs > 1:
+        result["streamed_epoch_steps"] = result["steps"]
+    elif streamed:
+        result["streamed_epoch_steps"] = streamed
+        result["train_seconds"] += done["train_seconds"]
     result["round"] = round
     storage.write_json(report_uri, result)
     log(f"[train] round {round} report -> {report_uri}")

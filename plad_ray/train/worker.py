@@ -51,6 +51,9 @@ class TrainPlan:
     # steps_per_epoch is then planned from the pairs expected (the stream may end sooner)
     stream: bool = False
     trained_statuses: tuple[str, ...] = ("ok",)  # pair statuses the objective trains on (driver.prepare_pairs)
+    # the epochs after a streamed one: its steps (the first epoch's length; steps_per_epoch is the others')
+    first_epoch_steps: int | None = None
+    export: bool = True  # False: a streamed first epoch of several ends with a checkpoint, not an export
 
     STREAM = "stream"  # the Ray Train dataset of train.stream, split across the ranks by Ray Train
 
@@ -66,8 +69,20 @@ class TrainPlan:
 
     @property
     def total_steps(self) -> int:
-        steps = self.steps_per_epoch * self.train.num_epochs
+        if self.first_epoch_steps is None:
+            steps = self.steps_per_epoch * self.train.num_epochs
+        else:
+            steps = self.first_epoch_steps + self.steps_per_epoch * (self.train.num_epochs - 1)
         return steps if self.train.max_steps is None else min(steps, self.train.max_steps)
+
+    def position(self, step: int) -> tuple[int, int]:
+        """(epoch, steps done in it) after `step` optimizer steps."""
+        if self.first_epoch_steps is None:
+            return step // self.steps_per_epoch, step % self.steps_per_epoch
+        if step < self.first_epoch_steps:
+            return 0, step
+        after = step - self.first_epoch_steps
+        return 1 + after // self.steps_per_epoch, after % self.steps_per_epoch
 
 
 def train_loop_per_worker(config: dict) -> dict | None:
@@ -106,6 +121,11 @@ def train_loop_per_worker(config: dict) -> dict | None:
     trained_rows = _train(engine, shard, plan, progress, rank, metrics, teacher, eval_batches)
     stream_counts = feed.finish(trained_rows) if feed is not None else None
     clock.lap("loop_s")
+    if not plan.export:  # a streamed first epoch of several: the next ones resume from here, reading pairs/
+        save(engine, progress, rank, upload="sync")
+        tracker_runs = metrics.close()
+        clock.lap("export_s")
+        return _figures(plan, progress, None, tracker_runs, clock, stream_counts) if rank == 0 else None
     eval_trained = evaluate(engine, eval_batches, plan, teacher)
     if check_guard(engine, plan, progress, eval_trained, log) and plan.train.guard.action == "stop":
         eval_trained = evaluate(engine, eval_batches, plan, teacher)  # of the restored checkpoint
@@ -115,14 +135,18 @@ def train_loop_per_worker(config: dict) -> dict | None:
     clock.lap("eval_s")
     export_hf(engine, plan, rank)
     clock.lap("export_s")
-    if rank == 0:
-        return {"steps": progress.step, "curve": progress.curve, "eval_initial": progress.eval_initial,
-                "eval_trained": eval_trained, "evals": progress.evals, "guard": progress.guard,
-                "checkpoint_s": progress.checkpoint_s, "tracker_runs": tracker_runs,
-                "worker_timings": clock.laps, "worker_started_at": clock.started_at,
-                "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                **({"stream_counts": stream_counts} if stream_counts is not None else {})}
-    return None
+    return _figures(plan, progress, eval_trained, tracker_runs, clock, stream_counts) if rank == 0 else None
+
+
+def _figures(plan: TrainPlan, progress: Progress, eval_trained: dict | None, tracker_runs: dict, clock: "_Clock",
+             stream_counts: dict | None) -> dict:
+    """Rank 0's report of the run."""
+    return {"steps": progress.step, "curve": progress.curve, "eval_initial": progress.eval_initial,
+            "eval_trained": eval_trained, "evals": progress.evals, "guard": progress.guard,
+            "checkpoint_s": progress.checkpoint_s, "tracker_runs": tracker_runs,
+            "worker_timings": clock.laps, "worker_started_at": clock.started_at,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            **({"stream_counts": stream_counts} if stream_counts is not None else {})}
 
 
 def _open_trackers(plan: TrainPlan, progress: Progress, rank: int) -> Tracker:
@@ -247,8 +271,7 @@ def _train(engine, shard, plan: TrainPlan, progress: Progress, rank: int, metric
     packing_checked = False
     trained_rows = 0
     while progress.step < plan.total_steps:
-        epoch = progress.step // plan.steps_per_epoch
-        done_in_epoch = progress.step - epoch * plan.steps_per_epoch
+        epoch, done_in_epoch = plan.position(progress.step)
         engine.train()
         steps = optimizer_steps(shard, train, plan.pad_id, epoch)
         steps = _joined(steps, eval_batches, train.gradient_accumulation_steps) if plan.stream else (
@@ -284,7 +307,7 @@ def _train(engine, shard, plan: TrainPlan, progress: Progress, rank: int, metric
                 metrics.log(progress.step, entry)
                 done = progress.step / plan.total_steps
                 log(f"[train] step {progress.step}/{plan.total_steps} ({done:.0%}) epoch {epoch} {_fmt(entry)}")
-            end_of_epoch = progress.step % plan.steps_per_epoch == 0
+            end_of_epoch = plan.position(progress.step)[1] == 0
             before_end = progress.step < plan.total_steps
             checkpoint_every = train.checkpoint_every_steps
             # a streamed epoch is not checkpointed (its order is the engines'; README "Streaming")
