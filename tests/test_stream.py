@@ -121,3 +121,14 @@ def test_a_rerun_of_a_stopped_stream_completes_the_pairs_on_disk_instead(tmp_pat
     lines = []
     assert pair_stream(cfg, Inputs(student_path="s"), log=lines.append) is None
     assert len(lines) == 1 and "train.stream does not stream this round again" in lines[0]
+
+
+def test_a_rank_out_of_pairs_makes_zero_weight_steps_while_another_rank_has_some(monkeypatch):
+    from plad_ray.train import worker
+
+    others = iter([True, True, True, False])  # what the other rank says: it has 3 steps more than this one's 1
+    monkeypatch.setattr(worker, "any_rank", lambda mine: mine or next(others))
+    assert list(worker._joined(iter(["s1"]))) == [("s1", False), ("s1", True), ("s1", True), ("s1", True)]
+    others = iter([True])
+    with pytest.raises(RuntimeError, match="a rank got no training pairs from the stream while another did"):
+        list(worker._joined(iter([])))

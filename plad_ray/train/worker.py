@@ -243,20 +243,21 @@ def _load_teacher(plan: TrainPlan, device):
     return teacher.to(device).eval()
 
 
-def _joined(steps, spare: list[dict], accumulation: int):
+def _joined(steps):
     """train.stream: (step, spare) while any rank has a step. The ranks' splits of the stream may hold
-    different numbers of pairs; a rank out of them runs its last step's micro-batches again (`spare`, and
-    the held-out ones before any) with zero weight, so every rank makes the same DeepSpeed steps while the
-    others' gradients are exactly theirs (stream_feed.any_rank)."""
+    different numbers of pairs; a rank out of them runs its last step's micro-batches again with zero weight
+    (their term counts are 0: `_train`), so every rank makes the same DeepSpeed steps while the others'
+    gradients are exactly theirs (stream_feed.any_rank)."""
     last = None
     for step in steps:
         any_rank(True)
         last = step
         yield step, False
     while any_rank(False):
-        if last is None and not spare:
-            raise RuntimeError("train.stream: this rank got no pairs from the stream; use fewer train.num_workers")
-        yield last or spare[:1] * accumulation, True
+        if last is None:
+            raise RuntimeError("train.stream: a rank got no training pairs from the stream while another did; "
+                               "lower train.num_workers or add prompts")
+        yield last, True
 
 
 def _train(engine, shard, plan: TrainPlan, progress: Progress, rank: int, metrics: Tracker, teacher,
@@ -274,7 +275,7 @@ def _train(engine, shard, plan: TrainPlan, progress: Progress, rank: int, metric
         epoch, done_in_epoch = plan.position(progress.step)
         engine.train()
         steps = optimizer_steps(shard, train, plan.pad_id, epoch)
-        steps = _joined(steps, eval_batches, train.gradient_accumulation_steps) if plan.stream else (
+        steps = _joined(steps) if plan.stream else (
             (step, False) for step in steps)
         for index, (step_batches, spare) in enumerate(steps):
             if index < done_in_epoch:
