@@ -92,6 +92,12 @@ def test_engines_and_trainer_must_fit_at_once():
     check_resources(cfg, {"CPU": 5.0})
     cfg.train.stream = False
     check_resources(cfg, {"CPU": 4.0})  # one after the other: each fits on its own
+    gpu = Config(output_dir="o", teacher=TeacherEngineConfig(model="t"), student=StudentEngineConfig(model="s", replicas=4),
+                 train=TrainConfig(num_workers=8, stream=True))
+    gpu.cluster.use_gpu = True
+    with pytest.raises(ConfigError, match=r"the student engines \(4 GPUs\) and 8 trainer workers run at once and need 12"):
+        check_resources(gpu, {"CPU": 128.0, "GPU": 8.0})
+    check_resources(gpu, {"CPU": 128.0, "GPU": 16.0})
 
 
 def test_the_stream_writes_each_block_once_under_a_name_of_its_own(tmp_path):
