@@ -116,12 +116,13 @@ def pair_stream(cfg: Config, inputs: Inputs, log=print, round: int = 1) -> PairS
             "train.stream does not stream this round again: the missing pairs are generated first, then "
             "training reads them from disk")
         return None
-    teacher = parquet.read(layout.teacher())
-    if teacher is None:
+    teacher_rows = storage.manifest(layout.teacher())
+    if teacher_rows is None:
         raise DataError(f"teacher cache {layout.teacher()}: missing; generate teacher outputs first")
     fraction, k = cfg.data.heldout_fraction, cfg.student.num_samples
-    heldout = teacher.select_columns(["id"]).filter(lambda row: pairs.is_heldout(row["id"], fraction)).count()
-    todo = teacher.count() * k
+    heldout = parquet.read(layout.teacher()).select_columns(["id"]).filter(
+        lambda row: pairs.is_heldout(row["id"], fraction)).count()
+    todo = teacher_rows["rows"] * k
     log(f"[generate] round {round} student, streaming into training: {todo // k} prompts x {k} samples with "
         f"{cfg.student.model if round == 1 else inputs.student_for_round(cfg, round)}, the {heldout} held-out "
         f"prompts' pairs first; every pair is written to {uri} before a trainer reads it")

@@ -321,6 +321,29 @@ def _mean_logprobs(batch: dict) -> dict:
             "score": np.asarray(means, dtype=np.float32)}
 
 
+def _pairs_on_disk(cfg: Config, round: int):
+    """The round's pairs (or the given train.pairs) as a Ray Dataset, with the teacher's scores the objective
+    reads joined in."""
+    layout = cfg.layout()
+    if cfg.train.pairs is not None:
+        pairs_ds = parquet.read_dataset(cfg.train.pairs, file_extensions=["parquet"]).map_batches(
+            pairs.with_training_columns, fn_kwargs={"heldout_fraction": cfg.data.heldout_fraction}, batch_format="pandas")
+    else:
+        pairs_ds = parquet.read(layout.pairs(round))
+    if pairs_ds is None:
+        raise DataError(f"pairs {layout.pairs(round)}: missing or incomplete; run jobs.generate_pairs first")
+    if cfg.train.scorer == TEACHER or cfg.train.loss.type in TOPK_LOSS_TYPES:
+        scores_uri = cfg.train.teacher_scores or layout.scores(round)
+        made = storage.manifest(cfg.train.pairs or layout.pairs(round))
+        rows = made["rows"] if made is not None else pairs_ds.count()  # given pairs need not be an engine output
+        if cfg.train.scorer == TEACHER:
+            pairs_ds = with_teacher_scores(pairs_ds, scores_uri, rows)
+        if cfg.train.loss.type in TOPK_LOSS_TYPES:
+            sides = ("rejected",) if cfg.train.loss.type == "onpolicy_kd" else ("chosen", "rejected")
+            pairs_ds = with_teacher_topk(pairs_ds, scores_uri, rows, sides)
+    return pairs_ds
+
+
 def train_student(cfg: Config, inputs: Inputs, log=print, round: int = 1, stream=None) -> dict:
     """Train on round `round`'s pairs, evaluate before/after, export the student; writes train_report.json.
 
@@ -340,24 +363,7 @@ def train_student(cfg: Config, inputs: Inputs, log=print, round: int = 1, stream
         log(f"[train] round {round}: the streamed first epoch took {streamed} steps; epochs 2-{cfg.train.num_epochs} "
             "resume from its checkpoint and read the pairs from disk")
     student_path = inputs.student_for_round(cfg, round)
-    if stream is not None:
-        pairs_ds = None
-    elif cfg.train.pairs is not None:
-        pairs_ds = parquet.read_dataset(cfg.train.pairs, file_extensions=["parquet"]).map_batches(
-            pairs.with_training_columns, fn_kwargs={"heldout_fraction": cfg.data.heldout_fraction}, batch_format="pandas")
-    else:
-        pairs_ds = parquet.read(layout.pairs(round))
-    if pairs_ds is None and stream is None:
-        raise DataError(f"pairs {layout.pairs(round)}: missing or incomplete; run jobs.generate_pairs first")
-    if stream is None and (cfg.train.scorer == TEACHER or cfg.train.loss.type in TOPK_LOSS_TYPES):
-        scores_uri = cfg.train.teacher_scores or layout.scores(round)
-        made = storage.manifest(cfg.train.pairs or layout.pairs(round))
-        rows = made["rows"] if made is not None else pairs_ds.count()  # given pairs need not be an engine output
-        if cfg.train.scorer == TEACHER:
-            pairs_ds = with_teacher_scores(pairs_ds, scores_uri, rows)
-        if cfg.train.loss.type in TOPK_LOSS_TYPES:
-            sides = ("rejected",) if cfg.train.loss.type == "onpolicy_kd" else ("chosen", "rejected")
-            pairs_ds = with_teacher_topk(pairs_ds, scores_uri, rows, sides)
+    pairs_ds = None if stream is not None else _pairs_on_disk(cfg, round)
     tokenizer = AutoTokenizer.from_pretrained(student_path, trust_remote_code=cfg.student.trust_remote_code)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     start = time.perf_counter()

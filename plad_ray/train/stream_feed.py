@@ -22,6 +22,8 @@ from plad_ray.train.batching import collate_pairs
 
 HELDOUT_STATUSES = ("ok", "identical")
 COUNTED_STATUSES = ("identical", "too_long", "student_better")
+OUT_OF_ORDER = ("train.stream: a held-out pair came after a training pair; the stream lost its order "
+                "(Ray Data's preserve_order)")
 
 
 def classify(batch: dict, trained: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray]:
@@ -87,8 +89,7 @@ class StreamFeed:
             if train_rows.any():
                 self.first_training = take(batch, train_rows)
                 if heldout_rows[np.argmax(train_rows):].any():
-                    raise RuntimeError("train.stream: a held-out pair came after a training pair; the stream "
-                                       "lost its order (Ray Data's preserve_order)")
+                    raise RuntimeError(OUT_OF_ORDER)
                 break
         self.read_heldout = True
         held = concat([r for r in rows if rows_of(r)])
@@ -103,8 +104,7 @@ class StreamFeed:
         while (batch := self._next()) is not None:
             heldout_rows, train_rows = classify(batch, self.trained)
             if heldout_rows.any():
-                raise RuntimeError("train.stream: a held-out pair came after a training pair; the stream lost "
-                                   "its order (Ray Data's preserve_order)")
+                raise RuntimeError(OUT_OF_ORDER)
             yield take(batch, train_rows)
 
     def iter_batches(self, batch_size: int, batch_format: str = "numpy"):

@@ -125,7 +125,7 @@ def train_loop_per_worker(config: dict) -> dict | None:
         save(engine, progress, rank, upload="sync")
         tracker_runs = metrics.close()
         clock.lap("export_s")
-        return _figures(plan, progress, None, tracker_runs, clock, stream_counts) if rank == 0 else None
+        return _figures(progress, None, tracker_runs, clock, stream_counts) if rank == 0 else None
     eval_trained = evaluate(engine, eval_batches, plan, teacher)
     if check_guard(engine, plan, progress, eval_trained, log) and plan.train.guard.action == "stop":
         eval_trained = evaluate(engine, eval_batches, plan, teacher)  # of the restored checkpoint
@@ -135,10 +135,10 @@ def train_loop_per_worker(config: dict) -> dict | None:
     clock.lap("eval_s")
     export_hf(engine, plan, rank)
     clock.lap("export_s")
-    return _figures(plan, progress, eval_trained, tracker_runs, clock, stream_counts) if rank == 0 else None
+    return _figures(progress, eval_trained, tracker_runs, clock, stream_counts) if rank == 0 else None
 
 
-def _figures(plan: TrainPlan, progress: Progress, eval_trained: dict | None, tracker_runs: dict, clock: "_Clock",
+def _figures(progress: Progress, eval_trained: dict | None, tracker_runs: dict, clock: "_Clock",
              stream_counts: dict | None) -> dict:
     """Rank 0's report of the run."""
     return {"steps": progress.step, "curve": progress.curve, "eval_initial": progress.eval_initial,
