@@ -38,12 +38,16 @@ class RayHead:
         # Short path: Ray's Unix sockets live under the temp dir and paths are capped at 107 bytes.
         self.temp_dir = tempfile.mkdtemp(prefix="/tmp/plr-")
         self.temp_dirs = [self.temp_dir]  # the head's, then one per added node
-        self.port = free_port()
-        self.dashboard_port = free_port()
         self.env = job_env()
         self.env.update(RAY_AUTH_MODE="disabled", PATH=f"{Path(PYTHON).parent}:{self.env['PATH']}", **raylet_env())
-        self._start(["--head", f"--port={self.port}", f"--dashboard-port={self.dashboard_port}",
-                     "--include-dashboard=true", "--dashboard-host=127.0.0.1"], num_cpus, self.temp_dir)
+        self._start(self._head_args, num_cpus, self.temp_dir)
+
+    def _head_args(self) -> list[str]:
+        self.port = free_port()
+        self.dashboard_port = free_port()
+        return ["--head", f"--port={self.port}", f"--dashboard-port={self.dashboard_port}",
+                "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+                f"--ray-client-server-port={free_port()}"]
 
     @property
     def address(self) -> str:
@@ -59,20 +63,28 @@ class RayHead:
         would."""
         extra = [f"--address={self.address}"] + ([f"--resources={resources}"] if resources else [])
         self.temp_dirs.append(tempfile.mkdtemp(prefix="/tmp/plr-"))
-        self._start(extra, num_cpus, self.temp_dirs[-1], hide)
+        self._start(lambda: extra, num_cpus, self.temp_dirs[-1], hide)
 
-    def _start(self, args: list[str], num_cpus: int, temp_dir: str, hide: str | None = None) -> None:
-        ports = [f"--{name}={free_port()}" for name in (
-            "node-manager-port", "object-manager-port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
-            "runtime-env-agent-port", "metrics-export-port")]
-        if "--head" in args:
-            ports.append(f"--ray-client-server-port={free_port()}")
-        command = [RAY, "start", *args, *ports, f"--num-cpus={num_cpus}", f"--temp-dir={temp_dir}",
-                   "--node-ip-address=127.0.0.1", "--disable-usage-stats"]
-        if hide is not None:
-            command = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
-                       f"mount -t tmpfs plr-hidden {shlex.quote(hide)} && exec {shlex.join(command)}"]
-        subprocess.run(command, env=self.env, check=True, capture_output=True, text=True, timeout=180)
+    def _start(self, args, num_cpus: int, temp_dir: str, hide: str | None = None, attempts: int = 3) -> None:
+        """`ray start` with free ports. A port is free when picked and bound by Ray a moment later; another process
+        on the machine (the tests' other Ray clusters bind ephemeral ports all the time) can take it in between, and
+        Ray then fails with "timed out during startup". So a failed start is cleaned up and tried again with fresh
+        ports; the last failure is raised with Ray's own output."""
+        for attempt in range(attempts):
+            ports = [f"--{name}={free_port()}" for name in (
+                "node-manager-port", "object-manager-port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+                "runtime-env-agent-port", "metrics-export-port")]
+            command = [RAY, "start", *args(), *ports, f"--num-cpus={num_cpus}", f"--temp-dir={temp_dir}",
+                       "--node-ip-address=127.0.0.1", "--disable-usage-stats"]
+            if hide is not None:
+                command = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                           f"mount -t tmpfs plr-hidden {shlex.quote(hide)} && exec {shlex.join(command)}"]
+            started = subprocess.run(command, env=self.env, capture_output=True, text=True, timeout=180)
+            if started.returncode == 0:
+                return
+            self._kill({temp_dir})
+        raise RuntimeError(f"`ray start` failed {attempts} times; the last:\n{started.stdout[-2000:]}\n"
+                           f"{started.stderr[-4000:]}")
 
     def job(self, *args: str, timeout: int = 1500) -> subprocess.CompletedProcess:
         return self.job_cli("job", *args, timeout=timeout)
@@ -84,8 +96,11 @@ class RayHead:
 
     def stop(self) -> None:
         """Kill only this cluster's processes: those whose command line or environment names one of our temp dirs."""
+        self._kill(set(self.temp_dirs))
+
+    def _kill(self, temp_dirs: set[str]) -> None:
         for _ in range(3):
-            pids = [int(p) for p in os.listdir("/proc") if p.isdigit() and self._ours(int(p))]
+            pids = [int(p) for p in os.listdir("/proc") if p.isdigit() and self._ours(int(p), temp_dirs)]
             for pid in pids:
                 try:
                     os.kill(pid, signal.SIGKILL)
@@ -93,10 +108,10 @@ class RayHead:
                     pass
             time.sleep(1)
 
-    def _ours(self, pid: int) -> bool:
+    def _ours(self, pid: int, temp_dirs: set[str]) -> bool:
         try:
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
             env = Path(f"/proc/{pid}/environ").read_bytes() if pid != os.getpid() else b""
         except OSError:
             return False
-        return any(d.encode() in cmdline or d.encode() in env for d in self.temp_dirs)
+        return any(d.encode() in cmdline or d.encode() in env for d in temp_dirs)

@@ -18,6 +18,7 @@ import pyarrow.parquet as pq
 from plad_ray.data import parquet
 
 pytestmark = pytest.mark.integration
+PROMPTS = 512  # of the demo's 1,024: the Ctrl-C test's prompts
 
 
 def start(command, log_dir, env: dict | None = None):
@@ -127,9 +128,10 @@ def test_ctrl_c_then_resume_with_an_engine_killed_writes_every_pair_once(tmp_pat
     """Ctrl-C the job once its first pairs are on disk; run the same command again and kill
     its student engine actor (ray.data.llm replaces it): every pair exists exactly once."""
     out = tmp_path / "run"
-    # Small engine batches: many blocks, so pairs reach disk while generation is still going.
+    # Small engine batches: many blocks (64 of 512 prompts x 2 samples), so pairs reach disk while generation is
+    # still going.
     command = [PYTHON, "-m", "jobs.generate_pairs", "--config", "configs/tiny-cpu.yaml", "--set", f"output_dir={out}",
-               "--set", "student.batch_size=8"]
+               "--set", "student.batch_size=8", "--set", f"data.max_prompts={PROMPTS}"]
     job, stdout_file, stderr_file = start(command, tmp_path)
     pending = out / "pairs.partial"
     wait_for(lambda: list(pending.glob("*.parquet")), job, what="the first pairs on disk")
@@ -143,7 +145,7 @@ def test_ctrl_c_then_resume_with_an_engine_killed_writes_every_pair_once(tmp_pat
     assert stderr.strip().splitlines()[-1] == "plad-ray: interrupted; re-run the same command to resume"
     assert not (out / "pairs" / "_manifest.json").exists()  # no pairs that look complete
     written = sum(pq.read_metadata(p).num_rows for p in parquet.written_files(str(out / "pairs")))
-    assert 0 < written < 1024 * 2
+    assert 0 < written < PROMPTS * 2
 
     (tmp_path / "again").mkdir()
     again, stdout_file, stderr_file = start(command, tmp_path / "again")
@@ -158,11 +160,11 @@ def test_ctrl_c_then_resume_with_an_engine_killed_writes_every_pair_once(tmp_pat
     wait_for(lambda: set(find(again.pid, "vLLMEngineStageUDF")) - set(engines), again, what="a replacement engine")
     stdout, stderr = finish(again, stdout_file, stderr_file)
     assert again.returncode == 0, stdout[-3000:] + stderr[-3000:]
-    assert "all 1024 outputs already cached" in stdout  # no teacher requests on resume (1024 demo prompts)
+    assert f"all {PROMPTS} outputs already cached" in stdout  # no teacher requests on resume
     assert "pairs already written by an earlier run" in stdout
     table = parquet.read_table(str(out / "pairs"))
     keys = list(zip(table.column("id").to_pylist(), table.column("sample_index").to_pylist()))
-    assert len(keys) == len(set(keys)) == 1024 * 2
+    assert len(keys) == len(set(keys)) == PROMPTS * 2
     assert not pending.exists()
 
 

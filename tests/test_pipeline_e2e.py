@@ -415,7 +415,10 @@ TEACHER_SCORED = {
 }
 
 
-@pytest.mark.parametrize("objective", list(TEACHER_SCORED))
+# contrastive runs in make test-slow: it reads the same top-k scores through the same join and worker path as
+# onpolicy_kd, and differs only in its divergence, a pure function (tests/test_losses_topk.py).
+@pytest.mark.parametrize("objective", [pytest.param(o, marks=pytest.mark.slow) if o == "contrastive" else o
+                                       for o in TEACHER_SCORED])
 def test_objectives_on_the_teachers_scores_train_on_the_runs_pairs(scored, tiny_models, objective, tmp_path):
     out = scored
     hinge = json.loads((out / "report.json").read_text())
