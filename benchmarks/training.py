@@ -15,13 +15,17 @@ precision on all three, one process/worker each:
   (d) plad-ray with `train.packing`: (b) with each micro-batch's sequences packed into fewer
                 rows (the same pairs per step and the same log-probs; less padding).
 Metric: real (non-padding) tokens per second over the timed steps (after warm-up
-steps); mean step time; peak RSS of the training process; padding share; with
+steps); mean step time; peak RSS of the training process; padding share; the training
+process's CPU seconds in the timed steps, as a share of the cores it may use and as real
+tokens per CPU second (the loop's own cost, apart from what other processes took); for
+(b) and (d), the seconds per step the worker waited for its batches; with
 --peak-flops (one device's dense peak FLOP/s in the precision trained, e.g. 312e12 for an
 A100 in bf16), MFU = 6 * parameters * tokens/s / peak (each contender trains on one device).
 """
 
 import argparse
 import json
+import os
 import random
 import resource
 import string
@@ -80,10 +84,14 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def rate(step_tokens: list[int], step_seconds: list[float], warmup: int) -> dict:
-    tokens, seconds = sum(step_tokens[warmup:]), sum(step_seconds[warmup:])
+def rate(step_tokens: list[int], step_seconds: list[float], warmup: int, step_cpu: list[float],
+         cores: int) -> dict:
+    """Tokens/s over the timed steps; and the CPU seconds the training process used in them: `cpu_share` of
+    the cores it may use (below 1: other processes took the rest), `tokens_per_cpu_s` (the loop's own cost)."""
+    tokens, seconds, cpu = sum(step_tokens[warmup:]), sum(step_seconds[warmup:]), sum(step_cpu[warmup:])
     return {"tokens_per_s": tokens / seconds, "step_s": seconds / len(step_seconds[warmup:]),
-            "timed_steps": len(step_seconds[warmup:])}
+            "timed_steps": len(step_seconds[warmup:]), "cpu_share": cpu / (seconds * cores),
+            "tokens_per_cpu_s": tokens / cpu}
 
 
 def run_plad(s: dict, model: str, pairs_dir: Path, out: Path, packing: bool = False) -> tuple[dict, list]:
@@ -109,7 +117,8 @@ def run_plad(s: dict, model: str, pairs_dir: Path, out: Path, packing: bool = Fa
     curve = report["curve"][: s["steps"]]
     step_tokens = [c["tokens"] for c in curve]
     step_seconds = [c["seconds"] for c in curve]
-    result = {**rate(step_tokens, step_seconds, s["warmup_steps"]), "wall_s": wall,
+    result = {**rate(step_tokens, step_seconds, s["warmup_steps"], [c["cpu_s"] for c in curve],
+                     s["cpus_per_worker"]), "data_s_per_step": sum(c["data_s"] for c in curve) / len(curve), "wall_s": wall,
               "padding": sum(c["padding"] for c in curve) / len(curve), "peak_rss_mb": report.get("peak_rss_mb")}
     return result, rows
 
@@ -123,8 +132,6 @@ def run_bare(s: dict, model: str, rows: list) -> dict:
 
 
 def bare_worker(path: str) -> None:
-    import os
-
     import deepspeed
     import numpy as np
     import torch
@@ -141,7 +148,7 @@ def bare_worker(path: str) -> None:
     model = AutoModelForCausalLM.from_pretrained(job["model"], dtype=torch.float32)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_config(cfg, 1))
-    step_tokens, step_seconds = [], []
+    step_tokens, step_seconds, step_cpu = [], [], []
     mb = cfg.micro_batch_size
     group = mb * cfg.length_grouping  # the same length-grouped micro-batches (b) trains on
     columns = ("prompt_ids", "chosen_ids", "rejected_ids")
@@ -150,7 +157,7 @@ def bare_worker(path: str) -> None:
         bucket = {k: ragged([np.array(r[k]) for r in rows[begin:begin + group]]) for k in columns}
         micro += length_grouped(bucket, mb, seed=[cfg.seed, 0, index])
     for step in range(s["steps"]):
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         batch = collate_pairs(micro[step % len(micro)], pad_id=0)
         logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         logps, n = sequence_logps(logits, batch["input_ids"], batch["response_mask"])
@@ -158,9 +165,10 @@ def bare_worker(path: str) -> None:
         engine.backward(loss)
         engine.step()
         step_seconds.append(time.perf_counter() - start)
+        step_cpu.append(time.process_time() - cpu)
         step_tokens.append(int(batch["attention_mask"].sum()))
-    print("BARE " + json.dumps({**rate(step_tokens, step_seconds, s["warmup_steps"]), "peak_rss_mb": peak_rss_mb()}),
-          flush=True)
+    print("BARE " + json.dumps({**rate(step_tokens, step_seconds, s["warmup_steps"], step_cpu, os.cpu_count()),
+                                "peak_rss_mb": peak_rss_mb()}), flush=True)
 
 
 def run_trl(s: dict, model: str, pairs_dir: Path) -> dict:
@@ -181,14 +189,15 @@ def trl_worker(job: dict) -> None:
     dataset = datasets.Dataset(table_)
     tokenizer = AutoTokenizer.from_pretrained(job["model"])
     model = AutoModelForCausalLM.from_pretrained(job["model"])
-    step_tokens, step_seconds, started = [], [], []
+    step_tokens, step_seconds, step_cpu, started = [], [], [], []
 
     class Clock(TrainerCallback):
         def on_step_begin(self, args, state, control, **kwargs):
-            started.append(time.perf_counter())
+            started.append((time.perf_counter(), time.process_time()))
 
         def on_step_end(self, args, state, control, **kwargs):
-            step_seconds.append(time.perf_counter() - started[-1])
+            step_seconds.append(time.perf_counter() - started[-1][0])
+            step_cpu.append(time.process_time() - started[-1][1])
 
     with tempfile.TemporaryDirectory() as out:
         args = CPOConfig(output_dir=out, per_device_train_batch_size=s["micro_batch"], max_steps=s["steps"],
@@ -207,8 +216,8 @@ def trl_worker(job: dict) -> None:
 
         trainer.data_collator = counting
         trainer.train()
-    print("TRL " + json.dumps({**rate(step_tokens[: len(step_seconds)], step_seconds, s["warmup_steps"]),
-                               "peak_rss_mb": peak_rss_mb()}), flush=True)
+    print("TRL " + json.dumps({**rate(step_tokens[: len(step_seconds)], step_seconds, s["warmup_steps"], step_cpu,
+                                      os.cpu_count()), "peak_rss_mb": peak_rss_mb()}), flush=True)
 
 
 def main() -> None:
@@ -239,7 +248,8 @@ def main() -> None:
               "b_over_c": plad["tokens_per_s"] / trl["tokens_per_s"],
               "d_over_a": packed["tokens_per_s"] / bare["tokens_per_s"],
               "d_over_c": packed["tokens_per_s"] / trl["tokens_per_s"]}
-    print(table(results, ["contender", "tokens_per_s", "mfu", "step_s", "timed_steps", "peak_rss_mb", "padding"]))
+    print(table(results, ["contender", "tokens_per_s", "mfu", "step_s", "timed_steps", "peak_rss_mb", "padding",
+                          "cpu_share", "tokens_per_cpu_s", "data_s_per_step"]))
     print("   ".join(f"ratio ({k[0]})/({k[-1]}) = {v:.3f}" for k, v in ratios.items()))
     print(f"results -> {save('training', {'setting': args.setting, 'settings': s, 'model': model, 'parameters': parameters, 'peak_flops': args.peak_flops, 'results': results, 'ratios': ratios})}")
 

@@ -274,7 +274,7 @@ def _train(engine, shard, plan: TrainPlan, progress: Progress, rank: int, metric
     while progress.step < plan.total_steps:
         epoch, done_in_epoch = plan.position(progress.step)
         engine.train()
-        steps = optimizer_steps(shard, train, plan.pad_id, epoch)
+        steps = _waited(optimizer_steps(shard, train, plan.pad_id, epoch), window)
         steps = _joined(steps) if plan.stream else (
             (step, False) for step in steps)
         for index, (step_batches, spare) in enumerate(steps):
@@ -340,15 +340,32 @@ def _train(engine, shard, plan: TrainPlan, progress: Progress, rank: int, metric
     return trained_rows
 
 
+def _waited(steps, window: "_Window"):
+    """The steps, the time spent waiting for each one's batches (Ray Data's read of the shard, collating,
+    packing) added to the window's `data_s`: the share of a step the model did not run."""
+    steps = iter(steps)
+    while True:
+        start = time.perf_counter()
+        step = next(steps, None)
+        if step is None:
+            return
+        window.data_seconds += time.perf_counter() - start
+        yield step
+
+
 class _Window:
-    """Running means between two logged steps, and real (non-padding) token throughput."""
+    """Running means between two logged steps, real (non-padding) token throughput, the seconds spent
+    waiting for batches (`data_s`) and the CPU seconds this rank's process used (`cpu_s`, all its threads: on
+    a CPU-only node, `cpu_s / seconds` below its CPUs is time other processes took from it)."""
 
     def __init__(self):
         self.sums: dict[str, float] = {}
         self.count = 0
+        self.data_seconds = 0.0
         self.tokens = 0  # real (non-padding) tokens through forward and backward
         self.padded = 0
         self.start = time.perf_counter()
+        self.cpu_start = time.process_time()
 
     def add(self, stats: dict, batch: dict) -> None:
         for key in ("loss", "rank_loss", "nll", "accuracy", "margin"):
@@ -361,7 +378,8 @@ class _Window:
         seconds = time.perf_counter() - self.start
         entry = {"step": step, "epoch": epoch, "lr": lr, **{k: v / self.count for k, v in self.sums.items()},
                  "tokens": self.tokens, "seconds": seconds, "tokens_per_s": self.tokens / seconds if seconds else 0.0,
-                 "padding": 1 - self.tokens / self.padded if self.padded else 0.0}
+                 "padding": 1 - self.tokens / self.padded if self.padded else 0.0, "data_s": self.data_seconds,
+                 "cpu_s": time.process_time() - self.cpu_start}
         self.__init__()
         return entry
 
