@@ -117,8 +117,8 @@ def run_plad(s: dict, model: str, pairs_dir: Path, out: Path, packing: bool = Fa
     curve = report["curve"][: s["steps"]]
     step_tokens = [c["tokens"] for c in curve]
     step_seconds = [c["seconds"] for c in curve]
-    result = {**rate(step_tokens, step_seconds, s["warmup_steps"], [c["cpu_s"] for c in curve],
-                     s["cpus_per_worker"]), "data_s_per_step": sum(c["data_s"] for c in curve) / len(curve), "wall_s": wall,
+    result = {**rate(step_tokens, step_seconds, s["warmup_steps"], [c["cpu_s"] for c in curve], s["cpus_per_worker"]),
+              "data_s_per_step": sum(c["data_s"] for c in curve) / len(curve), "wall_s": wall,
               "padding": sum(c["padding"] for c in curve) / len(curve), "peak_rss_mb": report.get("peak_rss_mb")}
     return result, rows
 

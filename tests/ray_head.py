@@ -70,7 +70,7 @@ class RayHead:
         on the machine (the tests' other Ray clusters bind ephemeral ports all the time) can take it in between, and
         Ray then fails with "timed out during startup". So a failed start is cleaned up and tried again with fresh
         ports; the last failure is raised with Ray's own output."""
-        for attempt in range(attempts):
+        for _ in range(attempts):
             ports = [f"--{name}={free_port()}" for name in (
                 "node-manager-port", "object-manager-port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
                 "runtime-env-agent-port", "metrics-export-port")]
