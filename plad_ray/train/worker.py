@@ -29,6 +29,7 @@ from plad_ray.train.ds_config import deepspeed_config, lr_factor
 from plad_ray.train.export import export_hf
 from plad_ray.train.feed import check_packing, forward, optimizer_steps, term_counts
 from plad_ray.train.heldout import check_guard, evaluate, load_batches
+from plad_ray.train.step_log import Window, waited
 from plad_ray.train.stream_feed import StreamFeed, any_rank
 
 
@@ -264,7 +265,7 @@ def _train(engine, shard, plan: TrainPlan, progress: Progress, rank: int, metric
            eval_batches) -> int:
     """The training loop; the rows (pairs; listwise: prompts) this rank trained on."""
     train = plan.train
-    window = _Window()
+    window = Window()
     stop_mode = train.guard.action == "stop" and train.guard.max_logp_drop is not None
     distributed = torch.distributed.is_initialized()
     world = torch.distributed.get_world_size() if distributed else 1
@@ -274,7 +275,7 @@ def _train(engine, shard, plan: TrainPlan, progress: Progress, rank: int, metric
     while progress.step < plan.total_steps:
         epoch, done_in_epoch = plan.position(progress.step)
         engine.train()
-        steps = _waited(optimizer_steps(shard, train, plan.pad_id, epoch), window)
+        steps = waited(optimizer_steps(shard, train, plan.pad_id, epoch), window)
         steps = _joined(steps) if plan.stream else (
             (step, False) for step in steps)
         for index, (step_batches, spare) in enumerate(steps):
@@ -338,50 +339,6 @@ def _train(engine, shard, plan: TrainPlan, progress: Progress, rank: int, metric
                 log(f"[train] step {progress.step} (the stream's last) epoch {epoch} {_fmt(entry)}")
             break
     return trained_rows
-
-
-def _waited(steps, window: "_Window"):
-    """The steps, the time spent waiting for each one's batches (Ray Data's read of the shard, collating,
-    packing) added to the window's `data_s`: the share of a step the model did not run."""
-    steps = iter(steps)
-    while True:
-        start = time.perf_counter()
-        step = next(steps, None)
-        if step is None:
-            return
-        window.data_seconds += time.perf_counter() - start
-        yield step
-
-
-class _Window:
-    """Running means between two logged steps, real (non-padding) token throughput, the seconds spent
-    waiting for batches (`data_s`) and the CPU seconds this rank's process used (`cpu_s`, all its threads: on
-    a CPU-only node, `cpu_s / seconds` below its CPUs is time other processes took from it)."""
-
-    def __init__(self):
-        self.sums: dict[str, float] = {}
-        self.count = 0
-        self.data_seconds = 0.0
-        self.tokens = 0  # real (non-padding) tokens through forward and backward
-        self.padded = 0
-        self.start = time.perf_counter()
-        self.cpu_start = time.process_time()
-
-    def add(self, stats: dict, batch: dict) -> None:
-        for key in ("loss", "rank_loss", "nll", "accuracy", "margin"):
-            self.sums[key] = self.sums.get(key, 0.0) + float(stats[key])
-        self.count += 1
-        self.tokens += int(batch["attention_mask"].sum())
-        self.padded += (batch["packed_input_ids"] if "packed_input_ids" in batch else batch["attention_mask"]).numel()
-
-    def flush(self, step: int, epoch: int, lr: float) -> dict:
-        seconds = time.perf_counter() - self.start
-        entry = {"step": step, "epoch": epoch, "lr": lr, **{k: v / self.count for k, v in self.sums.items()},
-                 "tokens": self.tokens, "seconds": seconds, "tokens_per_s": self.tokens / seconds if seconds else 0.0,
-                 "padding": 1 - self.tokens / self.padded if self.padded else 0.0, "data_s": self.data_seconds,
-                 "cpu_s": time.process_time() - self.cpu_start}
-        self.__init__()
-        return entry
 
 
 def _trace(folder: str, rank: int, step: int, epoch: int, step_batches: list[dict]) -> None:

@@ -4,7 +4,7 @@ import time
 
 import torch
 
-from plad_ray.train.worker import _Window, _waited
+from plad_ray.train.step_log import Window, waited
 
 
 def _slow_batches(n: int, wait: float):
@@ -14,8 +14,8 @@ def _slow_batches(n: int, wait: float):
 
 
 def test_the_wait_for_each_steps_batches_is_counted_apart_from_the_step():
-    window = _Window()
-    for _ in _waited(_slow_batches(3, 0.05), window):
+    window = Window()
+    for _ in waited(_slow_batches(3, 0.05), window):
         time.sleep(0.1)  # the step itself: not waiting for data
     entry = window.flush(step=3, epoch=0, lr=0.0)
     assert 0.15 <= entry["data_s"] < 0.25, entry  # three waits of 0.05 s, not the steps' 0.3 s
@@ -25,7 +25,7 @@ def test_the_wait_for_each_steps_batches_is_counted_apart_from_the_step():
 
 
 def test_cpu_seconds_are_the_process_own_work():
-    window = _Window()
+    window = Window()
     x = torch.randn(256, 256)
     deadline = time.perf_counter() + 0.3
     while time.perf_counter() < deadline:
