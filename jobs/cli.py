@@ -6,6 +6,7 @@ traceback instead.
 """
 
 import argparse
+import os
 import sys
 from pathlib import Path
 import traceback
@@ -51,6 +52,7 @@ def main(run, description: str, argv: list[str] | None = None, prog: str | None 
     args.command = [*(prog.split() if prog else ["python", "-m", f"jobs.{Path(sys.argv[0]).stem}"]),
                     *(sys.argv[1:] if argv is None else argv)]
     console.quiet(verbose=args.verbose)
+    started_in = os.getcwd()
     try:
         run(args)
         _stop_ray()
@@ -60,9 +62,21 @@ def main(run, description: str, argv: list[str] | None = None, prog: str | None 
     except KeyboardInterrupt as e:
         _fail(args, e, "plad-ray: interrupted; re-run the same command to resume", 130)
     except Exception as e:  # a failed stage: Ray, vLLM or DeepSpeed said why above
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        _fail(args, e, f"plad-ray: runtime failure: {type(e).__name__}: {first} (re-run with --debug for the traceback)",
-              RuntimeFailure.exit_code)
+        _fail(args, e, runtime_failure_line(e, started_in), RuntimeFailure.exit_code)
+
+
+def runtime_failure_line(error: Exception, started_in: str) -> str:
+    """The one line of a failure plad-ray has no words of its own for: the stage it happened in (errors.stage),
+    the error's first line, and for a missing file without a name the folder that disappeared: the working
+    directory the job started in (under `ray job submit`, Ray's copy of the working dir, which Ray unpacks again
+    when another node shares this node's temp dir)."""
+    where = f" in {error.plad_stage}" if getattr(error, "plad_stage", None) else ""
+    first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    line = f"plad-ray: runtime failure{where}: {type(error).__name__}: {first}"
+    if isinstance(error, FileNotFoundError) and not error.filename and not os.path.isdir(started_in):
+        line += (f" (the job's working directory {started_in} was removed while it ran; under ray job submit give "
+                 "every node its own `ray start --temp-dir`)")
+    return line + " (re-run with --debug for the traceback)"
 
 
 def _fail(args, error: BaseException, line: str, code: int) -> None:

@@ -19,6 +19,7 @@ from plad_ray.data import parquet, storage
 from plad_ray.data.limits import prompt_limits
 from plad_ray.data.prompt_checks import check_cached_prompts, check_prompts, source_files
 from plad_ray.errors import ConfigError, DataError
+from plad_ray.models.cache import is_remote, local_model
 from plad_ray.models.folders import resolve_model, shares_vocabulary
 from plad_ray.teacher_logprobs import CROSS_VOCABULARY
 
@@ -36,8 +37,11 @@ class Inputs:
     student_path: str | None = None
 
     def student_for_round(self, cfg: Config, round: int) -> str:
-        """The student a round starts from: the checked student in round 1, round r-1's export after."""
-        return self.student_path if round == 1 else storage.local_path(cfg.layout().student(round - 1))
+        """The student a round starts from: the checked student in round 1, round r-1's export after (a local
+        folder on every node: a URI output_dir's export is fetched to cluster.model_cache)."""
+        if round == 1:
+            return self.student_path
+        return local_model(cfg.layout().student(round - 1), cfg.cluster.model_cache)
 
 
 def check_inputs(cfg: Config, prompts: bool = True, teacher: bool = True, student: bool = True,
@@ -60,10 +64,10 @@ def check_inputs(cfg: Config, prompts: bool = True, teacher: bool = True, studen
         log(f"[plad-ray] teacher: {cfg.teacher.model} at {cfg.teacher.endpoint.url}")
     elif teacher:
         inputs.teacher_path = resolve_model(cfg.teacher.model, "teacher.model", cfg.teacher.allow_pickle_weights,
-                                            cfg.teacher.chat_template, log=log)
+                                            cfg.teacher.chat_template, log=log, cache_root=cfg.cluster.model_cache)
     if student:
         inputs.student_path = resolve_model(cfg.student.model, "student.model", cfg.student.allow_pickle_weights,
-                                            cfg.student.chat_template, log=log)
+                                            cfg.student.chat_template, log=log, cache_root=cfg.cluster.model_cache)
     if cfg.teacher.score_samples and inputs.teacher_path and inputs.student_path and not shares_vocabulary(
             inputs.teacher_path, inputs.student_path, cfg.student.trust_remote_code):
         raise ConfigError(CROSS_VOCABULARY)
@@ -82,6 +86,15 @@ def check_inputs(cfg: Config, prompts: bool = True, teacher: bool = True, studen
     if prompts:
         source_files(cfg.data.prompts)  # the rows are read by check_prompt_rows, once Ray is up
     return inputs
+
+
+def fetch_models_to_nodes(cfg: Config, inputs: Inputs) -> None:
+    """Models given as URIs were fetched to this node's cluster.model_cache by the checks; once Ray is up, to every
+    node's (the same folder: the engines and trainer ranks anywhere open the path the checks gave)."""
+    for role, path in (("teacher", inputs.teacher_path), ("student", inputs.student_path)):
+        spec = getattr(cfg, role).model
+        if path is not None and is_remote(spec):
+            local_model(spec, cfg.cluster.model_cache)
 
 
 def check_prompt_rows(cfg: Config, inputs: Inputs, log=print) -> None:

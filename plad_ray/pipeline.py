@@ -18,10 +18,11 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from plad_ray import cluster, console
-from plad_ray.checks import Inputs, check_inputs, check_prompt_rows, check_step_budget, check_teacher_cache
+from plad_ray.checks import (Inputs, check_inputs, check_prompt_rows, check_step_budget, check_teacher_cache,
+                             fetch_models_to_nodes)
 from plad_ray.config import Config
 from plad_ray.data import storage
-from plad_ray.errors import DataError
+from plad_ray.errors import DataError, stage
 from plad_ray.generate.scores import score_pairs
 from plad_ray.generate.student import commit_pairs, generate_pairs, pair_stream
 from plad_ray.generate.teacher import generate_teacher
@@ -41,30 +42,43 @@ def distill(cfg: Config, overwrite: bool = False, check_only: bool = False, log=
         return None
     figures = {"prompts": inputs.num_prompts, "prompts_quarantined": inputs.quarantined,
                "prompts_truncated": inputs.truncated}
-    figures.update(generate_teacher(cfg, inputs, log))
+    with stage("teacher generation"):
+        figures.update(generate_teacher(cfg, inputs, log))
     rounds, evaluation = [], None
     with ThreadPoolExecutor(max_workers=1) as pool:
         initial = None
         for r in range(1, cfg.train.rounds + 1):
-            stream = pair_stream(cfg, inputs, log, round=r) if cfg.train.stream else None
+            with stage(f"round {r} pair generation"):
+                stream = pair_stream(cfg, inputs, log, round=r) if cfg.train.stream else None
             if stream is None:
-                generated = {**generate_pairs(cfg, inputs, log, round=r), **_scores(cfg, inputs, log, r)}
+                with stage(f"round {r} pair generation"):
+                    generated = generate_pairs(cfg, inputs, log, round=r)
+                with stage(f"round {r} teacher scoring"):
+                    generated.update(_scores(cfg, inputs, log, r))
                 if r == 1:
-                    initial = start_initial(cfg, inputs.student_path, pool)  # runs while the student trains
-                trained = train_student(cfg, inputs, log, round=r)
+                    # runs while the student trains
+                    initial = start_initial(cfg, inputs.student_path, pool, inputs.prompts)
+                with stage(f"round {r} training"):
+                    trained = train_student(cfg, inputs, log, round=r)
             else:  # train.stream: the student engines feed the trainer; their pairs are committed after
                 start = time.perf_counter()
-                trained = train_student(cfg, inputs, log, round=r, stream=stream)
-                generated = commit_pairs(cfg, r, start, log)
+                with stage(f"round {r} streamed pair generation and training"):
+                    trained = train_student(cfg, inputs, log, round=r, stream=stream)
+                    generated = commit_pairs(cfg, r, start, log)
+                with stage(f"round {r} teacher scoring"):  # of the committed pairs, as in a sequential round
+                    generated.update(_scores(cfg, inputs, log, r))
                 if cfg.train.num_epochs > 1:  # the other epochs read the committed pairs, from its checkpoint
-                    trained = train_student(cfg, inputs, log, round=r)
+                    with stage(f"round {r} training"):
+                        trained = train_student(cfg, inputs, log, round=r)
                 if r == 1:  # the engines and the trainer are done with the resources it needs
-                    initial = start_initial(cfg, inputs.student_path, pool)
+                    initial = start_initial(cfg, inputs.student_path, pool, inputs.prompts)
             if r == 1:
                 figures.update(generated)
             rounds.append({**trained, "pair_generation": generated})
         if cfg.eval.enabled:
-            evaluation = evaluate_run(cfg, inputs.student_path, log=log, initial_outputs=initial)
+            with stage("evaluation"):
+                evaluation = evaluate_run(cfg, inputs.student_path, log=log, initial_outputs=initial,
+                                          prompts=inputs.prompts)
     report = write_report(cfg, rounds, figures, evaluation, log, command)
     log_report(cfg, report, log)
     return report
@@ -75,7 +89,13 @@ def generate(cfg: Config, overwrite: bool = False, check_only: bool = False, log
     inputs = prepare(cfg, generation=True, training=False, overwrite=overwrite, check_only=check_only, log=log)
     if inputs is None:
         return None
-    return {**generate_teacher(cfg, inputs, log), **generate_pairs(cfg, inputs, log), **_scores(cfg, inputs, log, 1)}
+    with stage("teacher generation"):
+        figures = generate_teacher(cfg, inputs, log)
+    with stage("round 1 pair generation"):
+        figures.update(generate_pairs(cfg, inputs, log))
+    with stage("round 1 teacher scoring"):
+        figures.update(_scores(cfg, inputs, log, 1))
+    return figures
 
 
 def _scores(cfg: Config, inputs: Inputs, log, round: int) -> dict:
@@ -92,7 +112,9 @@ def train(cfg: Config, overwrite: bool = False, check_only: bool = False, log=pr
     inputs = prepare(cfg, generation=False, training=True, overwrite=overwrite, check_only=check_only, log=log)
     if inputs is None:
         return None
-    report = write_report(cfg, [train_student(cfg, inputs, log)], log=log, command=command)
+    with stage("round 1 training"):
+        trained = train_student(cfg, inputs, log)
+    report = write_report(cfg, [trained], log=log, command=command)
     log_report(cfg, report, log)
     return report
 
@@ -113,8 +135,10 @@ def evaluate(cfg: Config, check_only: bool = False, log=print) -> dict | None:
         log("[plad-ray] --check: config, run outputs, models and resources are fine; nothing was started")
         return None
     cluster.start(cfg, generation=True, training=False, log=log)
+    fetch_models_to_nodes(cfg, inputs)
     _log_file(cfg, log)
-    evaluation = evaluate_run(cfg, inputs.student_path, log=log, force=True)
+    with stage("evaluation"):
+        evaluation = evaluate_run(cfg, inputs.student_path, log=log, force=True)
     report = storage.read_json(layout.report())
     if report is not None:
         report["evaluation"] = evaluation
@@ -151,8 +175,10 @@ def prepare(cfg: Config, generation: bool, training: bool, overwrite: bool = Fal
             "(prompt rows are checked when the run starts, before any engine)")
         return None
     cluster.start(cfg, generation, training, log=log)
+    fetch_models_to_nodes(cfg, inputs)
     if generation:
-        check_prompt_rows(cfg, inputs, log)
+        with stage("prompt checks"):
+            check_prompt_rows(cfg, inputs, log)
     prepare_output(cfg, overwrite, log=log)
     _log_file(cfg, log)
     if generation:

@@ -79,3 +79,69 @@ def mlflow_server(tmp_path_factory):
     server.terminate()
     server.wait(timeout=30)
     log.close()
+
+
+MOTO_SERVER = ROOT / ".venv" / "moto-server" / "bin" / "moto_server"
+
+
+class S3Server:
+    """moto's S3 server on loopback: `env` points pyarrow (AWS_ENDPOINT_URL) and so plad-ray, Ray Data and Ray Train
+    at it; `bucket(name)` creates a bucket and gives its URI."""
+
+    def __init__(self, port: int):
+        self.endpoint = f"127.0.0.1:{port}"
+        self.env = {"AWS_ENDPOINT_URL": f"http://{self.endpoint}", "AWS_ACCESS_KEY_ID": "plad-test",
+                    "AWS_SECRET_ACCESS_KEY": "plad-test-secret", "AWS_REGION": "us-east-1"}
+
+    def bucket(self, name: str) -> str:
+        import pyarrow.fs as pafs
+
+        pafs.S3FileSystem(endpoint_override=self.endpoint, scheme="http", access_key=self.env["AWS_ACCESS_KEY_ID"],
+                          secret_key=self.env["AWS_SECRET_ACCESS_KEY"], region=self.env["AWS_REGION"],
+                          allow_bucket_creation=True).create_dir(name)
+        return f"s3://{name}"
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """An S3-compatible server on loopback (moto's, from its own venv: make test builds it); this test process's
+    environment points at it too, so plad_ray.data.storage reads what the jobs wrote."""
+    import socket
+    import subprocess
+    import time
+    import urllib.error
+    import urllib.request
+
+    if not MOTO_SERVER.exists():
+        pytest.fail(f"{MOTO_SERVER} is missing: run make test (it builds the S3 server's venv)")
+    folder = tmp_path_factory.mktemp("s3")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = open(folder / "server.log", "w")
+    server = subprocess.Popen([str(MOTO_SERVER), "-H", "127.0.0.1", "-p", str(port)], stdout=log,
+                              stderr=subprocess.STDOUT, cwd=folder)
+    deadline = time.time() + 60
+    while True:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2)
+            break
+        except urllib.error.HTTPError:  # it answers: up
+            break
+        except OSError:
+            if server.poll() is not None or time.time() > deadline:
+                server.kill()
+                pytest.fail(f"the S3 server did not start: {(folder / 'server.log').read_text()[-2000:]}")
+            time.sleep(0.3)
+    s3 = S3Server(port)
+    saved = {k: os.environ.get(k) for k in s3.env}
+    os.environ.update(s3.env)
+    yield s3
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+    server.terminate()
+    server.wait(timeout=30)
+    log.close()

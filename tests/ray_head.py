@@ -94,6 +94,18 @@ class RayHead:
         return subprocess.run([RAY, *args], env={**self.env, "RAY_ADDRESS": self.dashboard},
                               capture_output=True, text=True, timeout=timeout)
 
+    def processes(self, marker: str) -> list[int]:
+        """This cluster's processes whose command line contains `marker` (Ray names actors ray::<Class>)."""
+        found = []
+        for entry in os.listdir("/proc"):
+            if entry.isdigit() and self._ours(int(entry), set(self.temp_dirs)):
+                try:
+                    if marker.encode() in Path(f"/proc/{entry}/cmdline").read_bytes():
+                        found.append(int(entry))
+                except OSError:
+                    pass
+        return found
+
     def stop(self) -> None:
         """Kill only this cluster's processes: those whose command line or environment names one of our temp dirs."""
         self._kill(set(self.temp_dirs))
@@ -109,9 +121,12 @@ class RayHead:
             time.sleep(1)
 
     def _ours(self, pid: int, temp_dirs: set[str]) -> bool:
+        """The process names one of our temp dirs in its command line or environment, or runs in one (a job's
+        driver runs in Ray's copy of the job's working dir, under the head's temp dir)."""
         try:
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
             env = Path(f"/proc/{pid}/environ").read_bytes() if pid != os.getpid() else b""
+            cwd = os.readlink(f"/proc/{pid}/cwd") if pid != os.getpid() else ""
         except OSError:
             return False
-        return any(d.encode() in cmdline or d.encode() in env for d in temp_dirs)
+        return any(d.encode() in cmdline or d.encode() in env or cwd.startswith(d) for d in temp_dirs)

@@ -48,3 +48,28 @@ def test_console_script_is_installed_and_runs_a_job(tmp_path):
                              text=True, timeout=120)
     assert missing.returncode == 2 and missing.stderr.strip().splitlines()[-1].startswith("plad-ray: error: ")
     assert "none.yaml" in missing.stderr
+
+
+def test_a_runtime_failure_names_its_stage_and_the_working_directory_that_vanished(tmp_path, monkeypatch):
+    from jobs.cli import runtime_failure_line
+    from plad_ray.errors import stage
+
+    with pytest.raises(ValueError) as raised, stage("round 1 training"), stage("evaluation"):
+        raise ValueError("boom\nmore")
+    assert runtime_failure_line(raised.value, str(tmp_path)) == (
+        "plad-ray: runtime failure in evaluation: ValueError: boom (re-run with --debug for the traceback)")
+    # A job's driver runs in Ray's copy of the working dir; when Ray unpacks it again (another node sharing this
+    # node's temp dir), the driver's next os.getcwd() raises FileNotFoundError with no file name.
+    gone = tmp_path / "_ray_pkg_0123"
+    gone.mkdir()
+    monkeypatch.chdir(gone)
+    gone.rmdir()
+    with pytest.raises(FileNotFoundError) as raised, stage("round 1 pair generation"):
+        import os
+
+        os.getcwd()
+    assert raised.value.filename is None
+    assert runtime_failure_line(raised.value, str(gone)) == (
+        f"plad-ray: runtime failure in round 1 pair generation: FileNotFoundError: [Errno 2] No such file or "
+        f"directory (the job's working directory {gone} was removed while it ran; under ray job submit give every "
+        "node its own `ray start --temp-dir`) (re-run with --debug for the traceback)")

@@ -42,7 +42,8 @@ def test_operational_training_settings_resume(tmp_path):
     touch_outputs(tmp_path / "run")
     prepare_output(make(tmp_path, "train.max_failures=3", "train.log_every_steps=1", "train.checkpoint_every_steps=7",
                         "train.trackers=[]", "train.cpus_per_worker=2", "train.placement_strategy=SPREAD",
-                        "train.packing=true"))
+                        "train.packing=true", "train.gradient_checkpointing=true", "train.attn_implementation=eager",
+                        f"train.checkpoint_staging_dir={tmp_path / 'staging'}"))
     assert all((tmp_path / "run" / name).exists() for name in ("train", "student", "report.json"))
     # A run.json written before these keys were left out still resumes.
     import json
@@ -110,3 +111,30 @@ def test_changed_teacher_makes_everything_stale(tmp_path):
         prepare_output(make(tmp_path, "teacher.sampling.temperature=0.5"))
     prepare_output(make(tmp_path, "teacher.sampling.temperature=0.5"), overwrite=True, log=lambda _: None)
     assert not any((tmp_path / "run" / name).exists() for name in ("teacher", "pairs", "train", "student"))
+
+
+def test_inputs_in_a_job_copy_of_the_working_dir_compare_from_its_root(tmp_path):
+    """`ray job submit --working-dir` reads inputs from Ray's copy of the working dir, under the cluster's session
+    folder; the same command on a restarted cluster (a new session) gives the same inputs another path. Before,
+    the run refused to resume: "its teacher outputs were made with a different config (data.prompts: ...)"."""
+    package = "runtime_resources/working_dir_files/_ray_pkg_d16a0c3e9f4b1a27"
+    old = f"/tmp/ray/session_2026-12-05_10-00-00_1/{package}/configs/prompts/tiny-reverse.jsonl"
+    new = f"/tmp/plr-x/session_2026-12-06_11-00-00_2/{package}/configs/prompts/tiny-reverse.jsonl"
+    prepare_output(make(tmp_path, f"data.prompts={old}"))
+    touch_outputs(tmp_path / "run")
+    import json
+
+    recorded = json.loads((tmp_path / "run" / "run.json").read_text())["teacher"]["data.prompts"]
+    assert recorded == "<job working_dir>/configs/prompts/tiny-reverse.jsonl"
+    prepare_output(make(tmp_path, f"data.prompts={new}"))  # resumes
+    # A run.json written before paths were recorded this way resumes too.
+    run_json = tmp_path / "run" / "run.json"
+    keys = json.loads(run_json.read_text())
+    keys["teacher"]["data.prompts"] = keys["pairs"]["data.prompts"] = keys["train"]["data.prompts"] = old
+    run_json.write_text(json.dumps(keys))
+    prepare_output(make(tmp_path, f"data.prompts={new}"))
+    # Another file in the copy is another input.
+    other = new.replace("tiny-reverse.jsonl", "capitals-fewshot.jsonl")
+    with pytest.raises(ConfigError, match=r"data.prompts: '<job working_dir>/configs/prompts/tiny-reverse.jsonl' -> "
+                                          r"'<job working_dir>/configs/prompts/capitals-fewshot.jsonl'"):
+        prepare_output(make(tmp_path, f"data.prompts={other}"))

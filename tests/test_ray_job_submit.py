@@ -1,10 +1,11 @@
 """The cluster path users take, on one machine: `ray start --head`, a second node with
 `ray start --address`, then `ray job submit ... jobs.distill`. Ray's own state API must
-show the work ran on both nodes."""
+show the work ran on both nodes; the same command on a new cluster resumes the run."""
 
 import json
 import re
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -15,12 +16,10 @@ from ray_head import RayHead
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture
-def two_nodes():
+def two_nodes() -> RayHead:
     cluster = RayHead(num_cpus=2)
     cluster.add_node(num_cpus=2)
-    yield cluster
-    cluster.stop()
+    return cluster
 
 
 def state(cluster: RayHead, kind: str) -> list[dict]:
@@ -29,40 +28,73 @@ def state(cluster: RayHead, kind: str) -> list[dict]:
     return json.loads(listed.stdout)
 
 
-def test_distill_through_ray_job_submit_on_two_nodes(two_nodes, tiny_models, tmp_path):
-    nodes = {n["node_id"] for n in state(two_nodes, "nodes") if n["state"] == "ALIVE"}
-    assert len(nodes) == 2
+def placement(cluster: RayHead) -> tuple[set, list, list]:
+    """The cluster's alive nodes, and the nodes its trainer ranks and vLLM engines ran on."""
+    nodes = {n["node_id"] for n in state(cluster, "nodes") if n["state"] == "ALIVE"}
+    actors = state(cluster, "actors")
+    return (nodes, [a["node_id"] for a in actors if a["class_name"] == "RayTrainWorker"],
+            [a["node_id"] for a in actors if "vLLMEngineStageUDF" in a["class_name"]])
+
+
+PROMPTS = 160
+
+
+def test_distill_through_ray_job_submit_on_two_nodes_resumes_on_a_new_cluster(tiny_models, tmp_path):
+    """`ray job submit` on two nodes; the cluster dies mid-training (its processes killed, as when the head node is
+    lost); the same command on a new cluster (new temp dirs: another session folder, so another path to the same
+    uploaded package) resumes from the checkpoint and asks the teacher for nothing it had."""
     # The config's relative output_dir (runs/tiny-cpu), as the README's command gives it: under the job it
     # goes under cluster.storage, not into Ray's temporary copy of the working dir.
     out = tmp_path / "runs" / "tiny-cpu"
-    submit = two_nodes.job(
-        "submit", "--working-dir", str(ROOT), "--",
-        "python", "-m", "jobs.distill", "--config", "configs/tiny-cpu.yaml", "--set", f"cluster.storage={tmp_path}",
-        "--set", "data.max_prompts=96", "--set", "train.num_epochs=1", "--set", "train.placement_strategy=SPREAD",
-        "--set", "eval.initial_student=false", "--debug",
-    )
-    assert submit.returncode == 0, submit.stdout[-4000:] + submit.stderr[-2000:]
-    assert "succeeded" in (submit.stdout + submit.stderr)
-    assert "SUCCEEDED" in two_nodes.job("list").stdout
-    # The job joined the cluster it was given, not a local one of its own ...
-    assert "joined Ray cluster" in submit.stdout
-    # ... and ran there: one trainer rank per node (SPREAD), engines and the rest across both.
-    # Engines: teacher, student, and the evaluation's trained student (no initial-student one).
-    actors = state(two_nodes, "actors")
-    trainers = [a["node_id"] for a in actors if a["class_name"] == "RayTrainWorker"]
-    engines = [a["node_id"] for a in actors if "vLLMEngineStageUDF" in a["class_name"]]
+    command = ["submit", "--working-dir", str(ROOT), "--",
+               "python", "-m", "jobs.distill", "--config", "configs/tiny-cpu.yaml",
+               "--set", f"cluster.storage={tmp_path}",
+               "--set", f"data.max_prompts={PROMPTS}", "--set", "train.placement_strategy=SPREAD",
+               "--set", "train.micro_batch_size=2", "--set", "train.checkpoint_every_steps=10",
+               "--set", "eval.initial_student=false", "--debug"]
+    first = two_nodes()
+    try:
+        assert len(placement(first)[0]) == 2
+        submitted = first.job(*command[:1], "--no-wait", *command[1:])
+        assert submitted.returncode == 0, submitted.stdout[-2000:] + submitted.stderr[-2000:]
+        snapshot = out / "train" / "checkpoint_manager_snapshot.json"
+        deadline = time.time() + 900
+        while not (snapshot.exists() and "step-" in snapshot.read_text()):
+            assert time.time() < deadline, first.job("list").stdout[-3000:]
+            assert "FAILED" not in first.job("list").stdout
+            time.sleep(1)
+        nodes, trainers, engines = placement(first)
+    finally:
+        first.stop()  # mid-training: every process of the cluster killed
+    # The job joined the cluster it was given and ran there: one trainer rank per node (SPREAD); the teacher's and
+    # the student's engines.
     assert len(trainers) == 2 and set(trainers) == nodes, (trainers, nodes)
-    assert len(engines) == 3 and {a["node_id"] for a in actors if a["node_id"]} == nodes
+    assert len(engines) == 2 and set(engines) <= nodes
+    assert (out / "pairs" / "_manifest.json").is_file() and not (out / "student").exists()
+
+    second = two_nodes()
+    try:
+        submit = second.job(*command)
+        nodes, trainers, engines = placement(second)
+    finally:
+        second.stop()
+    assert submit.returncode == 0, submit.stdout[-4000:] + submit.stderr[-2000:]
+    assert "succeeded" in (submit.stdout + submit.stderr) and "joined Ray cluster" in submit.stdout
+    assert f"all {PROMPTS} outputs already cached" in submit.stdout  # no teacher request
+    assert f"pairs: {PROMPTS * 2} pairs already complete" in submit.stdout
+    resumed = [int(step) for step in re.findall(r"resumed from checkpoint at step (\d+)", submit.stdout)]
+    assert resumed and resumed[0] >= 10, submit.stdout[-3000:]
+    assert len(trainers) == 2 and set(trainers) == nodes
+    assert len(engines) == 1  # the evaluation's trained student; no teacher or student generation again
     # The outputs' absolute location, said at the start and at the end ...
     assert submit.stdout.count(f"outputs: {out}\n") == 2, submit.stdout[-3000:]
     # ... where they outlive the job's cluster: pairs, checkpoint, report, summary.
-    two_nodes.stop()
-    assert not list(Path(two_nodes.temp_dir).glob("session_*/runtime_resources/working_dir_files/*/runs"))
+    assert not list(Path(second.temp_dir).glob("session_*/runtime_resources/working_dir_files/*/runs"))
     from plad_ray.data import parquet
 
-    assert parquet.read_table(str(out / "pairs")).num_rows == 96 * 2
+    assert parquet.read_table(str(out / "pairs")).num_rows == PROMPTS * 2
     report = json.loads((out / "report.json").read_text())
-    assert report["counts"]["pairs"] == 96 * 2 and report["steps"] > 0
+    assert report["counts"]["pairs"] == PROMPTS * 2 and report["steps"] > resumed[0]
     assert (out / "student" / "model.safetensors").is_file() and (out / "summary.md").is_file()
     # The evaluation ran after training, in the same job (its driver's working directory is
     # Ray's package copy, which Ray may replace meanwhile: paths were fixed at config load).

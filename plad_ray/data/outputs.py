@@ -14,6 +14,7 @@ config on the same pairs keeps the teacher outputs and the pairs.
 
 import functools
 import os
+import re
 
 import pyarrow.fs as pafs
 
@@ -31,20 +32,41 @@ OUTPUTS = {"teacher": (layout.TEACHER, layout.QUARANTINE), "pairs": (layout.PAIR
 _SCORE_KEYS = ("score_samples", "score_top_k")
 # Engine settings that change speed or where the model runs, not what it writes: changing
 # them never makes outputs stale (teacher.model and sampling do).
-_ENGINE_PERF_KEYS = ("replicas", "batch_size", "max_concurrent_batches", "cpus_per_replica", "max_restarts", "env",
+_ENGINE_PERF_KEYS = ("replicas", "batch_size", "max_concurrent_batches", "cpus_per_replica", "gpus_per_worker",
+                     "max_restarts", "env",
                      "gpu_memory_utilization", "enable_prefix_caching", "tensor_parallel_size", "engine_kwargs",
                      "endpoint")
 # Training settings that change how a run is operated, not the weights it trains: changing them (say, more
 # train.max_failures after a crash) resumes the run instead of refusing it.
-# packing: the same log-probs from fewer rows (rounding aside), like the ZeRO stage's partitioned sums.
+# packing, attention kernel, gradient checkpointing: the same log-probs computed another way (rounding aside), like
+# the ZeRO stage's partitioned sums.
 _TRAIN_OPERATIONAL_KEYS = ("max_failures", "log_every_steps", "checkpoint_every_steps", "checkpoint_upload",
                            "trackers", "experiment", "cpus_per_worker", "placement_strategy", "packing",
+                           "attn_implementation", "gradient_checkpointing", "checkpoint_staging_dir",
                            "tensorboard")  # tensorboard: what train.trackers replaced, in older run.json files
+
+
+# Under `ray job submit --working-dir` inputs are read from Ray's copy of the working dir, whose path names the
+# cluster's session folder: <temp dir>/session_<time>/runtime_resources/working_dir_files/_ray_pkg_<hash>/. The same
+# command on a restarted cluster (a new session) reads the same inputs under another path, so a path in that copy
+# is recorded and compared from the copy's root on. (Its content is checked apart: the teacher cache's prompts
+# against the source, plad_ray.checks.check_teacher_cache.)
+_JOB_COPY = re.compile(r"^.*/runtime_resources/working_dir_files/_ray_pkg_[0-9a-f]+/")
+JOB_COPY_ROOT = "<job working_dir>/"
+
+
+def portable(value):
+    """`value` with every path inside a job's working_dir copy written from the copy's root (`JOB_COPY_ROOT`)."""
+    if isinstance(value, dict):
+        return {k: portable(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [portable(v) for v in value]
+    return _JOB_COPY.sub(JOB_COPY_ROOT, value) if isinstance(value, str) else value
 
 
 def stage_keys(cfg: Config) -> dict:
     """For each stage, the config values its outputs depend on (cumulative)."""
-    d = cfg.to_safe_dict()
+    d = portable(cfg.to_safe_dict())
     teacher_keys = _semantic(d["teacher"])
     teacher = {**{f"data.{k}": d["data"][k] for k in ("prompts", "max_prompts", "bad_rows", "too_long")},
                "teacher": {k: v for k, v in teacher_keys.items() if k not in _SCORE_KEYS}}
@@ -98,7 +120,7 @@ def prepare_output(cfg: Config, overwrite: bool = False, dry_run: bool = False, 
     """
     run_uri = cfg.layout().run_file()
     _check_location(cfg.output_dir, run_uri)
-    previous = storage.read_json(run_uri) or {}
+    previous = portable(storage.read_json(run_uri) or {})  # run.json files from before paths were portable too
     mine = stage_keys(cfg)
     if not cfg.teacher.score_samples:  # scoring off: its outputs are neither read nor written, and keep their record
         mine.pop("scores")

@@ -2,7 +2,8 @@
 
 A folder the run produces is complete when its `_manifest.json`, written last, exists;
 readers trust only folders with a manifest. Single-shot outputs (the model export) are
-written under `<name>.partial-<token>` and moved into place (`publish`); streamed
+copied into place file by file, the manifest last (`publish`): object stores cannot move
+a folder (S3 copies and deletes object by object), so nothing here moves one. Streamed
 datasets commit their files from `<name>.partial` (see `parquet`). JSON files are
 written to a temporary name and moved.
 """
@@ -114,19 +115,14 @@ def write_json(uri: str, data: dict) -> None:
     write_text(uri, json.dumps(data, indent=2, sort_keys=True, default=str))
 
 
-def partial_uri(uri: str) -> str:
-    """A fresh sibling name to write a folder under before `publish` moves it into place."""
-    return f"{uri.rstrip('/')}.partial-{uuid.uuid4().hex[:8]}"
-
-
-def publish(partial: str, final: str, manifest: dict) -> None:
-    """Mark a finished folder complete (manifest last) and move it to its final name."""
-    write_json(join(partial, MANIFEST), manifest)
-    fs, src = filesystem_and_path(partial)
-    _, dst = filesystem_and_path(final)
-    if fs.get_file_info(dst).type != pafs.FileType.NotFound:
-        fs.delete_dir(dst)
-    fs.move(src, dst)
+def publish(local_dir: str, final: str, manifest: dict) -> None:
+    """Copy a finished local folder to `final` (a path or URI) file by file, then write its manifest, the mark
+    readers trust. A folder already at `final` (an earlier export) loses its manifest first: a crash in between
+    leaves a folder without one, which no reader takes for complete, and the next run writes it again."""
+    remove(join(final, MANIFEST))
+    remove(final)
+    copy_local_dir(local_dir, final)
+    write_json(join(final, MANIFEST), manifest)
 
 
 def manifest(uri: str) -> dict | None:

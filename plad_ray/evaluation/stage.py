@@ -30,16 +30,18 @@ from plad_ray.errors import DataError
 from plad_ray.evaluation.metrics import (auroc, best_of_n, calibration_note, confidence, exact_match,
                                          expected_calibration_error, mean, reliability_bins, rouge_l, win_rate)
 from plad_ray.evaluation.report import markdown, reliability_png
+from plad_ray.models.cache import local_model
 from plad_ray.scoring import get_scorer
 
 TEACHER = "teacher (cached outputs)"
 INITIAL = "initial student"
 
 
-def heldout_rows(cfg: Config) -> list[dict]:
+def heldout_rows(cfg: Config, prompts=None) -> list[dict]:
     """id, prompt, teacher output and reference (None without one) of every held-out prompt, by id, at
-    most eval.max_prompts. Ray tasks read the teacher cache and the prompt source and keep the held-out
-    rows; only those (bounded by eval.max_prompts) come to the driver."""
+    most eval.max_prompts. Ray tasks read the teacher cache and keep the held-out rows; only those (bounded by
+    eval.max_prompts) come to the driver. The references come from `prompts`, the run's checked prompts (id,
+    prompt, reference; already in the object store), else (jobs.evaluate) from the prompt source, read again."""
     teacher = parquet.read(cfg.layout().teacher())
     if teacher is None:
         raise DataError(f"teacher cache {cfg.layout().teacher()}: missing; run jobs.generate_pairs or jobs.distill first")
@@ -51,8 +53,9 @@ def heldout_rows(cfg: Config) -> list[dict]:
                         f"(data.heldout_fraction {cfg.data.heldout_fraction}); raise data.heldout_fraction or add "
                         "prompts")
     ids = pa.array([r["id"] for r in rows], pa.string())
-    references = source_rows(cfg.data.prompts, cfg.data.max_prompts).map_batches(
-        _references_of, fn_kwargs={"ids": ids}, batch_format="pyarrow").take_all()  # at most one per held-out row
+    source = source_rows(cfg.data.prompts, cfg.data.max_prompts) if prompts is None else prompts
+    references = source.map_batches(_references_of, fn_kwargs={"ids": ids},
+                                    batch_format="pyarrow").take_all()  # at most one per held-out row
     by_id = {r["id"]: r["reference"] for r in references}
     return [{**r, "reference": by_id.get(r["id"])} for r in rows]
 
@@ -63,10 +66,11 @@ def _heldout(table: pa.Table, fraction: float) -> pa.Table:
 
 
 def _references_of(table: pa.Table, ids: pa.Array) -> pa.Table:
-    """The references of these ids, from good source rows."""
+    """The references of these ids, from good source rows (checked prompts have no `check` column: all good)."""
     import pyarrow.compute as pc
 
-    keep = pc.and_(pc.and_(pc.is_null(table.column("check")), pc.is_valid(table.column("reference"))),
+    good = pc.is_null(table.column("check")) if "check" in table.column_names else pa.scalar(True)
+    keep = pc.and_(pc.and_(good, pc.is_valid(table.column("reference"))),
                    pc.is_in(table.column("id"), value_set=ids))
     return table.filter(pc.fill_null(keep, False)).select(["id", "reference"])
 
@@ -198,17 +202,17 @@ def _finished(cfg: Config) -> dict | None:
     return done if done is not None and done.get("settings") == _settings(cfg) else None
 
 
-def start_initial(cfg: Config, initial_student_path: str | None, pool):
+def start_initial(cfg: Config, initial_student_path: str | None, pool, prompts=None):
     """The initial student's generations, started on `pool` now: they need no trained model, so they
     overlap training (the engine waits for room where the trainer holds the accelerators). None when
     there is nothing to do."""
     if not (cfg.eval.enabled and cfg.eval.initial_student and initial_student_path) or _finished(cfg):
         return None
-    return pool.submit(generate, cfg, heldout_rows(cfg), initial_student_path, cfg.cluster.use_gpu)
+    return pool.submit(generate, cfg, heldout_rows(cfg, prompts), initial_student_path, cfg.cluster.use_gpu)
 
 
 def evaluate_run(cfg: Config, initial_student_path: str | None, log=print, force: bool = False,
-                 initial_outputs=None) -> dict:
+                 initial_outputs=None, prompts=None) -> dict:
     """Evaluate the run's students on its held-out prompts; writes eval/ and returns the figures.
 
     A finished evaluation with the same settings is reused unless `force` (jobs.evaluate).
@@ -221,7 +225,7 @@ def evaluate_run(cfg: Config, initial_student_path: str | None, log=print, force
     if done is not None and not force:
         log(f"[eval] already complete: {cfg.layout().eval()}")
         return done
-    rows = heldout_rows(cfg)
+    rows = heldout_rows(cfg, prompts)
     models = {}
     if cfg.eval.initial_student and initial_student_path:
         models[INITIAL] = initial_student_path
@@ -229,7 +233,8 @@ def evaluate_run(cfg: Config, initial_student_path: str | None, log=print, force
         uri = cfg.layout().student(r)
         if storage.manifest(uri) is None:
             raise DataError(f"evaluation: {uri} is missing or incomplete; train first (jobs.train or jobs.distill)")
-        models["trained student" if cfg.train.rounds == 1 else f"round {r} student"] = storage.local_path(uri)
+        name = "trained student" if cfg.train.rounds == 1 else f"round {r} student"
+        models[name] = local_model(uri, cfg.cluster.model_cache)  # a URI output_dir's export: fetched to every node
     extra = f" + {cfg.eval.num_samples} samples at T=1" if cfg.eval.num_samples else ""
     log(f"[eval] {len(rows)} held-out prompts ({sum(r['reference'] is not None for r in rows)} with references), "
         f"scorer {scorer or 'none'}; greedy{extra} vLLM generation for: {', '.join(models)}")

@@ -1,8 +1,9 @@
 """Model folders: resolve a config's model spec to a checked local HF folder.
 
 A spec is a local HF folder (on shared storage for multi-node runs; download hub models
-once with `huggingface-cli download <id> --local-dir <folder>`) or `tiny:<role>` for the
-project's own tiny models. Checked before any engine starts: config.json, a tokenizer,
+once with `huggingface-cli download <id> --local-dir <folder>`), a folder on object storage
+(`s3://...`: fetched to `cluster.model_cache` once per node, plad_ray.models.cache) or
+`tiny:<role>` for the project's own tiny models. Checked before any engine starts: config.json, a tokenizer,
 and safetensors weights (pickle checkpoints can run code when loaded; they are refused).
 """
 
@@ -10,14 +11,21 @@ import json
 from pathlib import Path
 
 from plad_ray.models import tiny
+from plad_ray.models.cache import is_remote, local_model
 from plad_ray.errors import DataError
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
 
 
-def resolve_model(spec: str, key: str, allow_pickle: bool = False, chat_template: bool = False, log=print) -> str:
-    """The local folder for `spec`, checked; `key` names the config key in error messages."""
-    folder = Path(tiny.materialize(spec, log=log) if tiny.is_tiny(spec) else spec).expanduser()
+def resolve_model(spec: str, key: str, allow_pickle: bool = False, chat_template: bool = False, log=print,
+                  cache_root: str = "~/.cache/plad-ray/models") -> str:
+    """The local folder for `spec`, checked; `key` names the config key in error messages. A URI is fetched to
+    `cache_root` on this node first (`pipeline.prepare` fetches it to the other nodes once Ray is up)."""
+    if is_remote(spec):
+        log(f"[plad-ray] {key}: {spec} -> {cache_root} (fetched once per node)")
+        folder = Path(local_model(spec, cache_root))
+    else:
+        folder = Path(tiny.materialize(spec, log=log) if tiny.is_tiny(spec) else spec).expanduser()
     if not folder.is_dir():
         raise DataError(f"config key {key}: model folder {spec} not found; give the path of a HF model folder")
     config_file = folder / "config.json"

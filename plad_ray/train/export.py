@@ -41,9 +41,7 @@ def export_hf(engine, plan, rank: int) -> None:
             config.save_pretrained(folder)
             tokenizer = AutoTokenizer.from_pretrained(plan.model_path, trust_remote_code=plan.trust_remote_code)
             tokenizer.save_pretrained(folder)
-            partial = storage.partial_uri(plan.export_uri)
-            storage.copy_local_dir(folder, partial)
-            storage.publish(partial, plan.export_uri, {"source_model": plan.model_path, "steps": plan.total_steps})
+            storage.publish(folder, plan.export_uri, {"source_model": plan.model_path, "steps": plan.total_steps})
         print(f"[train] exported the trained student to {plan.export_uri}", flush=True)
     if dist.is_initialized():
         dist.barrier()
