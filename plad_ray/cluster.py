@@ -95,13 +95,17 @@ def connect(cluster: ClusterConfig) -> str:
     return said
 
 
-def check_resources(cfg: Config, available: dict, generation: bool = True, training: bool = True) -> None:
+def check_resources(cfg: Config, available: dict, generation: bool = True, training: bool = True,
+                    nodes: list[dict] | None = None) -> None:
     """Refuse a plan the cluster cannot place (it would wait forever instead of failing).
 
     Generation stages run one after another, then training; each must fit on its own, except that with
-    train.stream the student engines and the trainer run at once.
+    train.stream the student engines and the trainer run at once. `nodes`: each node's resources (default: one
+    node with all of `available`); an engine replica's workers (vLLM tensor parallelism) and a trainer worker each
+    need one node that holds them whole, whatever the totals say.
     """
     cpus, gpus = available.get("CPU", 0.0), available.get("GPU", 0.0)
+    nodes = nodes or [available]
     where = f"the cluster has {cpus:g} CPUs and {gpus:g} GPUs"
     for role in ("teacher", "student") if generation else ():
         engine: EngineConfig = getattr(cfg, role)
@@ -114,11 +118,14 @@ def check_resources(cfg: Config, available: dict, generation: bool = True, train
                 f"{engine.cpus_per_replica:g} CPUs do not fit ({where}); lower {role}.replicas or "
                 f"{role}.cpus_per_replica, or add cluster.num_cpus"
             )
-        if cfg.cluster.use_gpu and workers > gpus:
+        if cfg.cluster.use_gpu and workers * engine.gpus_per_worker > gpus:
+            share = f" x {engine.gpus_per_worker:g} GPUs" if engine.gpus_per_worker != 1 else ""
             raise ConfigError(
-                f"config key {role}.replicas: {engine.replicas} replicas x TP {engine.tensor_parallel_size} need "
-                f"{workers} GPUs ({where}); lower {role}.replicas or {role}.tensor_parallel_size"
+                f"config key {role}.replicas: {engine.replicas} replicas x TP {engine.tensor_parallel_size}{share} "
+                f"need {workers * engine.gpus_per_worker:g} GPUs ({where}); lower {role}.replicas or "
+                f"{role}.tensor_parallel_size"
             )
+        _check_replicas_per_node(cfg, role, engine, nodes)
     t = cfg.train
     if not training:
         return
@@ -132,6 +139,47 @@ def check_resources(cfg: Config, available: dict, generation: bool = True, train
         )
     if cfg.cluster.use_gpu and t.num_workers > gpus:
         raise ConfigError(f"config key train.num_workers: {t.num_workers} workers need {t.num_workers} GPUs ({where})")
+    worker = {"CPU": t.cpus_per_worker, **({"GPU": 1.0} if cfg.cluster.use_gpu else {})}
+    if sum(_fits(node, worker) for node in nodes) < t.num_workers:
+        raise ConfigError(
+            f"config key train.num_workers: {t.num_workers} workers of {_shown(worker)} each do not fit on the "
+            f"cluster's nodes ({_nodes_shown(nodes)}): a worker needs one node that holds it; lower "
+            "train.num_workers or train.cpus_per_worker")
+
+
+def replica_bundle(engine: EngineConfig, use_gpu: bool) -> dict:
+    """What one engine replica reserves on one node: its tensor_parallel_size workers together."""
+    tp = engine.tensor_parallel_size
+    return {"CPU": tp * engine.cpus_per_replica, **({"GPU": tp * engine.gpus_per_worker} if use_gpu else {})}
+
+
+def _fits(node: dict, bundle: dict) -> int:
+    """How many copies of `bundle` one node holds."""
+    return int(min(node.get(k, 0.0) / v for k, v in bundle.items() if v > 0) + 1e-9)
+
+
+def _shown(bundle: dict) -> str:
+    return " and ".join(f"{v:g} {k}s" for k, v in bundle.items())
+
+
+def _nodes_shown(nodes: list[dict]) -> str:
+    return "; ".join(f"{n.get('CPU', 0.0):g} CPUs, {n.get('GPU', 0.0):g} GPUs" for n in nodes)
+
+
+def _check_replicas_per_node(cfg: Config, role: str, engine: EngineConfig, nodes: list[dict]) -> None:
+    """A replica's workers are placed together on one node (STRICT_PACK: tensor parallelism runs over the node's
+    own links), so each replica must fit a node, and the nodes together must hold every replica."""
+    bundle = replica_bundle(engine, cfg.cluster.use_gpu)
+    placed = [_fits(node, bundle) for node in nodes]
+    if not any(placed):
+        raise ConfigError(
+            f"config key {role}.tensor_parallel_size: one replica's {engine.tensor_parallel_size} worker(s) need "
+            f"{_shown(bundle)} on one node, and no node has that ({_nodes_shown(nodes)}); lower "
+            f"{role}.tensor_parallel_size or {role}.cpus_per_replica")
+    if sum(placed) < engine.replicas:
+        raise ConfigError(
+            f"config key {role}.replicas: {engine.replicas} replicas of {_shown(bundle)} each, but the cluster's "
+            f"nodes hold {sum(placed)} ({_nodes_shown(nodes)}): a replica cannot span nodes; lower {role}.replicas")
 
 
 def _check_together(cfg: Config, cpus: float, gpus: float, where: str) -> None:
@@ -146,11 +194,11 @@ def _check_together(cfg: Config, cpus: float, gpus: float, where: str) -> None:
             f"{t.cpus_per_worker:g} CPUs and {data_cpus:g} CPUs for the data between them run at once and need "
             f"{need:g} CPUs ({where}); lower student.replicas or train.num_workers, raise cluster.num_cpus, or set "
             "train.stream=false")
-    engine_gpus = s.replicas * s.tensor_parallel_size
+    engine_gpus = s.replicas * s.tensor_parallel_size * s.gpus_per_worker
     if cfg.cluster.use_gpu and engine_gpus + t.num_workers > gpus:
         raise ConfigError(
-            f"config key train.stream: the student engines ({engine_gpus} GPUs) and {t.num_workers} trainer workers "
-            f"run at once and need {engine_gpus + t.num_workers} GPUs ({where}); lower student.replicas or "
+            f"config key train.stream: the student engines ({engine_gpus:g} GPUs) and {t.num_workers} trainer workers "
+            f"run at once and need {engine_gpus + t.num_workers:g} GPUs ({where}); lower student.replicas or "
             "train.num_workers, or set train.stream=false")
 
 
@@ -181,7 +229,8 @@ def start(cfg: Config, generation: bool = True, training: bool = True, log=print
     log(f"[plad-ray] {connect(cfg.cluster)}")
     configure_data()
     if joining:
-        check_resources(cfg, ray.cluster_resources(), generation, training)
+        nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+        check_resources(cfg, ray.cluster_resources(), generation, training, nodes=nodes)
         check_output_visible(cfg.output_dir)
 
 

@@ -27,6 +27,7 @@ LOSS_TYPES = ("hinge", "margin", "logistic", "listwise", "seqkd", "token_kd", "o
 # Objectives trained on the teacher's top-k log-probs from teacher_scores/ (teacher.score_samples).
 TOPK_LOSS_TYPES = ("onpolicy_kd", "contrastive")
 DIVERGENCES = ("reverse_kl", "forward_kl", "jsd")
+ATTENTION = ("sdpa", "eager", "flash_attention_2")  # transformers' attn_implementation values plad-ray accepts
 
 
 @dataclass
@@ -38,9 +39,14 @@ class ClusterConfig:
     # is Ray's temporary cache): a folder on the head node, or shared storage / a URI on multi-node clusters.
     # Elsewhere a relative output_dir is taken from the launch directory.
     storage: str = "~/plad-ray-runs"
+    # A local folder on every node where model folders on object storage (an s3:// model, the exported students
+    # of a URI output_dir) are downloaded before a stage opens them, once per node (plad_ray/models/cache.py)
+    model_cache: str = "~/.cache/plad-ray/models"
 
     def checks(self, prefix: str):
         yield f"{prefix}num_cpus", self.num_cpus is None or self.num_cpus >= 1, "must be >= 1 or null"
+        yield f"{prefix}model_cache", bool(self.model_cache) and not storage.is_uri(self.model_cache), (
+            "must name a local folder (models on object storage are downloaded there)")
         yield f"{prefix}storage", bool(self.storage), "must name a folder or URI (relative output_dirs go there "
         "under ray job submit)"
 
@@ -105,6 +111,9 @@ class EngineConfig:
     replicas: int = 1  # vLLM engine replicas (data parallel), >= 1
     tensor_parallel_size: int = 1  # accelerators per replica (vLLM tensor parallelism)
     cpus_per_replica: float = 1.0  # logical CPUs Ray reserves for each engine replica (per worker if TP > 1)
+    # GPUs each engine worker reserves (cluster.use_gpu); below 1 (TP 1 only) several replicas share a GPU, each
+    # taking gpu_memory_utilization of its memory, so that must be at most this fraction
+    gpus_per_worker: float = 1.0
     max_restarts: int = 3  # restarts of a dead engine actor before its stage fails; -1: none (ray.data.llm's default)
     batch_size: int = 64  # prompts per batch handed to one replica
     # batches one replica works on at once (ray.data.llm's max_concurrent_batches): overlaps a batch's tail
@@ -126,6 +135,11 @@ class EngineConfig:
         yield f"{prefix}replicas", self.replicas >= 1, "must be >= 1"
         yield f"{prefix}tensor_parallel_size", self.tensor_parallel_size >= 1, "must be >= 1"
         yield f"{prefix}cpus_per_replica", self.cpus_per_replica > 0, "must be > 0"
+        yield f"{prefix}gpus_per_worker", self.gpus_per_worker == 1 or (
+            0 < self.gpus_per_worker < 1 and self.tensor_parallel_size == 1), (
+            "must be 1, or a fraction in (0, 1) with tensor_parallel_size 1 (replicas sharing a GPU)")
+        yield f"{prefix}gpu_memory_utilization", self.gpu_memory_utilization <= self.gpus_per_worker, (
+            f"must be at most {prefix}gpus_per_worker: the replicas sharing a GPU each take this fraction of it")
         yield f"{prefix}max_restarts", self.max_restarts >= -1, "must be >= 0, or -1 for no limit"
         yield f"{prefix}batch_size", self.batch_size >= 1, "must be >= 1"
         yield f"{prefix}max_concurrent_batches", self.max_concurrent_batches >= 1, "must be >= 1"
@@ -253,6 +267,13 @@ class TrainConfig:
     weight_decay: float = 0.0
     warmup_steps: int = 0  # linear warm-up, in optimizer steps
     max_length: int = 1024  # prompt + response tokens; longer responses are cut, longer prompts dropped
+    # the student's attention kernel (transformers' attn_implementation): sdpa | eager | flash_attention_2 (GPUs
+    # with flash-attn installed; train.packing then runs its varlen kernels); null: transformers' default
+    attn_implementation: str | None = None
+    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, about a third more compute
+    # local folder where each rank writes a checkpoint before Ray Train uploads it to output_dir/train (and deletes
+    # it); null: the system's temp folder. Give a large local disk for big models
+    checkpoint_staging_dir: str | None = None
     checkpoint_every_steps: int = 0  # 0: checkpoint only at the end of each epoch
     checkpoint_upload: str = "async"  # async: Ray Train copies each checkpoint to storage in the background while
     # training goes on | sync: the ranks wait for it (guard.action=stop always waits: it may restore the newest)
@@ -305,6 +326,10 @@ class TrainConfig:
         yield f"{prefix}weight_decay", self.weight_decay >= 0, "must be >= 0"
         yield f"{prefix}warmup_steps", self.warmup_steps >= 0, "must be >= 0"
         yield f"{prefix}max_length", self.max_length >= 2, "must be >= 2"
+        yield f"{prefix}attn_implementation", self.attn_implementation in (None, *ATTENTION), (
+            f"must be null or one of: {', '.join(ATTENTION)}")
+        yield f"{prefix}checkpoint_staging_dir", self.checkpoint_staging_dir is None or not storage.is_uri(
+            self.checkpoint_staging_dir), "must be a local folder (Ray Train uploads from it to output_dir)"
         yield f"{prefix}checkpoint_every_steps", self.checkpoint_every_steps >= 0, "must be >= 0"
         yield f"{prefix}checkpoint_upload", self.checkpoint_upload in ("async", "sync"), "must be async or sync"
         yield f"{prefix}log_every_steps", self.log_every_steps >= 1, "must be >= 1"
@@ -385,6 +410,9 @@ class Config:
             engine: EngineConfig = getattr(self, role)
             yield f"{role}.tensor_parallel_size", engine.tensor_parallel_size == 1 or self.cluster.use_gpu, (
                 "tensor parallelism needs GPUs; set cluster.use_gpu=true or tensor_parallel_size=1")
+        flash = self.train.attn_implementation == "flash_attention_2"
+        yield "train.attn_implementation", not flash or self.cluster.use_gpu, (
+            "flash_attention_2 runs on GPUs only (flash-attn's CUDA kernels); set cluster.use_gpu=true, or use sdpa")
         loss_type = self.train.loss.type
         yield "train.loss.type", loss_type != "token_kd" or self.teacher.endpoint is None, (
             "token-level KD needs the teacher's token distribution: a local teacher.model, not an endpoint")
@@ -441,6 +469,7 @@ def load_config(path: str | None, overrides: list[str] = ()) -> Config:
     config.data.prompts = storage.absolute(config.data.prompts)
     config.train.pairs = storage.absolute(config.train.pairs)
     config.train.teacher_scores = storage.absolute(config.train.teacher_scores)
+    config.train.checkpoint_staging_dir = storage.absolute(config.train.checkpoint_staging_dir)
     return config
 
 

@@ -30,18 +30,24 @@ def test_aws_launcher_config_matches_rays_schema_and_fits_the_llama_run():
     cpus = sum(t["min_workers"] * t["resources"]["CPU"] for t in workers)
     assert gpus == 16
     run = load_config(str(ROOT / "configs" / "llama2-13b-to-7b-tldr.yaml"))
-    check_resources(run, {"CPU": float(cpus), "GPU": float(gpus)})
+    nodes = [{"CPU": float(t["resources"]["CPU"]), "GPU": float(t["resources"]["GPU"])}
+             for t in workers for _ in range(t["min_workers"])]
+    check_resources(run, {"CPU": float(cpus), "GPU": float(gpus)}, nodes=nodes)  # each TP-2 replica on one node
     assert "/mnt/shared" in " ".join(config["initialization_commands"]) and run.output_dir.startswith("/mnt/shared")
 
 
-def kuberay_resources(spec: dict) -> dict:
-    groups = spec["workerGroupSpecs"]
-    total = {"CPU": 0.0, "GPU": 0.0}
-    for group in groups:
+def kuberay_nodes(spec: dict) -> list[dict]:
+    """The resources of each worker pod."""
+    nodes = []
+    for group in spec["workerGroupSpecs"]:
         limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
-        total["CPU"] += group["replicas"] * float(limits["cpu"])
-        total["GPU"] += group["replicas"] * float(limits.get("nvidia.com/gpu", 0))
-    return total
+        nodes += [{"CPU": float(limits["cpu"]), "GPU": float(limits.get("nvidia.com/gpu", 0))}] * group["replicas"]
+    return nodes
+
+
+def kuberay_resources(spec: dict) -> dict:
+    nodes = kuberay_nodes(spec)
+    return {"CPU": sum(n["CPU"] for n in nodes), "GPU": sum(n["GPU"] for n in nodes)}
 
 
 def check_raycluster_spec(spec: dict) -> None:
@@ -76,7 +82,7 @@ def test_kuberay_raycluster_and_rayjob():
     for spec in (cluster["spec"], job["spec"]["rayClusterSpec"]):
         resources = kuberay_resources(spec)
         assert resources == {"CPU": 64.0, "GPU": 8.0}
-        check_resources(run, resources)
+        check_resources(run, resources, nodes=kuberay_nodes(spec))
 
 
 def test_dockerfile_builds_on_the_pinned_ray_with_the_gpu_and_tracking_extras():

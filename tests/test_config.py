@@ -103,6 +103,15 @@ def test_overrides_are_typed_and_nested(tmp_path):
         ("train.scorer=rouge", "config key train.scorer: must be null or one of: reverse"),
         ("train.student_wins=flip", "config key train.student_wins: dropping or flipping pairs the student won"),
         ("nothing", "override 'nothing': must look like key.path=value"),
+        ("train.attn_implementation=flash", "config key train.attn_implementation: must be null or one of: sdpa, eager, "
+                                            "flash_attention_2"),
+        ("train.attn_implementation=flash_attention_2", "config key train.attn_implementation: flash_attention_2 runs "
+                                                        "on GPUs only (flash-attn's CUDA kernels)"),
+        ("train.checkpoint_staging_dir=s3://b/x", "config key train.checkpoint_staging_dir: must be a local folder"),
+        ("cluster.model_cache=s3://b/models", "config key cluster.model_cache: must name a local folder"),
+        ("student.gpus_per_worker=1.5", "config key student.gpus_per_worker: must be 1, or a fraction in (0, 1)"),
+        ("student.gpus_per_worker=0.5", "config key student.gpu_memory_utilization: must be at most "
+                                        "student.gpus_per_worker"),
     ],
 )
 def test_bad_values_name_the_key(tmp_path, override, message):

@@ -41,10 +41,10 @@ def engine_kwargs(engine: EngineConfig, use_gpu: bool) -> dict:
 
 
 def placement_bundle(engine: EngineConfig, use_gpu: bool) -> dict:
-    """Resources of one engine worker; a replica has tensor_parallel_size of them."""
+    """Resources of one engine worker; a replica has tensor_parallel_size of them, on one node (STRICT_PACK)."""
     bundle = {"CPU": engine.cpus_per_replica}
     if use_gpu:
-        bundle["GPU"] = 1
+        bundle["GPU"] = engine.gpus_per_worker
     return bundle
 
 
@@ -80,7 +80,9 @@ def build_engine_processor(
         concurrency=(engine.replicas, engine.replicas),
         batch_size=engine.batch_size,
         max_concurrent_batches=engine.max_concurrent_batches,
-        placement_group_config={"bundle_per_worker": placement_bundle(engine, use_gpu)},
+        # a replica's workers on one node: tensor parallelism over the node's own links (Ray's default, PACK, may
+        # spread them when a node is short; plad_ray.cluster refuses a plan whose replicas fit no node)
+        placement_group_config={"bundle_per_worker": placement_bundle(engine, use_gpu), "strategy": "STRICT_PACK"},
         accelerator_type=None,
         # Engine metrics export needs ray[serve] and a metrics port; progress is logged instead.
         log_engine_metrics=False,

@@ -11,6 +11,7 @@ function returns. Each save's stall (seconds the ranks waited) is kept in `Progr
 """
 
 import json
+import os
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -51,13 +52,14 @@ def resume(engine) -> Progress:
     return progress
 
 
-def save(engine, progress: Progress, rank: int, upload: str = "sync") -> None:
-    """Checkpoint the engine and `progress` as <root>/step-<N>; `upload`: async | sync (train.checkpoint_upload)."""
+def save(engine, progress: Progress, rank: int, upload: str = "sync", staging: str | None = None) -> None:
+    """Checkpoint the engine and `progress` as <root>/step-<N>; `upload`: async | sync (train.checkpoint_upload);
+    `staging`: the local folder it is written to first (train.checkpoint_staging_dir; None: the temp folder)."""
     import ray.train
 
     start = time.perf_counter()
     progress.last_checkpoint = progress.step
-    folder = tempfile.mkdtemp(prefix="plad-ray-checkpoint-")  # Ray Train deletes it once uploaded
+    folder = staging_folder(staging)  # Ray Train deletes it once uploaded
     engine.save_checkpoint(folder, tag=CHECKPOINT_TAG)
     if rank == 0:
         (Path(folder) / PROGRESS_FILE).write_text(json.dumps(progress.__dict__))
@@ -70,3 +72,10 @@ def save(engine, progress: Progress, rank: int, upload: str = "sync") -> None:
         delete_local_checkpoint_after_upload=True,
     )
     progress.checkpoint_s.append([progress.step, time.perf_counter() - start])
+
+
+def staging_folder(staging: str | None) -> str:
+    """A new folder for one checkpoint under `staging` (created if missing; None: the system's temp folder)."""
+    if staging is not None:
+        os.makedirs(staging, exist_ok=True)
+    return tempfile.mkdtemp(prefix="plad-ray-checkpoint-", dir=staging)

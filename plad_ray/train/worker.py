@@ -117,13 +117,14 @@ def train_loop_per_worker(config: dict) -> dict | None:
         metrics.log(0, progress.eval_initial, prefix="heldout")
     clock.lap("eval_s")
     if plan.train.guard.action == "stop" and progress.last_checkpoint is None:
-        save(engine, progress, rank)  # the last good state, should the very first evaluation trip the guard
+        # the last good state, should the very first evaluation trip the guard
+        save(engine, progress, rank, staging=plan.train.checkpoint_staging_dir)
     shard = feed if feed is not None else ray.train.get_dataset_shard(TrainPlan.train_shard(rank))
     trained_rows = _train(engine, shard, plan, progress, rank, metrics, teacher, eval_batches)
     stream_counts = feed.finish(trained_rows) if feed is not None else None
     clock.lap("loop_s")
     if not plan.export:  # a streamed first epoch of several: the next ones resume from here, reading pairs/
-        save(engine, progress, rank, upload="sync")
+        save(engine, progress, rank, upload="sync", staging=plan.train.checkpoint_staging_dir)
         tracker_runs = metrics.close()
         clock.lap("export_s")
         return _figures(progress, None, tracker_runs, clock, stream_counts) if rank == 0 else None
@@ -210,8 +211,11 @@ def _initialize(plan: TrainPlan, world_size: int, clock: _Clock | None = None):
     model = AutoModelForCausalLM.from_pretrained(
         plan.model_path, dtype=torch.float32, trust_remote_code=plan.trust_remote_code,
         use_safetensors=None if plan.allow_pickle else True,
+        **({"attn_implementation": plan.train.attn_implementation} if plan.train.attn_implementation else {}),
     )
     model.config.use_cache = False
+    if plan.train.gradient_checkpointing:  # non-reentrant: works under ZeRO-3's gathered parameters
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     clock.lap("model_load_s")
     optimizer = None
     if not plan.train.offload_optimizer:
@@ -328,10 +332,11 @@ def _train(engine, shard, plan: TrainPlan, progress: Progress, rank: int, metric
                 checkpoint = checkpoint or stop_mode
             if checkpoint:  # stop mode waits for each upload: the guard may restore the newest at once
                 metrics.sync()
-                save(engine, progress, rank, upload="sync" if stop_mode else train.checkpoint_upload)
-            if not plan.stream and (end_of_epoch or progress.step >= plan.total_steps):
-                break
-        if plan.stream:  # the stream ended (at most the planned steps): one epoch, whatever its length
+                save(engine, progress, rank, upload="sync" if stop_mode else train.checkpoint_upload,
+                     staging=train.checkpoint_staging_dir)
+            if end_of_epoch or progress.step >= plan.total_steps:
+                break  # a stream bringing more pairs than planned ends here too: the rest is written, not trained
+        if plan.stream:  # the stream ended, or its planned steps did: one epoch, whatever its length
             if window.count:
                 entry = window.flush(progress.step, epoch, engine.get_lr()[0])
                 progress.curve.append(entry)
