@@ -127,7 +127,7 @@ def answer_one(one: str, measure, tag: str) -> None:
 
 def run_worker(module: str, flag: str, arg: str, tag: str, failure: str) -> dict:
     """Run `python -m module flag arg` in a fresh process; its result is the JSON after `tag ` on stdout."""
-    proc = subprocess.run([sys.executable, "-m", module, flag, arg], capture_output=True, text=True, timeout=3600)
+    proc = subprocess.run([sys.executable, "-m", module, flag, arg], capture_output=True, text=True, timeout=4 * 3600)
     line = [l for l in proc.stdout.splitlines() if l.startswith(f"{tag} ")]
     if proc.returncode != 0 or not line:
         raise RuntimeError(f"{failure}: {proc.stderr[-3000:]}")

@@ -124,6 +124,60 @@ def measure(n: int, max_tokens: int, batch_size: int) -> dict:
             "rows_per_s": {s: rows[s if s != "checks" else "prompts"] / seconds[s] for s in STAGES}}
 
 
+STREAM_STEPS = 20  # --stream: optimizer steps trained; the rest of the stream is generated, written and counted
+
+
+def measure_stream(n: int, max_tokens: int, batch_size: int) -> dict:
+    """train.stream at `n` prompts: the student engines' pairs feed the trainer (STREAM_STEPS steps of it, so that
+    what is measured is the stream's data path, not this machine's training speed) and are written to pairs/ on the
+    way; then the commit. Figures: pair files, commit seconds, driver RSS."""
+    from plad_ray.config import load_config
+    from plad_ray.data import storage
+    from plad_ray.generate.student import commit_pairs, pair_stream
+    from plad_ray.generate.teacher import generate_teacher
+    from plad_ray.pipeline import prepare
+    from plad_ray.train.driver import train_student
+
+    folder = Path(tempfile.mkdtemp(prefix=f"plad-ray-scale-stream-{n}-"))
+    write_prompts(folder / "prompts.jsonl", n)
+    cfg = load_config("configs/tiny-cpu.yaml", [
+        f"data.prompts={folder / 'prompts.jsonl'}", f"output_dir={folder / 'run'}", "student.num_samples=1",
+        f"teacher.sampling.max_tokens={max_tokens}", f"student.sampling.max_tokens={max_tokens}",
+        f"teacher.batch_size={batch_size}", f"student.batch_size={batch_size}", "eval.enabled=false",
+        "train.stream=true", f"train.max_steps={STREAM_STEPS}", "train.eval_every_steps=0", "train.trackers=[]",
+        "cluster.num_cpus=5"])
+    quiet = lambda line: None  # noqa: E731
+    store = _ObjectStorePeak()
+    store.start()
+    seconds, rss = {}, {}
+
+    def lap(stage: str, start: float) -> None:
+        seconds[stage] = time.perf_counter() - start
+        rss[stage] = _rss_mb()
+        print(f"[scale] {n} prompts, stream: {stage} {seconds[stage]:.1f} s, driver RSS {rss[stage]:.0f} MB",
+              file=sys.stderr, flush=True)
+
+    start = time.perf_counter()
+    inputs = prepare(cfg, generation=True, training=True, log=quiet)
+    lap("checks", start)
+    start = time.perf_counter()
+    generate_teacher(cfg, inputs, quiet)
+    lap("teacher", start)
+    start = time.perf_counter()
+    trained = train_student(cfg, inputs, quiet, stream=pair_stream(cfg, inputs, quiet))
+    lap("stream", start)
+    start = time.perf_counter()
+    committed = commit_pairs(cfg, 1, start, quiet)
+    lap("commit", start)
+    files = len(storage.manifest(cfg.layout().pairs(1))["files"])
+    store.running = False
+    shutil.rmtree(folder, ignore_errors=True)
+    return {"prompts": n, "mode": "stream", "pair_files": files, "pairs": committed["pairs"],
+            "steps": trained["steps"], "untrained": trained["counts"]["untrained"],
+            "driver_peak_rss_mb": _peak_rss_mb(), "driver_rss_after_mb": rss, "object_store_peak_mb": store.peak_mb,
+            "seconds": seconds}
+
+
 def plot(results: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -151,10 +205,15 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
     parser.add_argument("--max-tokens", type=int, default=2, help="generated tokens per output (teacher and student)")
     parser.add_argument("--batch-size", type=int, default=256, help="engine batch size (teacher and student)")
+    parser.add_argument("--stream", action="store_true",
+                        help=f"train.stream instead: pairs fed to the trainer ({STREAM_STEPS} steps) and written on "
+                             "the way; pair files, commit seconds and driver RSS per size")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one size (JSON arguments)
     args = parser.parse_args()
     if args.one:
-        return answer_one(args.one, measure, TAG)
+        return answer_one(args.one, _measure, TAG)
+    if args.stream:
+        return main_stream(args)
     results = []
     for n in args.sizes:
         print(f"[scale] {n} prompts ...", file=sys.stderr, flush=True)
@@ -170,6 +229,25 @@ def main() -> None:
     png = RESULTS / (path.stem + ".png")
     plot(results, png)
     print(f"results: {path}, {png}")
+
+
+def _measure(stream: bool = False, **kwargs) -> dict:
+    return measure_stream(**kwargs) if stream else measure(**kwargs)
+
+
+def main_stream(args) -> None:
+    results = []
+    for n in args.sizes:
+        print(f"[scale] {n} prompts, stream ...", file=sys.stderr, flush=True)
+        results.append(in_fresh_process("benchmarks.scale", TAG, {"n": n, "max_tokens": args.max_tokens,
+                                                                 "batch_size": args.batch_size, "stream": True},
+                                        f"the {n}-prompt stream run failed"))
+    rows = [{"prompts": r["prompts"], "pair files": r["pair_files"], "commit s": r["seconds"]["commit"],
+             "driver peak RSS MB": r["driver_peak_rss_mb"], "object store peak MB": r["object_store_peak_mb"],
+             "stream s": r["seconds"]["stream"], "steps": r["steps"], "untrained": r["untrained"]} for r in results]
+    print(table(rows, list(rows[0])))
+    path = save("scale-stream", {"max_tokens": args.max_tokens, "batch_size": args.batch_size, "results": results})
+    print(f"results: {path}")
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 from conftest import PYTHON, ROOT, job_env
 from fault import alive, descendants, find, find_in, kill, write_pairs
+from ray_head import RayHead
 import pyarrow.parquet as pq
 
 from plad_ray.data import parquet
@@ -66,7 +67,8 @@ def test_killed_training_worker_resumes_exactly_where_its_checkpoint_was(tmp_pat
                "--set", f"train.pairs={tmp_path / 'synthetic' / 'pairs'}", "--set", "train.precision=fp32",
                "--set", "train.num_epochs=1", "--set", "train.micro_batch_size=4", "--set", "data.heldout_fraction=0.1",
                "--set", "train.checkpoint_every_steps=20", "--set", "train.max_failures=2",
-               "--set", "train.log_every_steps=10", "--set", "train.eval_every_steps=0"]
+               "--set", "train.log_every_steps=10", "--set", "train.eval_every_steps=0",
+               "--set", f"train.checkpoint_staging_dir={tmp_path / 'staging'}"]
     runs = {}
     for name in ("killed", "uninterrupted"):
         out, trace = tmp_path / name, tmp_path / f"{name}-trace"
@@ -91,6 +93,10 @@ def test_killed_training_worker_resumes_exactly_where_its_checkpoint_was(tmp_pat
         runs[name] = (out, traced_steps(trace), output)
 
     out, traced, output = runs["killed"]
+    # The ranks wrote their checkpoints under train.checkpoint_staging_dir, which they created (Ray Train deletes each
+    # copy once uploaded to output_dir/train; one the kill interrupted may be left).
+    assert (tmp_path / "staging").is_dir()
+    assert all(p.name.startswith("plad-ray-checkpoint-") for p in (tmp_path / "staging").iterdir())
     resumed = [int(s) for s in re.findall(r"resumed from checkpoint at step (\d+)", output)]
     assert resumed and resumed[0] >= 20 and resumed[0] % 20 == 0, output[-3000:]
     report = json.loads((out / "report.json").read_text())
@@ -169,24 +175,38 @@ def test_ctrl_c_then_resume_with_an_engine_killed_writes_every_pair_once(tmp_pat
 
 
 def test_streamed_training_with_an_engine_killed_trains_every_pair_once(tmp_path, tiny_models):
-    """train.stream: the student engines feed two DeepSpeed ranks while they generate; kill the engine actor
-    once its first pairs are on disk (ray.data.llm replaces it). Every pair is on disk once, every training pair
-    is trained exactly once in the streamed epoch (no held-out pair) and once in the second epoch, which
-    resumes from the streamed one's checkpoint and reads the pairs from disk; the student learned."""
+    """train.stream on two Ray nodes (a DeepSpeed rank on each): the student engines feed the ranks while they
+    generate; kill the engine actor once its first pairs are on disk (ray.data.llm replaces it). Every pair is on
+    disk once, every training pair is trained exactly once in the streamed epoch (no held-out pair: the split's
+    order does not depend on which node made a block) and once in the second epoch, which resumes from the streamed
+    one's checkpoint and reads the pairs from disk; the teacher then scores the committed pairs
+    (teacher.score_samples); the student learned."""
     out, trace = tmp_path / "run", tmp_path / "trace"
     trace.mkdir()
-    # Small engine batches: many blocks, so the engine is still generating when the ranks train.
-    command = [PYTHON, "-m", "jobs.distill", "--config", "configs/tiny-cpu.yaml", "--set", f"output_dir={out}",
-               "--set", "train.stream=true", "--set", "cluster.num_cpus=5", "--set", "student.batch_size=8",
-               "--set", "eval.enabled=false", "--set", "data.max_prompts=256", "--set", "train.num_epochs=2"]
-    job, stdout_file, stderr_file = start(command, tmp_path, env={"PLAD_RAY_TRACE_PAIRS": str(trace)})
-    # The engine's first block on disk: it has most of its work ahead, inside the trainer's stream
-    wait_for(lambda: list((out / "pairs.partial").glob("*.parquet")), job, what="the stream's first pairs on disk")
-    engines = find(job.pid, "vLLMEngineStageUDF")
-    assert engines and find(job.pid, "RayTrainWorker"), "the engines and the trainer workers are not up together"
-    kill(engines)
-    wait_for(lambda: set(find(job.pid, "vLLMEngineStageUDF")) - set(engines), job, what="a replacement engine")
-    stdout, stderr = finish(job, stdout_file, stderr_file)
+    cluster = RayHead(num_cpus=3)
+    try:
+        cluster.add_node(num_cpus=3)
+        # Small engine batches: many blocks, so the engine is still generating when the ranks train.
+        command = [PYTHON, "-m", "jobs.distill", "--config", "configs/tiny-cpu.yaml", "--set", f"output_dir={out}",
+                   "--set", "train.stream=true", "--set", f"cluster.address={cluster.address}",
+                   "--set", "train.placement_strategy=SPREAD", "--set", "student.batch_size=8",
+                   "--set", "eval.enabled=false", "--set", "data.max_prompts=256", "--set", "train.num_epochs=2",
+                   "--set", "teacher.score_samples=true"]
+        job, stdout_file, stderr_file = start(command, tmp_path,
+                                              env={**cluster.env, "PLAD_RAY_TRACE_PAIRS": str(trace)})
+        # The engine's first block on disk: it has most of its work ahead, inside the trainer's stream
+        wait_for(lambda: list((out / "pairs.partial").glob("*.parquet")), job, what="the stream's first pairs on disk")
+        engines = cluster.processes("vLLMEngineStageUDF")
+        assert engines and len(cluster.processes("RayTrainWorker")) == 2, "engines and trainer workers not up together"
+        trainers = {a["node_id"] for a in json.loads(cluster.job_cli("list", "actors", "--format", "json", "--detail",
+                                                                     "--limit", "10000").stdout)
+                    if a["class_name"] == "RayTrainWorker" and a["state"] == "ALIVE"}
+        assert len(trainers) == 2  # a rank on each node
+        kill(engines)
+        wait_for(lambda: set(cluster.processes("vLLMEngineStageUDF")) - set(engines), job, what="a replacement engine")
+        stdout, stderr = finish(job, stdout_file, stderr_file)
+    finally:
+        cluster.stop()
     assert job.returncode == 0, stdout[-3000:] + stderr[-3000:]
     assert "streaming into training" in stdout
 
@@ -214,3 +234,8 @@ def test_streamed_training_with_an_engine_killed_trains_every_pair_once(tmp_path
     weights = load_file(str(out / "student" / "model.safetensors"))
     before = load_file(str(Path(tiny_models["student"]) / "model.safetensors"))
     assert any(not (weights[name].float() == before[name].float()).all() for name in before)
+    # The committed pairs scored by the teacher: each student sample once, each prompt's teacher output once.
+    scores = parquet.read_table(str(out / "teacher_scores"))
+    scored = set(zip(scores.column("id").to_pylist(), scores.column("sample_index").to_pylist(),
+                     scores.column("side").to_pylist()))
+    assert len(scored) == scores.num_rows == 256 * 2 + 256

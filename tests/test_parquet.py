@@ -145,3 +145,23 @@ def test_pending_sum_counts_only_what_this_run_wrote(tmp_path):
     pq.write_table(pa.table({"id": ["p3"], "teacher_num_tokens": [4]}), tmp_path / "teacher.partial" / "b.parquet")
     assert parquet.pending_sum(str(uri), "teacher_num_tokens", earlier) == 4
     assert parquet.pending_sum(str(uri), "teacher_num_tokens") == 16
+
+
+def test_a_commit_of_many_files_reads_their_footers_and_moves_them_in_ray_tasks(tmp_path, monkeypatch):
+    # Past FILES_PER_TASK files, footers are read and files moved by Ray tasks (one per FILES_PER_TASK files), not
+    # one at a time on the driver; the dataset committed is the same. 2 files a task here, 7 files.
+    monkeypatch.setattr(parquet, "FILES_PER_TASK", 2)
+    uri = tmp_path / "pairs"
+    (tmp_path / "pairs.partial").mkdir()
+    for i in range(6):
+        pending_file(uri, f"f{i}.parquet", [f"p{i}a", f"p{i}b"])
+    (tmp_path / "pairs.partial" / "cut.parquet").write_bytes(b"PAR1 cut off before the footer")
+    local_moves = []
+    monkeypatch.setattr(parquet, "_move", lambda *args: local_moves.append(args))  # the driver's own: unused
+    logged = []
+    assert parquet.commit(str(uri), {}, KEYS, logged.append) == 12
+    assert local_moves == []  # every move ran in a task (their processes have the module's own _move)
+    assert any("cut.parquet" in line for line in logged) and not (tmp_path / "pairs.partial").exists()
+    assert sorted(json.loads((uri / "_manifest.json").read_text())["files"]) == [f"f{i}.parquet" for i in range(6)]
+    assert sorted(parquet.read_table(str(uri)).column("id").to_pylist()) == sorted(
+        f"p{i}{s}" for i in range(6) for s in "ab")

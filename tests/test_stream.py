@@ -52,7 +52,7 @@ def test_a_rank_reads_its_heldout_pairs_then_its_training_pairs_in_steps():
     assert ids == [["p4", "p7", "p8", "p9"], ["p10", "p11", "p12", "p13"], ["p14", "p15", "p16"]]
     counts = feed.finish(trained_rows=8)
     assert counts == {"pairs": 17, "train": 11, "heldout": 4, "heldout_ranked": 4, "dropped_identical": 1,
-                      "dropped_too_long": 1, "dropped_student_better": 0, "trained": 8, "untrained_uneven": 3}
+                      "dropped_too_long": 1, "dropped_student_better": 0, "trained": 8, "untrained": 3}
 
 
 def test_a_heldout_pair_after_a_training_pair_stops_the_rank():

@@ -39,7 +39,7 @@ from tests.conftest import PYTHON, ROOT, job_env
 pytestmark = pytest.mark.integration
 
 # offload: ZeRO-2 with DeepSpeed's CPU Adam; packing: train.packing (the same sums over fewer, fuller rows)
-FP32 = ["zero1", "zero2", "zero3", "accumulation", "offload", "packing"]
+FP32 = ["zero1", "zero2", "zero3", "accumulation", "offload", "packing", "gradient_checkpointing", "eager_attention"]
 EARLY_STEPS, EARLY_TOL, LOSS_TOL, WEIGHT_TOL = 4, 1e-5, 2e-3, 5e-3  # fp32 bounds, module docstring
 # (bf16 variant, plain path it must match, max relative loss difference per step, mean weight difference
 # as a share of the mean distance the plain path's weights moved)
@@ -111,9 +111,26 @@ def test_bf16_training_path_stays_near_the_plain_path(runs, variant, plain, loss
     assert weight_diff <= weight_tol * moved
 
 
+def test_gradient_checkpointing_gives_the_same_losses(runs):
+    # Activations recomputed in backward by the same ops: every step's loss within 1e-5 (relative) of the plain run.
+    got, want = results(runs)["gradient_checkpointing"]["losses"], results(runs)["zero0"]["losses"]
+    assert len(got) == len(want) == 12
+    diffs = [abs(a - b) / abs(b) for a, b in zip(got, want)]
+    print(f"gradient checkpointing vs zero0: max relative loss difference {max(diffs):.2e}")
+    assert max(diffs) <= 1e-5, diffs
+
+
+def test_a_stream_bringing_more_pairs_than_planned_ends_at_the_plan(runs):
+    # 8 steps planned, 12 steps' worth of pairs in the stream: 8 optimizer steps, at 8 logged losses; the first
+    # equals the fixed-shard run's (same pairs, same start), after it the schedule decays over 8 steps.
+    record = results(runs)["stream_past_plan"]
+    assert record["steps"] == record["engine_steps"] == 8 and len(record["losses"]) == 8
+    assert record["losses"][0] == results(runs)["zero0"]["losses"][0]
+
+
 def test_every_rank_consumes_each_of_its_pairs_once_per_epoch(runs):
     for variant, record in results(runs).items():
-        if variant == "max_steps":
+        if variant in ("max_steps", "stream_past_plan"):
             continue
         consumed = [pair for rank in record["consumed"] for pair in rank]
         assert len(consumed) == len(set(consumed)) == 12 * 16 * 2, variant

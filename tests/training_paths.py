@@ -39,10 +39,17 @@ VARIANTS = {
     # The LLaMA-2 config's combination: ZeRO-3 in bf16 with micro-batches accumulated.
     "zero3_accumulation_bf16": dict(zero_stage=3, precision="bf16", micro_batch_size=8,
                                     gradient_accumulation_steps=2),
+    # GPU knobs: recomputed activations (the same ops again: the same losses), another attention kernel
+    "gradient_checkpointing": dict(zero_stage=0, gradient_checkpointing=True),
+    "eager_attention": dict(zero_stage=0, attn_implementation="eager"),
+    # train.stream with a stream bringing more pairs than planned (PLAN below: 8 steps planned, 12 steps' worth of
+    # pairs): training ends at the plan
+    "stream_past_plan": dict(zero_stage=0),
     # A control that must fail the fp32 bounds: accumulation with the bug fixed in fd984da put back (every
     # micro-batch's loss its own mean, so a step trains a mean of micro-batch means).
     "accumulation_unweighted": dict(zero_stage=0, micro_batch_size=8, gradient_accumulation_steps=2),
 }
+PLAN = {"stream_past_plan": dict(stream=True, steps_per_epoch=8)}  # TrainPlan overrides
 UNWEIGHTED = {"accumulation_unweighted"}  # run with worker.step_term_scales replaced by constant ones
 HELDOUT = {"zero0", "zero3"}  # after training, also score held-out pairs shared out over the ranks and whole
 HELDOUT_BATCHES, HELDOUT_BATCH = 5, 4  # 5 batches on 2 ranks: 3 and 2, so ZeRO-3 must match forwards
@@ -107,7 +114,7 @@ def main(out: Path) -> None:
     for name in names:
         train = replace(base, **VARIANTS[name])
         plan = worker.TrainPlan(train=train, model_path=model_path, export_uri=str(out / f"{name}-export"),
-                                tracking=None, steps_per_epoch=STEPS, pad_id=0)
+                                tracking=None, pad_id=0, **{"steps_per_epoch": STEPS, **PLAN.get(name, {})})
         torch.manual_seed(train.seed)
         engine = worker._initialize(plan, world)
         shard = ListShard(rows[rank::world])  # a fixed split: every variant sees the same pairs per rank

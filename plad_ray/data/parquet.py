@@ -76,19 +76,51 @@ class WritePending:
         return table
 
 
+FILES_PER_TASK = 256  # files one Ray task checks or moves when a dataset has more (see `_each_file`)
+
+
+def _each_file(work, fs, items: list) -> list:
+    """`work(fs, items)` (a list in, a list out) over `items`, in Ray tasks of FILES_PER_TASK items when there are
+    more than that and Ray is up: a stream of 200M pairs is ~12k files, and one footer read or one move at a time
+    on the driver is hours on object storage (a move there is a copy and a delete)."""
+    chunks = [items[i:i + FILES_PER_TASK] for i in range(0, len(items), FILES_PER_TASK)]
+    import ray
+
+    if len(chunks) <= 1 or not ray.is_initialized():
+        return work(fs, items)
+    task = ray.remote(num_cpus=0, max_retries=3)(work)  # I/O; a lost task is run again (each step is idempotent)
+    return [out for part in ray.get([task.remote(fs, chunk) for chunk in chunks]) for out in part]
+
+
+def _footers(fs, files: list[str]) -> list[tuple[str, bool]]:
+    """(file, readable) for each file; a file cut off mid-write (no Parquet footer) is deleted."""
+    out = []
+    for file in files:
+        try:
+            pq.read_metadata(file, filesystem=fs)
+            out.append((file, True))
+        except (pa.ArrowInvalid, OSError):
+            fs.delete_file(file)
+            out.append((file, False))
+    return out
+
+
+def _moves(fs, moves: list[tuple[str, str]]) -> list[str]:
+    for src, dst in moves:
+        _move(fs, src, dst)
+    return [dst for _, dst in moves]
+
+
 def _pending_files(uri: str, log=print) -> list[str]:
     """Readable pending files; files cut off mid-write (no Parquet footer) are deleted."""
     fs, path = storage.filesystem_and_path(pending_uri(uri))
+    files = [f for f in storage.list_files(fs, path, pending_uri(uri)) if f.endswith(".parquet")]
     readable = []
-    for file in storage.list_files(fs, path, pending_uri(uri)):
-        if not file.endswith(".parquet"):
-            continue
-        try:
-            pq.read_metadata(file, filesystem=fs)
+    for file, ok in _each_file(_footers, fs, files):
+        if ok:
             readable.append(file)
-        except (pa.ArrowInvalid, OSError):
-            log(f"[plad-ray] deleting {file}: cut off mid-write by an earlier run; its rows will be generated again")
-            fs.delete_file(file)
+        else:
+            log(f"[plad-ray] deleted {file}: cut off mid-write by an earlier run; its rows will be generated again")
     return readable
 
 
@@ -205,13 +237,14 @@ def commit(uri: str, info: dict, keys: list[str], log=print) -> int:
     fs.create_dir(dst, recursive=True)
     rows = _dataset(uri, orphans + pending).count() if orphans or pending else 0  # from the files' footers
     added = [os.path.relpath(file, dst) for file in orphans]
-    for file in pending:  # one rename per file (writes make few files: rows_per_file)
-        name = os.path.relpath(file, src)
-        if fs.get_file_info(f"{dst}/{name}").type != pafs.FileType.NotFound:
-            raise DataError(f"{uri}: {name} is both pending and in the dataset: nothing committed; "
-                            f"remove {pending_uri(uri)} and re-run")
-        _move(fs, file, f"{dst}/{name}")
-        added.append(name)
+    names = [os.path.relpath(file, src) for file in pending]
+    there = set(_committed_paths(uri, manifest)) | set(orphans)
+    clash = next((name for name in names if f"{dst}/{name}" in there), None)
+    if clash is not None:
+        raise DataError(f"{uri}: {clash} is both pending and in the dataset: nothing committed; "
+                        f"remove {pending_uri(uri)} and re-run")
+    _each_file(_moves, fs, [(file, f"{dst}/{name}") for file, name in zip(pending, names)])  # one move per file
+    added += names
     storage.write_json(  # the commit point: an atomic move of the whole manifest
         storage.join(uri, storage.MANIFEST),
         {**existing, **info, "files": existing["files"] + added, "rows": existing["rows"] + rows},

@@ -126,9 +126,12 @@ def pair_stream(cfg: Config, inputs: Inputs, log=print, round: int = 1) -> PairS
     log(f"[generate] round {round} student, streaming into training: {todo // k} prompts x {k} samples with "
         f"{cfg.student.model if round == 1 else inputs.student_for_round(cfg, round)}, the {heldout} held-out "
         f"prompts' pairs first; every pair is written to {uri} before a trainer reads it")
+    # Files of parquet.rows_per_file rows (Ray Data bundles the engines' blocks up to it), as a sequential round
+    # writes them: a 200M-pair stream makes ~12k files, not one per engine block (~390k at batch 512).
     stream = _pairs(cfg, inputs, round, None, 0, todo, heldout_first=True).map_batches(
         parquet.WritePending, fn_constructor_kwargs=dict(uri=uri, schema=pairs.PAIR_SCHEMA, keys=["id", "sample_index"]),
-        batch_size=None, batch_format="pyarrow", concurrency=1, num_cpus=0)  # I/O: holds no CPU
+        batch_size=parquet.rows_per_file(todo, cfg.student.batch_size), batch_format="pyarrow", concurrency=1,
+        num_cpus=0)  # I/O: holds no CPU
     return PairStream(stream, train_pairs=todo - heldout * k, heldout_pairs=heldout * k,
                       block_rows=cfg.student.batch_size)
 

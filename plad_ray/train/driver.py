@@ -221,7 +221,8 @@ def run_training(pairs_ds, model_path: str, train: TrainConfig, cluster: Cluster
     if counts is None:
         counts = out.pop("stream_counts")
         print(f"[train] the stream brought {counts['pairs']} pairs: trained on {counts['trained']}, "
-              f"{counts['heldout']} held out, {counts['untrained_uneven']} left when a rank ran out of steps; "
+              f"{counts['heldout']} held out, {counts['untrained']} written to pairs/ but not trained (past the "
+              f"planned {out['steps']} steps, or short of a whole step at a rank's end); "
               f"dropped: {counts['dropped_too_long']} too long, {counts['dropped_identical']} identical", flush=True)
     worker = out.pop("worker_timings")
     phases = {k: worker.get(k, 0.0) for k in ("eval_s", "loop_s", "export_s")}

@@ -127,7 +127,8 @@ class StreamFeed:
     def finish(self, trained_rows: int) -> dict:
         """Read the rest of this rank's split (the stream writes every pair before a rank reads it, so this
         only empties the split), then the counts summed over the ranks (every rank calls it), with
-        `trained` (rows trained on) and `untrained_uneven` (training rows left when a rank ran out of steps)."""
+        `trained` (rows trained on) and `untrained` (training rows not trained: past the planned steps, where
+        training ends whatever the stream still brings, or short of a whole step at a rank's end)."""
         for _ in iter(self._next, None):
             pass
         self.counts["trained"] = trained_rows
@@ -136,7 +137,7 @@ class StreamFeed:
         if torch.distributed.is_initialized():
             torch.distributed.all_reduce(totals)
         counts = {k: int(v) for k, v in zip(keys, totals.tolist())}
-        counts["untrained_uneven"] = counts["train"] - counts["trained"]
+        counts["untrained"] = counts["train"] - counts["trained"]
         return counts
 
 def any_rank(has_step: bool) -> bool:

@@ -7,6 +7,9 @@ ranks with unequal numbers of *training* pairs (measured on the demo: 208 of 1,7
 the first rank ran out). Without `equal`, the ranks, which train in lock-step, take training blocks at
 the same pace; what is still uneven at the end is trained with zero-weight spare steps
 (plad_ray.train.worker). Only `configure` differs from Ray Train's DataConfig.
+
+No `locality_hints`: with them, Ray Data prefers to hand a rank the blocks made on its own node, and by its
+own documentation keeps no order across nodes then; a rank could get a held-out block after a training one.
 """
 
 import ray.train
@@ -25,6 +28,6 @@ class StreamSplit(ray.train.DataConfig):
         ds = datasets[self.stream]
         ds = ds.copy(ds)
         ds.context.execution_options = self._resolve_execution_options(self.stream)
-        for rank, split in enumerate(ds.streaming_split(world_size, equal=False, locality_hints=worker_node_ids)):
+        for rank, split in enumerate(ds.streaming_split(world_size, equal=False)):
             output[rank][self.stream] = split
         return output
