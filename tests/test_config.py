@@ -103,6 +103,10 @@ def test_overrides_are_typed_and_nested(tmp_path):
         ("train.scorer=rouge", "config key train.scorer: must be null or one of: reverse"),
         ("train.student_wins=flip", "config key train.student_wins: dropping or flipping pairs the student won"),
         ("nothing", "override 'nothing': must look like key.path=value"),
+        ("teacher.endpoint={url: http://h/v1/completions, max_refused_fraction: 0}",
+         "config key teacher.endpoint.max_refused_fraction: must be in (0, 1] (1: never stop)"),
+        ("teacher.endpoint={url: http://h/v1/completions, refused_window: 0}",
+         "config key teacher.endpoint.refused_window: must be >= 1 (answers)"),
     ],
 )
 def test_bad_values_name_the_key(tmp_path, override, message):
