@@ -7,7 +7,7 @@ import pytest
 
 from plad_ray.generate.endpoint_policy import (FAILING, FATAL, MAX_BACKOFF_S, MIN_QPS, OK, REFUSED, THROTTLED,
                                                AdaptiveRate, Outage, RefusalWindow, Retries, backoff_s, canary_payload,
-                                               classify, error_text, retry_after_s)
+                                               classify, error_text, retry_after_s, timed_out, unreachable)
 from plad_ray.generate.endpoint_stats import union_length
 
 
@@ -165,3 +165,16 @@ def test_a_fraction_of_one_never_stops():
     for _ in range(10):
         window.add((404, "HTTP 404: gone"))
     assert window.storm() is None  # 3 of 3 is not more than 1 x 3
+
+
+def test_a_time_out_is_retried_like_a_5xx_and_an_unreachable_server_waited_for():
+    import asyncio
+
+    import aiohttp
+
+    assert unreachable(None, ConnectionRefusedError(111, "Connect call failed"))
+    assert unreachable(None, aiohttp.ServerDisconnectedError())
+    assert not unreachable(None, asyncio.TimeoutError())  # the server took the request and did not answer in time
+    assert not unreachable(None, aiohttp.ServerTimeoutError("read timed out"))
+    assert not unreachable(500, None) and not unreachable(503, None)
+    assert timed_out(aiohttp.ServerTimeoutError()) and not timed_out(None)

@@ -2,7 +2,7 @@
 
     answer --classify--> ok | refused (this prompt only) | throttled | failing | fatal
     throttled: wait Retry-After (or back off), halve the worker's rate; a quiet period doubles it back
-    failing:   back off and retry (no answer at all: stop sending and poll /models first); after
+    failing:   back off and retry (server unreachable: stop sending and poll /models first); after
                max_retries + 1 failed requests (`Retries`) the worker sends a canary, a request the
                endpoint answered before: answered, the prompt is set aside as failed with its last
                error; not answered, it is an outage and the prompt gets its retries again
@@ -67,6 +67,17 @@ def backoff_s(attempt: int, first_wait_s: float) -> float:
     return min(MAX_BACKOFF_S, first_wait_s * 2 ** min(attempt, 30))
 
 
+def timed_out(exception: BaseException | None) -> bool:
+    """A request with no answer within teacher.endpoint.timeout_s (aiohttp's ServerTimeoutError is a TimeoutError)."""
+    return isinstance(exception, TimeoutError) or type(exception).__name__ in ("TimeoutError", "ServerTimeoutError")
+
+
+def unreachable(status: int | None, exception: BaseException | None) -> bool:
+    """No answer because the server could not be reached (refused, reset, cut off): stop sending until /models
+    answers. A time-out is not that: the server took the request, and it is retried like a 5xx."""
+    return status is None and not timed_out(exception)
+
+
 def error_text(status: int | None, body: str = "", exception: BaseException | None = None) -> str:
     """The shortest true account of a failed request: `HTTP 503: <message>` or `connection refused`."""
     if status is None:
@@ -74,7 +85,7 @@ def error_text(status: int | None, body: str = "", exception: BaseException | No
         causes = (exception, getattr(exception, "os_error", None), getattr(exception, "__cause__", None))
         if any(isinstance(c, ConnectionRefusedError) for c in causes) or "refused" in text.lower():
             return f"connection refused ({text})"
-        if exception is not None and type(exception).__name__ in ("TimeoutError", "ServerTimeoutError"):
+        if timed_out(exception):
             return "request timed out (teacher.endpoint.timeout_s)"
         return f"{type(exception).__name__ if exception is not None else 'error'}: {text}"
     message = _message(body)

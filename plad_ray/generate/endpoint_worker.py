@@ -31,7 +31,7 @@ from plad_ray.generate import set_aside
 from plad_ray.generate.endpoint import models_url, read_response
 from plad_ray.generate.endpoint_policy import (FAILED, FAILING, FATAL, OK, REFUSED, THROTTLED, AdaptiveRate, Outage,
                                                RefusalWindow, Retries, backoff_s, canary_payload, classify,
-                                               error_text, retry_after_s)
+                                               error_text, retry_after_s, unreachable)
 
 RATE_WINDOW_S = 10.0  # how far back a worker looks to measure the rate it was sending at
 
@@ -190,8 +190,8 @@ class EndpointWorker:
                             "requests": retries.failures}
                 retries.outage()
                 self.breaker_open = True  # the endpoint fails everyone: wait for it as for one that does not answer
-            elif status is None:
-                self.breaker_open = True  # no answer at all: stop sending, poll /models instead
+            elif unreachable(status, error):
+                self.breaker_open = True  # the server cannot be reached: stop sending, poll /models instead
             self.counts["retries"] += 1
             if not self.breaker_open:
                 await asyncio.sleep(wait)
