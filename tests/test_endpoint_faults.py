@@ -270,6 +270,29 @@ def test_a_poisoned_prompt_is_set_aside_after_its_retries_and_the_run_finishes(l
                for line in lines), lines
 
 
+def test_a_prompt_that_times_out_is_set_aside_without_down_time(local_ray, tmp_path):
+    """A prompt the server takes past teacher.endpoint.timeout_s while it answers the others at once: retried with
+    backoff like a 5xx (the worker does not stop sending for it), set aside after max_retries + 1 requests."""
+    slow = PROMPTS[2]
+
+    def script(n, prompt):
+        if prompt == slow:
+            time.sleep(1.5)  # past the 0.5 s time-out; the answer then goes to a closed connection
+        return None
+
+    stub = Stub(script)
+    figures, lines, table = run(tmp_path, stub, "teacher.endpoint.max_retries=1", "teacher.endpoint.timeout_s=0.5")
+    stub.close()
+    assert table.num_rows == 11 and slow not in table.column("prompt").to_pylist()
+    assert sum(p == slow for p in stub.prompts()) == 2  # max_retries + 1
+    aside = _set_aside(tmp_path / "run")
+    assert aside == {"p02": {"id": "p02", "prompt": slow, "status": None, "kind": "failed", "requests": 2,
+                             "reason": "request timed out (teacher.endpoint.timeout_s)"}}
+    e = figures["teacher_endpoint"]
+    assert e["failed"] == 1 and e["canaries"] == 1 and e["polls"] == 0  # no /models poll: not taken for an outage
+    assert e["outage_s"] < 0.05, e
+
+
 def test_a_503_spell_after_answers_sets_nothing_aside(local_ray, tmp_path):
     """The endpoint answers, then fails everyone for 2 s: retries spent during the spell ask a canary, which
     fails too, so it is an outage (counted as down), not 8 poisoned prompts; every prompt is answered."""
