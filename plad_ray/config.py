@@ -87,11 +87,18 @@ class EndpointConfig:
     api_key_env: str | None = None  # NAME of the environment variable holding the API key (never the key itself)
     concurrency: int = 2  # request workers; each sends one batch of batch_size requests at a time
     qps: int | None = None  # per-worker request rate cap (None: no cap)
-    max_retries: int = 5  # retries of a request on 408/5xx, with exponential backoff, before polling /models
+    # retries of a prompt's failed request (408, 5xx, time-out, no answer), with backoff; then, if a canary (an
+    # answered request sent again) is answered, the prompt is set aside as failed: at most max_retries + 1 requests
+    max_retries: int = 5
     retry_wait_s: float = 1.0  # first backoff wait; doubles every retry (at most 30 s)
     timeout_s: float = 600.0  # per-request timeout
-    max_outage_s: float = 600.0  # how long the endpoint may fail or throttle before the run ends (resumable)
+    # how long the endpoint may fail every request (no answer to any) or throttle before the run ends (resumable)
+    max_outage_s: float = 600.0
     allow_empty: bool = False  # keep empty completions as teacher outputs (false: set the prompt aside)
+    # the run stops (nothing this run refused is kept) when more than this share of a request worker's last
+    # refused_window answers are refusals (4xx, empty): a storm is the server's doing; 1: never stop
+    max_refused_fraction: float = 0.5
+    refused_window: int = 100  # answers per request worker over which max_refused_fraction is judged
 
     def checks(self, prefix: str):
         yield f"{prefix}url", self.url.startswith(("http://", "https://")), "must be an http(s):// URL"
@@ -103,6 +110,8 @@ class EndpointConfig:
         yield f"{prefix}retry_wait_s", self.retry_wait_s > 0, "must be > 0"
         yield f"{prefix}timeout_s", self.timeout_s > 0, "must be > 0"
         yield f"{prefix}max_outage_s", self.max_outage_s >= 0, "must be >= 0 (seconds)"
+        yield f"{prefix}max_refused_fraction", 0 < self.max_refused_fraction <= 1, "must be in (0, 1] (1: never stop)"
+        yield f"{prefix}refused_window", self.refused_window >= 1, "must be >= 1 (answers)"
 
 
 @dataclass

@@ -191,7 +191,12 @@ def _endpoint_rows(e: dict | None) -> list[tuple[str, str]]:
     return [("teacher endpoint: requests / retries / throttled", f"{e['requests']} / {e['retries']} / {e['throttled']}"),
             ("teacher endpoint: seconds throttled / down", f"{_num(e['throttle_wait_s'])} / {_num(e['outage_s'])}"),
             ("teacher endpoint: usage prompt / completion tokens", f"{e['prompt_tokens']} / {e['completion_tokens']}"),
-            ("teacher endpoint: prompts refused (quarantine/teacher/)", str(e["refused"]))]
+            ("teacher endpoint: prompts refused (quarantine/teacher/)", str(e["refused"])),
+            # reports written before these figures existed lack them: "-"
+            ("teacher endpoint: prompts failed while it answered others (quarantine/teacher/)",
+             str(e.get("failed", "-"))),
+            ("teacher endpoint: canaries (answered requests sent again: does it answer others?)",
+             str(e.get("canaries", "-")))]
 
 
 def _scoring_rows(report: dict) -> list[tuple[str, str]]:

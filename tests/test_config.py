@@ -112,6 +112,10 @@ def test_overrides_are_typed_and_nested(tmp_path):
         ("student.gpus_per_worker=1.5", "config key student.gpus_per_worker: must be 1, or a fraction in (0, 1)"),
         ("student.gpus_per_worker=0.5", "config key student.gpu_memory_utilization: must be at most "
                                         "student.gpus_per_worker"),
+        ("teacher.endpoint={url: http://h/v1/completions, max_refused_fraction: 0}",
+         "config key teacher.endpoint.max_refused_fraction: must be in (0, 1] (1: never stop)"),
+        ("teacher.endpoint={url: http://h/v1/completions, refused_window: 0}",
+         "config key teacher.endpoint.refused_window: must be >= 1 (answers)"),
     ],
 )
 def test_bad_values_name_the_key(tmp_path, override, message):

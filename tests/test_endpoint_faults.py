@@ -190,7 +190,7 @@ def test_a_scoring_request_the_server_refuses_ends_the_run_with_its_reason(local
     from openai_stub import Stub
     from plad_ray.config import EndpointConfig, TeacherEngineConfig
     from plad_ray.generate.endpoint_scores import scores_http
-    from plad_ray.generate.endpoint_worker import write_from_endpoint
+    from plad_ray.generate.endpoint_stats import write_from_endpoint
     from plad_ray.teacher_logprobs import SCORE_SCHEMA
 
     def completions(body):
@@ -221,3 +221,168 @@ def test_a_scoring_request_the_server_refuses_ends_the_run_with_its_reason(local
     written = [r for f in parquet.written_files(uri) for r in pq.read_table(f).to_pylist()]
     assert len(written) == int(safe.group(1)) and "p13" not in {r["id"] for r in written}
     assert all(r["logprobs"] == [-3.0, -3.0] and r["topk_ids"] == [40, 41, 40, 41] for r in written)
+
+
+def _set_aside(run_dir, folder="teacher") -> dict:
+    records = {}
+    for file in (run_dir / "quarantine" / folder).glob("*.jsonl"):
+        for line in file.read_text().splitlines():
+            record = json.loads(line)
+            records[record["id"]] = record
+    return records
+
+
+def test_a_poisoned_prompt_is_set_aside_after_its_retries_and_the_run_finishes(local_ray, tmp_path):
+    """The issue's case: the server answers HTTP 500 to one prompt of 12 and the other 11 at once (max_retries 2,
+    max_outage_s 120). The run ends normally with 11 teacher rows and the prompt in quarantine/teacher/, after
+    3 requests of it spaced by the backoff; nothing counts as down time; a re-run asks nothing."""
+    poison = PROMPTS[5]
+    stub = Stub(lambda n, prompt: (500, {}, {"error": {"message": "internal error: tensor shape"}})
+                if prompt == poison else None)
+    figures, lines, table = run(tmp_path, stub, "teacher.endpoint.max_retries=2", "teacher.endpoint.max_outage_s=120")
+    assert table.num_rows == 11 and sorted(table.column("prompt").to_pylist()) == [p for p in PROMPTS if p != poison]
+    sent = [t for t, p in stub.requests if p == poison]
+    assert len(sent) == 3  # max_retries + 1
+    gaps = [b - a for a, b in zip(sent, sent[1:])]
+    assert gaps[0] >= 0.1 and gaps[1] >= 0.2, gaps  # retry_wait_s 0.1, then doubled
+    aside = _set_aside(tmp_path / "run")
+    assert list(aside) == ["p05"]
+    assert aside["p05"] == {"id": "p05", "prompt": poison, "status": 500, "kind": "failed", "requests": 3,
+                            "reason": "HTTP 500: internal error: tensor shape"}
+    assert not (tmp_path / "run" / "quarantine" / "teacher.partial").exists()
+    e = figures["teacher_endpoint"]
+    assert e["failed"] == 1 and e["refused"] == 0 and e["canaries"] == 1 and e["retries"] == 2
+    assert e["requests"] == 11 + 3 + 1 == len(stub.requests)  # the canary: an answered prompt sent again
+    # The endpoint answered the canary: the prompt's 0.3 s of failures are not down time (at most the instant
+    # between its first 500 and a batch-mate's answer is).
+    assert e["outage_s"] < 0.05, e
+    assert figures["teacher_generated"] == 11
+    assert figures["teacher_tokens"] == sum(len(p) for p in PROMPTS if p != poison)  # the outputs', not the canary's
+    assert lines[-1].endswith(f"0.0 s down (no request answered); usage {e['prompt_tokens']} prompt + "
+                              f"{e['completion_tokens']} completion tokens; 1 prompts failed while the endpoint "
+                              f"answered the others, set aside with their last error in "
+                              f"{tmp_path / 'run' / 'quarantine' / 'teacher'}"), lines[-1]
+    asked = len(stub.requests)
+    figures, lines, table = run(tmp_path, stub, "teacher.endpoint.max_retries=2")
+    stub.close()
+    assert len(stub.requests) == asked and table.num_rows == 11 and figures["teacher_cached"] == 11
+    assert any("1 prompts whose requests kept failing while it answered others are not asked again" in line
+               for line in lines), lines
+
+
+def test_a_prompt_that_times_out_is_set_aside_without_down_time(local_ray, tmp_path):
+    """A prompt the server takes past teacher.endpoint.timeout_s while it answers the others at once: retried with
+    backoff like a 5xx (the worker does not stop sending for it), set aside after max_retries + 1 requests."""
+    slow = PROMPTS[2]
+
+    def script(n, prompt):
+        if prompt == slow:
+            time.sleep(1.5)  # past the 0.5 s time-out; the answer then goes to a closed connection
+        return None
+
+    stub = Stub(script)
+    figures, lines, table = run(tmp_path, stub, "teacher.endpoint.max_retries=1", "teacher.endpoint.timeout_s=0.5")
+    stub.close()
+    assert table.num_rows == 11 and slow not in table.column("prompt").to_pylist()
+    assert sum(p == slow for p in stub.prompts()) == 2  # max_retries + 1
+    aside = _set_aside(tmp_path / "run")
+    assert aside == {"p02": {"id": "p02", "prompt": slow, "status": None, "kind": "failed", "requests": 2,
+                             "reason": "request timed out (teacher.endpoint.timeout_s)"}}
+    e = figures["teacher_endpoint"]
+    assert e["failed"] == 1 and e["canaries"] == 1 and e["polls"] == 0  # no /models poll: not taken for an outage
+    assert e["outage_s"] < 0.05, e
+
+
+def test_a_503_spell_after_answers_sets_nothing_aside(local_ray, tmp_path):
+    """The endpoint answers, then fails everyone for 2 s: retries spent during the spell ask a canary, which
+    fails too, so it is an outage (counted as down), not 8 poisoned prompts; every prompt is answered."""
+    spell = []
+
+    def script(n, prompt):
+        if n < 4:
+            return None
+        spell.append(spell[0] if spell else time.monotonic())
+        return (503, {}, {"error": {"message": "overloaded"}}) if time.monotonic() - spell[0] < 2.0 else None
+
+    stub = Stub(script)
+    figures, lines, table = run(tmp_path, stub, "teacher.endpoint.concurrency=1", "teacher.endpoint.max_retries=1",
+                                "teacher.endpoint.max_outage_s=60")
+    stub.close()
+    assert sorted(table.column("prompt").to_pylist()) == PROMPTS
+    e = figures["teacher_endpoint"]
+    assert e["failed"] == 0 and e["canaries"] >= 1 and not _set_aside(tmp_path / "run")
+    assert 1.5 <= e["outage_s"] <= 30, e
+    assert "failed while the endpoint answered" not in lines[-1]
+
+
+def test_a_refusal_storm_stops_the_run_and_sets_nothing_aside_for_good(local_ray, tmp_path):
+    """Four answers, then two 404s among four (under the storm line), then 404 for everything: the run stops with
+    one line naming the status and the server's words; the two prompts refused before the storm are not kept
+    either, and the re-run asks them again."""
+    gone = {"error": {"message": "The model `stub-teacher` does not exist.", "code": 404}}
+    stub = Stub(lambda n, prompt: None if n < 4 or n in (6, 7) else (404, {}, gone))
+    with pytest.raises(RuntimeFailure) as failure:
+        run(tmp_path, stub, "teacher.endpoint.concurrency=1", "teacher.endpoint.refused_window=4",
+            "teacher.endpoint.max_refused_fraction=0.5")
+    line = str(failure.value)
+    assert "\n" not in line
+    assert re.match(rf"teacher endpoint {stub.url}: 3 of the last 4 answers were refusals \(most: HTTP 404: The model "
+                    r"`stub-teacher` does not exist\.\), more than teacher\.endpoint\.max_refused_fraction=0\.5 of "
+                    r"teacher\.endpoint\.refused_window=4: a refusal storm, the server's doing, not the prompts': "
+                    r"nothing this run refused is set aside, a re-run asks those prompts again; (\d+) of 12 teacher "
+                    r"outputs are safe on disk in \S+; re-run the same command to resume$", line), line
+    refused_before = {p for n, (_, p) in enumerate(stub.requests) if n in (4, 5)}
+    assert len(refused_before) == 2
+    assert not _set_aside(tmp_path / "run") and not (tmp_path / "run" / "quarantine" / "teacher.partial").exists()
+    # A run that died before it could discard (Ctrl-C) leaves its verdicts pending: the next run drops them too.
+    pending = tmp_path / "run" / "quarantine" / "teacher.partial"
+    pending.mkdir(parents=True)
+    (pending / "left.jsonl").write_text(json.dumps({"id": "p11", "prompt": PROMPTS[11], "status": 404,
+                                                    "reason": "HTTP 404: gone", "kind": "refused"}) + "\n")
+    stub.script = lambda n, prompt: None
+    asked = len(stub.requests)
+    figures, lines, table = run(tmp_path, stub)
+    stub.close()
+    assert sorted(table.column("prompt").to_pylist()) == PROMPTS and not _set_aside(tmp_path / "run")
+    assert refused_before <= set(stub.prompts()[asked:])  # asked again
+    assert len(stub.requests) - asked == figures["teacher_generated"] == 12 - figures["teacher_cached"]
+    assert "[generate] teacher: 1 prompts an unfinished run set aside are asked again" in "\n".join(lines)
+    assert not pending.exists()
+
+
+def test_a_poisoned_scoring_sequence_ends_the_run_after_its_retries(local_ray, tmp_path):
+    """A sequence cannot be set aside: one whose requests fail while the endpoint answers a canary ends the run
+    with one line naming it and the server's last words, after max_retries + 1 requests."""
+    import ray
+
+    from openai_stub import Stub as ScoringStub
+    from plad_ray.config import EndpointConfig, TeacherEngineConfig
+    from plad_ray.generate.endpoint_scores import scores_http
+    from plad_ray.generate.endpoint_stats import write_from_endpoint
+    from plad_ray.teacher_logprobs import SCORE_SCHEMA
+
+    def completions(body):
+        ids = body["prompt"]
+        if ids[0] == 13:
+            return 502, {"error": {"message": "upstream worker crashed"}}
+        top = {str(t): {"logprob": -0.5 * r, "rank": r} for r, t in enumerate((40, 41), 1)}
+        logprobs = [None] + [{**top, str(t): {"logprob": -3.0, "rank": 9}} for t in ids[1:]]
+        return 200, {"choices": [{"prompt_logprobs": logprobs}], "usage": {"prompt_tokens": len(ids)}}
+
+    stub = ScoringStub(completions, None)
+    engine = TeacherEngineConfig(model="stub-teacher", batch_size=4, score_top_k=2,
+                                 endpoint=EndpointConfig(url=stub.url, concurrency=1, max_retries=2, retry_wait_s=0.1))
+    rows = [{"id": f"p{i:02d}", "sample_index": 0, "side": "rejected", "prompt_len": 2,
+             "tokenized_prompt": [i, 7, 8, 9]} for i in range(16)]
+    uri = str(tmp_path / "teacher_scores")
+    with pytest.raises(RuntimeFailure) as failure:
+        write_from_endpoint(lambda stats: scores_http(ray.data.from_items(rows), engine, stats), uri, SCORE_SCHEMA, 4,
+                            "16 teacher scores")
+    stub.close()
+    line = str(failure.value)
+    assert "\n" not in line
+    assert line.startswith(f"teacher endpoint {stub.url}: scoring sequence (p13, 0, rejected) failed 3 times while "
+                           "the endpoint answered others (HTTP 502: upstream worker crashed); every pair needs its "
+                           "teacher scores; "), line
+    assert re.search(rf"; \d+ of 16 teacher scores are safe on disk in {uri}; re-run the same command to resume$", line)
+    assert sum(body["prompt"][0] == 13 for _, body in stub.requests) == 3  # max_retries + 1

@@ -90,6 +90,12 @@ def test_markdown_gives_a_black_box_teachers_account():
     assert "| teacher endpoint: usage prompt / completion tokens | 296 / 290 |" in text
     assert "| teacher endpoint: prompts refused (quarantine/teacher/) | 2 |" in text
     assert "teacher endpoint" not in markdown(REPORT, "loss_curve.png")  # a vLLM teacher: no such rows
+    # A report from before the figures of failed prompts and canaries: "-", not 0.
+    assert "| teacher endpoint: prompts failed while it answered others (quarantine/teacher/) | - |" in text
+    report["generation"]["teacher_endpoint"] = {**endpoint, "failed": 1, "canaries": 2}
+    text = markdown(report, "loss_curve.png")
+    assert "| teacher endpoint: prompts failed while it answered others (quarantine/teacher/) | 1 |" in text
+    assert "| teacher endpoint: canaries (answered requests sent again: does it answer others?) | 2 |" in text
 
 
 def test_markdown_gives_each_rounds_teacher_scoring():

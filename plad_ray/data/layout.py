@@ -4,7 +4,9 @@
       run.json            the config keys each stage's outputs depend on (data/outputs.py)
       logs/run.log        engine, Ray, DeepSpeed and library logs (plad_ray/console.py; appended per run)
       quarantine/prompts/ prompt rows set aside, with where they sit and why (JSON lines; rewritten per run)
-      quarantine/teacher/ prompts a black-box teacher refused (HTTP 4xx, empty), with status and reason (JSON lines)
+      quarantine/teacher/ prompts a black-box teacher refused (HTTP 4xx, empty) or kept failing on while it
+                          answered others, with status and reason (JSON lines; teacher.partial/: this run's,
+                          until the teacher step ends normally)
       teacher/            teacher outputs by prompt id (shared by every round)
       pairs/              round 1's preference pairs
       teacher_scores/     round 1's teacher log-probs of the pairs' sequences (teacher.score_samples)
@@ -53,7 +55,7 @@ class OutputLayout:
         return storage.join(self.root, QUARANTINE, "prompts")
 
     def teacher_refused(self) -> str:
-        """Prompts a black-box teacher refused (kept across runs: a re-run does not ask again)."""
+        """Prompts a black-box teacher refused or failed on (kept across runs: a re-run does not ask again)."""
         return storage.join(self.root, QUARANTINE, "teacher")
 
     def teacher(self) -> str:

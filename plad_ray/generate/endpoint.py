@@ -1,10 +1,10 @@
 """A black-box teacher: any OpenAI-compatible HTTP server. Checked before the run, read after.
 
 Only text crosses: the server may run any model with any tokenizer. The request workers
-(plad_ray.generate.endpoint_worker) ride out outages, honour rate limits and set refused
-prompts aside. The API key is read from an environment variable inside each request worker
-when it opens its session; it is never in the config, the Ray task arguments, the logs or
-the outputs.
+(plad_ray.generate.endpoint_worker) ride out outages, honour rate limits, and set aside the
+prompts the server refuses or keeps failing on while it answers others. The API key is read
+from an environment variable inside each request worker when it opens its session; it is
+never in the config, the Ray task arguments, the logs or the outputs.
 """
 
 import json

@@ -2,10 +2,15 @@
 
     answer --classify--> ok | refused (this prompt only) | throttled | failing | fatal
     throttled: wait Retry-After (or back off), halve the worker's rate; a quiet period doubles it back
-    failing:   back off and retry; past max_retries the worker stops sending and polls /models,
-               for as long as the outage budget (max_outage_s) allows, counted from the first
-               failure since the last answer
-    refused:   the prompt is set aside in quarantine/ with the status and message; the run goes on
+    failing:   back off and retry (server unreachable: stop sending and poll /models first); after
+               max_retries + 1 failed requests (`Retries`) the worker sends a canary, a request the
+               endpoint answered before: answered, the prompt is set aside as failed with its last
+               error; not answered, it is an outage and the prompt gets its retries again
+    outage:    the budget (max_outage_s) runs from the first failure since the last answer to any
+               request; past it the run ends, unless a canary is answered
+    refused:   the prompt is set aside in quarantine/ with the status and message; the run goes on,
+               unless more than max_refused_fraction of the last answers are refusals (`RefusalWindow`):
+               a storm (a model swap, a misrouted balancer) stops the run, and nothing it refused is kept
     fatal:     401/403: the key is wrong or revoked; the run stops at once
 
 The clock is passed in, so every rule is tested with plain numbers (tests/test_endpoint_policy.py).
@@ -13,9 +18,11 @@ The clock is passed in, so every rule is tested with plain numbers (tests/test_e
 
 import email.utils
 import math
-from dataclasses import dataclass
+from collections import Counter, deque
+from dataclasses import dataclass, field
 
 OK, REFUSED, THROTTLED, FAILING, FATAL = "ok", "refused", "throttled", "failing", "fatal"
+FAILED = "failed"  # the verdict on a prompt whose requests kept failing while the endpoint answered a canary
 AUTH = (401, 403)
 RETRYABLE_4XX = (408, 425, 429)
 MAX_BACKOFF_S = 30.0  # the longest wait between two retries, or two polls of /models
@@ -60,6 +67,17 @@ def backoff_s(attempt: int, first_wait_s: float) -> float:
     return min(MAX_BACKOFF_S, first_wait_s * 2 ** min(attempt, 30))
 
 
+def timed_out(exception: BaseException | None) -> bool:
+    """A request with no answer within teacher.endpoint.timeout_s (aiohttp's ServerTimeoutError is a TimeoutError)."""
+    return isinstance(exception, TimeoutError) or type(exception).__name__ in ("TimeoutError", "ServerTimeoutError")
+
+
+def unreachable(status: int | None, exception: BaseException | None) -> bool:
+    """No answer because the server could not be reached (refused, reset, cut off): stop sending until /models
+    answers. A time-out is not that: the server took the request, and it is retried like a 5xx."""
+    return status is None and not timed_out(exception)
+
+
 def error_text(status: int | None, body: str = "", exception: BaseException | None = None) -> str:
     """The shortest true account of a failed request: `HTTP 503: <message>` or `connection refused`."""
     if status is None:
@@ -67,7 +85,7 @@ def error_text(status: int | None, body: str = "", exception: BaseException | No
         causes = (exception, getattr(exception, "os_error", None), getattr(exception, "__cause__", None))
         if any(isinstance(c, ConnectionRefusedError) for c in causes) or "refused" in text.lower():
             return f"connection refused ({text})"
-        if exception is not None and type(exception).__name__ in ("TimeoutError", "ServerTimeoutError"):
+        if timed_out(exception):
             return "request timed out (teacher.endpoint.timeout_s)"
         return f"{type(exception).__name__ if exception is not None else 'error'}: {text}"
     message = _message(body)
@@ -160,3 +178,60 @@ class Outage:
         lasted = None if self.since is None else now - self.since
         self.since, self.last_error = None, ""
         return lasted
+
+
+@dataclass
+class Retries:
+    """One prompt's failed requests. Each failure waits the next backoff; the failure after `max_retries`
+    retries has no wait (None): the worker then asks whether the endpoint answers others (a canary).
+    If it does not, `outage` forgives the failures (the endpoint's, not the prompt's); the backoff keeps
+    growing, so an outage is not hammered."""
+
+    max_retries: int
+    first_wait_s: float
+    failures: int = 0  # failed requests that count against the prompt (since the last outage)
+    attempt: int = 0  # backoff index: every wait of this prompt so far
+
+    def failed(self) -> float | None:
+        """A request of this prompt failed: the seconds to wait before the next one, or None: retries spent."""
+        self.failures += 1
+        if self.failures > self.max_retries:
+            return None
+        wait = backoff_s(self.attempt, self.first_wait_s)
+        self.attempt += 1
+        return wait
+
+    def outage(self) -> None:
+        """The canary failed too, or there was none: the endpoint fails everyone; the prompt retries afresh."""
+        self.failures = 0
+
+
+def canary_payload(payload: dict) -> dict:
+    """An answered request sent again to ask "does the endpoint answer others?": one token is enough."""
+    return {**payload, "max_tokens": 1}
+
+
+@dataclass
+class RefusalWindow:
+    """A worker's last `size` answers (a completion, or a refusal with its status and message). More than
+    `max_fraction` x `size` refusals among them is a storm: a server that refuses everything for a while
+    (404 from a balancer or a model swap), which says nothing about the prompts it refused."""
+
+    size: int
+    max_fraction: float
+    answers: deque = field(default_factory=deque)  # (status, text) of a refusal, None of a completion
+
+    def add(self, refusal: tuple[int | None, str] | None) -> None:
+        self.answers.append(refusal)
+        if len(self.answers) > self.size:
+            self.answers.popleft()
+
+    def storm(self) -> str | None:
+        """None, or what the storm is: how many of the last answers were refusals, and the most common status
+        with its latest message (`HTTP 404: model not found`)."""
+        refusals = [r for r in self.answers if r is not None]
+        if len(refusals) <= self.max_fraction * self.size:
+            return None
+        status = Counter(s for s, _ in refusals).most_common(1)[0][0]
+        text = next(t for s, t in reversed(refusals) if s == status)
+        return f"{len(refusals)} of the last {len(self.answers)} answers were refusals (most: {text})"

@@ -6,16 +6,17 @@ A scoring request posts prompt + response as token ids to the completions URL wi
 `prompt_logprobs: k` (vLLM's OpenAI server returns them; OpenAI's own API does not). The ids are the
 student's, so the server must read them as the student's tokenizer wrote them: `check_scoring` asks the
 server, before the run, to score a probe and to tokenize a probe text, and compares. The request workers
-are the teacher's (plad_ray.generate.endpoint_worker): the same retries, outage budget and rate limits.
-Unlike a prompt, a sequence cannot be set aside: every pair needs its scores, so a refused request ends
-the run with its reason (the rows scored so far are kept; the same command resumes).
+are the teacher's (plad_ray.generate.endpoint_worker): the same retries, canaries, outage budget, refusal
+window and rate limits. Unlike a prompt, a sequence cannot be set aside: every pair needs its scores, so a
+refused request, or one whose retries are spent while a canary is answered, ends the run with one line naming
+the sequence and the server's last words (the rows scored so far are kept; the same command resumes).
 """
 
 from plad_ray.config import EngineConfig
 from plad_ray.errors import ConfigError, DataError
 from plad_ray.generate.endpoint import call, completions_url, server_root
 from plad_ray.generate.endpoint_policy import error_text
-from plad_ray.generate.endpoint_worker import EndpointFailure, EndpointWorker
+from plad_ray.generate.endpoint_worker import EndpointFailure, EndpointWorker, verdict
 from plad_ray.teacher_logprobs import CROSS_VOCABULARY, SCORE_SCHEMA, read_prompt_logprobs
 
 # Text the student tokenizes and the server must tokenize the same way (letters, digits, punctuation,
@@ -55,11 +56,11 @@ class ScoringWorker(EndpointWorker):
             return f"unreadable prompt_logprobs ({type(e).__name__}: {e})"
         return {"id": row["id"], "sample_index": int(row["sample_index"]), "side": row["side"], **read}
 
-    def set_aside(self, refused: list[dict]) -> None:
-        first = refused[0]
+    def set_aside(self, results: list[dict]) -> None:
+        first = results[0]
         key = f"({first['row']['id']}, {first['row']['sample_index']}, {first['row']['side']})"
-        more = f" and {len(refused) - 1} more" if len(refused) > 1 else ""
-        self.failure = (f"teacher endpoint {self.url}: scoring sequence {key}{more} refused ({first['message']}); "
+        more = f" (and {len(results) - 1} more)" if len(results) > 1 else ""
+        self.failure = (f"teacher endpoint {self.url}: scoring sequence {key}{more} {verdict(first)}; "
                         "every pair needs its teacher scores")
         self._flush(failure=self.failure)
         raise EndpointFailure(self.failure)

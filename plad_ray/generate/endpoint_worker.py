@@ -1,8 +1,9 @@
 """The request workers of a black-box teacher: a Ray Data actor pool posting each prompt to the endpoint.
 
     prompts (id, prompt) --EndpointWorker x concurrency--> teacher rows (pairs.TEACHER_SCHEMA)
-                                  |--> quarantine/teacher/*.jsonl  prompts the server refused, with why
-                                  +--> EndpointStats (one actor): usage, requests, retries, throttles, outages
+                                  |--> quarantine/teacher.partial/  prompts refused or failed, with why
+                                  |                                 (pending until the stage ends: set_aside.py)
+                                  +--> EndpointStats (one actor, endpoint_stats.py): usage, requests, retries, ...
 
 Written here rather than through ray.data.llm's HTTP processor (which this project used first):
 that processor retries each request a fixed number of times and then fails the whole stage, so
@@ -10,62 +11,39 @@ a server restart ends a week-long run; it reads no `Retry-After`, cannot set one
 aside, and keeps no account of usage. Ray Data still owns what it does well: streaming, batching,
 the actor pool and the restart of a dead actor. The decisions are pure functions
 (plad_ray.generate.endpoint_policy); this file only does the I/O.
+
+A prompt whose requests keep failing is told apart from an endpoint that is down by a canary: the
+worker sends a request the endpoint answered before (one token). Answered, the prompt is set aside
+as failed; not answered, the endpoint fails everyone, and the outage budget decides. Neither the
+failing prompt's retries nor a /models poll can tell the two apart: the poll answers while the
+completions fail, and the prompt's batch-mates have all been answered by then.
 """
 
 import asyncio
 import json
 import os
 import time
-import uuid
 from collections import Counter, deque
 
 from plad_ray.config import EngineConfig
 from plad_ray.errors import RuntimeFailure
+from plad_ray.generate import set_aside
 from plad_ray.generate.endpoint import models_url, read_response
-from plad_ray.generate.endpoint_policy import (FAILING, FATAL, OK, REFUSED, THROTTLED, AdaptiveRate, Outage,
-                                               backoff_s, classify, error_text, retry_after_s)
+from plad_ray.generate.endpoint_policy import (FAILED, FAILING, FATAL, OK, REFUSED, THROTTLED, AdaptiveRate, Outage,
+                                               RefusalWindow, Retries, backoff_s, canary_payload, classify,
+                                               error_text, retry_after_s, unreachable)
 
 RATE_WINDOW_S = 10.0  # how far back a worker looks to measure the rate it was sending at
 
 
 class EndpointFailure(RuntimeFailure):
-    """The endpoint cannot serve the run: down past the budget, throttled past it, or the key refused."""
-
-
-class EndpointStats:
-    """One actor summing what every request worker reports after each batch (driver reads `report`)."""
-
-    def __init__(self):
-        self.counts = Counter()
-        self.outages: list[tuple[float, float]] = []  # wall-clock (start, end) per worker outage
-        self.failure: str | None = None  # the first EndpointFailure's line (Ray Data wraps the exception itself)
-
-    def add(self, counts: dict, outages: list, failure: str | None = None) -> None:
-        self.counts.update(counts)
-        self.outages.extend(outages)
-        self.failure = self.failure or failure
-
-    def first_failure(self) -> str | None:
-        return self.failure
-
-    def report(self) -> dict:
-        return {**{k: round(v, 3) if isinstance(v, float) else v for k, v in self.counts.items()},
-                "outage_s": round(union_length(self.outages), 3)}
-
-
-def union_length(intervals) -> float:
-    """Seconds covered by at least one (start, end) interval: workers down at the same time count once."""
-    total, end = 0.0, float("-inf")
-    for start, stop in sorted(intervals):
-        if stop <= end:
-            continue
-        total += stop - max(start, end)
-        end = stop
-    return total
+    """The endpoint cannot serve the run: down past the budget, throttled past it, refusing most requests,
+    or the key refused."""
 
 
 class EndpointWorker:
-    """A Ray Data callable class: one batch of prompts in, their teacher rows out (refused ones set aside)."""
+    """A Ray Data callable class: one batch of prompts in, their teacher rows out (refused or failed ones set
+    aside)."""
 
     def __init__(self, engine: EngineConfig, params: dict, model_name: str, params_json: str,
                  quarantine_uri: str, stats, log_prefix: str = "[generate] teacher endpoint"):
@@ -78,6 +56,10 @@ class EndpointWorker:
         self.breaker_open = False  # stop sending until /models answers again
         self.polls_ok = 0  # how many polls found the endpoint up (waiters compare against it)
         self.announced = False  # the log said "down since" for the outage now open
+        self.canary: dict | None = None  # the last answered request, to send again (canary_payload)
+        self.canary_lock = asyncio.Lock()  # one canary at a time; the others wait for its answer
+        self.last_canary: tuple[float, bool] | None = None  # (when sent, answered) of the last canary
+        self.refusals = RefusalWindow(self.endpoint.refused_window, self.endpoint.max_refused_fraction)
         self.sent = deque()
         self.loop = asyncio.new_event_loop()
         self.lock = asyncio.Lock()
@@ -101,9 +83,9 @@ class EndpointWorker:
             raise
         self._flush()
         kept = [r for r in results if r["status"] == OK]
-        refused = [r for r in results if r["status"] == REFUSED]
-        if refused:
-            self.set_aside(refused)
+        aside = [r for r in results if r["status"] != OK]
+        if aside:
+            self.set_aside(aside)
         schema = self.schema()
         return pa.Table.from_pylist([r["row"] for r in kept], schema=schema) if kept else schema.empty_table()
 
@@ -129,8 +111,13 @@ class EndpointWorker:
                 "teacher_token_ids": None,  # only text crosses from a black-box teacher
                 "teacher_model": self.model_name, "teacher_sampling": self.params_json}
 
-    def set_aside(self, refused: list[dict]) -> None:
-        self._quarantine(refused)
+    def set_aside(self, results: list[dict]) -> None:
+        """Refused or failed prompts to the pending place: final only if the stage ends normally (set_aside.py)."""
+        set_aside.write(self.quarantine_uri, [
+            {"id": r["row"]["id"], "prompt": r["row"]["prompt"], "status": r["http_status"], "reason": r["message"],
+             "kind": r["status"], **({"requests": r["requests"]} if r["status"] == FAILED else {})} for r in results])
+        for r in results:
+            print(f"{self.prefix} prompt {r['row']['id']} {verdict(r)}; set aside in {self.quarantine_uri}", flush=True)
 
     async def _batch(self, rows):
         import aiohttp
@@ -158,7 +145,8 @@ class EndpointWorker:
 
     async def _one(self, session, row: dict) -> dict:
         payload = self.payload(row)
-        attempt, throttles, throttled_since = 0, 0, None
+        retries = Retries(self.endpoint.max_retries, self.endpoint.retry_wait_s)
+        throttles, throttled_since = 0, None
         while True:
             if self.breaker_open:
                 await self._wait_until_up(session)
@@ -168,16 +156,13 @@ class EndpointWorker:
             now = time.monotonic()
             kind = classify(status, retry_after is not None)
             if kind == OK:
-                return self._answered(row, body, now)
+                return self._answered(row, payload, body, now)
             text = error_text(status, body, error)
             if kind == FATAL:
-                fix = (f"check the key in ${self.endpoint.api_key_env}" if self.endpoint.api_key_env else
-                       "it wants a key: set teacher.endpoint.api_key_env")
-                raise EndpointFailure(f"teacher endpoint {self.endpoint.url}: {text} in the middle of the run; {fix}")
+                raise self._fatal(text)
             if kind == REFUSED:
                 self._close_outage(now)
-                self.counts["refused"] += 1
-                return {"status": REFUSED, "row": row, "http_status": status, "message": text}
+                return self._refused(row, status, text)
             if kind == THROTTLED:
                 self._close_outage(now)
                 throttled_since = throttled_since or now
@@ -195,17 +180,46 @@ class EndpointWorker:
                 continue
             assert kind == FAILING
             self.outage.failed(now, text)
-            if self.outage.over_budget(now):
-                raise self._past_budget(now)
-            if status is None or attempt >= self.endpoint.max_retries:
-                # No answer at all, or the retries are spent: stop sending, poll /models instead.
-                self.breaker_open = True
-                attempt = 0
-                self.counts["retries"] += 1
-                continue
+            if self.outage.over_budget(now) and not await self._answers_others(session, now):
+                raise self._past_budget(time.monotonic())
+            wait = retries.failed()
+            if wait is None:  # the retries are spent: the prompt's fault, or the endpoint's?
+                if await self._answers_others(session, sent_at):
+                    self.counts["failed"] += 1
+                    return {"status": FAILED, "row": row, "http_status": status, "message": text,
+                            "requests": retries.failures}
+                retries.outage()
+                self.breaker_open = True  # the endpoint fails everyone: wait for it as for one that does not answer
+            elif unreachable(status, error):
+                self.breaker_open = True  # the server cannot be reached: stop sending, poll /models instead
             self.counts["retries"] += 1
-            await asyncio.sleep(backoff_s(attempt, self.endpoint.retry_wait_s))
-            attempt += 1
+            if not self.breaker_open:
+                await asyncio.sleep(wait)
+
+    async def _answers_others(self, session, since: float) -> bool:
+        """Whether the endpoint answers a request other than one that failed after being sent at `since`: the
+        answer to a canary sent after `since` (by this request or another that asked first). False when this
+        worker has had no answer yet: there is nothing to ask with, and its failures count as an outage."""
+        async with self.canary_lock:
+            if self.last_canary is not None and self.last_canary[0] >= since:
+                return self.last_canary[1]
+            if self.canary is None:
+                return False
+            await self._pace()
+            sent_at = time.monotonic()
+            self.counts["canaries"] += 1
+            status, body, _, error = await self._post(session, self.canary)
+            now = time.monotonic()
+            kind = classify(status)
+            if kind == FATAL:
+                raise self._fatal(error_text(status, body, error))
+            if kind == OK:
+                self._usage(json.loads(body))
+                self._close_outage(now, counted=False)  # the endpoint answered all along: not down time
+            elif kind == FAILING:
+                self.outage.failed(now, error_text(status, body, error))
+            self.last_canary = (sent_at, kind == OK)
+            return kind == OK
 
     async def _post(self, session, payload):
         import aiohttp
@@ -229,28 +243,54 @@ class EndpointWorker:
             self.sent.popleft()
         return len(self.sent) / max(1.0, now - self.sent[0]) if self.sent else 0.0
 
-    def _answered(self, row: dict, body: str, now: float) -> dict:
+    def _answered(self, row: dict, payload: dict, body: str, now: float) -> dict:
         response = json.loads(body)
         self._close_outage(now)
-        usage = response.get("usage") or {}
-        self.counts["prompt_tokens"] += int(usage.get("prompt_tokens") or 0)
-        self.counts["completion_tokens"] += int(usage.get("completion_tokens") or 0)
+        self._usage(response)
         out = self.read(row, response)
         if isinstance(out, str):
-            self.counts["refused"] += 1
-            return {"status": REFUSED, "row": row, "http_status": 200, "message": out}
+            return self._refused(row, 200, out)
+        self.canary = canary_payload(payload)
+        self.refusals.add(None)
         self.counts["outputs"] += 1
         return {"status": OK, "row": out}
 
+    def _usage(self, response: dict) -> None:
+        usage = response.get("usage") or {}
+        self.counts["prompt_tokens"] += int(usage.get("prompt_tokens") or 0)
+        self.counts["completion_tokens"] += int(usage.get("completion_tokens") or 0)
+
+    def _refused(self, row: dict, status: int, text: str) -> dict:
+        """A refusal sets its prompt aside, unless it makes a storm: then the run stops, and the pending verdicts
+        of this run are discarded (set_aside.py), the storm's and those before it."""
+        self.counts["refused"] += 1
+        self.refusals.add((status, text))
+        storm = self.refusals.storm()
+        if storm:
+            raise EndpointFailure(
+                f"teacher endpoint {self.url}: {storm}, more than teacher.endpoint.max_refused_fraction="
+                f"{self.refusals.max_fraction:g} of teacher.endpoint.refused_window={self.refusals.size}: a refusal "
+                "storm, the server's doing, not the prompts': nothing this run refused is set aside, a re-run asks "
+                "those prompts again")
+        return {"status": REFUSED, "row": row, "http_status": status, "message": text}
+
+    def _fatal(self, text: str) -> EndpointFailure:
+        fix = (f"check the key in ${self.endpoint.api_key_env}" if self.endpoint.api_key_env else
+               "it wants a key: set teacher.endpoint.api_key_env")
+        return EndpointFailure(f"teacher endpoint {self.endpoint.url}: {text} in the middle of the run; {fix}")
+
     # -- outages ---------------------------------------------------------------------------------
 
-    def _close_outage(self, now: float) -> None:
+    def _close_outage(self, now: float, counted: bool = True) -> None:
+        """An answer came: the outage clock stops. Its time counts as down unless `counted` is false (a canary's
+        answer after one prompt's failures) and the workers never stopped sending for it."""
         lasted = self.outage.close(now)
         self.breaker_open = False
         if lasted is None:
             return
         wall_now = time.time()
-        self.outages.append((wall_now - lasted, wall_now))
+        if counted or self.announced:
+            self.outages.append((wall_now - lasted, wall_now))
         if self.announced:
             print(f"{self.prefix} {self.endpoint.url} back after {lasted:.0f} s", flush=True)
             self.announced = False
@@ -297,63 +337,13 @@ class EndpointWorker:
     def _past_budget(self, now: float) -> EndpointFailure:
         lasted = self.outage.length(now)
         self.outages.append((time.time() - lasted, time.time()))
-        return EndpointFailure(f"teacher endpoint {self.endpoint.url}: down for {lasted:.0f} s, more than "
-                               f"teacher.endpoint.max_outage_s={self.endpoint.max_outage_s:g} (last error: "
-                               f"{self.outage.last_error})")
-
-    # -- refused prompts -------------------------------------------------------------------------
-
-    def _quarantine(self, refused: list[dict]) -> None:
-        from plad_ray.data import storage
-
-        lines = [json.dumps({"id": r["row"]["id"], "prompt": r["row"]["prompt"], "status": r["http_status"],
-                             "reason": r["message"]}) for r in refused]
-        name = f"{uuid.uuid4().hex}.jsonl"
-        storage.write_text(storage.join(self.quarantine_uri, name), "\n".join(lines) + "\n")
-        for r in refused:
-            print(f"{self.prefix} refused prompt {r['row']['id']} ({r['message']}); set aside in "
-                  f"{self.quarantine_uri}", flush=True)
+        return EndpointFailure(f"teacher endpoint {self.endpoint.url}: down for {lasted:.0f} s with no request "
+                               f"answered, more than teacher.endpoint.max_outage_s={self.endpoint.max_outage_s:g} "
+                               f"(last error: {self.outage.last_error})")
 
 
-def refused_ids(quarantine_uri: str) -> dict[str, str]:
-    """Prompt ids an earlier run set aside as refused by the endpoint, with the reason."""
-    from plad_ray.data import storage
-
-    fs, path = storage.filesystem_and_path(quarantine_uri)
-    refused = {}
-    for file in storage.list_files(fs, path, quarantine_uri):
-        if file.endswith(".jsonl"):
-            with fs.open_input_stream(file) as f:
-                for line in f.read().decode().splitlines():
-                    if line.strip():
-                        record = json.loads(line)
-                        refused[record["id"]] = record["reason"]
-    return refused
-
-
-ENDPOINT_FIGURES = ("requests", "retries", "polls", "throttled", "throttle_wait_s", "outage_s", "refused",
-                    "prompt_tokens", "completion_tokens")
-
-
-def write_from_endpoint(rows_of, uri: str, schema, rows_per_file: int, total: str) -> dict:
-    """The rows request workers make (`rows_of(stats)`: a dataset of them, its workers reporting to `stats`)
-    into `uri`'s pending files; what the workers counted (ENDPOINT_FIGURES). An outage past the budget (or a
-    revoked key) ends the run with one line: the endpoint, the last error, how many of `total` are safe, how
-    to go on."""
-    import ray
-
-    from plad_ray.data import parquet
-
-    stats = ray.remote(num_cpus=0)(EndpointStats).remote()
-    try:
-        parquet.write_pending(rows_of(stats), uri, schema, rows_per_file)
-    except Exception:
-        failure = ray.get(stats.first_failure.remote())  # what a request worker said; Ray Data wraps its exception
-        if failure is None:
-            raise
-        raise RuntimeFailure(f"{failure}; {parquet.written_rows(uri)} of {total} are safe on disk in {uri}; "
-                             "re-run the same command to resume") from None
-    finally:
-        report = ray.get(stats.report.remote())
-        ray.kill(stats)
-    return {key: report.get(key, 0) for key in ENDPOINT_FIGURES}
+def verdict(result: dict) -> str:
+    """Why a prompt (or a scoring sequence) was not answered: `refused (HTTP 400: ...)` or `failed 3 times ...`."""
+    if result["status"] == FAILED:
+        return f"failed {result['requests']} times while the endpoint answered others ({result['message']})"
+    return f"refused ({result['message']})"

@@ -20,7 +20,7 @@ from plad_ray.data.prompts import prompt_token_ids
 from plad_ray.errors import DataError
 from plad_ray.generate import engines
 from plad_ray.generate.endpoint_scores import scores_http, scoring_params
-from plad_ray.generate.endpoint_worker import write_from_endpoint
+from plad_ray.generate.endpoint_stats import write_from_endpoint
 from plad_ray.generate.stages import not_done
 
 
