@@ -39,7 +39,7 @@ from tests.conftest import PYTHON, ROOT, job_env
 pytestmark = pytest.mark.integration
 
 # offload: ZeRO-2 with DeepSpeed's CPU Adam; packing: train.packing (the same sums over fewer, fuller rows)
-FP32 = ["zero1", "zero2", "zero3", "accumulation", "offload", "packing", "gradient_checkpointing", "eager_attention"]
+FP32 = ["zero1", "zero2", "zero3", "accumulation", "offload", "packing", "gradient_checkpointing"]
 EARLY_STEPS, EARLY_TOL, LOSS_TOL, WEIGHT_TOL = 4, 1e-5, 2e-3, 5e-3  # fp32 bounds, module docstring
 # (bf16 variant, plain path it must match, max relative loss difference per step, mean weight difference
 # as a share of the mean distance the plain path's weights moved)
@@ -118,6 +118,15 @@ def test_gradient_checkpointing_gives_the_same_losses(runs):
     diffs = [abs(a - b) / abs(b) for a, b in zip(got, want)]
     print(f"gradient checkpointing vs zero0: max relative loss difference {max(diffs):.2e}")
     assert max(diffs) <= 1e-5, diffs
+
+
+def test_eager_attention_trains_like_sdpa(runs):
+    # train.attn_implementation=eager against the default SDPA kernel: the same attention, its softmax and sums in
+    # another order, so the forward itself differs from step 1 (measured 2.6e-5 relative in the loss, the same at
+    # every step: it does not grow) and the weights by 8.4e-5 of the distance moved (2026-12-06). Held to 1e-4 in
+    # the loss, 10x the early fp32 bound of a reduction-order change, and to the fp32 weight bound.
+    _, whole, weights = fp32_differences(runs, "eager_attention")
+    assert whole <= 1e-4 and weights <= WEIGHT_TOL, (whole, weights)
 
 
 def test_a_stream_bringing_more_pairs_than_planned_ends_at_the_plan(runs):
