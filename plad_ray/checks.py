@@ -28,7 +28,7 @@ from plad_ray.teacher_logprobs import CROSS_VOCABULARY
 class Inputs:
     """Checked inputs; each field only when the stages run need it."""
 
-    prompts: object | None = None  # checked prompts (id, prompt, reference): a materialized Ray Dataset
+    prompts: object | None = None  # checked prompts (id, prompt, reference): a Ray Dataset over materialised rows
     num_prompts: int = 0
     quarantine: object | None = None  # prompt rows set aside with their reasons (a Ray Dataset), or None
     quarantined: int = 0

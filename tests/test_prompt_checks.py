@@ -157,3 +157,26 @@ def test_cached_teacher_outputs_must_match_the_prompt_text_of_their_id(local_ray
     keyed.write_text("".join(json.dumps({"id": w, "prompt": w}) + "\n" for w in ["first>"] + words))
     check_cached_prompts(cache, check(str(keyed)).prompts, str(keyed), "out/teacher")
     check_cached_prompts(None, check(str(source)).prompts, str(source), "out/teacher")  # first run: no cache
+
+
+def test_the_checks_hold_one_materialised_copy_of_the_source(local_ray, tmp_path, monkeypatch, tok):
+    """Before: the parsed rows, the numbered rows, the checked rows and the prompts were each materialised (up to
+    four copies of a source of 1M prompts in the object store). Now only the checked rows are; the rest streams."""
+    import ray.data
+
+    sizes = []
+    materialize = ray.data.Dataset.materialize
+
+    def counted(self):
+        done = materialize(self)
+        sizes.append(done.count())
+        return done
+
+    monkeypatch.setattr(ray.data.Dataset, "materialize", counted)
+    lines = [json.dumps({"id": f"q{i}", "prompt": "ab" * (i % 5 + 1) + ">"}) for i in range(40)]
+    lines.append('{"id": "q1", "prompt": "x>"}')
+    checked = check(jsonl(tmp_path, lines), bad_rows="quarantine", too_long="skip",
+                    limits=[Limit("student engine", tok, False, 8)])
+    assert checked.count + checked.quarantined == 41 and checked.quarantined > 1  # a duplicate and too-long rows
+    assert [n for n in sizes if n >= 41] == [41]  # one copy of every row; the other, the duplicated ids (1 row)
+    assert sorted(sizes) == [1, 41]

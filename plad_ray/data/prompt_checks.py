@@ -26,7 +26,7 @@ from plad_ray.errors import DataError
 
 @dataclass
 class CheckedPrompts:
-    prompts: object  # materialized Ray Dataset: id, prompt, reference
+    prompts: object  # Ray Dataset: id, prompt, reference (a filter over the checked rows, which are materialised)
     count: int
     quarantine: object | None  # Ray Dataset of QUARANTINE_COLUMNS in source order; None when nothing is set aside
     quarantined: int
@@ -55,7 +55,9 @@ def source_files(uri: str) -> list[str]:
 
 
 def source_rows(uri: str, max_prompts: int | None = None):
-    """The source's rows (prompts.ROW_SCHEMA) read and numbered by Ray tasks, one task per file."""
+    """The source's rows (prompts.ROW_SCHEMA) read and numbered by Ray tasks, one task per file: a lazy dataset.
+    Numbering needs each file's row count first, so the files are read twice (once for the counts, once when the
+    rows are used) rather than held in the object store between the two."""
     import ray.data
 
     fs, root = storage.filesystem_and_path(uri)
@@ -63,7 +65,7 @@ def source_rows(uri: str, max_prompts: int | None = None):
     listing = ray.data.from_items([{"file": i, "path": f, "shown": display(uri, f, root)} for i, f in enumerate(files)],
                                   override_num_blocks=len(files))
     parsed = listing.map_batches(_read_files, fn_kwargs={"uri": uri}, batch_size=1, batch_format="pyarrow",
-                                 **_on_this_node(fs)).materialize()
+                                 **_on_this_node(fs))
     per_file = _where(parsed, "parsed").groupby("file", num_partitions=1).aggregate(*_file_counts()).take_all()
     offsets, start = {}, 0
     for f in sorted(per_file, key=lambda r: r["file"]):
@@ -76,12 +78,15 @@ def source_rows(uri: str, max_prompts: int | None = None):
 
 def check_prompts(uri: str, max_prompts: int | None, bad_rows: str, too_long: str, limits: list[Limit],
                   tokenizers: int = 1) -> CheckedPrompts:
-    """The prompt stage; raises DataError (one line) where a policy says error."""
-    rows = source_rows(uri, max_prompts).materialize()
-    _, first = _summary(rows)
+    """The prompt stage; raises DataError (one line) where a policy says error.
+
+    One materialised copy of the source: the checked rows (good and bad, with their checks). The reads and checks
+    before it stream; the prompts handed on and the rows set aside are filters over that one copy."""
+    rows = source_rows(uri, max_prompts)
+    read, first = _summary(rows)
     _stop_at_first(first, ("file",) if bad_rows == "quarantine" else ("file", "row"))
     valid = _where(rows, "parsed")
-    partitions = 1 + rows.count() // JOIN_ROWS_PER_PARTITION
+    partitions = 1 + sum(read[kind] for kind in ("good", *_BAD_KINDS)) // JOIN_ROWS_PER_PARTITION
     twice = valid.groupby("id", num_partitions=partitions).aggregate(*_id_counts())
     twice = twice.map_batches(_repeated, batch_format="pyarrow").materialize()
     if twice.count():
@@ -104,7 +109,7 @@ def check_prompts(uri: str, max_prompts: int | None, bad_rows: str, too_long: st
                             "'prompt' key)")
         reason = min(first.values(), key=lambda r: (r["file"], r["line"]))["reason"]
         raise DataError(f"prompt source {uri}: no prompt is usable ({quarantined} set aside, first: {reason})")
-    prompts = _where(checked, "parsed").select_columns(["id", "prompt", "reference"]).materialize()
+    prompts = _where(checked, "parsed").select_columns(["id", "prompt", "reference"])
     quarantine = _where(checked, "bad").select_columns(QUARANTINE_COLUMNS) if quarantined else None
     return CheckedPrompts(prompts, counts["good"], quarantine, quarantined, counts["truncated"])
 
