@@ -76,31 +76,47 @@ def write_prompts(path: Path, n: int, seed: int = 0) -> None:
             out.write(json.dumps({"id": f"s{i:07d}", "prompt": word + ">"}) + "\n")
 
 
-def measure(n: int, max_tokens: int, batch_size: int) -> dict:
+class _Laps:
+    """Seconds and the driver's RSS after each stage, each said on stderr as it ends."""
+
+    def __init__(self, label: str):
+        self.label, self.seconds, self.rss = label, {}, {}
+
+    def lap(self, stage: str, start: float) -> None:
+        self.seconds[stage] = time.perf_counter() - start
+        self.rss[stage] = _rss_mb()
+        print(f"[scale] {self.label}: {stage} {self.seconds[stage]:.1f} s, driver RSS {self.rss[stage]:.0f} MB",
+              file=sys.stderr, flush=True)
+
+
+def _run(n: int, max_tokens: int, batch_size: int, *overrides: str):
+    """A temporary folder with n synthetic prompts, and the tiny config's run on them (generation cut to
+    `max_tokens`, one student sample per prompt, no evaluation), with `overrides`."""
     from plad_ray.config import load_config
-    from plad_ray.data import parquet
-    from plad_ray.generate.student import generate_pairs
-    from plad_ray.generate.teacher import generate_teacher
-    from plad_ray.pipeline import prepare
-    from plad_ray.train.driver import prepare_pairs
 
     folder = Path(tempfile.mkdtemp(prefix=f"plad-ray-scale-{n}-"))
     write_prompts(folder / "prompts.jsonl", n)
     cfg = load_config("configs/tiny-cpu.yaml", [
         f"data.prompts={folder / 'prompts.jsonl'}", f"output_dir={folder / 'run'}", "student.num_samples=1",
         f"teacher.sampling.max_tokens={max_tokens}", f"student.sampling.max_tokens={max_tokens}",
-        f"teacher.batch_size={batch_size}", f"student.batch_size={batch_size}", "eval.enabled=false"])
+        f"teacher.batch_size={batch_size}", f"student.batch_size={batch_size}", "eval.enabled=false", *overrides])
+    return folder, cfg
+
+
+def measure(n: int, max_tokens: int, batch_size: int) -> dict:
+    from plad_ray.data import parquet
+    from plad_ray.generate.student import generate_pairs
+    from plad_ray.generate.teacher import generate_teacher
+    from plad_ray.pipeline import prepare
+    from plad_ray.train.driver import prepare_pairs
+
+    folder, cfg = _run(n, max_tokens, batch_size)
     quiet = lambda line: None  # noqa: E731
     store = _ObjectStorePeak()
     store.start()
     rows = {"prompts": n}
-    seconds, rss = {}, {}
-
-    def lap(stage: str, start: float) -> None:
-        seconds[stage] = time.perf_counter() - start
-        rss[stage] = _rss_mb()
-        print(f"[scale] {n} prompts: {stage} {seconds[stage]:.1f} s, driver RSS {rss[stage]:.0f} MB",
-              file=sys.stderr, flush=True)
+    laps = _Laps(f"{n} prompts")
+    seconds, rss, lap = laps.seconds, laps.rss, laps.lap
 
     start = time.perf_counter()
     inputs = prepare(cfg, generation=True, training=True, log=quiet)
@@ -131,31 +147,19 @@ def measure_stream(n: int, max_tokens: int, batch_size: int) -> dict:
     """train.stream at `n` prompts: the student engines' pairs feed the trainer (STREAM_STEPS steps of it, so that
     what is measured is the stream's data path, not this machine's training speed) and are written to pairs/ on the
     way; then the commit. Figures: pair files, commit seconds, driver RSS."""
-    from plad_ray.config import load_config
     from plad_ray.data import storage
     from plad_ray.generate.student import commit_pairs, pair_stream
     from plad_ray.generate.teacher import generate_teacher
     from plad_ray.pipeline import prepare
     from plad_ray.train.driver import train_student
 
-    folder = Path(tempfile.mkdtemp(prefix=f"plad-ray-scale-stream-{n}-"))
-    write_prompts(folder / "prompts.jsonl", n)
-    cfg = load_config("configs/tiny-cpu.yaml", [
-        f"data.prompts={folder / 'prompts.jsonl'}", f"output_dir={folder / 'run'}", "student.num_samples=1",
-        f"teacher.sampling.max_tokens={max_tokens}", f"student.sampling.max_tokens={max_tokens}",
-        f"teacher.batch_size={batch_size}", f"student.batch_size={batch_size}", "eval.enabled=false",
-        "train.stream=true", f"train.max_steps={STREAM_STEPS}", "train.eval_every_steps=0", "train.trackers=[]",
-        "cluster.num_cpus=5"])
+    folder, cfg = _run(n, max_tokens, batch_size, "train.stream=true", f"train.max_steps={STREAM_STEPS}",
+                       "train.eval_every_steps=0", "train.trackers=[]", "cluster.num_cpus=5")
     quiet = lambda line: None  # noqa: E731
     store = _ObjectStorePeak()
     store.start()
-    seconds, rss = {}, {}
-
-    def lap(stage: str, start: float) -> None:
-        seconds[stage] = time.perf_counter() - start
-        rss[stage] = _rss_mb()
-        print(f"[scale] {n} prompts, stream: {stage} {seconds[stage]:.1f} s, driver RSS {rss[stage]:.0f} MB",
-              file=sys.stderr, flush=True)
+    laps = _Laps(f"{n} prompts, stream")
+    seconds, rss, lap = laps.seconds, laps.rss, laps.lap
 
     start = time.perf_counter()
     inputs = prepare(cfg, generation=True, training=True, log=quiet)

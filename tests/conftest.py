@@ -43,45 +43,58 @@ def job_env() -> dict:
 
 
 MLFLOW_SERVER = ROOT / ".venv" / "mlflow-server" / "bin" / "mlflow"
+MOTO_SERVER = ROOT / ".venv" / "moto-server" / "bin" / "moto_server"
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def serve(name: str, command: list[str], folder, ready_url: str, timeout_s: float = 120):
+    """Start a server of its own venv (make test builds it) with its log in `folder`; return once `ready_url`
+    answers (any HTTP status). The process, to stop at the end."""
+    import subprocess
+    import time
+    import urllib.error
+    import urllib.request
+
+    if not Path(command[0]).exists():
+        pytest.fail(f"{command[0]} is missing: run make test (it builds the {name} server's venv)")
+    log = open(folder / "server.log", "w")
+    server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=folder)
+    deadline = time.time() + timeout_s
+    while True:
+        try:
+            urllib.request.urlopen(ready_url, timeout=2)
+            return server
+        except urllib.error.HTTPError:  # it answers: up
+            return server
+        except OSError:
+            if server.poll() is not None or time.time() > deadline:
+                server.kill()
+                pytest.fail(f"the {name} server did not start: {(folder / 'server.log').read_text()[-2000:]}")
+            time.sleep(0.3)
+
+
+def stop(server) -> None:
+    server.terminate()
+    server.wait(timeout=30)
 
 
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory):
     """A real MLflow tracking server on loopback (SQLite store), from its own venv (make test builds it)."""
-    import socket
-    import subprocess
-    import time
-    import urllib.request
-
-    if not MLFLOW_SERVER.exists():
-        pytest.fail(f"{MLFLOW_SERVER} is missing: run make test (it builds the MLflow server's venv)")
-    folder = tmp_path_factory.mktemp("mlflow")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    log = open(folder / "server.log", "w")
-    server = subprocess.Popen(
-        [str(MLFLOW_SERVER), "server", "--backend-store-uri", f"sqlite:///{folder}/mlflow.db",
-         "--default-artifact-root", str(folder / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
-         "--workers", "1"], stdout=log, stderr=subprocess.STDOUT, cwd=folder)
+    folder, port = tmp_path_factory.mktemp("mlflow"), free_port()
     uri = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while True:
-        try:
-            urllib.request.urlopen(f"{uri}/health", timeout=2)
-            break
-        except OSError:
-            if server.poll() is not None or time.time() > deadline:
-                server.kill()
-                pytest.fail(f"the MLflow server did not start: {(folder / 'server.log').read_text()[-2000:]}")
-            time.sleep(0.5)
+    server = serve("MLflow", [str(MLFLOW_SERVER), "server", "--backend-store-uri", f"sqlite:///{folder}/mlflow.db",
+                              "--default-artifact-root", str(folder / "artifacts"), "--host", "127.0.0.1",
+                              "--port", str(port), "--workers", "1"], folder, f"{uri}/health")
     yield uri
-    server.terminate()
-    server.wait(timeout=30)
-    log.close()
-
-
-MOTO_SERVER = ROOT / ".venv" / "moto-server" / "bin" / "moto_server"
+    stop(server)
 
 
 class S3Server:
@@ -106,33 +119,8 @@ class S3Server:
 def s3_server(tmp_path_factory):
     """An S3-compatible server on loopback (moto's, from its own venv: make test builds it); this test process's
     environment points at it too, so plad_ray.data.storage reads what the jobs wrote."""
-    import socket
-    import subprocess
-    import time
-    import urllib.error
-    import urllib.request
-
-    if not MOTO_SERVER.exists():
-        pytest.fail(f"{MOTO_SERVER} is missing: run make test (it builds the S3 server's venv)")
-    folder = tmp_path_factory.mktemp("s3")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    log = open(folder / "server.log", "w")
-    server = subprocess.Popen([str(MOTO_SERVER), "-H", "127.0.0.1", "-p", str(port)], stdout=log,
-                              stderr=subprocess.STDOUT, cwd=folder)
-    deadline = time.time() + 60
-    while True:
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2)
-            break
-        except urllib.error.HTTPError:  # it answers: up
-            break
-        except OSError:
-            if server.poll() is not None or time.time() > deadline:
-                server.kill()
-                pytest.fail(f"the S3 server did not start: {(folder / 'server.log').read_text()[-2000:]}")
-            time.sleep(0.3)
+    folder, port = tmp_path_factory.mktemp("s3"), free_port()
+    server = serve("S3", [str(MOTO_SERVER), "-H", "127.0.0.1", "-p", str(port)], folder, f"http://127.0.0.1:{port}/")
     s3 = S3Server(port)
     saved = {k: os.environ.get(k) for k in s3.env}
     os.environ.update(s3.env)
@@ -142,6 +130,4 @@ def s3_server(tmp_path_factory):
             os.environ.pop(key, None)
         else:
             os.environ[key] = value
-    server.terminate()
-    server.wait(timeout=30)
-    log.close()
+    stop(server)

@@ -185,34 +185,8 @@ def test_a_scoring_request_the_server_refuses_ends_the_run_with_its_reason(local
     """A prompt can be set aside; a sequence to score cannot (every pair needs its scores): one line naming the
     sequence and the server's words, and the rows already scored are kept pending for the resume."""
     import pyarrow.parquet as pq
-    import ray
 
-    from openai_stub import Stub
-    from plad_ray.config import EndpointConfig, TeacherEngineConfig
-    from plad_ray.generate.endpoint_scores import scores_http
-    from plad_ray.generate.endpoint_stats import write_from_endpoint
-    from plad_ray.teacher_logprobs import SCORE_SCHEMA
-
-    def completions(body):
-        if body["prompt"][0] == 13:
-            return 400, {"error": {"message": "This model's maximum context length is 64 tokens"}}
-        ids = body["prompt"]
-        top = {str(t): {"logprob": -0.5 * r, "rank": r} for r, t in enumerate((40, 41), 1)}
-        return 200, {"choices": [{"prompt_logprobs": [None] + [{**top, str(t): {"logprob": -3.0, "rank": 9}}
-                                                               for t in ids[1:]]}], "usage": {"prompt_tokens": len(ids)}}
-
-    stub = Stub(completions, None)
-    engine = TeacherEngineConfig(model="stub-teacher", batch_size=4, score_top_k=2,
-                                 endpoint=EndpointConfig(url=stub.url, concurrency=1))
-    rows = [{"id": f"p{i:02d}", "sample_index": 0, "side": "rejected", "prompt_len": 2,
-             "tokenized_prompt": [i, 7, 8, 9]} for i in range(16)]
-    uri = str(tmp_path / "teacher_scores")
-    with pytest.raises(RuntimeFailure) as failure:
-        write_from_endpoint(lambda stats: scores_http(ray.data.from_items(rows), engine, stats), uri, SCORE_SCHEMA, 4,
-                            "16 teacher scores")
-    stub.close()
-    line = str(failure.value)
-    assert "\n" not in line
+    stub, line, uri = _score_sixteen(tmp_path, 400, "This model's maximum context length is 64 tokens")
     assert line.startswith(f"teacher endpoint {stub.url}: scoring sequence (p13, 0, rejected) refused (HTTP 400: "
                            "This model's maximum context length is 64 tokens); every pair needs its teacher scores; "), line
     safe = re.search(rf"; (\d+) of 16 teacher scores are safe on disk in {uri}; re-run the same command to resume$",
@@ -353,9 +327,20 @@ def test_a_refusal_storm_stops_the_run_and_sets_nothing_aside_for_good(local_ray
 def test_a_poisoned_scoring_sequence_ends_the_run_after_its_retries(local_ray, tmp_path):
     """A sequence cannot be set aside: one whose requests fail while the endpoint answers a canary ends the run
     with one line naming it and the server's last words, after max_retries + 1 requests."""
+    stub, line, uri = _score_sixteen(tmp_path, 502, "upstream worker crashed", max_retries=2, retry_wait_s=0.1)
+    assert line.startswith(f"teacher endpoint {stub.url}: scoring sequence (p13, 0, rejected) failed 3 times while "
+                           "the endpoint answered others (HTTP 502: upstream worker crashed); every pair needs its "
+                           "teacher scores; "), line
+    assert re.search(rf"; \d+ of 16 teacher scores are safe on disk in {uri}; re-run the same command to resume$", line)
+    assert sum(body["prompt"][0] == 13 for _, body in stub.requests) == 3  # max_retries + 1
+
+
+def _score_sixteen(tmp_path, status: int, message: str, **endpoint):
+    """Score 16 sequences (p00..p15) through the request workers against a stub whose answer to p13 is always
+    `status` with `message`; the run must end with a RuntimeFailure: (the stub, its one line, the scores' folder)."""
     import ray
 
-    from openai_stub import Stub as ScoringStub
+    from openai_stub import Stub
     from plad_ray.config import EndpointConfig, TeacherEngineConfig
     from plad_ray.generate.endpoint_scores import scores_http
     from plad_ray.generate.endpoint_stats import write_from_endpoint
@@ -364,14 +349,14 @@ def test_a_poisoned_scoring_sequence_ends_the_run_after_its_retries(local_ray, t
     def completions(body):
         ids = body["prompt"]
         if ids[0] == 13:
-            return 502, {"error": {"message": "upstream worker crashed"}}
+            return status, {"error": {"message": message}}
         top = {str(t): {"logprob": -0.5 * r, "rank": r} for r, t in enumerate((40, 41), 1)}
         logprobs = [None] + [{**top, str(t): {"logprob": -3.0, "rank": 9}} for t in ids[1:]]
         return 200, {"choices": [{"prompt_logprobs": logprobs}], "usage": {"prompt_tokens": len(ids)}}
 
-    stub = ScoringStub(completions, None)
+    stub = Stub(completions, None)
     engine = TeacherEngineConfig(model="stub-teacher", batch_size=4, score_top_k=2,
-                                 endpoint=EndpointConfig(url=stub.url, concurrency=1, max_retries=2, retry_wait_s=0.1))
+                                 endpoint=EndpointConfig(url=stub.url, concurrency=1, **endpoint))
     rows = [{"id": f"p{i:02d}", "sample_index": 0, "side": "rejected", "prompt_len": 2,
              "tokenized_prompt": [i, 7, 8, 9]} for i in range(16)]
     uri = str(tmp_path / "teacher_scores")
@@ -381,8 +366,4 @@ def test_a_poisoned_scoring_sequence_ends_the_run_after_its_retries(local_ray, t
     stub.close()
     line = str(failure.value)
     assert "\n" not in line
-    assert line.startswith(f"teacher endpoint {stub.url}: scoring sequence (p13, 0, rejected) failed 3 times while "
-                           "the endpoint answered others (HTTP 502: upstream worker crashed); every pair needs its "
-                           "teacher scores; "), line
-    assert re.search(rf"; \d+ of 16 teacher scores are safe on disk in {uri}; re-run the same command to resume$", line)
-    assert sum(body["prompt"][0] == 13 for _, body in stub.requests) == 3  # max_retries + 1
+    return stub, line, uri

@@ -23,9 +23,14 @@ def two_nodes() -> RayHead:
 
 
 def state(cluster: RayHead, kind: str) -> list[dict]:
-    listed = cluster.job_cli("list", kind, "--format", "json", "--detail", "--limit", "10000")
-    assert listed.returncode == 0, listed.stderr[-2000:]
-    return json.loads(listed.stdout)
+    """Ray's state API (served by the dashboard, which may answer a moment after `ray start` returns)."""
+    for _ in range(30):
+        listed = cluster.job_cli("list", kind, "--format", "json", "--detail", "--limit", "10000")
+        try:
+            return json.loads(listed.stdout)
+        except ValueError:
+            time.sleep(1)
+    raise AssertionError(f"ray list {kind}: exit {listed.returncode}, {listed.stdout[-1000:]!r} {listed.stderr[-2000:]}")
 
 
 def placement(cluster: RayHead) -> tuple[set, list, list]:
