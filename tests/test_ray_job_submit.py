@@ -26,6 +26,8 @@ def state(cluster: RayHead, kind: str) -> list[dict]:
     """Ray's state API (served by the dashboard, which may answer a moment after `ray start` returns)."""
     for _ in range(30):
         listed = cluster.job_cli("list", kind, "--format", "json", "--detail", "--limit", "10000")
+        if listed.returncode == 0 and listed.stdout.strip() == "No resource in the cluster":
+            return []  # what Ray prints for an empty list
         try:
             return json.loads(listed.stdout)
         except ValueError:
@@ -59,7 +61,7 @@ def test_distill_through_ray_job_submit_on_two_nodes_resumes_on_a_new_cluster(ti
                "--set", "eval.initial_student=false", "--debug"]
     first = two_nodes()
     try:
-        assert len(placement(first)[0]) == 2
+        assert len({n["node_id"] for n in state(first, "nodes") if n["state"] == "ALIVE"}) == 2
         submitted = first.job(*command[:1], "--no-wait", *command[1:])
         assert submitted.returncode == 0, submitted.stdout[-2000:] + submitted.stderr[-2000:]
         snapshot = out / "train" / "checkpoint_manager_snapshot.json"
