@@ -92,7 +92,8 @@ SIZES ?= 10000 100000 1000000
 bench-scale: $(STAMP)
 	$(PY) -m benchmarks.scale --sizes $(SIZES) $(if $(STREAM),--stream)
 
-# Peak memory of the training log-probs, 152k vocabulary x 1,024 tokens x micro-batch 4 (needs ~24 GiB for the dense one).
+# Peak memory of the terms over the logits' vocabulary (sequence log-probs, top-k KD, token KD), dense vs chunked,
+# 152k vocabulary x 1,024 tokens x micro-batch 8; a dense one that does not fit the free memory runs again at half.
 bench-logprob-memory: $(STAMP)
 	$(PY) -m benchmarks.logprob_memory
 

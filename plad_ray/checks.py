@@ -2,7 +2,8 @@
 
 Config values are checked when the config loads (plad_ray.config); what needs the world
 outside the config is checked here, before Ray starts: the prompt source's files, model
-folders, the teacher endpoint, external pairs, a shared vocabulary for token_kd. What reads
+folders, the teacher endpoint, external pairs, a shared vocabulary for token_kd, a teacher
+vocabulary within the student's embedding rows for the objectives that read teacher token ids. What reads
 every prompt row runs as the first Ray Data stage, before any engine starts
 (plad_ray.data.prompt_checks): rows and their lengths (data.bad_rows, data.too_long), and
 cached teacher outputs against the prompts they answer. A failing check raises ConfigError
@@ -14,13 +15,13 @@ from dataclasses import dataclass
 import pyarrow as pa
 import pyarrow.fs  # noqa: F401 - pa.fs below
 
-from plad_ray.config import Config
+from plad_ray.config import TOPK_LOSS_TYPES, Config
 from plad_ray.data import parquet, storage
 from plad_ray.data.limits import prompt_limits
 from plad_ray.data.prompt_checks import check_cached_prompts, check_prompts, source_files
 from plad_ray.errors import ConfigError, DataError
 from plad_ray.models.cache import is_remote, local_model
-from plad_ray.models.folders import resolve_model, shares_vocabulary
+from plad_ray.models.folders import embedding_rows, resolve_model, shares_vocabulary, tokenizer_size
 from plad_ray.teacher_logprobs import CROSS_VOCABULARY
 
 
@@ -79,6 +80,11 @@ def check_inputs(cfg: Config, prompts: bool = True, teacher: bool = True, studen
             "tokenizes a probe as the student does")
     if cfg.train.loss.type == "token_kd" and inputs.teacher_path and inputs.student_path:
         check_shared_vocabulary(inputs.teacher_path, inputs.student_path, cfg.student.trust_remote_code)
+    reads_ids = cfg.teacher.score_samples or cfg.train.loss.type in ("token_kd", *TOPK_LOSS_TYPES)
+    if reads_ids and inputs.teacher_path and inputs.student_path:
+        check_teacher_ids_fit(inputs.teacher_path, inputs.student_path,
+                              "teacher.score_samples" if cfg.teacher.score_samples else "train.loss.type",
+                              (cfg.teacher.trust_remote_code, cfg.student.trust_remote_code))
     if cfg.teacher.sampling.stop is not None and cfg.student.sampling.stop != cfg.teacher.sampling.stop:
         log(f"[plad-ray] warning: the teacher stops at {cfg.teacher.sampling.stop!r} but the student at "
             f"{cfg.student.sampling.stop!r}: the student is trained to end its answers with {cfg.teacher.sampling.stop!r}, "
@@ -194,17 +200,31 @@ def _rows_stated(uri: str) -> int | None:
 
 def check_shared_vocabulary(teacher_path: str, student_path: str, trust_remote_code: bool = False) -> None:
     """token_kd compares token distributions position by position: both tokenizers must be one vocabulary."""
-    from transformers import AutoConfig
-
     if not shares_vocabulary(teacher_path, student_path, trust_remote_code):
         raise ConfigError("config key train.loss.type: token_kd needs teacher and student to share a vocabulary "
                           "(their tokenizers map ids to different tokens); "
                           "use hinge, logistic or seqkd, which only need the teacher's text")
     # One tokenizer can sit on embedding matrices of different heights (vocabularies padded to a multiple
     # of 64 or 128): the two logit rows then differ in width, and position-wise KL has no meaning.
-    rows = [AutoConfig.from_pretrained(p, trust_remote_code=trust_remote_code).get_text_config().vocab_size
-            for p in (teacher_path, student_path)]
+    rows = [embedding_rows(p, trust_remote_code) for p in (teacher_path, student_path)]
     if rows[0] != rows[1]:
         raise ConfigError(f"config key train.loss.type: token_kd needs logits of one width, but the teacher has "
                           f"{rows[0]} embedding rows and the student {rows[1]} (a padded vocabulary); "
                           f"use seqkd or a PLaD loss, which only need the teacher's text")
+
+
+def check_teacher_ids_fit(teacher_path: str, student_path: str, key: str,
+                          trust_remote_code: tuple[bool, bool] = (False, False)) -> None:
+    """The teacher's token ids (its top-k, the tokens it scores) index the student's logits: every id the
+    teacher's tokenizer can write must have a student embedding row, or the gather runs past the end (a
+    device-side assert on GPU). Tokenizer size, not embedding rows: padded rows differ between model sizes
+    of one family (Qwen2.5-7B 152,064, 0.5B 151,936) around one tokenizer of 151,665 tokens. The ids in a
+    teacher_scores/ folder are checked again against the student when training reads them
+    (plad_ray.train.driver.with_teacher_topk)."""
+    tokens = tokenizer_size(teacher_path, trust_remote_code[0])
+    rows = embedding_rows(student_path, trust_remote_code[1])
+    if tokens > rows:
+        raise ConfigError(f"config key {key}: the teacher's tokenizer ({teacher_path}) holds {tokens} tokens but the "
+                          f"student ({student_path}) has {rows} embedding rows, so teacher token ids {rows} and up "
+                          "have no student logit; use a student whose embedding covers the teacher's vocabulary, "
+                          "or train on the pairs' text (hinge, logistic, seqkd)")

@@ -24,6 +24,11 @@ by `length_normalized`, so it composes with every loss; beta is then a margin pe
 (SimPO-style), not per sequence. `plad_loss` is the training objective the workers call.
 Tensor names carry their shape: B pairs, K samples, T positions, V vocabulary.
 
+What reads a [B, T, V] tensor of logits (`sequence_logps`, `topk_token_logps`, `token_kd_loss`) computes
+only the scored positions, in fp32 chunks forward and backward, with no fp32 copy of the whole tensor
+(152k rows x 1,024 tokens x 16 sequences is 10 GB of fp32); the `dense_*` functions are the one-expression
+references they are tested and benchmarked against.
+
 Why the NLL term is on by default (`train.loss.nll_weight`): a ranking loss alone can
 win the ranking by lowering the likelihood of both outputs ("likelihood displacement",
 Razin et al. 2024); on our benchmark the hinge alone made the teacher's outputs less
@@ -53,49 +58,55 @@ def sequence_logps(
     logits predict token t+1, so the first token of a sequence is never scored.
 
     Memory-bounded: only the scored positions are computed, in chunks of about
-    `chunk_bytes` of fp32, forward and backward (`_ScoredTokenLogps`). Nothing of size
+    `chunk_bytes` of fp32, forward and backward (`_ScoredLogps`). Nothing of size
     [B, T, V] is allocated beyond the logits and, in backward, their gradient (both in the
     logits' dtype); `dense_sequence_logps` is the same formula over the whole tensor.
     """
     mask_BT = response_mask_BT[:, 1:] > 0
     rows_b, rows_t = mask_BT.nonzero(as_tuple=True)
-    targets_N = input_ids_BT[rows_b, rows_t + 1]
-    token_logps_N = _ScoredTokenLogps.apply(logits_BTV, rows_b, rows_t, targets_N, chunk_bytes)
+    targets_N1 = input_ids_BT[rows_b, rows_t + 1, None]
+    token_logps_N = _ScoredLogps.apply(logits_BTV, rows_b, rows_t, targets_N1, chunk_bytes)[:, 0]
     token_logps_BT = token_logps_N.new_zeros(mask_BT.shape).index_put((rows_b, rows_t), token_logps_N)
     return token_logps_BT.sum(-1), mask_BT.to(token_logps_BT.dtype).sum(-1)
 
 
-class _ScoredTokenLogps(torch.autograd.Function):
-    """log p(target) at the scored positions (rows_b, rows_t) of the logits, in fp32, a chunk of
-    positions at a time. Saves the logits (no copy) and one log-normaliser per scored position;
-    backward writes (onehot(target) - softmax) * grad chunk by chunk into the logits' gradient.
+def _chunk_rows(chunk_bytes: int, vocab: int, blocks: int = 1) -> int:
+    """Positions per chunk: `blocks` fp32 [rows, V] blocks in about `chunk_bytes`."""
+    return max(1, chunk_bytes // (4 * vocab * blocks))
+
+
+class _ScoredLogps(torch.autograd.Function):
+    """log p(ids_k) for k ids per scored position (rows_b, rows_t) of the logits, in fp32, a chunk of
+    positions at a time: one id (the token there) for `sequence_logps`, the teacher's top-k for
+    `topk_token_logps`. Saves the logits (no copy) and one log-normaliser per scored position; backward
+    writes onehot-scatter(g_k) - softmax * sum_k g_k chunk by chunk into the logits' gradient.
     Written by hand because autograd through logsumexp keeps an fp32 [B, T, V] copy alive."""
 
     @staticmethod
-    def forward(ctx, logits_BTV, rows_b, rows_t, targets_N, chunk_bytes):
-        n, vocab = targets_N.shape[0], logits_BTV.shape[-1]
-        chunk = max(1, chunk_bytes // (4 * vocab))
-        token_logps_N = torch.empty(n, dtype=torch.float32, device=logits_BTV.device)
-        lse_N = torch.empty_like(token_logps_N)
+    def forward(ctx, logits_BTV, rows_b, rows_t, ids_Nk, chunk_bytes):
+        n, vocab = ids_Nk.shape[0], logits_BTV.shape[-1]
+        chunk = _chunk_rows(chunk_bytes, vocab)
+        logps_Nk = torch.empty(ids_Nk.shape, dtype=torch.float32, device=logits_BTV.device)
+        lse_N = torch.empty(n, dtype=torch.float32, device=logits_BTV.device)
         for start in range(0, n, chunk):
             span = slice(start, start + chunk)
             block_CV = logits_BTV[rows_b[span], rows_t[span]].float()
             lse_N[span] = torch.logsumexp(block_CV, -1)
-            token_logps_N[span] = block_CV.gather(1, targets_N[span, None]).squeeze(1) - lse_N[span]
-        ctx.save_for_backward(logits_BTV, rows_b, rows_t, targets_N, lse_N)
+            logps_Nk[span] = block_CV.gather(1, ids_Nk[span]) - lse_N[span, None]
+        ctx.save_for_backward(logits_BTV, rows_b, rows_t, ids_Nk, lse_N)
         ctx.chunk = chunk
-        return token_logps_N
+        return logps_Nk
 
     @staticmethod
-    def backward(ctx, grad_N):
-        logits_BTV, rows_b, rows_t, targets_N, lse_N = ctx.saved_tensors
+    def backward(ctx, grad_Nk):
+        logits_BTV, rows_b, rows_t, ids_Nk, lse_N = ctx.saved_tensors
         grad_BTV = torch.zeros_like(logits_BTV)
-        for start in range(0, targets_N.shape[0], ctx.chunk):
+        for start in range(0, ids_Nk.shape[0], ctx.chunk):
             span = slice(start, start + ctx.chunk)
-            g_C1 = grad_N[span, None].float()
+            g_Ck = grad_Nk[span].float()
             block_CV = logits_BTV[rows_b[span], rows_t[span]].float()
-            block_CV = block_CV.sub_(lse_N[span, None]).exp_().mul_(-g_C1)  # -softmax * grad
-            block_CV.scatter_add_(1, targets_N[span, None], g_C1)
+            block_CV = block_CV.sub_(lse_N[span, None]).exp_().mul_(-g_Ck.sum(1, keepdim=True))  # -softmax * sum_k g_k
+            block_CV.scatter_add_(1, ids_Nk[span], g_Ck)
             grad_BTV[rows_b[span], rows_t[span]] = block_CV.to(grad_BTV.dtype)
         return grad_BTV, None, None, None, None
 
@@ -110,6 +121,27 @@ def dense_sequence_logps(
     mask_BT = response_mask_BT[:, 1:].to(logits.dtype)
     token_logps_BT = torch.gather(logits, 2, targets_BT.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, -1)
     return (token_logps_BT * mask_BT).sum(-1), mask_BT.sum(-1)
+
+
+def topk_token_logps(logits_NTV: torch.Tensor, topk_ids_NTk: torch.Tensor, topk_mask_NT: torch.Tensor,
+                     chunk_bytes: int = LOGPS_CHUNK_BYTES) -> torch.Tensor:
+    """The student's log-probs of the teacher's top-k ids, [N, T-1, k] in fp32, aligned with `[:, 1:]` of
+    the batch: position t's ids (`topk_ids_NTk[:, t]`, where `topk_mask_NT` is 1) are what the logits at
+    t - 1 predict. Computed only at those positions, in fp32 chunks forward and backward (`_ScoredLogps`);
+    0 elsewhere, where the top-k losses' masks give them no weight. `dense_topk_token_logps` is the
+    whole-tensor formula."""
+    mask_NT = topk_mask_NT[:, 1:] > 0
+    rows_b, rows_t = mask_NT.nonzero(as_tuple=True)
+    ids_Nk = topk_ids_NTk[rows_b, rows_t + 1]
+    logps_Nk = _ScoredLogps.apply(logits_NTV, rows_b, rows_t, ids_Nk, chunk_bytes)
+    return logps_Nk.new_zeros(*mask_NT.shape, ids_Nk.shape[-1]).index_put((rows_b, rows_t), logps_Nk)
+
+
+def dense_topk_token_logps(logits_NTV: torch.Tensor, topk_ids_NTk: torch.Tensor) -> torch.Tensor:
+    """`topk_token_logps` at every position, over an fp32 copy of [N, T-1, V] (gather - logsumexp): the
+    reference it is tested and benchmarked against."""
+    logits_NTV = logits_NTV[:, :-1].float()
+    return logits_NTV.gather(-1, topk_ids_NTk[:, 1:]) - torch.logsumexp(logits_NTV, -1, keepdim=True)
 
 
 def length_normalized(logps_B: torch.Tensor, num_tokens_B: torch.Tensor) -> torch.Tensor:
@@ -167,14 +199,70 @@ def nll_loss(chosen_logps_B: torch.Tensor, chosen_num_tokens_B: torch.Tensor) ->
 
 
 def token_kd_loss(
-    student_logits_BTV: torch.Tensor, teacher_logits_BTV: torch.Tensor, response_mask_BT: torch.Tensor
+    student_logits_BTV: torch.Tensor, teacher_logits_BTV: torch.Tensor, response_mask_BT: torch.Tensor,
+    chunk_bytes: int = LOGPS_CHUNK_BYTES,
 ) -> torch.Tensor:
     """Token-level KD (forward KL), per response token:
     sum_{b,t} KL(p_T(.|y_<t) || p_S(.|y_<t)) * mask / sum mask, with KL = sum_v p_T (log p_T - log p_S).
 
     Both models score the same token ids, so it needs a shared vocabulary. Position t's
     logits predict token t+1, as in `sequence_logps`; the teacher's logits carry no gradient.
+    Only the scored positions are computed, in fp32 chunks forward and backward (`_ScoredForwardKL`);
+    `dense_token_kd_loss` is the same formula over the whole tensors.
     """
+    if student_logits_BTV.shape != teacher_logits_BTV.shape:
+        raise ValueError(f"token_kd needs logits of one shape: student {tuple(student_logits_BTV.shape)}, "
+                         f"teacher {tuple(teacher_logits_BTV.shape)}")
+    mask_BT = response_mask_BT[:, 1:]
+    rows_b, rows_t = (mask_BT > 0).nonzero(as_tuple=True)
+    kl_N = _ScoredForwardKL.apply(student_logits_BTV, teacher_logits_BTV.detach(), rows_b, rows_t, chunk_bytes)
+    weights_N = mask_BT[rows_b, rows_t].to(kl_N.dtype)
+    return (kl_N * weights_N).sum() / mask_BT.to(kl_N.dtype).sum().clamp(min=1)
+
+
+class _ScoredForwardKL(torch.autograd.Function):
+    """KL(p_T || p_S) at the scored positions (rows_b, rows_t), in fp32, a chunk of positions at a time.
+    Saves both logits (no copy, each in its own dtype) and both log-normalisers per scored position;
+    backward writes (softmax_S - p_T) * g chunk by chunk into the student logits' gradient (the teacher's
+    gets none). Written by hand for the reason `_ScoredLogps` is."""
+
+    @staticmethod
+    def forward(ctx, student_BTV, teacher_BTV, rows_b, rows_t, chunk_bytes):
+        n, vocab = rows_b.shape[0], student_BTV.shape[-1]
+        chunk = _chunk_rows(chunk_bytes, vocab, blocks=2)
+        kl_N = torch.empty(n, dtype=torch.float32, device=student_BTV.device)
+        lse_s_N, lse_t_N = torch.empty_like(kl_N), torch.empty_like(kl_N)
+        for start in range(0, n, chunk):
+            span = slice(start, start + chunk)
+            s_CV = student_BTV[rows_b[span], rows_t[span]].float()
+            t_CV = teacher_BTV[rows_b[span], rows_t[span]].float()
+            lse_s_N[span], lse_t_N[span] = torch.logsumexp(s_CV, -1), torch.logsumexp(t_CV, -1)
+            s_CV.sub_(lse_s_N[span, None])  # log p_S
+            t_CV.sub_(lse_t_N[span, None])  # log p_T
+            diff_CV = t_CV - s_CV
+            kl_N[span] = diff_CV.mul_(t_CV.exp_()).sum(-1)
+        ctx.save_for_backward(student_BTV, teacher_BTV, rows_b, rows_t, lse_s_N, lse_t_N)
+        ctx.chunk = chunk
+        return kl_N
+
+    @staticmethod
+    def backward(ctx, grad_N):
+        student_BTV, teacher_BTV, rows_b, rows_t, lse_s_N, lse_t_N = ctx.saved_tensors
+        grad_BTV = torch.zeros_like(student_BTV)
+        for start in range(0, rows_b.shape[0], ctx.chunk):
+            span = slice(start, start + ctx.chunk)
+            s_CV = student_BTV[rows_b[span], rows_t[span]].float().sub_(lse_s_N[span, None]).exp_()
+            t_CV = teacher_BTV[rows_b[span], rows_t[span]].float().sub_(lse_t_N[span, None]).exp_()
+            s_CV.sub_(t_CV).mul_(grad_N[span, None].float())  # (softmax_S - p_T) * g
+            grad_BTV[rows_b[span], rows_t[span]] = s_CV.to(grad_BTV.dtype)
+        return grad_BTV, None, None, None, None
+
+
+def dense_token_kd_loss(
+    student_logits_BTV: torch.Tensor, teacher_logits_BTV: torch.Tensor, response_mask_BT: torch.Tensor
+) -> torch.Tensor:
+    """`token_kd_loss` over fp32 log-softmaxes of both whole tensors: the reference it is tested and
+    benchmarked against."""
     student_BTV = F.log_softmax(student_logits_BTV[:, :-1].float(), -1)
     teacher_BTV = F.log_softmax(teacher_logits_BTV[:, :-1].float().detach(), -1)
     kl_BT = (teacher_BTV.exp() * (teacher_BTV - student_BTV)).sum(-1)

@@ -27,8 +27,11 @@ def bad(tmp_path_factory, tiny_models):
     (d / "broken.jsonl").write_text('{"prompt": "abc>"}\n{"prompt": "abc>"\n')
     (d / "long.jsonl").write_text('{"prompt": "abc>"}\n' + json.dumps({"prompt": "x" * 60 + ">"}) + "\n")
     student = tiny_models["student"]
-    for name in ("bert", "notok", "pickle"):
+    for name in ("bert", "notok", "pickle", "narrow"):
         shutil.copytree(student, d / name)
+    # A student with fewer embedding rows (256) than the tokenizer both share has tokens (259).
+    config = json.loads((d / "narrow" / "config.json").read_text())
+    (d / "narrow" / "config.json").write_text(json.dumps({**config, "vocab_size": 256}))
     config = json.loads((d / "bert" / "config.json").read_text())
     (d / "bert" / "config.json").write_text(json.dumps({**config, "architectures": ["BertModel"]}))
     for f in ("tokenizer.json", "tokenizer_config.json"):
@@ -105,6 +108,10 @@ CASES = {
     "scoring across vocabularies": ("generate_pairs", None, ["teacher.score_samples=true", "teacher.model={d}/swapped"],
                                     2, "config key teacher.score_samples: the teacher's and the student's tokenizers "
                                        "map ids to different tokens"),
+    "teacher ids past the student's rows": ("generate_pairs", None, ["teacher.score_samples=true",
+                                                                     "student.model={d}/narrow"], 2,
+                                            "holds 259 tokens but the student ({d}/narrow) has 256 embedding rows, so "
+                                            "teacher token ids 256 and up have no student logit"),
     "top-k loss on unscored pairs": ("train", None, ["train.pairs={d}/chat-pairs.parquet", "train.loss.type=onpolicy_kd"],
                                      2, "config key train.loss.type: onpolicy_kd trains on the teacher's top-k log-probs "
                                         "of the pairs: set teacher.score_samples=true (this run's pairs) or "

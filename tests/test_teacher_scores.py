@@ -158,6 +158,40 @@ def test_pairs_get_the_teacher_mean_log_prob_of_each_side(local_ray, tmp_path):
         with_teacher_scores(ray.data.from_arrow(pairs), str(tmp_path / "none"), 3)
 
 
+def test_top_k_ids_past_the_students_rows_stop_the_run_before_training(local_ray, tmp_path):
+    import pyarrow as pa
+    import ray.data
+
+    from plad_ray.data import parquet
+    from plad_ray.errors import DataError
+    from plad_ray.train.driver import with_teacher_topk
+
+    def score(i, side, topk_ids):  # one scored token, k = 2
+        return {"id": f"p{i}", "sample_index": 0, "side": side, "num_tokens": 1, "prompt_tokens": 3,
+                "token_ids": [1], "logprobs": [-0.1], "topk_ids": topk_ids, "topk_logprobs": [-0.1, -2.5]}
+
+    # p1's teacher output (chosen) has the largest id, 151,935; the samples' (rejected) largest is 151,000
+    rows = [score(0, "chosen", [5, 9]), score(0, "rejected", [151000, 3]),
+            score(1, "chosen", [151935, 7]), score(1, "rejected", [4, 8])]
+    uri = str(tmp_path / "teacher_scores")
+    parquet.write_pending(ray.data.from_arrow(pa.Table.from_pylist(rows, tl.SCORE_SCHEMA)), uri, tl.SCORE_SCHEMA)
+    parquet.commit(uri, {}, tl.KEYS, log=lambda _: None)
+    pairs = pa.table({"id": ["p0", "p1"], "sample_index": pa.array([0, 0], pa.int32()),
+                      "chosen": ["c0", "c1"], "rejected": ["r0", "r1"]})
+    both = ("chosen", "rejected")
+    assert with_teacher_topk(ray.data.from_arrow(pairs), uri, 2, both, 151936).count() == 2  # Qwen2.5-0.5B's rows
+    # onpolicy_kd reads only the samples' top-k: ids up to 151,000 fit 151,001 rows
+    assert with_teacher_topk(ray.data.from_arrow(pairs), uri, 2, ("rejected",), 151001).count() == 2
+    with pytest.raises(DataError) as err:
+        with_teacher_topk(ray.data.from_arrow(pairs), uri, 2, both, 151935, "config key train.teacher_scores:")
+    message = str(err.value)
+    assert "\n" not in message and message.startswith(
+        f"config key train.teacher_scores: {uri}: top-k id 151935 is past the student's 151935 embedding rows "
+        "(ids 0 to 151934)")
+    with pytest.raises(DataError, match=f"teacher scores {uri}: top-k id 151000 is past the student's 151000"):
+        with_teacher_topk(ray.data.from_arrow(pairs), uri, 2, ("rejected",), 151000)
+
+
 def test_the_teacher_scorer_needs_the_scoring_stage_and_is_no_verifier():
     from plad_ray.config import Config
     from plad_ray.evaluation.stage import verifier

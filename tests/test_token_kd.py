@@ -1,5 +1,6 @@
-"""token_kd's two preconditions a GPU cluster would otherwise find the hard way: the frozen teacher
-sits on the worker's device, and teacher and student logits have one width."""
+"""token_kd's preconditions a GPU cluster would otherwise find the hard way: the frozen teacher sits on the
+worker's device, teacher and student logits have one width, and (for every objective that reads teacher
+token ids) each id the teacher's tokenizer can write has a student embedding row."""
 
 import pytest
 import torch
@@ -48,3 +49,20 @@ def test_the_frozen_teacher_is_moved_to_the_workers_device(tmp_path):
     assert {p.device.type for p in teacher.parameters()} == {"meta"}
     assert not any(p.requires_grad for p in teacher.parameters()) and not teacher.training
     assert worker._load_teacher(plan.__class__(**{**plan.__dict__, "train": TrainConfig()}), "cpu") is None
+
+
+def test_teacher_token_ids_must_have_student_rows(tmp_path):
+    from plad_ray.checks import check_teacher_ids_fit
+
+    # The Qwen2.5-7B -> 0.5B shape: one tokenizer (here the tiny one, 259 tokens) on embeddings padded to
+    # different heights (here 320 and 264): every id the teacher can write has a student row.
+    teacher = model_folder(tmp_path / "teacher", 320)
+    check_teacher_ids_fit(teacher, model_folder(tmp_path / "student", 264), "teacher.score_samples")
+    check_teacher_ids_fit(teacher, model_folder(tmp_path / "exact", 259), "teacher.score_samples")
+    narrow = model_folder(tmp_path / "narrow", 256)  # ids 256, 257 and 258 would index past its logits
+    with pytest.raises(ConfigError) as err:
+        check_teacher_ids_fit(teacher, narrow, "train.loss.type")
+    message = str(err.value)
+    assert "\n" not in message and message.startswith("config key train.loss.type: the teacher's tokenizer")
+    assert f"holds 259 tokens but the student ({narrow}) has 256 embedding rows, so teacher token ids 256 and up" \
+        in message

@@ -76,3 +76,18 @@ def shares_vocabulary(first: str, second: str, trust_remote_code: bool = False) 
 
     vocab = [AutoTokenizer.from_pretrained(p, trust_remote_code=trust_remote_code).get_vocab() for p in (first, second)]
     return vocab[0] == vocab[1]
+
+
+def embedding_rows(folder: str, trust_remote_code: bool = False) -> int:
+    """The model's embedding rows, the width of its logits (its text config's vocab_size): often more than its
+    tokenizer's tokens (a vocabulary padded to a multiple of 64 or 128)."""
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code).get_text_config().vocab_size
+
+
+def tokenizer_size(folder: str, trust_remote_code: bool = False) -> int:
+    """How many token ids the folder's tokenizer can write, added tokens included (len(tokenizer))."""
+    from transformers import AutoTokenizer
+
+    return len(AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code))

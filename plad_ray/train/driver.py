@@ -22,6 +22,7 @@ from plad_ray.config import TOPK_LOSS_TYPES, ClusterConfig, Config, TrainConfig
 from plad_ray.data import parquet, storage
 from plad_ray.data.layout import TRAIN, OutputLayout
 from plad_ray.errors import DataError, PladError, RuntimeFailure
+from plad_ray.models.folders import embedding_rows
 from plad_ray.scoring import TEACHER
 from plad_ray.tracking import Tracking, plan_tracking
 from plad_ray.train.batching import PairTokenizer, group_samples
@@ -277,11 +278,31 @@ def with_teacher_scores(pairs_ds, scores_uri: str, pairs_rows: int):
     return _join_scores(pairs_ds, means, {"score": "{side}_score"}, ("chosen", "rejected"), scores_uri, pairs_rows)
 
 
-def with_teacher_topk(pairs_ds, scores_uri: str, pairs_rows: int, sides: tuple[str, ...]):
+def with_teacher_topk(pairs_ds, scores_uri: str, pairs_rows: int, sides: tuple[str, ...], student_rows: int,
+                      source: str = "teacher scores"):
     """Pairs with the teacher's top-k of `sides` (batching.TOPK_COLUMNS) from teacher_scores/, for the
-    objectives trained on them (onpolicy_kd: the samples; contrastive: both sides)."""
+    objectives trained on them (onpolicy_kd: the samples; contrastive: both sides). Every id joined must
+    index one of the student's `student_rows` logits (`source` names the folder in the refusal)."""
     names = {"topk_ids": "{side}_topk_ids", "topk_logprobs": "{side}_topk_logps", "num_tokens": "{side}_topk_tokens"}
-    return _join_scores(pairs_ds, _read_scores(scores_uri), names, sides, scores_uri, pairs_rows)
+    joined = _join_scores(pairs_ds, _read_scores(scores_uri), names, sides, scores_uri, pairs_rows)
+    # a Ray Data aggregation over the materialised join: one number per block, one to the driver
+    largest = joined.map_batches(_largest_topk_id, fn_kwargs={"columns": [f"{side}_topk_ids" for side in sides]},
+                                 batch_format="pyarrow").max("largest_id")
+    if largest is not None and largest >= student_rows:
+        raise DataError(f"{source} {scores_uri}: top-k id {largest} is past the student's {student_rows} embedding "
+                        f"rows (ids 0 to {student_rows - 1}), so its log-prob has no student logit: these scores come "
+                        "from a teacher with a larger vocabulary; score the pairs with a teacher of the student's "
+                        "vocabulary, or train on the pairs' text (hinge, logistic, seqkd)")
+    return joined
+
+
+def _largest_topk_id(table, columns: list[str]):
+    """The block's largest id over the top-k list `columns`, -1 when they hold none."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    found = [pc.max(pc.list_flatten(table[c])).as_py() for c in columns]
+    return pa.table({"largest_id": pa.array([max((v for v in found if v is not None), default=-1)], pa.int64())})
 
 
 def _read_scores(scores_uri: str):
@@ -322,9 +343,9 @@ def _mean_logprobs(batch: dict) -> dict:
             "score": np.asarray(means, dtype=np.float32)}
 
 
-def _pairs_on_disk(cfg: Config, round: int):
+def _pairs_on_disk(cfg: Config, round: int, student_path: str):
     """The round's pairs (or the given train.pairs) as a Ray Dataset, with the teacher's scores the objective
-    reads joined in."""
+    reads joined in (top-k ids checked against `student_path`'s embedding rows)."""
     layout = cfg.layout()
     if cfg.train.pairs is not None:
         pairs_ds = parquet.read_dataset(cfg.train.pairs, file_extensions=["parquet"]).map_batches(
@@ -341,7 +362,9 @@ def _pairs_on_disk(cfg: Config, round: int):
             pairs_ds = with_teacher_scores(pairs_ds, scores_uri, rows)
         if cfg.train.loss.type in TOPK_LOSS_TYPES:
             sides = ("rejected",) if cfg.train.loss.type == "onpolicy_kd" else ("chosen", "rejected")
-            pairs_ds = with_teacher_topk(pairs_ds, scores_uri, rows, sides)
+            source = "config key train.teacher_scores:" if cfg.train.teacher_scores else "teacher scores"
+            pairs_ds = with_teacher_topk(pairs_ds, scores_uri, rows, sides,
+                                         embedding_rows(student_path, cfg.student.trust_remote_code), source)
     return pairs_ds
 
 
@@ -364,7 +387,7 @@ def train_student(cfg: Config, inputs: Inputs, log=print, round: int = 1, stream
         log(f"[train] round {round}: the streamed first epoch took {streamed} steps; epochs 2-{cfg.train.num_epochs} "
             "resume from its checkpoint and read the pairs from disk")
     student_path = inputs.student_for_round(cfg, round)
-    pairs_ds = None if stream is not None else _pairs_on_disk(cfg, round)
+    pairs_ds = None if stream is not None else _pairs_on_disk(cfg, round, student_path)
     tokenizer = AutoTokenizer.from_pretrained(student_path, trust_remote_code=cfg.student.trust_remote_code)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     start = time.perf_counter()

@@ -10,7 +10,8 @@ import torch
 
 from plad_ray.config import TrainConfig
 from plad_ray.errors import ConfigError
-from plad_ray.losses import contrastive_topk_loss, plad_loss, sequence_logps, token_kd_loss, topk_divergence
+from plad_ray.losses import (contrastive_topk_loss, plad_loss, sequence_logps, token_kd_loss, topk_divergence,
+                             topk_token_logps)
 from plad_ray.train.batching import collate_groups, collate_pairs, length_grouped
 from plad_ray.train.packing import pack, unpack_logits
 
@@ -98,11 +99,12 @@ def student_logits(engine, batch: dict, packed: bool) -> torch.Tensor:
     return unpack_logits(packed_RTV, batch["unpack_index"].to(device))
 
 
-def student_at_teacher_topk(logits_NTV: torch.Tensor, topk_ids_NTk: torch.Tensor) -> torch.Tensor:
-    """The student's log-probs of the teacher's top-k tokens at every scored position: position t's top-k
-    (collate_topk) is what the logits at t - 1 predict. [N, T-1, k], aligned with `[:, 1:]` of the batch."""
-    logits_NTV = logits_NTV[:, :-1].float()
-    return logits_NTV.gather(-1, topk_ids_NTk[:, 1:]) - torch.logsumexp(logits_NTV, -1, keepdim=True)
+def student_at_teacher_topk(logits_NTV: torch.Tensor, topk_ids_NTk: torch.Tensor,
+                            topk_mask_NT: torch.Tensor) -> torch.Tensor:
+    """The student's log-probs of the teacher's top-k tokens at every scored position (topk_mask = 1): position
+    t's top-k (collate_topk) is what the logits at t - 1 predict. [N, T-1, k], aligned with `[:, 1:]` of the
+    batch; computed in fp32 chunks of the scored positions only (plad_ray.losses.topk_token_logps)."""
+    return topk_token_logps(logits_NTV, topk_ids_NTk, topk_mask_NT)
 
 
 def topk_term(logits_NTV: torch.Tensor, batch: dict, b: int, train: TrainConfig) -> torch.Tensor:
@@ -110,8 +112,9 @@ def topk_term(logits_NTV: torch.Tensor, batch: dict, b: int, train: TrainConfig)
     contrastive on both sides (plad_ray.losses)."""
     device = logits_NTV.device
     ids_NTk, teacher_NTk = batch["topk_ids"].to(device), batch["topk_logps"].to(device)[:, 1:]
-    mask_NT = batch["topk_mask"].to(device)[:, 1:]
-    student_NTk = student_at_teacher_topk(logits_NTV, ids_NTk)
+    topk_mask_NT = batch["topk_mask"].to(device)
+    student_NTk = student_at_teacher_topk(logits_NTV, ids_NTk, topk_mask_NT)
+    mask_NT = topk_mask_NT[:, 1:]
     loss = train.loss
     if loss.type == "onpolicy_kd":
         return topk_divergence(student_NTk[b:], teacher_NTk[b:], mask_NT[b:], kind=loss.divergence, beta=loss.jsd_beta)
