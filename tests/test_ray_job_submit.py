@@ -57,20 +57,24 @@ def test_distill_through_ray_job_submit_on_two_nodes_resumes_on_a_new_cluster(ti
                "python", "-m", "jobs.distill", "--config", "configs/tiny-cpu.yaml",
                "--set", f"cluster.storage={tmp_path}",
                "--set", f"data.max_prompts={PROMPTS}", "--set", "train.placement_strategy=SPREAD",
-               "--set", "train.micro_batch_size=2", "--set", "train.checkpoint_every_steps=10",
+               "--set", "train.micro_batch_size=2", "--set", "train.checkpoint_every_steps=5",
                "--set", "eval.initial_student=false", "--debug"]
     first = two_nodes()
     try:
         assert len({n["node_id"] for n in state(first, "nodes") if n["state"] == "ALIVE"}) == 2
         submitted = first.job(*command[:1], "--no-wait", *command[1:])
         assert submitted.returncode == 0, submitted.stdout[-2000:] + submitted.stderr[-2000:]
-        snapshot = out / "train" / "checkpoint_manager_snapshot.json"
         deadline = time.time() + 900
+        # Where the work ran, asked while the ranks start (the state API takes seconds; the steps do not wait) ...
+        while len((placed := placement(first))[1]) < 2:
+            assert time.time() < deadline and "FAILED" not in first.job("list").stdout, first.job("list").stdout
+            time.sleep(1)
+        nodes, trainers, engines = placed
+        # ... then the cluster is killed as soon as Ray Train has registered a checkpoint.
+        snapshot = out / "train" / "checkpoint_manager_snapshot.json"
         while not (snapshot.exists() and "step-" in snapshot.read_text()):
             assert time.time() < deadline, first.job("list").stdout[-3000:]
-            assert "FAILED" not in first.job("list").stdout
-            time.sleep(1)
-        nodes, trainers, engines = placement(first)
+            time.sleep(0.2)
     finally:
         first.stop()  # mid-training: every process of the cluster killed
     # The job joined the cluster it was given and ran there: one trainer rank per node (SPREAD); the teacher's and
@@ -90,7 +94,7 @@ def test_distill_through_ray_job_submit_on_two_nodes_resumes_on_a_new_cluster(ti
     assert f"all {PROMPTS} outputs already cached" in submit.stdout  # no teacher request
     assert f"pairs: {PROMPTS * 2} pairs already complete" in submit.stdout
     resumed = [int(step) for step in re.findall(r"resumed from checkpoint at step (\d+)", submit.stdout)]
-    assert resumed and resumed[0] >= 10, submit.stdout[-3000:]
+    assert resumed and resumed[0] >= 5, submit.stdout[-3000:]
     assert len(trainers) == 2 and set(trainers) == nodes
     assert len(engines) == 1  # the evaluation's trained student; no teacher or student generation again
     # The outputs' absolute location, said at the start and at the end ...
