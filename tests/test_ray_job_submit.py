@@ -66,10 +66,12 @@ def test_distill_through_ray_job_submit_on_two_nodes_resumes_on_a_new_cluster(ti
         assert submitted.returncode == 0, submitted.stdout[-2000:] + submitted.stderr[-2000:]
         deadline = time.time() + 900
         # Where the work ran, asked while the ranks start (the state API takes seconds; the steps do not wait) ...
-        while len((placed := placement(first))[1]) < 2:
+        while True:
+            nodes, trainers, engines = placement(first)
+            if len([node for node in trainers if node]) == 2:  # both ranks placed on their nodes
+                break
             assert time.time() < deadline and "FAILED" not in first.job("list").stdout, first.job("list").stdout
             time.sleep(1)
-        nodes, trainers, engines = placed
         # ... then the cluster is killed as soon as Ray Train has registered a checkpoint.
         snapshot = out / "train" / "checkpoint_manager_snapshot.json"
         while not (snapshot.exists() and "step-" in snapshot.read_text()):
