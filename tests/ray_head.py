@@ -95,16 +95,13 @@ class RayHead:
                               capture_output=True, text=True, timeout=timeout)
 
     def processes(self, marker: str) -> list[int]:
-        """This cluster's processes whose command line contains `marker` (Ray names actors ray::<Class>)."""
-        found = []
-        for entry in os.listdir("/proc"):
-            if entry.isdigit() and self._ours(int(entry), set(self.temp_dirs)):
-                try:
-                    if marker.encode() in Path(f"/proc/{entry}/cmdline").read_bytes():
-                        found.append(int(entry))
-                except OSError:
-                    pass
-        return found
+        """This cluster's processes whose command line contains `marker` (Ray names actors ray::<Class>): below the
+        processes that name our temp dirs (a worker renames itself, and its command line then names no folder)."""
+        from fault import descendants, find_in
+
+        ours = [int(p) for p in os.listdir("/proc") if p.isdigit() and self._ours(int(p), set(self.temp_dirs))]
+        below = {pid for root in ours for pid in (root, *descendants(root))}
+        return sorted(pid for pid in below if find_in(pid, marker))
 
     def stop(self) -> None:
         """Kill only this cluster's processes: those whose command line or environment names one of our temp dirs."""

@@ -138,3 +138,29 @@ def test_a_rank_out_of_pairs_makes_zero_weight_steps_while_another_rank_has_some
     others = iter([True])
     with pytest.raises(RuntimeError, match="a rank got no training pairs from the stream while another did"):
         list(worker._joined(iter([])))
+
+
+def test_a_streamed_round_gets_its_teacher_scores_after_its_pairs_are_committed(tmp_path, monkeypatch):
+    """The wiring of pipeline.distill (each stage is tested on its own, on real Ray, vLLM and DeepSpeed; the
+    streaming fault test runs one with real engines): with train.stream and teacher.score_samples the round's
+    pairs are scored once committed. Before, a streamed round skipped the scoring without a word."""
+    from plad_ray import pipeline
+    from plad_ray.checks import Inputs
+
+    calls = []
+    monkeypatch.setattr(pipeline, "prepare", lambda *args, **kwargs: Inputs(num_prompts=4, student_path="s"))
+    monkeypatch.setattr(pipeline, "generate_teacher", lambda *args: {})
+    monkeypatch.setattr(pipeline, "pair_stream", lambda cfg, inputs, log, round: calls.append(("stream", round)) or 1)
+    monkeypatch.setattr(pipeline, "commit_pairs", lambda cfg, r, start, log: calls.append(("commit", r)) or {"pairs": 4})
+    monkeypatch.setattr(pipeline, "score_pairs", lambda cfg, inputs, log, r: calls.append(("score", r)) or {"rows": 6})
+    monkeypatch.setattr(pipeline, "write_report", lambda cfg, rounds, figures, *args: {"rounds": rounds})
+    monkeypatch.setattr(pipeline, "log_report", lambda *args: None)
+    import plad_ray.train.driver as driver
+
+    monkeypatch.setattr(driver, "train_student", lambda cfg, inputs, log, round=1, stream=None:
+                        calls.append(("train", round, stream is not None)) or {"steps": 1})
+    cfg = load_config(write(tmp_path, MINIMAL), ["train.stream=true", "teacher.score_samples=true",
+                                                 "eval.enabled=false"])
+    report = pipeline.distill(cfg, log=lambda _: None)
+    assert calls == [("stream", 1), ("train", 1, True), ("commit", 1), ("score", 1)]
+    assert report["rounds"][0]["pair_generation"] == {"pairs": 4, "teacher_scoring": {"rows": 6}}
