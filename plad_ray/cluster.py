@@ -110,7 +110,7 @@ def check_resources(cfg: Config, available: dict, generation: bool = True, train
     for role in ("teacher", "student") if generation else ():
         engine: EngineConfig = getattr(cfg, role)
         if getattr(engine, "endpoint", None) is not None:  # only a teacher has one
-            continue  # HTTP request workers take a fraction of a CPU each
+            continue  # HTTP request workers reserve no CPU (generate.endpoint.REQUEST_WORKER_CPUS)
         workers = engine.replicas * engine.tensor_parallel_size
         if workers * engine.cpus_per_replica > cpus:
             raise ConfigError(

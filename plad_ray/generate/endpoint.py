@@ -16,7 +16,10 @@ from plad_ray.config import EndpointConfig
 from plad_ray.errors import ConfigError, DataError
 from plad_ray.generate.endpoint_policy import error_text
 
-REQUEST_WORKER_CPUS = 0.25  # request workers wait on the network, not the CPU
+# Request workers wait on the network, not the CPU, so they reserve none. (With 0.25 each, the workers of a failed
+# stage, which Ray Data's actor pool does not shut down while their failed batch is on its books, held CPUs that a
+# later stage in the same cluster then waited for forever: a Parquet write task of 1 CPU on a 2-CPU test cluster.)
+REQUEST_WORKER_CPUS = 0
 
 
 def api_key(endpoint: EndpointConfig) -> str | None:
