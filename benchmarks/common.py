@@ -4,13 +4,16 @@ Every benchmark measures its contenders side by side in one run on one machine, 
 a table and writes JSON to benchmarks/results/. Timings live here, never in tests.
 """
 
+import collections
 import json
 import os
 import platform
 import random
+import re
 import string
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -125,13 +128,32 @@ def answer_one(one: str, measure, tag: str) -> None:
     print(f"{tag} {json.dumps(measure(**json.loads(one)))}", flush=True)
 
 
+PROGRESS = re.compile(r"^\[[a-z_-]+\] ")  # a benchmark's own progress lines ("[scale] ..."), not Ray's or vLLM's
+
+
 def run_worker(module: str, flag: str, arg: str, tag: str, failure: str) -> dict:
-    """Run `python -m module flag arg` in a fresh process; its result is the JSON after `tag ` on stdout."""
-    proc = subprocess.run([sys.executable, "-m", module, flag, arg], capture_output=True, text=True, timeout=4 * 3600)
-    line = [l for l in proc.stdout.splitlines() if l.startswith(f"{tag} ")]
-    if proc.returncode != 0 or not line:
-        raise RuntimeError(f"{failure}: {proc.stderr[-3000:]}")
-    return json.loads(line[-1][len(tag) + 1:])
+    """Run `python -m module flag arg` in a fresh process; its result is the JSON after `tag ` on stdout. Its own
+    progress lines on stderr are passed on as they come (a 1M-prompt size runs for an hour); the rest of its stderr
+    is kept for the failure message."""
+    proc = subprocess.Popen([sys.executable, "-m", module, flag, arg], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    stdout = []
+    reader = threading.Thread(target=lambda: stdout.extend(proc.stdout), daemon=True)  # a full pipe would stall it
+    reader.start()
+    watchdog = threading.Timer(4 * 3600, proc.kill)  # a worker hung past 4 hours ends as a failure
+    watchdog.start()
+    tail = collections.deque(maxlen=200)
+    for line in proc.stderr:
+        tail.append(line)
+        if PROGRESS.match(line):
+            print(line, end="", file=sys.stderr, flush=True)
+    proc.wait()
+    watchdog.cancel()
+    reader.join()
+    result = [l for l in stdout if l.startswith(f"{tag} ")]
+    if proc.returncode != 0 or not result:
+        raise RuntimeError(f"{failure}: {''.join(tail)[-3000:]}")
+    return json.loads(result[-1][len(tag) + 1:])
 
 
 def bench_parser(doc: str, settings: dict):

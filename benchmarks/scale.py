@@ -77,16 +77,26 @@ def write_prompts(path: Path, n: int, seed: int = 0) -> None:
 
 
 class _Laps:
-    """Seconds and the driver's RSS after each stage, each said on stderr as it ends."""
+    """Seconds and the driver's RSS after each stage, each said on stderr as it ends; the object store's peak
+    polled from the start to `stop`. A stage's clock starts where the previous one ended."""
 
     def __init__(self, label: str):
         self.label, self.seconds, self.rss = label, {}, {}
+        self.store = _ObjectStorePeak()
+        self.store.start()
+        self.start = time.perf_counter()
 
-    def lap(self, stage: str, start: float) -> None:
-        self.seconds[stage] = time.perf_counter() - start
+    def lap(self, stage: str) -> None:
+        self.seconds[stage] = time.perf_counter() - self.start
         self.rss[stage] = _rss_mb()
         print(f"[scale] {self.label}: {stage} {self.seconds[stage]:.1f} s, driver RSS {self.rss[stage]:.0f} MB",
               file=sys.stderr, flush=True)
+        self.start = time.perf_counter()
+
+    def stop(self) -> int:
+        """The object store's peak (MB)."""
+        self.store.running = False
+        return self.store.peak_mb
 
 
 def _run(n: int, max_tokens: int, batch_size: int, *overrides: str):
@@ -112,31 +122,24 @@ def measure(n: int, max_tokens: int, batch_size: int) -> dict:
 
     folder, cfg = _run(n, max_tokens, batch_size)
     quiet = lambda line: None  # noqa: E731
-    store = _ObjectStorePeak()
-    store.start()
     rows = {"prompts": n}
     laps = _Laps(f"{n} prompts")
-    seconds, rss, lap = laps.seconds, laps.rss, laps.lap
-
-    start = time.perf_counter()
     inputs = prepare(cfg, generation=True, training=True, log=quiet)
-    lap("checks", start)
-    start = time.perf_counter()
+    laps.lap("checks")
     rows["teacher"] = generate_teacher(cfg, inputs, quiet)["teacher_generated"]
-    lap("teacher", start)
-    start = time.perf_counter()
+    laps.lap("teacher")
     rows["pairs"] = generate_pairs(cfg, inputs, quiet)["pairs"]
-    lap("pairs", start)
-    start = time.perf_counter()
+    laps.lap("pairs")
     train_ds, heldout_ds, counts = prepare_pairs(parquet.read(cfg.layout().pairs(1)), inputs.student_path,
                                                  cfg.train, cfg.student.chat_template, False)
     shards = train_ds.split(cfg.train.num_workers, equal=True)
     rows["feed"] = sum(s.count() for s in shards) + heldout_ds.count()
-    lap("feed", start)
-    store.running = False
+    laps.lap("feed")
+    store_peak = laps.stop()
     shutil.rmtree(folder, ignore_errors=True)
-    return {"prompts": n, "driver_peak_rss_mb": _peak_rss_mb(), "driver_rss_after_mb": rss,
-            "object_store_peak_mb": store.peak_mb, "seconds": seconds, "rows": rows, "counts": counts,
+    seconds = laps.seconds
+    return {"prompts": n, "driver_peak_rss_mb": _peak_rss_mb(), "driver_rss_after_mb": laps.rss,
+            "object_store_peak_mb": store_peak, "seconds": seconds, "rows": rows, "counts": counts,
             "rows_per_s": {s: rows[s if s != "checks" else "prompts"] / seconds[s] for s in STAGES}}
 
 
@@ -156,30 +159,22 @@ def measure_stream(n: int, max_tokens: int, batch_size: int) -> dict:
     folder, cfg = _run(n, max_tokens, batch_size, "train.stream=true", f"train.max_steps={STREAM_STEPS}",
                        "train.eval_every_steps=0", "train.trackers=[]", "cluster.num_cpus=5")
     quiet = lambda line: None  # noqa: E731
-    store = _ObjectStorePeak()
-    store.start()
     laps = _Laps(f"{n} prompts, stream")
-    seconds, rss, lap = laps.seconds, laps.rss, laps.lap
-
-    start = time.perf_counter()
     inputs = prepare(cfg, generation=True, training=True, log=quiet)
-    lap("checks", start)
-    start = time.perf_counter()
+    laps.lap("checks")
     generate_teacher(cfg, inputs, quiet)
-    lap("teacher", start)
-    start = time.perf_counter()
+    laps.lap("teacher")
     trained = train_student(cfg, inputs, quiet, stream=pair_stream(cfg, inputs, quiet))
-    lap("stream", start)
-    start = time.perf_counter()
-    committed = commit_pairs(cfg, 1, start, quiet)
-    lap("commit", start)
+    laps.lap("stream")
+    committed = commit_pairs(cfg, 1, time.perf_counter(), quiet)
+    laps.lap("commit")
     files = len(storage.manifest(cfg.layout().pairs(1))["files"])
-    store.running = False
+    store_peak = laps.stop()
     shutil.rmtree(folder, ignore_errors=True)
     return {"prompts": n, "mode": "stream", "pair_files": files, "pairs": committed["pairs"],
             "steps": trained["steps"], "untrained": trained["counts"]["untrained"],
-            "driver_peak_rss_mb": _peak_rss_mb(), "driver_rss_after_mb": rss, "object_store_peak_mb": store.peak_mb,
-            "seconds": seconds}
+            "driver_peak_rss_mb": _peak_rss_mb(), "driver_rss_after_mb": laps.rss, "object_store_peak_mb": store_peak,
+            "seconds": laps.seconds}
 
 
 def plot(results: list[dict], path: Path) -> None:
