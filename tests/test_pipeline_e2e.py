@@ -323,6 +323,10 @@ def test_the_collapse_guard_stops_at_the_last_good_checkpoint(run, tmp_path):
     assert (other / "student" / "model.safetensors").is_file()
 
 
+# make test-slow: two rounds run in make test as test_object_storage.py's S3 run (round 2 samples round 1's fetched
+# export, reuses every teacher output, trains and is evaluated beside round 1), and the local engine's teacher scores
+# are checked against the teacher's own forward pass by the `scored` fixture below when this test has not run.
+@pytest.mark.slow
 def test_a_second_round_samples_the_trained_student_and_reuses_teacher_outputs(run, tiny_models):
     # With the teacher's scoring turned on (teacher.score_samples, top 20): round 1's pairs, which the run
     # already has, are scored too, without making its teacher outputs, pairs or training stale.
@@ -335,7 +339,7 @@ def test_a_second_round_samples_the_trained_student_and_reuses_teacher_outputs(r
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "0 teacher requests" in proc.stdout and "round 1 already complete" in proc.stdout
-    check_teacher_scores(out, tiny_models, proc.stdout)
+    check_teacher_scores((out, out / "round-2"), tiny_models, proc.stdout)
     first, second = parquet.read_table(str(out / "pairs")), parquet.read_table(str(out / "round-2" / "pairs"))
     assert second.num_rows == first.num_rows
     def chosen(table):
@@ -361,16 +365,16 @@ def test_a_second_round_samples_the_trained_student_and_reuses_teacher_outputs(r
     assert f"| round 2 teacher scoring: sequences scored now / in all, prefill tokens, seconds | {PROMPTS * 3} / " in summary
 
 
-def check_teacher_scores(out, tiny_models, stdout):
-    """Both rounds' pairs scored once per (id, sample, side): every student sample, and each prompt's teacher
-    output once; on a sample of them, the log-probs and top 20 equal the teacher's own forward pass over the
-    student's training sequence (fp32 on both sides)."""
+def check_teacher_scores(folders, tiny_models, stdout):
+    """Each round's pairs (one folder a round) scored once per (id, sample, side): every student sample, and each
+    prompt's teacher output once; on a sample of them, the log-probs and top 20 equal the teacher's own forward
+    pass over the student's training sequence (fp32 on both sides)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    assert stdout.count("0 teacher text generated") == 2
+    assert stdout.count("0 teacher text generated") == len(folders)
     teacher = AutoModelForCausalLM.from_pretrained(tiny_models["teacher"], dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(tiny_models["student"])
-    for folder in (out, out / "round-2"):
+    for folder in folders:
         scores = parquet.read_table(str(folder / "teacher_scores")).to_pylist()
         keys = {(r["id"], r["sample_index"], r["side"]) for r in scores}
         assert len(scores) == len(keys) == PROMPTS * 3
@@ -394,15 +398,17 @@ def check_teacher_scores(out, tiny_models, stdout):
 
 
 @pytest.fixture(scope="module")
-def scored(run):
+def scored(run, tiny_models):
     """The run's round-1 pairs with the teacher's scores (teacher_scores/, top 20): the round-2 test above
-    scores them; run alone, this scores them (jobs.generate_pairs keeps the teacher outputs and pairs)."""
+    scores them (make test-slow); otherwise this scores them (jobs.generate_pairs keeps the teacher outputs and
+    pairs) and checks them against the teacher's forward pass."""
     out, _, _ = run
     if not (out / "teacher_scores" / "_manifest.json").is_file():
         proc = subprocess.run(
             [PYTHON, "-m", "jobs.generate_pairs", "--config", "configs/tiny-cpu.yaml", "--set", f"output_dir={out}",
              "--set", "teacher.score_samples=true"], cwd=ROOT, env=job_env(), capture_output=True, text=True, timeout=900)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        check_teacher_scores((out,), tiny_models, proc.stdout)
     return out
 
 
@@ -451,7 +457,7 @@ def test_objectives_on_the_teachers_scores_train_on_the_runs_pairs(scored, tiny_
           f"{before['chosen_nll_per_token']:.3f} -> {after['chosen_nll_per_token']:.3f}")
 
 
-@pytest.mark.slow  # make test-slow; zero teacher requests on a re-run are in make test's round-2 and Ctrl-C tests
+@pytest.mark.slow  # make test-slow; zero teacher requests on a re-run are in make test's S3 resume and Ctrl-C tests
 def test_new_student_round_reuses_teacher_outputs(run):
     # Another student configuration on the same output: zero teacher requests.
     out, _, _ = run
