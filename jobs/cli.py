@@ -44,6 +44,18 @@ def done(cfg: Config) -> None:
     print(f"outputs: {cfg.output_dir}", flush=True)
 
 
+def trained(cfg: Config, report: dict, command: list[str]) -> None:
+    """The end of a job that trained: the student's model card, the run's summary, the outputs' location."""
+    from plad_ray.model_card import write_card
+    from plad_ray.summary import summary_lines
+
+    card = write_card(cfg, report, command)
+    if card:
+        print(f"[plad-ray] model card -> {card}", flush=True)
+    print("\n" + summary_lines(report), flush=True)
+    done(cfg)
+
+
 def main(run, description: str, argv: list[str] | None = None, prog: str | None = None,
          sections: str | None = None) -> None:
     """Parse, run `run(args)`, and turn failures into one line and an exit code."""

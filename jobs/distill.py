@@ -10,19 +10,13 @@ output_dir; re-running resumes.
 
 from jobs import cli
 from plad_ray import pipeline
-from plad_ray.model_card import write_card
-from plad_ray.summary import summary_lines
 
 
 def run(args) -> None:
     cfg = cli.load(args)
     report = pipeline.distill(cfg, overwrite=args.overwrite, check_only=args.check, command=args.command)
     if report is not None:
-        card = write_card(cfg, report, args.command)
-        if card:
-            print(f"[plad-ray] model card -> {card}", flush=True)
-        print("\n" + summary_lines(report), flush=True)
-        cli.done(cfg)
+        cli.trained(cfg, report, args.command)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import pyarrow as pa
 import pyarrow.fs  # noqa: F401 - pa.fs below
 
-from plad_ray.config import TOPK_LOSS_TYPES, Config
+from plad_ray.config import Config
 from plad_ray.data import parquet, storage
 from plad_ray.data.limits import prompt_limits
 from plad_ray.data.prompt_checks import check_cached_prompts, check_prompts, source_files
@@ -78,9 +78,10 @@ def check_inputs(cfg: Config, prompts: bool = True, teacher: bool = True, studen
         check_scoring(cfg.teacher, card, inputs.student_path, cfg.student.trust_remote_code)
         log(f"[plad-ray] teacher scoring: the endpoint returns top-{cfg.teacher.score_top_k} prompt log-probs and "
             "tokenizes a probe as the student does")
-    if cfg.train.loss.type == "token_kd" and inputs.teacher_path and inputs.student_path:
+    objective = cfg.train.loss.objective
+    if objective.needs_local_teacher and inputs.teacher_path and inputs.student_path:
         check_shared_vocabulary(inputs.teacher_path, inputs.student_path, cfg.student.trust_remote_code)
-    reads_ids = cfg.teacher.score_samples or cfg.train.loss.type in ("token_kd", *TOPK_LOSS_TYPES)
+    reads_ids = cfg.teacher.score_samples or objective.needs_local_teacher or objective.reads_topk
     if reads_ids and inputs.teacher_path and inputs.student_path:
         check_teacher_ids_fit(inputs.teacher_path, inputs.student_path,
                               "teacher.score_samples" if cfg.teacher.score_samples else "train.loss.type",
@@ -160,11 +161,12 @@ def check_step_budget(cfg: Config, generation: bool) -> None:
         if rows is None:
             return
         prompts = rows if cfg.data.max_prompts is None else min(rows, cfg.data.max_prompts)
-        most = prompts if train.loss.type == "listwise" else prompts * cfg.student.num_samples
-        what = (f"{prompts} prompts" if train.loss.type == "listwise"
+        grouped = train.loss.objective.groups_samples
+        most = prompts if grouped else prompts * cfg.student.num_samples
+        what = (f"{prompts} prompts" if grouped
                 else f"{most} pairs ({prompts} prompts x student.num_samples {cfg.student.num_samples})")
         source = f"data.prompts {cfg.data.prompts}"
-    elif train.pairs is not None and train.loss.type != "listwise":
+    elif train.pairs is not None and not train.loss.objective.groups_samples:
         most = _rows_stated(train.pairs)
         if most is None:
             return

@@ -19,13 +19,10 @@ from plad_ray.config_yaml import apply_override, build, read_mapping
 from plad_ray.data import storage
 from plad_ray.data.layout import OutputLayout
 from plad_ray.errors import ConfigError
+from plad_ray.objectives import LOSS_TYPES, Objective, objective
 from plad_ray.scoring import POLICIES, SCORERS, TEACHER
 from plad_ray.tracking import TRACKERS
 
-LOSS_TYPES = ("hinge", "margin", "logistic", "listwise", "seqkd", "token_kd", "onpolicy_kd",
-              "contrastive")  # implemented in plad_ray.losses
-# Objectives trained on the teacher's top-k log-probs from teacher_scores/ (teacher.score_samples).
-TOPK_LOSS_TYPES = ("onpolicy_kd", "contrastive")
 DIVERGENCES = ("reverse_kl", "forward_kl", "jsd")
 ATTENTION = ("sdpa", "eager", "flash_attention_2")  # transformers' attn_implementation values plad-ray accepts
 
@@ -201,14 +198,7 @@ class StudentEngineConfig(EngineConfig):
 
 @dataclass
 class LossConfig:
-    # hinge (PLaD ranking calibration) | margin (hinge with margin beta*(s(chosen)-s(rejected)); needs train.scorer)
-    # | logistic | listwise (the teacher output above each of a prompt's student samples, in one term; batches
-    # hold train.micro_batch_size prompts with all their samples) | seqkd (baseline: NLL of the teacher output
-    # only) | token_kd (baseline: forward KL to the teacher's token distribution on teacher outputs; needs a
-    # local teacher sharing the student's vocabulary). Default seqkd: on the quality benchmark's dev split it
-    # did best of every objective that needs only teacher text, and no PLaD variant beat it on test
-    # (README "Choosing the objective", benchmarks/RESULTS.md); the PLaD objectives are one key away.
-    type: str = "seqkd"
+    type: str = "seqkd"  # an objective of plad_ray.objectives; which to pick: README "Choosing the objective"
     beta: float = 1.0  # hinge margin, > 0: nats of sequence log-prob; nats per token with length_normalize
     gamma: float = 1.0  # logistic scale, > 0: -log sigmoid(gamma * (log P(chosen) - log P(rejected)))
     length_normalize: bool = False  # use mean token log-prob instead of the sum (beta becomes a per-token margin)
@@ -229,6 +219,11 @@ class LossConfig:
         yield f"{prefix}beta", self.beta > 0, "the hinge margin must be > 0"
         yield f"{prefix}gamma", self.gamma > 0, "the logistic scale must be > 0"
         yield f"{prefix}nll_weight", self.nll_weight >= 0, "must be >= 0"
+
+    @property
+    def objective(self) -> Objective:
+        """What this loss type trains, reads and needs (plad_ray.objectives)."""
+        return objective(self.type)
 
 
 @dataclass
@@ -308,9 +303,9 @@ class TrainConfig:
         off = f"or set {prefix}stream=false"
         yield f"{prefix}stream", self.pairs is None, f"streams the run's own student engines; with {prefix}pairs " \
             f"there is nothing to generate: set {prefix}stream=false"
-        yield f"{prefix}stream", self.loss.type != "listwise", (
+        yield f"{prefix}stream", not self.loss.objective.groups_samples, (
             f"listwise groups need every sample of a prompt in one row, which a stream does not have: {off}")
-        yield f"{prefix}stream", self.scorer != TEACHER and self.loss.type not in TOPK_LOSS_TYPES, (
+        yield f"{prefix}stream", self.scorer != TEACHER and not self.loss.objective.reads_topk, (
             f"the teacher scores the pairs after they are written; {prefix}scorer=teacher and the top-k objectives "
             f"need those scores before training: {off}")
         yield f"{prefix}stream", self.max_failures == 0, (
@@ -353,7 +348,7 @@ class TrainConfig:
             f"scores of given pairs: set {prefix}pairs too (a run's own pairs use its teacher.score_samples)")
         yield f"{prefix}scorer", self.scorer is None or self.scorer in (*SCORERS, TEACHER), (
             f"must be null or one of: {', '.join((*SCORERS, TEACHER))}")
-        yield f"{prefix}loss.type", self.loss.type != "margin" or self.scorer is not None, (
+        yield f"{prefix}loss.type", not self.loss.objective.needs_scores or self.scorer is not None, (
             f"the margin loss needs scores: set {prefix}scorer")
         yield f"{prefix}student_wins", self.student_wins in POLICIES, f"must be one of: {', '.join(POLICIES)}"
         yield f"{prefix}student_wins", self.student_wins == "keep" or self.scorer is not None, (
@@ -422,13 +417,13 @@ class Config:
         flash = self.train.attn_implementation == "flash_attention_2"
         yield "train.attn_implementation", not flash or self.cluster.use_gpu, (
             "flash_attention_2 runs on GPUs only (flash-attn's CUDA kernels); set cluster.use_gpu=true, or use sdpa")
-        loss_type = self.train.loss.type
-        yield "train.loss.type", loss_type != "token_kd" or self.teacher.endpoint is None, (
+        loss_type, objective = self.train.loss.type, self.train.loss.objective
+        yield "train.loss.type", not objective.needs_local_teacher or self.teacher.endpoint is None, (
             "token-level KD needs the teacher's token distribution: a local teacher.model, not an endpoint")
         samples_or_given_pairs = self.student.num_samples >= 2 or self.train.pairs is not None
-        yield "train.loss.type", loss_type != "listwise" or samples_or_given_pairs, (
+        yield "train.loss.type", not objective.groups_samples or samples_or_given_pairs, (
             "listwise ranks a prompt's student samples together: set student.num_samples >= 2")
-        yield "train.loss.type", loss_type not in TOPK_LOSS_TYPES or self._teacher_scored(), (
+        yield "train.loss.type", not objective.reads_topk or self._teacher_scored(), (
             f"{loss_type} trains on the teacher's top-k log-probs of the pairs: set teacher.score_samples=true (this "
             "run's pairs) or train.teacher_scores (beside train.pairs)")
         yield "train.scorer", self.train.scorer != TEACHER or self._teacher_scored(), (

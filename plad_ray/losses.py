@@ -41,7 +41,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from plad_ray.config import LOSS_TYPES
+from plad_ray.objectives import NLL, Objective, objective
 
 
 LOGPS_CHUNK_BYTES = 1 << 28  # fp32 working set per chunk of scored positions (256 MiB)
@@ -353,10 +353,6 @@ def teacher_scores(teacher_token_logps_BT: torch.Tensor, mask_BT: torch.Tensor) 
     return ((teacher_token_logps_BT * mask_BT).sum(-1) / mask_BT.sum(-1).clamp(min=1)).detach()
 
 
-# Objectives whose trained term is computed per token outside plad_loss and passed in as `token_kd`.
-TOKEN_TERM_LOSSES = ("token_kd", "onpolicy_kd", "contrastive")
-
-
 def plad_loss(
     chosen_logps_B: torch.Tensor,
     chosen_num_tokens_B: torch.Tensor,
@@ -393,12 +389,13 @@ def plad_loss(
     NLL part (per token), the share of (chosen, rejected) pairs ranked right and the mean margin
     (these three unscaled: this micro-batch's own means).
     """
+    trained = objective(loss_type)
     chosen_B, rejected_B = chosen_logps_B, rejected_logps_B
     if length_normalize:
         chosen_B = length_normalized(chosen_logps_B, chosen_num_tokens_B)
         rejected_B = length_normalized(rejected_logps_B, rejected_num_tokens_B)
     nll = nll_loss(chosen_logps_B, chosen_num_tokens_B)
-    if loss_type == "listwise" or rejected_B.dim() == 2:
+    if trained.groups_samples or rejected_B.dim() == 2:
         rejected_BK = rejected_B if rejected_B.dim() == 2 else rejected_B[:, None]
         if rejected_mask_BK is None:  # pairs (K = 1), e.g. held-out evaluation: the ranked ones count
             rejected_mask_BK = torch.ones_like(rejected_BK) if ranked_B is None else ranked_B[:, None]
@@ -413,16 +410,16 @@ def plad_loss(
             chosen_B, rejected_B = chosen_B[keep], rejected_B[keep]
             if chosen_scores_B is not None and rejected_scores_B is not None:
                 chosen_scores_B, rejected_scores_B = chosen_scores_B[keep], rejected_scores_B[keep]
-        rank = _ranking(loss_type, chosen_B, rejected_B, beta, gamma, chosen_scores_B, rejected_scores_B)
+        rank = _ranking(trained, chosen_B, rejected_B, beta, gamma, chosen_scores_B, rejected_scores_B)
         accuracy, margin = (chosen_B > rejected_B).float().mean(), (chosen_B - rejected_B).mean()
         if chosen_B.numel() == 0:
             rank, accuracy, margin = chosen_logps_B.sum() * 0, torch.tensor(0.0), torch.tensor(0.0)
-    if loss_type in ("seqkd", *TOKEN_TERM_LOSSES):
+    if not trained.trains_ranking:
         rank = rank.detach()  # reported for comparison, not trained
     rank_scale, token_scale = term_scales
-    if loss_type == "seqkd":
+    if trained.token_term == NLL:
         loss = _scaled(nll, token_scale)
-    elif loss_type in TOKEN_TERM_LOSSES:
+    elif trained.per_token:
         if token_kd is None:
             raise ValueError(f"loss_type {loss_type!r} needs its per-token term as token_kd (see token_kd_loss, "
                              "topk_divergence, contrastive_topk_loss)")
@@ -459,13 +456,17 @@ def step_term_scales(ranked: float, tokens: float, step_ranked: float, step_toke
             tokens / step_tokens * factor if step_tokens else 0.0)
 
 
-def _ranking(loss_type: str, chosen_B, rejected_B, beta, gamma, chosen_scores_B, rejected_scores_B) -> torch.Tensor:
-    if loss_type in ("hinge", "seqkd", *TOKEN_TERM_LOSSES):  # the hinge is what the others report
-        return hinge_loss(chosen_B, rejected_B, beta)
-    if loss_type == "logistic":
-        return logistic_loss(chosen_B, rejected_B, gamma)
-    if loss_type == "margin":
-        if chosen_scores_B is None or rejected_scores_B is None:
-            raise ValueError("loss_type 'margin' needs chosen_scores_B and rejected_scores_B")
-        return margin_loss(chosen_B, rejected_B, chosen_scores_B, rejected_scores_B, beta)
-    raise ValueError(f"loss_type {loss_type!r}: expected one of {', '.join(LOSS_TYPES)}")
+def _ranking(trained: Objective, chosen_B, rejected_B, beta, gamma, chosen_scores_B, rejected_scores_B) -> torch.Tensor:
+    """The objective's pairwise ranking loss (the per-token objectives report the hinge)."""
+    if trained.needs_scores and (chosen_scores_B is None or rejected_scores_B is None):
+        raise ValueError(f"loss_type {trained.name!r} needs chosen_scores_B and rejected_scores_B")
+    return RANKING_LOSSES[trained.ranking](chosen_B, rejected_B, beta, gamma, chosen_scores_B, rejected_scores_B)
+
+
+# Each pairwise ranking loss an Objective names, on (chosen, rejected, beta, gamma, chosen scores, rejected scores).
+RANKING_LOSSES = {
+    "hinge": lambda c, r, beta, gamma, sc, sr: hinge_loss(c, r, beta),
+    "logistic": lambda c, r, beta, gamma, sc, sr: logistic_loss(c, r, gamma),
+    "margin": lambda c, r, beta, gamma, sc, sr: margin_loss(c, r, sc, sr, beta),
+}
+

@@ -10,6 +10,7 @@ import shlex
 
 from plad_ray.config import Config
 from plad_ray.data import storage
+from plad_ray.objectives import objective
 from plad_ray.summary import quality_table, teacher_nll
 
 CARD = "README.md"
@@ -64,11 +65,10 @@ def write_card(cfg: Config, report: dict, command: list[str]) -> str | None:
 
 def _objective(loss: dict) -> str:
     kind = loss["type"]
-    if kind == "seqkd":
-        return "seqkd (NLL of the teacher's outputs)"
-    if kind == "token_kd":
-        return "token_kd (forward KL to the teacher's token distribution on its outputs)"
-    parts = [kind, f"gamma {loss['gamma']}" if kind == "logistic" else f"beta {loss['beta']}"]
+    if objective(kind).per_token:
+        return objective(kind).summary
+    scale = objective(kind).scale_key
+    parts = [kind, f"{scale} {loss[scale]}"]
     if loss["length_normalize"]:
         parts.append("length-normalised log-probs")
     if loss["nll_weight"]:

@@ -162,7 +162,7 @@ def prepare(cfg: Config, generation: bool, training: bool, overwrite: bool = Fal
     With check_only (`--check`), stop before writing anything or starting Ray; None. (Prompt rows are read
     by Ray tasks: `--check` checks the source's files, not its rows.)
     """
-    token_kd = training and cfg.train.loss.type == "token_kd"
+    token_kd = training and cfg.train.loss.objective.needs_local_teacher
     inputs = check_inputs(cfg, prompts=generation, teacher=generation or token_kd, pairs_written=not generation,
                           log=log)
     if training:

@@ -23,6 +23,7 @@ Round 1 writes at the top level, so a one-round run has the plain layout above.
 from dataclasses import dataclass
 
 from plad_ray.data import storage
+from plad_ray.errors import DataError
 
 RUN_FILE = "run.json"
 QUARANTINE = "quarantine"
@@ -60,6 +61,13 @@ class OutputLayout:
 
     def teacher(self) -> str:
         return storage.join(self.root, TEACHER)
+
+    def teacher_made(self) -> dict:
+        """The teacher cache's manifest (rows, files); a DataError when the cache is missing or incomplete."""
+        made = storage.manifest(self.teacher())
+        if made is None:
+            raise DataError(f"teacher cache {self.teacher()}: missing; run jobs.generate_pairs or jobs.distill first")
+        return made
 
     def round_dir(self, round: int = 1) -> str:
         return self.root if round == 1 else storage.join(self.root, f"{ROUND_PREFIX}{round}")

@@ -42,9 +42,8 @@ def heldout_rows(cfg: Config, prompts=None) -> list[dict]:
     most eval.max_prompts. Ray tasks read the teacher cache and keep the held-out rows; only those (bounded by
     eval.max_prompts) come to the driver. The references come from `prompts`, the run's checked prompts (id,
     prompt, reference; already in the object store), else (jobs.evaluate) from the prompt source, read again."""
+    cfg.layout().teacher_made()
     teacher = parquet.read(cfg.layout().teacher())
-    if teacher is None:
-        raise DataError(f"teacher cache {cfg.layout().teacher()}: missing; run jobs.generate_pairs or jobs.distill first")
     held = teacher.select_columns(["id", "prompt", "teacher_text"]).map_batches(
         _heldout, fn_kwargs={"fraction": cfg.data.heldout_fraction}, batch_format="pyarrow").sort("id")
     rows = (held.limit(cfg.eval.max_prompts) if cfg.eval.max_prompts else held).take_all()

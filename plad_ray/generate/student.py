@@ -17,7 +17,6 @@ from plad_ray import pairs
 from plad_ray.checks import Inputs
 from plad_ray.config import Config
 from plad_ray.data import parquet, storage
-from plad_ray.errors import DataError
 from plad_ray.generate import engines
 from plad_ray.generate.stages import samples_to_generate, student_pairs
 from plad_ray.models.folders import eos_token_ids, shares_vocabulary
@@ -35,9 +34,7 @@ def generate_pairs(cfg: Config, inputs: Inputs, log=print, round: int = 1) -> di
     uri = layout.pairs(round)
     student_path = inputs.student_for_round(cfg, round)
     existing = storage.manifest(uri)
-    teacher_rows = storage.manifest(layout.teacher())
-    if teacher_rows is None:
-        raise DataError(f"teacher cache {layout.teacher()}: missing; generate teacher outputs first")
+    teacher_rows = layout.teacher_made()
     expected = teacher_rows["rows"] * cfg.student.num_samples
     if existing is not None and existing["rows"] >= expected:
         log(f"[generate] pairs: {existing['rows']} pairs already complete at {uri}")
@@ -116,9 +113,7 @@ def pair_stream(cfg: Config, inputs: Inputs, log=print, round: int = 1) -> PairS
             "train.stream does not stream this round again: the missing pairs are generated first, then "
             "training reads them from disk")
         return None
-    teacher_rows = storage.manifest(layout.teacher())
-    if teacher_rows is None:
-        raise DataError(f"teacher cache {layout.teacher()}: missing; generate teacher outputs first")
+    teacher_rows = layout.teacher_made()
     fraction, k = cfg.data.heldout_fraction, cfg.student.num_samples
     heldout = parquet.read(layout.teacher()).select_columns(["id"]).filter(
         lambda row: pairs.is_heldout(row["id"], fraction)).count()

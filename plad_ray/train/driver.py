@@ -18,7 +18,7 @@ import numpy as np
 from plad_ray import console, pairs
 from plad_ray.checks import Inputs
 from plad_ray.cluster import TOKENIZER_CPUS
-from plad_ray.config import TOPK_LOSS_TYPES, ClusterConfig, Config, TrainConfig
+from plad_ray.config import ClusterConfig, Config, TrainConfig
 from plad_ray.data import parquet, storage
 from plad_ray.data.layout import TRAIN, OutputLayout
 from plad_ray.errors import DataError, PladError, RuntimeFailure
@@ -30,9 +30,9 @@ from plad_ray.train.worker import TrainPlan, train_loop_per_worker
 
 
 
-def uses_nll(train: TrainConfig) -> bool:
-    """Whether the objective trains the teacher output's likelihood (then identical pairs still teach)."""
-    return train.loss.type in ("seqkd", "token_kd") or train.loss.nll_weight > 0
+def trains_identical_pairs(train: TrainConfig) -> bool:
+    """Whether pairs with two identical sides still teach (an NLL or per-token term; plad_ray.objectives)."""
+    return train.loss.objective.trains_identical_pairs(train.loss.nll_weight)
 
 
 def prepare_pairs(pairs_ds, model_path: str, train: TrainConfig, chat_template: bool, trust_remote_code: bool,
@@ -66,8 +66,8 @@ def prepare_pairs(pairs_ds, model_path: str, train: TrainConfig, chat_template: 
                        for who in ("teacher", "tie", "student")})
         counts["flipped_student_better"] = counts["student_wins"] if train.student_wins == "flip" else 0
     trained = trained_statuses(train)
-    if uses_nll(train):
-        counts["dropped_identical"] = 0  # they train the NLL part
+    if trains_identical_pairs(train):
+        counts["dropped_identical"] = 0  # they train the NLL or per-token part
     counts["train"] = count(status=trained, heldout=[False])
     # Held-out: every pair that fits; ranking figures leave out the identical ones (their NLL counts).
     counts["heldout"] = count(status=["ok", "identical"], heldout=[True])
@@ -76,7 +76,7 @@ def prepare_pairs(pairs_ds, model_path: str, train: TrainConfig, chat_template: 
 
     train_ds = tokenized.filter(expr=col("status").is_in(list(trained)) & (col("heldout") == False))  # noqa: E712
     heldout_ds = tokenized.filter(expr=col("status").is_in(["ok", "identical"]) & (col("heldout") == True))  # noqa: E712
-    if train.loss.type == "listwise":
+    if train.loss.objective.groups_samples:
         # groupby sorts by id: put the prompts back in a seeded order fixed by their ids
         train_ds = (train_ds.groupby("id").map_groups(group_samples, batch_format="numpy")
                     .map_batches(pairs.with_training_order, fn_kwargs={"seed": train.seed}, batch_format="numpy")
@@ -103,8 +103,8 @@ def tokenize(pairs_ds, model_path: str, train: TrainConfig, chat_template: bool,
 
 
 def trained_statuses(train: TrainConfig) -> tuple[str, ...]:
-    """The pair statuses the objective trains on: identical pairs only when it has an NLL part."""
-    return ("ok", "identical") if uses_nll(train) else ("ok",)
+    """The pair statuses the objective trains on: identical pairs only when it has an NLL or per-token part."""
+    return ("ok", "identical") if trains_identical_pairs(train) else ("ok",)
 
 
 def teacher_wins_line(counts: dict, policy: str) -> str:
@@ -354,16 +354,16 @@ def _pairs_on_disk(cfg: Config, round: int, student_path: str):
         pairs_ds = parquet.read(layout.pairs(round))
     if pairs_ds is None:
         raise DataError(f"pairs {layout.pairs(round)}: missing or incomplete; run jobs.generate_pairs first")
-    if cfg.train.scorer == TEACHER or cfg.train.loss.type in TOPK_LOSS_TYPES:
+    objective = cfg.train.loss.objective
+    if cfg.train.scorer == TEACHER or objective.reads_topk:
         scores_uri = cfg.train.teacher_scores or layout.scores(round)
         made = storage.manifest(cfg.train.pairs or layout.pairs(round))
         rows = made["rows"] if made is not None else pairs_ds.count()  # given pairs need not be an engine output
         if cfg.train.scorer == TEACHER:
             pairs_ds = with_teacher_scores(pairs_ds, scores_uri, rows)
-        if cfg.train.loss.type in TOPK_LOSS_TYPES:
-            sides = ("rejected",) if cfg.train.loss.type == "onpolicy_kd" else ("chosen", "rejected")
+        if objective.reads_topk:
             source = "config key train.teacher_scores:" if cfg.train.teacher_scores else "teacher scores"
-            pairs_ds = with_teacher_topk(pairs_ds, scores_uri, rows, sides,
+            pairs_ds = with_teacher_topk(pairs_ds, scores_uri, rows, objective.topk_sides,
                                          embedding_rows(student_path, cfg.student.trust_remote_code), source)
     return pairs_ds
 

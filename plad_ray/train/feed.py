@@ -32,8 +32,9 @@ def term_counts(batch: dict, train: TrainConfig) -> tuple[float, float]:
     (ranked pairs; listwise: prompts; the NLL and token KD: the teacher outputs' scored tokens)."""
     listwise = "rejected_mask" in batch
     b = batch["rejected_mask"].shape[0] if listwise else batch["input_ids"].shape[0] // 2
-    ranked = b if listwise or train.loss.type == "listwise" or "ranked" not in batch else batch["ranked"].sum().item()
-    if train.loss.type == "onpolicy_kd":  # its per-token mean is over the samples' scored tokens
+    objective = train.loss.objective
+    ranked = b if listwise or objective.groups_samples or "ranked" not in batch else batch["ranked"].sum().item()
+    if objective.topk_tokens_side == "rejected":  # onpolicy_kd: its per-token mean is over the samples' scored tokens
         return float(ranked), float(batch["topk_mask"][b:, 1:].sum().item())
     return float(ranked), float(batch["response_mask"][:b, 1:].sum().item())
 
@@ -44,7 +45,7 @@ def micro_batches(shard, train: TrainConfig, pad_id: int, epoch: int):
     every time it is read: a resumed run skips exactly the ones it trained (README "Resuming").
     Listwise rows are whole prompts. Each batch carries `keys`, its pairs' "id#sample_index"."""
     group = train.micro_batch_size * train.length_grouping
-    collate = collate_groups if train.loss.type == "listwise" else collate_pairs
+    collate = collate_groups if train.loss.objective.groups_samples else collate_pairs
     for index, bucket in enumerate(shard.iter_batches(batch_size=group, batch_format="numpy")):
         for micro in length_grouped(bucket, train.micro_batch_size, seed=[train.seed, epoch, index]):
             batch = collate(micro, pad_id)
@@ -116,7 +117,7 @@ def topk_term(logits_NTV: torch.Tensor, batch: dict, b: int, train: TrainConfig)
     student_NTk = student_at_teacher_topk(logits_NTV, ids_NTk, topk_mask_NT)
     mask_NT = topk_mask_NT[:, 1:]
     loss = train.loss
-    if loss.type == "onpolicy_kd":
+    if loss.objective.topk_tokens_side == "rejected":  # onpolicy_kd: the student's samples only
         return topk_divergence(student_NTk[b:], teacher_NTk[b:], mask_NT[b:], kind=loss.divergence, beta=loss.jsd_beta)
     return contrastive_topk_loss(student_NTk[:b], teacher_NTk[:b], mask_NT[:b], student_NTk[b:], teacher_NTk[b:],
                                  mask_NT[b:], alpha=loss.skew_alpha)

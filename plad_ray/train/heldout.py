@@ -20,7 +20,6 @@ from ray.data.collate_fn import NumpyBatchCollateFn
 
 from plad_ray.train.batching import collate_pairs
 from plad_ray.train.checkpoints import CHECKPOINT_TAG, Progress, checkpoint_name
-from plad_ray.losses import TOKEN_TERM_LOSSES
 from plad_ray.train.feed import forward, term_counts
 
 if TYPE_CHECKING:
@@ -55,7 +54,7 @@ def evaluate(engine, batches: list[dict], plan: "TrainPlan", teacher=None, reduc
     engine.eval()
     # pairs, ranked, correct, loss, margin sums, chosen NLL, tokens, objective sum, its count
     totals_9 = torch.zeros(9, dtype=torch.float64)
-    per_token = plan.train.loss.type in ("seqkd", *TOKEN_TERM_LOSSES)  # objective: a mean over tokens, not pairs
+    per_token = plan.train.loss.objective.per_token  # objective: a mean over tokens, not pairs
     for batch in batches:
         stats = forward(engine, batch, plan.train, teacher)
         n = batch["input_ids"].shape[0] // 2

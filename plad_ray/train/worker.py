@@ -238,7 +238,7 @@ def _initialize(plan: TrainPlan, world_size: int, clock: _Clock | None = None):
 def _load_teacher(plan: TrainPlan, device):
     """token_kd: the teacher as a frozen fp32 module on the rank's device, beside the student's batch
     (not sharded: KD baselines are small)."""
-    if plan.train.loss.type != "token_kd":
+    if not plan.train.loss.objective.needs_local_teacher:
         return None
     from transformers import AutoModelForCausalLM
 
