@@ -38,12 +38,13 @@ def test_the_frozen_teacher_is_moved_to_the_workers_device(tmp_path):
 
     from plad_ray.config import LossConfig, TrainConfig
     from plad_ray.train import worker
+    from plad_ray.train.plan import TrainPlan
 
     folder = model_folder(tmp_path / "teacher", 261)
     config = LlamaForCausalLM.config_class.from_pretrained(folder)
     LlamaForCausalLM(config).save_pretrained(folder)
-    plan = worker.TrainPlan(train=TrainConfig(loss=LossConfig(type="token_kd")), model_path=folder, export_uri="",
-                            tracking=None, steps_per_epoch=1, pad_id=0, teacher_path=folder)
+    plan = TrainPlan(train=TrainConfig(loss=LossConfig(type="token_kd")), model_path=folder, export_uri="",
+                     tracking=None, steps_per_epoch=1, pad_id=0, teacher_path=folder)
     # "meta" stands in for a GPU here: a device other than the CPU the weights load on.
     teacher = worker._load_teacher(plan, torch.device("meta"))
     assert {p.device.type for p in teacher.parameters()} == {"meta"}

@@ -91,6 +91,7 @@ def main(out: Path) -> None:
     from plad_ray.models import tiny
     from plad_ray.config import LossConfig, TrainConfig
     from plad_ray.train import export, heldout, worker
+    from plad_ray.train.plan import TrainPlan
     from plad_ray.train.batching import collate_pairs
     from plad_ray.tracking import Tracker
 
@@ -113,7 +114,7 @@ def main(out: Path) -> None:
     results = {}
     for name in names:
         train = replace(base, **VARIANTS[name])
-        plan = worker.TrainPlan(train=train, model_path=model_path, export_uri=str(out / f"{name}-export"),
+        plan = TrainPlan(train=train, model_path=model_path, export_uri=str(out / f"{name}-export"),
                                 tracking=None, pad_id=0, **{"steps_per_epoch": STEPS, **PLAN.get(name, {})})
         torch.manual_seed(train.seed)
         engine = worker._initialize(plan, world)

@@ -26,7 +26,8 @@ from plad_ray.models.folders import embedding_rows
 from plad_ray.scoring import TEACHER
 from plad_ray.tracking import Tracking, plan_tracking
 from plad_ray.train.batching import PairTokenizer, group_samples
-from plad_ray.train.worker import TrainPlan, train_loop_per_worker
+from plad_ray.train.plan import TrainPlan
+from plad_ray.train.worker import train_loop_per_worker
 
 
 

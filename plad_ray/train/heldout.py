@@ -13,7 +13,7 @@ before training, rank 0 says so in one line, the report records it, and with `ac
 training ends at the last checkpoint that passed.
 """
 
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 import torch
 from ray.data.collate_fn import NumpyBatchCollateFn
@@ -21,9 +21,7 @@ from ray.data.collate_fn import NumpyBatchCollateFn
 from plad_ray.train.batching import collate_pairs
 from plad_ray.train.checkpoints import CHECKPOINT_TAG, Progress, checkpoint_name
 from plad_ray.train.feed import forward, term_counts
-
-if TYPE_CHECKING:
-    from plad_ray.train.worker import TrainPlan
+from plad_ray.train.plan import TrainPlan
 
 
 class _Collate(NumpyBatchCollateFn):
@@ -37,13 +35,13 @@ class _Collate(NumpyBatchCollateFn):
         return collate_pairs(batch, self.pad_id)
 
 
-def load_batches(shard, plan: "TrainPlan") -> list[dict]:
+def load_batches(shard, plan: TrainPlan) -> list[dict]:
     """The held-out pairs as batches, read once and kept: they are scored every eval_every_steps."""
     return list(shard.iter_torch_batches(batch_size=plan.train.micro_batch_size, collate_fn=_Collate(plan.pad_id)))
 
 
 @torch.no_grad()
-def evaluate(engine, batches: list[dict], plan: "TrainPlan", teacher=None, reduce: bool = True) -> dict:
+def evaluate(engine, batches: list[dict], plan: TrainPlan, teacher=None, reduce: bool = True) -> dict:
     """Held-out pairs: ranking accuracy, loss and margin over the pairs with a ranking signal, and the
     student's per-token NLL (= -log-prob) of every held-out teacher output.
 
@@ -85,7 +83,7 @@ def _match_forwards(engine, forwards: int, pad_id: int) -> None:
         engine(input_ids=torch.full((1, 1), pad_id, dtype=torch.long, device=engine.device))
 
 
-def check_guard(engine, plan: "TrainPlan", progress: Progress, figures: dict, log: Callable[[str], None]) -> bool:
+def check_guard(engine, plan: TrainPlan, progress: Progress, figures: dict, log: Callable[[str], None]) -> bool:
     """True when the held-out teacher-output log-prob fell past train.guard.max_logp_drop (ranks agree).
 
     Warns once (`log`: rank 0's log line); in stop mode restores the newest (last good) checkpoint and
@@ -118,7 +116,7 @@ def check_guard(engine, plan: "TrainPlan", progress: Progress, figures: dict, lo
     return True
 
 
-def _restore(engine, plan: "TrainPlan", step: int) -> None:
+def _restore(engine, plan: TrainPlan, step: int) -> None:
     import ray.train
 
     checkpoint = ray.train.Checkpoint(f"{plan.checkpoint_root}/{checkpoint_name(step)}")

@@ -15,7 +15,6 @@ collapse guard in plad_ray.train.heldout; checkpoints in plad_ray.train.checkpoi
 import json
 import resource
 import time
-from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
@@ -23,67 +22,15 @@ import torch
 
 from plad_ray.config import TrainConfig
 from plad_ray.losses import step_term_scales
-from plad_ray.tracking import Tracker, Tracking
+from plad_ray.tracking import Tracker
 from plad_ray.train.checkpoints import Progress, resume, save
 from plad_ray.train.ds_config import deepspeed_config, lr_factor
 from plad_ray.train.export import export_hf
 from plad_ray.train.feed import check_packing, forward, optimizer_steps, term_counts
 from plad_ray.train.heldout import check_guard, evaluate, load_batches
+from plad_ray.train.plan import TrainPlan
 from plad_ray.train.step_log import Window, waited
 from plad_ray.train.stream_feed import StreamFeed, any_rank
-
-
-@dataclass
-class TrainPlan:
-    """Everything a worker needs, computed by the driver."""
-
-    train: TrainConfig
-    model_path: str
-    export_uri: str  # where rank 0 publishes the trained model (HF folder)
-    tracking: Tracking | None  # the experiment trackers rank 0 logs to (plad_ray.tracking); None: none
-    steps_per_epoch: int  # optimizer steps per epoch (identical on every worker)
-    pad_id: int
-    trust_remote_code: bool = False
-    allow_pickle: bool = False  # load .bin weights (student.allow_pickle_weights); else safetensors only
-    teacher_path: str | None = None  # token_kd only: the teacher, frozen, for its token distributions
-    checkpoint_root: str = ""  # where Ray Train persists this run's checkpoints (<output_dir>/train)
-    trace_pairs_dir: str | None = None  # test hook ($PLAD_RAY_TRACE_PAIRS): each rank logs the pair keys of every step
-    # train.stream: the ranks read the pair stream (`STREAM`, plad_ray.train.stream_feed) instead of fixed shards;
-    # steps_per_epoch is then planned from the pairs expected (the stream may end sooner)
-    stream: bool = False
-    trained_statuses: tuple[str, ...] = ("ok",)  # pair statuses the objective trains on (driver.prepare_pairs)
-    # the epochs after a streamed one: its steps (the first epoch's length; steps_per_epoch is the others')
-    first_epoch_steps: int | None = None
-    export: bool = True  # False: a streamed first epoch of several ends with a checkpoint, not an export
-
-    STREAM = "stream"  # the Ray Train dataset of train.stream, split across the ranks by Ray Train
-
-    @staticmethod
-    def train_shard(rank: int) -> str:
-        """The Ray Train dataset that holds this rank's fixed split of the training pairs."""
-        return f"train_{rank}"
-
-    @staticmethod
-    def eval_shard(rank: int) -> str:
-        """The Ray Train dataset that holds this rank's share of the held-out pairs (`heldout.evaluate`)."""
-        return f"eval_{rank}"
-
-    @property
-    def total_steps(self) -> int:
-        if self.first_epoch_steps is None:
-            steps = self.steps_per_epoch * self.train.num_epochs
-        else:
-            steps = self.first_epoch_steps + self.steps_per_epoch * (self.train.num_epochs - 1)
-        return steps if self.train.max_steps is None else min(steps, self.train.max_steps)
-
-    def position(self, step: int) -> tuple[int, int]:
-        """(epoch, steps done in it) after `step` optimizer steps."""
-        if self.first_epoch_steps is None:
-            return step // self.steps_per_epoch, step % self.steps_per_epoch
-        if step < self.first_epoch_steps:
-            return 0, step
-        after = step - self.first_epoch_steps
-        return 1 + after // self.steps_per_epoch, after % self.steps_per_epoch
 
 
 def train_loop_per_worker(config: dict) -> dict | None:
