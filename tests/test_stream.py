@@ -43,8 +43,8 @@ def test_a_rank_reads_its_heldout_pairs_then_its_training_pairs_in_steps():
     split = Split([rows([0, 1, 2], [True] * 3),
                    rows([3, 4, 5, 6], [True, False, False, False], ["ok", "ok", "too_long", "identical"]),
                    rows(range(7, 17), [False] * 10)])
-    feed = StreamFeed(split, trained=("ok",))
-    heldout = feed.heldout(micro_batch_size=2, pad_id=0)
+    feed = StreamFeed(split, trained=("ok",), micro_batch_size=2, pad_id=0)
+    heldout = feed.heldout()
     assert [b["input_ids"].shape[0] // 2 for b in heldout] == [2, 2]  # p0..p3, collated two pairs a batch
     batches = list(feed.iter_batches(batch_size=4))
     ids = [list(b["id"]) for b in batches]
@@ -56,12 +56,13 @@ def test_a_rank_reads_its_heldout_pairs_then_its_training_pairs_in_steps():
 
 
 def test_a_heldout_pair_after_a_training_pair_stops_the_rank():
-    feed = StreamFeed(Split([rows([0], [True]), rows([1, 2], [False, False]), rows([3], [True])]), trained=("ok",))
-    feed.heldout(micro_batch_size=2, pad_id=0)
+    feed = StreamFeed(Split([rows([0], [True]), rows([1, 2], [False, False]), rows([3], [True])]), trained=("ok",),
+                      micro_batch_size=2)
+    feed.heldout()
     with pytest.raises(RuntimeError, match="a held-out pair came after a training pair"):
         list(feed.iter_batches(batch_size=2))
     with pytest.raises(RuntimeError, match="a held-out pair came after a training pair"):
-        StreamFeed(Split([rows([0, 1, 2], [False, True, False])]), trained=("ok",)).heldout(2, 0)
+        StreamFeed(Split([rows([0, 1, 2], [False, True, False])]), trained=("ok",), micro_batch_size=2).heldout()
 
 
 def test_identical_pairs_train_and_count_with_an_nll_part():
@@ -130,14 +131,14 @@ def test_a_rerun_of_a_stopped_stream_completes_the_pairs_on_disk_instead(tmp_pat
 
 
 def test_a_rank_out_of_pairs_makes_zero_weight_steps_while_another_rank_has_some(monkeypatch):
-    from plad_ray.train import worker
+    from plad_ray.train import stream_feed
 
     others = iter([True, True, True, False])  # what the other rank says: it has 3 steps more than this one's 1
-    monkeypatch.setattr(worker, "any_rank", lambda mine: mine or next(others))
-    assert list(worker._joined(iter(["s1"]))) == [("s1", False), ("s1", True), ("s1", True), ("s1", True)]
+    monkeypatch.setattr(stream_feed, "any_rank", lambda mine: mine or next(others))
+    assert list(stream_feed.joined(iter(["s1"]))) == [("s1", False), ("s1", True), ("s1", True), ("s1", True)]
     others = iter([True])
     with pytest.raises(RuntimeError, match="a rank got no training pairs from the stream while another did"):
-        list(worker._joined(iter([])))
+        list(stream_feed.joined(iter([])))
 
 
 def test_a_streamed_round_gets_its_teacher_scores_after_its_pairs_are_committed(tmp_path, monkeypatch):

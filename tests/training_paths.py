@@ -69,6 +69,21 @@ def synthetic_pairs(num: int, vocab: int, seed: int = 0) -> list[dict]:
     return rows
 
 
+def ListStream(shard: "ListShard"):
+    """train.stream's feed (plad_ray.train.stream_feed: steps joined over the ranks, one pass, no checkpoint) over
+    a ListShard's rows, all of them training rows."""
+    from plad_ray.train.stream_feed import StreamFeed
+
+    class Stream(StreamFeed):
+        def __init__(self):
+            self.read_heldout = True
+
+        def iter_batches(self, batch_size: int, batch_format: str = "numpy"):
+            return shard.iter_batches(batch_size)
+
+    return Stream()
+
+
 class ListShard:
     """A rank's rows, handed out as Ray Data's iter_batches(batch_format="numpy") does; records the ids."""
 
@@ -91,6 +106,7 @@ def main(out: Path) -> None:
     from plad_ray.models import tiny
     from plad_ray.config import LossConfig, TrainConfig
     from plad_ray.train import export, heldout, worker
+    from plad_ray.train.feeds import FixedFeed
     from plad_ray.train.plan import TrainPlan
     from plad_ray.train.batching import collate_pairs
     from plad_ray.tracking import Tracker
@@ -124,7 +140,8 @@ def main(out: Path) -> None:
         if name in UNWEIGHTED:
             worker.step_term_scales = lambda *args: (1.0, 1.0)
         try:
-            worker._train(engine, shard, plan, progress, rank, Tracker(None), None, [])
+            feed = ListStream(shard) if plan.stream else FixedFeed(shard, list)
+            worker._train(engine, feed, plan, progress, rank, Tracker(None), None, [])
         finally:
             worker.step_term_scales = weigh
         state = export.full_state_dict(engine.module, rank)

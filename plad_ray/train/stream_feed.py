@@ -19,6 +19,8 @@ import numpy as np
 import torch
 
 from plad_ray.train.batching import collate_pairs
+from plad_ray.train.feed import optimizer_steps
+from plad_ray.train.step_log import waited
 
 HELDOUT_STATUSES = ("ok", "identical")
 COUNTED_STATUSES = ("identical", "too_long", "student_better")
@@ -60,15 +62,20 @@ def rows_of(batch: dict) -> int:
 
 
 class StreamFeed:
-    """One rank's pass over its split of the stream (a Ray Train DataIterator of tokenized pair rows)."""
+    """One rank's pass over its split of the stream (a Ray Train DataIterator of tokenized pair rows): a feed of
+    plad_ray.train.feeds, one epoch whatever its length, with no checkpoint inside it."""
 
-    def __init__(self, shard, trained: tuple[str, ...], scorer: bool = False, read_rows: int = 16):
+    single_pass = True
+
+    def __init__(self, shard, trained: tuple[str, ...], scorer: bool = False, read_rows: int = 16,
+                 micro_batch_size: int = 16, pad_id: int = 0):
         # read a step's rows at a time: the ranks take blocks from the stream at the pace they train
         self.batches = iter(shard.iter_batches(batch_size=read_rows, batch_format="numpy"))
         self.trained, self.scorer = trained, scorer
         self.counts = Counter()
         self.first_training: dict = {}  # training rows of the batch that ended the held-out part
         self.read_heldout = False
+        self.micro_batch_size, self.pad_id = micro_batch_size, pad_id  # of the held-out batches
 
     def _next(self) -> dict | None:
         batch = next(self.batches, None)
@@ -76,7 +83,7 @@ class StreamFeed:
             self.counts.update(count_rows(batch, self.trained, self.scorer))
         return batch
 
-    def heldout(self, micro_batch_size: int, pad_id: int) -> list[dict]:
+    def heldout(self) -> list[dict]:
         """This rank's held-out pairs, collated: every row before the first training row (the stream puts
         the held-out prompts first)."""
         rows = []
@@ -94,8 +101,8 @@ class StreamFeed:
         self.read_heldout = True
         held = concat([r for r in rows if rows_of(r)])
         n = rows_of(held)
-        return [collate_pairs({k: v[i:i + micro_batch_size] for k, v in held.items()}, pad_id)
-                for i in range(0, n, micro_batch_size)]
+        size = self.micro_batch_size
+        return [collate_pairs({k: v[i:i + size] for k, v in held.items()}, self.pad_id) for i in range(0, n, size)]
 
     def _training_rows(self):
         if rows_of(self.first_training):
@@ -124,6 +131,10 @@ class StreamFeed:
         if size:
             yield concat(held)
 
+    def steps(self, train, pad_id: int, epoch: int, window):
+        """(micro-batches, spare) per optimizer step while any rank has a step (`joined`)."""
+        return joined(waited(optimizer_steps(self, train, pad_id, epoch), window))
+
     def finish(self, trained_rows: int) -> dict:
         """Read the rest of this rank's split (the stream writes every pair before a rank reads it, so this
         only empties the split), then the counts summed over the ranks (every rank calls it), with
@@ -139,6 +150,23 @@ class StreamFeed:
         counts = {k: int(v) for k, v in zip(keys, totals.tolist())}
         counts["untrained"] = counts["train"] - counts["trained"]
         return counts
+
+
+def joined(steps):
+    """(step, spare) while any rank has a step. The ranks' splits of the stream may hold different numbers of
+    pairs; a rank out of them runs its last step's micro-batches again with zero weight (their term counts are
+    0: the training loop's `spare`), so every rank makes the same DeepSpeed steps while the others' gradients
+    are exactly theirs (`any_rank`)."""
+    last = None
+    for step in steps:
+        any_rank(True)
+        last = step
+        yield step, False
+    while any_rank(False):
+        if last is None:
+            raise RuntimeError("train.stream: a rank got no training pairs from the stream while another did; "
+                               "lower train.num_workers or add prompts")
+        yield last, True
 
 def any_rank(has_step: bool) -> bool:
     """Whether any rank has another optimizer step (ranks of a stream may hold different numbers of pairs;

@@ -2,7 +2,7 @@
 
 Ray Train owns rendezvous (the process group DeepSpeed reuses), checkpoint bookkeeping
 and restarts, and hands each rank its dataset (the driver's fixed split of the training
-pairs, `TrainPlan.train_shard`); this loop owns the model, the PLaD loss, the evaluation
+pairs, or the pair stream: its feed, plad_ray.train.feeds); this loop owns the model, the PLaD loss, the evaluation
 before and after training, and the HF export.
 
     evaluate(initial) -> [forward 2B sequences -> PLaD loss -> DeepSpeed step, evaluate every N steps]*
@@ -26,11 +26,11 @@ from plad_ray.tracking import Tracker
 from plad_ray.train.checkpoints import Progress, resume, save
 from plad_ray.train.ds_config import deepspeed_config, lr_factor
 from plad_ray.train.export import export_hf
-from plad_ray.train.feed import check_packing, forward, optimizer_steps, term_counts
-from plad_ray.train.heldout import check_guard, evaluate, load_batches
+from plad_ray.train.feed import check_packing, forward, term_counts
+from plad_ray.train.feeds import open_feed
+from plad_ray.train.heldout import check_guard, evaluate
 from plad_ray.train.plan import TrainPlan
-from plad_ray.train.step_log import Window, waited
-from plad_ray.train.stream_feed import StreamFeed, any_rank
+from plad_ray.train.step_log import Window
 
 
 def train_loop_per_worker(config: dict) -> dict | None:
@@ -49,14 +49,8 @@ def train_loop_per_worker(config: dict) -> dict | None:
     clock.lap("resume_s")
     metrics = _open_trackers(plan, progress, rank)
     clock.lap("trackers_s")
-    feed = None
-    if plan.stream:  # held-out pairs come first in the stream: this waits for them
-        feed = StreamFeed(ray.train.get_dataset_shard(TrainPlan.STREAM), plan.trained_statuses,
-                          scorer=plan.train.scorer is not None,
-                          read_rows=plan.train.micro_batch_size * plan.train.gradient_accumulation_steps)
-        eval_batches = feed.heldout(plan.train.micro_batch_size, plan.pad_id)
-    else:
-        eval_batches = load_batches(ray.train.get_dataset_shard(TrainPlan.eval_shard(rank)), plan)
+    feed = open_feed(plan, rank)
+    eval_batches = feed.heldout()
     clock.lap("eval_data_s")
     if progress.eval_initial is None:
         progress.eval_initial = evaluate(engine, eval_batches, plan, teacher)
@@ -66,15 +60,14 @@ def train_loop_per_worker(config: dict) -> dict | None:
     if plan.train.guard.action == "stop" and progress.last_checkpoint is None:
         # the last good state, should the very first evaluation trip the guard
         save(engine, progress, rank, staging=plan.train.checkpoint_staging_dir)
-    shard = feed if feed is not None else ray.train.get_dataset_shard(TrainPlan.train_shard(rank))
-    trained_rows = _train(engine, shard, plan, progress, rank, metrics, teacher, eval_batches)
-    stream_counts = feed.finish(trained_rows) if feed is not None else None
+    trained_rows = _train(engine, feed, plan, progress, rank, metrics, teacher, eval_batches)
+    feed_counts = feed.finish(trained_rows)  # a stream's counts; None for fixed shards
     clock.lap("loop_s")
     if not plan.export:  # a streamed first epoch of several: the next ones resume from here, reading pairs/
         save(engine, progress, rank, upload="sync", staging=plan.train.checkpoint_staging_dir)
         tracker_runs = metrics.close()
         clock.lap("export_s")
-        return _figures(progress, None, tracker_runs, clock, stream_counts) if rank == 0 else None
+        return _figures(progress, None, tracker_runs, clock, feed_counts) if rank == 0 else None
     eval_trained = evaluate(engine, eval_batches, plan, teacher)
     if check_guard(engine, plan, progress, eval_trained, log) and plan.train.guard.action == "stop":
         eval_trained = evaluate(engine, eval_batches, plan, teacher)  # of the restored checkpoint
@@ -84,7 +77,7 @@ def train_loop_per_worker(config: dict) -> dict | None:
     clock.lap("eval_s")
     export_hf(engine, plan, rank)
     clock.lap("export_s")
-    return _figures(progress, eval_trained, tracker_runs, clock, stream_counts) if rank == 0 else None
+    return _figures(progress, eval_trained, tracker_runs, clock, feed_counts) if rank == 0 else None
 
 
 def _figures(progress: Progress, eval_trained: dict | None, tracker_runs: dict, clock: "_Clock",
@@ -195,26 +188,10 @@ def _load_teacher(plan: TrainPlan, device):
     return teacher.to(device).eval()
 
 
-def _joined(steps):
-    """train.stream: (step, spare) while any rank has a step. The ranks' splits of the stream may hold
-    different numbers of pairs; a rank out of them runs its last step's micro-batches again with zero weight
-    (their term counts are 0: `_train`), so every rank makes the same DeepSpeed steps while the others'
-    gradients are exactly theirs (stream_feed.any_rank)."""
-    last = None
-    for step in steps:
-        any_rank(True)
-        last = step
-        yield step, False
-    while any_rank(False):
-        if last is None:
-            raise RuntimeError("train.stream: a rank got no training pairs from the stream while another did; "
-                               "lower train.num_workers or add prompts")
-        yield last, True
-
-
-def _train(engine, shard, plan: TrainPlan, progress: Progress, rank: int, metrics: Tracker, teacher,
+def _train(engine, feed, plan: TrainPlan, progress: Progress, rank: int, metrics: Tracker, teacher,
            eval_batches) -> int:
-    """The training loop; the rows (pairs; listwise: prompts) this rank trained on."""
+    """The training loop over a feed (plad_ray.train.feeds); the rows (pairs; listwise: prompts) this rank trained
+    on."""
     train = plan.train
     window = Window()
     stop_mode = train.guard.action == "stop" and train.guard.max_logp_drop is not None
@@ -226,10 +203,7 @@ def _train(engine, shard, plan: TrainPlan, progress: Progress, rank: int, metric
     while progress.step < plan.total_steps:
         epoch, done_in_epoch = plan.position(progress.step)
         engine.train()
-        steps = waited(optimizer_steps(shard, train, plan.pad_id, epoch), window)
-        steps = _joined(steps) if plan.stream else (
-            (step, False) for step in steps)
-        for index, (step_batches, spare) in enumerate(steps):
+        for index, (step_batches, spare) in enumerate(feed.steps(train, plan.pad_id, epoch, window)):
             if index < done_in_epoch:
                 continue  # consumed before the checkpoint this run resumed from
             # (ranking terms, chosen tokens) of each micro-batch; a spare step's weigh nothing
@@ -264,7 +238,7 @@ def _train(engine, shard, plan: TrainPlan, progress: Progress, rank: int, metric
             before_end = progress.step < plan.total_steps
             checkpoint_every = train.checkpoint_every_steps
             # a streamed epoch is not checkpointed (its order is the engines'; README "Streaming")
-            checkpoint = before_end and not plan.stream and (
+            checkpoint = before_end and not feed.single_pass and (
                 (checkpoint_every and progress.step % checkpoint_every == 0) or (not checkpoint_every and end_of_epoch))
             # In stop mode every checkpoint follows an evaluation that passed, and every evaluation that
             # passes is checkpointed: the newest checkpoint is always the last good one.
@@ -283,7 +257,7 @@ def _train(engine, shard, plan: TrainPlan, progress: Progress, rank: int, metric
                      staging=train.checkpoint_staging_dir)
             if end_of_epoch or progress.step >= plan.total_steps:
                 break  # a stream bringing more pairs than planned ends here too: the rest is written, not trained
-        if plan.stream:  # the stream ended, or its planned steps did: one epoch, whatever its length
+        if feed.single_pass:  # the stream ended, or its planned steps did: one epoch, whatever its length
             if window.count:
                 entry = window.flush(progress.step, epoch, engine.get_lr()[0])
                 progress.curve.append(entry)
