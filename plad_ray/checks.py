@@ -58,12 +58,7 @@ def check_inputs(cfg: Config, prompts: bool = True, teacher: bool = True, studen
         raise DataError(f"pairs {cfg.layout().pairs()}: missing or incomplete; run jobs.generate_pairs first, "
                         "or point train.pairs at a pairs dataset")
     inputs = Inputs()
-    if teacher and cfg.teacher.endpoint is not None:
-        from plad_ray.generate.endpoint import check_endpoint
-
-        card = check_endpoint(cfg.teacher.endpoint, cfg.teacher.model)
-        log(f"[plad-ray] teacher: {cfg.teacher.model} at {cfg.teacher.endpoint.url}")
-    elif teacher:
+    if teacher and cfg.teacher.endpoint is None:  # an endpoint teacher: plad_ray.generate.endpoint.check_teacher
         inputs.teacher_path = resolve_model(cfg.teacher.model, "teacher.model", cfg.teacher.allow_pickle_weights,
                                             cfg.teacher.chat_template, log=log, cache_root=cfg.cluster.model_cache)
     if student:
@@ -72,12 +67,6 @@ def check_inputs(cfg: Config, prompts: bool = True, teacher: bool = True, studen
     if cfg.teacher.score_samples and inputs.teacher_path and inputs.student_path and not shares_vocabulary(
             inputs.teacher_path, inputs.student_path, cfg.student.trust_remote_code):
         raise ConfigError(CROSS_VOCABULARY)
-    if cfg.teacher.score_samples and teacher and cfg.teacher.endpoint is not None and inputs.student_path:
-        from plad_ray.generate.endpoint_scores import check_scoring
-
-        check_scoring(cfg.teacher, card, inputs.student_path, cfg.student.trust_remote_code)
-        log(f"[plad-ray] teacher scoring: the endpoint returns top-{cfg.teacher.score_top_k} prompt log-probs and "
-            "tokenizes a probe as the student does")
     objective = cfg.train.loss.objective
     if objective.needs_local_teacher and inputs.teacher_path and inputs.student_path:
         check_shared_vocabulary(inputs.teacher_path, inputs.student_path, cfg.student.trust_remote_code)

@@ -23,6 +23,7 @@ from plad_ray.checks import (Inputs, check_inputs, check_prompt_rows, check_step
 from plad_ray.config import Config
 from plad_ray.data import storage
 from plad_ray.errors import DataError, stage
+from plad_ray.generate.endpoint_scores import check_teacher
 from plad_ray.generate.scores import score_pairs
 from plad_ray.generate.student import commit_pairs, generate_pairs, pair_stream
 from plad_ray.generate.teacher import generate_teacher
@@ -165,6 +166,8 @@ def prepare(cfg: Config, generation: bool, training: bool, overwrite: bool = Fal
     token_kd = training and cfg.train.loss.objective.needs_local_teacher
     inputs = check_inputs(cfg, prompts=generation, teacher=generation or token_kd, pairs_written=not generation,
                           log=log)
+    if (generation or token_kd) and cfg.teacher.endpoint is not None:
+        check_teacher(cfg.teacher, inputs.student_path, cfg.student.trust_remote_code, log)
     if training:
         check_trackers(cfg.train.trackers, output_dir=cfg.output_dir)
         check_step_budget(cfg, generation)

@@ -54,18 +54,6 @@ def rouge_l(output: str, reference: str) -> float:
     return _ROUGE.score(reference, output)["rougeL"].fmeasure
 
 
-def edit_similarity(output: str, reference: str) -> float:
-    """1 - Levenshtein distance / the longer length, in [0, 1]; 1.0 when both are empty."""
-    if not output and not reference:
-        return 1.0
-    row = list(range(len(reference) + 1))
-    for i, x in enumerate(output, start=1):
-        diagonal, row[0] = row[0], i
-        for j, y in enumerate(reference, start=1):
-            diagonal, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, diagonal + (x != y))
-    return 1.0 - row[-1] / max(len(output), len(reference))
-
-
 def win_rate(student_scores: list[float], teacher_scores: list[float]) -> dict:
     """How often the student's output scored above the teacher's on the same prompt (ties count half)."""
     wins = sum(s > t for s, t in zip(student_scores, teacher_scores))

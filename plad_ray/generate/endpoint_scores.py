@@ -14,7 +14,7 @@ the sequence and the server's last words (the rows scored so far are kept; the s
 
 from plad_ray.config import EngineConfig
 from plad_ray.errors import ConfigError, DataError
-from plad_ray.generate.endpoint import call, completions_url, server_root
+from plad_ray.generate.endpoint import call, check_endpoint, completions_url, server_root
 from plad_ray.generate.endpoint_policy import error_text
 from plad_ray.generate.endpoint_worker import EndpointFailure, EndpointWorker, verdict
 from plad_ray.teacher_logprobs import CROSS_VOCABULARY, SCORE_SCHEMA, read_prompt_logprobs
@@ -75,6 +75,17 @@ def scores_http(ids_ds, engine: EngineConfig, stats):
     return ids_ds.map_batches(ScoringWorker, fn_constructor_kwargs=dict(engine=engine, stats=stats),
                               batch_size=engine.batch_size, batch_format="pyarrow", num_cpus=REQUEST_WORKER_CPUS,
                               compute=ray.data.ActorPoolStrategy(size=engine.endpoint.concurrency))
+
+
+def check_teacher(teacher, student_path: str | None, trust_remote_code: bool, log) -> None:
+    """Before the run, a black-box teacher (teacher.endpoint): it answers and serves teacher.model, and with
+    teacher.score_samples it can score the student's sequences (plad_ray.generate.endpoint_scores)."""
+    card = check_endpoint(teacher.endpoint, teacher.model)
+    log(f"[plad-ray] teacher: {teacher.model} at {teacher.endpoint.url}")
+    if teacher.score_samples and student_path:
+        check_scoring(teacher, card, student_path, trust_remote_code)
+        log(f"[plad-ray] teacher scoring: the endpoint returns top-{teacher.score_top_k} prompt log-probs and "
+            "tokenizes a probe as the student does")
 
 
 def check_scoring(engine: EngineConfig, card: dict, student_path: str, trust_remote_code: bool = False) -> None:
