@@ -20,7 +20,7 @@ from plad_ray.data import storage
 from plad_ray.data.layout import OutputLayout
 from plad_ray.errors import ConfigError
 from plad_ray.config_train import ATTENTION, DIVERGENCES, GuardConfig, LossConfig, TrainConfig  # noqa: F401
-from plad_ray.scoring import SCORERS, TEACHER
+from plad_ray.verifiers import SCORERS, TEACHER
 
 
 @dataclass
@@ -195,7 +195,7 @@ class StudentEngineConfig(EngineConfig):
 @dataclass
 class EvalConfig:
     enabled: bool = True  # jobs.distill evaluates the trained student at its end (jobs.evaluate always does)
-    scorer: str | None = None  # verifier for correctness and win rate (plad_ray.scoring); null: train.scorer
+    scorer: str | None = None  # verifier for correctness and win rate (plad_ray.verifiers); null: train.scorer
     graded_scorer: str | None = None  # a graded score in [0, 1] (e.g. tiny_similarity) reported and used for
     # win rates; null: win rates by the verifier, else by ROUGE-L against the reference
     num_samples: int = 0  # also sample this many outputs per prompt at T=1: sampled accuracy (their mean) and

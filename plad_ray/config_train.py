@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 
 from plad_ray.data import storage
 from plad_ray.objectives import LOSS_TYPES, Objective, objective
-from plad_ray.scoring import POLICIES, SCORERS, TEACHER
+from plad_ray.verifiers import POLICIES, SCORERS, TEACHER
 from plad_ray.tracking import TRACKERS
 
 DIVERGENCES = ("reverse_kl", "forward_kl", "jsd")
@@ -100,7 +100,7 @@ class TrainConfig:
     log_every_steps: int = 10  # optimizer steps between logged losses
     max_failures: int = 0  # times Ray Train restarts failed workers from the last checkpoint; -1: no limit
     eval_every_steps: int = 50  # score the held-out pairs every N optimizer steps (and before/after); 0: only then
-    # score outputs with this plad_ray.scoring scorer (e.g. reverse), or `teacher`: the teacher's mean log-prob per
+    # score outputs with this plad_ray.verifiers scorer (e.g. reverse), or `teacher`: the teacher's mean log-prob per
     # token of each side, from teacher_scores/ (needs teacher.score_samples); null: none
     scorer: str | None = None
     student_wins: str = "keep"  # pairs where the student's output scored higher: keep | drop | flip

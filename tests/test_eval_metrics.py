@@ -126,7 +126,7 @@ def test_token_logprobs_reads_the_generated_tokens_entry():
 
 
 def test_edit_similarity_by_hand():
-    from plad_ray.scoring import edit_similarity
+    from plad_ray.verifiers import edit_similarity
 
     assert edit_similarity("olleh", "olleh") == 1.0
     assert edit_similarity("olle", "olleh") == pytest.approx(1 - 1 / 5)  # one insertion

@@ -114,7 +114,7 @@ def test_only_sequences_not_yet_scored_are_sent_again(local_ray):
 
 
 def test_the_teacher_scorer_judges_by_the_scores_the_rows_carry():
-    from plad_ray.scoring import TEACHER, judge_pairs
+    from plad_ray.verifiers import TEACHER, judge_pairs
 
     rows = [{"prompt": "ab>", "chosen": "ba", "rejected": "aa", "chosen_score": -0.2, "rejected_score": -1.5},
             {"prompt": "cd>", "chosen": "dc", "rejected": "xx", "chosen_score": -2.0, "rejected_score": -0.5},

@@ -261,7 +261,7 @@ def main() -> None:
     args = parser.parse_args()
     import ray
 
-    from plad_ray.scoring import get_scorer
+    from plad_ray.verifiers import get_scorer
 
     size = SIZES["smoke" if args.smoke else "full"]
     recipes = {"teacher": dict(TEACHER), "student": dict(STUDENT)}

@@ -31,7 +31,7 @@ from plad_ray.evaluation.metrics import (auroc, best_of_n, calibration_note, con
                                          expected_calibration_error, mean, reliability_bins, rouge_l, win_rate)
 from plad_ray.evaluation.report import markdown, reliability_png
 from plad_ray.models.cache import local_model
-from plad_ray.scoring import get_scorer
+from plad_ray.verifiers import get_scorer
 
 TEACHER = "teacher (cached outputs)"
 INITIAL = "initial student"
@@ -283,6 +283,6 @@ def headline(m: dict) -> str:
 def verifier(cfg: Config) -> str | None:
     """The scorer that judges generations: eval.scorer, else train.scorer when that one reads text (the teacher
     scorer judges pairs by the teacher's log-probs, which new generations do not have)."""
-    from plad_ray.scoring import TEACHER
+    from plad_ray.verifiers import TEACHER
 
     return cfg.eval.scorer or (cfg.train.scorer if cfg.train.scorer != TEACHER else None)

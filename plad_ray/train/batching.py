@@ -27,7 +27,7 @@ a pure step): `chosen_score`/`rejected_score`, a `verdict` (teacher, tie, studen
 import numpy as np
 
 from plad_ray.data.prompts import prompt_token_ids
-from plad_ray.scoring import get_scorer, judge_pairs
+from plad_ray.verifiers import get_scorer, judge_pairs
 
 TOKEN_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
 # The teacher's top-k per response token (teacher_scores/), flat, k per token, and how many tokens they cover.

@@ -23,7 +23,7 @@ from plad_ray.data import parquet, storage
 from plad_ray.data.layout import TRAIN, OutputLayout
 from plad_ray.errors import DataError, PladError, RuntimeFailure
 from plad_ray.models.folders import embedding_rows
-from plad_ray.scoring import TEACHER
+from plad_ray.verifiers import TEACHER
 from plad_ray.tracking import Tracking, plan_tracking
 from plad_ray.train.batching import PairTokenizer, group_samples
 from plad_ray.train.plan import TrainPlan

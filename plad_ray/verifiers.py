@@ -1,4 +1,4 @@
-"""Scores s(y | x) of outputs, for the margin loss and for checking the teacher-wins assumption.
+"""Verifiers: scores s(y | x) of outputs, for the margin loss and for checking the teacher-wins assumption.
 
 PLaD assumes the teacher's output beats the student's. Where a task has a scorer (a
 verifier of exact answers here), the assumption can be checked per pair: the teacher

@@ -1,8 +1,8 @@
-"""Pure tests of plad_ray.scoring."""
+"""Pure tests of plad_ray.verifiers."""
 
 import pytest
 
-from plad_ray.scoring import apply_policy, get_scorer, reverse_verifier, verdict
+from plad_ray.verifiers import apply_policy, get_scorer, reverse_verifier, verdict
 
 
 def test_reverse_verifier():
@@ -35,7 +35,7 @@ def test_policy_only_touches_pairs_the_student_won():
 
 
 def test_tiny_task_scorers():
-    from plad_ray.scoring import tiny_answer, tiny_exact, tiny_similarity
+    from plad_ray.verifiers import tiny_answer, tiny_exact, tiny_similarity
 
     assert tiny_answer("abc>") == "cba" and tiny_answer("12+345=") == "357" and tiny_answer("hello") is None
     assert tiny_exact("12+345=", "357") == 1.0 and tiny_exact("12+345=", "356") == 0.0
