@@ -17,7 +17,7 @@ import pyarrow.fs  # noqa: F401 - pa.fs below
 
 from plad_ray.config import Config
 from plad_ray.data import parquet, storage
-from plad_ray.data.limits import prompt_limits
+from plad_ray.data.limits import Limit
 from plad_ray.data.prompt_checks import check_cached_prompts, check_prompts, source_files
 from plad_ray.errors import ConfigError, DataError
 from plad_ray.models.cache import is_remote, local_model
@@ -219,3 +219,17 @@ def check_teacher_ids_fit(teacher_path: str, student_path: str, key: str,
                           f"student ({student_path}) has {rows} embedding rows, so teacher token ids {rows} and up "
                           "have no student logit; use a student whose embedding covers the teacher's vocabulary, "
                           "or train on the pairs' text (hinge, logistic, seqkd)")
+
+
+def prompt_limits(cfg: Config, teacher_path: str | None, student_path: str) -> list[Limit]:
+    """The limits to check; a black-box teacher (no tokenizer here) is checked by its server."""
+    t, s = cfg.teacher, cfg.student
+    limits = [
+        Limit("student.max_model_len - student.sampling.max_tokens", student_path, s.chat_template,
+              s.max_model_len - s.sampling.max_tokens, s.trust_remote_code),
+        Limit("train.max_length - 1", student_path, s.chat_template, cfg.train.max_length - 1, s.trust_remote_code),
+    ]
+    if teacher_path is not None:
+        limits.insert(0, Limit("teacher.max_model_len - teacher.sampling.max_tokens", teacher_path, t.chat_template,
+                               t.max_model_len - t.sampling.max_tokens, t.trust_remote_code))
+    return limits

@@ -8,7 +8,7 @@
 
 Inputs are checked before Ray starts (plad_ray.checks), prompt rows by Ray Data before any
 engine starts (plad_ray.data.prompt_checks). Each step reuses a complete output
-of the same run in output_dir (plad_ray.data.outputs decides what a re-run may reuse), so a re-run
+of the same run in output_dir (plad_ray.outputs decides what a re-run may reuse), so a re-run
 after a crash continues where it stopped: teacher outputs are generated only for prompt ids
 not yet cached (generate/teacher.py), pairs only for missing (prompt, sample) keys
 (generate/student.py), and training resumes from its last checkpoint (train/driver.py).
@@ -27,7 +27,7 @@ from plad_ray.generate.endpoint_scores import check_teacher
 from plad_ray.generate.scores import score_pairs
 from plad_ray.generate.student import commit_pairs, generate_pairs, pair_stream
 from plad_ray.generate.teacher import generate_teacher
-from plad_ray.data.outputs import prepare_output
+from plad_ray.outputs import prepare_output
 from plad_ray.summary import write_report
 from plad_ray.tracking import check_trackers, log_report
 

@@ -171,7 +171,7 @@ def test_output_of_a_different_run_is_refused_and_kept(tmp_path, tiny_models):
     first = run_job("distill", str(CONFIG), "--set", f"output_dir={out}", "--check")
     assert first.returncode == 0 and not out.exists()  # --check writes nothing
     from plad_ray.config import load_config
-    from plad_ray.data.outputs import prepare_output
+    from plad_ray.outputs import prepare_output
 
     prepare_output(load_config(str(CONFIG), [f"output_dir={out}"]))  # a run of the shipped config
     (out / "teacher").mkdir()

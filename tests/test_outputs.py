@@ -1,10 +1,10 @@
-"""Which parts of an output folder a re-run reuses, refuses, or replaces (plad_ray.data.outputs)."""
+"""Which parts of an output folder a re-run reuses, refuses, or replaces (plad_ray.outputs)."""
 
 import pytest
 
 from plad_ray.config import load_config
 from plad_ray.errors import ConfigError
-from plad_ray.data.outputs import prepare_output
+from plad_ray.outputs import prepare_output
 
 CONFIG = """
 output_dir: {out}

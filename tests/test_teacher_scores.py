@@ -83,7 +83,7 @@ def test_scoring_config_is_checked_with_one_line_each():
 
 def test_turning_scoring_on_keeps_the_teacher_outputs_pairs_and_training():
     from plad_ray.config import Config
-    from plad_ray.data.outputs import stage_keys
+    from plad_ray.outputs import stage_keys
 
     off, on = Config(), Config()
     on.teacher.score_samples, on.teacher.score_top_k = True, 5
@@ -221,7 +221,7 @@ def test_the_teacher_scorer_needs_the_scoring_stage_and_is_no_verifier():
 
 def test_scoring_off_keeps_the_scores_and_another_k_makes_them_stale(tmp_path):
     from plad_ray.config import Config
-    from plad_ray.data.outputs import prepare_output
+    from plad_ray.outputs import prepare_output
     from plad_ray.errors import ConfigError
 
     def config(score: bool, k: int = 20) -> Config:

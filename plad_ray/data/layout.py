@@ -1,7 +1,7 @@
 """Where every output of a run lives under output_dir: the one definition every stage asks.
 
     output_dir/
-      run.json            the config keys each stage's outputs depend on (data/outputs.py)
+      run.json            the config keys each stage's outputs depend on (plad_ray/outputs.py)
       logs/run.log        engine, Ray, DeepSpeed and library logs (plad_ray/console.py; appended per run)
       quarantine/prompts/ prompt rows set aside, with where they sit and why (JSON lines; rewritten per run)
       quarantine/teacher/ prompts a black-box teacher refused (HTTP 4xx, empty) or kept failing on while it

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from plad_ray.config import Config
 from plad_ray.data.prompts import conform, prompt_token_ids
 
 
@@ -24,20 +23,6 @@ class Limit:
     chat_template: bool
     max_prompt_tokens: int
     trust_remote_code: bool = False
-
-
-def prompt_limits(cfg: Config, teacher_path: str | None, student_path: str) -> list[Limit]:
-    """The limits to check; a black-box teacher (no tokenizer here) is checked by its server."""
-    t, s = cfg.teacher, cfg.student
-    limits = [
-        Limit("student.max_model_len - student.sampling.max_tokens", student_path, s.chat_template,
-              s.max_model_len - s.sampling.max_tokens, s.trust_remote_code),
-        Limit("train.max_length - 1", student_path, s.chat_template, cfg.train.max_length - 1, s.trust_remote_code),
-    ]
-    if teacher_path is not None:
-        limits.insert(0, Limit("teacher.max_model_len - teacher.sampling.max_tokens", teacher_path, t.chat_template,
-                               t.max_model_len - t.sampling.max_tokens, t.trust_remote_code))
-    return limits
 
 
 class _Counter:
