@@ -77,7 +77,7 @@ def _inputs(loss: str, vocab: int, tokens: int, micro_batch: int, dtype: str, pr
 
 def _term(loss: str, variant: str, x: dict):
     """(what backward starts from, the values compared between variants, scored positions)."""
-    from plad_ray import losses as L
+    from plad_ray import losses as L, losses_token as T
 
     logits, mask = x["logits"], x["mask"]
     dense = variant == "dense"
@@ -85,14 +85,14 @@ def _term(loss: str, variant: str, x: dict):
         logps, num_tokens = (L.dense_sequence_logps if dense else L.sequence_logps)(logits, x["ids"], mask)
         return logps.sum(), logps.tolist(), int(num_tokens.sum())
     if loss == "token_kd":
-        kd = (L.dense_token_kd_loss if dense else L.token_kd_loss)(logits, x["teacher"], mask)
+        kd = (T.dense_token_kd_loss if dense else T.token_kd_loss)(logits, x["teacher"], mask)
         return kd, [kd.item()], int(mask[:, 1:].sum())
     student = L.dense_topk_token_logps(logits, x["ids"]) if dense else L.topk_token_logps(logits, x["ids"], mask)
     t, m, b = x["teacher_topk"], mask[:, 1:], logits.shape[0] // 2
     if loss == "onpolicy_kd":
-        kd = L.topk_divergence(student[b:], t[b:], m[b:], kind="reverse_kl")
+        kd = T.topk_divergence(student[b:], t[b:], m[b:], kind="reverse_kl")
     else:
-        kd = L.contrastive_topk_loss(student[:b], t[:b], m[:b], student[b:], t[b:], m[b:], alpha=0.1)
+        kd = T.contrastive_topk_loss(student[:b], t[:b], m[:b], student[b:], t[b:], m[b:], alpha=0.1)
     return kd, [kd.item()], int(m.sum())
 
 
@@ -100,7 +100,7 @@ def measure(loss: str, variant: str, vocab: int, tokens: int, micro_batch: int, 
             top_k: int, margin_gb: float) -> dict:
     import torch  # noqa: F401 - imported before the address space is capped
 
-    import plad_ray.losses  # noqa: F401
+    import plad_ray.losses, plad_ray.losses_token  # noqa: F401
 
     budget_mb = _cap_address_space(margin_gb)
     row = {"loss": loss, "variant": variant, "micro_batch": micro_batch, "budget_mb": budget_mb}

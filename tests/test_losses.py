@@ -192,7 +192,7 @@ def test_plad_loss_types():
 
 
 def test_token_kd_is_forward_kl_per_response_token_by_hand():
-    from plad_ray.losses import token_kd_loss
+    from plad_ray.losses_token import token_kd_loss
 
     # One sequence of 3 positions, vocabulary 2. Logits at position t predict token t+1, so with
     # response_mask [0, 1, 1] positions 0 and 1 are scored; position 2 predicts nothing.

@@ -6,8 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from plad_ray.losses import (contrastive_topk_loss, margin_loss, teacher_scores, token_kd_loss, topk_buckets,
-                             topk_divergence)
+from plad_ray.losses import margin_loss
+from plad_ray.losses_token import (contrastive_topk_loss, teacher_scores, token_kd_loss, topk_buckets,
+                                   topk_divergence)
 
 
 def logps(*probs):

@@ -9,8 +9,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from plad_ray.losses import (contrastive_topk_loss, dense_sequence_logps, dense_token_kd_loss, dense_topk_token_logps,
-                             sequence_logps, token_kd_loss, topk_divergence, topk_token_logps)
+from plad_ray.losses import dense_sequence_logps, dense_topk_token_logps, sequence_logps, topk_token_logps
+from plad_ray.losses_token import contrastive_topk_loss, dense_token_kd_loss, token_kd_loss, topk_divergence
 
 
 def test_topk_logps_and_their_gradient_by_hand():

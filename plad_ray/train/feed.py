@@ -10,8 +10,8 @@ import torch
 
 from plad_ray.config import TrainConfig
 from plad_ray.errors import ConfigError
-from plad_ray.losses import (contrastive_topk_loss, plad_loss, sequence_logps, token_kd_loss, topk_divergence,
-                             topk_token_logps)
+from plad_ray.losses import plad_loss, sequence_logps, topk_token_logps
+from plad_ray.losses_token import contrastive_topk_loss, token_kd_loss, topk_divergence
 from plad_ray.train.batching import collate_groups, collate_pairs, length_grouped
 from plad_ray.train.packing import pack, unpack_logits
 
