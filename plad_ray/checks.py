@@ -211,7 +211,7 @@ def check_teacher_ids_fit(teacher_path: str, student_path: str, key: str,
     device-side assert on GPU). Tokenizer size, not embedding rows: padded rows differ between model sizes
     of one family (Qwen2.5-7B 152,064, 0.5B 151,936) around one tokenizer of 151,665 tokens. The ids in a
     teacher_scores/ folder are checked again against the student when training reads them
-    (plad_ray.train.driver.with_teacher_topk)."""
+    (plad_ray.train.score_joins.with_teacher_topk)."""
     tokens = tokenizer_size(teacher_path, trust_remote_code[0])
     rows = embedding_rows(student_path, trust_remote_code[1])
     if tokens > rows:

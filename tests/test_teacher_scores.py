@@ -132,7 +132,7 @@ def test_pairs_get_the_teacher_mean_log_prob_of_each_side(local_ray, tmp_path):
 
     from plad_ray.data import parquet
     from plad_ray.errors import DataError
-    from plad_ray.train.driver import with_teacher_scores
+    from plad_ray.train.score_joins import with_teacher_scores
 
     def score(i, k, side, logprobs):
         return {"id": f"p{i}", "sample_index": k, "side": side, "num_tokens": len(logprobs), "prompt_tokens": 3,
@@ -164,7 +164,7 @@ def test_top_k_ids_past_the_students_rows_stop_the_run_before_training(local_ray
 
     from plad_ray.data import parquet
     from plad_ray.errors import DataError
-    from plad_ray.train.driver import with_teacher_topk
+    from plad_ray.train.score_joins import with_teacher_topk
 
     def score(i, side, topk_ids):  # one scored token, k = 2
         return {"id": f"p{i}", "sample_index": 0, "side": side, "num_tokens": 1, "prompt_tokens": 3,

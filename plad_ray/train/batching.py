@@ -98,10 +98,10 @@ class PairTokenizer:
         rows = [{"prompt": p, "chosen": c, "rejected": r, "chosen_ids": ci, "rejected_ids": ri}
                 for p, c, r, ci, ri in zip(batch["prompt"], batch["chosen"], batch["rejected"],
                                            self._responses(batch, "chosen"), self._responses(batch, "rejected"))]
-        if "chosen_score" in batch:  # scored before this stage (the teacher scorer: driver.with_teacher_scores)
+        if "chosen_score" in batch:  # scored before this stage (the teacher scorer: score_joins.with_teacher_scores)
             for row, c, r in zip(rows, batch["chosen_score"], batch["rejected_score"]):
                 row.update(chosen_score=float(c), rejected_score=float(r))
-        topk = [key for key in TOPK_COLUMNS if key in batch]  # the teacher's top-k (driver.with_teacher_topk)
+        topk = [key for key in TOPK_COLUMNS if key in batch]  # the teacher's top-k (score_joins.with_teacher_topk)
         for i, row in enumerate(rows):
             row.update({key: batch[key][i] for key in topk})
         rows, verdicts, dropped = judge_pairs(rows, self.scorer, self.student_wins)
