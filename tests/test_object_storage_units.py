@@ -9,7 +9,7 @@ import pytest
 from plad_ray.data import storage
 from plad_ray.errors import DataError
 from plad_ray.models.cache import DONE, cache_folder, local_model
-from test_object_storage import listing
+from test_ray_job_submit import listing
 
 
 def write_folder(folder, files: dict) -> None:

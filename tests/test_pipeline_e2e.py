@@ -323,7 +323,11 @@ def test_the_collapse_guard_stops_at_the_last_good_checkpoint(run, tmp_path):
     assert (other / "student" / "model.safetensors").is_file()
 
 
-# In make test: the only test that raises train.rounds on a finished run (README: "earlier rounds are reused").
+# make test-slow: raising train.rounds on a finished run runs in make test as test_ray_job_submit.py's second
+# round (round 1 reused, round 2 samples round 1's export, reuses every teacher output, trains and is evaluated beside
+# round 1), and the local engine's teacher scores are checked against the teacher's own forward pass by the `scored`
+# fixture below when this test has not run.
+@pytest.mark.slow
 def test_a_second_round_samples_the_trained_student_and_reuses_teacher_outputs(run, tiny_models):
     # With the teacher's scoring turned on (teacher.score_samples, top 20): round 1's pairs, which the run
     # already has, are scored too, without making its teacher outputs, pairs or training stale.
@@ -397,7 +401,7 @@ def check_teacher_scores(folders, tiny_models, stdout):
 @pytest.fixture(scope="module")
 def scored(run, tiny_models):
     """The run's round-1 pairs with the teacher's scores (teacher_scores/, top 20): the round-2 test above
-    scores them; run without it, this scores them (jobs.generate_pairs keeps the teacher outputs and
+    scores them (make test-slow); otherwise this scores them (jobs.generate_pairs keeps the teacher outputs and
     pairs) and checks them against the teacher's forward pass."""
     out, _, _ = run
     if not (out / "teacher_scores" / "_manifest.json").is_file():
@@ -454,7 +458,7 @@ def test_objectives_on_the_teachers_scores_train_on_the_runs_pairs(scored, tiny_
           f"{before['chosen_nll_per_token']:.3f} -> {after['chosen_nll_per_token']:.3f}")
 
 
-@pytest.mark.slow  # make test-slow; zero teacher requests on a re-run are in make test's round-2, S3 resume and Ctrl-C tests
+@pytest.mark.slow  # make test-slow; zero teacher requests on a re-run are in make test's job-submit resume and round 2, and Ctrl-C tests
 def test_new_student_round_reuses_teacher_outputs(run):
     # Another student configuration on the same output: zero teacher requests.
     out, _, _ = run
