@@ -22,13 +22,18 @@ MLFLOW_SERVER := $(VENV)/mlflow-server
 MOTO_SERVER := $(VENV)/moto-server
 SETTING ?= smoke
 
-.PHONY: demo demo-real real-models test test-slow test-real venv gpu-venv clean bench bench-generation bench-training bench-end-to-end bench-scale bench-logprob-memory bench-quality
+.PHONY: demo demo-real real-models test lint test-slow test-real venv gpu-venv clean bench bench-generation bench-training bench-end-to-end bench-scale bench-logprob-memory bench-quality
 
 demo: $(STAMP)
 	$(VENV)/bin/plad-ray distill --config configs/tiny-cpu.yaml
 
-test: $(STAMP) $(MLFLOW_SERVER) $(MOTO_SERVER)
+test: lint $(MLFLOW_SERVER) $(MOTO_SERVER)
 	$(PY) -m pytest
+
+# Style: ruff's lint and formatter (pyproject.toml [tool.ruff]: 120 columns); make test runs it first.
+lint: $(STAMP)
+	$(VENV)/bin/ruff check plad_ray jobs tests benchmarks
+	$(VENV)/bin/ruff format --check plad_ray jobs tests benchmarks
 
 # Integration runs left out of make test because another test covers their path (marker `slow`).
 test-slow: $(STAMP) $(MLFLOW_SERVER) $(MOTO_SERVER)

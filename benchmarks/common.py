@@ -38,12 +38,21 @@ def build_bench_model(name: str, folder: Path) -> str:
 
     torch.manual_seed(0)
     shape = BENCH_MODELS[name]
-    config = LlamaConfig(vocab_size=tiny.VOCAB_SIZE, head_dim=64, num_key_value_heads=shape["num_attention_heads"],
-                         max_position_embeddings=2048, tie_word_embeddings=True, pad_token_id=tiny.PAD_ID,
-                         bos_token_id=tiny.BOS_ID, eos_token_id=tiny.EOS_ID, **shape)
+    config = LlamaConfig(
+        vocab_size=tiny.VOCAB_SIZE,
+        head_dim=64,
+        num_key_value_heads=shape["num_attention_heads"],
+        max_position_embeddings=2048,
+        tie_word_embeddings=True,
+        pad_token_id=tiny.PAD_ID,
+        bos_token_id=tiny.BOS_ID,
+        eos_token_id=tiny.EOS_ID,
+        **shape,
+    )
     model = LlamaForCausalLM(config)
-    model.generation_config = GenerationConfig(bos_token_id=tiny.BOS_ID, eos_token_id=tiny.EOS_ID,
-                                               pad_token_id=tiny.PAD_ID)
+    model.generation_config = GenerationConfig(
+        bos_token_id=tiny.BOS_ID, eos_token_id=tiny.EOS_ID, pad_token_id=tiny.PAD_ID
+    )
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder, safe_serialization=True)
     tiny.build_tokenizer().save_pretrained(folder)
@@ -78,13 +87,21 @@ def per_device(tokens_per_s: float, devices: int | None) -> float | None:
 def random_prompts(n: int, length: int, seed: int = 0) -> list[str]:
     """n prompts of `length` printable characters (= tokens with the byte tokenizer)."""
     rng = random.Random(seed)
-    return [" ".join("".join(rng.choice(string.ascii_lowercase) for _ in range(rng.randint(2, 8)))
-                     for _ in range(length))[:length] for _ in range(n)]
+    return [
+        " ".join("".join(rng.choice(string.ascii_lowercase) for _ in range(rng.randint(2, 8))) for _ in range(length))[
+            :length
+        ]
+        for _ in range(n)
+    ]
 
 
 def machine() -> dict:
-    return {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-            "processor": _cpu_model()}
+    return {
+        "cpus": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "processor": _cpu_model(),
+    }
 
 
 def _cpu_model() -> str:
@@ -135,8 +152,9 @@ def run_worker(module: str, flag: str, arg: str, tag: str, failure: str) -> dict
     """Run `python -m module flag arg` in a fresh process; its result is the JSON after `tag ` on stdout. Its own
     progress lines on stderr are passed on as they come (a 1M-prompt size runs for an hour); the rest of its stderr
     is kept for the failure message."""
-    proc = subprocess.Popen([sys.executable, "-m", module, flag, arg], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", module, flag, arg], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     stdout = []
     reader = threading.Thread(target=lambda: stdout.extend(proc.stdout), daemon=True)  # a full pipe would stall it
     reader.start()
@@ -150,10 +168,10 @@ def run_worker(module: str, flag: str, arg: str, tag: str, failure: str) -> dict
     proc.wait()
     watchdog.cancel()
     reader.join()
-    result = [l for l in stdout if l.startswith(f"{tag} ")]
+    result = [line for line in stdout if line.startswith(f"{tag} ")]
     if proc.returncode != 0 or not result:
         raise RuntimeError(f"{failure}: {''.join(tail)[-3000:]}")
-    return json.loads(result[-1][len(tag) + 1:])
+    return json.loads(result[-1][len(tag) + 1 :])
 
 
 def bench_parser(doc: str, settings: dict):

@@ -38,8 +38,9 @@ def distill(config: str, overrides: list[str]) -> tuple[dict, float]:
         out = Path(work) / "run"
         sets = [x for o in [f"output_dir={out}", *overrides] for x in ("--set", o)]
         start = time.perf_counter()
-        proc = subprocess.run([sys.executable, "-m", "jobs.distill", "--config", config, *sets], cwd=ROOT,
-                              capture_output=True, text=True)
+        proc = subprocess.run(
+            [sys.executable, "-m", "jobs.distill", "--config", config, *sets], cwd=ROOT, capture_output=True, text=True
+        )
         wall = time.perf_counter() - start
         if proc.returncode != 0:
             sys.exit(f"jobs.distill failed:\n{proc.stderr[-3000:]}")
@@ -50,21 +51,30 @@ def stream_vs_sequential(config: str, overrides: list[str]) -> None:
     rows = []
     for stream in (False, True):
         report, wall = distill(config, [*overrides, f"train.stream={str(stream).lower()}"])
-        g, t = report["generation"], report["timings"]
+        g = report["generation"]
         if stream:  # the student engines and the trainer ran at once: from the stream's start to its commit
             student_to_trained = g["student_seconds"]
         else:
             student_to_trained = g["student_seconds"] + report["train_seconds"]
         evaluation = report.get("evaluation") or {}
         trained = (evaluation.get("models") or {}).get("trained student", {})
-        rows.append({"mode": "streaming" if stream else "sequential", "wall_s": wall,
-                     "teacher_s": g.get("teacher_seconds", 0.0), "student_gen_to_trained_s": student_to_trained,
-                     "steps": report["steps"], "pairs_trained": report["counts"].get("trained", report["counts"]["train"]),
-                     "heldout_exact_match": trained.get("exact_match"),
-                     "heldout_ranking_accuracy": report["eval_trained"]["ranking_accuracy"]})
+        rows.append(
+            {
+                "mode": "streaming" if stream else "sequential",
+                "wall_s": wall,
+                "teacher_s": g.get("teacher_seconds", 0.0),
+                "student_gen_to_trained_s": student_to_trained,
+                "steps": report["steps"],
+                "pairs_trained": report["counts"].get("trained", report["counts"]["train"]),
+                "heldout_exact_match": trained.get("exact_match"),
+                "heldout_ranking_accuracy": report["eval_trained"]["ranking_accuracy"],
+            }
+        )
     print(table(rows, list(rows[0])))
-    print(f"streaming / sequential: wall {rows[1]['wall_s'] / rows[0]['wall_s']:.3f}, student generation to trained "
-          f"student {rows[1]['student_gen_to_trained_s'] / rows[0]['student_gen_to_trained_s']:.3f}")
+    print(
+        f"streaming / sequential: wall {rows[1]['wall_s'] / rows[0]['wall_s']:.3f}, student generation to trained "
+        f"student {rows[1]['student_gen_to_trained_s'] / rows[0]['student_gen_to_trained_s']:.3f}"
+    )
     print(f"results -> {save('stream_vs_sequential', {'config': config, 'overrides': overrides, 'rows': rows})}")
 
 
@@ -95,11 +105,30 @@ def main() -> None:
     padding = 1 - sum(c["tokens"] for c in curve) / sum(c["tokens"] / (1 - c["padding"]) for c in curve)
     print(table(rows, ["stage", "seconds", "share"]))
     startup = t.get("startup", {})
-    print(table([{"trainer start-up phase": k.removesuffix("_s"), "seconds": v} for k, v in startup.items()],
-                ["trainer start-up phase", "seconds"]))
-    print(f"padding share of training tokens: {padding:.3f}   teacher tokens: {g.get('teacher_tokens')}   "
-          f"student tokens: {g.get('student_tokens')}")
-    print(f"results -> {save('end_to_end', {'config': args.config, 'overrides': args.overrides, 'stages': stages, 'startup': startup, 'wall_s': wall, 'padding': padding})}")
+    print(
+        table(
+            [{"trainer start-up phase": k.removesuffix("_s"), "seconds": v} for k, v in startup.items()],
+            ["trainer start-up phase", "seconds"],
+        )
+    )
+    print(
+        f"padding share of training tokens: {padding:.3f}   teacher tokens: {g.get('teacher_tokens')}   "
+        f"student tokens: {g.get('student_tokens')}"
+    )
+    print(
+        "results -> "
+        + save(
+            "end_to_end",
+            {
+                "config": args.config,
+                "overrides": args.overrides,
+                "stages": stages,
+                "startup": startup,
+                "wall_s": wall,
+                "padding": padding,
+            },
+        )
+    )
 
 
 if __name__ == "__main__":

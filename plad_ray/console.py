@@ -25,8 +25,23 @@ import tempfile
 import threading
 
 TAGS = ("[plad-ray]", "[generate]", "[train]", "[eval]", "[pretrained]")
-LIBRARIES = ("ray", "ray.data", "ray.llm", "ray.train", "vllm", "deepspeed", "DeepSpeed", "transformers", "torch",
-             "py.warnings", "filelock", "urllib3", "mlflow", "wandb", "alembic")
+LIBRARIES = (
+    "ray",
+    "ray.data",
+    "ray.llm",
+    "ray.train",
+    "vllm",
+    "deepspeed",
+    "DeepSpeed",
+    "transformers",
+    "torch",
+    "py.warnings",
+    "filelock",
+    "urllib3",
+    "mlflow",
+    "wandb",
+    "alembic",
+)
 LOG_NAME = "run.log"
 
 
@@ -104,15 +119,22 @@ def route_libraries() -> None:
         return
     handler = logging.StreamHandler(_SinkStream())
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    names = set(LIBRARIES) | {name for name, logger in logging.root.manager.loggerDict.items()
-                              if isinstance(logger, logging.Logger) and _terminal_handlers(logger)}
+    names = set(LIBRARIES) | {
+        name
+        for name, logger in logging.root.manager.loggerDict.items()
+        if isinstance(logger, logging.Logger) and _terminal_handlers(logger)
+    }
     for name in sorted(names):
         _route(logging.getLogger(name), handler)
 
 
 def _terminal_handlers(logger: logging.Logger) -> list[logging.Handler]:
-    return [h for h in logger.handlers if isinstance(h, logging.StreamHandler)
-            and getattr(h, "stream", None) in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__)]
+    return [
+        h
+        for h in logger.handlers
+        if isinstance(h, logging.StreamHandler)
+        and getattr(h, "stream", None) in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__)
+    ]
 
 
 def _route(logger: logging.Logger, handler: logging.Handler) -> None:
@@ -164,8 +186,9 @@ def forward_worker_logs() -> None:
 
 def _worker_lines(data: dict, worker) -> None:
     """One batch of a worker's lines (Ray's log monitor): all to the file, ours (or all, verbose) to the terminal."""
-    prefix = f"({data.get('actor_name') or data.get('task_name') or 'worker'} pid={data.get('pid')}, " \
-             f"ip={data.get('ip')}) "
+    prefix = (
+        f"({data.get('actor_name') or data.get('task_name') or 'worker'} pid={data.get('pid')}, ip={data.get('ip')}) "
+    )
     lines = data.get("lines") or []
     _sink.write("".join(prefix + line + "\n" for line in lines))
     if _verbose:

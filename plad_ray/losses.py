@@ -20,19 +20,18 @@ chunks forward and backward, with no fp32 copy of the whole tensor; the `dense_*
 one-expression references they are tested and benchmarked against.
 """
 
-import math
-
 import torch
 import torch.nn.functional as F
 
 from plad_ray.objectives import NLL, Objective, objective
 
-
 LOGPS_CHUNK_BYTES = 1 << 28  # fp32 working set per chunk of scored positions (256 MiB)
 
 
 def sequence_logps(
-    logits_BTV: torch.Tensor, input_ids_BT: torch.Tensor, response_mask_BT: torch.Tensor,
+    logits_BTV: torch.Tensor,
+    input_ids_BT: torch.Tensor,
+    response_mask_BT: torch.Tensor,
     chunk_bytes: int = LOGPS_CHUNK_BYTES,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed log-prob of each sequence's response tokens, and how many there are.
@@ -107,8 +106,12 @@ def dense_sequence_logps(
     return (token_logps_BT * mask_BT).sum(-1), mask_BT.sum(-1)
 
 
-def topk_token_logps(logits_NTV: torch.Tensor, topk_ids_NTk: torch.Tensor, topk_mask_NT: torch.Tensor,
-                     chunk_bytes: int = LOGPS_CHUNK_BYTES) -> torch.Tensor:
+def topk_token_logps(
+    logits_NTV: torch.Tensor,
+    topk_ids_NTk: torch.Tensor,
+    topk_mask_NT: torch.Tensor,
+    chunk_bytes: int = LOGPS_CHUNK_BYTES,
+) -> torch.Tensor:
     """The student's log-probs of the teacher's top-k ids, [N, T-1, k] in fp32, aligned with `[:, 1:]` of
     the batch: position t's ids (`topk_ids_NTk[:, t]`, where `topk_mask_NT` is 1) are what the logits at
     t - 1 predict. Computed only at those positions, in fp32 chunks forward and backward (`_ScoredLogps`);
@@ -142,8 +145,11 @@ ranking_calibration_loss = hinge_loss  # the paper's name for it
 
 
 def margin_loss(
-    chosen_logps_B: torch.Tensor, rejected_logps_B: torch.Tensor,
-    chosen_scores_B: torch.Tensor, rejected_scores_B: torch.Tensor, beta: float,
+    chosen_logps_B: torch.Tensor,
+    rejected_logps_B: torch.Tensor,
+    chosen_scores_B: torch.Tensor,
+    rejected_scores_B: torch.Tensor,
+    beta: float,
 ) -> torch.Tensor:
     """Margin calibration: mean of max(0, beta * (s(y+) - s(y-)) - log P(y+|x) + log P(y-|x)).
 
@@ -161,7 +167,9 @@ def logistic_loss(chosen_logps_B: torch.Tensor, rejected_logps_B: torch.Tensor, 
 
 
 def listwise_hinge_loss(
-    chosen_logps_B: torch.Tensor, rejected_logps_BK: torch.Tensor, beta: float,
+    chosen_logps_B: torch.Tensor,
+    rejected_logps_BK: torch.Tensor,
+    beta: float,
     rejected_mask_BK: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The teacher output above every student sample of its prompt:
@@ -250,8 +258,10 @@ def plad_loss(
         loss = _scaled(nll, token_scale)
     elif trained.per_token:
         if token_kd is None:
-            raise ValueError(f"loss_type {loss_type!r} needs its per-token term as token_kd (see token_kd_loss, "
-                             "topk_divergence, contrastive_topk_loss)")
+            raise ValueError(
+                f"loss_type {loss_type!r} needs its per-token term as token_kd (see token_kd_loss, "
+                "topk_divergence, contrastive_topk_loss)"
+            )
         loss = _scaled(token_kd, token_scale)
     else:
         trained_rank = _scaled(rank, rank_scale)
@@ -269,8 +279,9 @@ def _scaled(term: torch.Tensor, scale: float) -> torch.Tensor:
     return term if scale == 1.0 else term * scale
 
 
-def step_term_scales(ranked: float, tokens: float, step_ranked: float, step_tokens: float,
-                     micro_batches_per_step: int, world_size: int) -> tuple[float, float]:
+def step_term_scales(
+    ranked: float, tokens: float, step_ranked: float, step_tokens: float, micro_batches_per_step: int, world_size: int
+) -> tuple[float, float]:
     """`plad_loss`'s term_scales for one micro-batch with `ranked` ranking terms (pairs with a ranking
     signal; listwise: prompts) and `tokens` chosen response tokens, in an optimizer step whose
     micro-batches hold `step_ranked` and `step_tokens` on all ranks together.
@@ -281,8 +292,10 @@ def step_term_scales(ranked: float, tokens: float, step_ranked: float, step_toke
     micro 16, and ranks with more ranked pairs weigh more, as one big batch would.
     """
     factor = micro_batches_per_step * world_size
-    return (ranked / step_ranked * factor if step_ranked else 0.0,
-            tokens / step_tokens * factor if step_tokens else 0.0)
+    return (
+        ranked / step_ranked * factor if step_ranked else 0.0,
+        tokens / step_tokens * factor if step_tokens else 0.0,
+    )
 
 
 def _ranking(trained: Objective, chosen_B, rejected_B, beta, gamma, chosen_scores_B, rejected_scores_B) -> torch.Tensor:
@@ -298,4 +311,3 @@ RANKING_LOSSES = {
     "logistic": lambda c, r, beta, gamma, sc, sr: logistic_loss(c, r, gamma),
     "margin": lambda c, r, beta, gamma, sc, sr: margin_loss(c, r, sc, sr, beta),
 }
-

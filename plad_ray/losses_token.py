@@ -20,7 +20,9 @@ from plad_ray.losses import LOGPS_CHUNK_BYTES, _chunk_rows
 
 
 def token_kd_loss(
-    student_logits_BTV: torch.Tensor, teacher_logits_BTV: torch.Tensor, response_mask_BT: torch.Tensor,
+    student_logits_BTV: torch.Tensor,
+    teacher_logits_BTV: torch.Tensor,
+    response_mask_BT: torch.Tensor,
     chunk_bytes: int = LOGPS_CHUNK_BYTES,
 ) -> torch.Tensor:
     """Token-level KD (forward KL), per response token:
@@ -32,8 +34,10 @@ def token_kd_loss(
     `dense_token_kd_loss` is the same formula over the whole tensors.
     """
     if student_logits_BTV.shape != teacher_logits_BTV.shape:
-        raise ValueError(f"token_kd needs logits of one shape: student {tuple(student_logits_BTV.shape)}, "
-                         f"teacher {tuple(teacher_logits_BTV.shape)}")
+        raise ValueError(
+            f"token_kd needs logits of one shape: student {tuple(student_logits_BTV.shape)}, "
+            f"teacher {tuple(teacher_logits_BTV.shape)}"
+        )
     mask_BT = response_mask_BT[:, 1:]
     rows_b, rows_t = (mask_BT > 0).nonzero(as_tuple=True)
     kl_N = _ScoredForwardKL.apply(student_logits_BTV, teacher_logits_BTV.detach(), rows_b, rows_t, chunk_bytes)
@@ -107,8 +111,9 @@ def topk_buckets(logps_BTk: torch.Tensor) -> torch.Tensor:
     # log(1 - e^x) for x <= 0, stable at both ends (each branch gets only the inputs it is used for, so
     # neither sends a nan gradient through the other); the floor keeps it finite when the top-k is all.
     near_one_BT, far_BT = top_BT.clamp(min=-0.6931), top_BT.clamp(max=-0.6931)
-    tail_BT = torch.where(top_BT > -0.6931, torch.log((-torch.expm1(near_one_BT)).clamp(min=1e-12)),
-                          torch.log1p(-far_BT.exp()))
+    tail_BT = torch.where(
+        top_BT > -0.6931, torch.log((-torch.expm1(near_one_BT)).clamp(min=1e-12)), torch.log1p(-far_BT.exp())
+    )
     return torch.cat([logps_BTk, tail_BT[..., None]], -1)
 
 
@@ -127,8 +132,13 @@ def _masked_mean(value_BT: torch.Tensor, mask_BT: torch.Tensor) -> torch.Tensor:
     return (value_BT * mask_BT).sum() / mask_BT.sum().clamp(min=1)
 
 
-def topk_divergence(student_BTk: torch.Tensor, teacher_BTk: torch.Tensor, mask_BT: torch.Tensor,
-                    kind: str = "reverse_kl", beta: float = 0.5) -> torch.Tensor:
+def topk_divergence(
+    student_BTk: torch.Tensor,
+    teacher_BTk: torch.Tensor,
+    mask_BT: torch.Tensor,
+    kind: str = "reverse_kl",
+    beta: float = 0.5,
+) -> torch.Tensor:
     """On-policy KD on the student's own samples, per response token (mask_BT = 1), over the teacher's top-k
     plus the tail: `reverse_kl` KL(S || T) (MiniLLM, GKD with beta = 1), `forward_kl` KL(T || S), or `jsd`,
     the generalised Jensen-Shannon divergence of GKD: beta * KL(T || M) + (1 - beta) * KL(S || M) with
@@ -153,17 +163,24 @@ def skew_kl(p_BTn: torch.Tensor, q_BTn: torch.Tensor, alpha: float) -> torch.Ten
     return _kl(p_BTn, _mixture(p_BTn, q_BTn, alpha) if alpha > 0 else q_BTn)
 
 
-def contrastive_topk_loss(student_chosen_BTk: torch.Tensor, teacher_chosen_BTk: torch.Tensor, chosen_mask_BT,
-                          student_rejected_BTk: torch.Tensor, teacher_rejected_BTk: torch.Tensor, rejected_mask_BT,
-                          alpha: float = 0.1) -> torch.Tensor:
+def contrastive_topk_loss(
+    student_chosen_BTk: torch.Tensor,
+    teacher_chosen_BTk: torch.Tensor,
+    chosen_mask_BT,
+    student_rejected_BTk: torch.Tensor,
+    teacher_rejected_BTk: torch.Tensor,
+    rejected_mask_BT,
+    alpha: float = 0.1,
+) -> torch.Tensor:
     """A DistiLLM-2-style contrastive objective on a (teacher output, student sample) pair: on the teacher's
     output the skew forward KL, SKL_alpha(T || S), pulls the student up where the teacher is likely; on the
     student's sample the skew reverse KL, SRKL_alpha(S || T), pushes it down where the teacher is not. Each
     term is a mean over its sequence's response tokens; the two are added."""
     s_c, t_c = topk_buckets(student_chosen_BTk), topk_buckets(teacher_chosen_BTk).detach()
     s_r, t_r = topk_buckets(student_rejected_BTk), topk_buckets(teacher_rejected_BTk).detach()
-    return (_masked_mean(skew_kl(t_c, s_c, alpha), chosen_mask_BT)
-            + _masked_mean(skew_kl(s_r, t_r, alpha), rejected_mask_BT))
+    return _masked_mean(skew_kl(t_c, s_c, alpha), chosen_mask_BT) + _masked_mean(
+        skew_kl(s_r, t_r, alpha), rejected_mask_BT
+    )
 
 
 def teacher_scores(teacher_token_logps_BT: torch.Tensor, mask_BT: torch.Tensor) -> torch.Tensor:

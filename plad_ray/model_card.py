@@ -22,34 +22,59 @@ def model_card(config: dict, report: dict, command: list[str]) -> str:
     counts = report.get("counts", {})
     evaluation = report.get("evaluation") or {}
     objective = _objective(loss)
-    lines = ["---", "library_name: transformers", "pipeline_tag: text-generation",
-             "tags: [distillation, plad, plad-ray]", "---", "",
-             "# Student distilled with plad-ray", "",
-             f"A student model distilled from a teacher with plad-ray (PLaD: preference-based distillation with "
-             f"pseudo-preference pairs). Loads with `AutoModelForCausalLM.from_pretrained(<this folder>)` and "
-             f"`vllm.LLM(<this folder>)`.", "",
-             "| | |", "|---|---|",
-             f"| student (before distillation) | `{config['student']['model']}` |",
-             f"| teacher | `{config['teacher']['model']}`"
-             + (f" at {config['teacher']['endpoint']['url']}" if config["teacher"].get("endpoint") else "") + " |",
-             f"| prompts | `{config['data']['prompts']}`: {report.get('generation', {}).get('prompts', '?')} used, "
-             f"held-out fraction {config['data']['heldout_fraction']} |",
-             f"| pairs | {counts.get('pairs', '?')} ({counts.get('train', '?')} trained on, "
-             f"{counts.get('heldout', '?')} held out) |",
-             f"| objective | {objective} |",
-             f"| training | {report.get('steps', '?')} steps, {train['num_epochs']} epoch(s), learning rate "
-             f"{train['learning_rate']}, ZeRO-{train['zero_stage']}, {train['precision']}, seed {train['seed']} |", ""]
+    lines = [
+        "---",
+        "library_name: transformers",
+        "pipeline_tag: text-generation",
+        "tags: [distillation, plad, plad-ray]",
+        "---",
+        "",
+        "# Student distilled with plad-ray",
+        "",
+        "A student model distilled from a teacher with plad-ray (PLaD: preference-based distillation with "
+        "pseudo-preference pairs). Loads with `AutoModelForCausalLM.from_pretrained(<this folder>)` and "
+        "`vllm.LLM(<this folder>)`.",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| student (before distillation) | `{config['student']['model']}` |",
+        f"| teacher | `{config['teacher']['model']}`"
+        + (f" at {config['teacher']['endpoint']['url']}" if config["teacher"].get("endpoint") else "")
+        + " |",
+        f"| prompts | `{config['data']['prompts']}`: {report.get('generation', {}).get('prompts', '?')} used, "
+        f"held-out fraction {config['data']['heldout_fraction']} |",
+        f"| pairs | {counts.get('pairs', '?')} ({counts.get('train', '?')} trained on, "
+        f"{counts.get('heldout', '?')} held out) |",
+        f"| objective | {objective} |",
+        f"| training | {report.get('steps', '?')} steps, {train['num_epochs']} epoch(s), learning rate "
+        f"{train['learning_rate']}, ZeRO-{train['zero_stage']}, {train['precision']}, seed {train['seed']} |",
+        "",
+    ]
     table = quality_table(evaluation, "## Evaluation on {prompts} held-out prompts (greedy)")
     if table:
         lines += table + [""]
     else:
-        lines += ["## Evaluation", "", "No generation evaluation ran with this run (eval.enabled was off, or "
-                  "the job trained only; `plad-ray evaluate` adds it to the run's report).", ""]
+        lines += [
+            "## Evaluation",
+            "",
+            "No generation evaluation ran with this run (eval.enabled was off, or "
+            "the job trained only; `plad-ray evaluate` adds it to the run's report).",
+            "",
+        ]
     nll_before, nll_after, pairs = teacher_nll(report)
-    lines += [f"Per-token NLL of the {pairs} held-out teacher outputs: {nll_before:.3f} before training, "
-              f"{nll_after:.3f} after (lower: the student writes what the teacher wrote more readily).", "",
-              "## How it was made", "", "```bash", shlex.join(command), "```", "",
-              "The run's full config is `run.json` and its report `report.json` in the run's output folder.", ""]
+    lines += [
+        f"Per-token NLL of the {pairs} held-out teacher outputs: {nll_before:.3f} before training, "
+        f"{nll_after:.3f} after (lower: the student writes what the teacher wrote more readily).",
+        "",
+        "## How it was made",
+        "",
+        "```bash",
+        shlex.join(command),
+        "```",
+        "",
+        "The run's full config is `run.json` and its report `report.json` in the run's output folder.",
+        "",
+    ]
     return "\n".join(lines)
 
 

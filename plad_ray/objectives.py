@@ -71,19 +71,36 @@ class Objective:
         return self.per_token or self.trains_nll(nll_weight)
 
 
-OBJECTIVES = {o.name: o for o in (
-    Objective("hinge", "hinge", summary="hinge (PLaD's ranking calibration: the teacher output above the sample)"),
-    Objective("margin", "margin", summary="margin (the hinge with margin beta x (s(chosen) - s(rejected)))"),
-    Objective("logistic", "logistic", summary="logistic (-log sigmoid of gamma x the log-prob gap)"),
-    Objective("listwise", "listwise", summary="listwise (the teacher output above each of a prompt's samples)"),
-    Objective("seqkd", "hinge", NLL, summary="seqkd (NLL of the teacher's outputs)"),
-    Objective("token_kd", "hinge", TEACHER_LOGITS,
-              summary="token_kd (forward KL to the teacher's token distribution on its outputs)"),
-    Objective("onpolicy_kd", "hinge", TOPK, ("rejected",),
-              summary="onpolicy_kd (divergence to the teacher's top-k on the student's samples)"),
-    Objective("contrastive", "hinge", TOPK, ("chosen", "rejected"),
-              summary="contrastive (skew KL to the teacher's top-k on its outputs and the student's samples)"),
-)}
+OBJECTIVES = {
+    o.name: o
+    for o in (
+        Objective("hinge", "hinge", summary="hinge (PLaD's ranking calibration: the teacher output above the sample)"),
+        Objective("margin", "margin", summary="margin (the hinge with margin beta x (s(chosen) - s(rejected)))"),
+        Objective("logistic", "logistic", summary="logistic (-log sigmoid of gamma x the log-prob gap)"),
+        Objective("listwise", "listwise", summary="listwise (the teacher output above each of a prompt's samples)"),
+        Objective("seqkd", "hinge", NLL, summary="seqkd (NLL of the teacher's outputs)"),
+        Objective(
+            "token_kd",
+            "hinge",
+            TEACHER_LOGITS,
+            summary="token_kd (forward KL to the teacher's token distribution on its outputs)",
+        ),
+        Objective(
+            "onpolicy_kd",
+            "hinge",
+            TOPK,
+            ("rejected",),
+            summary="onpolicy_kd (divergence to the teacher's top-k on the student's samples)",
+        ),
+        Objective(
+            "contrastive",
+            "hinge",
+            TOPK,
+            ("chosen", "rejected"),
+            summary="contrastive (skew KL to the teacher's top-k on its outputs and the student's samples)",
+        ),
+    )
+}
 LOSS_TYPES = tuple(OBJECTIVES)
 
 

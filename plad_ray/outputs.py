@@ -24,26 +24,57 @@ from plad_ray.errors import ConfigError, DataError
 
 # "scores" last: turning teacher scoring on or changing its k makes only the scores stale.
 STAGES = ("teacher", "pairs", "train", "scores")
-OUTPUTS = {"teacher": (layout.TEACHER, layout.QUARANTINE), "pairs": (layout.PAIRS,),
-           "train": (layout.TRAIN, layout.STUDENT, layout.TRAIN_REPORT, layout.EVAL, layout.REPORT, layout.SUMMARY,
-                     layout.LOSS_CURVE),
-           "scores": (layout.SCORES,)}
+OUTPUTS = {
+    "teacher": (layout.TEACHER, layout.QUARANTINE),
+    "pairs": (layout.PAIRS,),
+    "train": (
+        layout.TRAIN,
+        layout.STUDENT,
+        layout.TRAIN_REPORT,
+        layout.EVAL,
+        layout.REPORT,
+        layout.SUMMARY,
+        layout.LOSS_CURVE,
+    ),
+    "scores": (layout.SCORES,),
+}
 # Teacher keys of the scoring stage alone: the teacher outputs and pairs do not depend on them.
 _SCORE_KEYS = ("score_samples", "score_top_k")
 # Engine settings that change speed or where the model runs, not what it writes: changing
 # them never makes outputs stale (teacher.model and sampling do).
-_ENGINE_PERF_KEYS = ("replicas", "batch_size", "max_concurrent_batches", "cpus_per_replica", "gpus_per_worker",
-                     "max_restarts", "env",
-                     "gpu_memory_utilization", "enable_prefix_caching", "tensor_parallel_size", "engine_kwargs",
-                     "endpoint")
+_ENGINE_PERF_KEYS = (
+    "replicas",
+    "batch_size",
+    "max_concurrent_batches",
+    "cpus_per_replica",
+    "gpus_per_worker",
+    "max_restarts",
+    "env",
+    "gpu_memory_utilization",
+    "enable_prefix_caching",
+    "tensor_parallel_size",
+    "engine_kwargs",
+    "endpoint",
+)
 # Training settings that change how a run is operated, not the weights it trains: changing them (say, more
 # train.max_failures after a crash) resumes the run instead of refusing it.
 # packing, attention kernel, gradient checkpointing: the same log-probs computed another way (rounding aside), like
 # the ZeRO stage's partitioned sums.
-_TRAIN_OPERATIONAL_KEYS = ("max_failures", "log_every_steps", "checkpoint_every_steps", "checkpoint_upload",
-                           "trackers", "experiment", "cpus_per_worker", "placement_strategy", "packing",
-                           "attn_implementation", "gradient_checkpointing", "checkpoint_staging_dir",
-                           "tensorboard")  # tensorboard: what train.trackers replaced, in older run.json files
+_TRAIN_OPERATIONAL_KEYS = (
+    "max_failures",
+    "log_every_steps",
+    "checkpoint_every_steps",
+    "checkpoint_upload",
+    "trackers",
+    "experiment",
+    "cpus_per_worker",
+    "placement_strategy",
+    "packing",
+    "attn_implementation",
+    "gradient_checkpointing",
+    "checkpoint_staging_dir",
+    "tensorboard",
+)  # tensorboard: what train.trackers replaced, in older run.json files
 
 
 # Under `ray job submit --working-dir` inputs are read from Ray's copy of the working dir, whose path names the
@@ -68,8 +99,10 @@ def stage_keys(cfg: Config) -> dict:
     """For each stage, the config values its outputs depend on (cumulative)."""
     d = portable(cfg.to_safe_dict())
     teacher_keys = _semantic(d["teacher"])
-    teacher = {**{f"data.{k}": d["data"][k] for k in ("prompts", "max_prompts", "bad_rows", "too_long")},
-               "teacher": {k: v for k, v in teacher_keys.items() if k not in _SCORE_KEYS}}
+    teacher = {
+        **{f"data.{k}": d["data"][k] for k in ("prompts", "max_prompts", "bad_rows", "too_long")},
+        "teacher": {k: v for k, v in teacher_keys.items() if k not in _SCORE_KEYS},
+    }
     pairs = {**teacher, "student": _semantic(d["student"]), "data.heldout_fraction": d["data"]["heldout_fraction"]}
     # More rounds continue a run (earlier rounds stay valid); fewer or other train keys do not.
     train = _semantic_train({k: v for k, v in d["train"].items() if k != "rounds"})
@@ -152,8 +185,13 @@ def prepare_output(cfg: Config, overwrite: bool = False, dry_run: bool = False, 
 def _outputs_from(output_dir: str, stages: tuple[str, ...]) -> list[str]:
     """Every output (and its unfinished .partial) of these stages."""
     rounds = _round_dirs(output_dir)
-    names = [name for stage in stages for name in OUTPUTS[stage] + (rounds if stage == "pairs" else ())
-             + (tuple(f"{r}/{layout.SCORES}" for r in rounds) if stage == "scores" else ())]
+    names = [
+        name
+        for stage in stages
+        for name in OUTPUTS[stage]
+        + (rounds if stage == "pairs" else ())
+        + (tuple(f"{r}/{layout.SCORES}" for r in rounds) if stage == "scores" else ())
+    ]
     return [storage.join(output_dir, n + suffix) for n in names for suffix in ("", ".partial")]
 
 
@@ -172,15 +210,19 @@ def _check_location(output_dir: str, run_uri: str) -> None:
         raise DataError(f"output_dir {output_dir}: is a file; give a folder")
     if info.type == pafs.FileType.Directory and storage.read_json(run_uri) is None:
         if fs.get_file_info(pafs.FileSelector(path, recursive=False)):
-            raise DataError(f"output_dir {output_dir}: exists and holds something other than a plad-ray run; "
-                            "give a new or empty folder")
+            raise DataError(
+                f"output_dir {output_dir}: exists and holds something other than a plad-ray run; "
+                "give a new or empty folder"
+            )
     if isinstance(fs, pafs.LocalFileSystem):  # remote stores say no at the first write
         existing = path
         while not os.path.exists(existing):
             existing = os.path.dirname(existing)
         if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
-            raise DataError(f"output_dir {output_dir}: cannot be created under {existing} (not a writable folder); "
-                            "give a folder this user can write")
+            raise DataError(
+                f"output_dir {output_dir}: cannot be created under {existing} (not a writable folder); "
+                "give a folder this user can write"
+            )
 
 
 def _first_difference(old, new, prefix: str = "") -> str:

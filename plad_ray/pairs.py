@@ -87,8 +87,14 @@ def expand_samples(row: dict, num_samples: int) -> list[dict]:
     return [{**row, "sample_index": k} for k in range(num_samples)]
 
 
-def make_pair(row: dict, student: dict, student_model: str, student_sampling: str, heldout_fraction: float,
-              shared_vocabulary: bool = False) -> dict:
+def make_pair(
+    row: dict,
+    student: dict,
+    student_model: str,
+    student_sampling: str,
+    heldout_fraction: float,
+    shared_vocabulary: bool = False,
+) -> dict:
     """One pair from a teacher-cache row plus one student generation.
 
     With `shared_vocabulary` (teacher and student tokenizers map ids to the same tokens) the
@@ -126,8 +132,10 @@ def with_training_order(batch: dict, seed: int) -> dict:
     the same pairs at the same step."""
     ids = batch["id"]
     samples = batch["sample_index"] if "sample_index" in batch else [0] * len(ids)
-    order = [int.from_bytes(hashlib.sha256(f"{seed}:{i}:{s}".encode()).digest()[:8], "big") >> 1
-             for i, s in zip(ids, samples)]
+    order = [
+        int.from_bytes(hashlib.sha256(f"{seed}:{i}:{s}".encode()).digest()[:8], "big") >> 1
+        for i, s in zip(ids, samples)
+    ]
     return {**batch, "order": np.asarray(order, dtype=np.int64)}
 
 
@@ -157,8 +165,9 @@ def with_training_columns(batch: dict, heldout_fraction: float) -> dict:
     for side in ("chosen", "rejected"):
         key = f"{side}_finish_reason"
         out[key] = list(batch[key]) if key in batch else ["eos"] * n
-    out["heldout"] = list(batch["heldout"]) if "heldout" in batch else [is_heldout(i, heldout_fraction)
-                                                                       for i in out["id"]]
+    out["heldout"] = (
+        list(batch["heldout"]) if "heldout" in batch else [is_heldout(i, heldout_fraction) for i in out["id"]]
+    )
     for key in ("chosen_token_ids", "rejected_token_ids"):
         if key in batch:
             out[key] = [token_ids(v) for v in batch[key]]

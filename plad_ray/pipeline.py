@@ -18,8 +18,14 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from plad_ray import cluster, console
-from plad_ray.checks import (Inputs, check_inputs, check_prompt_rows, check_step_budget, check_teacher_cache,
-                             fetch_models_to_nodes)
+from plad_ray.checks import (
+    Inputs,
+    check_inputs,
+    check_prompt_rows,
+    check_step_budget,
+    check_teacher_cache,
+    fetch_models_to_nodes,
+)
 from plad_ray.config import Config
 from plad_ray.data import storage
 from plad_ray.errors import DataError, stage
@@ -32,8 +38,9 @@ from plad_ray.summary import write_report
 from plad_ray.tracking import check_trackers, log_report
 
 
-def distill(cfg: Config, overwrite: bool = False, check_only: bool = False, log=print,
-            command: list[str] | None = None) -> dict | None:
+def distill(
+    cfg: Config, overwrite: bool = False, check_only: bool = False, log=print, command: list[str] | None = None
+) -> dict | None:
     """jobs.distill: the whole pipeline; the report with generation figures (None with check_only)."""
     from plad_ray.evaluation.stage import evaluate_run, start_initial
     from plad_ray.train.driver import train_student
@@ -41,8 +48,11 @@ def distill(cfg: Config, overwrite: bool = False, check_only: bool = False, log=
     inputs = prepare(cfg, generation=True, training=True, overwrite=overwrite, check_only=check_only, log=log)
     if inputs is None:
         return None
-    figures = {"prompts": inputs.num_prompts, "prompts_quarantined": inputs.quarantined,
-               "prompts_truncated": inputs.truncated}
+    figures = {
+        "prompts": inputs.num_prompts,
+        "prompts_quarantined": inputs.quarantined,
+        "prompts_truncated": inputs.truncated,
+    }
     with stage("teacher generation"):
         figures.update(generate_teacher(cfg, inputs, log))
     rounds, evaluation = [], None
@@ -78,8 +88,9 @@ def distill(cfg: Config, overwrite: bool = False, check_only: bool = False, log=
             rounds.append({**trained, "pair_generation": generated})
         if cfg.eval.enabled:
             with stage("evaluation"):
-                evaluation = evaluate_run(cfg, inputs.student_path, log=log, initial_outputs=initial,
-                                          prompts=inputs.prompts)
+                evaluation = evaluate_run(
+                    cfg, inputs.student_path, log=log, initial_outputs=initial, prompts=inputs.prompts
+                )
     report = write_report(cfg, rounds, figures, evaluation, log, command)
     log_report(cfg, report, log)
     return report
@@ -105,8 +116,9 @@ def _scores(cfg: Config, inputs: Inputs, log, round: int) -> dict:
     return {"teacher_scoring": score_pairs(cfg, inputs, log, round)} if cfg.teacher.score_samples else {}
 
 
-def train(cfg: Config, overwrite: bool = False, check_only: bool = False, log=print,
-          command: list[str] | None = None) -> dict | None:
+def train(
+    cfg: Config, overwrite: bool = False, check_only: bool = False, log=print, command: list[str] | None = None
+) -> dict | None:
     """jobs.train: round 1's training on existing pairs; the report (None with check_only)."""
     from plad_ray.train.driver import train_student
 
@@ -127,8 +139,10 @@ def evaluate(cfg: Config, check_only: bool = False, log=print) -> dict | None:
     layout = cfg.layout()
     for uri in (layout.teacher(), layout.student(cfg.train.rounds)):
         if storage.manifest(uri) is None:
-            raise DataError(f"output_dir {cfg.output_dir}: {uri} is missing or incomplete; "
-                            "evaluate a run that jobs.distill (or jobs.generate_pairs + jobs.train) finished")
+            raise DataError(
+                f"output_dir {cfg.output_dir}: {uri} is missing or incomplete; "
+                "evaluate a run that jobs.distill (or jobs.generate_pairs + jobs.train) finished"
+            )
     inputs = check_inputs(cfg, prompts=False, teacher=False, log=log)
     cluster.check_local(cfg, generation=True, training=False)
     prepare_output(cfg, dry_run=check_only, log=log)
@@ -155,8 +169,9 @@ def _log_file(cfg: Config, log) -> None:
         log(f"[plad-ray] engine, Ray and DeepSpeed logs -> {path} (--verbose shows them here too)")
 
 
-def prepare(cfg: Config, generation: bool, training: bool, overwrite: bool = False, check_only: bool = False,
-            log=print) -> Inputs | None:
+def prepare(
+    cfg: Config, generation: bool, training: bool, overwrite: bool = False, check_only: bool = False, log=print
+) -> Inputs | None:
     """Everything before the expensive work: inputs, resources, output folder, then Ray, then the prompt rows
     (Ray Data) and the cached teacher outputs against them; nothing is written before the rows pass.
 
@@ -164,8 +179,9 @@ def prepare(cfg: Config, generation: bool, training: bool, overwrite: bool = Fal
     by Ray tasks: `--check` checks the source's files, not its rows.)
     """
     token_kd = training and cfg.train.loss.objective.needs_local_teacher
-    inputs = check_inputs(cfg, prompts=generation, teacher=generation or token_kd, pairs_written=not generation,
-                          log=log)
+    inputs = check_inputs(
+        cfg, prompts=generation, teacher=generation or token_kd, pairs_written=not generation, log=log
+    )
     if (generation or token_kd) and cfg.teacher.endpoint is not None:
         check_teacher(cfg.teacher, inputs.student_path, cfg.student.trust_remote_code, log)
     if training:
@@ -174,8 +190,10 @@ def prepare(cfg: Config, generation: bool, training: bool, overwrite: bool = Fal
     cluster.check_local(cfg, generation, training)
     prepare_output(cfg, overwrite, dry_run=True, log=log if check_only else (lambda _: None))
     if check_only:
-        log("[plad-ray] --check: config, prompt files, models, resources and output_dir are fine; nothing was started "
-            "(prompt rows are checked when the run starts, before any engine)")
+        log(
+            "[plad-ray] --check: config, prompt files, models, resources and output_dir are fine; nothing was started "
+            "(prompt rows are checked when the run starts, before any engine)"
+        )
         return None
     cluster.start(cfg, generation, training, log=log)
     fetch_models_to_nodes(cfg, inputs)

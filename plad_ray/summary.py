@@ -15,10 +15,16 @@ from plad_ray.evaluation.report import png_bytes
 NAN = float("nan")
 TEACHER = "teacher (cached outputs)"
 # Task-quality figures, best first: the first one a run has is its primary metric.
-QUALITY = (("verifier_accuracy", "verifier accuracy"), ("exact_match", "exact match"),
-           ("graded_score", "graded score"), ("rouge_l", "ROUGE-L"), ("sampled_accuracy", "sampled accuracy"),
-           ("best_of_n_accuracy", "best-of-n accuracy"), ("vs_teacher", "win rate vs teacher"),
-           ("vs_initial", "win rate vs initial"))
+QUALITY = (
+    ("verifier_accuracy", "verifier accuracy"),
+    ("exact_match", "exact match"),
+    ("graded_score", "graded score"),
+    ("rouge_l", "ROUGE-L"),
+    ("sampled_accuracy", "sampled accuracy"),
+    ("best_of_n_accuracy", "best-of-n accuracy"),
+    ("vs_teacher", "win rate vs teacher"),
+    ("vs_initial", "win rate vs initial"),
+)
 
 
 def _value(m: dict, key: str):
@@ -61,24 +67,38 @@ def verdict(report: dict) -> list[str]:
         name = dict(QUALITY)[key]
         before, after = models[students[0]][key], models[students[-1]][key]
         if after > before:
-            lines.append(f"verdict: the {students[-1]} is better at the task: held-out {name} {before:.3f} -> {after:.3f}")
+            lines.append(
+                f"verdict: the {students[-1]} is better at the task: held-out {name} {before:.3f} -> {after:.3f}"
+            )
         else:
-            lines.append(f"WARNING: the {students[-1]} is not better at the task: held-out {name} "
-                         f"{before:.3f} -> {after:.3f}; the proxies below do not make up for that")
+            lines.append(
+                f"WARNING: the {students[-1]} is not better at the task: held-out {name} "
+                f"{before:.3f} -> {after:.3f}; the proxies below do not make up for that"
+            )
     elif not evaluation:
-        lines.append("task quality: not evaluated (eval.enabled=false or jobs.train); run jobs.evaluate on this "
-                     "output_dir before trusting the student")
+        lines.append(
+            "task quality: not evaluated (eval.enabled=false or jobs.train); run jobs.evaluate on this "
+            "output_dir before trusting the student"
+        )
     before, after, _ = teacher_nll(report)
     if after > before:
-        lines.append(f"WARNING: the student became less likely to write the teacher's held-out outputs "
-                     f"(NLL/token {before:.3f} -> {after:.3f})")
+        lines.append(
+            f"WARNING: the student became less likely to write the teacher's held-out outputs "
+            f"(NLL/token {before:.3f} -> {after:.3f})"
+        )
     guard = report.get("guard")
     if guard:
-        done = (f"training stopped at step {guard['stopped_at_step']}; the exported student is step "
-                f"{guard['restored_step']}'s" if "restored_step" in guard else "training went on (train.guard.action=warn)")
-        lines.append(f"WARNING: collapse guard tripped at step {guard['step']}: held-out teacher-output log-prob/token "
-                     f"{guard['initial_logp_per_token']:.3f} -> {guard['logp_per_token']:.3f} "
-                     f"(limit {guard['max_logp_drop']}); {done}")
+        done = (
+            f"training stopped at step {guard['stopped_at_step']}; the exported student is step "
+            f"{guard['restored_step']}'s"
+            if "restored_step" in guard
+            else "training went on (train.guard.action=warn)"
+        )
+        lines.append(
+            f"WARNING: collapse guard tripped at step {guard['step']}: held-out teacher-output log-prob/token "
+            f"{guard['initial_logp_per_token']:.3f} -> {guard['logp_per_token']:.3f} "
+            f"(limit {guard['max_logp_drop']}); {done}"
+        )
     return lines
 
 
@@ -100,8 +120,9 @@ def quality_table(evaluation: dict, heading: str) -> list[str]:
     if not rows:
         return []
     prompts = next(iter(evaluation["models"].values())).get("prompts", "?")
-    return ([heading.format(prompts=prompts), "", "| | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
-            + [f"| {figure} | " + " | ".join(cells) + " |" for figure, cells in rows])
+    return [heading.format(prompts=prompts), "", "| | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)] + [
+        f"| {figure} | " + " | ".join(cells) + " |" for figure, cells in rows
+    ]
 
 
 def summary_lines(report: dict) -> str:
@@ -119,17 +140,24 @@ def summary_lines(report: dict) -> str:
         lines.append("  " + " " * 22 + "".join(f"{n:>12}" for n in short))
         lines += ["  " + f"{title:<22}" + "".join(f"{c:>12}" for c in cells) for title, cells in rows]
     nll_before, nll_after, pairs = teacher_nll(report)
-    lines.append(f"teacher-output NLL/token: {nll_before:.3f} -> {nll_after:.3f} on {pairs} held-out pairs "
-                 "(lower: the student is likelier to write what the teacher wrote)")
+    lines.append(
+        f"teacher-output NLL/token: {nll_before:.3f} -> {nll_after:.3f} on {pairs} held-out pairs "
+        "(lower: the student is likelier to write what the teacher wrote)"
+    )
     lines.append("proxies (not task quality):")
-    lines.append(f"  ranking accuracy:    {before.get('ranking_accuracy', NAN):.3f} -> "
-                 f"{after.get('ranking_accuracy', NAN):.3f} on {after.get('ranked_pairs', after.get('pairs', '?'))} "
-                 "held-out pairs")
+    lines.append(
+        f"  ranking accuracy:    {before.get('ranking_accuracy', NAN):.3f} -> "
+        f"{after.get('ranking_accuracy', NAN):.3f} on {after.get('ranked_pairs', after.get('pairs', '?'))} "
+        "held-out pairs"
+    )
     models = evaluation.get("models", {})
     eces = [(n, models[n]) for n in _students(evaluation) if "ece" in models[n]]
     if eces:
-        lines.append("  ECE:                 " + " -> ".join(_fmt(m["ece"]) for _, m in eces)
-                     + "".join(f"; {n}: {m['calibration_note']}" for n, m in eces if m.get("calibration_note")))
+        lines.append(
+            "  ECE:                 "
+            + " -> ".join(_fmt(m["ece"]) for _, m in eces)
+            + "".join(f"; {n}: {m['calibration_note']}" for n, m in eces if m.get("calibration_note"))
+        )
     lines += [
         f"pairs made:          {counts.get('pairs', '?')} ({counts.get('train', '?')} train, "
         f"{counts.get('heldout', '?')} held out, {counts.get('dropped_identical', 0)} identical dropped)",
@@ -150,35 +178,59 @@ def markdown(report: dict, plot_name: str) -> str:
     if table:
         lines += table + ["", "Details, calibration and the reliability diagram: `eval/summary.md`.", ""]
     nll_before, nll_after, pairs = teacher_nll(report)
-    lines += ["## Did the student keep the teacher's outputs likely?", "",
-              f"Per-token NLL of the {pairs} held-out teacher outputs: {_num(nll_before)} before training, "
-              f"{_num(nll_after)} after (lower is likelier).", ""]
+    lines += [
+        "## Did the student keep the teacher's outputs likely?",
+        "",
+        f"Per-token NLL of the {pairs} held-out teacher outputs: {_num(nll_before)} before training, "
+        f"{_num(nll_after)} after (lower is likelier).",
+        "",
+    ]
     if report.get("evals"):
         lines += ["| step | teacher-output log-prob/token | ranking accuracy |", "|---|---|---|"]
-        lines += [f"| {e['step']} | {_num(e.get('teacher_logp_per_token'))} | {_num(e.get('ranking_accuracy'))} |"
-                  for e in report["evals"]]
+        lines += [
+            f"| {e['step']} | {_num(e.get('teacher_logp_per_token'))} | {_num(e.get('ranking_accuracy'))} |"
+            for e in report["evals"]
+        ]
         lines.append("")
-    lines += ["## Proxies (not task quality)", "",
-              "Ranking accuracy can rise while the student gets worse (by making both outputs less likely).", "",
-              "| held-out pairs | before training | after training |", "|---|---|---|"]
-    for key, name in (("ranking_accuracy", "ranking accuracy"), ("loss", "ranking loss"), ("margin", "margin"),
-                      ("objective", "trained objective")):
+    lines += [
+        "## Proxies (not task quality)",
+        "",
+        "Ranking accuracy can rise while the student gets worse (by making both outputs less likely).",
+        "",
+        "| held-out pairs | before training | after training |",
+        "|---|---|---|",
+    ]
+    for key, name in (
+        ("ranking_accuracy", "ranking accuracy"),
+        ("loss", "ranking loss"),
+        ("margin", "margin"),
+        ("objective", "trained objective"),
+    ):
         lines.append(f"| {name} | {_num(before.get(key))} | {_num(after.get(key))} |")
-    rows = [("pairs", c.get("pairs")), ("training pairs", c.get("train")), ("held-out pairs", c.get("heldout")),
-            ("identical pairs dropped", c.get("dropped_identical")),
-            ("pairs over train.max_length dropped", (c.get("dropped_too_long") or 0)),
-            ("teacher wins / ties / student wins (scorer)",
-             f"{c['teacher_wins']} / {c['ties']} / {c['student_wins']}" if "teacher_wins" in c else "- (no scorer)"),
-            ("student-won pairs dropped / flipped",
-             f"{c.get('dropped_student_better', 0)} / {c.get('flipped_student_better', 0)}"),
-            ("prompts", g.get("prompts")), ("prompts set aside (quarantine/prompts/)", g.get("prompts_quarantined")),
-            ("prompts truncated", g.get("prompts_truncated")),
-            ("teacher outputs generated / cached", f"{g.get('teacher_generated', '-')} / {g.get('teacher_cached', '-')}"),
-            ("teacher tokens, seconds", f"{g.get('teacher_tokens', '-')}, {_num(g.get('teacher_seconds'))}"),
-            ("student tokens, seconds", f"{g.get('student_tokens', '-')}, {_num(g.get('student_seconds'))}"),
-            *_endpoint_rows(g.get("teacher_endpoint")),
-            *_scoring_rows(report),
-            ("optimizer steps, training seconds", f"{report.get('steps')}, {_num(report.get('train_seconds'))}")]
+    rows = [
+        ("pairs", c.get("pairs")),
+        ("training pairs", c.get("train")),
+        ("held-out pairs", c.get("heldout")),
+        ("identical pairs dropped", c.get("dropped_identical")),
+        ("pairs over train.max_length dropped", (c.get("dropped_too_long") or 0)),
+        (
+            "teacher wins / ties / student wins (scorer)",
+            f"{c['teacher_wins']} / {c['ties']} / {c['student_wins']}" if "teacher_wins" in c else "- (no scorer)",
+        ),
+        (
+            "student-won pairs dropped / flipped",
+            f"{c.get('dropped_student_better', 0)} / {c.get('flipped_student_better', 0)}",
+        ),
+        ("prompts", g.get("prompts")),
+        ("prompts set aside (quarantine/prompts/)", g.get("prompts_quarantined")),
+        ("prompts truncated", g.get("prompts_truncated")),
+        ("teacher outputs generated / cached", f"{g.get('teacher_generated', '-')} / {g.get('teacher_cached', '-')}"),
+        ("teacher tokens, seconds", f"{g.get('teacher_tokens', '-')}, {_num(g.get('teacher_seconds'))}"),
+        ("student tokens, seconds", f"{g.get('student_tokens', '-')}, {_num(g.get('student_seconds'))}"),
+        *_endpoint_rows(g.get("teacher_endpoint")),
+        *_scoring_rows(report),
+        ("optimizer steps, training seconds", f"{report.get('steps')}, {_num(report.get('train_seconds'))}"),
+    ]
     lines += ["", "| run | |", "|---|---|"] + [f"| {k} | {v if v is not None else '-'} |" for k, v in rows]
     lines += ["", f"![training loss, ranking accuracy and teacher-output log-prob]({plot_name})", ""]
     return "\n".join(lines)
@@ -188,15 +240,18 @@ def _endpoint_rows(e: dict | None) -> list[tuple[str, str]]:
     """A black-box teacher's account of this run: what the server reported and what the workers waited."""
     if not e:
         return []
-    return [("teacher endpoint: requests / retries / throttled", f"{e['requests']} / {e['retries']} / {e['throttled']}"),
-            ("teacher endpoint: seconds throttled / down", f"{_num(e['throttle_wait_s'])} / {_num(e['outage_s'])}"),
-            ("teacher endpoint: usage prompt / completion tokens", f"{e['prompt_tokens']} / {e['completion_tokens']}"),
-            ("teacher endpoint: prompts refused (quarantine/teacher/)", str(e["refused"])),
-            # reports written before these figures existed lack them: "-"
-            ("teacher endpoint: prompts failed while it answered others (quarantine/teacher/)",
-             str(e.get("failed", "-"))),
-            ("teacher endpoint: canaries (answered requests sent again: does it answer others?)",
-             str(e.get("canaries", "-")))]
+    return [
+        ("teacher endpoint: requests / retries / throttled", f"{e['requests']} / {e['retries']} / {e['throttled']}"),
+        ("teacher endpoint: seconds throttled / down", f"{_num(e['throttle_wait_s'])} / {_num(e['outage_s'])}"),
+        ("teacher endpoint: usage prompt / completion tokens", f"{e['prompt_tokens']} / {e['completion_tokens']}"),
+        ("teacher endpoint: prompts refused (quarantine/teacher/)", str(e["refused"])),
+        # reports written before these figures existed lack them: "-"
+        ("teacher endpoint: prompts failed while it answered others (quarantine/teacher/)", str(e.get("failed", "-"))),
+        (
+            "teacher endpoint: canaries (answered requests sent again: does it answer others?)",
+            str(e.get("canaries", "-")),
+        ),
+    ]
 
 
 def _scoring_rows(report: dict) -> list[tuple[str, str]]:
@@ -205,12 +260,20 @@ def _scoring_rows(report: dict) -> list[tuple[str, str]]:
     for r in report.get("rounds") or [{"round": 1, "pair_generation": report.get("generation")}]:
         s = (r.get("pair_generation") or {}).get("teacher_scoring")
         if s:
-            rows.append((f"round {r['round']} teacher scoring: sequences scored now / in all, prefill tokens, seconds",
-                         f"{s['scored_now']} / {s['scored_sequences']}, {s.get('scoring_prefill_tokens', 0)}, "
-                         f"{_num(s.get('scoring_seconds'))}"))
+            rows.append(
+                (
+                    f"round {r['round']} teacher scoring: sequences scored now / in all, prefill tokens, seconds",
+                    f"{s['scored_now']} / {s['scored_sequences']}, {s.get('scoring_prefill_tokens', 0)}, "
+                    f"{_num(s.get('scoring_seconds'))}",
+                )
+            )
             if "scores_bytes_per_token" in s:
-                rows.append((f"round {r['round']} teacher scores on disk: bytes per scored token (top {s['score_top_k']})",
-                             _num(s["scores_bytes_per_token"])))
+                rows.append(
+                    (
+                        f"round {r['round']} teacher scores on disk: bytes per scored token (top {s['score_top_k']})",
+                        _num(s["scores_bytes_per_token"]),
+                    )
+                )
     return rows
 
 
@@ -254,16 +317,36 @@ def write_summary(report: dict, output_dir: str) -> str:
     return layout.summary()
 
 
-def write_report(cfg: Config, rounds: list[dict], generation: dict | None = None,
-                 evaluation: dict | None = None, log=print, command: list[str] | None = None) -> dict:
+def write_report(
+    cfg: Config,
+    rounds: list[dict],
+    generation: dict | None = None,
+    evaluation: dict | None = None,
+    log=print,
+    command: list[str] | None = None,
+) -> dict:
     """report.json: the last round's training figures, one line per round, generation and evaluation, and the
     command line that made the run (the model card quotes it, also when `plad-ray evaluate` rewrites the card)."""
     report = dict(rounds[-1])
     if command:
         report["command"] = list(command)
-    report["rounds"] = [{k: r.get(k) for k in ("round", "steps", "counts", "eval_initial", "eval_trained",
-                                                "guard", "checkpoint", "train_seconds", "pair_generation")}
-                        for r in rounds]
+    report["rounds"] = [
+        {
+            k: r.get(k)
+            for k in (
+                "round",
+                "steps",
+                "counts",
+                "eval_initial",
+                "eval_trained",
+                "guard",
+                "checkpoint",
+                "train_seconds",
+                "pair_generation",
+            )
+        }
+        for r in rounds
+    ]
     if generation is not None:
         report["generation"] = generation
     if evaluation is not None:

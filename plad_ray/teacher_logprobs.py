@@ -34,19 +34,30 @@ SCORE_SCHEMA = pa.schema(
 )
 KEYS = ["id", "sample_index", "side"]
 
-CROSS_VOCABULARY = ("config key teacher.score_samples: the teacher's and the student's tokenizers map ids to different "
-                    "tokens, and teacher log-probs are read position by position on the student's ids (the same id "
-                    "must mean the same token, equal sizes are not enough); set teacher.score_samples=false and train "
-                    "on the pairs' text (hinge, logistic, seqkd)")
+CROSS_VOCABULARY = (
+    "config key teacher.score_samples: the teacher's and the student's tokenizers map ids to different "
+    "tokens, and teacher log-probs are read position by position on the student's ids (the same id "
+    "must mean the same token, equal sizes are not enough); set teacher.score_samples=false and train "
+    "on the pairs' text (hinge, logistic, seqkd)"
+)
 
 
 def scoring_sequences(pair: dict) -> list[dict]:
     """The sequences of one pair row to score: its student sample, and, for sample 0, the prompt's
     teacher output."""
     sides = SIDES if int(pair["sample_index"]) == 0 else ("rejected",)
-    return [{"id": pair["id"], "sample_index": int(pair["sample_index"]), "side": side, "prompt": pair["prompt"],
-             "text": pair[side], "finish_reason": pair[f"{side}_finish_reason"],
-             "generated_ids": pair.get(f"{side}_token_ids")} for side in sides]
+    return [
+        {
+            "id": pair["id"],
+            "sample_index": int(pair["sample_index"]),
+            "side": side,
+            "prompt": pair["prompt"],
+            "text": pair[side],
+            "finish_reason": pair[f"{side}_finish_reason"],
+            "generated_ids": pair.get(f"{side}_token_ids"),
+        }
+        for side in sides
+    ]
 
 
 def fit(prompt_ids: list[int], response_ids: list[int], max_model_len: int) -> tuple[list[int], list[int]]:
@@ -74,8 +85,14 @@ def read_prompt_logprobs(prompt_logprobs: list, token_ids: list[int], prompt_len
             raise ValueError(f"position {prompt_len + offset}: vLLM returned {len(ranked)} of the top {k} log-probs")
         topk_ids.extend(t for _, t, _ in ranked)
         topk_logprobs.extend(float(lp) for _, _, lp in ranked)
-    return {"num_tokens": len(response), "prompt_tokens": prompt_len, "token_ids": response, "logprobs": logprobs,
-            "topk_ids": topk_ids, "topk_logprobs": topk_logprobs}
+    return {
+        "num_tokens": len(response),
+        "prompt_tokens": prompt_len,
+        "token_ids": response,
+        "logprobs": logprobs,
+        "topk_ids": topk_ids,
+        "topk_logprobs": topk_logprobs,
+    }
 
 
 def bytes_per_token(file_bytes: int, tokens: int) -> float:

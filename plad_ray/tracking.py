@@ -26,8 +26,15 @@ from plad_ray.errors import ConfigError
 TRACKERS = ("tensorboard", "mlflow", "wandb")
 # The environment each tracker reads (its own variables); the driver passes these to rank 0.
 ENV = {
-    "mlflow": ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD",
-               "MLFLOW_TRACKING_INSECURE_TLS", "MLFLOW_TRACKING_SERVER_CERT_PATH", "MLFLOW_TRACKING_CLIENT_CERT_PATH"),
+    "mlflow": (
+        "MLFLOW_TRACKING_URI",
+        "MLFLOW_TRACKING_TOKEN",
+        "MLFLOW_TRACKING_USERNAME",
+        "MLFLOW_TRACKING_PASSWORD",
+        "MLFLOW_TRACKING_INSECURE_TLS",
+        "MLFLOW_TRACKING_SERVER_CERT_PATH",
+        "MLFLOW_TRACKING_CLIENT_CERT_PATH",
+    ),
     "wandb": ("WANDB_API_KEY", "WANDB_MODE", "WANDB_DIR", "WANDB_ENTITY", "WANDB_BASE_URL"),
 }
 _PACKAGES = {"mlflow": "mlflow-skinny", "wandb": "wandb"}
@@ -59,26 +66,48 @@ def check_trackers(trackers, environ=os.environ, output_dir: str = "") -> None:
         try:
             __import__(name)
         except ImportError:
-            raise ConfigError(f"train.trackers: {name} is listed but its package is not installed: "
-                              f"pip install {_PACKAGES[name]} (or pip install 'plad-ray[tracking]')") from None
+            raise ConfigError(
+                f"train.trackers: {name} is listed but its package is not installed: "
+                f"pip install {_PACKAGES[name]} (or pip install 'plad-ray[tracking]')"
+            ) from None
     if "mlflow" in trackers and not environ.get("MLFLOW_TRACKING_URI"):
-        raise ConfigError("train.trackers: mlflow needs MLFLOW_TRACKING_URI in the environment, e.g. "
-                          "export MLFLOW_TRACKING_URI=http://<server>:5000 (credentials: MLFLOW_TRACKING_TOKEN)")
-    if "wandb" in trackers and not environ.get("WANDB_API_KEY") and environ.get("WANDB_MODE") not in (
-            "offline", "disabled"):
-        raise ConfigError("train.trackers: wandb needs WANDB_API_KEY in the environment, or WANDB_MODE=offline "
-                          "(then `wandb sync` uploads the runs later)")
+        raise ConfigError(
+            "train.trackers: mlflow needs MLFLOW_TRACKING_URI in the environment, e.g. "
+            "export MLFLOW_TRACKING_URI=http://<server>:5000 (credentials: MLFLOW_TRACKING_TOKEN)"
+        )
+    if (
+        "wandb" in trackers
+        and not environ.get("WANDB_API_KEY")
+        and environ.get("WANDB_MODE") not in ("offline", "disabled")
+    ):
+        raise ConfigError(
+            "train.trackers: wandb needs WANDB_API_KEY in the environment, or WANDB_MODE=offline "
+            "(then `wandb sync` uploads the runs later)"
+        )
     from plad_ray.data import storage
 
-    if ("wandb" in trackers and environ.get("WANDB_MODE") == "offline" and storage.is_uri(output_dir)
-            and not environ.get("WANDB_DIR")):
-        raise ConfigError(f"train.trackers: wandb is offline and output_dir {output_dir} is a URI, so its runs "
-                          "would stay in a worker's temporary folder; set WANDB_DIR to a folder rank 0 can "
-                          "keep (a shared mount), or log online")
+    if (
+        "wandb" in trackers
+        and environ.get("WANDB_MODE") == "offline"
+        and storage.is_uri(output_dir)
+        and not environ.get("WANDB_DIR")
+    ):
+        raise ConfigError(
+            f"train.trackers: wandb is offline and output_dir {output_dir} is a URI, so its runs "
+            "would stay in a worker's temporary folder; set WANDB_DIR to a folder rank 0 can "
+            "keep (a shared mount), or log online"
+        )
 
 
-def plan_tracking(trackers, experiment: str, output_dir: str, run_name: str, config: dict | None = None,
-                  environ=os.environ, round_dir: str | None = None) -> Tracking:
+def plan_tracking(
+    trackers,
+    experiment: str,
+    output_dir: str,
+    run_name: str,
+    config: dict | None = None,
+    environ=os.environ,
+    round_dir: str | None = None,
+) -> Tracking:
     """The driver's half: what rank 0 opens, from the config and the driver's environment. TensorBoard goes
     under the round's train/ (`round_dir`, default output_dir), W&B's offline runs under the run's logs/."""
     from plad_ray.data import layout, storage
@@ -142,28 +171,38 @@ class Tracker:
             import mlflow
 
             mlflow.set_experiment(plan.experiment)
-            self.mlflow = mlflow.start_run(run_id=plan.run_ids.get("mlflow"),
-                                           run_name=None if "mlflow" in plan.run_ids else plan.run_name)
+            self.mlflow = mlflow.start_run(
+                run_id=plan.run_ids.get("mlflow"), run_name=None if "mlflow" in plan.run_ids else plan.run_name
+            )
             plan.run_ids["mlflow"] = self.mlflow.info.run_id
             if params:
                 flat = {k: str(v)[:6000] for k, v in flat_params(params).items()}
                 items = sorted(flat.items())
                 for start in range(0, len(items), 100):  # MLflow takes at most 100 parameters per call
-                    mlflow.log_params(dict(items[start:start + 100]))
+                    mlflow.log_params(dict(items[start : start + 100]))
         if "wandb" in plan.trackers:
             # W&B prints its own notes on the terminal (integrations it detected, file symlinks) unless silent;
             # the run's id and folder are in plad-ray's own lines.
             os.environ.setdefault("WANDB_SILENT", "true")
             import wandb
 
-            self.wandb = wandb.init(project=plan.experiment, name=plan.run_name, id=plan.run_ids.get("wandb"),
-                                    resume="allow", config=params, dir=os.environ.get("WANDB_DIR"),
-                                    settings=wandb.Settings(silent=True, console="off"))
+            self.wandb = wandb.init(
+                project=plan.experiment,
+                name=plan.run_name,
+                id=plan.run_ids.get("wandb"),
+                resume="allow",
+                config=params,
+                dir=os.environ.get("WANDB_DIR"),
+                settings=wandb.Settings(silent=True, console="off"),
+            )
             plan.run_ids["wandb"] = self.wandb.id
 
     def log(self, step: int, values: dict, prefix: str = "train") -> None:
-        scalars = {f"{prefix}/{k}": float(v) for k, v in values.items()
-                   if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("step", "epoch")}
+        scalars = {
+            f"{prefix}/{k}": float(v)
+            for k, v in values.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("step", "epoch")
+        }
         if self.tb is not None:
             for key, value in scalars.items():
                 self.tb.add_scalar(key, value, step)
@@ -197,13 +236,19 @@ class Tracker:
             import mlflow
 
             uri, run = mlflow.get_tracking_uri(), self.mlflow.info
-            link = f"{uri.rstrip('/')}/#/experiments/{run.experiment_id}/runs/{run.run_id}" if uri.startswith(
-                "http") else uri
+            link = (
+                f"{uri.rstrip('/')}/#/experiments/{run.experiment_id}/runs/{run.run_id}"
+                if uri.startswith("http")
+                else uri
+            )
             out.append(f"mlflow run {run.run_id} ({link})")
         if self.wandb is not None:
             offline = self.wandb.settings.mode == "offline"
-            out.append(f"wandb run {self.wandb.id} ("
-                       + (f"offline: wandb sync {os.path.dirname(self.wandb.dir)}" if offline else self.wandb.url) + ")")
+            out.append(
+                f"wandb run {self.wandb.id} ("
+                + (f"offline: wandb sync {os.path.dirname(self.wandb.dir)}" if offline else self.wandb.url)
+                + ")"
+            )
         return out
 
     def sync(self) -> None:
@@ -243,8 +288,10 @@ def log_report(cfg, report: dict, log=print) -> None:
     plan = plan_tracking(remote, cfg.train.experiment, storage.absolute(cfg.output_dir), "")
     plan.run_ids.update(runs)
     with tempfile.TemporaryDirectory(prefix="plad-ray-report-") as tmp:
-        files = [_local_copy(uri, tmp) for uri in (layout.summary(), layout.loss_curve(), layout.report(),
-                                                  storage.join(cfg.output_dir, RUN_FILE))]
+        files = [
+            _local_copy(uri, tmp)
+            for uri in (layout.summary(), layout.loss_curve(), layout.report(), storage.join(cfg.output_dir, RUN_FILE))
+        ]
         tracker = Tracker(plan)
         tracker.log_final(evaluation_metrics(report.get("evaluation")), files)
         where = tracker.where()

@@ -48,8 +48,11 @@ def tiny_similarity(prompt: str, output: str) -> float:
     return 0.0 if answer is None else edit_similarity(output, answer)
 
 
-SCORERS: dict[str, Callable[[str, str], float]] = {"reverse": reverse_verifier, "tiny_exact": tiny_exact,
-                                                    "tiny_similarity": tiny_similarity}
+SCORERS: dict[str, Callable[[str, str], float]] = {
+    "reverse": reverse_verifier,
+    "tiny_exact": tiny_exact,
+    "tiny_similarity": tiny_similarity,
+}
 # s(y) = the teacher's mean log-prob per token of y, read from the run's teacher_scores/ (teacher.score_samples)
 # rather than computed from text: a teacher-judged margin that needs no verifier (plad_ray.losses.teacher_scores).
 TEACHER = "teacher"
@@ -80,14 +83,15 @@ def apply_policy(pair: dict, who: str, policy: str) -> dict | None:
         swapped = dict(pair)
         for key in pair:
             if key.startswith("chosen"):
-                twin = "rejected" + key[len("chosen"):]
+                twin = "rejected" + key[len("chosen") :]
                 swapped[key], swapped[twin] = pair[twin], pair[key]
         return swapped
     raise ValueError(f"unknown policy {policy!r}: expected one of {', '.join(POLICIES)}")
 
 
-def judge_pairs(rows: list[dict], scorer: Callable[[str, str], float] | str | None,
-                student_wins: str) -> tuple[list[dict], list[str], list[bool]]:
+def judge_pairs(
+    rows: list[dict], scorer: Callable[[str, str], float] | str | None, student_wins: str
+) -> tuple[list[dict], list[str], list[bool]]:
     """Score both sides of every pair (rows with prompt, chosen, rejected), say who won, and apply the
     student-wins policy: (rows with chosen_score/rejected_score, verdicts, dropped flags). Without a
     scorer the rows are returned as they are, every verdict '' and nothing dropped. With the TEACHER
@@ -97,8 +101,11 @@ def judge_pairs(rows: list[dict], scorer: Callable[[str, str], float] | str | No
     scored, verdicts, dropped = [], [], []
     for row in rows:
         if scorer != TEACHER:
-            row = {**row, "chosen_score": scorer(row["prompt"], row["chosen"]),
-                   "rejected_score": scorer(row["prompt"], row["rejected"])}
+            row = {
+                **row,
+                "chosen_score": scorer(row["prompt"], row["chosen"]),
+                "rejected_score": scorer(row["prompt"], row["rejected"]),
+            }
         who = verdict(row["chosen_score"], row["rejected_score"])
         kept = apply_policy(row, who, student_wins)
         verdicts.append(who)

@@ -90,9 +90,25 @@ def mlflow_server(tmp_path_factory):
     """A real MLflow tracking server on loopback (SQLite store), from its own venv (make test builds it)."""
     folder, port = tmp_path_factory.mktemp("mlflow"), free_port()
     uri = f"http://127.0.0.1:{port}"
-    server = serve("MLflow", [str(MLFLOW_SERVER), "server", "--backend-store-uri", f"sqlite:///{folder}/mlflow.db",
-                              "--default-artifact-root", str(folder / "artifacts"), "--host", "127.0.0.1",
-                              "--port", str(port), "--workers", "1"], folder, f"{uri}/health")
+    server = serve(
+        "MLflow",
+        [
+            str(MLFLOW_SERVER),
+            "server",
+            "--backend-store-uri",
+            f"sqlite:///{folder}/mlflow.db",
+            "--default-artifact-root",
+            str(folder / "artifacts"),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+        ],
+        folder,
+        f"{uri}/health",
+    )
     yield uri
     stop(server)
 
@@ -103,15 +119,24 @@ class S3Server:
 
     def __init__(self, port: int):
         self.endpoint = f"127.0.0.1:{port}"
-        self.env = {"AWS_ENDPOINT_URL": f"http://{self.endpoint}", "AWS_ACCESS_KEY_ID": "plad-test",
-                    "AWS_SECRET_ACCESS_KEY": "plad-test-secret", "AWS_REGION": "us-east-1"}
+        self.env = {
+            "AWS_ENDPOINT_URL": f"http://{self.endpoint}",
+            "AWS_ACCESS_KEY_ID": "plad-test",
+            "AWS_SECRET_ACCESS_KEY": "plad-test-secret",
+            "AWS_REGION": "us-east-1",
+        }
 
     def bucket(self, name: str) -> str:
         import pyarrow.fs as pafs
 
-        pafs.S3FileSystem(endpoint_override=self.endpoint, scheme="http", access_key=self.env["AWS_ACCESS_KEY_ID"],
-                          secret_key=self.env["AWS_SECRET_ACCESS_KEY"], region=self.env["AWS_REGION"],
-                          allow_bucket_creation=True).create_dir(name)
+        pafs.S3FileSystem(
+            endpoint_override=self.endpoint,
+            scheme="http",
+            access_key=self.env["AWS_ACCESS_KEY_ID"],
+            secret_key=self.env["AWS_SECRET_ACCESS_KEY"],
+            region=self.env["AWS_REGION"],
+            allow_bucket_creation=True,
+        ).create_dir(name)
         return f"s3://{name}"
 
 

@@ -67,11 +67,24 @@ def write_pairs(output_dir: Path, num_pairs: int, heldout_fraction: float = 0.1,
     for i in range(num_pairs):
         prompt, answer = tiny.reversal_example(rng)
         wrong = "".join(rng.choice(string.ascii_lowercase) for _ in range(len(answer)))
-        rows.append({"id": f"s{i:06d}", "sample_index": 0, "prompt": prompt, "chosen": answer, "rejected": wrong,
-                     "chosen_num_tokens": len(answer) + 1, "rejected_num_tokens": len(wrong) + 1,
-                     "chosen_finish_reason": "eos", "rejected_finish_reason": "eos",
-                     "teacher_model": "synthetic", "student_model": "synthetic", "teacher_sampling": "{}",
-                     "student_sampling": "{}", "heldout": pairs.is_heldout(f"s{i:06d}", heldout_fraction)})
+        rows.append(
+            {
+                "id": f"s{i:06d}",
+                "sample_index": 0,
+                "prompt": prompt,
+                "chosen": answer,
+                "rejected": wrong,
+                "chosen_num_tokens": len(answer) + 1,
+                "rejected_num_tokens": len(wrong) + 1,
+                "chosen_finish_reason": "eos",
+                "rejected_finish_reason": "eos",
+                "teacher_model": "synthetic",
+                "student_model": "synthetic",
+                "teacher_sampling": "{}",
+                "student_sampling": "{}",
+                "heldout": pairs.is_heldout(f"s{i:06d}", heldout_fraction),
+            }
+        )
     folder = output_dir / "pairs"
     folder.mkdir(parents=True)
     pq.write_table(pa.Table.from_pylist(rows, schema=pairs.PAIR_SCHEMA), folder / "part-0.parquet")

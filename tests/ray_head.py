@@ -7,8 +7,8 @@ nodes sharing one would share `session_*/runtime_resources`, and a node's runtim
 agent, setting up a job's `working_dir` for its first task there, deletes and unpacks
 that folder again (Ray's working_dir plugin overwrites), under the feet of a job driver
 running in it on the head. Nodes start with the settings plad-ray's own local
-cluster has (plad_ray.cluster.raylet_env: 16 idle workers kept, README "Small nodes"). Stopped by killing the processes under its temp dirs; never
-`ray stop`, which would end every Ray cluster on the machine.
+cluster has (plad_ray.cluster.raylet_env: 16 idle workers kept, README "Small nodes"). Stopped by killing
+the processes under its temp dirs; never `ray stop`, which would end every Ray cluster on the machine.
 """
 
 import os
@@ -45,9 +45,14 @@ class RayHead:
     def _head_args(self) -> list[str]:
         self.port = free_port()
         self.dashboard_port = free_port()
-        return ["--head", f"--port={self.port}", f"--dashboard-port={self.dashboard_port}",
-                "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-                f"--ray-client-server-port={free_port()}"]
+        return [
+            "--head",
+            f"--port={self.port}",
+            f"--dashboard-port={self.dashboard_port}",
+            "--include-dashboard=true",
+            "--dashboard-host=127.0.0.1",
+            f"--ray-client-server-port={free_port()}",
+        ]
 
     @property
     def address(self) -> str:
@@ -71,28 +76,57 @@ class RayHead:
         Ray then fails with "timed out during startup". So a failed start is cleaned up and tried again with fresh
         ports; the last failure is raised with Ray's own output."""
         for _ in range(attempts):
-            ports = [f"--{name}={free_port()}" for name in (
-                "node-manager-port", "object-manager-port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
-                "runtime-env-agent-port", "metrics-export-port")]
-            command = [RAY, "start", *args(), *ports, f"--num-cpus={num_cpus}", f"--temp-dir={temp_dir}",
-                       "--node-ip-address=127.0.0.1", "--disable-usage-stats"]
+            ports = [
+                f"--{name}={free_port()}"
+                for name in (
+                    "node-manager-port",
+                    "object-manager-port",
+                    "dashboard-agent-listen-port",
+                    "dashboard-agent-grpc-port",
+                    "runtime-env-agent-port",
+                    "metrics-export-port",
+                )
+            ]
+            command = [
+                RAY,
+                "start",
+                *args(),
+                *ports,
+                f"--num-cpus={num_cpus}",
+                f"--temp-dir={temp_dir}",
+                "--node-ip-address=127.0.0.1",
+                "--disable-usage-stats",
+            ]
             if hide is not None:
-                command = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
-                           f"mount -t tmpfs plr-hidden {shlex.quote(hide)} && exec {shlex.join(command)}"]
+                command = [
+                    "unshare",
+                    "--mount",
+                    "--propagation",
+                    "private",
+                    "sh",
+                    "-c",
+                    f"mount -t tmpfs plr-hidden {shlex.quote(hide)} && exec {shlex.join(command)}",
+                ]
             started = subprocess.run(command, env=self.env, capture_output=True, text=True, timeout=180)
             if started.returncode == 0:
                 return
             self._kill({temp_dir})
-        raise RuntimeError(f"`ray start` failed {attempts} times; the last:\n{started.stdout[-2000:]}\n"
-                           f"{started.stderr[-4000:]}")
+        raise RuntimeError(
+            f"`ray start` failed {attempts} times; the last:\n{started.stdout[-2000:]}\n{started.stderr[-4000:]}"
+        )
 
     def job(self, *args: str, timeout: int = 1500) -> subprocess.CompletedProcess:
         return self.job_cli("job", *args, timeout=timeout)
 
     def job_cli(self, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
         """A `ray` CLI command against this cluster (jobs, state API)."""
-        return subprocess.run([RAY, *args], env={**self.env, "RAY_ADDRESS": self.dashboard},
-                              capture_output=True, text=True, timeout=timeout)
+        return subprocess.run(
+            [RAY, *args],
+            env={**self.env, "RAY_ADDRESS": self.dashboard},
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
 
     def processes(self, marker: str) -> list[int]:
         """This cluster's processes whose command line contains `marker` (Ray names actors ray::<Class>): below the

@@ -22,11 +22,13 @@ def test_collate_builds_one_forward_with_response_masks():
     out = collate_pairs(batch, pad_id=0)
     # Rows: chosen of pair 0, chosen of pair 1, rejected of pair 0, rejected of pair 1; width 5.
     assert out["input_ids"].tolist() == [
-        [10, 11, 20, 21, 2], [12, 22, 0, 0, 0], [10, 11, 30, 0, 0], [12, 31, 32, 33, 2]]
-    assert out["attention_mask"].tolist() == [
-        [1, 1, 1, 1, 1], [1, 1, 0, 0, 0], [1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]
-    assert out["response_mask"].tolist() == [
-        [0, 0, 1, 1, 1], [0, 1, 0, 0, 0], [0, 0, 1, 0, 0], [0, 1, 1, 1, 1]]
+        [10, 11, 20, 21, 2],
+        [12, 22, 0, 0, 0],
+        [10, 11, 30, 0, 0],
+        [12, 31, 32, 33, 2],
+    ]
+    assert out["attention_mask"].tolist() == [[1, 1, 1, 1, 1], [1, 1, 0, 0, 0], [1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]
+    assert out["response_mask"].tolist() == [[0, 0, 1, 1, 1], [0, 1, 0, 0, 0], [0, 0, 1, 0, 0], [0, 1, 1, 1, 1]]
 
 
 @pytest.fixture(scope="module")
@@ -63,10 +65,16 @@ def test_an_output_a_stop_string_ended_is_scored_with_the_stop_string_not_eos(to
     # vLLM drops the stop string from the text but keeps the token that completed it in the ids;
     # the text path puts it back, so both paths score the same ending, and neither invents an EOS.
     stage = PairTokenizer(tokenizer_dir, max_length=16, chosen_stop="\n", rejected_stop="\n")
-    batch = {"id": np.array(["a"]), "heldout": np.array([False]), "prompt": np.array(["ab>"]),
-             "chosen": np.array(["ba"]), "rejected": np.array(["bb"]),
-             "chosen_finish_reason": np.array(["stop"]), "rejected_finish_reason": np.array(["stop"]),
-             "rejected_token_ids": np.array([None], dtype=object)}
+    batch = {
+        "id": np.array(["a"]),
+        "heldout": np.array([False]),
+        "prompt": np.array(["ab>"]),
+        "chosen": np.array(["ba"]),
+        "rejected": np.array(["bb"]),
+        "chosen_finish_reason": np.array(["stop"]),
+        "rejected_finish_reason": np.array(["stop"]),
+        "rejected_token_ids": np.array([None], dtype=object),
+    }
     out = stage(batch)
     newline = tiny.build_tokenizer()("\n", add_special_tokens=False)["input_ids"]
     ba, bb = ([ord(c) - 0x21 + 3 for c in s] for s in ("ba", "bb"))
@@ -79,11 +87,17 @@ def test_generated_ids_are_scored_as_generated(tokenizer_dir):
     # The engine's ids win over the text wherever a pair carries them: here they differ from the
     # text on purpose (EOS included by the engine, a token the text would not give), and are used.
     stage = PairTokenizer(tokenizer_dir, max_length=16)
-    batch = {"id": np.array(["a", "b"]), "heldout": np.array([False, False]), "prompt": np.array(["ab>", "ab>"]),
-             "chosen": np.array(["ba", "ba"]), "rejected": np.array(["bb", "aa"]),
-             "chosen_finish_reason": np.array(["eos", "eos"]), "rejected_finish_reason": np.array(["eos", "length"]),
-             "chosen_token_ids": np.array([[68, 67, 2], None], dtype=object),
-             "rejected_token_ids": np.array([[68, 68, 2], [67, 67, 67]], dtype=object)}
+    batch = {
+        "id": np.array(["a", "b"]),
+        "heldout": np.array([False, False]),
+        "prompt": np.array(["ab>", "ab>"]),
+        "chosen": np.array(["ba", "ba"]),
+        "rejected": np.array(["bb", "aa"]),
+        "chosen_finish_reason": np.array(["eos", "eos"]),
+        "rejected_finish_reason": np.array(["eos", "length"]),
+        "chosen_token_ids": np.array([[68, 67, 2], None], dtype=object),
+        "rejected_token_ids": np.array([[68, 68, 2], [67, 67, 67]], dtype=object),
+    }
     out = stage(batch)
     assert out["chosen_ids"][0].tolist() == [68, 67, 2]
     assert out["chosen_ids"][1].tolist() == [68, 67, tiny.EOS_ID]  # no ids (another tokenizer): text + EOS
@@ -93,12 +107,20 @@ def test_generated_ids_are_scored_as_generated(tokenizer_dir):
 
 def test_pair_tokenizer_applies_the_chat_template_like_the_engine(tmp_path):
     tokenizer = tiny.build_tokenizer()
-    tokenizer.chat_template = "{% for m in messages %}[{{ m['content'] }}]{% endfor %}{% if add_generation_prompt %}:{% endif %}"
+    tokenizer.chat_template = (
+        "{% for m in messages %}[{{ m['content'] }}]{% endfor %}{% if add_generation_prompt %}:{% endif %}"
+    )
     tokenizer.save_pretrained(tmp_path)
     stage = PairTokenizer(str(tmp_path), max_length=32, chat_template=True)
-    batch = {"id": np.array(["a"]), "heldout": np.array([False]), "prompt": np.array(["hi"]),
-             "chosen": np.array(["x"]), "rejected": np.array(["y"]),
-             "chosen_finish_reason": np.array(["eos"]), "rejected_finish_reason": np.array(["eos"])}
+    batch = {
+        "id": np.array(["a"]),
+        "heldout": np.array([False]),
+        "prompt": np.array(["hi"]),
+        "chosen": np.array(["x"]),
+        "rejected": np.array(["y"]),
+        "chosen_finish_reason": np.array(["eos"]),
+        "rejected_finish_reason": np.array(["eos"]),
+    }
     # The student engine saw "[hi]:" (one user turn plus the generation prompt), so training scores after it.
     assert stage(batch)["prompt_ids"][0].tolist() == tokenizer("[hi]:", add_special_tokens=False)["input_ids"]
 
@@ -107,10 +129,15 @@ def test_pair_tokenizer_applies_the_chat_template_like_the_engine(tmp_path):
 def test_pair_tokenizer_scores_pairs_and_applies_the_student_wins_policy(tokenizer_dir, policy):
     # "ab>" is answered "ba": pair a the teacher wins, b a tie (both wrong), c the student wins.
     stage = PairTokenizer(tokenizer_dir, max_length=12, scorer="reverse", student_wins=policy)
-    batch = {"id": np.array(["a", "b", "c"]), "heldout": np.array([False] * 3), "prompt": np.array(["ab>"] * 3),
-             "chosen": np.array(["ba", "aa", "bb"]), "rejected": np.array(["bb", "ab", "ba"]),
-             "chosen_finish_reason": np.array(["eos", "eos", "length"]),
-             "rejected_finish_reason": np.array(["eos", "eos", "eos"])}
+    batch = {
+        "id": np.array(["a", "b", "c"]),
+        "heldout": np.array([False] * 3),
+        "prompt": np.array(["ab>"] * 3),
+        "chosen": np.array(["ba", "aa", "bb"]),
+        "rejected": np.array(["bb", "ab", "ba"]),
+        "chosen_finish_reason": np.array(["eos", "eos", "length"]),
+        "rejected_finish_reason": np.array(["eos", "eos", "eos"]),
+    }
     out = stage(batch)
     assert out["verdict"].tolist() == ["teacher", "tie", "student"]
     assert out["status"].tolist() == ["ok", "ok", "student_better" if policy == "drop" else "ok"]
@@ -122,18 +149,22 @@ def test_pair_tokenizer_scores_pairs_and_applies_the_student_wins_policy(tokeniz
         assert out["chosen_ids"][2].tolist() == bb and out["rejected_ids"][2].tolist() == ba + [tiny.EOS_ID]
         assert (out["chosen_score"][2], out["rejected_score"][2]) == (0.0, 1.0)
     assert out["chosen_score"][:2].tolist() == [1.0, 0.0] and out["rejected_score"][:2].tolist() == [0.0, 0.0]
-    batch_ = collate_pairs({k: out[k][:2] for k in ("prompt_ids", "chosen_ids", "rejected_ids", "chosen_score",
-                                                     "rejected_score")}, pad_id=0)
+    batch_ = collate_pairs(
+        {k: out[k][:2] for k in ("prompt_ids", "chosen_ids", "rejected_ids", "chosen_score", "rejected_score")},
+        pad_id=0,
+    )
     assert batch_["chosen_score"].tolist() == [1.0, 0.0] and batch_["rejected_score"].tolist() == [0.0, 0.0]
 
 
 def test_length_grouping_cuts_padding_and_keeps_every_pair_once():
     # 8 pairs of lengths 1..8 (prompt 1 + response k-1), shuffled; micro-batches of 2.
     lengths = [5, 1, 8, 3, 7, 2, 6, 4]
-    bucket = {"prompt_ids": np.array([np.array([9]) for _ in lengths], dtype=object),
-              "chosen_ids": np.array([np.arange(n - 1) for n in lengths], dtype=object),
-              "rejected_ids": np.array([np.arange(max(n - 2, 0)) for n in lengths], dtype=object),
-              "id": np.array([f"p{n}" for n in lengths])}
+    bucket = {
+        "prompt_ids": np.array([np.array([9]) for _ in lengths], dtype=object),
+        "chosen_ids": np.array([np.arange(n - 1) for n in lengths], dtype=object),
+        "rejected_ids": np.array([np.arange(max(n - 2, 0)) for n in lengths], dtype=object),
+        "id": np.array([f"p{n}" for n in lengths]),
+    }
     from plad_ray.train.batching import length_grouped
 
     micro = length_grouped(bucket, 2, seed=[0, 0, 0])
@@ -146,7 +177,7 @@ def test_length_grouping_cuts_padding_and_keeps_every_pair_once():
     # Slots (4 sequences x the longer L per micro-batch): grouped (1,2) (3,4) (5,6) (7,8) ->
     # 4 x (2+4+6+8) = 80; arrival order (5,1) (8,3) (7,2) (6,4) -> 4 x (5+8+7+6) = 104.
     grouped = [collate_pairs(m, 0)["attention_mask"] for m in micro]
-    arrival = [collate_pairs({k: v[i:i + 2] for k, v in bucket.items()}, 0)["attention_mask"] for i in range(0, 8, 2)]
+    arrival = [collate_pairs({k: v[i : i + 2] for k, v in bucket.items()}, 0)["attention_mask"] for i in range(0, 8, 2)]
     assert sum(int(m.sum()) for m in grouped) == sum(int(m.sum()) for m in arrival) == 65
     assert sum(m.numel() for m in grouped) == 80 and sum(m.numel() for m in arrival) == 104
 
@@ -163,7 +194,9 @@ def prefix_marker_tokenizer_dir(tmp_path_factory):
     core.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
     core.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
     folder = tmp_path_factory.mktemp("spm")
-    PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", bos_token="<s>", eos_token="</s>").save_pretrained(folder)
+    PreTrainedTokenizerFast(
+        tokenizer_object=core, pad_token="<pad>", bos_token="<s>", eos_token="</s>"
+    ).save_pretrained(folder)
     return str(folder)
 
 
@@ -180,10 +213,16 @@ def test_prefix_marker_tokenizer_scores_the_generated_ids_not_a_retokenisation(p
     retokenised = tokenizer(text, add_special_tokens=False)["input_ids"]
     assert retokenised == [piece("▁ba")] != generated[:-1]  # the trap: text -> ids is not the identity here
     stage = PairTokenizer(prefix_marker_tokenizer_dir, max_length=16)
-    batch = {"id": np.array(["a", "b"]), "heldout": np.array([False, False]), "prompt": np.array(["ab>", "ab>"]),
-             "chosen": np.array(["ab", "ab"]), "rejected": np.array([text, text]),
-             "chosen_finish_reason": np.array(["eos", "eos"]), "rejected_finish_reason": np.array(["eos", "eos"]),
-             "rejected_token_ids": np.array([generated, None], dtype=object)}
+    batch = {
+        "id": np.array(["a", "b"]),
+        "heldout": np.array([False, False]),
+        "prompt": np.array(["ab>", "ab>"]),
+        "chosen": np.array(["ab", "ab"]),
+        "rejected": np.array([text, text]),
+        "chosen_finish_reason": np.array(["eos", "eos"]),
+        "rejected_finish_reason": np.array(["eos", "eos"]),
+        "rejected_token_ids": np.array([generated, None], dtype=object),
+    }
     out = stage(batch)
     # ids -> text -> training ids: the generated ids come back exactly, EOS included where it was emitted.
     assert out["rejected_ids"][0].tolist() == generated
@@ -199,10 +238,16 @@ def test_byte_level_text_and_ids_paths_agree(tokenizer_dir):
     assert [tokenizer.decode(i, skip_special_tokens=True) for i in ids] == texts
     stage = PairTokenizer(tokenizer_dir, max_length=32)
     n = len(texts)
-    batch = {"id": np.array([f"p{i}" for i in range(n)]), "heldout": np.array([False] * n),
-             "prompt": np.array(["x>"] * n), "chosen": np.array(texts), "rejected": np.array(texts),
-             "chosen_finish_reason": np.array(["eos"] * n), "rejected_finish_reason": np.array(["eos"] * n),
-             "rejected_token_ids": np.array(ids, dtype=object)}
+    batch = {
+        "id": np.array([f"p{i}" for i in range(n)]),
+        "heldout": np.array([False] * n),
+        "prompt": np.array(["x>"] * n),
+        "chosen": np.array(texts),
+        "rejected": np.array(texts),
+        "chosen_finish_reason": np.array(["eos"] * n),
+        "rejected_finish_reason": np.array(["eos"] * n),
+        "rejected_token_ids": np.array(ids, dtype=object),
+    }
     out = stage(batch)
     assert [c.tolist() for c in out["chosen_ids"]] == [r.tolist() for r in out["rejected_ids"]] == ids
 
@@ -211,42 +256,75 @@ def test_listwise_groups_one_prompts_samples_into_one_row_and_one_forward():
     from plad_ray.train.batching import collate_groups, group_samples
 
     # Prompt "a" has three pairs; the second is identical (no ranking signal) and is left out.
-    pairs = {"id": np.array(["a", "a", "a"]), "status": np.array(["ok", "identical", "ok"]),
-             "prompt_ids": np.array([np.array([10]), np.array([10]), np.array([10])], dtype=object),
-             "chosen_ids": np.array([np.array([20, 2])] * 3, dtype=object),
-             "rejected_ids": np.array([np.array([30]), np.array([20, 2]), np.array([31, 32, 2])], dtype=object)}
+    pairs = {
+        "id": np.array(["a", "a", "a"]),
+        "status": np.array(["ok", "identical", "ok"]),
+        "prompt_ids": np.array([np.array([10]), np.array([10]), np.array([10])], dtype=object),
+        "chosen_ids": np.array([np.array([20, 2])] * 3, dtype=object),
+        "rejected_ids": np.array([np.array([30]), np.array([20, 2]), np.array([31, 32, 2])], dtype=object),
+    }
     row = group_samples(pairs)
     assert row["num_samples"].tolist() == [2]
     assert [r.tolist() for r in row["rejected_ids_list"][0]] == [[30], [31, 32, 2]]
-    other = {"id": np.array(["b"]), "prompt_ids": ragged([np.array([11, 12])]), "chosen_ids": ragged([np.array([21])]),
-             "rejected_ids_list": ragged([ragged([np.array([33])])]), "num_samples": np.array([1])}
+    other = {
+        "id": np.array(["b"]),
+        "prompt_ids": ragged([np.array([11, 12])]),
+        "chosen_ids": ragged([np.array([21])]),
+        "rejected_ids_list": ragged([ragged([np.array([33])])]),
+        "num_samples": np.array([1]),
+    }
     batch = {k: np.concatenate([row[k], other[k]]) for k in ("prompt_ids", "chosen_ids", "rejected_ids_list")}
     out = collate_groups(batch, pad_id=0)
     # Rows: chosen a, chosen b, then K = 2 slots per prompt: a's two samples, b's one sample and an empty slot.
-    assert out["input_ids"].tolist() == [[10, 20, 2, 0], [11, 12, 21, 0],
-                                         [10, 30, 0, 0], [10, 31, 32, 2], [11, 12, 33, 0], [11, 12, 0, 0]]
-    assert out["response_mask"].tolist() == [[0, 1, 1, 0], [0, 0, 1, 0],
-                                             [0, 1, 0, 0], [0, 1, 1, 1], [0, 0, 1, 0], [0, 0, 0, 0]]
+    assert out["input_ids"].tolist() == [
+        [10, 20, 2, 0],
+        [11, 12, 21, 0],
+        [10, 30, 0, 0],
+        [10, 31, 32, 2],
+        [11, 12, 33, 0],
+        [11, 12, 0, 0],
+    ]
+    assert out["response_mask"].tolist() == [
+        [0, 1, 1, 0],
+        [0, 0, 1, 0],
+        [0, 1, 0, 0],
+        [0, 1, 1, 1],
+        [0, 0, 1, 0],
+        [0, 0, 0, 0],
+    ]
     assert out["rejected_mask"].tolist() == [[1.0, 1.0], [1.0, 0.0]]
 
 
 def test_collate_pairs_marks_identical_pairs_unranked():
-    batch = {"prompt_ids": np.array([np.array([1]), np.array([1])], dtype=object),
-             "chosen_ids": np.array([np.array([2]), np.array([3])], dtype=object),
-             "rejected_ids": np.array([np.array([4]), np.array([3])], dtype=object),
-             "status": np.array(["ok", "identical"])}
+    batch = {
+        "prompt_ids": np.array([np.array([1]), np.array([1])], dtype=object),
+        "chosen_ids": np.array([np.array([2]), np.array([3])], dtype=object),
+        "rejected_ids": np.array([np.array([4]), np.array([3])], dtype=object),
+        "status": np.array(["ok", "identical"]),
+    }
     assert collate_pairs(batch, pad_id=0)["ranked"].tolist() == [1.0, 0.0]
 
 
 def test_a_null_ids_column_falls_back_to_the_text(tokenizer_dir):
     # A column with no ids at all reaches the stage as NaN (how Ray Data and pandas spell an all-null list).
     stage = PairTokenizer(tokenizer_dir, max_length=16)
-    batch = {"id": np.array(["a"]), "heldout": np.array([False]), "prompt": np.array(["ab>"]),
-             "chosen": np.array(["ba"]), "rejected": np.array(["bb"]),
-             "chosen_finish_reason": np.array(["eos"]), "rejected_finish_reason": np.array(["eos"]),
-             "chosen_token_ids": np.array([np.nan], dtype=np.float32), "rejected_token_ids": np.array([None])}
+    batch = {
+        "id": np.array(["a"]),
+        "heldout": np.array([False]),
+        "prompt": np.array(["ab>"]),
+        "chosen": np.array(["ba"]),
+        "rejected": np.array(["bb"]),
+        "chosen_finish_reason": np.array(["eos"]),
+        "rejected_finish_reason": np.array(["eos"]),
+        "chosen_token_ids": np.array([np.nan], dtype=np.float32),
+        "rejected_token_ids": np.array([None]),
+    }
     out = stage(batch)
-    assert out["chosen_ids"][0].tolist() == [68, 67, tiny.EOS_ID] and out["rejected_ids"][0].tolist() == [68, 68, tiny.EOS_ID]
+    assert out["chosen_ids"][0].tolist() == [68, 67, tiny.EOS_ID] and out["rejected_ids"][0].tolist() == [
+        68,
+        68,
+        tiny.EOS_ID,
+    ]
 
 
 def test_length_grouping_on_or_off_trains_the_same_pairs_each_epoch_once_with_less_padding():
@@ -276,4 +354,4 @@ def _chosen_rows(batch, rows):
     index = {tuple(np.concatenate([r["prompt_ids"], r["chosen_ids"]])): n for n, r in enumerate(rows)}
     b = batch["input_ids"].shape[0] // 2
     lengths = batch["attention_mask"][:b].sum(-1)
-    return [index[tuple(batch["input_ids"][i, :lengths[i]].tolist())] for i in range(b)]
+    return [index[tuple(batch["input_ids"][i, : lengths[i]].tolist())] for i in range(b)]

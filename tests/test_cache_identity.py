@@ -5,19 +5,33 @@ import json
 import subprocess
 
 import pytest
-
 from conftest import PYTHON, ROOT, job_env
-from plad_ray.models import tiny
+
 from plad_ray.data import parquet
+from plad_ray.models import tiny
 
 pytestmark = pytest.mark.integration
 
 
 def generate(source, out) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [PYTHON, "-m", "jobs.generate_pairs", "--config", "configs/tiny-cpu.yaml", "--set", f"output_dir={out}",
-         "--set", f"data.prompts={source}"],
-        cwd=ROOT, env=job_env(), capture_output=True, text=True, timeout=900)
+        [
+            PYTHON,
+            "-m",
+            "jobs.generate_pairs",
+            "--config",
+            "configs/tiny-cpu.yaml",
+            "--set",
+            f"output_dir={out}",
+            "--set",
+            f"data.prompts={source}",
+        ],
+        cwd=ROOT,
+        env=job_env(),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
 
 
 def write(source, words) -> None:

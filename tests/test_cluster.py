@@ -8,8 +8,12 @@ from plad_ray.errors import ConfigError
 
 
 def plan(**train) -> Config:
-    return Config(output_dir="o", teacher=TeacherEngineConfig(model="t", replicas=2),
-                  student=StudentEngineConfig(model="s"), train=TrainConfig(**train))
+    return Config(
+        output_dir="o",
+        teacher=TeacherEngineConfig(model="t", replicas=2),
+        student=StudentEngineConfig(model="s"),
+        train=TrainConfig(**train),
+    )
 
 
 def test_fits_exactly():
@@ -42,8 +46,11 @@ def test_a_replica_and_a_worker_must_fit_one_node():
     two_nodes = [{"CPU": 32.0, "GPU": 8.0}, {"CPU": 32.0, "GPU": 8.0}]
     totals = {"CPU": 64.0, "GPU": 16.0}
     # 5 x TP 3 = 15 GPUs fit the 16 in total, but a node holds 2 replicas (6 of its 8 GPUs): 4 in all
-    with pytest.raises(ConfigError, match=r"config key teacher.replicas: 5 replicas of 3 CPUs and 3 GPUs each, but "
-                                          r"the cluster's nodes hold 4 \(32 CPUs, 8 GPUs; 32 CPUs, 8 GPUs\)"):
+    with pytest.raises(
+        ConfigError,
+        match=r"config key teacher.replicas: 5 replicas of 3 CPUs and 3 GPUs each, but "
+        r"the cluster's nodes hold 4 \(32 CPUs, 8 GPUs; 32 CPUs, 8 GPUs\)",
+    ):
         check_resources(gpu, totals, nodes=two_nodes)
     gpu.teacher.replicas = 4
     check_resources(gpu, totals, nodes=two_nodes)
@@ -53,8 +60,10 @@ def test_a_replica_and_a_worker_must_fit_one_node():
         check_resources(gpu, totals, nodes=two_nodes)
     gpu.teacher.tensor_parallel_size = 1
     gpu.train.cpus_per_worker = 20  # 2 x 20 (+ 1 for the data) of 64 CPUs, but no node has 20
-    with pytest.raises(ConfigError, match="config key train.num_workers: 2 workers of 20 CPUs and 1 GPUs each do not "
-                                          "fit on the cluster's nodes"):
+    with pytest.raises(
+        ConfigError,
+        match="config key train.num_workers: 2 workers of 20 CPUs and 1 GPUs each do not fit on the cluster's nodes",
+    ):
         check_resources(gpu, totals, nodes=[{"CPU": 16.0, "GPU": 4.0}] * 4)
 
 

@@ -9,14 +9,17 @@ from pathlib import Path
 import jsonschema
 import ray
 import yaml
-
 from conftest import ROOT
+
 from plad_ray.cluster import check_resources
 from plad_ray.config import load_config
 
 CLUSTER = ROOT / "cluster"
-RAY_VERSION = next(re.search(r"==([\d.]+)", d).group(1) for d in
-                   tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"] if d.startswith("ray["))
+RAY_VERSION = next(
+    re.search(r"==([\d.]+)", d).group(1)
+    for d in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    if d.startswith("ray[")
+)
 
 
 def test_aws_launcher_config_matches_rays_schema_and_fits_the_llama_run():
@@ -30,8 +33,11 @@ def test_aws_launcher_config_matches_rays_schema_and_fits_the_llama_run():
     cpus = sum(t["min_workers"] * t["resources"]["CPU"] for t in workers)
     assert gpus == 16
     run = load_config(str(ROOT / "configs" / "llama2-13b-to-7b-tldr.yaml"))
-    nodes = [{"CPU": float(t["resources"]["CPU"]), "GPU": float(t["resources"]["GPU"])}
-             for t in workers for _ in range(t["min_workers"])]
+    nodes = [
+        {"CPU": float(t["resources"]["CPU"]), "GPU": float(t["resources"]["GPU"])}
+        for t in workers
+        for _ in range(t["min_workers"])
+    ]
     check_resources(run, {"CPU": float(cpus), "GPU": float(gpus)}, nodes=nodes)  # each TP-2 replica on one node
     assert "/mnt/shared" in " ".join(config["initialization_commands"]) and run.output_dir.startswith("/mnt/shared")
 

@@ -28,7 +28,9 @@ SCRIPT = textwrap.dedent("""
 def test_shutdown_kills_rays_tree_and_leaves_the_jobs_other_children():
     proc = subprocess.run([PYTHON, "-c", SCRIPT], cwd=ROOT, env=job_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    lines = dict(line.rsplit(" ", 1) for line in proc.stdout.splitlines() if line.startswith(("ray processes", "other")))
+    lines = dict(
+        line.rsplit(" ", 1) for line in proc.stdout.splitlines() if line.startswith(("ray processes", "other"))
+    )
     assert "other alive" in lines and lines["other alive"] == "True", proc.stdout
     ray_line = [line for line in proc.stdout.splitlines() if line.startswith("ray processes")][0].split()
     assert int(ray_line[2]) >= 2 and ray_line[4] == "0", proc.stdout  # gcs, raylet, ... all gone

@@ -31,8 +31,10 @@ def test_unknown_or_missing_job_is_one_line_and_exit_2(capsys):
         command.main(["distil", "--config", "x.yaml"])
     assert exit_.value.code == 2
     err = capsys.readouterr().err.strip()
-    assert err == ("plad-ray: error: unknown job 'distil'; choose one of: distill, generate-pairs, train, evaluate "
-                   "(plad-ray --help)")
+    assert err == (
+        "plad-ray: error: unknown job 'distil'; choose one of: distill, generate-pairs, train, evaluate "
+        "(plad-ray --help)"
+    )
     with pytest.raises(SystemExit) as exit_:
         command.main([])
     assert exit_.value.code == 2 and "jobs:" in capsys.readouterr().out
@@ -44,8 +46,9 @@ def test_console_script_is_installed_and_runs_a_job(tmp_path):
     assert exe.is_file(), "plad-ray is not installed in this venv: make venv"
     listed = subprocess.run([str(exe), "--help"], capture_output=True, text=True, timeout=60)
     assert listed.returncode == 0 and "generate-pairs" in listed.stdout
-    missing = subprocess.run([str(exe), "train", "--config", str(tmp_path / "none.yaml")], capture_output=True,
-                             text=True, timeout=120)
+    missing = subprocess.run(
+        [str(exe), "train", "--config", str(tmp_path / "none.yaml")], capture_output=True, text=True, timeout=120
+    )
     assert missing.returncode == 2 and missing.stderr.strip().splitlines()[-1].startswith("plad-ray: error: ")
     assert "none.yaml" in missing.stderr
 
@@ -57,7 +60,8 @@ def test_a_runtime_failure_names_its_stage_and_the_working_directory_that_vanish
     with pytest.raises(ValueError) as raised, stage("round 1 training"), stage("evaluation"):
         raise ValueError("boom\nmore")
     assert runtime_failure_line(raised.value, str(tmp_path)) == (
-        "plad-ray: runtime failure in evaluation: ValueError: boom (re-run with --debug for the traceback)")
+        "plad-ray: runtime failure in evaluation: ValueError: boom (re-run with --debug for the traceback)"
+    )
     # A job's driver runs in Ray's copy of the working dir; when Ray unpacks it again (another node sharing this
     # node's temp dir), the driver's next os.getcwd() raises FileNotFoundError with no file name.
     gone = tmp_path / "_ray_pkg_0123"
@@ -72,4 +76,5 @@ def test_a_runtime_failure_names_its_stage_and_the_working_directory_that_vanish
     assert runtime_failure_line(raised.value, str(gone)) == (
         f"plad-ray: runtime failure in round 1 pair generation: FileNotFoundError: [Errno 2] No such file or "
         f"directory (the job's working directory {gone} was removed while it ran; under ray job submit give every "
-        "node its own `ray start --temp-dir`) (re-run with --debug for the traceback)")
+        "node its own `ray start --temp-dir`) (re-run with --debug for the traceback)"
+    )

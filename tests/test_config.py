@@ -2,7 +2,6 @@
 
 import glob
 import json
-import math
 import os
 
 import pytest
@@ -64,8 +63,14 @@ def test_relative_output_dir_under_a_ray_job_goes_to_cluster_storage(tmp_path, m
 def test_overrides_are_typed_and_nested(tmp_path):
     cfg = load_config(
         write(tmp_path, MINIMAL),
-        ["train.loss.beta=0.25", "student.num_samples=3", "train.learning_rate=1e-5", "cluster.address=null",
-         "teacher.engine_kwargs={enforce_eager: true}", "output_dir=s3://bucket/run"],
+        [
+            "train.loss.beta=0.25",
+            "student.num_samples=3",
+            "train.learning_rate=1e-5",
+            "cluster.address=null",
+            "teacher.engine_kwargs={enforce_eager: true}",
+            "output_dir=s3://bucket/run",
+        ],
     )
     assert cfg.train.loss.beta == 0.25
     assert cfg.student.num_samples == 3
@@ -78,7 +83,10 @@ def test_overrides_are_typed_and_nested(tmp_path):
     "override, message",
     [
         ("train.bogus=1", "config key train.bogus: unknown key"),
-        ("student.endpoint.url=http://h/v1/completions", "config key student.endpoint: unknown key; valid keys at student"),
+        (
+            "student.endpoint.url=http://h/v1/completions",
+            "config key student.endpoint: unknown key; valid keys at student",
+        ),
         ("train.zero_stage=4", "config key train.zero_stage: must be a DeepSpeed ZeRO stage"),
         ("train.loss.beta=0", "config key train.loss.beta: the hinge margin must be > 0"),
         ("train.loss.beta=-1", "config key train.loss.beta: the hinge margin must be > 0"),
@@ -92,7 +100,10 @@ def test_overrides_are_typed_and_nested(tmp_path):
         ("data.heldout_fraction=1.0", "config key data.heldout_fraction: must be in [0, 1)"),
         ("teacher.sampling.max_tokens=5000", "config key teacher.sampling.max_tokens: must be below"),
         ("train=3", "config key train: must be a section"),
-        ("train.loss.type=dpo", "config key train.loss.type: must be one of: hinge, margin, logistic, listwise, seqkd, token_kd"),
+        (
+            "train.loss.type=dpo",
+            "config key train.loss.type: must be one of: hinge, margin, logistic, listwise, seqkd, token_kd",
+        ),
         ("train.rounds=0", "config key train.rounds: must be >= 1"),
         ("train.max_steps=0", "config key train.max_steps: must be >= 1 or null"),
         ("eval.scorer=rouge", "config key eval.scorer: must be null or one of: reverse"),
@@ -103,19 +114,29 @@ def test_overrides_are_typed_and_nested(tmp_path):
         ("train.scorer=rouge", "config key train.scorer: must be null or one of: reverse"),
         ("train.student_wins=flip", "config key train.student_wins: dropping or flipping pairs the student won"),
         ("nothing", "override 'nothing': must look like key.path=value"),
-        ("train.attn_implementation=flash", "config key train.attn_implementation: must be null or one of: sdpa, eager, "
-                                            "flash_attention_2"),
-        ("train.attn_implementation=flash_attention_2", "config key train.attn_implementation: flash_attention_2 runs "
-                                                        "on GPUs only (flash-attn's CUDA kernels)"),
+        (
+            "train.attn_implementation=flash",
+            "config key train.attn_implementation: must be null or one of: sdpa, eager, flash_attention_2",
+        ),
+        (
+            "train.attn_implementation=flash_attention_2",
+            "config key train.attn_implementation: flash_attention_2 runs on GPUs only (flash-attn's CUDA kernels)",
+        ),
         ("train.checkpoint_staging_dir=s3://b/x", "config key train.checkpoint_staging_dir: must be a local folder"),
         ("cluster.model_cache=s3://b/models", "config key cluster.model_cache: must name a local folder"),
         ("student.gpus_per_worker=1.5", "config key student.gpus_per_worker: must be 1, or a fraction in (0, 1)"),
-        ("student.gpus_per_worker=0.5", "config key student.gpu_memory_utilization: must be at most "
-                                        "student.gpus_per_worker"),
-        ("teacher.endpoint={url: http://h/v1/completions, max_refused_fraction: 0}",
-         "config key teacher.endpoint.max_refused_fraction: must be in (0, 1] (1: never stop)"),
-        ("teacher.endpoint={url: http://h/v1/completions, refused_window: 0}",
-         "config key teacher.endpoint.refused_window: must be >= 1 (answers)"),
+        (
+            "student.gpus_per_worker=0.5",
+            "config key student.gpu_memory_utilization: must be at most student.gpus_per_worker",
+        ),
+        (
+            "teacher.endpoint={url: http://h/v1/completions, max_refused_fraction: 0}",
+            "config key teacher.endpoint.max_refused_fraction: must be in (0, 1] (1: never stop)",
+        ),
+        (
+            "teacher.endpoint={url: http://h/v1/completions, refused_window: 0}",
+            "config key teacher.endpoint.refused_window: must be >= 1 (answers)",
+        ),
     ],
 )
 def test_bad_values_name_the_key(tmp_path, override, message):
@@ -165,16 +186,27 @@ def test_quality_benchmark_config_is_valid_with_every_methods_overrides():
     assert len({m.name for m in METHODS}) == len(METHODS)
     for method in METHODS:
         scores = ["train.teacher_scores=x/teacher_scores"] if method.scored else []  # as run.run_method gives them
-        cfg = load_config(str(CONFIG), ["data.prompts=p.jsonl", "student.model=s", "teacher.model=t",
-                                        "train.pairs=x.parquet", *scores, "train.max_steps=120", *method.overrides])
+        cfg = load_config(
+            str(CONFIG),
+            [
+                "data.prompts=p.jsonl",
+                "student.model=s",
+                "teacher.model=t",
+                "train.pairs=x.parquet",
+                *scores,
+                "train.max_steps=120",
+                *method.overrides,
+            ],
+        )
         assert cfg.eval.scorer == "tiny_exact" and cfg.train.max_steps == 120 and cfg.data.heldout_fraction > 0
         # Three epochs, so train.max_steps ends every method: the hinge without NLL drops identical pairs and
         # had 58 steps in one epoch on seed 0 (928 pairs).
         assert cfg.train.num_epochs == 3 and cfg.student.num_samples == 4
         # The same pairs per optimizer step for every method: 16 (listwise: 4 prompts x 4 samples).
-        pairs_per_step = cfg.train.micro_batch_size * (cfg.student.num_samples if cfg.train.loss.type == "listwise" else 1)
+        pairs_per_step = cfg.train.micro_batch_size * (
+            cfg.student.num_samples if cfg.train.loss.type == "listwise" else 1
+        )
         assert pairs_per_step == 16, method.name
-
 
 
 def test_lr_schedule_is_transformers_linear_one_step_ahead():

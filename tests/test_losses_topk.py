@@ -7,8 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from plad_ray.losses import margin_loss
-from plad_ray.losses_token import (contrastive_topk_loss, teacher_scores, token_kd_loss, topk_buckets,
-                                   topk_divergence)
+from plad_ray.losses_token import contrastive_topk_loss, teacher_scores, token_kd_loss, topk_buckets, topk_divergence
 
 
 def logps(*probs):
@@ -34,12 +33,14 @@ def test_divergences_by_hand():
     assert topk_divergence(S, T, ONE, "forward_kl").item() == pytest.approx(FORWARD, rel=1e-5)
     assert topk_divergence(S, T, ONE, "reverse_kl").item() == pytest.approx(REVERSE, rel=1e-5)
     m = [0.5 * 0.5 + 0.5 * 0.25, 0.5 * 0.5 + 0.5 * 0.75]  # beta = 0.5: M = (T + S) / 2 = [0.375, 0.625]
-    jsd = 0.5 * (0.5 * math.log(0.5 / m[0]) + 0.5 * math.log(0.5 / m[1])) \
-        + 0.5 * (0.25 * math.log(0.25 / m[0]) + 0.75 * math.log(0.75 / m[1]))
+    jsd = 0.5 * (0.5 * math.log(0.5 / m[0]) + 0.5 * math.log(0.5 / m[1])) + 0.5 * (
+        0.25 * math.log(0.25 / m[0]) + 0.75 * math.log(0.75 / m[1])
+    )
     assert topk_divergence(S, T, ONE, "jsd", beta=0.5).item() == pytest.approx(jsd, rel=1e-5)
     m = [0.9 * 0.5 + 0.1 * 0.25, 0.9 * 0.5 + 0.1 * 0.75]  # beta = 0.9: M leans to the teacher
-    jsd = 0.9 * (0.5 * math.log(0.5 / m[0]) + 0.5 * math.log(0.5 / m[1])) \
-        + 0.1 * (0.25 * math.log(0.25 / m[0]) + 0.75 * math.log(0.75 / m[1]))
+    jsd = 0.9 * (0.5 * math.log(0.5 / m[0]) + 0.5 * math.log(0.5 / m[1])) + 0.1 * (
+        0.25 * math.log(0.25 / m[0]) + 0.75 * math.log(0.75 / m[1])
+    )
     assert topk_divergence(S, T, ONE, "jsd", beta=0.9).item() == pytest.approx(jsd, rel=1e-5)
     assert topk_divergence(T, T, ONE, "reverse_kl").item() == pytest.approx(0.0, abs=1e-7)
     with pytest.raises(ValueError, match="jsd needs 0 < beta < 1"):
@@ -81,8 +82,9 @@ def test_only_masked_in_tokens_count_and_only_the_student_gets_a_gradient():
     teacher = torch.cat([T, logps(0.5)], 1).requires_grad_()
     both = topk_divergence(student, teacher, torch.ones(1, 2), "reverse_kl")
     assert both.item() == pytest.approx(REVERSE / 2, rel=1e-5)
-    assert topk_divergence(student, teacher, torch.tensor([[1, 0]]), "reverse_kl").item() == \
-        pytest.approx(REVERSE, rel=1e-5)
+    assert topk_divergence(student, teacher, torch.tensor([[1, 0]]), "reverse_kl").item() == pytest.approx(
+        REVERSE, rel=1e-5
+    )
     both.backward()
     assert student.grad.abs().sum() > 0 and teacher.grad is None
 

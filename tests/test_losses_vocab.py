@@ -43,8 +43,15 @@ def batch(dtype, vocab=37, k=4, seed=0):
     torch.manual_seed(seed)
     logits = (torch.randn(4, 9, vocab) * 3).to(dtype)
     ids = torch.stack([torch.randperm(vocab)[:k] for _ in range(4 * 9)]).view(4, 9, k)
-    mask = torch.tensor([[0, 0, 1, 1, 1, 1, 0, 0, 0], [0, 1, 1, 1, 1, 1, 1, 1, 1],
-                         [0, 0, 0, 0, 0, 0, 0, 0, 0], [0, 0, 0, 0, 0, 1, 1, 1, 0]], dtype=torch.float32)
+    mask = torch.tensor(
+        [
+            [0, 0, 1, 1, 1, 1, 0, 0, 0],
+            [0, 1, 1, 1, 1, 1, 1, 1, 1],
+            [0, 0, 0, 0, 0, 0, 0, 0, 0],
+            [0, 0, 0, 0, 0, 1, 1, 1, 0],
+        ],
+        dtype=torch.float32,
+    )
     return logits, ids, mask, torch.randn(4, 8, k)
 
 
@@ -54,8 +61,10 @@ def test_chunked_topk_logps_equal_the_dense_formula_in_value_and_gradient(dtype,
     logits, ids, mask, weights = batch(dtype)
     scored = mask[:, 1:, None]
     results = []
-    for fn in (lambda x: topk_token_logps(x, ids, mask, chunk_bytes=4 * 37 * chunk_rows),
-               lambda x: dense_topk_token_logps(x, ids)):
+    for fn in (
+        lambda x: topk_token_logps(x, ids, mask, chunk_bytes=4 * 37 * chunk_rows),
+        lambda x: dense_topk_token_logps(x, ids),
+    ):
         leaf = logits.clone().requires_grad_(True)
         out = fn(leaf)
         (out * weights * scored).sum().backward()
@@ -75,8 +84,10 @@ def test_top_k_objectives_on_chunked_logps_equal_the_dense_ones(dtype, objective
     logits, ids, mask, _ = batch(dtype, seed=1)
     teacher = torch.log_softmax(torch.randn(4, 8, 6), -1)[..., :4]  # top 4 of 6: a tail of real mass
     results = []
-    for fn in (lambda x: topk_token_logps(x, ids, mask, chunk_bytes=4 * 37 * 2),
-               lambda x: dense_topk_token_logps(x, ids)):
+    for fn in (
+        lambda x: topk_token_logps(x, ids, mask, chunk_bytes=4 * 37 * 2),
+        lambda x: dense_topk_token_logps(x, ids),
+    ):
         leaf = logits.clone().requires_grad_(True)
         student, m = fn(leaf), mask[:, 1:]
         if objective == "contrastive":
@@ -98,8 +109,10 @@ def test_chunked_token_kd_equals_the_dense_formula_in_value_and_gradient(dtype, 
     torch.manual_seed(2)
     teacher = (torch.randn(4, 9, 37) * 3).to(dtype).requires_grad_(True)  # it must get no gradient all the same
     results = []
-    for fn in (lambda s, t: token_kd_loss(s, t, mask, chunk_bytes=2 * 4 * 37 * chunk_rows),
-               lambda s, t: dense_token_kd_loss(s, t, mask)):
+    for fn in (
+        lambda s, t: token_kd_loss(s, t, mask, chunk_bytes=2 * 4 * 37 * chunk_rows),
+        lambda s, t: dense_token_kd_loss(s, t, mask),
+    ):
         leaf = student.clone().requires_grad_(True)
         loss = fn(leaf, teacher)
         (3.0 * loss).backward()

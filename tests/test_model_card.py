@@ -4,12 +4,18 @@ from plad_ray.config import Config
 from plad_ray.model_card import model_card
 
 REPORT = {
-    "steps": 54, "counts": {"pairs": 2048, "train": 1744, "heldout": 304},
+    "steps": 54,
+    "counts": {"pairs": 2048, "train": 1744, "heldout": 304},
     "generation": {"prompts": 1024},
-    "eval_initial": {"chosen_nll_per_token": 0.516}, "eval_trained": {"chosen_nll_per_token": 0.402, "pairs": 304},
-    "evaluation": {"models": {"initial student": {"prompts": 152, "exact_match": 0.296},
-                              "trained student": {"prompts": 152, "exact_match": 0.388},
-                              "teacher (cached outputs)": {"prompts": 152, "exact_match": 1.0}}},
+    "eval_initial": {"chosen_nll_per_token": 0.516},
+    "eval_trained": {"chosen_nll_per_token": 0.402, "pairs": 304},
+    "evaluation": {
+        "models": {
+            "initial student": {"prompts": 152, "exact_match": 0.296},
+            "trained student": {"prompts": 152, "exact_match": 0.388},
+            "teacher (cached outputs)": {"prompts": 152, "exact_match": 1.0},
+        }
+    },
 }
 
 
@@ -22,14 +28,18 @@ def config(**loss) -> dict:
 
 
 def test_card_names_teacher_data_objective_evaluation_and_command():
-    card = model_card(config(type="hinge", beta=0.5, length_normalize=True, nll_weight=1.0), REPORT,
-                      ["plad-ray", "distill", "--config", "configs/tiny-cpu.yaml", "--set", "train.seed=3 4"])
+    card = model_card(
+        config(type="hinge", beta=0.5, length_normalize=True, nll_weight=1.0),
+        REPORT,
+        ["plad-ray", "distill", "--config", "configs/tiny-cpu.yaml", "--set", "train.seed=3 4"],
+    )
     assert card.startswith("---\nlibrary_name: transformers\n")
     assert "| teacher | `tiny:teacher` |" in card and "| student (before distillation) | `tiny:student` |" in card
     assert "| prompts | `/data/p.jsonl`: 1024 used, held-out fraction 0.1 |" in card
     assert "| pairs | 2048 (1744 trained on, 304 held out) |" in card
-    assert ("| objective | hinge, beta 0.5, length-normalised log-probs, plus 1.0 x NLL of the teacher's outputs |"
-            in card)
+    assert (
+        "| objective | hinge, beta 0.5, length-normalised log-probs, plus 1.0 x NLL of the teacher's outputs |" in card
+    )
     assert "## Evaluation on 152 held-out prompts (greedy)" in card
     assert "| | initial student | trained student | teacher (cached outputs) |" in card
     assert "| exact match | 0.296 | 0.388 | 1.000 |" in card

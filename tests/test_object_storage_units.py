@@ -5,11 +5,11 @@ import json
 import os
 
 import pytest
+from test_ray_job_submit import listing
 
 from plad_ray.data import storage
 from plad_ray.errors import DataError
 from plad_ray.models.cache import DONE, cache_folder, local_model
-from test_ray_job_submit import listing
 
 
 def write_folder(folder, files: dict) -> None:
@@ -37,8 +37,14 @@ def test_publish_copies_file_by_file_and_writes_the_manifest_last(s3_server, tmp
 def test_a_model_on_object_storage_is_fetched_once_and_again_when_it_changes(s3_server, tmp_path):
     bucket = s3_server.bucket("plad-models")
     uri = f"{bucket}/models/student"
-    write_folder(tmp_path / "model", {"config.json": json.dumps({"architectures": ["LlamaForCausalLM"]}),
-                                      "model.safetensors": "weights-1", "tokenizer.json": "{}"})
+    write_folder(
+        tmp_path / "model",
+        {
+            "config.json": json.dumps({"architectures": ["LlamaForCausalLM"]}),
+            "model.safetensors": "weights-1",
+            "tokenizer.json": "{}",
+        },
+    )
     storage.copy_local_dir(str(tmp_path / "model"), uri)
     cache = str(tmp_path / "cache")
     local = local_model(uri, cache)
@@ -64,8 +70,14 @@ def test_a_model_folder_given_as_a_uri_is_checked_after_it_is_fetched(s3_server,
     from plad_ray.models.folders import resolve_model
 
     uri = s3_server.bucket("plad-models-2") + "/student"
-    write_folder(tmp_path / "model", {"config.json": json.dumps({"architectures": ["LlamaForCausalLM"]}),
-                                      "tokenizer.json": "{}", "model.bin": "pickle"})
+    write_folder(
+        tmp_path / "model",
+        {
+            "config.json": json.dumps({"architectures": ["LlamaForCausalLM"]}),
+            "tokenizer.json": "{}",
+            "model.bin": "pickle",
+        },
+    )
     storage.copy_local_dir(str(tmp_path / "model"), uri)
     with pytest.raises(DataError, match=f"config key student.model: {uri} has only pickle"):
         resolve_model(uri, "student.model", log=lambda _: None, cache_root=str(tmp_path / "cache"))

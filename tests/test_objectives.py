@@ -23,7 +23,9 @@ def test_the_registry_holds_every_type_with_its_properties():
     assert [n for n, o in OBJECTIVES.items() if o.trains_ranking] == ["hinge", "margin", "logistic", "listwise"]
     assert [n for n, o in OBJECTIVES.items() if o.per_token] == ["seqkd", "token_kd", "onpolicy_kd", "contrastive"]
     assert [n for n, o in OBJECTIVES.items() if o.reads_topk] == ["onpolicy_kd", "contrastive"]
-    assert objective("onpolicy_kd").topk_sides == ("rejected",) and objective("onpolicy_kd").topk_tokens_side == "rejected"
+    assert (
+        objective("onpolicy_kd").topk_sides == ("rejected",) and objective("onpolicy_kd").topk_tokens_side == "rejected"
+    )
     assert objective("contrastive").topk_sides == ("chosen", "rejected")
     assert [n for n, o in OBJECTIVES.items() if o.needs_local_teacher] == ["token_kd"]
     assert [n for n, o in OBJECTIVES.items() if o.groups_samples] == ["listwise"]
@@ -56,8 +58,12 @@ def test_nll_weight_trains_the_nll_only_beside_a_ranking_loss(name):
     tokens = torch.tensor([3.0, 4.0, 5.0, 6.0])
     extra = {"chosen_scores_B": torch.randn(4), "rejected_scores_B": torch.randn(4)} if o.needs_scores else {}
     kd = torch.tensor(0.7) if o.per_token and name != "seqkd" else None
-    loss = {w: plad_loss(chosen, tokens, rejected, tokens, beta=0.5, nll_weight=w, loss_type=name, token_kd=kd,
-                         **extra)["loss"] for w in (0.0, 1.0)}
+    loss = {
+        w: plad_loss(chosen, tokens, rejected, tokens, beta=0.5, nll_weight=w, loss_type=name, token_kd=kd, **extra)[
+            "loss"
+        ]
+        for w in (0.0, 1.0)
+    }
     assert torch.equal(loss[0.0], loss[1.0]) == (not o.trains_ranking), (name, loss)
     if kd is not None:
         assert loss[1.0].item() == pytest.approx(0.7)
@@ -74,8 +80,11 @@ def test_the_card_says_what_a_per_token_objective_trains():
 def test_no_module_decides_by_a_loss_types_name():
     names = "|".join(LOSS_TYPES)
     decision = re.compile(rf"""(==|!=|\bin)\s*\(?[^)\n]*["']({names})["']""")
-    found = [f"{path.relative_to(PACKAGE)}:{n}: {line.strip()}"
-             for path in sorted(PACKAGE.rglob("*.py")) if path.name != "objectives.py"
-             for n, line in enumerate(path.read_text().splitlines(), 1)
-             if decision.search(line) and not line.lstrip().startswith(("#", '"', "raise", "f\"", "for "))]
+    found = [
+        f"{path.relative_to(PACKAGE)}:{n}: {line.strip()}"
+        for path in sorted(PACKAGE.rglob("*.py"))
+        if path.name != "objectives.py"
+        for n, line in enumerate(path.read_text().splitlines(), 1)
+        if decision.search(line) and not line.lstrip().startswith(("#", '"', "raise", 'f"', "for "))
+    ]
     assert not found, "\n".join(found)

@@ -30,8 +30,15 @@ def test_same_config_and_speed_settings_resume(tmp_path):
     prepare_output(make(tmp_path))
     touch_outputs(tmp_path / "run")
     # Replicas, batch size and cluster settings change speed, not outputs.
-    prepare_output(make(tmp_path, "teacher.replicas=4", "student.batch_size=8", "cluster.num_cpus=8",
-                        "teacher.max_concurrent_batches=2"))
+    prepare_output(
+        make(
+            tmp_path,
+            "teacher.replicas=4",
+            "student.batch_size=8",
+            "cluster.num_cpus=8",
+            "teacher.max_concurrent_batches=2",
+        )
+    )
     assert (tmp_path / "run" / "teacher").exists() and (tmp_path / "run" / "report.json").exists()
 
 
@@ -40,10 +47,21 @@ def test_operational_training_settings_resume(tmp_path):
     # resumes (before, the changed train.max_failures refused it, and --overwrite deleted the checkpoints).
     prepare_output(make(tmp_path, "train.max_failures=0"))
     touch_outputs(tmp_path / "run")
-    prepare_output(make(tmp_path, "train.max_failures=3", "train.log_every_steps=1", "train.checkpoint_every_steps=7",
-                        "train.trackers=[]", "train.cpus_per_worker=2", "train.placement_strategy=SPREAD",
-                        "train.packing=true", "train.gradient_checkpointing=true", "train.attn_implementation=eager",
-                        f"train.checkpoint_staging_dir={tmp_path / 'staging'}"))
+    prepare_output(
+        make(
+            tmp_path,
+            "train.max_failures=3",
+            "train.log_every_steps=1",
+            "train.checkpoint_every_steps=7",
+            "train.trackers=[]",
+            "train.cpus_per_worker=2",
+            "train.placement_strategy=SPREAD",
+            "train.packing=true",
+            "train.gradient_checkpointing=true",
+            "train.attn_implementation=eager",
+            f"train.checkpoint_staging_dir={tmp_path / 'staging'}",
+        )
+    )
     assert all((tmp_path / "run" / name).exists() for name in ("train", "student", "report.json"))
     # A run.json written before these keys were left out still resumes.
     import json
@@ -81,7 +99,9 @@ def test_a_run_recorded_before_a_key_existed_resumes_while_the_key_keeps_its_def
 def test_changed_training_config_refused_then_replaced_keeping_pairs(tmp_path):
     prepare_output(make(tmp_path))
     touch_outputs(tmp_path / "run")
-    with pytest.raises(ConfigError, match=r"its train outputs were made with a different config \(train.loss.beta: 1.0 -> 0.5\)"):
+    with pytest.raises(
+        ConfigError, match=r"its train outputs were made with a different config \(train.loss.beta: 1.0 -> 0.5\)"
+    ):
         prepare_output(make(tmp_path, "train.loss.beta=0.5"))
     prepare_output(make(tmp_path, "train.loss.beta=0.5"), overwrite=True, log=lambda _: None)
     run = tmp_path / "run"
@@ -135,6 +155,9 @@ def test_inputs_in_a_job_copy_of_the_working_dir_compare_from_its_root(tmp_path)
     prepare_output(make(tmp_path, f"data.prompts={new}"))
     # Another file in the copy is another input.
     other = new.replace("tiny-reverse.jsonl", "capitals-fewshot.jsonl")
-    with pytest.raises(ConfigError, match=r"data.prompts: '<job working_dir>/configs/prompts/tiny-reverse.jsonl' -> "
-                                          r"'<job working_dir>/configs/prompts/capitals-fewshot.jsonl'"):
+    with pytest.raises(
+        ConfigError,
+        match=r"data.prompts: '<job working_dir>/configs/prompts/tiny-reverse.jsonl' -> "
+        r"'<job working_dir>/configs/prompts/capitals-fewshot.jsonl'",
+    ):
         prepare_output(make(tmp_path, f"data.prompts={other}"))

@@ -56,15 +56,22 @@ def batch_of_pairs(vocab: int, seed: int = 0) -> dict:
 
 def test_packed_log_probs_equal_the_padded_ones(student):
     batch = batch_of_pairs(student.config.vocab_size)
-    packed = {k: torch.from_numpy(v) for k, v in pack(batch["input_ids"].numpy(), batch["attention_mask"].numpy(), 0).items()}
+    packed = {
+        k: torch.from_numpy(v) for k, v in pack(batch["input_ids"].numpy(), batch["attention_mask"].numpy(), 0).items()
+    }
     assert packed["packed_input_ids"].shape[0] < batch["input_ids"].shape[0]
     with torch.no_grad():
         padded_logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        packed_logits = unpack_logits(student(input_ids=packed["packed_input_ids"], use_cache=False,
-                                              position_ids=packed["packed_position_ids"]).logits, packed["unpack_index"])
+        packed_logits = unpack_logits(
+            student(
+                input_ids=packed["packed_input_ids"], use_cache=False, position_ids=packed["packed_position_ids"]
+            ).logits,
+            packed["unpack_index"],
+        )
         # The same rows with positions that do not restart: sequences would attend to each other.
-        leaked = unpack_logits(student(input_ids=packed["packed_input_ids"], use_cache=False).logits,
-                               packed["unpack_index"])
+        leaked = unpack_logits(
+            student(input_ids=packed["packed_input_ids"], use_cache=False).logits, packed["unpack_index"]
+        )
 
     def token_logps(logits):  # each scored response token's log-prob
         logps = torch.log_softmax(logits[:, :-1], -1).gather(-1, batch["input_ids"][:, 1:, None])[..., 0]
@@ -82,7 +89,9 @@ def test_packed_log_probs_equal_the_padded_ones(student):
 
 def test_packed_gradients_equal_the_padded_ones(student):
     batch = batch_of_pairs(student.config.vocab_size, seed=1)
-    packed = {k: torch.from_numpy(v) for k, v in pack(batch["input_ids"].numpy(), batch["attention_mask"].numpy(), 0).items()}
+    packed = {
+        k: torch.from_numpy(v) for k, v in pack(batch["input_ids"].numpy(), batch["attention_mask"].numpy(), 0).items()
+    }
 
     def grads(logits_fn):
         student.zero_grad()
@@ -90,9 +99,14 @@ def test_packed_gradients_equal_the_padded_ones(student):
         return [p.grad.clone() for p in student.parameters()]
 
     padded = grads(lambda: student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits)
-    packed_grads = grads(lambda: unpack_logits(student(input_ids=packed["packed_input_ids"], use_cache=False,
-                                                       position_ids=packed["packed_position_ids"]).logits,
-                                               packed["unpack_index"]))
+    packed_grads = grads(
+        lambda: unpack_logits(
+            student(
+                input_ids=packed["packed_input_ids"], use_cache=False, position_ids=packed["packed_position_ids"]
+            ).logits,
+            packed["unpack_index"],
+        )
+    )
     for a, b in zip(padded, packed_grads):  # measured: at most 5.6e-7 of each parameter's gradient norm
         assert (a - b).norm() <= 1e-5 * a.norm()
 
@@ -116,9 +130,16 @@ def test_the_first_micro_batch_check_refuses_a_model_that_lets_packed_sequences_
     from plad_ray.train.feed import check_packing
 
     batch = batch_of_pairs(student.config.vocab_size, seed=2)
-    batch.update({k: torch.from_numpy(v) for k, v in
-                  pack(batch["input_ids"].numpy(), batch["attention_mask"].numpy(), 0).items()})
+    batch.update(
+        {
+            k: torch.from_numpy(v)
+            for k, v in pack(batch["input_ids"].numpy(), batch["attention_mask"].numpy(), 0).items()
+        }
+    )
     assert check_packing(_Engine(student, leak=False), batch) < 1e-4
-    with pytest.raises(ConfigError, match=r"config key train.packing: packed and padded log-probs of the first "
-                                          r"micro-batch differ by [0-9.]+ nats per token .* set train.packing=false"):
+    with pytest.raises(
+        ConfigError,
+        match=r"config key train.packing: packed and padded log-probs of the first "
+        r"micro-batch differ by [0-9.]+ nats per token .* set train.packing=false",
+    ):
         check_packing(_Engine(student, leak=True), batch)

@@ -22,19 +22,37 @@ def test_heldout_split_is_deterministic_and_near_the_fraction():
 
 
 def test_expand_and_make_pair():
-    teacher_row = {"id": "a", "prompt": "abc>", "teacher_text": "cba", "teacher_num_tokens": 4,
-                   "teacher_finish_reason": "eos", "teacher_token_ids": [5, 6, 7, 2], "teacher_model": "T",
-                   "teacher_sampling": "{}"}
+    teacher_row = {
+        "id": "a",
+        "prompt": "abc>",
+        "teacher_text": "cba",
+        "teacher_num_tokens": 4,
+        "teacher_finish_reason": "eos",
+        "teacher_token_ids": [5, 6, 7, 2],
+        "teacher_model": "T",
+        "teacher_sampling": "{}",
+    }
     rows = pairs.expand_samples(teacher_row, 3)
     assert [r["sample_index"] for r in rows] == [0, 1, 2]
     student = {"text": "xx", "num_tokens": 2, "finish_reason": "length", "token_ids": [9, 9]}
-    pair = pairs.make_pair(rows[1], student, "S", "{\"t\": 1}", 0.0)
+    pair = pairs.make_pair(rows[1], student, "S", '{"t": 1}', 0.0)
     assert pair == {
-        "id": "a", "sample_index": 1, "prompt": "abc>", "chosen": "cba", "rejected": "xx",
-        "chosen_num_tokens": 4, "rejected_num_tokens": 2, "chosen_finish_reason": "eos",
-        "rejected_finish_reason": "length", "chosen_token_ids": None, "rejected_token_ids": [9, 9],
-        "teacher_model": "T", "student_model": "S",
-        "teacher_sampling": "{}", "student_sampling": "{\"t\": 1}", "heldout": False,
+        "id": "a",
+        "sample_index": 1,
+        "prompt": "abc>",
+        "chosen": "cba",
+        "rejected": "xx",
+        "chosen_num_tokens": 4,
+        "rejected_num_tokens": 2,
+        "chosen_finish_reason": "eos",
+        "rejected_finish_reason": "length",
+        "chosen_token_ids": None,
+        "rejected_token_ids": [9, 9],
+        "teacher_model": "T",
+        "student_model": "S",
+        "teacher_sampling": "{}",
+        "student_sampling": '{"t": 1}',
+        "heldout": False,
     }
     assert set(pair) == set(pairs.PAIR_SCHEMA.names)
     # One vocabulary: the teacher's generated ids are the chosen side's ids.
@@ -78,8 +96,13 @@ def test_id_less_external_pairs_of_one_prompt_fall_on_one_side_of_the_split():
 def test_external_pairs_keep_plad_token_ids_and_their_nulls():
     import pandas as pd
 
-    batch = {"prompt": ["p1", "p2"], "chosen": ["a", "b"], "rejected": ["c", "d"],
-             "chosen_token_ids": pd.Series([[5, 2], pd.NA], dtype=object), "rejected_token_ids": [None, [7]]}
+    batch = {
+        "prompt": ["p1", "p2"],
+        "chosen": ["a", "b"],
+        "rejected": ["c", "d"],
+        "chosen_token_ids": pd.Series([[5, 2], pd.NA], dtype=object),
+        "rejected_token_ids": [None, [7]],
+    }
     out = pairs.with_training_columns(batch, heldout_fraction=0.0)
     assert out["chosen_token_ids"] == [[5, 2], None] and out["rejected_token_ids"] == [None, [7]]
 

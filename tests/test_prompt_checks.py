@@ -55,8 +55,10 @@ def test_parquet_folder_with_ids_max_prompts_and_a_filesystem_uri(local_ray, tmp
     pq.write_table(pa.table({"id": [3], "prompt": ["z"]}), folder / "b.parquet")
     checked = check(str(folder))
     assert sorted(checked.prompts.take_all(), key=lambda r: r["id"]) == [
-        {"id": "1", "prompt": "x", "reference": "X"}, {"id": "2", "prompt": "y", "reference": None},
-        {"id": "3", "prompt": "z", "reference": None}]
+        {"id": "1", "prompt": "x", "reference": "X"},
+        {"id": "2", "prompt": "y", "reference": None},
+        {"id": "3", "prompt": "z", "reference": None},
+    ]
     assert check("file://" + str(folder), max_prompts=2).count == 2  # a pyarrow filesystem URI
 
 
@@ -67,8 +69,10 @@ def test_parquet_folder_with_ids_max_prompts_and_a_filesystem_uri(local_ray, tmp
         (['{"prompt": "a"}', b'{"prompt": "\xff"}'], "line 2: not UTF-8 text"),
         (['{"prompt": "  "}'], "row 0 (id p0000000): empty prompt"),
         (['{"prompt": null}'], "row 0 (id p0000000): empty prompt"),
-        (['{"id": "a", "prompt": "x"}', '{"id": "b", "prompt": "y"}', '{"id": "a", "prompt": "z"}'],
-         "rows 0 and 2: duplicate id 'a'"),
+        (
+            ['{"id": "a", "prompt": "x"}', '{"id": "b", "prompt": "y"}', '{"id": "a", "prompt": "z"}'],
+            "rows 0 and 2: duplicate id 'a'",
+        ),
         ([""], "has no rows"),
     ],
 )
@@ -89,8 +93,17 @@ def test_first_in_source_order_across_files(local_ray, tmp_path):
 
 
 def test_bad_rows_quarantined_with_reasons_and_counted(local_ray, tmp_path):
-    path = jsonl(tmp_path, ['{"id": "a", "prompt": "x"}', '{"id": "b", "prompt": "y"', b'{"prompt": "\xff"}',
-                            '{"id": "a", "prompt": "z"}', '{"id": "c", "prompt": ""}', '{"id": "d", "prompt": "w"}'])
+    path = jsonl(
+        tmp_path,
+        [
+            '{"id": "a", "prompt": "x"}',
+            '{"id": "b", "prompt": "y"',
+            b'{"prompt": "\xff"}',
+            '{"id": "a", "prompt": "z"}',
+            '{"id": "c", "prompt": ""}',
+            '{"id": "d", "prompt": "w"}',
+        ],
+    )
     checked = check(path, bad_rows="quarantine")
     assert prompts_of(checked) == {"id": ["a", "d"], "prompt": ["x", "w"]}
     assert checked.quarantined == 4
@@ -123,12 +136,15 @@ def test_a_file_that_cannot_be_read_stops_the_run_under_quarantine_too(local_ray
 
 def test_length_policies(local_ray, tmp_path, tok):
     path = jsonl(tmp_path, [json.dumps({"prompt": p}) for p in ("abc>", "abcdefgh>", "ab>")])
-    limits = [Limit("teacher.max_model_len - teacher.sampling.max_tokens", tok, False, 8),
-              Limit("train.max_length - 1", tok, False, 6)]
+    limits = [
+        Limit("teacher.max_model_len - teacher.sampling.max_tokens", tok, False, 8),
+        Limit("train.max_length - 1", tok, False, 6),
+    ]
     skipped = check(path, too_long="skip", limits=limits)
     assert prompts_of(skipped)["prompt"] == ["abc>", "ab>"] and skipped.quarantined == 1 and skipped.truncated == 0
     assert skipped.quarantine.take_all()[0]["reason"] == (
-        "9 prompt tokens exceed teacher.max_model_len - teacher.sampling.max_tokens = 8")
+        "9 prompt tokens exceed teacher.max_model_len - teacher.sampling.max_tokens = 8"
+    )
     cut = check(path, too_long="truncate", limits=limits)
     assert prompts_of(cut)["prompt"] == ["abc>", "defgh>", "ab>"] and cut.truncated == 1 and cut.quarantined == 0
     with pytest.raises(DataError, match=r"row 1 \(id p0000001\): 9 prompt tokens exceed teacher.max_model_len"):
@@ -146,9 +162,12 @@ def test_cached_teacher_outputs_must_match_the_prompt_text_of_their_id(local_ray
     check_cached_prompts(cache, check(str(source)).prompts, str(source), "out/teacher")
     # One row inserted at the top of an id-less file: every id p0..p5 now names the previous row's text.
     source.write_text("".join(json.dumps({"prompt": w}) + "\n" for w in ["first>"] + words))
-    with pytest.raises(DataError, match=r"^prompt source .*p.jsonl: 6 prompt id\(s\) now name another text than their "
-                                        r"cached teacher output in out/teacher \(first: 'p0000000'\); give the "
-                                        r"prompts an `id`"):
+    with pytest.raises(
+        DataError,
+        match=r"^prompt source .*p.jsonl: 6 prompt id\(s\) now name another text than their "
+        r"cached teacher output in out/teacher \(first: 'p0000000'\); give the "
+        r"prompts an `id`",
+    ):
         check_cached_prompts(cache, check(str(source)).prompts, str(source), "out/teacher")
     # With ids that travel with their text, the same insertion is harmless.
     keyed = tmp_path / "k.jsonl"
@@ -175,8 +194,9 @@ def test_the_checks_hold_one_materialised_copy_of_the_source(local_ray, tmp_path
     monkeypatch.setattr(ray.data.Dataset, "materialize", counted)
     lines = [json.dumps({"id": f"q{i}", "prompt": "ab" * (i % 5 + 1) + ">"}) for i in range(40)]
     lines.append('{"id": "q1", "prompt": "x>"}')
-    checked = check(jsonl(tmp_path, lines), bad_rows="quarantine", too_long="skip",
-                    limits=[Limit("student engine", tok, False, 8)])
+    checked = check(
+        jsonl(tmp_path, lines), bad_rows="quarantine", too_long="skip", limits=[Limit("student engine", tok, False, 8)]
+    )
     assert checked.count + checked.quarantined == 41 and checked.quarantined > 1  # a duplicate and too-long rows
     assert [n for n in sizes if n >= 41] == [41]  # one copy of every row; the other, the duplicated ids (1 row)
     assert sorted(sizes) == [1, 41]

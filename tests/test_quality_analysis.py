@@ -6,8 +6,14 @@ from benchmarks.quality import analysis
 
 
 def test_split_metrics_and_win_rate_vs_initial_by_hand():
-    rec = {"ids": ["a", "b", "c", "d"], "correct": [1.0, 0.0, 1.0, 0.0], "graded": [1.0, 0.5, 1.0, 0.25],
-           "confidence": [0.9, 0.8, 0.6, 0.1], "sampled": [0.5, 0.0, 1.0, 0.0], "best_of_n": [1.0, 0.0, 1.0, 0.0]}
+    rec = {
+        "ids": ["a", "b", "c", "d"],
+        "correct": [1.0, 0.0, 1.0, 0.0],
+        "graded": [1.0, 0.5, 1.0, 0.25],
+        "confidence": [0.9, 0.8, 0.6, 0.1],
+        "sampled": [0.5, 0.0, 1.0, 0.0],
+        "best_of_n": [1.0, 0.0, 1.0, 0.0],
+    }
     initial = {**rec, "graded": [0.5, 0.5, 1.0, 0.5]}
     m = analysis.split_metrics(rec, initial)
     assert (m["accuracy"], m["graded"], m["sampled"], m["best_of_n"]) == (0.5, 0.6875, 0.375, 0.5)

@@ -13,10 +13,10 @@ from pathlib import Path
 import pyarrow.fs as pafs
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from conftest import PYTHON, ROOT
 from ray_head import RayHead
+from safetensors.torch import load_file
+
 from plad_ray.data import parquet, storage
 from plad_ray.models.cache import DONE
 
@@ -39,22 +39,30 @@ def state(cluster: RayHead, kind: str) -> list[dict]:
             return json.loads(listed.stdout)
         except ValueError:
             time.sleep(1)
-    raise AssertionError(f"ray list {kind}: exit {listed.returncode}, {listed.stdout[-1000:]!r} {listed.stderr[-2000:]}")
+    raise AssertionError(
+        f"ray list {kind}: exit {listed.returncode}, {listed.stdout[-1000:]!r} {listed.stderr[-2000:]}"
+    )
 
 
 def placement(cluster: RayHead) -> tuple[set, list, list]:
     """The cluster's alive nodes, and the nodes its trainer ranks and vLLM engines ran on."""
     nodes = {n["node_id"] for n in state(cluster, "nodes") if n["state"] == "ALIVE"}
     actors = state(cluster, "actors")
-    return (nodes, [a["node_id"] for a in actors if a["class_name"] == "RayTrainWorker"],
-            [a["node_id"] for a in actors if "vLLMEngineStageUDF" in a["class_name"]])
+    return (
+        nodes,
+        [a["node_id"] for a in actors if a["class_name"] == "RayTrainWorker"],
+        [a["node_id"] for a in actors if "vLLMEngineStageUDF" in a["class_name"]],
+    )
 
 
 def listing(uri: str) -> set[str]:
     """Every object under `uri`, relative to it."""
     fs, path = storage.filesystem_and_path(uri)
-    return {i.path[len(path) + 1:] for i in fs.get_file_info(pafs.FileSelector(path, recursive=True))
-            if i.type == pafs.FileType.File}
+    return {
+        i.path[len(path) + 1 :]
+        for i in fs.get_file_info(pafs.FileSelector(path, recursive=True))
+        if i.type == pafs.FileType.File
+    }
 
 
 def read_object(uri: str) -> bytes:
@@ -67,7 +75,8 @@ PROMPTS = 160
 
 
 def test_distill_on_s3_through_ray_job_submit_on_two_nodes_resumes_on_a_new_cluster_then_a_second_round(
-        s3_server, tiny_models, tmp_path):
+    s3_server, tiny_models, tmp_path
+):
     """`ray job submit` on two nodes, outputs in a bucket; the cluster dies mid-training (its processes killed, as
     when the head node is lost); the same command on a new cluster (new temp dirs: another session folder, so
     another path to the same uploaded package) resumes from the checkpoint in the bucket and asks the teacher for
@@ -77,12 +86,32 @@ def test_distill_on_s3_through_ray_job_submit_on_two_nodes_resumes_on_a_new_clus
     # Ray's temporary copy of the working dir.
     out = s3_server.bucket("plad-submit") + "/storage/runs/tiny-cpu"
     cache = tmp_path / "model-cache"  # a local folder on every node (one machine here: the nodes share it)
-    command = ["submit", "--working-dir", str(ROOT), "--",
-               "python", "-m", "jobs.distill", "--config", "configs/tiny-cpu.yaml",
-               "--set", "cluster.storage=s3://plad-submit/storage", "--set", f"cluster.model_cache={cache}",
-               "--set", f"data.max_prompts={PROMPTS}", "--set", "train.placement_strategy=SPREAD",
-               "--set", "train.micro_batch_size=2", "--set", "train.checkpoint_every_steps=5",
-               "--set", "eval.initial_student=false", "--debug"]
+    command = [
+        "submit",
+        "--working-dir",
+        str(ROOT),
+        "--",
+        "python",
+        "-m",
+        "jobs.distill",
+        "--config",
+        "configs/tiny-cpu.yaml",
+        "--set",
+        "cluster.storage=s3://plad-submit/storage",
+        "--set",
+        f"cluster.model_cache={cache}",
+        "--set",
+        f"data.max_prompts={PROMPTS}",
+        "--set",
+        "train.placement_strategy=SPREAD",
+        "--set",
+        "train.micro_batch_size=2",
+        "--set",
+        "train.checkpoint_every_steps=5",
+        "--set",
+        "eval.initial_student=false",
+        "--debug",
+    ]
     first = two_nodes()  # started after s3_server: its nodes (and so the job's processes) have the S3 settings
     try:
         assert len({n["node_id"] for n in state(first, "nodes") if n["state"] == "ALIVE"}) == 2
@@ -117,8 +146,12 @@ def test_distill_on_s3_through_ray_job_submit_on_two_nodes_resumes_on_a_new_clus
         # Raising train.rounds on the finished run, and the evaluation job, on the same cluster.
         rounds = command + ["--set", "train.rounds=2"]
         round_2 = second.job(*rounds)
-        evaluate = second.job(*rounds[:rounds.index("jobs.distill")], "jobs.evaluate",
-                              *rounds[rounds.index("jobs.distill") + 1:], timeout=900)
+        evaluate = second.job(
+            *rounds[: rounds.index("jobs.distill")],
+            "jobs.evaluate",
+            *rounds[rounds.index("jobs.distill") + 1 :],
+            timeout=900,
+        )
     finally:
         second.stop()
     assert submit.returncode == 0, submit.stdout[-4000:] + submit.stderr[-2000:]
@@ -142,8 +175,11 @@ def test_distill_on_s3_through_ray_job_submit_on_two_nodes_resumes_on_a_new_clus
     # which Ray may replace meanwhile: paths were fixed at config load).
     evaluation = storage.read_json(f"{out}/eval/report.json")
     assert set(evaluation["models"]) == {"teacher (cached outputs)", "trained student"}
-    assert evaluation["models"]["trained student"]["prompts"] == round_1["evaluation"]["models"]["trained student"][
-        "prompts"] > 0
+    assert (
+        evaluation["models"]["trained student"]["prompts"]
+        == round_1["evaluation"]["models"]["trained student"]["prompts"]
+        > 0
+    )
 
     # Round 2 on the finished run: round 1 reused (no teacher request, not retrained), round 2 samples round 1's
     # student and trains from it.
@@ -152,14 +188,25 @@ def test_distill_on_s3_through_ray_job_submit_on_two_nodes_resumes_on_a_new_clus
     objects = listing(out)
     for folder in ("teacher", "pairs", "student", "round-2/pairs", "round-2/student", "eval"):
         assert any(o.startswith(f"{folder}/") for o in objects), folder
-    assert {"student/_manifest.json", "round-2/student/_manifest.json", "round-2/student/README.md",
-            "round-2/student/model.safetensors", "report.json", "summary.md", "loss_curve.png", "logs/run.log",
-            "eval/report.json", "eval/summary.md", "eval/generations.jsonl"} <= objects
+    assert {
+        "student/_manifest.json",
+        "round-2/student/_manifest.json",
+        "round-2/student/README.md",
+        "round-2/student/model.safetensors",
+        "report.json",
+        "summary.md",
+        "loss_curve.png",
+        "logs/run.log",
+        "eval/report.json",
+        "eval/summary.md",
+        "eval/generations.jsonl",
+    } <= objects
     assert not [o for o in objects if ".partial" in o]  # every dataset committed, nothing half-written left
     first_pairs, pairs = parquet.read_table(f"{out}/pairs"), parquet.read_table(f"{out}/round-2/pairs")
     keys = set(zip(pairs.column("id").to_pylist(), pairs.column("sample_index").to_pylist()))
     assert pairs.num_rows == len(keys) == PROMPTS * 2
     assert set(pairs.column("student_model").to_pylist()) == {"tiny:student after round 1"}
+
     def chosen(table):
         return dict(zip(table.column("id").to_pylist(), table.column("chosen").to_pylist()))
 
@@ -169,14 +216,19 @@ def test_distill_on_s3_through_ray_job_submit_on_two_nodes_resumes_on_a_new_clus
     assert report["rounds"][0]["eval_trained"] == round_1["eval_trained"]  # round 1 reused, not retrained
     assert report["checkpoint"] == f"{out}/round-2/student"
     for r in report["rounds"]:  # each round trained its planned steps, and its held-out ranking moved the method's way
-        assert r["steps"] == storage.read_json(f"{out}/{'' if r['round'] == 1 else 'round-2/'}train_report.json")[
-            "curve"][-1]["step"] > resumed[0]
+        assert (
+            r["steps"]
+            == storage.read_json(f"{out}/{'' if r['round'] == 1 else 'round-2/'}train_report.json")["curve"][-1]["step"]
+            > resumed[0]
+        )
         before, after = r["eval_initial"], r["eval_trained"]
         assert after["loss"] < before["loss"] and after["margin"] > before["margin"], (before, after)
     # Round 2 starts from round 1's student: its held-out pairs (new student samples) begin where round 1's trained
     # student ranks them, and training moves them again.
-    assert report["rounds"][1]["eval_trained"]["ranking_accuracy"] > report["rounds"][1]["eval_initial"][
-        "ranking_accuracy"]
+    assert (
+        report["rounds"][1]["eval_trained"]["ranking_accuracy"]
+        > report["rounds"][1]["eval_initial"]["ranking_accuracy"]
+    )
     models = report["evaluation"]["models"]
     assert set(models) == {"teacher (cached outputs)", "round 1 student", "round 2 student"}
     assert all(m["prompts"] == models["teacher (cached outputs)"]["prompts"] > 10 for m in models.values())
@@ -209,15 +261,37 @@ def test_local_output_dir_that_a_node_cannot_see_is_refused(tiny_models, tmp_pat
     try:
         cluster.add_node(num_cpus=1, hide=str(shared))
         run = subprocess.run(
-            [PYTHON, "-m", "jobs.generate_pairs", "--config", "configs/tiny-cpu.yaml",
-             "--set", f"output_dir={shared / 'run'}", "--set", f"cluster.address={cluster.address}"],
-            cwd=ROOT, env=cluster.env, capture_output=True, text=True, timeout=600)
+            [
+                PYTHON,
+                "-m",
+                "jobs.generate_pairs",
+                "--config",
+                "configs/tiny-cpu.yaml",
+                "--set",
+                f"output_dir={shared / 'run'}",
+                "--set",
+                f"cluster.address={cluster.address}",
+            ],
+            cwd=ROOT,
+            env=cluster.env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
     finally:
         cluster.stop()
     assert run.returncode == 2, run.stdout[-2000:] + run.stderr[-2000:]
     last = run.stderr.strip().splitlines()[-1]
-    assert re.fullmatch(re.escape(f"plad-ray: error: config key output_dir: {shared / 'run'} is a local folder that 1 "
-                                  "of the cluster's 2 nodes do not see (") + r"[0-9.]+" + re.escape(
-        "); on a multi-node cluster point output_dir (or cluster.storage, for a relative one) at shared storage: a "
-        "folder mounted on every node, or a URI such as s3://bucket/runs"), last), last
+    assert re.fullmatch(
+        re.escape(
+            f"plad-ray: error: config key output_dir: {shared / 'run'} is a local folder that 1 "
+            "of the cluster's 2 nodes do not see ("
+        )
+        + r"[0-9.]+"
+        + re.escape(
+            "); on a multi-node cluster point output_dir (or cluster.storage, for a relative one) at shared storage: a "
+            "folder mounted on every node, or a URI such as s3://bucket/runs"
+        ),
+        last,
+    ), last
     assert list(shared.iterdir()) == []  # no output folder, and the visibility marker removed

@@ -12,12 +12,12 @@ import subprocess
 
 import pytest
 import torch
+from conftest import PYTHON, ROOT, job_env
 from safetensors.torch import load_file
 
-from conftest import PYTHON, ROOT, job_env
-from plad_ray.models import pretrained
 from plad_ray.data import parquet
 from plad_ray.evaluation.metrics import exact_match
+from plad_ray.models import pretrained
 
 pytestmark = [pytest.mark.integration, pytest.mark.real_models, pytest.mark.timeout(5400)]
 
@@ -30,8 +30,14 @@ def run(tmp_path_factory):
     missing = [n for n in pretrained.MODELS if not pretrained.is_complete(MODELS / n)]
     assert not missing, f"{missing} not converted under {MODELS}: run `make real-models` first"
     out = tmp_path_factory.mktemp("real") / "run"
-    proc = subprocess.run([PYTHON, "-m", "jobs.distill", "--config", CONFIG, "--set", f"output_dir={out}"],
-                          cwd=ROOT, env=job_env(), capture_output=True, text=True, timeout=5000)
+    proc = subprocess.run(
+        [PYTHON, "-m", "jobs.distill", "--config", CONFIG, "--set", f"output_dir={out}"],
+        cwd=ROOT,
+        env=job_env(),
+        capture_output=True,
+        text=True,
+        timeout=5000,
+    )
     print(proc.stdout[-6000:])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return out
@@ -40,7 +46,10 @@ def run(tmp_path_factory):
 def test_pairs_cross_tokenizers_as_text(run):
     table = parquet.read_table(str(run / "pairs"))
     assert table.num_rows == 128 * 2  # prompts x student.num_samples
-    references = {json.loads(line)["id"]: json.loads(line)["reference"] for line in open(ROOT / "configs/prompts/capitals-fewshot.jsonl")}
+    references = {
+        json.loads(line)["id"]: json.loads(line)["reference"]
+        for line in open(ROOT / "configs/prompts/capitals-fewshot.jsonl")
+    }
     rows = table.to_pylist()
     teacher_right = {r["id"]: exact_match(r["chosen"], references[r["id"]]) for r in rows}
     # Gemma answers most capitals (113/128 when the roles were chosen); the chat student mostly does not.

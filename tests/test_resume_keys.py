@@ -17,8 +17,13 @@ def test_samples_to_generate_is_every_key_not_yet_written(local_ray, tmp_path, n
     from plad_ray.data import parquet
     from plad_ray.generate.stages import samples_to_generate
 
-    teacher = pa.table({"id": [f"p{i:03d}" for i in range(40)], "prompt": [f"w{i}>" for i in range(40)],
-                        "teacher_output": [f"{i}w" for i in range(40)]})
+    teacher = pa.table(
+        {
+            "id": [f"p{i:03d}" for i in range(40)],
+            "prompt": [f"w{i}>" for i in range(40)],
+            "teacher_output": [f"{i}w" for i in range(40)],
+        }
+    )
     # An interrupted run's pending pairs, written as the pairs schema writes them (sample_index int32),
     # in two files: every sample of the first 10 prompts, sample 1 of prompts 10-19.
     done = [(f"p{i:03d}", k) for i in range(10) for k in range(3)] + [(f"p{i:03d}", 1) for i in range(10, 20)]
@@ -39,5 +44,7 @@ def test_samples_to_generate_is_every_key_not_yet_written(local_ray, tmp_path, n
 
     assert parquet.done_keys_dataset(str(tmp_path / "nothing"), ["id", "sample_index"]) is None
     fresh = samples_to_generate(ray.data.from_arrow(teacher), 2).take_all()
-    assert sorted((r["id"], r["sample_index"]) for r in fresh) == [(f"p{i:03d}", k) for i in range(40) for k in range(2)]
+    assert sorted((r["id"], r["sample_index"]) for r in fresh) == [
+        (f"p{i:03d}", k) for i in range(40) for k in range(2)
+    ]
     assert pairs.expand_samples({"id": "x"}, 2) == [{"id": "x", "sample_index": 0}, {"id": "x", "sample_index": 1}]

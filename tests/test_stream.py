@@ -6,26 +6,27 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from test_config import MINIMAL, write
 
-from plad_ray import pairs
 from plad_ray.cluster import check_resources
 from plad_ray.config import Config, StudentEngineConfig, TeacherEngineConfig, TrainConfig, load_config
 from plad_ray.data import parquet
 from plad_ray.errors import ConfigError
 from plad_ray.train.stream_feed import StreamFeed, count_rows
 
-from test_config import MINIMAL, write
-
 
 def rows(ids, heldout, status=None):
     n = len(ids)
-    return {"id": np.asarray([f"p{i}" for i in ids]), "sample_index": np.zeros(n, dtype=np.int32),
-            "heldout": np.asarray(heldout, dtype=bool),
-            "status": np.asarray(status or ["ok"] * n),
-            "verdict": np.asarray([""] * n),
-            "prompt_ids": np.asarray([np.asarray([1, 2], dtype=np.int32)] * n + [None], dtype=object)[:n],
-            "chosen_ids": np.asarray([np.asarray([3, 4, 5], dtype=np.int32)] * n + [None], dtype=object)[:n],
-            "rejected_ids": np.asarray([np.asarray([6], dtype=np.int32)] * n + [None], dtype=object)[:n]}
+    return {
+        "id": np.asarray([f"p{i}" for i in ids]),
+        "sample_index": np.zeros(n, dtype=np.int32),
+        "heldout": np.asarray(heldout, dtype=bool),
+        "status": np.asarray(status or ["ok"] * n),
+        "verdict": np.asarray([""] * n),
+        "prompt_ids": np.asarray([np.asarray([1, 2], dtype=np.int32)] * n + [None], dtype=object)[:n],
+        "chosen_ids": np.asarray([np.asarray([3, 4, 5], dtype=np.int32)] * n + [None], dtype=object)[:n],
+        "rejected_ids": np.asarray([np.asarray([6], dtype=np.int32)] * n + [None], dtype=object)[:n],
+    }
 
 
 class Split:
@@ -40,9 +41,13 @@ class Split:
 
 
 def test_a_rank_reads_its_heldout_pairs_then_its_training_pairs_in_steps():
-    split = Split([rows([0, 1, 2], [True] * 3),
-                   rows([3, 4, 5, 6], [True, False, False, False], ["ok", "ok", "too_long", "identical"]),
-                   rows(range(7, 17), [False] * 10)])
+    split = Split(
+        [
+            rows([0, 1, 2], [True] * 3),
+            rows([3, 4, 5, 6], [True, False, False, False], ["ok", "ok", "too_long", "identical"]),
+            rows(range(7, 17), [False] * 10),
+        ]
+    )
     feed = StreamFeed(split, trained=("ok",), micro_batch_size=2, pad_id=0)
     heldout = feed.heldout()
     assert [b["input_ids"].shape[0] // 2 for b in heldout] == [2, 2]  # p0..p3, collated two pairs a batch
@@ -51,13 +56,23 @@ def test_a_rank_reads_its_heldout_pairs_then_its_training_pairs_in_steps():
     # p5 (too long) and p6 (identical, no NLL part) are not trained; the rest in the stream's order
     assert ids == [["p4", "p7", "p8", "p9"], ["p10", "p11", "p12", "p13"], ["p14", "p15", "p16"]]
     counts = feed.finish(trained_rows=8)
-    assert counts == {"pairs": 17, "train": 11, "heldout": 4, "heldout_ranked": 4, "dropped_identical": 1,
-                      "dropped_too_long": 1, "dropped_student_better": 0, "trained": 8, "untrained": 3}
+    assert counts == {
+        "pairs": 17,
+        "train": 11,
+        "heldout": 4,
+        "heldout_ranked": 4,
+        "dropped_identical": 1,
+        "dropped_too_long": 1,
+        "dropped_student_better": 0,
+        "trained": 8,
+        "untrained": 3,
+    }
 
 
 def test_a_heldout_pair_after_a_training_pair_stops_the_rank():
-    feed = StreamFeed(Split([rows([0], [True]), rows([1, 2], [False, False]), rows([3], [True])]), trained=("ok",),
-                      micro_batch_size=2)
+    feed = StreamFeed(
+        Split([rows([0], [True]), rows([1, 2], [False, False]), rows([3], [True])]), trained=("ok",), micro_batch_size=2
+    )
     feed.heldout()
     with pytest.raises(RuntimeError, match="a held-out pair came after a training pair"):
         list(feed.iter_batches(batch_size=2))
@@ -70,12 +85,15 @@ def test_identical_pairs_train_and_count_with_an_nll_part():
     assert counts["train"] == 2 and counts["dropped_identical"] == 0
 
 
-@pytest.mark.parametrize("override, message", [
-    ("train.loss.type=listwise", "listwise groups need every sample of a prompt in one row"),
-    ("train.max_failures=1", "a restarted worker group would read the stream again"),
-    ("train.guard.action=stop", "a streamed epoch takes none"),
-    ("train.pairs=given", "there is nothing to generate"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.loss.type=listwise", "listwise groups need every sample of a prompt in one row"),
+        ("train.max_failures=1", "a restarted worker group would read the stream again"),
+        ("train.guard.action=stop", "a streamed epoch takes none"),
+        ("train.pairs=given", "there is nothing to generate"),
+    ],
+)
 def test_what_a_stream_cannot_do_is_refused_with_its_key(tmp_path, override, message):
     with pytest.raises(ConfigError) as error:
         load_config(write(tmp_path, MINIMAL), ["train.stream=true", override])
@@ -85,18 +103,28 @@ def test_what_a_stream_cannot_do_is_refused_with_its_key(tmp_path, override, mes
 
 
 def test_engines_and_trainer_must_fit_at_once():
-    cfg = Config(output_dir="o", teacher=TeacherEngineConfig(model="t"), student=StudentEngineConfig(model="s"),
-                 train=TrainConfig(num_workers=2, stream=True))
+    cfg = Config(
+        output_dir="o",
+        teacher=TeacherEngineConfig(model="t"),
+        student=StudentEngineConfig(model="s"),
+        train=TrainConfig(num_workers=2, stream=True),
+    )
     # 1 engine + 2 workers + 1 for Ray Data's tasks + 2 x 0.5 for the tokenizers = 5
     with pytest.raises(ConfigError, match=r"config key train.stream: .* need 5 CPUs \(the cluster has 4 CPUs"):
         check_resources(cfg, {"CPU": 4.0})
     check_resources(cfg, {"CPU": 5.0})
     cfg.train.stream = False
     check_resources(cfg, {"CPU": 4.0})  # one after the other: each fits on its own
-    gpu = Config(output_dir="o", teacher=TeacherEngineConfig(model="t"), student=StudentEngineConfig(model="s", replicas=4),
-                 train=TrainConfig(num_workers=8, stream=True))
+    gpu = Config(
+        output_dir="o",
+        teacher=TeacherEngineConfig(model="t"),
+        student=StudentEngineConfig(model="s", replicas=4),
+        train=TrainConfig(num_workers=8, stream=True),
+    )
     gpu.cluster.use_gpu = True
-    with pytest.raises(ConfigError, match=r"the student engines \(4 GPUs\) and 8 trainer workers run at once and need 12"):
+    with pytest.raises(
+        ConfigError, match=r"the student engines \(4 GPUs\) and 8 trainer workers run at once and need 12"
+    ):
         check_resources(gpu, {"CPU": 128.0, "GPU": 8.0})
     check_resources(gpu, {"CPU": 128.0, "GPU": 16.0})
 
@@ -104,8 +132,9 @@ def test_engines_and_trainer_must_fit_at_once():
 def test_the_stream_writes_each_block_once_under_a_name_of_its_own(tmp_path):
     uri = str(tmp_path / "pairs")
     table = pa.table({"id": ["a", "b"], "sample_index": [0, 1]})
-    write_block = parquet.WritePending(uri, pa.schema([("id", pa.string()), ("sample_index", pa.int32())]),
-                                       ["id", "sample_index"])
+    write_block = parquet.WritePending(
+        uri, pa.schema([("id", pa.string()), ("sample_index", pa.int32())]), ["id", "sample_index"]
+    )
     assert write_block(table).num_rows == 2
     write_block(table)  # Ray Data computing the block again overwrites its file
     write_block(pa.table({"id": ["c"], "sample_index": [0]}))
@@ -152,16 +181,24 @@ def test_a_streamed_round_gets_its_teacher_scores_after_its_pairs_are_committed(
     monkeypatch.setattr(pipeline, "prepare", lambda *args, **kwargs: Inputs(num_prompts=4, student_path="s"))
     monkeypatch.setattr(pipeline, "generate_teacher", lambda *args: {})
     monkeypatch.setattr(pipeline, "pair_stream", lambda cfg, inputs, log, round: calls.append(("stream", round)) or 1)
-    monkeypatch.setattr(pipeline, "commit_pairs", lambda cfg, r, start, log: calls.append(("commit", r)) or {"pairs": 4})
+    monkeypatch.setattr(
+        pipeline, "commit_pairs", lambda cfg, r, start, log: calls.append(("commit", r)) or {"pairs": 4}
+    )
     monkeypatch.setattr(pipeline, "score_pairs", lambda cfg, inputs, log, r: calls.append(("score", r)) or {"rows": 6})
     monkeypatch.setattr(pipeline, "write_report", lambda cfg, rounds, figures, *args: {"rounds": rounds})
     monkeypatch.setattr(pipeline, "log_report", lambda *args: None)
     import plad_ray.train.driver as driver
 
-    monkeypatch.setattr(driver, "train_student", lambda cfg, inputs, log, round=1, stream=None:
-                        calls.append(("train", round, stream is not None)) or {"steps": 1})
-    cfg = load_config(write(tmp_path, MINIMAL), ["train.stream=true", "teacher.score_samples=true",
-                                                 "eval.enabled=false"])
+    monkeypatch.setattr(
+        driver,
+        "train_student",
+        lambda cfg, inputs, log, round=1, stream=None: (
+            calls.append(("train", round, stream is not None)) or {"steps": 1}
+        ),
+    )
+    cfg = load_config(
+        write(tmp_path, MINIMAL), ["train.stream=true", "teacher.score_samples=true", "eval.enabled=false"]
+    )
     report = pipeline.distill(cfg, log=lambda _: None)
     assert calls == [("stream", 1), ("train", 1, True), ("commit", 1), ("score", 1)]
     assert report["rounds"][0]["pair_generation"] == {"pairs": 4, "teacher_scoring": {"rows": 6}}

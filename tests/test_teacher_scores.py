@@ -17,12 +17,21 @@ def entry(*ranked):
 def test_the_response_positions_give_each_token_its_log_prob_and_the_top_k_in_rank_order():
     # prompt [7, 8], response [5, 9]; k = 2. Position 2 (token 5) is the most likely token there; position 3's
     # token 9 is outside the top 2, so vLLM lists it as a third entry with its own rank.
-    prompt_logprobs = [None, entry((8, -0.1, 1), (3, -2.5, 2)),
-                       entry((5, -0.2, 1), (6, -1.9, 2)),
-                       entry((9, -4.0, 7), (4, -0.5, 1), (2, -1.2, 2))]
+    prompt_logprobs = [
+        None,
+        entry((8, -0.1, 1), (3, -2.5, 2)),
+        entry((5, -0.2, 1), (6, -1.9, 2)),
+        entry((9, -4.0, 7), (4, -0.5, 1), (2, -1.2, 2)),
+    ]
     got = tl.read_prompt_logprobs(prompt_logprobs, [7, 8, 5, 9], prompt_len=2, k=2)
-    assert got == {"num_tokens": 2, "prompt_tokens": 2, "token_ids": [5, 9], "logprobs": [-0.2, -4.0],
-                   "topk_ids": [5, 6, 4, 2], "topk_logprobs": [-0.2, -1.9, -0.5, -1.2]}
+    assert got == {
+        "num_tokens": 2,
+        "prompt_tokens": 2,
+        "token_ids": [5, 9],
+        "logprobs": [-0.2, -4.0],
+        "topk_ids": [5, 6, 4, 2],
+        "topk_logprobs": [-0.2, -1.9, -0.5, -1.2],
+    }
     # The prompt's own positions are not scored; an empty response gives empty columns.
     empty = tl.read_prompt_logprobs(prompt_logprobs[:2], [7, 8], prompt_len=2, k=2)
     assert empty["num_tokens"] == 0 and empty["topk_ids"] == [] and empty["logprobs"] == []
@@ -39,12 +48,22 @@ def test_a_position_with_fewer_than_k_alternatives_is_an_error_not_a_short_row()
 
 
 def test_sample_zero_also_scores_the_prompts_teacher_output_once():
-    pair = {"id": "p1", "sample_index": 0, "prompt": "ab>", "chosen": "ba", "rejected": "aa",
-            "chosen_finish_reason": "eos", "rejected_finish_reason": "length",
-            "chosen_token_ids": [5, 4, 2], "rejected_token_ids": [4, 4]}
+    pair = {
+        "id": "p1",
+        "sample_index": 0,
+        "prompt": "ab>",
+        "chosen": "ba",
+        "rejected": "aa",
+        "chosen_finish_reason": "eos",
+        "rejected_finish_reason": "length",
+        "chosen_token_ids": [5, 4, 2],
+        "rejected_token_ids": [4, 4],
+    }
     first = tl.scoring_sequences(pair)
     assert [(s["side"], s["text"], s["generated_ids"], s["finish_reason"]) for s in first] == [
-        ("chosen", "ba", [5, 4, 2], "eos"), ("rejected", "aa", [4, 4], "length")]
+        ("chosen", "ba", [5, 4, 2], "eos"),
+        ("rejected", "aa", [4, 4], "length"),
+    ]
     assert all(s["id"] == "p1" and s["sample_index"] == 0 and s["prompt"] == "ab>" for s in first)
     later = tl.scoring_sequences({**pair, "sample_index": 1})
     assert [(s["side"], s["sample_index"]) for s in later] == [("rejected", 1)]
@@ -100,14 +119,33 @@ def test_only_sequences_not_yet_scored_are_sent_again(local_ray):
 
     from plad_ray.generate.scores import _to_score
 
-    pairs = [{"id": f"p{i}", "sample_index": k, "prompt": "x>", "chosen": "c", "rejected": "r",
-              "chosen_finish_reason": "eos", "rejected_finish_reason": "eos", "chosen_token_ids": [1],
-              "rejected_token_ids": [2]} for i in range(3) for k in range(2)]
-    done = pa.table({"id": ["p0", "p0", "p1"], "sample_index": pa.array([0, 1, 0], pa.int32()),
-                     "side": ["chosen", "rejected", "rejected"]})
+    pairs = [
+        {
+            "id": f"p{i}",
+            "sample_index": k,
+            "prompt": "x>",
+            "chosen": "c",
+            "rejected": "r",
+            "chosen_finish_reason": "eos",
+            "rejected_finish_reason": "eos",
+            "chosen_token_ids": [1],
+            "rejected_token_ids": [2],
+        }
+        for i in range(3)
+        for k in range(2)
+    ]
+    done = pa.table(
+        {
+            "id": ["p0", "p0", "p1"],
+            "sample_index": pa.array([0, 1, 0], pa.int32()),
+            "side": ["chosen", "rejected", "rejected"],
+        }
+    )
     left = _to_score(ray.data.from_items(pairs), ray.data.from_arrow(done), num_partitions=2).take_all()
     keys = sorted((r["id"], int(r["sample_index"]), r["side"]) for r in left)
-    everything = {(f"p{i}", k, "rejected") for i in range(3) for k in range(2)} | {(f"p{i}", 0, "chosen") for i in range(3)}
+    everything = {(f"p{i}", k, "rejected") for i in range(3) for k in range(2)} | {
+        (f"p{i}", 0, "chosen") for i in range(3)
+    }
     assert len(everything) == 9
     assert keys == sorted(everything - {("p0", 0, "chosen"), ("p0", 1, "rejected"), ("p1", 0, "rejected")})
     assert math.isclose(len(keys) / len(everything), 6 / 9)
@@ -116,9 +154,11 @@ def test_only_sequences_not_yet_scored_are_sent_again(local_ray):
 def test_the_teacher_scorer_judges_by_the_scores_the_rows_carry():
     from plad_ray.verifiers import TEACHER, judge_pairs
 
-    rows = [{"prompt": "ab>", "chosen": "ba", "rejected": "aa", "chosen_score": -0.2, "rejected_score": -1.5},
-            {"prompt": "cd>", "chosen": "dc", "rejected": "xx", "chosen_score": -2.0, "rejected_score": -0.5},
-            {"prompt": "ef>", "chosen": "fe", "rejected": "fe", "chosen_score": -0.3, "rejected_score": -0.3}]
+    rows = [
+        {"prompt": "ab>", "chosen": "ba", "rejected": "aa", "chosen_score": -0.2, "rejected_score": -1.5},
+        {"prompt": "cd>", "chosen": "dc", "rejected": "xx", "chosen_score": -2.0, "rejected_score": -0.5},
+        {"prompt": "ef>", "chosen": "fe", "rejected": "fe", "chosen_score": -0.3, "rejected_score": -0.3},
+    ]
     judged, verdicts, dropped = judge_pairs(rows, TEACHER, "flip")
     assert verdicts == ["teacher", "student", "tie"] and dropped == [False, False, False]
     # the pair the teacher liked less than the student's sample is flipped, scores and all
@@ -135,23 +175,49 @@ def test_pairs_get_the_teacher_mean_log_prob_of_each_side(local_ray, tmp_path):
     from plad_ray.train.score_joins import with_teacher_scores
 
     def score(i, k, side, logprobs):
-        return {"id": f"p{i}", "sample_index": k, "side": side, "num_tokens": len(logprobs), "prompt_tokens": 3,
-                "token_ids": [1] * len(logprobs), "logprobs": logprobs, "topk_ids": [], "topk_logprobs": []}
+        return {
+            "id": f"p{i}",
+            "sample_index": k,
+            "side": side,
+            "num_tokens": len(logprobs),
+            "prompt_tokens": 3,
+            "token_ids": [1] * len(logprobs),
+            "logprobs": logprobs,
+            "topk_ids": [],
+            "topk_logprobs": [],
+        }
 
-    rows = [score(0, 0, "chosen", [-0.1, -0.3]), score(0, 0, "rejected", [-1.0, -2.0, -3.0]),
-            score(0, 1, "rejected", [-4.0]), score(1, 0, "chosen", [-0.5]), score(1, 0, "rejected", [-0.25, -0.75])]
+    rows = [
+        score(0, 0, "chosen", [-0.1, -0.3]),
+        score(0, 0, "rejected", [-1.0, -2.0, -3.0]),
+        score(0, 1, "rejected", [-4.0]),
+        score(1, 0, "chosen", [-0.5]),
+        score(1, 0, "rejected", [-0.25, -0.75]),
+    ]
     uri = str(tmp_path / "teacher_scores")
     parquet.write_pending(ray.data.from_arrow(pa.Table.from_pylist(rows, tl.SCORE_SCHEMA)), uri, tl.SCORE_SCHEMA)
     parquet.commit(uri, {}, tl.KEYS, log=lambda _: None)
-    pairs = pa.table({"id": ["p0", "p0", "p1"], "sample_index": pa.array([0, 1, 0], pa.int32()),
-                      "chosen": ["c0", "c0", "c1"], "rejected": ["r00", "r01", "r10"]})
+    pairs = pa.table(
+        {
+            "id": ["p0", "p0", "p1"],
+            "sample_index": pa.array([0, 1, 0], pa.int32()),
+            "chosen": ["c0", "c0", "c1"],
+            "rejected": ["r00", "r01", "r10"],
+        }
+    )
     got = sorted(with_teacher_scores(ray.data.from_arrow(pairs), uri, 3).take_all(), key=lambda r: r["rejected"])
     assert [(r["rejected"], r["chosen_score"], r["rejected_score"]) for r in got] == [
-        ("r00", pytest.approx(-0.2), pytest.approx(-2.0)), ("r01", pytest.approx(-0.2), pytest.approx(-4.0)),
-        ("r10", pytest.approx(-0.5), pytest.approx(-0.5))]
+        ("r00", pytest.approx(-0.2), pytest.approx(-2.0)),
+        ("r01", pytest.approx(-0.2), pytest.approx(-4.0)),
+        ("r10", pytest.approx(-0.5), pytest.approx(-0.5)),
+    ]
     # A pair without its scores stops the run; it is not trained without them.
-    more = pa.concat_tables([pairs, pa.table({"id": ["p2"], "sample_index": pa.array([0], pa.int32()),
-                                              "chosen": ["c2"], "rejected": ["r20"]})])
+    more = pa.concat_tables(
+        [
+            pairs,
+            pa.table({"id": ["p2"], "sample_index": pa.array([0], pa.int32()), "chosen": ["c2"], "rejected": ["r20"]}),
+        ]
+    )
     with pytest.raises(DataError, match="1 of 4 pairs have no teacher scores"):
         with_teacher_scores(ray.data.from_arrow(more), uri, 4)
     with pytest.raises(DataError, match="the top-k objectives need teacher.score_samples=true"):
@@ -167,17 +233,36 @@ def test_top_k_ids_past_the_students_rows_stop_the_run_before_training(local_ray
     from plad_ray.train.score_joins import with_teacher_topk
 
     def score(i, side, topk_ids):  # one scored token, k = 2
-        return {"id": f"p{i}", "sample_index": 0, "side": side, "num_tokens": 1, "prompt_tokens": 3,
-                "token_ids": [1], "logprobs": [-0.1], "topk_ids": topk_ids, "topk_logprobs": [-0.1, -2.5]}
+        return {
+            "id": f"p{i}",
+            "sample_index": 0,
+            "side": side,
+            "num_tokens": 1,
+            "prompt_tokens": 3,
+            "token_ids": [1],
+            "logprobs": [-0.1],
+            "topk_ids": topk_ids,
+            "topk_logprobs": [-0.1, -2.5],
+        }
 
     # p1's teacher output (chosen) has the largest id, 151,935; the samples' (rejected) largest is 151,000
-    rows = [score(0, "chosen", [5, 9]), score(0, "rejected", [151000, 3]),
-            score(1, "chosen", [151935, 7]), score(1, "rejected", [4, 8])]
+    rows = [
+        score(0, "chosen", [5, 9]),
+        score(0, "rejected", [151000, 3]),
+        score(1, "chosen", [151935, 7]),
+        score(1, "rejected", [4, 8]),
+    ]
     uri = str(tmp_path / "teacher_scores")
     parquet.write_pending(ray.data.from_arrow(pa.Table.from_pylist(rows, tl.SCORE_SCHEMA)), uri, tl.SCORE_SCHEMA)
     parquet.commit(uri, {}, tl.KEYS, log=lambda _: None)
-    pairs = pa.table({"id": ["p0", "p1"], "sample_index": pa.array([0, 0], pa.int32()),
-                      "chosen": ["c0", "c1"], "rejected": ["r0", "r1"]})
+    pairs = pa.table(
+        {
+            "id": ["p0", "p1"],
+            "sample_index": pa.array([0, 0], pa.int32()),
+            "chosen": ["c0", "c1"],
+            "rejected": ["r0", "r1"],
+        }
+    )
     both = ("chosen", "rejected")
     assert with_teacher_topk(ray.data.from_arrow(pairs), uri, 2, both, 151936).count() == 2  # Qwen2.5-0.5B's rows
     # onpolicy_kd reads only the samples' top-k: ids up to 151,000 fit 151,001 rows
@@ -187,7 +272,8 @@ def test_top_k_ids_past_the_students_rows_stop_the_run_before_training(local_ray
     message = str(err.value)
     assert "\n" not in message and message.startswith(
         f"config key train.teacher_scores: {uri}: top-k id 151935 is past the student's 151935 embedding rows "
-        "(ids 0 to 151934)")
+        "(ids 0 to 151934)"
+    )
     with pytest.raises(DataError, match=f"teacher scores {uri}: top-k id 151000 is past the student's 151000"):
         with_teacher_topk(ray.data.from_arrow(pairs), uri, 2, ("rejected",), 151000)
 
@@ -198,12 +284,17 @@ def test_the_teacher_scorer_needs_the_scoring_stage_and_is_no_verifier():
 
     cfg = Config()
     cfg.train.scorer, cfg.train.loss.type = "teacher", "margin"
+
     def refused(cfg):
         return [(k, t) for k, ok, t in cfg._checks() if not ok and k.startswith("train.")]
 
     assert refused(cfg) == [
-        ("train.scorer", "the teacher scorer reads the teacher's log-probs of the pairs: set teacher.score_samples=true "
-                         "(this run's pairs) or train.teacher_scores (beside train.pairs)")]
+        (
+            "train.scorer",
+            "the teacher scorer reads the teacher's log-probs of the pairs: set teacher.score_samples=true "
+            "(this run's pairs) or train.teacher_scores (beside train.pairs)",
+        )
+    ]
     cfg.teacher.score_samples = True
     assert refused(cfg) == []
     # Given pairs: this run's scoring does not score them; their own run's teacher_scores/ does.
@@ -212,8 +303,12 @@ def test_the_teacher_scorer_needs_the_scoring_stage_and_is_no_verifier():
     cfg.train.teacher_scores = "other/teacher_scores"
     assert refused(cfg) == []
     cfg.train.pairs = None  # scores without the pairs they score
-    assert refused(cfg) == [("train.teacher_scores", "scores of given pairs: set train.pairs too (a run's own pairs "
-                                                     "use its teacher.score_samples)")]
+    assert refused(cfg) == [
+        (
+            "train.teacher_scores",
+            "scores of given pairs: set train.pairs too (a run's own pairs use its teacher.score_samples)",
+        )
+    ]
     assert verifier(cfg) is None  # new generations have no teacher scores: evaluation judges by text only
     cfg.eval.scorer = "reverse"
     assert verifier(cfg) == "reverse"
@@ -221,8 +316,8 @@ def test_the_teacher_scorer_needs_the_scoring_stage_and_is_no_verifier():
 
 def test_scoring_off_keeps_the_scores_and_another_k_makes_them_stale(tmp_path):
     from plad_ray.config import Config
-    from plad_ray.outputs import prepare_output
     from plad_ray.errors import ConfigError
+    from plad_ray.outputs import prepare_output
 
     def config(score: bool, k: int = 20) -> Config:
         cfg = Config(output_dir=str(tmp_path / "run"))
@@ -234,8 +329,11 @@ def test_scoring_off_keeps_the_scores_and_another_k_makes_them_stale(tmp_path):
     prepare_output(config(False))  # a run without scoring neither refuses nor removes them
     assert (tmp_path / "run" / "teacher_scores").is_dir()
     prepare_output(config(True))  # ... and turning it back on finds them as they were made
-    with pytest.raises(ConfigError, match=r"its scores outputs were made with a different config "
-                                          r"\(teacher_scoring.score_top_k: 20 -> 5\)"):
+    with pytest.raises(
+        ConfigError,
+        match=r"its scores outputs were made with a different config "
+        r"\(teacher_scoring.score_top_k: 20 -> 5\)",
+    ):
         prepare_output(config(True, 5))
     prepare_output(config(True, 5), overwrite=True, log=lambda _: None)
     assert not (tmp_path / "run" / "teacher_scores").exists()

@@ -16,8 +16,9 @@ def model_folder(path, vocab_size: int) -> str:
     from plad_ray.models import tiny
 
     tiny.build_tokenizer().save_pretrained(path)
-    LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
-                num_attention_heads=1).save_pretrained(path)
+    LlamaConfig(
+        vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=1
+    ).save_pretrained(path)
     return str(path)
 
 
@@ -43,8 +44,15 @@ def test_the_frozen_teacher_is_moved_to_the_workers_device(tmp_path):
     folder = model_folder(tmp_path / "teacher", 261)
     config = LlamaForCausalLM.config_class.from_pretrained(folder)
     LlamaForCausalLM(config).save_pretrained(folder)
-    plan = TrainPlan(train=TrainConfig(loss=LossConfig(type="token_kd")), model_path=folder, export_uri="",
-                     tracking=None, steps_per_epoch=1, pad_id=0, teacher_path=folder)
+    plan = TrainPlan(
+        train=TrainConfig(loss=LossConfig(type="token_kd")),
+        model_path=folder,
+        export_uri="",
+        tracking=None,
+        steps_per_epoch=1,
+        pad_id=0,
+        teacher_path=folder,
+    )
     # "meta" stands in for a GPU here: a device other than the CPU the weights load on.
     teacher = worker._load_teacher(plan, torch.device("meta"))
     assert {p.device.type for p in teacher.parameters()} == {"meta"}
@@ -65,5 +73,7 @@ def test_teacher_token_ids_must_have_student_rows(tmp_path):
         check_teacher_ids_fit(teacher, narrow, "train.loss.type")
     message = str(err.value)
     assert "\n" not in message and message.startswith("config key train.loss.type: the teacher's tokenizer")
-    assert f"holds 259 tokens but the student ({narrow}) has 256 embedding rows, so teacher token ids 256 and up" \
+    assert (
+        f"holds 259 tokens but the student ({narrow}) has 256 embedding rows, so teacher token ids 256 and up"
         in message
+    )

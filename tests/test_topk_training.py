@@ -12,8 +12,11 @@ from plad_ray.train.feed import student_at_teacher_topk, topk_term
 
 def test_a_sides_top_k_is_cut_with_its_response():
     out = {"rejected_topk_ids": [], "rejected_topk_logps": [], "rejected_topk_tokens": []}
-    row = {"rejected_topk_ids": [1, 2, 3, 4, 5, 6], "rejected_topk_logps": [-.1, -.2, -.3, -.4, -.5, -.6],
-           "rejected_topk_tokens": 3}  # 3 tokens x k = 2
+    row = {
+        "rejected_topk_ids": [1, 2, 3, 4, 5, 6],
+        "rejected_topk_logps": [-0.1, -0.2, -0.3, -0.4, -0.5, -0.6],
+        "rejected_topk_tokens": 3,
+    }  # 3 tokens x k = 2
     out_topk(out, row, "rejected", kept=2)
     out_topk(out, row, "rejected", kept=5)  # the teacher scored fewer tokens than training keeps: its 3
     out_topk(out, {**row, "rejected_topk_ids": [], "rejected_topk_logps": [], "rejected_topk_tokens": 0}, "rejected", 4)
@@ -24,11 +27,17 @@ def test_a_sides_top_k_is_cut_with_its_response():
 
 def test_the_top_k_sits_at_the_positions_of_the_tokens_it_scores():
     # two pairs; prompts of 2 and 1 tokens; responses of 2 and 3; k = 2; only the samples have a top-k
-    batch = {"prompt_ids": [np.array([7, 8]), np.array([9])],
-             "chosen_ids": [np.array([1, 2]), np.array([3, 4, 5])], "rejected_ids": [np.array([1, 1]), np.array([4, 4, 4])],
-             "rejected_topk_ids": [np.array([10, 11, 12, 13]), np.array([20, 21, 22, 23, 24, 25])],
-             "rejected_topk_logps": [np.array([-1, -2, -3, -4], np.float32), np.array([-5, -6, -7, -8, -9, -10], np.float32)],
-             "rejected_topk_tokens": np.array([2, 3])}
+    batch = {
+        "prompt_ids": [np.array([7, 8]), np.array([9])],
+        "chosen_ids": [np.array([1, 2]), np.array([3, 4, 5])],
+        "rejected_ids": [np.array([1, 1]), np.array([4, 4, 4])],
+        "rejected_topk_ids": [np.array([10, 11, 12, 13]), np.array([20, 21, 22, 23, 24, 25])],
+        "rejected_topk_logps": [
+            np.array([-1, -2, -3, -4], np.float32),
+            np.array([-5, -6, -7, -8, -9, -10], np.float32),
+        ],
+        "rejected_topk_tokens": np.array([2, 3]),
+    }
     out = collate_pairs(batch, pad_id=0)
     assert out["topk_ids"].shape == (4, 4, 2) and out["topk_mask"].shape == (4, 4)
     assert out["topk_mask"].tolist() == [[0, 0, 0, 0], [0, 0, 0, 0], [0, 0, 1, 1], [0, 1, 1, 1]]

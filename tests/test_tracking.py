@@ -31,8 +31,8 @@ def wandb_records(path: str) -> list:
         if block - pos % block < 7:  # a block's tail too short for a chunk header is padding
             pos += block - pos % block
             continue
-        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
-        buf += data[pos + 7:pos + 7 + length]
+        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        buf += data[pos + 7 : pos + 7 + length]
         pos += 7 + length
         if kind in (1, 4):  # FULL or LAST chunk: a whole record
             record = pb.Record()
@@ -80,40 +80,69 @@ def test_trackers_without_a_destination_are_refused_in_one_line():
 
 
 def test_the_plan_carries_the_environment_but_never_shows_it(tmp_path):
-    environ = {"MLFLOW_TRACKING_URI": "http://tracker:5000", "MLFLOW_TRACKING_TOKEN": SECRET_TOKEN,
-               "WANDB_API_KEY": SECRET_KEY, "HOME": "/home/x"}
+    environ = {
+        "MLFLOW_TRACKING_URI": "http://tracker:5000",
+        "MLFLOW_TRACKING_TOKEN": SECRET_TOKEN,
+        "WANDB_API_KEY": SECRET_KEY,
+        "HOME": "/home/x",
+    }
     plan = plan_tracking(["tensorboard", "mlflow", "wandb"], "exp", str(tmp_path), "run", {"a": 1}, environ=environ)
-    assert plan.env == {"MLFLOW_TRACKING_URI": "http://tracker:5000", "MLFLOW_TRACKING_TOKEN": SECRET_TOKEN,
-                        "WANDB_API_KEY": SECRET_KEY, "WANDB_DIR": f"{tmp_path}/logs"}  # only the trackers' own
+    assert plan.env == {
+        "MLFLOW_TRACKING_URI": "http://tracker:5000",
+        "MLFLOW_TRACKING_TOKEN": SECRET_TOKEN,
+        "WANDB_API_KEY": SECRET_KEY,
+        "WANDB_DIR": f"{tmp_path}/logs",
+    }  # only the trackers' own
     assert SECRET_TOKEN not in repr(plan) and SECRET_KEY not in repr(plan)
     assert plan.tensorboard_dir == f"{tmp_path}/train/tensorboard" and plan.tensorboard_uri is None
     remote = plan_tracking(["tensorboard"], "exp", "s3://bucket/run", "run", environ={})
     assert remote.tensorboard_dir is None and remote.tensorboard_uri == "s3://bucket/run/train/tensorboard"
     with pytest.raises(ConfigError, match="wandb is offline and output_dir s3://bucket/run is a URI"):
         plan_tracking(["wandb"], "exp", "s3://bucket/run", "run", environ={"WANDB_MODE": "offline"})
-    kept = plan_tracking(["wandb"], "exp", "s3://bucket/run", "run", environ={"WANDB_MODE": "offline",
-                                                                                "WANDB_DIR": "/mnt/shared/wandb"})
+    kept = plan_tracking(
+        ["wandb"], "exp", "s3://bucket/run", "run", environ={"WANDB_MODE": "offline", "WANDB_DIR": "/mnt/shared/wandb"}
+    )
     assert kept.env["WANDB_DIR"] == "/mnt/shared/wandb"
 
 
 def test_evaluation_table_becomes_metrics():
-    evaluation = {"models": {"teacher (cached outputs)": {"exact_match": 1.0, "prompts": 4},
-                             "trained student": {"exact_match": 0.5, "vs_initial": {"win_rate": 0.75, "wins": 3},
-                                                 "ece": float("nan"), "name": "x"}}}
-    assert evaluation_metrics(evaluation) == {"eval/teacher/exact_match": 1.0, "eval/teacher/prompts": 4.0,
-                                              "eval/trained_student/exact_match": 0.5,
-                                              "eval/trained_student/vs_initial": 0.75}
+    evaluation = {
+        "models": {
+            "teacher (cached outputs)": {"exact_match": 1.0, "prompts": 4},
+            "trained student": {
+                "exact_match": 0.5,
+                "vs_initial": {"win_rate": 0.75, "wins": 3},
+                "ece": float("nan"),
+                "name": "x",
+            },
+        }
+    }
+    assert evaluation_metrics(evaluation) == {
+        "eval/teacher/exact_match": 1.0,
+        "eval/teacher/prompts": 4.0,
+        "eval/trained_student/exact_match": 0.5,
+        "eval/trained_student/vs_initial": 0.75,
+    }
 
 
 def test_rank_zero_and_the_driver_log_into_one_run_each(tmp_path, monkeypatch, mlflow_server):
     import mlflow
 
-    for key, value in {"MLFLOW_TRACKING_URI": mlflow_server, "MLFLOW_TRACKING_TOKEN": SECRET_TOKEN,
-                       "WANDB_MODE": "offline", "WANDB_API_KEY": SECRET_KEY}.items():
+    for key, value in {
+        "MLFLOW_TRACKING_URI": mlflow_server,
+        "MLFLOW_TRACKING_TOKEN": SECRET_TOKEN,
+        "WANDB_MODE": "offline",
+        "WANDB_API_KEY": SECRET_KEY,
+    }.items():
         monkeypatch.setenv(key, value)
     out = tmp_path / "run"
-    plan = plan_tracking(["tensorboard", "mlflow", "wandb"], "plad-ray-test", str(out), "demo",
-                         {"train": {"learning_rate": 1e-4, "loss": {"type": "hinge"}}})
+    plan = plan_tracking(
+        ["tensorboard", "mlflow", "wandb"],
+        "plad-ray-test",
+        str(out),
+        "demo",
+        {"train": {"learning_rate": 1e-4, "loss": {"type": "hinge"}}},
+    )
     rank0 = Tracker(plan, params=plan.config)  # what rank 0 opens
     for step, loss in ((1, 0.9), (2, 0.7), (3, 0.5)):
         rank0.log(step, {"step": step, "loss": loss, "accuracy": 0.5 + step / 10})
@@ -143,9 +172,12 @@ def test_rank_zero_and_the_driver_log_into_one_run_each(tmp_path, monkeypatch, m
     assert run.data.metrics["heldout/ranking_accuracy"] == 0.8
     assert run.data.metrics["eval/trained_student/exact_match"] == 0.4
     assert [a.path for a in client.list_artifacts(run.info.run_id)] == ["summary.md"]
-    assert where == [f"mlflow run {run.info.run_id} ({mlflow_server}/#/experiments/{experiment.experiment_id}/runs/"
-                     f"{run.info.run_id})", f"wandb run {runs['wandb']} (offline: wandb sync {out}/logs/wandb/"
-                     f"{sorted(glob.glob(f'{out}/logs/wandb/offline-run-*'))[-1].split('/')[-1]})"]
+    assert where == [
+        f"mlflow run {run.info.run_id} ({mlflow_server}/#/experiments/{experiment.experiment_id}/runs/"
+        f"{run.info.run_id})",
+        f"wandb run {runs['wandb']} (offline: wandb sync {out}/logs/wandb/"
+        f"{sorted(glob.glob(f'{out}/logs/wandb/offline-run-*'))[-1].split('/')[-1]})",
+    ]
 
     history = wandb_history(out / "logs")
     assert [row["train/loss"] for row in history if "train/loss" in row] == [0.9, 0.7, 0.5]

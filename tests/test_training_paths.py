@@ -49,8 +49,23 @@ BF16 = [("bf16", "zero0", 0.3, 0.6), ("zero3_accumulation_bf16", "bf16", 0.3, 0.
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, tiny_models) -> Path:
     out = tmp_path_factory.mktemp("training-paths")
-    subprocess.run([PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                    "-m", "tests.training_paths", str(out)], cwd=ROOT, env=job_env(), check=True, timeout=1200)
+    subprocess.run(
+        [
+            PYTHON,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "tests.training_paths",
+            str(out),
+        ],
+        cwd=ROOT,
+        env=job_env(),
+        check=True,
+        timeout=1200,
+    )
     return out
 
 
@@ -71,8 +86,10 @@ def fp32_differences(runs: Path, variant: str) -> tuple[float, float, float]:
     weight_diff = sum(((a[k] - b[k]) ** 2).sum().item() for k in a) ** 0.5
     moved = sum(((b[k] - initial[k]) ** 2).sum().item() for k in b) ** 0.5
     assert moved > 0
-    print(f"{variant} vs zero0: relative loss difference {max(diffs[:EARLY_STEPS]):.2e} (steps 1-{EARLY_STEPS}), "
-          f"{max(diffs):.2e} (all); weight difference {weight_diff / moved:.2e} of the distance moved")
+    print(
+        f"{variant} vs zero0: relative loss difference {max(diffs[:EARLY_STEPS]):.2e} (steps 1-{EARLY_STEPS}), "
+        f"{max(diffs):.2e} (all); weight difference {weight_diff / moved:.2e} of the distance moved"
+    )
     return max(diffs[:EARLY_STEPS]), max(diffs), weight_diff / moved
 
 
@@ -106,8 +123,10 @@ def test_bf16_training_path_stays_near_the_plain_path(runs, variant, plain, loss
     a, b, initial = (torch.load(runs / f"{name}.pt") for name in (variant, plain, "initial"))
     weight_diff = sum((a[k] - b[k]).abs().mean().item() for k in a) / len(a)
     moved = sum((b[k] - initial[k]).abs().mean().item() for k in b) / len(b)
-    print(f"{variant} vs {plain}: mean weight difference {weight_diff:.2e}, {weight_diff / moved:.0%} of the "
-          f"mean distance moved ({moved:.2e})")
+    print(
+        f"{variant} vs {plain}: mean weight difference {weight_diff:.2e}, {weight_diff / moved:.0%} of the "
+        f"mean distance moved ({moved:.2e})"
+    )
     assert weight_diff <= weight_tol * moved
 
 
@@ -177,13 +196,14 @@ def test_zero3_export_is_the_gathered_fp32_weights_and_loads_in_vllm(runs):
     assert saved.keys() <= gathered.keys() and all("lm_head" in k or "embed" in k for k in tied)
     for name, tensor in saved.items():
         assert tensor.dtype == torch.float32 and torch.equal(tensor, gathered[name]), name
-    script = (f"from vllm import LLM, SamplingParams\n"
-              f"if __name__ == '__main__':\n"
-              f"    llm = LLM({str(export)!r}, dtype='float32', max_model_len=64, enforce_eager=True,"
-              f" kv_cache_memory_bytes=64 << 20)\n"
-              f"    out = llm.generate(['abc>'], SamplingParams(temperature=0, max_tokens=4))\n"
-              f"    print('GENERATED', len(out[0].outputs[0].token_ids))\n")
-    done = subprocess.run([PYTHON, "-c", script], cwd=ROOT, env=job_env(), capture_output=True, text=True,
-                          timeout=600)
+    script = (
+        f"from vllm import LLM, SamplingParams\n"
+        f"if __name__ == '__main__':\n"
+        f"    llm = LLM({str(export)!r}, dtype='float32', max_model_len=64, enforce_eager=True,"
+        f" kv_cache_memory_bytes=64 << 20)\n"
+        f"    out = llm.generate(['abc>'], SamplingParams(temperature=0, max_tokens=4))\n"
+        f"    print('GENERATED', len(out[0].outputs[0].token_ids))\n"
+    )
+    done = subprocess.run([PYTHON, "-c", script], cwd=ROOT, env=job_env(), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "GENERATED" in done.stdout

@@ -19,16 +19,33 @@ def test_verdict():
 
 
 def test_policy_only_touches_pairs_the_student_won():
-    pair = {"chosen": "t", "rejected": "s", "chosen_finish_reason": "length", "rejected_finish_reason": "eos",
-            "chosen_score": 0.0, "rejected_score": 1.0, "chosen_ids": [1], "rejected_ids": [2], "prompt": "p"}
+    pair = {
+        "chosen": "t",
+        "rejected": "s",
+        "chosen_finish_reason": "length",
+        "rejected_finish_reason": "eos",
+        "chosen_score": 0.0,
+        "rejected_score": 1.0,
+        "chosen_ids": [1],
+        "rejected_ids": [2],
+        "prompt": "p",
+    }
     for who in ("teacher", "tie"):
         for policy in ("keep", "drop", "flip"):
             assert apply_policy(pair, who, policy) is pair
     assert apply_policy(pair, "student", "keep") is pair
     assert apply_policy(pair, "student", "drop") is None
     assert apply_policy(pair, "student", "flip") == {
-        "chosen": "s", "rejected": "t", "chosen_finish_reason": "eos", "rejected_finish_reason": "length",
-        "chosen_score": 1.0, "rejected_score": 0.0, "chosen_ids": [2], "rejected_ids": [1], "prompt": "p"}
+        "chosen": "s",
+        "rejected": "t",
+        "chosen_finish_reason": "eos",
+        "rejected_finish_reason": "length",
+        "chosen_score": 1.0,
+        "rejected_score": 0.0,
+        "chosen_ids": [2],
+        "rejected_ids": [1],
+        "prompt": "p",
+    }
     assert pair["chosen"] == "t"  # the input is not modified
     with pytest.raises(ValueError, match="unknown policy"):
         apply_policy(pair, "student", "swap")

@@ -37,8 +37,7 @@ VARIANTS = {
     "packing": dict(zero_stage=0, packing=True),
     "bf16": dict(zero_stage=0, precision="bf16"),
     # The LLaMA-2 config's combination: ZeRO-3 in bf16 with micro-batches accumulated.
-    "zero3_accumulation_bf16": dict(zero_stage=3, precision="bf16", micro_batch_size=8,
-                                    gradient_accumulation_steps=2),
+    "zero3_accumulation_bf16": dict(zero_stage=3, precision="bf16", micro_batch_size=8, gradient_accumulation_steps=2),
     # GPU knobs: recomputed activations (the same ops again: the same losses), another attention kernel
     "gradient_checkpointing": dict(zero_stage=0, gradient_checkpointing=True),
     "eager_attention": dict(zero_stage=0, attn_implementation="eager"),
@@ -64,8 +63,15 @@ def synthetic_pairs(num: int, vocab: int, seed: int = 0) -> list[dict]:
         chosen = rng.integers(5, vocab, rng.integers(2, 11))
         identical = i % 4 == 0
         rejected = chosen.copy() if identical else rng.integers(5, vocab, rng.integers(2, 11))
-        rows.append({"id": f"p{i}", "prompt_ids": prompt, "chosen_ids": chosen, "rejected_ids": rejected,
-                     "status": "identical" if identical else "ranked"})
+        rows.append(
+            {
+                "id": f"p{i}",
+                "prompt_ids": prompt,
+                "chosen_ids": chosen,
+                "rejected_ids": rejected,
+                "status": "identical" if identical else "ranked",
+            }
+        )
     return rows
 
 
@@ -94,22 +100,25 @@ class ListShard:
         from plad_ray.train.batching import ragged
 
         for start in range(0, len(self.rows), batch_size):
-            chunk = self.rows[start:start + batch_size]
+            chunk = self.rows[start : start + batch_size]
             self.consumed += [r["id"] for r in chunk]
-            yield {"id": np.asarray([r["id"] for r in chunk]), "status": np.asarray([r["status"] for r in chunk]),
-                   **{k: ragged([r[k] for r in chunk]) for k in ("prompt_ids", "chosen_ids", "rejected_ids")}}
+            yield {
+                "id": np.asarray([r["id"] for r in chunk]),
+                "status": np.asarray([r["status"] for r in chunk]),
+                **{k: ragged([r[k] for r in chunk]) for k in ("prompt_ids", "chosen_ids", "rejected_ids")},
+            }
 
 
 def main(out: Path) -> None:
     import torch.distributed as dist
 
-    from plad_ray.models import tiny
     from plad_ray.config import LossConfig, TrainConfig
+    from plad_ray.models import tiny
+    from plad_ray.tracking import Tracker
     from plad_ray.train import export, heldout, worker
+    from plad_ray.train.batching import collate_pairs
     from plad_ray.train.feeds import FixedFeed
     from plad_ray.train.plan import TrainPlan
-    from plad_ray.train.batching import collate_pairs
-    from plad_ray.tracking import Tracker
 
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -118,9 +127,19 @@ def main(out: Path) -> None:
 
     vocab = AutoConfig.from_pretrained(model_path).vocab_size
     rows = synthetic_pairs(STEPS * PAIRS_PER_STEP * world, vocab)
-    base = TrainConfig(num_workers=world, precision="fp32", learning_rate=1e-3, warmup_steps=2, length_grouping=1,
-                       micro_batch_size=PAIRS_PER_STEP, log_every_steps=1, eval_every_steps=0, trackers=[],
-                       max_length=64, loss=LossConfig(type="hinge", beta=1.0, nll_weight=1.0))
+    base = TrainConfig(
+        num_workers=world,
+        precision="fp32",
+        learning_rate=1e-3,
+        warmup_steps=2,
+        length_grouping=1,
+        micro_batch_size=PAIRS_PER_STEP,
+        log_every_steps=1,
+        eval_every_steps=0,
+        trackers=[],
+        max_length=64,
+        loss=LossConfig(type="hinge", beta=1.0, nll_weight=1.0),
+    )
     names = sys.argv[2:] or list(VARIANTS)
     if rank == 0:
         from transformers import AutoModelForCausalLM
@@ -130,8 +149,14 @@ def main(out: Path) -> None:
     results = {}
     for name in names:
         train = replace(base, **VARIANTS[name])
-        plan = TrainPlan(train=train, model_path=model_path, export_uri=str(out / f"{name}-export"),
-                                tracking=None, pad_id=0, **{"steps_per_epoch": STEPS, **PLAN.get(name, {})})
+        plan = TrainPlan(
+            train=train,
+            model_path=model_path,
+            export_uri=str(out / f"{name}-export"),
+            tracking=None,
+            pad_id=0,
+            **{"steps_per_epoch": STEPS, **PLAN.get(name, {})},
+        )
         torch.manual_seed(train.seed)
         engine = worker._initialize(plan, world)
         shard = ListShard(rows[rank::world])  # a fixed split: every variant sees the same pairs per rank
@@ -159,9 +184,14 @@ def main(out: Path) -> None:
             export.export_hf(engine, plan, rank)
         if rank == 0:
             torch.save(state, out / f"{name}.pt")
-            results[name] = {"losses": [e["loss"] for e in progress.curve], "steps": progress.step,
-                             "engine_steps": engine.global_steps, "consumed": consumed, "heldout": figures,
-                             "padding": sum(e["padding"] for e in progress.curve) / len(progress.curve)}
+            results[name] = {
+                "losses": [e["loss"] for e in progress.curve],
+                "steps": progress.step,
+                "engine_steps": engine.global_steps,
+                "consumed": consumed,
+                "heldout": figures,
+                "padding": sum(e["padding"] for e in progress.curve) / len(progress.curve),
+            }
         del engine
         dist.barrier()
     if rank == 0:

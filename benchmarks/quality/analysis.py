@@ -11,10 +11,18 @@ import statistics
 from plad_ray.evaluation.metrics import auroc, confidence, expected_calibration_error, win_rate
 
 PRIMARY = "accuracy"  # greedy verifier accuracy on the test split: the pre-registered primary metric
-COLUMNS = (("accuracy", "greedy acc."), ("graded", "graded score"), ("sampled", "sampled acc."),
-           ("best_of_n", "best-of-8 acc."), ("ece", "ECE"), ("auroc", "AUROC"),
-           ("win_vs_initial", "win rate vs initial"), ("nll_drift", "Δ teacher-output NLL/token"),
-           ("tokens", "tokens trained"), ("lr", "lr (dev)"))
+COLUMNS = (
+    ("accuracy", "greedy acc."),
+    ("graded", "graded score"),
+    ("sampled", "sampled acc."),
+    ("best_of_n", "best-of-8 acc."),
+    ("ece", "ECE"),
+    ("auroc", "AUROC"),
+    ("win_vs_initial", "win rate vs initial"),
+    ("nll_drift", "Δ teacher-output NLL/token"),
+    ("tokens", "tokens trained"),
+    ("lr", "lr (dev)"),
+)
 
 
 def record(ids: list[str], outputs: list[dict], rows: list[dict], exact, graded) -> dict:
@@ -27,8 +35,9 @@ def record(ids: list[str], outputs: list[dict], rows: list[dict], exact, graded)
         samples = out.get("samples") or []
         right = [exact(row["prompt"], s["text"]) for s in samples]
         rec["sampled"].append(sum(right) / len(right) if right else math.nan)
-        rec["best_of_n"].append(right[max(range(len(samples)), key=lambda k: samples[k]["mean_logprob"])]
-                                if samples else math.nan)
+        rec["best_of_n"].append(
+            right[max(range(len(samples)), key=lambda k: samples[k]["mean_logprob"])] if samples else math.nan
+        )
     return rec
 
 
@@ -40,11 +49,18 @@ def select(rec: dict, ids: set[str]) -> dict:
 def split_metrics(rec: dict, initial: dict | None = None) -> dict:
     """Figures of one model on one split (records already restricted to it)."""
     n = len(rec["ids"])
-    out = {"prompts": n, "accuracy": _mean(rec["correct"]), "graded": _mean(rec["graded"]),
-           "sampled": _mean(rec["sampled"]), "best_of_n": _mean(rec["best_of_n"])}
+    out = {
+        "prompts": n,
+        "accuracy": _mean(rec["correct"]),
+        "graded": _mean(rec["graded"]),
+        "sampled": _mean(rec["sampled"]),
+        "best_of_n": _mean(rec["best_of_n"]),
+    }
     if all(c is not None for c in rec["confidence"]):  # None: not measured (the teacher's cached outputs)
-        out.update(ece=expected_calibration_error(rec["confidence"], rec["correct"], 10),
-                   auroc=auroc(rec["confidence"], rec["correct"]))
+        out.update(
+            ece=expected_calibration_error(rec["confidence"], rec["correct"], 10),
+            auroc=auroc(rec["confidence"], rec["correct"]),
+        )
     if initial is not None:
         out["win_vs_initial"] = win_rate(rec["graded"], initial["graded"])["win_rate"]
     return out
@@ -78,8 +94,9 @@ def table(rows: list[tuple[str, list[dict]]]) -> str:
     return "\n".join(lines)
 
 
-def paired_difference(a_by_seed: list[dict], b_by_seed: list[dict], key: str = "correct", seed: int = 0,
-                      num_resamples: int = 10000) -> dict:
+def paired_difference(
+    a_by_seed: list[dict], b_by_seed: list[dict], key: str = "correct", seed: int = 0, num_resamples: int = 10000
+) -> dict:
     """Mean over seeds of (a - b) on the same test prompts, its 95% paired-bootstrap interval (resampling
     prompts, the same draw for every seed), and the per-seed differences."""
     import random
@@ -93,16 +110,24 @@ def paired_difference(a_by_seed: list[dict], b_by_seed: list[dict], key: str = "
         draw = [rng.randrange(n) for _ in range(n)]
         means.append(statistics.mean(sum(d[i] for i in draw) / n for d in diffs))
     means.sort()
-    return {"mean": statistics.mean(per_seed), "low": means[int(0.025 * num_resamples)],
-            "high": means[int(0.975 * num_resamples) - 1], "per_seed": per_seed, "prompts": n}
+    return {
+        "mean": statistics.mean(per_seed),
+        "low": means[int(0.025 * num_resamples)],
+        "high": means[int(0.975 * num_resamples) - 1],
+        "per_seed": per_seed,
+        "prompts": n,
+    }
 
 
 def decision(ci: dict, threshold: float = 0.02) -> tuple[bool, str]:
     """The pre-registered rule: PLaD wins iff its dev-chosen variant beats SeqKD by >= 2 points on test
     greedy accuracy (mean over seeds), the 95% CI of the difference is above 0, and no seed is negative."""
-    checks = [(ci["mean"] >= threshold, f"mean difference {ci['mean']:+.3f} {'>=' if ci['mean'] >= threshold else '<'} "
-                                         f"{threshold:+.3f}"),
-              (ci["low"] > 0, f"95% CI [{ci['low']:+.3f}, {ci['high']:+.3f}] {'above' if ci['low'] > 0 else 'not above'} 0"),
-              (all(d >= 0 for d in ci["per_seed"]),
-               "per seed " + ", ".join(f"{d:+.3f}" for d in ci["per_seed"]))]
+    checks = [
+        (
+            ci["mean"] >= threshold,
+            f"mean difference {ci['mean']:+.3f} {'>=' if ci['mean'] >= threshold else '<'} {threshold:+.3f}",
+        ),
+        (ci["low"] > 0, f"95% CI [{ci['low']:+.3f}, {ci['high']:+.3f}] {'above' if ci['low'] > 0 else 'not above'} 0"),
+        (all(d >= 0 for d in ci["per_seed"]), "per seed " + ", ".join(f"{d:+.3f}" for d in ci["per_seed"])),
+    ]
     return all(ok for ok, _ in checks), "; ".join(text for _, text in checks)

@@ -23,27 +23,43 @@ class Method:
 METHODS = (
     Method("PLaD hinge (no NLL, the old default)", ("train.loss.type=hinge", "train.loss.nll_weight=0")),
     Method("PLaD hinge + NLL", ("train.loss.type=hinge", "train.loss.nll_weight=1")),
-    Method("PLaD per-token hinge + NLL", ("train.loss.type=hinge", "train.loss.length_normalize=true",
-                                          "train.loss.beta=0.5", "train.loss.nll_weight=1")),
-    Method("PLaD graded margin + NLL", ("train.loss.type=margin", "train.scorer=tiny_similarity",
-                                        "train.loss.nll_weight=1")),
+    Method(
+        "PLaD per-token hinge + NLL",
+        ("train.loss.type=hinge", "train.loss.length_normalize=true", "train.loss.beta=0.5", "train.loss.nll_weight=1"),
+    ),
+    Method(
+        "PLaD graded margin + NLL",
+        ("train.loss.type=margin", "train.scorer=tiny_similarity", "train.loss.nll_weight=1"),
+    ),
     # 4 prompts x 4 samples = 16 pairs per step, as the pairwise methods' 16.
-    Method("PLaD listwise K=4 + NLL", ("train.loss.type=listwise", "train.loss.nll_weight=1",
-                                       "train.micro_batch_size=4")),
-    Method("PLaD imperfect teacher (T=0.7, student_wins=drop) + NLL",
-           ("train.loss.type=hinge", "train.loss.nll_weight=1", "train.scorer=tiny_exact", "train.student_wins=drop"),
-           pairs="teacher_t07"),
+    Method(
+        "PLaD listwise K=4 + NLL", ("train.loss.type=listwise", "train.loss.nll_weight=1", "train.micro_batch_size=4")
+    ),
+    Method(
+        "PLaD imperfect teacher (T=0.7, student_wins=drop) + NLL",
+        ("train.loss.type=hinge", "train.loss.nll_weight=1", "train.scorer=tiny_exact", "train.student_wins=drop"),
+        pairs="teacher_t07",
+    ),
     # The margin of "graded margin + NLL" with s(y) the teacher's mean log-prob per token of y: no verifier.
-    Method("PLaD teacher-judged margin + NLL", ("train.loss.type=margin", "train.scorer=teacher",
-                                                "train.loss.nll_weight=1"), scored=True),
+    Method(
+        "PLaD teacher-judged margin + NLL",
+        ("train.loss.type=margin", "train.scorer=teacher", "train.loss.nll_weight=1"),
+        scored=True,
+    ),
     Method("SeqKD", ("train.loss.type=seqkd",), family="baseline"),
     Method("token KD", ("train.loss.type=token_kd",), family="baseline"),
     Method("SFT on labelled references", ("train.loss.type=seqkd",), pairs="labelled", family="baseline"),
     # On the student's own samples, per token over the teacher's top 20 plus the rest (GKD's on-policy setting).
-    Method("on-policy KD (reverse KL, teacher top-20)", ("train.loss.type=onpolicy_kd", "train.loss.divergence=reverse_kl"),
-           family="baseline", scored=True),
+    Method(
+        "on-policy KD (reverse KL, teacher top-20)",
+        ("train.loss.type=onpolicy_kd", "train.loss.divergence=reverse_kl"),
+        family="baseline",
+        scored=True,
+    ),
     # DistiLLM-2: skew KL pulling the teacher's output up, skew reverse KL pushing the student's sample down.
-    Method("contrastive (DistiLLM-2, teacher top-20)", ("train.loss.type=contrastive",), family="baseline", scored=True),
+    Method(
+        "contrastive (DistiLLM-2, teacher top-20)", ("train.loss.type=contrastive",), family="baseline", scored=True
+    ),
 )
 LEARNING_RATES = (1e-4, 3e-4, 1e-3)  # the dev grid, seed 0 only; the student stopped near lr 1.6e-3 of its SFT
 

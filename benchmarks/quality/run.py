@@ -9,7 +9,8 @@ on labelled examples and stopped mid-learning: step 3000 of a 6000-step schedule
 recorded every 1000 (no task tried gave a student that plateaus below the teacher: the gap is one
 of SFT budget, not of capacity; benchmarks/RESULTS.md, "Capacity gap"). A student still learning
 is the case distillation is for, and the one where objectives can differ by what they add.
-Then, per seed, on the same prompts, pairs (the greedy teacher's output against 4 student samples per prompt), optimizer, schedule,
+Then, per seed, on the same prompts, pairs (the greedy teacher's output against 4 student samples per prompt),
+optimizer, schedule,
 precision and number of steps, every method in methods.py trains that student with the engine
 (plad_ray.train.driver.train_student: Ray Data tokenization, Ray Train + DeepSpeed) and is evaluated
 on held-out prompts, greedy and 8 samples at T=1 (generation.py: one batched evaluator for every
@@ -43,12 +44,23 @@ CONFIG = Path(__file__).with_name("config.yaml")
 # steps. Wider tasks tried did not give a student that plateaus below the teacher (RESULTS.md,
 # "Capacity gap"), so the initial student is stopped part-way: step 3000 of a 6000-step schedule.
 TASK = dict(task="reverse", min_len=4, max_len=16, alphabet="abcd")
-TEACHER = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=2, steps=1500,
-               lr=1e-3, **TASK)
-STUDENT = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=1, steps=3000,
-               schedule_steps=6000, lr=2e-3, **TASK)
-SIZES = {"full": dict(train=1024, dev=200, test=1000, steps=120, curve_every=1000, samples=8, grid=LEARNING_RATES),
-         "smoke": dict(train=128, dev=32, test=64, steps=8, curve_every=100, samples=2, grid=(1e-3,))}
+TEACHER = dict(
+    hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=2, steps=1500, lr=1e-3, **TASK
+)
+STUDENT = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=1,
+    steps=3000,
+    schedule_steps=6000,
+    lr=2e-3,
+    **TASK,
+)
+SIZES = {
+    "full": dict(train=1024, dev=200, test=1000, steps=120, curve_every=1000, samples=8, grid=LEARNING_RATES),
+    "smoke": dict(train=128, dev=32, test=64, steps=8, curve_every=100, samples=2, grid=(1e-3,)),
+}
 LANES = 2  # methods trained and evaluated at the same time
 MAX_NEW_TOKENS = 20  # the longest answer (16 letters) and its EOS, with room
 _print_lock = threading.Lock()
@@ -88,8 +100,12 @@ def heldout_fraction(size: dict) -> float:
 
 
 def base_overrides(out: Path, size: dict, prompts: Path, teacher: str) -> list[str]:
-    return [f"data.prompts={prompts}", f"data.heldout_fraction={heldout_fraction(size)}", f"teacher.model={teacher}",
-            f"train.max_steps={size['steps']}"]
+    return [
+        f"data.prompts={prompts}",
+        f"data.heldout_fraction={heldout_fraction(size)}",
+        f"teacher.model={teacher}",
+        f"train.max_steps={size['steps']}",
+    ]
 
 
 def config(out_dir: Path, overrides: list[str]):
@@ -115,14 +131,18 @@ def build_model(role: str, recipe: dict, seed: int, folder: Path, curve_every: i
     def on_step(step, model, tokenizer):
         if curve_every and (step % curve_every == 0 or step == recipe["steps"]):
             curve[str(step)] = tiny.greedy_accuracy(model, tokenizer, recipe, num=256, seed=10_000 + seed)
-            say(f"  {role} seed {seed}: step {step}/{recipe['steps']} SFT accuracy {curve[str(step)]:.3f} (256 fresh examples)")
+            say(
+                f"  {role} seed {seed}: step {step}/{recipe['steps']} SFT accuracy {curve[str(step)]:.3f} "
+                "(256 fresh examples)"
+            )
 
     start = time.perf_counter()
     partial = folder.with_name(folder.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     accuracy = tiny.build(recipe, partial, seed=seed, on_step=on_step)
-    (partial / "plad_ray_tiny.json").write_text(json.dumps({"recipe": recipe, "accuracy": accuracy, "curve": curve,
-                                                            "seconds": time.perf_counter() - start}))
+    (partial / "plad_ray_tiny.json").write_text(
+        json.dumps({"recipe": recipe, "accuracy": accuracy, "curve": curve, "seconds": time.perf_counter() - start})
+    )
     partial.rename(folder)
     return str(folder), curve
 
@@ -184,8 +204,10 @@ def write_variants(work: Path, base_cfg, t07_dir: Path) -> dict[str, str]:
 
     base = parquet.read_table(base_cfg.layout().pairs())
     t07 = {r["id"]: r for r in parquet.read_table(str(t07_dir / "teacher")).to_pylist()}
-    refs = {json.loads(line)["id"]: json.loads(line)["reference"]
-            for line in Path(base_cfg.data.prompts).read_text().splitlines()}
+    refs = {
+        json.loads(line)["id"]: json.loads(line)["reference"]
+        for line in Path(base_cfg.data.prompts).read_text().splitlines()
+    }
     rows = base.to_pylist()
     imperfect, labelled = [], []
     for r in rows:
@@ -194,8 +216,15 @@ def write_variants(work: Path, base_cfg, t07_dir: Path) -> dict[str, str]:
             labelled.append(r)
             continue
         t = t07[r["id"]]
-        imperfect.append({**r, "chosen": t["teacher_text"], "chosen_token_ids": t["teacher_token_ids"],
-                          "chosen_num_tokens": t["teacher_num_tokens"], "chosen_finish_reason": t["teacher_finish_reason"]})
+        imperfect.append(
+            {
+                **r,
+                "chosen": t["teacher_text"],
+                "chosen_token_ids": t["teacher_token_ids"],
+                "chosen_num_tokens": t["teacher_num_tokens"],
+                "chosen_finish_reason": t["teacher_finish_reason"],
+            }
+        )
         labelled.append({**r, "chosen": refs[r["id"]], "chosen_token_ids": None, "chosen_finish_reason": "eos"})
     paths = {"teacher": base_cfg.layout().pairs(), "teacher_scores": base_cfg.layout().scores()}
     for name, table in (("teacher_t07", imperfect), ("labelled", labelled)):
@@ -203,7 +232,9 @@ def write_variants(work: Path, base_cfg, t07_dir: Path) -> dict[str, str]:
         pq.write_table(pa.Table.from_pylist(table, schema=base.schema), path)
         paths[name] = str(path)
     trained = [(r["chosen"], i["chosen"]) for r, i in zip(rows, imperfect) if not r["heldout"]]
-    say(f"  T=0.7 teacher: the greedy teacher's text on {sum(a == b for a, b in trained)}/{len(trained)} training pairs")
+    say(
+        f"  T=0.7 teacher: the greedy teacher's text on {sum(a == b for a, b in trained)}/{len(trained)} training pairs"
+    )
     return paths
 
 
@@ -221,8 +252,18 @@ def evaluate_model(model_path: str, rows: list[dict], size: dict, seed: int, sco
     return analysis.record([r["id"] for r in rows], outputs, rows, *scorers)
 
 
-def run_method(work: Path, seed: int, method: Method, lr: float, shared: list[str], pairs: dict, rows: list[dict],
-               size: dict, student: str, scorers) -> dict:
+def run_method(
+    work: Path,
+    seed: int,
+    method: Method,
+    lr: float,
+    shared: list[str],
+    pairs: dict,
+    rows: list[dict],
+    size: dict,
+    student: str,
+    scorers,
+) -> dict:
     """Train one method at one learning rate with the engine, evaluate it; cached in its folder."""
     from plad_ray import pipeline
     from plad_ray.train.driver import train_student
@@ -235,18 +276,36 @@ def run_method(work: Path, seed: int, method: Method, lr: float, shared: list[st
         shutil.rmtree(folder)
     start = time.perf_counter()
     scores = [f"train.teacher_scores={pairs['teacher_scores']}"] if method.scored else []
-    cfg = config(folder, shared + [f"student.model={student}", f"train.pairs={pairs[method.pairs]}", *scores,
-                                   f"train.learning_rate={lr}", f"train.seed={seed}", *method.overrides])
+    cfg = config(
+        folder,
+        shared
+        + [
+            f"student.model={student}",
+            f"train.pairs={pairs[method.pairs]}",
+            *scores,
+            f"train.learning_rate={lr}",
+            f"train.seed={seed}",
+            *method.overrides,
+        ],
+    )
     inputs = pipeline.prepare(cfg, generation=False, training=True, log=_quiet)
     report = train_student(cfg, inputs, log=_quiet)
     rec = evaluate_model(cfg.layout().student(), rows, size, seed, scorers)
-    result = {"method": method.name, "lr": lr, "seed": seed, "record": rec, "steps": report["steps"],
-              "tokens": sum(c.get("tokens", 0) for c in report["curve"]),
-              "nll_before": report["eval_initial"]["chosen_nll_per_token"],
-              "nll_after": report["eval_trained"]["chosen_nll_per_token"],
-              "pair_ranking_before": report["eval_initial"]["ranking_accuracy"],
-              "pair_ranking_after": report["eval_trained"]["ranking_accuracy"],
-              "counts": report["counts"], "guard": report.get("guard"), "seconds": time.perf_counter() - start}
+    result = {
+        "method": method.name,
+        "lr": lr,
+        "seed": seed,
+        "record": rec,
+        "steps": report["steps"],
+        "tokens": sum(c.get("tokens", 0) for c in report["curve"]),
+        "nll_before": report["eval_initial"]["chosen_nll_per_token"],
+        "nll_after": report["eval_trained"]["chosen_nll_per_token"],
+        "pair_ranking_before": report["eval_initial"]["ranking_accuracy"],
+        "pair_ranking_after": report["eval_trained"]["ranking_accuracy"],
+        "counts": report["counts"],
+        "guard": report.get("guard"),
+        "seconds": time.perf_counter() - start,
+    }
     done.write_text(json.dumps(result))
     say(f"  seed {seed} {method.name} lr {lr:g}: {time.perf_counter() - start:.0f}s, {result['steps']} steps")
     return result
@@ -283,8 +342,11 @@ def main() -> None:
     greedy_dir, t07_dir = out / "teacher-greedy", out / "teacher-t07"
     # Teacher outputs only; the students come later (the teacher stands in for one: the same tokenizer).
     generate(greedy_dir, shared + [f"student.model={teacher}"], pairs=False)
-    generate(t07_dir, shared + [f"student.model={teacher}", "teacher.sampling.temperature=0.7",
-                                "teacher.sampling.seed=7"], pairs=False)
+    generate(
+        t07_dir,
+        shared + [f"student.model={teacher}", "teacher.sampling.temperature=0.7", "teacher.sampling.seed=7"],
+        pairs=False,
+    )
     grid = Grid()
     per_seed: dict[int, dict] = {}
     for seed in args.seeds:
@@ -292,8 +354,9 @@ def main() -> None:
         work.mkdir(exist_ok=True)
         student, curve = models[seed]
         seed_teacher_cache(greedy_dir, work / "pairs")
-        base_cfg = generate(work / "pairs", shared + [f"student.model={student}", f"student.sampling.seed={seed}"],
-                            pairs=True)
+        base_cfg = generate(
+            work / "pairs", shared + [f"student.model={student}", f"student.sampling.seed={seed}"], pairs=True
+        )
         pairs = write_variants(work, base_cfg, t07_dir)
         initial = work / "initial-eval.json"
         if not initial.is_file():
@@ -301,21 +364,33 @@ def main() -> None:
         teacher_rec = teacher_record(base_cfg, rows, scorers)
         jobs = [(m, lr) for m in methods for lr in (size["grid"] if seed == args.seeds[0] else [grid.chosen[m.name]])]
         with ThreadPoolExecutor(max_workers=LANES) as pool:
-            results = list(pool.map(lambda job: run_method(work, seed, job[0], job[1], shared, pairs, rows, size,
-                                                           student, scorers), jobs))
+            results = list(
+                pool.map(
+                    lambda job: run_method(work, seed, job[0], job[1], shared, pairs, rows, size, student, scorers),
+                    jobs,
+                )
+            )
         initial_rec = json.loads(initial.read_text())
         if seed == args.seeds[0]:
             dev = set(splits["dev"])
             for m in methods:
-                scores = {r["lr"]: analysis.split_metrics(analysis.select(r["record"], dev))[analysis.PRIMARY]
-                          for r in results if r["method"] == m.name}
+                scores = {
+                    r["lr"]: analysis.split_metrics(analysis.select(r["record"], dev))[analysis.PRIMARY]
+                    for r in results
+                    if r["method"] == m.name
+                }
                 grid.dev[m.name] = scores
                 grid.chosen[m.name] = max(scores, key=lambda lr: (scores[lr], -lr))  # ties: the smaller rate
             say("dev choice (seed 0): " + "; ".join(f"{k} lr {v:g}" for k, v in grid.chosen.items()))
-        per_seed[seed] = {"initial": initial_rec, "teacher": teacher_rec, "curve": curve,
-                          "runs": {r["method"]: r for r in results if r["lr"] == grid.chosen[r["method"]]}}
-    write_results(out, args, size, splits, recipes, teacher_curve, grid, per_seed, methods,
-                  (time.perf_counter() - started) / 60)
+        per_seed[seed] = {
+            "initial": initial_rec,
+            "teacher": teacher_rec,
+            "curve": curve,
+            "runs": {r["method"]: r for r in results if r["lr"] == grid.chosen[r["method"]]},
+        }
+    write_results(
+        out, args, size, splits, recipes, teacher_curve, grid, per_seed, methods, (time.perf_counter() - started) / 60
+    )
 
 
 def teacher_record(cfg, rows: list[dict], scorers) -> dict:
@@ -332,8 +407,9 @@ def _sft_steps(recipe: dict) -> str:
     return f"{recipe['steps']} steps" if planned == recipe["steps"] else f"step {recipe['steps']} of {planned}"
 
 
-def write_results(out: Path, args, size, splits, recipes, teacher_curve, grid: Grid, per_seed: dict, methods,
-                  minutes: float) -> None:
+def write_results(
+    out: Path, args, size, splits, recipes, teacher_curve, grid: Grid, per_seed: dict, methods, minutes: float
+) -> None:
     test = set(splits["test"])
     seeds = sorted(per_seed)
     rows = []
@@ -347,8 +423,12 @@ def write_results(out: Path, args, size, splits, recipes, teacher_curve, grid: G
         return figs
 
     rows.append(("teacher", [analysis.split_metrics(analysis.select(per_seed[s]["teacher"], test)) for s in seeds[:1]]))
-    rows.append((f"initial student (SFT, {_sft_steps(recipes['student'])})", [figures(per_seed[s]["initial"], rec=per_seed[s]["initial"])
-                                                          for s in seeds]))
+    rows.append(
+        (
+            f"initial student (SFT, {_sft_steps(recipes['student'])})",
+            [figures(per_seed[s]["initial"], rec=per_seed[s]["initial"]) for s in seeds],
+        )
+    )
     for m in methods:
         rows.append((m.name, [figures(per_seed[s]["initial"], per_seed[s]["runs"][m.name]) for s in seeds]))
     text = analysis.table(rows)
@@ -365,18 +445,38 @@ def write_results(out: Path, args, size, splits, recipes, teacher_curve, grid: G
     results = ROOT / "benchmarks" / "results"
     results.mkdir(exist_ok=True)
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}"
-    payload = {"seeds": seeds, "size": size, "smoke": args.smoke, "recipes": recipes, "teacher_curve": teacher_curve,
-               "student_curves": {s: per_seed[s]["curve"] for s in seeds}, "dev": grid.dev, "chosen": grid.chosen,
-               "verdict": verdict, "minutes": minutes, "machine": machine, "table": text,
-               "runs": {s: {k: {kk: vv for kk, vv in v.items() if kk != "record"} for k, v in per_seed[s]["runs"].items()}
-                        for s in seeds}}
+    payload = {
+        "seeds": seeds,
+        "size": size,
+        "smoke": args.smoke,
+        "recipes": recipes,
+        "teacher_curve": teacher_curve,
+        "student_curves": {s: per_seed[s]["curve"] for s in seeds},
+        "dev": grid.dev,
+        "chosen": grid.chosen,
+        "verdict": verdict,
+        "minutes": minutes,
+        "machine": machine,
+        "table": text,
+        "runs": {
+            s: {k: {kk: vv for kk, vv in v.items() if kk != "record"} for k, v in per_seed[s]["runs"].items()}
+            for s in seeds
+        },
+    }
     name = f"quality-{'smoke-' if args.smoke else ''}{stamp}"
     (results / f"{name}.json").write_text(json.dumps(payload, indent=1))
-    lines = [text, "", f"seeds {seeds}; test split {len(test)} prompts; {size['steps']} steps per method; "
-             f"{minutes:.1f} min on {machine}"]
+    lines = [
+        text,
+        "",
+        f"seeds {seeds}; test split {len(test)} prompts; {size['steps']} steps per method; "
+        f"{minutes:.1f} min on {machine}",
+    ]
     if verdict:
-        lines += ["", f"decision ({verdict['variant']} vs SeqKD, test greedy accuracy): "
-                  f"{'PLaD wins' if verdict['wins'] else 'PLaD does not win'} — {verdict['why']}"]
+        lines += [
+            "",
+            f"decision ({verdict['variant']} vs SeqKD, test greedy accuracy): "
+            f"{'PLaD wins' if verdict['wins'] else 'PLaD does not win'} — {verdict['why']}",
+        ]
     (results / f"{name}.md").write_text("\n".join(lines) + "\n")
     say("\n" + "\n".join(lines) + f"\n\nresults: benchmarks/results/{name}.json")
 

@@ -77,10 +77,16 @@ class LengthCheck:
                 why += " (even its last character does not fit)"
             check[i], where[i], reason[i] = "length", f"prompt source {self.source} row {row[i]}", why
             prompts[i] = prompts[i][:200]
-        for name, values in (("check", check), ("where", where), ("reason", reason), ("prompt", prompts),
-                             ("truncated", truncated)):
-            block = block.set_column(block.schema.get_field_index(name), name,
-                                     pa.array(values, block.schema.field(name).type))
+        for name, values in (
+            ("check", check),
+            ("where", where),
+            ("reason", reason),
+            ("prompt", prompts),
+            ("truncated", truncated),
+        ):
+            block = block.set_column(
+                block.schema.get_field_index(name), name, pa.array(values, block.schema.field(name).type)
+            )
         return block
 
 

@@ -23,9 +23,10 @@ import pyarrow.parquet as pq
 from plad_ray.data import storage
 from plad_ray.errors import DataError
 
-
 JOIN_ROWS_PER_PARTITION = 1_000_000  # rows per hash partition of a Ray Data join against the keys on disk
-MAX_ROWS_PER_FILE = 16_384  # a file holds at least 1/64 of a write and one engine batch, at most this (see rows_per_file)
+MAX_ROWS_PER_FILE = (
+    16_384  # a file holds at least 1/64 of a write and one engine batch, at most this (see rows_per_file)
+)
 
 
 def rows_per_file(rows: int, batch_size: int) -> int:
@@ -48,8 +49,9 @@ def _cast(schema: pa.Schema):
 
 def write_pending(ds, uri: str, schema: pa.Schema, min_rows_per_file: int | None = None) -> None:
     """Stream a Ray Dataset's rows into the pending part of the dataset at `uri` (`rows_per_file`)."""
-    ds.map_batches(_cast(schema), batch_format="pyarrow").write_parquet(pending_uri(uri),
-                                                                        min_rows_per_file=min_rows_per_file)
+    ds.map_batches(_cast(schema), batch_format="pyarrow").write_parquet(
+        pending_uri(uri), min_rows_per_file=min_rows_per_file
+    )
 
 
 class WritePending:
@@ -83,7 +85,7 @@ def _each_file(work, fs, items: list) -> list:
     """`work(fs, items)` (a list in, a list out) over `items`, in Ray tasks of FILES_PER_TASK items when there are
     more than that and Ray is up: a stream of 200M pairs is ~12k files, and one footer read or one move at a time
     on the driver is hours on object storage (a move there is a copy and a delete)."""
-    chunks = [items[i:i + FILES_PER_TASK] for i in range(0, len(items), FILES_PER_TASK)]
+    chunks = [items[i : i + FILES_PER_TASK] for i in range(0, len(items), FILES_PER_TASK)]
     import ray
 
     if len(chunks) <= 1 or not ray.is_initialized():
@@ -213,7 +215,8 @@ def _check_unique(uri: str, paths: list[str], keys: list[str]) -> None:
         first = {k: v for k, v in twice.sort(keys).take(1)[0].items() if k in keys}
         raise DataError(
             f"{uri}: {n} key(s) written twice, e.g. {first}: nothing committed; another run may be "
-            f"writing to the same output_dir (one run per output_dir), or remove {pending_uri(uri)} and re-run")
+            f"writing to the same output_dir (one run per output_dir), or remove {pending_uri(uri)} and re-run"
+        )
 
 
 def _more_than_once():
@@ -241,8 +244,10 @@ def commit(uri: str, info: dict, keys: list[str], log=print) -> int:
     there = set(_committed_paths(uri, manifest)) | set(orphans)
     clash = next((name for name in names if f"{dst}/{name}" in there), None)
     if clash is not None:
-        raise DataError(f"{uri}: {clash} is both pending and in the dataset: nothing committed; "
-                        f"remove {pending_uri(uri)} and re-run")
+        raise DataError(
+            f"{uri}: {clash} is both pending and in the dataset: nothing committed; "
+            f"remove {pending_uri(uri)} and re-run"
+        )
     _each_file(_moves, fs, [(file, f"{dst}/{name}") for file, name in zip(pending, names)])  # one move per file
     added += names
     storage.write_json(  # the commit point: an atomic move of the whole manifest

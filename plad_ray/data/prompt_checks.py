@@ -17,10 +17,18 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from plad_ray.data import storage
-from plad_ray.data.parquet import JOIN_ROWS_PER_PARTITION
 from plad_ray.data.limits import LengthCheck, Limit
-from plad_ray.data.prompts import FORMATS, QUARANTINE_COLUMNS, display, error_line, mark_duplicates, number_rows, \
-    parquet_schema_problem, read_file
+from plad_ray.data.parquet import JOIN_ROWS_PER_PARTITION
+from plad_ray.data.prompts import (
+    FORMATS,
+    QUARANTINE_COLUMNS,
+    display,
+    error_line,
+    mark_duplicates,
+    number_rows,
+    parquet_schema_problem,
+    read_file,
+)
 from plad_ray.errors import DataError
 
 
@@ -41,8 +49,10 @@ def source_files(uri: str) -> list[str]:
         raise DataError(f"prompt source {uri}: not found; point data.prompts at a .jsonl or .parquet file or folder")
     for f in files:
         if not f.endswith(FORMATS):
-            raise DataError(f"prompt file {display(uri, f, path)}: unsupported format; "
-                            "use .jsonl (one JSON object per line) or .parquet")
+            raise DataError(
+                f"prompt file {display(uri, f, path)}: unsupported format; "
+                "use .jsonl (one JSON object per line) or .parquet"
+            )
         if f.endswith(".parquet"):  # the schema is in the footer: --check reads it without reading the rows
             try:
                 with fs.open_input_file(f) as handle:
@@ -62,22 +72,28 @@ def source_rows(uri: str, max_prompts: int | None = None):
 
     fs, root = storage.filesystem_and_path(uri)
     files = source_files(uri)
-    listing = ray.data.from_items([{"file": i, "path": f, "shown": display(uri, f, root)} for i, f in enumerate(files)],
-                                  override_num_blocks=len(files))
-    parsed = listing.map_batches(_read_files, fn_kwargs={"uri": uri}, batch_size=1, batch_format="pyarrow",
-                                 **_on_this_node(fs))
+    listing = ray.data.from_items(
+        [{"file": i, "path": f, "shown": display(uri, f, root)} for i, f in enumerate(files)],
+        override_num_blocks=len(files),
+    )
+    parsed = listing.map_batches(
+        _read_files, fn_kwargs={"uri": uri}, batch_size=1, batch_format="pyarrow", **_on_this_node(fs)
+    )
     per_file = _where(parsed, "parsed").groupby("file", num_partitions=1).aggregate(*_file_counts()).take_all()
     offsets, start = {}, 0
     for f in sorted(per_file, key=lambda r: r["file"]):
         offsets[f["file"]], start = start, start + f["rows"]
     name_ids = not any(f["ids"] for f in per_file)  # a source without any id: p<row>
-    return parsed.map_batches(number_rows, fn_kwargs={"offsets": offsets, "name_ids": name_ids,
-                                                      "max_prompts": max_prompts, "source": uri},
-                              batch_format="pyarrow")
+    return parsed.map_batches(
+        number_rows,
+        fn_kwargs={"offsets": offsets, "name_ids": name_ids, "max_prompts": max_prompts, "source": uri},
+        batch_format="pyarrow",
+    )
 
 
-def check_prompts(uri: str, max_prompts: int | None, bad_rows: str, too_long: str, limits: list[Limit],
-                  tokenizers: int = 1) -> CheckedPrompts:
+def check_prompts(
+    uri: str, max_prompts: int | None, bad_rows: str, too_long: str, limits: list[Limit], tokenizers: int = 1
+) -> CheckedPrompts:
     """The prompt stage; raises DataError (one line) where a policy says error.
 
     One materialised copy of the source: the checked rows (good and bad, with their checks). The reads and checks
@@ -90,23 +106,31 @@ def check_prompts(uri: str, max_prompts: int | None, bad_rows: str, too_long: st
     twice = valid.groupby("id", num_partitions=partitions).aggregate(*_id_counts())
     twice = twice.map_batches(_repeated, batch_format="pyarrow").materialize()
     if twice.count():
-        valid = valid.join(twice.select_columns(["id", "first_row"]), "left_outer", num_partitions=partitions,
-                           on=("id",))
+        valid = valid.join(
+            twice.select_columns(["id", "first_row"]), "left_outer", num_partitions=partitions, on=("id",)
+        )
         valid = valid.map_batches(mark_duplicates, fn_kwargs={"source": uri}, batch_format="pyarrow")
     if limits:
         # max_restarts=0: a restartable actor whose constructor arguments sit in the object store makes Ray's
         # core worker print an error line on the driver's terminal; a lost tokenizer actor fails the check.
-        valid = valid.map_batches(LengthCheck, fn_constructor_args=(limits, too_long, uri), batch_format="pyarrow",
-                                  concurrency=(1, max(1, tokenizers)), max_restarts=0)
+        valid = valid.map_batches(
+            LengthCheck,
+            fn_constructor_args=(limits, too_long, uri),
+            batch_format="pyarrow",
+            concurrency=(1, max(1, tokenizers)),
+            max_restarts=0,
+        )
     checked = valid.union(_where(rows, "bad")).materialize()
     counts, first = _summary(checked)
-    _stop_at_first(first, ("file",) + (("row",) if bad_rows == "error" else ()) + (("length",) if too_long == "error"
-                                                                                   else ()))
+    _stop_at_first(
+        first, ("file",) + (("row",) if bad_rows == "error" else ()) + (("length",) if too_long == "error" else ())
+    )
     quarantined = counts["file"] + counts["row"] + counts["length"]
     if counts["good"] == 0:
         if quarantined == 0:
-            raise DataError(f"prompt source {uri}: has no rows; add prompts (one JSON object per line with a "
-                            "'prompt' key)")
+            raise DataError(
+                f"prompt source {uri}: has no rows; add prompts (one JSON object per line with a 'prompt' key)"
+            )
         reason = min(first.values(), key=lambda r: (r["file"], r["line"]))["reason"]
         raise DataError(f"prompt source {uri}: no prompt is usable ({quarantined} set aside, first: {reason})")
     prompts = _where(checked, "parsed").select_columns(["id", "prompt", "reference"])
@@ -123,8 +147,9 @@ def check_cached_prompts(cached, prompts, source: str, cache: str) -> None:
     if cached is None:
         return
     now = prompts.select_columns(["id", "prompt"]).rename_columns({"prompt": "prompt_now"})
-    changed = cached.select_columns(["id", "prompt"]).join(now, "inner", num_partitions=1 + prompts.count()
-                                                           // JOIN_ROWS_PER_PARTITION, on=("id",))
+    changed = cached.select_columns(["id", "prompt"]).join(
+        now, "inner", num_partitions=1 + prompts.count() // JOIN_ROWS_PER_PARTITION, on=("id",)
+    )
     per_block = changed.map_batches(_text_changed, batch_format="pyarrow").take_all()  # one row per block
     n = sum(b["n"] for b in per_block)
     if n:
@@ -132,7 +157,8 @@ def check_cached_prompts(cached, prompts, source: str, cache: str) -> None:
         raise DataError(
             f"prompt source {source}: {n} prompt id(s) now name another text than their cached "
             f"teacher output in {cache} (first: {first!r}); give the prompts an `id` column that stays with "
-            "their text, or use a new output_dir")
+            "their text, or use a new output_dir"
+        )
 
 
 def _on_this_node(fs) -> dict:
@@ -149,8 +175,9 @@ def _on_this_node(fs) -> dict:
 
 
 def _read_files(listing: pa.Table, uri: str) -> pa.Table:
-    tables = [read_file(uri, p, f, s) for f, p, s in zip(*(listing.column(c).to_pylist() for c in
-                                                           ("file", "path", "shown")))]
+    tables = [
+        read_file(uri, p, f, s) for f, p, s in zip(*(listing.column(c).to_pylist() for c in ("file", "path", "shown")))
+    ]
     return pa.concat_tables(tables)
 
 
@@ -173,8 +200,10 @@ def _repeated(table: pa.Table) -> pa.Table:
 def _text_changed(table: pa.Table) -> pa.Table:
     """One row per block: how many ids changed text, and the smallest of them."""
     ids = table.filter(pc.not_equal(table.column("prompt"), table.column("prompt_now"))).column("id")
-    return pa.table({"n": [len(ids)], "first": [pc.min(ids).as_py() if len(ids) else None]},
-                    schema=pa.schema([("n", pa.int64()), ("first", pa.string())]))
+    return pa.table(
+        {"n": [len(ids)], "first": [pc.min(ids).as_py() if len(ids) else None]},
+        schema=pa.schema([("n", pa.int64()), ("first", pa.string())]),
+    )
 
 
 _KEEP = {
@@ -192,15 +221,27 @@ def _where(ds, keep: str):
 
 
 _BAD_KINDS = ("file", "row", "length")
-_SUMMARY = pa.schema([("kind", pa.string()), ("n", pa.int64()), ("file", pa.int32()), ("line", pa.int64()),
-                      ("check", pa.string()), ("where", pa.string()), ("reason", pa.string()), ("id", pa.string())])
+_SUMMARY = pa.schema(
+    [
+        ("kind", pa.string()),
+        ("n", pa.int64()),
+        ("file", pa.int32()),
+        ("line", pa.int64()),
+        ("check", pa.string()),
+        ("where", pa.string()),
+        ("reason", pa.string()),
+        ("id", pa.string()),
+    ]
+)
 
 
 def _summarise(table: pa.Table) -> pa.Table:
     """One block -> its counts of good, truncated and bad rows, and its first bad row of each check."""
     check = table.column("check")
-    out = [{"kind": "good", "n": pc.sum(pc.is_null(check)).as_py() or 0},
-           {"kind": "truncated", "n": pc.sum(pc.fill_null(table.column("truncated"), False)).as_py() or 0}]
+    out = [
+        {"kind": "good", "n": pc.sum(pc.is_null(check)).as_py() or 0},
+        {"kind": "truncated", "n": pc.sum(pc.fill_null(table.column("truncated"), False)).as_py() or 0},
+    ]
     for kind in _BAD_KINDS:
         mask = pc.fill_null(pc.equal(check, kind), False)
         n = pc.sum(mask).as_py() or 0
@@ -216,9 +257,10 @@ def _summary(ds) -> tuple[dict, dict]:
     counts, first = dict.fromkeys(("good", "truncated", *_BAD_KINDS), 0), {}
     for part in ds.map_batches(_summarise, batch_format="pyarrow").take_all():
         counts[part["kind"]] += part["n"]
-        if part["kind"] in _BAD_KINDS and (part["kind"] not in first or
-                                           (part["file"], part["line"]) < (first[part["kind"]]["file"],
-                                                                           first[part["kind"]]["line"])):
+        if part["kind"] in _BAD_KINDS and (
+            part["kind"] not in first
+            or (part["file"], part["line"]) < (first[part["kind"]]["file"], first[part["kind"]]["line"])
+        ):
             first[part["kind"]] = part
     return counts, first
 

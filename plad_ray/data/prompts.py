@@ -22,20 +22,22 @@ import pyarrow.parquet as pq
 from plad_ray.data.storage import filesystem_and_path
 
 FORMATS = (".jsonl", ".json", ".parquet")
-ROW_SCHEMA = pa.schema([
-    ("file", pa.int32()),  # the file's place in the source's sorted listing
-    ("line", pa.int64()),  # JSONL line (1-based) or Parquet record (0-based): source order within the file
-    ("index", pa.int64()),  # a parsed row's position among its file's parsed rows
-    ("row", pa.int64()),  # a parsed row's position in the whole source (set by number_rows)
-    ("id", pa.string()),
-    ("prompt", pa.string()),
-    ("reference", pa.string()),
-    ("check", pa.string()),  # None: a good row; else "file", "row" or "length" (which policy decides)
-    ("where", pa.string()),
-    ("reason", pa.string()),
-    ("raw", pa.string()),  # the start of a line that did not parse
-    ("truncated", pa.bool_()),  # cut to fit under data.too_long=truncate
-])
+ROW_SCHEMA = pa.schema(
+    [
+        ("file", pa.int32()),  # the file's place in the source's sorted listing
+        ("line", pa.int64()),  # JSONL line (1-based) or Parquet record (0-based): source order within the file
+        ("index", pa.int64()),  # a parsed row's position among its file's parsed rows
+        ("row", pa.int64()),  # a parsed row's position in the whole source (set by number_rows)
+        ("id", pa.string()),
+        ("prompt", pa.string()),
+        ("reference", pa.string()),
+        ("check", pa.string()),  # None: a good row; else "file", "row" or "length" (which policy decides)
+        ("where", pa.string()),
+        ("reason", pa.string()),
+        ("raw", pa.string()),  # the start of a line that did not parse
+        ("truncated", pa.bool_()),  # cut to fit under data.too_long=truncate
+    ]
+)
 QUARANTINE_COLUMNS = ["where", "reason", "id", "prompt", "raw"]
 _FIXES = {
     "row": "fix or remove it, or set data.bad_rows=quarantine",
@@ -54,8 +56,9 @@ def prompt_token_ids(tokenizer, prompts: list[str], chat_template: bool) -> list
     own encoding, or one user turn of its chat template with the generation prompt."""
     if not chat_template:
         return tokenizer(list(prompts))["input_ids"]
-    ids = tokenizer.apply_chat_template([engine_prompt(p, True)["messages"] for p in prompts],
-                                        add_generation_prompt=True, tokenize=True)
+    ids = tokenizer.apply_chat_template(
+        [engine_prompt(p, True)["messages"] for p in prompts], add_generation_prompt=True, tokenize=True
+    )
     return ids["input_ids"] if hasattr(ids, "keys") else ids
 
 
@@ -68,7 +71,7 @@ def error_line(row: dict) -> str:
 
 def display(uri: str, file: str, root: str) -> str:
     """A file of the source as the user named it."""
-    return uri if file == root else f"{uri.rstrip('/')}/{file[len(root):].lstrip('/')}"
+    return uri if file == root else f"{uri.rstrip('/')}/{file[len(root) :].lstrip('/')}"
 
 
 def rows_table(columns: dict, n: int) -> pa.Table:
@@ -77,9 +80,16 @@ def rows_table(columns: dict, n: int) -> pa.Table:
 
 
 def _file_problem(file: int, shown: str, reason: str) -> pa.Table:
-    return rows_table({"file": pa.array([file], pa.int32()), "line": pa.array([0], pa.int64()),
-                       "check": pa.array(["file"]), "where": pa.array([f"prompt file {shown}"]),
-                       "reason": pa.array([reason])}, 1)
+    return rows_table(
+        {
+            "file": pa.array([file], pa.int32()),
+            "line": pa.array([0], pa.int64()),
+            "check": pa.array(["file"]),
+            "where": pa.array([f"prompt file {shown}"]),
+            "reason": pa.array([reason]),
+        },
+        1,
+    )
 
 
 def read_file(uri: str, path: str, file: int, shown: str) -> pa.Table:
@@ -99,7 +109,9 @@ def read_file(uri: str, path: str, file: int, shown: str) -> pa.Table:
 def parquet_schema_problem(schema: pa.Schema) -> str | None:
     """Why a Parquet prompt file cannot be read, from its schema alone (checked again by --check from the footer)."""
     if "prompt" not in schema.names:
-        return f"no 'prompt' column (columns: {', '.join(schema.names) or 'none'}); rename the prompt column to 'prompt'"
+        return (
+            f"no 'prompt' column (columns: {', '.join(schema.names) or 'none'}); rename the prompt column to 'prompt'"
+        )
     kind = schema.field("prompt").type
     if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
         return f"column 'prompt' must hold strings, not {kind}"
@@ -111,8 +123,12 @@ def _parquet_rows(table: pa.Table, file: int, shown: str) -> pa.Table:
     if problem:
         return _file_problem(file, shown, problem)
     n = table.num_rows
-    columns = {"file": pa.array([file] * n, pa.int32()), "line": pa.array(range(n), pa.int64()),
-               "index": pa.array(range(n), pa.int64()), "prompt": table.column("prompt").cast(pa.string())}
+    columns = {
+        "file": pa.array([file] * n, pa.int32()),
+        "line": pa.array(range(n), pa.int64()),
+        "index": pa.array(range(n), pa.int64()),
+        "prompt": table.column("prompt").cast(pa.string()),
+    }
     for name in ("id", "reference"):
         if name in table.column_names:
             columns[name] = table.column(name).cast(pa.string())
@@ -136,15 +152,20 @@ def _jsonl_rows(data: bytes, file: int, shown: str) -> pa.Table:
             rows.append({**bad, "reason": f"malformed JSON ({e.msg})"})
             continue
         if not isinstance(row, dict):
-            rows.append({**bad, "reason": "expected a JSON object like {\"prompt\": \"...\"}"})
+            rows.append({**bad, "reason": 'expected a JSON object like {"prompt": "..."}'})
         elif "prompt" not in row:
             rows.append({**bad, "reason": "no 'prompt' key; every line needs one"})
         elif row["prompt"] is not None and not isinstance(row["prompt"], str):
             rows.append({**bad, "reason": f"'prompt' must be a string, not {type(row['prompt']).__name__}"})
         else:
-            rows.append({"line": number, "id": None if row.get("id") is None else str(row["id"]),
-                         "prompt": row["prompt"],
-                         "reference": None if row.get("reference") is None else str(row["reference"])})
+            rows.append(
+                {
+                    "line": number,
+                    "id": None if row.get("id") is None else str(row["id"]),
+                    "prompt": row["prompt"],
+                    "reference": None if row.get("reference") is None else str(row["reference"]),
+                }
+            )
     good = [r for r in rows if "check" not in r]
     for index, r in enumerate(good):
         r["index"] = index
@@ -152,8 +173,9 @@ def _jsonl_rows(data: bytes, file: int, shown: str) -> pa.Table:
     return table.set_column(0, "file", pa.array([file] * table.num_rows, pa.int32()))
 
 
-def number_rows(block: pa.Table, offsets: dict[int, int], name_ids: bool, max_prompts: int | None,
-                source: str) -> pa.Table:
+def number_rows(
+    block: pa.Table, offsets: dict[int, int], name_ids: bool, max_prompts: int | None, source: str
+) -> pa.Table:
     """Parsed rows get their place in the whole source (`row`: the file's offset + index) and, when the
     source has no ids at all, the id `p<row>`; rows past data.max_prompts are dropped; an empty id or
     prompt makes a bad row. Bad rows pass unchanged."""
@@ -175,12 +197,18 @@ def number_rows(block: pa.Table, offsets: dict[int, int], name_ids: bool, max_pr
     no_prompt = pc.and_(pc.and_(parsed, pc.invert(no_id)), blank)
     at = pc.binary_join_element_wise(f"prompt source {source} row ", pc.cast(row, pa.string()), "")
     where = pc.if_else(no_prompt, pc.binary_join_element_wise(at, " (id ", ids, ")", ""), at)
-    reason = pc.if_else(no_id, "empty id (give every row an id, or none at all)",
-                        pc.if_else(no_prompt, "empty prompt", pa.scalar(None, pa.string())))
+    reason = pc.if_else(
+        no_id,
+        "empty id (give every row an id, or none at all)",
+        pc.if_else(no_prompt, "empty prompt", pa.scalar(None, pa.string())),
+    )
     flagged = pc.or_(no_id, no_prompt)
-    return _set(block, check=pc.if_else(flagged, "row", block.column("check")),
-                where=pc.if_else(flagged, where, block.column("where")),
-                reason=pc.if_else(flagged, reason, block.column("reason")))
+    return _set(
+        block,
+        check=pc.if_else(flagged, "row", block.column("check")),
+        where=pc.if_else(flagged, where, block.column("where")),
+        reason=pc.if_else(flagged, reason, block.column("reason")),
+    )
 
 
 def mark_duplicates(block: pa.Table, source: str) -> pa.Table:
@@ -190,12 +218,16 @@ def mark_duplicates(block: pa.Table, source: str) -> pa.Table:
     block = conform(block)  # a join hands back large strings
     row = block.column("row")
     later = pc.fill_null(pc.not_equal(first, row), False)
-    rows = pc.binary_join_element_wise(f"prompt source {source} rows ", pc.cast(first, pa.string()), " and ",
-                                       pc.cast(row, pa.string()), "")
+    rows = pc.binary_join_element_wise(
+        f"prompt source {source} rows ", pc.cast(first, pa.string()), " and ", pc.cast(row, pa.string()), ""
+    )
     reason = pc.binary_join_element_wise("duplicate id '", block.column("id"), "' (ids must be unique)", "")
-    return _set(block, check=pc.if_else(later, "row", block.column("check")),
-                where=pc.if_else(later, rows, block.column("where")),
-                reason=pc.if_else(later, reason, block.column("reason")))
+    return _set(
+        block,
+        check=pc.if_else(later, "row", block.column("check")),
+        where=pc.if_else(later, rows, block.column("where")),
+        reason=pc.if_else(later, reason, block.column("reason")),
+    )
 
 
 def conform(block: pa.Table) -> pa.Table:

@@ -65,7 +65,7 @@ def local_path(uri: str) -> str:
     (vLLM and transformers then need a shared filesystem mount or their own URI support)."""
     if not is_uri(uri):
         return os.path.abspath(uri)
-    return uri[len("file://"):] if uri.startswith("file://") else uri
+    return uri[len("file://") :] if uri.startswith("file://") else uri
 
 
 def list_files(fs: pafs.FileSystem, path: str, uri: str) -> list[str]:
@@ -79,7 +79,8 @@ def list_files(fs: pafs.FileSystem, path: str, uri: str) -> list[str]:
     return sorted(
         f.path
         for f in fs.get_file_info(selector)
-        if f.type == pafs.FileType.File and f.path.endswith((".jsonl", ".json", ".parquet"))
+        if f.type == pafs.FileType.File
+        and f.path.endswith((".jsonl", ".json", ".parquet"))
         and not os.path.basename(f.path).startswith(("_", "."))
     )
 

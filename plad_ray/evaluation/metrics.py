@@ -59,8 +59,7 @@ def win_rate(student_scores: list[float], teacher_scores: list[float]) -> dict:
     wins = sum(s > t for s, t in zip(student_scores, teacher_scores))
     ties = sum(s == t for s, t in zip(student_scores, teacher_scores))
     n = len(student_scores)
-    return {"wins": wins, "ties": ties, "losses": n - wins - ties,
-            "win_rate": (wins + ties / 2) / n if n else math.nan}
+    return {"wins": wins, "ties": ties, "losses": n - wins - ties, "win_rate": (wins + ties / 2) / n if n else math.nan}
 
 
 def confidence(mean_token_logprob: float) -> float:
@@ -73,8 +72,10 @@ def reliability_bins(confidences: list[float], correct: list[float], num_bins: i
 
     Bin b holds confidences in [b/n, (b+1)/n); a confidence of exactly 1 goes in the last bin.
     """
-    bins = [{"lower": b / num_bins, "upper": (b + 1) / num_bins, "count": 0, "confidence": 0.0, "accuracy": 0.0}
-            for b in range(num_bins)]
+    bins = [
+        {"lower": b / num_bins, "upper": (b + 1) / num_bins, "count": 0, "confidence": 0.0, "accuracy": 0.0}
+        for b in range(num_bins)
+    ]
     for c, ok in zip(confidences, correct):
         b = bins[min(int(c * num_bins), num_bins - 1)]
         b["count"] += 1
@@ -92,8 +93,9 @@ def expected_calibration_error(confidences: list[float], correct: list[float], n
     n = len(confidences)
     if n == 0:
         return math.nan
-    return sum(b["count"] / n * abs(b["accuracy"] - b["confidence"])
-               for b in reliability_bins(confidences, correct, num_bins))
+    return sum(
+        b["count"] / n * abs(b["accuracy"] - b["confidence"]) for b in reliability_bins(confidences, correct, num_bins)
+    )
 
 
 def calibration_note(correct: list[float]) -> str | None:
@@ -146,8 +148,12 @@ def paired_bootstrap(a: list[float], b: list[float], num_resamples: int = 10000,
         return {"mean": math.nan, "low": math.nan, "high": math.nan, "n": 0}
     rng = random.Random(seed)
     means = sorted(sum(diffs[rng.randrange(n)] for _ in range(n)) / n for _ in range(num_resamples))
-    return {"mean": sum(diffs) / n, "low": means[int(0.025 * num_resamples)],
-            "high": means[int(0.975 * num_resamples) - 1], "n": n}
+    return {
+        "mean": sum(diffs) / n,
+        "low": means[int(0.025 * num_resamples)],
+        "high": means[int(0.975 * num_resamples) - 1],
+        "n": n,
+    }
 
 
 def mean(values: list[float]) -> float:

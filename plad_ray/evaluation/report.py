@@ -2,10 +2,17 @@
 
 import io
 
-QUALITY = (("verifier_accuracy", "verifier accuracy"), ("exact_match", "exact match"),
-           ("graded_score", "graded score"), ("rouge_l", "ROUGE-L"), ("vs_teacher", "win rate vs teacher"),
-           ("vs_initial", "win rate vs initial"), ("sampled_accuracy", "sampled accuracy"),
-           ("best_of_n_accuracy", "best-of-n accuracy"), ("mean_tokens", "mean tokens"))
+QUALITY = (
+    ("verifier_accuracy", "verifier accuracy"),
+    ("exact_match", "exact match"),
+    ("graded_score", "graded score"),
+    ("rouge_l", "ROUGE-L"),
+    ("vs_teacher", "win rate vs teacher"),
+    ("vs_initial", "win rate vs initial"),
+    ("sampled_accuracy", "sampled accuracy"),
+    ("best_of_n_accuracy", "best-of-n accuracy"),
+    ("mean_tokens", "mean tokens"),
+)
 CALIBRATION = (("ece", "ECE"), ("auroc", "AUROC"), ("mean_confidence", "mean confidence"))
 
 
@@ -25,20 +32,38 @@ def markdown(report: dict, plot_name: str) -> str:
     models = report["models"]
     first = next(iter(models.values()))
     samples = next((m["num_samples"] for m in models.values() if m.get("num_samples")), 0)
-    lines = ["# plad-ray evaluation", "",
-             f"{first['prompts']} held-out prompts, greedy generation; scorer: {report['scorer'] or 'none'}"
-             + (f", graded scorer: {report['graded_scorer']}" if report.get("graded_scorer") else "") + ". "
-             "Win rates count ties as half."
-             + (f" Sampled accuracy: the mean over {samples} samples at T=1; best-of-{samples}: the sample with the "
-                "highest mean token log-prob." if samples else ""), "",
-             "## Task quality", ""] + _table(models, QUALITY)
+    lines = [
+        "# plad-ray evaluation",
+        "",
+        f"{first['prompts']} held-out prompts, greedy generation; scorer: {report['scorer'] or 'none'}"
+        + (f", graded scorer: {report['graded_scorer']}" if report.get("graded_scorer") else "")
+        + ". "
+        "Win rates count ties as half."
+        + (
+            f" Sampled accuracy: the mean over {samples} samples at T=1; best-of-{samples}: the sample with the "
+            "highest mean token log-prob."
+            if samples
+            else ""
+        ),
+        "",
+        "## Task quality",
+        "",
+    ] + _table(models, QUALITY)
     students = {n: m for n, m in models.items() if "mean_confidence" in m}
-    lines += ["", "## Calibration (a proxy)", "",
-              "Confidence: exp(mean token log-prob) of the model's own greedy output, against correctness (verifier, "
-              "else exact match). ECE falls when a model grows less sure of wrong answers, so it means little where "
-              "(almost) no output is correct.", ""] + _table(students, CALIBRATION)
-    notes = [f"- {name}: ECE and AUROC are {m['calibration_note']}" for name, m in students.items()
-             if m.get("calibration_note")]
+    lines += [
+        "",
+        "## Calibration (a proxy)",
+        "",
+        "Confidence: exp(mean token log-prob) of the model's own greedy output, against correctness (verifier, "
+        "else exact match). ECE falls when a model grows less sure of wrong answers, so it means little where "
+        "(almost) no output is correct.",
+        "",
+    ] + _table(students, CALIBRATION)
+    notes = [
+        f"- {name}: ECE and AUROC are {m['calibration_note']}"
+        for name, m in students.items()
+        if m.get("calibration_note")
+    ]
     lines += ([""] + notes if notes else []) + ["", f"![reliability diagram]({plot_name})", ""]
     return "\n".join(lines)
 
@@ -56,15 +81,30 @@ def reliability_png(models: dict) -> bytes:
         bins = m["reliability"]
         width = bins[0]["upper"] - bins[0]["lower"]
         used = [b for b in bins if b["count"]]
-        ax.bar([b["lower"] for b in used], [b["accuracy"] for b in used], width=width, align="edge",
-               edgecolor="black", alpha=0.7, label="accuracy")
+        ax.bar(
+            [b["lower"] for b in used],
+            [b["accuracy"] for b in used],
+            width=width,
+            align="edge",
+            edgecolor="black",
+            alpha=0.7,
+            label="accuracy",
+        )
         ax.plot([0, 1], [0, 1], "--", color="gray", label="perfect calibration")
         for b in used:  # outputs in the bin / correct ones: a bin with none correct says nothing about calibration
             right = round(b["accuracy"] * b["count"])
-            ax.annotate(f"{b['count']}" + ("\n0 correct" if right == 0 else f"/{right}"),
-                        (b["lower"] + width / 2, b["accuracy"]), ha="center", va="bottom", fontsize=7)
-        note = "\n(uninformative: " + m["calibration_note"].split(": ", 1)[1].split(",")[0] + ")" \
-            if m.get("calibration_note") else ""
+            ax.annotate(
+                f"{b['count']}" + ("\n0 correct" if right == 0 else f"/{right}"),
+                (b["lower"] + width / 2, b["accuracy"]),
+                ha="center",
+                va="bottom",
+                fontsize=7,
+            )
+        note = (
+            "\n(uninformative: " + m["calibration_note"].split(": ", 1)[1].split(",")[0] + ")"
+            if m.get("calibration_note")
+            else ""
+        )
         ax.set_title(f"{name}\nECE {m['ece']:.3f}{note}", fontsize=9)
         ax.set_xlabel("confidence exp(mean token log-prob)")
         ax.set_ylabel("accuracy")

@@ -27,8 +27,18 @@ from plad_ray.data import parquet, storage
 from plad_ray.data.prompt_checks import source_rows
 from plad_ray.data.prompts import engine_prompt
 from plad_ray.errors import DataError
-from plad_ray.evaluation.metrics import (auroc, best_of_n, calibration_note, confidence, exact_match,
-                                         expected_calibration_error, mean, reliability_bins, rouge_l, win_rate)
+from plad_ray.evaluation.metrics import (
+    auroc,
+    best_of_n,
+    calibration_note,
+    confidence,
+    exact_match,
+    expected_calibration_error,
+    mean,
+    reliability_bins,
+    rouge_l,
+    win_rate,
+)
 from plad_ray.evaluation.report import markdown, reliability_png
 from plad_ray.models.cache import local_model
 from plad_ray.verifiers import get_scorer
@@ -44,17 +54,23 @@ def heldout_rows(cfg: Config, prompts=None) -> list[dict]:
     prompt, reference; already in the object store), else (jobs.evaluate) from the prompt source, read again."""
     cfg.layout().teacher_made()
     teacher = parquet.read(cfg.layout().teacher())
-    held = teacher.select_columns(["id", "prompt", "teacher_text"]).map_batches(
-        _heldout, fn_kwargs={"fraction": cfg.data.heldout_fraction}, batch_format="pyarrow").sort("id")
+    held = (
+        teacher.select_columns(["id", "prompt", "teacher_text"])
+        .map_batches(_heldout, fn_kwargs={"fraction": cfg.data.heldout_fraction}, batch_format="pyarrow")
+        .sort("id")
+    )
     rows = (held.limit(cfg.eval.max_prompts) if cfg.eval.max_prompts else held).take_all()
     if not rows:
-        raise DataError(f"evaluation: no held-out prompt among {storage.manifest(cfg.layout().teacher())['rows']} "
-                        f"(data.heldout_fraction {cfg.data.heldout_fraction}); raise data.heldout_fraction or add "
-                        "prompts")
+        raise DataError(
+            f"evaluation: no held-out prompt among {storage.manifest(cfg.layout().teacher())['rows']} "
+            f"(data.heldout_fraction {cfg.data.heldout_fraction}); raise data.heldout_fraction or add "
+            "prompts"
+        )
     ids = pa.array([r["id"] for r in rows], pa.string())
     source = source_rows(cfg.data.prompts, cfg.data.max_prompts) if prompts is None else prompts
-    references = source.map_batches(_references_of, fn_kwargs={"ids": ids},
-                                    batch_format="pyarrow").take_all()  # at most one per held-out row
+    references = source.map_batches(
+        _references_of, fn_kwargs={"ids": ids}, batch_format="pyarrow"
+    ).take_all()  # at most one per held-out row
     by_id = {r["id"]: r["reference"] for r in references}
     return [{**r, "reference": by_id.get(r["id"])} for r in rows]
 
@@ -69,8 +85,7 @@ def _references_of(table: pa.Table, ids: pa.Array) -> pa.Table:
     import pyarrow.compute as pc
 
     good = pc.is_null(table.column("check")) if "check" in table.column_names else pa.scalar(True)
-    keep = pc.and_(pc.and_(good, pc.is_valid(table.column("reference"))),
-                   pc.is_in(table.column("id"), value_set=ids))
+    keep = pc.and_(pc.and_(good, pc.is_valid(table.column("reference"))), pc.is_in(table.column("id"), value_set=ids))
     return table.filter(pc.fill_null(keep, False)).select(["id", "reference"])
 
 
@@ -83,24 +98,36 @@ def generate(cfg: Config, rows: list[dict], model_path: str, use_gpu: bool) -> l
 
     engine = dataclasses.replace(cfg.student, sampling=dataclasses.replace(cfg.student.sampling, temperature=0.0))
     greedy = {**sampling_params(engine), "logprobs": 0}  # 0: only the generated token's own log-prob
-    sampled = [{**greedy, "temperature": 1.0, "top_p": 1.0, "seed": cfg.student.sampling.seed + k}
-               for k in range(cfg.eval.num_samples)]
+    sampled = [
+        {**greedy, "temperature": 1.0, "top_p": 1.0, "seed": cfg.student.sampling.seed + k}
+        for k in range(cfg.eval.num_samples)
+    ]
 
     def preprocess(row: dict) -> dict:
         k = int(row["sample"])
-        return {"source_prompt": row["prompt"], "sampling_params": greedy if k < 0 else sampled[k],
-                **engine_prompt(row["prompt"], engine.chat_template)}
+        return {
+            "source_prompt": row["prompt"],
+            "sampling_params": greedy if k < 0 else sampled[k],
+            **engine_prompt(row["prompt"], engine.chat_template),
+        }
 
     def postprocess(row: dict) -> dict:
         tokens = [int(t) for t in row["generated_tokens"]]
         logps = token_logprobs(row.get("logprobs"), tokens)
-        return {"id": row["id"], "sample": int(row["sample"]), "text": row["generated_text"],
-                "num_tokens": len(tokens), "mean_logprob": sum(logps) / len(logps) if logps else 0.0}
+        return {
+            "id": row["id"],
+            "sample": int(row["sample"]),
+            "text": row["generated_text"],
+            "num_tokens": len(tokens),
+            "mean_logprob": sum(logps) / len(logps) if logps else 0.0,
+        }
 
-    requests = [{"id": r["id"], "prompt": r["prompt"], "sample": k} for r in rows
-                for k in range(-1, cfg.eval.num_samples)]
-    ds = split_for_replicas(ray.data.from_arrow(pa.Table.from_pylist(requests)), len(requests), engine.batch_size,
-                            engine.replicas)
+    requests = [
+        {"id": r["id"], "prompt": r["prompt"], "sample": k} for r in rows for k in range(-1, cfg.eval.num_samples)
+    ]
+    ds = split_for_replicas(
+        ray.data.from_arrow(pa.Table.from_pylist(requests)), len(requests), engine.batch_size, engine.replicas
+    )
     with engine_deaths("student", engine):  # evaluation runs the student's engine settings
         out = build_engine_processor(engine, model_path, use_gpu, preprocess, postprocess)(ds).take_all()
     by_id: dict[str, dict] = {r["id"]: {"samples": [None] * cfg.eval.num_samples} for r in rows}
@@ -134,8 +161,9 @@ def judge_scores(rows: list[dict], texts: list[str], scorer_name: str | None, gr
     return None
 
 
-def score_outputs(rows: list[dict], outputs: list[dict] | None, scorer_name: str | None, num_bins: int,
-                  graded_name: str | None = None) -> dict:
+def score_outputs(
+    rows: list[dict], outputs: list[dict] | None, scorer_name: str | None, num_bins: int, graded_name: str | None = None
+) -> dict:
     """Metrics of one model's outputs (None: the teacher's cached outputs) on the held-out rows."""
     scorer = get_scorer(scorer_name) if scorer_name else None
     texts = [r["teacher_text"] for r in rows] if outputs is None else [o["text"] for o in outputs]
@@ -210,8 +238,9 @@ def start_initial(cfg: Config, initial_student_path: str | None, pool, prompts=N
     return pool.submit(generate, cfg, heldout_rows(cfg, prompts), initial_student_path, cfg.cluster.use_gpu)
 
 
-def evaluate_run(cfg: Config, initial_student_path: str | None, log=print, force: bool = False,
-                 initial_outputs=None, prompts=None) -> dict:
+def evaluate_run(
+    cfg: Config, initial_student_path: str | None, log=print, force: bool = False, initial_outputs=None, prompts=None
+) -> dict:
     """Evaluate the run's students on its held-out prompts; writes eval/ and returns the figures.
 
     A finished evaluation with the same settings is reused unless `force` (jobs.evaluate).
@@ -235,20 +264,30 @@ def evaluate_run(cfg: Config, initial_student_path: str | None, log=print, force
         name = "trained student" if cfg.train.rounds == 1 else f"round {r} student"
         models[name] = local_model(uri, cfg.cluster.model_cache)  # a URI output_dir's export: fetched to every node
     extra = f" + {cfg.eval.num_samples} samples at T=1" if cfg.eval.num_samples else ""
-    log(f"[eval] {len(rows)} held-out prompts ({sum(r['reference'] is not None for r in rows)} with references), "
-        f"scorer {scorer or 'none'}; greedy{extra} vLLM generation for: {', '.join(models)}")
+    log(
+        f"[eval] {len(rows)} held-out prompts ({sum(r['reference'] is not None for r in rows)} with references), "
+        f"scorer {scorer or 'none'}; greedy{extra} vLLM generation for: {', '.join(models)}"
+    )
     with ThreadPoolExecutor(max_workers=len(models)) as pool:  # Ray queues engines the cluster cannot fit yet
-        futures = {name: initial_outputs if name == INITIAL and initial_outputs is not None
-                   else pool.submit(generate, cfg, rows, path, cfg.cluster.use_gpu) for name, path in models.items()}
+        futures = {
+            name: initial_outputs
+            if name == INITIAL and initial_outputs is not None
+            else pool.submit(generate, cfg, rows, path, cfg.cluster.use_gpu)
+            for name, path in models.items()
+        }
         outputs = {name: future.result() for name, future in futures.items()}
     graded = cfg.eval.graded_scorer
     results = {TEACHER: score_outputs(rows, None, scorer, cfg.eval.num_bins, graded)}
-    generations = {r["id"]: {"id": r["id"], "prompt": r["prompt"], "reference": r["reference"],
-                             "teacher": r["teacher_text"]} for r in rows}
+    generations = {
+        r["id"]: {"id": r["id"], "prompt": r["prompt"], "reference": r["reference"], "teacher": r["teacher_text"]}
+        for r in rows
+    }
     for name, path in models.items():
         results[name] = {"model": path, **score_outputs(rows, outputs[name], scorer, cfg.eval.num_bins, graded)}
         if INITIAL in outputs and name != INITIAL:
-            judged, base = (judge_scores(rows, [o["text"] for o in outputs[n]], scorer, graded) for n in (name, INITIAL))
+            judged, base = (
+                judge_scores(rows, [o["text"] for o in outputs[n]], scorer, graded) for n in (name, INITIAL)
+            )
             if judged is not None:
                 results[name]["vs_initial"] = {**win_rate(judged, base), "judged_by": _judge_name(scorer, graded)}
         for o in outputs[name]:
@@ -257,12 +296,18 @@ def evaluate_run(cfg: Config, initial_student_path: str | None, log=print, force
             if o["samples"]:
                 generations[o["id"]][f"{name} samples"] = o["samples"]
         log(f"[eval] {name}: {headline(results[name])}")
-    report = {"settings": settings, "scorer": scorer, "graded_scorer": graded,
-              "heldout_fraction": cfg.data.heldout_fraction, "models": results,
-              "eval_seconds": time.perf_counter() - start}
+    report = {
+        "settings": settings,
+        "scorer": scorer,
+        "graded_scorer": graded,
+        "heldout_fraction": cfg.data.heldout_fraction,
+        "models": results,
+        "eval_seconds": time.perf_counter() - start,
+    }
     folder = cfg.layout().eval()
-    storage.write_text(storage.join(folder, "generations.jsonl"),
-                       "".join(json.dumps(g) + "\n" for g in generations.values()))
+    storage.write_text(
+        storage.join(folder, "generations.jsonl"), "".join(json.dumps(g) + "\n" for g in generations.values())
+    )
     storage.write_bytes(storage.join(folder, "reliability.png"), reliability_png(results))
     storage.write_text(storage.join(folder, "summary.md"), markdown(report, "reliability.png"))
     storage.write_json(storage.join(folder, "report.json"), report)
@@ -271,9 +316,21 @@ def evaluate_run(cfg: Config, initial_student_path: str | None, log=print, force
 
 
 def headline(m: dict) -> str:
-    parts = [f"{k} {m[k]:.3f}" for k in ("verifier_accuracy", "exact_match", "graded_score", "rouge_l",
-                                         "sampled_accuracy", "best_of_n_accuracy", "ece", "auroc", "mean_confidence")
-             if isinstance(m.get(k), float)]
+    parts = [
+        f"{k} {m[k]:.3f}"
+        for k in (
+            "verifier_accuracy",
+            "exact_match",
+            "graded_score",
+            "rouge_l",
+            "sampled_accuracy",
+            "best_of_n_accuracy",
+            "ece",
+            "auroc",
+            "mean_confidence",
+        )
+        if isinstance(m.get(k), float)
+    ]
     for key, name in (("vs_teacher", "win rate vs teacher"), ("vs_initial", "win rate vs initial student")):
         if key in m:
             parts.append(f"{name} {m[key]['win_rate']:.3f}")

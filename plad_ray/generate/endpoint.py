@@ -27,8 +27,10 @@ def api_key(endpoint: EndpointConfig) -> str | None:
         return None
     key = os.environ.get(endpoint.api_key_env)
     if not key:
-        raise ConfigError(f"config key teacher.endpoint.api_key_env: environment variable {endpoint.api_key_env} is "
-                          "not set; export it (the key itself never goes in a config)")
+        raise ConfigError(
+            f"config key teacher.endpoint.api_key_env: environment variable {endpoint.api_key_env} is "
+            "not set; export it (the key itself never goes in a config)"
+        )
     return key
 
 
@@ -50,7 +52,7 @@ def completions_url(url: str) -> str:
 def server_root(url: str) -> str:
     """The server's root (http://host of http://host/v1/completions): vLLM serves /tokenize there."""
     base = base_url(url)
-    return base[:-len("/v1")] if base.endswith("/v1") else base
+    return base[: -len("/v1")] if base.endswith("/v1") else base
 
 
 def call(endpoint: EndpointConfig, url: str, payload: dict | None = None) -> tuple[int, dict | None, str]:
@@ -67,8 +69,10 @@ def call(endpoint: EndpointConfig, url: str, payload: dict | None = None) -> tup
     except urllib.error.HTTPError as e:
         status, text = e.code, e.read().decode(errors="replace")
     except (urllib.error.URLError, OSError) as e:
-        raise DataError(f"teacher endpoint {base_url(endpoint.url)}: not reachable ({getattr(e, 'reason', e)}); "
-                        "check teacher.endpoint.url and that the server is up") from None
+        raise DataError(
+            f"teacher endpoint {base_url(endpoint.url)}: not reachable ({getattr(e, 'reason', e)}); "
+            "check teacher.endpoint.url and that the server is up"
+        ) from None
     try:
         body = json.loads(text)
     except ValueError:
@@ -86,8 +90,10 @@ def check_endpoint(endpoint: EndpointConfig, model: str) -> dict:
         raise DataError(f"teacher endpoint {base}/models: {error_text(status, text)}{hint}")
     cards = [m for m in (body or {}).get("data", []) if isinstance(m, dict)]
     if cards and model not in [m.get("id") for m in cards]:
-        raise DataError(f"config key teacher.model: the endpoint serves {', '.join(str(m.get('id')) for m in cards)}, "
-                        f"not {model!r}; set teacher.model to the served model name")
+        raise DataError(
+            f"config key teacher.model: the endpoint serves {', '.join(str(m.get('id')) for m in cards)}, "
+            f"not {model!r}; set teacher.model to the served model name"
+        )
     return next((m for m in cards if m.get("id") == model), {})
 
 

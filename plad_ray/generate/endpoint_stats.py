@@ -1,7 +1,7 @@
 """What the request workers of one stage counted, summed in one actor, and the stage's driver side.
 
-    write_from_endpoint: the workers' rows -> `<uri>.partial` (plad_ray.data.parquet); their counts
-    (ENDPOINT_FIGURES, for report.json) from the EndpointStats actor; a worker's failure as one line
+write_from_endpoint: the workers' rows -> `<uri>.partial` (plad_ray.data.parquet); their counts
+(ENDPOINT_FIGURES, for report.json) from the EndpointStats actor; a worker's failure as one line
 """
 
 from collections import Counter
@@ -26,8 +26,10 @@ class EndpointStats:
         return self.failure
 
     def report(self) -> dict:
-        return {**{k: round(v, 3) if isinstance(v, float) else v for k, v in self.counts.items()},
-                "outage_s": round(union_length(self.outages), 3)}
+        return {
+            **{k: round(v, 3) if isinstance(v, float) else v for k, v in self.counts.items()},
+            "outage_s": round(union_length(self.outages), 3),
+        }
 
 
 def union_length(intervals) -> float:
@@ -41,8 +43,19 @@ def union_length(intervals) -> float:
     return total
 
 
-ENDPOINT_FIGURES = ("requests", "retries", "polls", "canaries", "throttled", "throttle_wait_s", "outage_s", "refused",
-                    "failed", "prompt_tokens", "completion_tokens")
+ENDPOINT_FIGURES = (
+    "requests",
+    "retries",
+    "polls",
+    "canaries",
+    "throttled",
+    "throttle_wait_s",
+    "outage_s",
+    "refused",
+    "failed",
+    "prompt_tokens",
+    "completion_tokens",
+)
 
 
 def write_from_endpoint(rows_of, uri: str, schema, rows_per_file: int, total: str) -> dict:
@@ -61,8 +74,10 @@ def write_from_endpoint(rows_of, uri: str, schema, rows_per_file: int, total: st
         failure = ray.get(stats.first_failure.remote())  # what a request worker said; Ray Data wraps its exception
         if failure is None:
             raise
-        raise RuntimeFailure(f"{failure}; {parquet.written_rows(uri)} of {total} are safe on disk in {uri}; "
-                             "re-run the same command to resume") from None
+        raise RuntimeFailure(
+            f"{failure}; {parquet.written_rows(uri)} of {total} are safe on disk in {uri}; "
+            "re-run the same command to resume"
+        ) from None
     finally:
         report = ray.get(stats.report.remote())
         ray.kill(stats)

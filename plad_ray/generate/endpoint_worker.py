@@ -29,9 +29,24 @@ from plad_ray.config import EngineConfig
 from plad_ray.errors import RuntimeFailure
 from plad_ray.generate import set_aside
 from plad_ray.generate.endpoint import models_url, read_response
-from plad_ray.generate.endpoint_policy import (FAILED, FAILING, FATAL, OK, REFUSED, THROTTLED, AdaptiveRate, Outage,
-                                               RefusalWindow, Retries, backoff_s, canary_payload, classify,
-                                               error_text, retry_after_s, unreachable)
+from plad_ray.generate.endpoint_policy import (
+    FAILED,
+    FAILING,
+    FATAL,
+    OK,
+    REFUSED,
+    THROTTLED,
+    AdaptiveRate,
+    Outage,
+    RefusalWindow,
+    Retries,
+    backoff_s,
+    canary_payload,
+    classify,
+    error_text,
+    retry_after_s,
+    unreachable,
+)
 
 RATE_WINDOW_S = 10.0  # how far back a worker looks to measure the rate it was sending at
 
@@ -45,8 +60,16 @@ class EndpointWorker:
     """A Ray Data callable class: one batch of prompts in, their teacher rows out (refused or failed ones set
     aside)."""
 
-    def __init__(self, engine: EngineConfig, params: dict, model_name: str, params_json: str,
-                 quarantine_uri: str, stats, log_prefix: str = "[generate] teacher endpoint"):
+    def __init__(
+        self,
+        engine: EngineConfig,
+        params: dict,
+        model_name: str,
+        params_json: str,
+        quarantine_uri: str,
+        stats,
+        log_prefix: str = "[generate] teacher endpoint",
+    ):
         self.engine, self.endpoint = engine, engine.endpoint
         self.params, self.model_name, self.params_json = params, model_name, params_json
         self.quarantine_uri, self.stats, self.prefix = quarantine_uri, stats, log_prefix
@@ -106,16 +129,33 @@ class EndpointWorker:
         out = read_response(response, stop_configured=self.engine.sampling.stop is not None)
         if not out["text"] and not self.endpoint.allow_empty:
             return "empty completion (teacher.endpoint.allow_empty is false)"
-        return {"id": row["id"], "prompt": row["prompt"], "teacher_text": out["text"],
-                "teacher_num_tokens": out["num_tokens"], "teacher_finish_reason": out["finish_reason"],
-                "teacher_token_ids": None,  # only text crosses from a black-box teacher
-                "teacher_model": self.model_name, "teacher_sampling": self.params_json}
+        return {
+            "id": row["id"],
+            "prompt": row["prompt"],
+            "teacher_text": out["text"],
+            "teacher_num_tokens": out["num_tokens"],
+            "teacher_finish_reason": out["finish_reason"],
+            "teacher_token_ids": None,  # only text crosses from a black-box teacher
+            "teacher_model": self.model_name,
+            "teacher_sampling": self.params_json,
+        }
 
     def set_aside(self, results: list[dict]) -> None:
         """Refused or failed prompts to the pending place: final only if the stage ends normally (set_aside.py)."""
-        set_aside.write(self.quarantine_uri, [
-            {"id": r["row"]["id"], "prompt": r["row"]["prompt"], "status": r["http_status"], "reason": r["message"],
-             "kind": r["status"], **({"requests": r["requests"]} if r["status"] == FAILED else {})} for r in results])
+        set_aside.write(
+            self.quarantine_uri,
+            [
+                {
+                    "id": r["row"]["id"],
+                    "prompt": r["row"]["prompt"],
+                    "status": r["http_status"],
+                    "reason": r["message"],
+                    "kind": r["status"],
+                    **({"requests": r["requests"]} if r["status"] == FAILED else {}),
+                }
+                for r in results
+            ],
+        )
         for r in results:
             print(f"{self.prefix} prompt {r['row']['id']} {verdict(r)}; set aside in {self.quarantine_uri}", flush=True)
 
@@ -126,8 +166,10 @@ class EndpointWorker:
         if self.endpoint.api_key_env:
             key = os.environ.get(self.endpoint.api_key_env)
             if not key:
-                raise EndpointFailure(f"teacher.endpoint.api_key_env: ${self.endpoint.api_key_env} is not set on this "
-                                      "Ray worker; set it in the cluster's environment or the job's runtime_env")
+                raise EndpointFailure(
+                    f"teacher.endpoint.api_key_env: ${self.endpoint.api_key_env} is not set on this "
+                    "Ray worker; set it in the cluster's environment or the job's runtime_env"
+                )
             headers["Authorization"] = f"Bearer {key}"
         timeout = aiohttp.ClientTimeout(total=self.endpoint.timeout_s)
         async with aiohttp.ClientSession(headers=headers, timeout=timeout) as session:
@@ -169,9 +211,11 @@ class EndpointWorker:
                 wait = retry_after_s(retry_after, time.time())
                 wait = backoff_s(throttles, self.endpoint.retry_wait_s) if wait is None else wait
                 if now + wait - throttled_since > self.endpoint.max_outage_s:
-                    raise EndpointFailure(f"teacher endpoint {self.endpoint.url}: throttled ({text}) for "
-                                          f"{now - throttled_since:.0f} s, more than teacher.endpoint.max_outage_s="
-                                          f"{self.endpoint.max_outage_s:g}")
+                    raise EndpointFailure(
+                        f"teacher endpoint {self.endpoint.url}: throttled ({text}) for "
+                        f"{now - throttled_since:.0f} s, more than teacher.endpoint.max_outage_s="
+                        f"{self.endpoint.max_outage_s:g}"
+                    )
                 self.rate.throttled(now, sent_at, self._observed_rate(now))
                 throttles += 1
                 self.counts["throttled"] += 1
@@ -186,8 +230,13 @@ class EndpointWorker:
             if wait is None:  # the retries are spent: the prompt's fault, or the endpoint's?
                 if await self._answers_others(session, sent_at):
                     self.counts["failed"] += 1
-                    return {"status": FAILED, "row": row, "http_status": status, "message": text,
-                            "requests": retries.failures}
+                    return {
+                        "status": FAILED,
+                        "row": row,
+                        "http_status": status,
+                        "message": text,
+                        "requests": retries.failures,
+                    }
                 retries.outage()
                 self.breaker_open = True  # the endpoint fails everyone: wait for it as for one that does not answer
             elif unreachable(status, error):
@@ -271,12 +320,16 @@ class EndpointWorker:
                 f"teacher endpoint {self.url}: {storm}, more than teacher.endpoint.max_refused_fraction="
                 f"{self.refusals.max_fraction:g} of teacher.endpoint.refused_window={self.refusals.size}: a refusal "
                 "storm, the server's doing, not the prompts': nothing this run refused is set aside, a re-run asks "
-                "those prompts again")
+                "those prompts again"
+            )
         return {"status": REFUSED, "row": row, "http_status": status, "message": text}
 
     def _fatal(self, text: str) -> EndpointFailure:
-        fix = (f"check the key in ${self.endpoint.api_key_env}" if self.endpoint.api_key_env else
-               "it wants a key: set teacher.endpoint.api_key_env")
+        fix = (
+            f"check the key in ${self.endpoint.api_key_env}"
+            if self.endpoint.api_key_env
+            else "it wants a key: set teacher.endpoint.api_key_env"
+        )
         return EndpointFailure(f"teacher endpoint {self.endpoint.url}: {text} in the middle of the run; {fix}")
 
     # -- outages ---------------------------------------------------------------------------------
@@ -305,9 +358,11 @@ class EndpointWorker:
             if not self.announced:
                 self.announced = True
                 since = time.strftime("%H:%M:%S", time.localtime(time.time() - self.outage.length(now)))
-                print(f"{self.prefix} {self.endpoint.url} down since {since} ({self.outage.last_error}); "
-                      f"waiting for it (budget {self.endpoint.max_outage_s:g} s, teacher.endpoint.max_outage_s)",
-                      flush=True)
+                print(
+                    f"{self.prefix} {self.endpoint.url} down since {since} ({self.outage.last_error}); "
+                    f"waiting for it (budget {self.endpoint.max_outage_s:g} s, teacher.endpoint.max_outage_s)",
+                    flush=True,
+                )
             poll = 0
             while True:
                 now = time.monotonic()
@@ -337,9 +392,11 @@ class EndpointWorker:
     def _past_budget(self, now: float) -> EndpointFailure:
         lasted = self.outage.length(now)
         self.outages.append((time.time() - lasted, time.time()))
-        return EndpointFailure(f"teacher endpoint {self.endpoint.url}: down for {lasted:.0f} s with no request "
-                               f"answered, more than teacher.endpoint.max_outage_s={self.endpoint.max_outage_s:g} "
-                               f"(last error: {self.outage.last_error})")
+        return EndpointFailure(
+            f"teacher endpoint {self.endpoint.url}: down for {lasted:.0f} s with no request "
+            f"answered, more than teacher.endpoint.max_outage_s={self.endpoint.max_outage_s:g} "
+            f"(last error: {self.outage.last_error})"
+        )
 
 
 def verdict(result: dict) -> str:

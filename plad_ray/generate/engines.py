@@ -121,9 +121,12 @@ def engine_deaths(role: str, engine: EngineConfig):
             raise
         deaths = engine.max_restarts + 1
         raise RuntimeFailure(
-            f"{role} vLLM engine died {deaths} time{'s' if deaths > 1 else ''} ({role}.max_restarts={engine.max_restarts}); "
-            f"vLLM's reason is in the run's log named above ('Fatal engine error', EngineCore traceback): fix {role}.model or "
-            f"{role}.engine_kwargs, or raise {role}.max_restarts if the deaths are transient (lost nodes)") from e
+            f"{role} vLLM engine died {deaths} time{'s' if deaths > 1 else ''} "
+            f"({role}.max_restarts={engine.max_restarts}); "
+            "vLLM's reason is in the run's log named above ('Fatal engine error', EngineCore traceback): "
+            f"fix {role}.model or "
+            f"{role}.engine_kwargs, or raise {role}.max_restarts if the deaths are transient (lost nodes)"
+        ) from e
 
 
 MAX_BLOCKS_PER_REPLICA = 64

@@ -40,8 +40,11 @@ def score_pairs(cfg: Config, inputs: Inputs, log=print, round: int = 1) -> dict:
     done_ds = parquet.done_keys_dataset(uri, teacher_logprobs.KEYS, log)
     done = 0 if done_ds is None else done_ds.count()
     todo = expected - done
-    log(f"[generate] round {round} teacher scores: {todo} sequences to prefill with {cfg.teacher.model} "
-        f"(top {k} log-probs per token; 0 teacher text generated)" + (f"; {done} scored by an earlier run" if done else ""))
+    log(
+        f"[generate] round {round} teacher scores: {todo} sequences to prefill with {cfg.teacher.model} "
+        f"(top {k} log-probs per token; 0 teacher text generated)"
+        + (f"; {done} scored by an earlier run" if done else "")
+    )
     start = time.perf_counter()
     earlier = parquet.uncommitted_files(uri)
     endpoint = None
@@ -50,13 +53,22 @@ def score_pairs(cfg: Config, inputs: Inputs, log=print, round: int = 1) -> dict:
         sequences = _to_score(parquet.read(pairs_uri), done_ds, 1 + done // parquet.JOIN_ROWS_PER_PARTITION)
         workers = teacher.endpoint.concurrency if teacher.endpoint else teacher.replicas
         sequences = engines.split_for_replicas(sequences, todo, teacher.batch_size, workers)
-        ids = SequenceIds(inputs.student_for_round(cfg, round), cfg.student.trust_remote_code,
-                          cfg.student.chat_template, teacher.max_model_len,
-                          {"chosen": teacher.sampling.stop, "rejected": cfg.student.sampling.stop})
+        ids = SequenceIds(
+            inputs.student_for_round(cfg, round),
+            cfg.student.trust_remote_code,
+            cfg.student.chat_template,
+            teacher.max_model_len,
+            {"chosen": teacher.sampling.stop, "rejected": cfg.student.sampling.stop},
+        )
         rows_per_file = parquet.rows_per_file(todo, teacher.batch_size)
         if teacher.endpoint is not None:
-            endpoint = write_from_endpoint(lambda stats: scores_http(sequences.map(ids), teacher, stats), uri,
-                                           teacher_logprobs.SCORE_SCHEMA, rows_per_file, f"{expected} teacher scores")
+            endpoint = write_from_endpoint(
+                lambda stats: scores_http(sequences.map(ids), teacher, stats),
+                uri,
+                teacher_logprobs.SCORE_SCHEMA,
+                rows_per_file,
+                f"{expected} teacher scores",
+            )
         else:
             scored = teacher_scores(sequences, ids, teacher, inputs.teacher_path, cfg.cluster.use_gpu)
             with engines.engine_deaths("teacher", teacher):
@@ -68,24 +80,36 @@ def score_pairs(cfg: Config, inputs: Inputs, log=print, round: int = 1) -> dict:
     on_disk = _file_bytes(uri)
     all_tokens = parquet.read(uri).sum("num_tokens") or 0
     per_token = teacher_logprobs.bytes_per_token(on_disk, all_tokens)
-    log(f"[generate] teacher scores: {rows} sequences ({todo} now: {prefill} prefill tokens, {tokens} of them "
+    log(
+        f"[generate] teacher scores: {rows} sequences ({todo} now: {prefill} prefill tokens, {tokens} of them "
         f"scored) in {seconds:.1f}s ({prefill / seconds:.0f} prefill tokens/s incl. start-up); {on_disk} bytes, "
-        f"{per_token:.1f} bytes per scored token (top {k}) -> {uri}")
-    figures = {"scored_sequences": rows, "scored_now": todo, "scoring_prefill_tokens": prefill,
-               "scored_tokens": tokens, "scoring_seconds": seconds, "scores_bytes": on_disk,
-               "scores_bytes_per_token": per_token, "score_top_k": k}
+        f"{per_token:.1f} bytes per scored token (top {k}) -> {uri}"
+    )
+    figures = {
+        "scored_sequences": rows,
+        "scored_now": todo,
+        "scoring_prefill_tokens": prefill,
+        "scored_tokens": tokens,
+        "scoring_seconds": seconds,
+        "scores_bytes": on_disk,
+        "scores_bytes_per_token": per_token,
+        "score_top_k": k,
+    }
     if endpoint is not None:
-        log(f"[generate] teacher scoring endpoint: {endpoint['requests']} requests, {endpoint['retries']} retries, "
+        log(
+            f"[generate] teacher scoring endpoint: {endpoint['requests']} requests, {endpoint['retries']} retries, "
             f"{endpoint['throttled']} throttled, {endpoint['outage_s']:.1f} s down; usage {endpoint['prompt_tokens']} "
-            "prompt tokens")
+            "prompt tokens"
+        )
         figures["scoring_endpoint"] = endpoint
     return figures
 
 
 def _to_score(pairs_ds, done_ds, num_partitions: int):
     """pairs -> one row per (id, sample_index, side) sequence not in `done_ds`."""
-    return not_done(pairs_ds.flat_map(teacher_logprobs.scoring_sequences), done_ds, tuple(teacher_logprobs.KEYS),
-                    num_partitions)
+    return not_done(
+        pairs_ds.flat_map(teacher_logprobs.scoring_sequences), done_ds, tuple(teacher_logprobs.KEYS), num_partitions
+    )
 
 
 def _file_bytes(uri: str) -> int:
@@ -107,8 +131,9 @@ class SequenceIds:
     response's ids as generated (plad_ray.train.batching.response_ids; `stops`: each side's sampling.stop, for
     a response that a stop string ended and that carries no ids), cut to `max_model_len`."""
 
-    def __init__(self, student_path: str, trust_remote_code: bool, chat_template: bool, max_model_len: int,
-                 stops: dict):
+    def __init__(
+        self, student_path: str, trust_remote_code: bool, chat_template: bool, max_model_len: int, stops: dict
+    ):
         self.student_path, self.trust_remote_code, self.chat_template = student_path, trust_remote_code, chat_template
         self.max_model_len, self.stops = max_model_len, stops
 
@@ -119,11 +144,17 @@ class SequenceIds:
         encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
         eos = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
         prompt = prompt_token_ids(tokenizer, [row["prompt"]], self.chat_template)[0]
-        response = response_ids(row["generated_ids"], row["text"], row["finish_reason"], encode, eos,
-                                self.stops[row["side"]])
+        response = response_ids(
+            row["generated_ids"], row["text"], row["finish_reason"], encode, eos, self.stops[row["side"]]
+        )
         prompt, response = teacher_logprobs.fit(list(prompt), list(response), self.max_model_len)
-        return {"id": row["id"], "sample_index": row["sample_index"], "side": row["side"],
-                "prompt_len": len(prompt), "tokenized_prompt": prompt + response}
+        return {
+            "id": row["id"],
+            "sample_index": row["sample_index"],
+            "side": row["side"],
+            "prompt_len": len(prompt),
+            "tokenized_prompt": prompt + response,
+        }
 
 
 def teacher_scores(sequences_ds, ids: SequenceIds, engine: EngineConfig, teacher_path: str, use_gpu: bool):
@@ -135,10 +166,12 @@ def teacher_scores(sequences_ds, ids: SequenceIds, engine: EngineConfig, teacher
         return {**ids(row), "sampling_params": params}
 
     def postprocess(row: dict) -> dict:
-        read = teacher_logprobs.read_prompt_logprobs(row["prompt_logprobs"], list(row["prompt_token_ids"]),
-                                                     int(row["prompt_len"]), k)
+        read = teacher_logprobs.read_prompt_logprobs(
+            row["prompt_logprobs"], list(row["prompt_token_ids"]), int(row["prompt_len"]), k
+        )
         return {"id": row["id"], "sample_index": int(row["sample_index"]), "side": row["side"], **read}
 
-    processor = engines.build_engine_processor(engine, teacher_path, use_gpu, preprocess, postprocess,
-                                               chat_template=False)
+    processor = engines.build_engine_processor(
+        engine, teacher_path, use_gpu, preprocess, postprocess, chat_template=False
+    )
     return processor(sequences_ds)

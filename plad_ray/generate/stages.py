@@ -39,7 +39,11 @@ def teacher_outputs(prompts_ds, engine: EngineConfig, model_path: str, model_nam
     read = _ReadEngineRow(engine.sampling.max_tokens, list(eos_token_ids))
 
     def preprocess(row: dict) -> dict:
-        return {"source_prompt": row["prompt"], "sampling_params": params, **engine_prompt(row["prompt"], engine.chat_template)}
+        return {
+            "source_prompt": row["prompt"],
+            "sampling_params": params,
+            **engine_prompt(row["prompt"], engine.chat_template),
+        }
 
     def postprocess(row: dict) -> dict:
         out = read(row)
@@ -67,11 +71,22 @@ def teacher_outputs_http(prompts_ds, engine: EngineConfig, refused_uri: str, sta
     from plad_ray.generate.endpoint_worker import EndpointWorker
 
     params = sampling_params(engine)
-    worker_args = dict(engine=engine, params=params, model_name=f"{engine.model} @ {engine.endpoint.url}",
-                       params_json=pairs.sampling_json(params), quarantine_uri=refused_uri, stats=stats)
-    return prompts_ds.map_batches(EndpointWorker, fn_constructor_kwargs=worker_args, batch_size=engine.batch_size,
-                                  batch_format="pyarrow", num_cpus=REQUEST_WORKER_CPUS,
-                                  compute=ray.data.ActorPoolStrategy(size=engine.endpoint.concurrency))
+    worker_args = dict(
+        engine=engine,
+        params=params,
+        model_name=f"{engine.model} @ {engine.endpoint.url}",
+        params_json=pairs.sampling_json(params),
+        quarantine_uri=refused_uri,
+        stats=stats,
+    )
+    return prompts_ds.map_batches(
+        EndpointWorker,
+        fn_constructor_kwargs=worker_args,
+        batch_size=engine.batch_size,
+        batch_format="pyarrow",
+        num_cpus=REQUEST_WORKER_CPUS,
+        compute=ray.data.ActorPoolStrategy(size=engine.endpoint.concurrency),
+    )
 
 
 def samples_to_generate(teacher_ds, num_samples: int, done_ds=None, num_partitions: int = 1):

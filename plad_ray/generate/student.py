@@ -21,7 +21,6 @@ from plad_ray.generate import engines
 from plad_ray.generate.stages import samples_to_generate, student_pairs
 from plad_ray.models.folders import eos_token_ids, shares_vocabulary
 
-
 HELDOUT_LAST = "training_pair"  # the sort key that puts the held-out prompts' samples first (train.stream)
 
 
@@ -45,17 +44,25 @@ def generate_pairs(cfg: Config, inputs: Inputs, log=print, round: int = 1) -> di
     done = 0 if done_ds is None else done_ds.count()  # counted by Ray Data
     todo = expected - done
     if existing is not None:
-        log(f"[generate] pairs: {existing['rows']} pairs complete at {uri}; the teacher cache has "
-            f"{teacher_rows['rows'] - existing['rows'] // cfg.student.num_samples} more prompts: adding {todo} pairs")
-    log(f"[generate] round {round} student: {teacher_rows['rows']} prompts x {cfg.student.num_samples} samples with "
+        log(
+            f"[generate] pairs: {existing['rows']} pairs complete at {uri}; the teacher cache has "
+            f"{teacher_rows['rows'] - existing['rows'] // cfg.student.num_samples} more prompts: adding {todo} pairs"
+        )
+    log(
+        f"[generate] round {round} student: {teacher_rows['rows']} prompts x {cfg.student.num_samples} samples with "
         f"{cfg.student.model if round == 1 else student_path} (0 teacher tokens: teacher outputs from the cache)"
-        + (f"; {done} pairs already written by an earlier run" if done else ""))
+        + (f"; {done} pairs already written by an earlier run" if done else "")
+    )
     start = time.perf_counter()
     earlier = parquet.uncommitted_files(uri)
     if todo:
         with engines.engine_deaths("student", cfg.student):
-            parquet.write_pending(_pairs(cfg, inputs, round, done_ds, done, todo), uri, pairs.PAIR_SCHEMA,
-                                  parquet.rows_per_file(todo, cfg.student.batch_size))
+            parquet.write_pending(
+                _pairs(cfg, inputs, round, done_ds, done, todo),
+                uri,
+                pairs.PAIR_SCHEMA,
+                parquet.rows_per_file(todo, cfg.student.batch_size),
+            )
     return _commit(cfg, uri, existing, todo, earlier, start, log)
 
 
@@ -65,22 +72,36 @@ def _pairs(cfg: Config, inputs: Inputs, round: int, done_ds, done: int, todo: in
     layout = cfg.layout()
     student_path = inputs.student_for_round(cfg, round)
     # The teacher's own ids are scored as they are when they mean the same tokens to the student.
-    shared = inputs.teacher_path is not None and shares_vocabulary(inputs.teacher_path, student_path,
-                                                                  cfg.student.trust_remote_code)
-    samples = samples_to_generate(parquet.read(layout.teacher()), cfg.student.num_samples, done_ds,
-                                  num_partitions=1 + done // parquet.JOIN_ROWS_PER_PARTITION)
+    shared = inputs.teacher_path is not None and shares_vocabulary(
+        inputs.teacher_path, student_path, cfg.student.trust_remote_code
+    )
+    samples = samples_to_generate(
+        parquet.read(layout.teacher()),
+        cfg.student.num_samples,
+        done_ds,
+        num_partitions=1 + done // parquet.JOIN_ROWS_PER_PARTITION,
+    )
     if heldout_first:
         # The held-out prompts' samples first, then the rest in train.seed's shuffle (the order the sequential
         # trainer uses, pairs.with_training_order): a sort keeps its order through the stream (Ray Data's
         # preserve_order), a union does not. It waits for the samples to be listed, not for any engine.
-        samples = samples.map_batches(_stream_order, fn_kwargs={"fraction": cfg.data.heldout_fraction,
-                                                                "seed": cfg.train.seed}, batch_format="numpy")
+        samples = samples.map_batches(
+            _stream_order,
+            fn_kwargs={"fraction": cfg.data.heldout_fraction, "seed": cfg.train.seed},
+            batch_format="numpy",
+        )
         samples = samples.sort([HELDOUT_LAST, "order"])
     samples = engines.split_for_replicas(samples, todo, cfg.student.batch_size, cfg.student.replicas)
-    return student_pairs(samples, cfg.student, student_path,
-                         cfg.student.model if round == 1 else f"{cfg.student.model} after round {round - 1}",
-                         eos_token_ids(student_path), cfg.cluster.use_gpu, cfg.data.heldout_fraction,
-                         shared_vocabulary=shared)
+    return student_pairs(
+        samples,
+        cfg.student,
+        student_path,
+        cfg.student.model if round == 1 else f"{cfg.student.model} after round {round - 1}",
+        eos_token_ids(student_path),
+        cfg.cluster.use_gpu,
+        cfg.data.heldout_fraction,
+        shared_vocabulary=shared,
+    )
 
 
 @dataclass
@@ -109,26 +130,39 @@ def pair_stream(cfg: Config, inputs: Inputs, log=print, round: int = 1) -> PairS
         return None  # committed: generate_pairs says whether any are missing
     written = parquet.written_files(uri, log=lambda _: None)
     if written:
-        log(f"[generate] round {round}: {uri} already holds pairs ({len(written)} files) from an earlier run; "
+        log(
+            f"[generate] round {round}: {uri} already holds pairs ({len(written)} files) from an earlier run; "
             "train.stream does not stream this round again: the missing pairs are generated first, then "
-            "training reads them from disk")
+            "training reads them from disk"
+        )
         return None
     teacher_rows = layout.teacher_made()
     fraction, k = cfg.data.heldout_fraction, cfg.student.num_samples
-    heldout = parquet.read(layout.teacher()).select_columns(["id"]).filter(
-        lambda row: pairs.is_heldout(row["id"], fraction)).count()
+    heldout = (
+        parquet.read(layout.teacher())
+        .select_columns(["id"])
+        .filter(lambda row: pairs.is_heldout(row["id"], fraction))
+        .count()
+    )
     todo = teacher_rows["rows"] * k
-    log(f"[generate] round {round} student, streaming into training: {todo // k} prompts x {k} samples with "
+    log(
+        f"[generate] round {round} student, streaming into training: {todo // k} prompts x {k} samples with "
         f"{cfg.student.model if round == 1 else inputs.student_for_round(cfg, round)}, the {heldout} held-out "
-        f"prompts' pairs first; every pair is written to {uri} before a trainer reads it")
+        f"prompts' pairs first; every pair is written to {uri} before a trainer reads it"
+    )
     # Files of parquet.rows_per_file rows (Ray Data bundles the engines' blocks up to it), as a sequential round
     # writes them: a 200M-pair stream makes ~12k files, not one per engine block (~390k at batch 512).
     stream = _pairs(cfg, inputs, round, None, 0, todo, heldout_first=True).map_batches(
-        parquet.WritePending, fn_constructor_kwargs=dict(uri=uri, schema=pairs.PAIR_SCHEMA, keys=["id", "sample_index"]),
-        batch_size=parquet.rows_per_file(todo, cfg.student.batch_size), batch_format="pyarrow", concurrency=1,
-        num_cpus=0)  # I/O: holds no CPU
-    return PairStream(stream, train_pairs=todo - heldout * k, heldout_pairs=heldout * k,
-                      block_rows=cfg.student.batch_size)
+        parquet.WritePending,
+        fn_constructor_kwargs=dict(uri=uri, schema=pairs.PAIR_SCHEMA, keys=["id", "sample_index"]),
+        batch_size=parquet.rows_per_file(todo, cfg.student.batch_size),
+        batch_format="pyarrow",
+        concurrency=1,
+        num_cpus=0,
+    )  # I/O: holds no CPU
+    return PairStream(
+        stream, train_pairs=todo - heldout * k, heldout_pairs=heldout * k, block_rows=cfg.student.batch_size
+    )
 
 
 def commit_pairs(cfg: Config, round: int, start: float, log=print) -> dict:
@@ -136,14 +170,17 @@ def commit_pairs(cfg: Config, round: int, start: float, log=print) -> dict:
     return _commit(cfg, cfg.layout().pairs(round), None, None, [], start, log)
 
 
-def _commit(cfg: Config, uri: str, existing: dict | None, todo: int | None, earlier: list[str], start: float,
-            log) -> dict:
+def _commit(
+    cfg: Config, uri: str, existing: dict | None, todo: int | None, earlier: list[str], start: float, log
+) -> dict:
     tokens = parquet.pending_sum(uri, "rejected_num_tokens", earlier)
     rows = parquet.commit(uri, {"student_model": cfg.student.model}, ["id", "sample_index"], log)
     seconds = time.perf_counter() - start
     todo = rows - (existing or {"rows": 0})["rows"] if todo is None else todo
     if existing is not None:
         log(f"[generate] pairs: added {rows - existing['rows']} pairs to the {existing['rows']} already committed")
-    log(f"[generate] pairs: {rows} pairs ({todo} generated now, {tokens} student tokens) in {seconds:.1f}s "
-        f"({todo / seconds:.1f} samples/s, {tokens / seconds:.0f} tokens/s incl. start-up) -> {uri}")
+    log(
+        f"[generate] pairs: {rows} pairs ({todo} generated now, {tokens} student tokens) in {seconds:.1f}s "
+        f"({todo / seconds:.1f} samples/s, {tokens / seconds:.0f} tokens/s incl. start-up) -> {uri}"
+    )
     return {"pairs": rows, "pairs_generated": todo, "student_tokens": tokens, "student_seconds": seconds}

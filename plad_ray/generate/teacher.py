@@ -27,7 +27,9 @@ def generate_teacher(cfg: Config, inputs: Inputs, log=print) -> dict:
     done = 0 if done_ds is None else done_ds.count()
     missing = inputs.prompts.select_columns(["id", "prompt"])
     if done_ds is not None:  # an anti-join on id: the cached ids never pass through the driver
-        missing = missing.join(done_ds, "left_anti", num_partitions=1 + done // parquet.JOIN_ROWS_PER_PARTITION, on=("id",))
+        missing = missing.join(
+            done_ds, "left_anti", num_partitions=1 + done // parquet.JOIN_ROWS_PER_PARTITION, on=("id",)
+        )
     refused = _set_aside_earlier(cfg, log)
     if refused:
         missing = missing.filter(lambda row: row["id"] not in refused)
@@ -48,16 +50,21 @@ def generate_teacher(cfg: Config, inputs: Inputs, log=print) -> dict:
             refused_uri = cfg.layout().teacher_refused()
             try:
                 endpoint = write_from_endpoint(
-                    lambda stats: teacher_outputs_http(ds, teacher, refused_uri, stats), uri,
-                    pairs.TEACHER_SCHEMA, rows_per_file, f"{done + todo} teacher outputs")
+                    lambda stats: teacher_outputs_http(ds, teacher, refused_uri, stats),
+                    uri,
+                    pairs.TEACHER_SCHEMA,
+                    rows_per_file,
+                    f"{done + todo} teacher outputs",
+                )
             except BaseException:
                 set_aside.discard(refused_uri)  # this run's verdicts are not final: a re-run asks those prompts again
                 raise
             set_aside.promote(refused_uri)
             stats["teacher_endpoint"] = endpoint
         else:
-            outputs = teacher_outputs(ds, teacher, inputs.teacher_path, teacher.model,
-                                      eos_token_ids(inputs.teacher_path), cfg.cluster.use_gpu)
+            outputs = teacher_outputs(
+                ds, teacher, inputs.teacher_path, teacher.model, eos_token_ids(inputs.teacher_path), cfg.cluster.use_gpu
+            )
             with engines.engine_deaths("teacher", teacher):
                 parquet.write_pending(outputs, uri, pairs.TEACHER_SCHEMA, rows_per_file)
         # this run's outputs (an endpoint's: the server's count for each; its usage also holds the canaries')
@@ -66,8 +73,10 @@ def generate_teacher(cfg: Config, inputs: Inputs, log=print) -> dict:
         aside = stats.get("teacher_endpoint", {})
         written = todo - aside.get("refused", 0) - aside.get("failed", 0)
         stats.update(teacher_generated=written, teacher_seconds=seconds, teacher_tokens=tokens)
-        log(f"[generate] teacher: {written} outputs, {tokens} tokens in {seconds:.1f}s "
-            f"({written / seconds:.1f} prompts/s, {tokens / seconds:.0f} tokens/s incl. start-up) -> {uri}")
+        log(
+            f"[generate] teacher: {written} outputs, {tokens} tokens in {seconds:.1f}s "
+            f"({written / seconds:.1f} prompts/s, {tokens / seconds:.0f} tokens/s incl. start-up) -> {uri}"
+        )
         if "teacher_endpoint" in stats:
             log(_endpoint_line(stats["teacher_endpoint"], cfg.layout().teacher_refused()))
     parquet.commit(uri, {"teacher_model": cfg.teacher.model}, ["id"], log)
@@ -82,28 +91,36 @@ def _set_aside_earlier(cfg: Config, log) -> set:
     uri = cfg.layout().teacher_refused()
     unfinished = set_aside.discard(uri)
     if unfinished:
-        log(f"[generate] teacher: {unfinished} prompts an unfinished run set aside are asked again (its verdicts "
-            f"were pending in {set_aside.pending_uri(uri)})")
+        log(
+            f"[generate] teacher: {unfinished} prompts an unfinished run set aside are asked again (its verdicts "
+            f"were pending in {set_aside.pending_uri(uri)})"
+        )
     records = set_aside.read(uri)
     failed = sum(r["kind"] == set_aside.FAILED for r in records.values())
     if records:
         what = [f"{len(records) - failed} prompts the endpoint refused earlier"] if len(records) > failed else []
         what += [f"{failed} prompts whose requests kept failing while it answered others"] if failed else []
-        log(f"[generate] teacher: {' and '.join(what)} are not asked again (reasons in {uri}; delete that folder "
-            "to ask again)")
+        log(
+            f"[generate] teacher: {' and '.join(what)} are not asked again (reasons in {uri}; delete that folder "
+            "to ask again)"
+        )
     return set(records)
 
 
 def _endpoint_line(figures: dict, refused_uri: str) -> str:
     """What the endpoint did in this run: down (no request answered) for how long, and which prompts it did not
     answer although it answered the others."""
-    line = (f"[generate] teacher endpoint: {figures['requests']} requests ({figures['canaries']} canaries), "
-            f"{figures['retries']} retries, {figures['throttled']} throttled ({figures['throttle_wait_s']:.1f} s "
-            f"waited), {figures['outage_s']:.1f} s down (no request answered); usage {figures['prompt_tokens']} "
-            f"prompt + {figures['completion_tokens']} completion tokens")
+    line = (
+        f"[generate] teacher endpoint: {figures['requests']} requests ({figures['canaries']} canaries), "
+        f"{figures['retries']} retries, {figures['throttled']} throttled ({figures['throttle_wait_s']:.1f} s "
+        f"waited), {figures['outage_s']:.1f} s down (no request answered); usage {figures['prompt_tokens']} "
+        f"prompt + {figures['completion_tokens']} completion tokens"
+    )
     if figures["failed"]:
-        line += (f"; {figures['failed']} prompts failed while the endpoint answered the others, set aside with "
-                 f"their last error in {refused_uri}")
+        line += (
+            f"; {figures['failed']} prompts failed while the endpoint answered the others, set aside with "
+            f"their last error in {refused_uri}"
+        )
     if figures["refused"]:
         line += f"; {figures['refused']} prompts refused, set aside in {refused_uri}"
     return line

@@ -31,8 +31,14 @@ from plad_ray.verifiers import get_scorer, judge_pairs
 
 TOKEN_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
 # The teacher's top-k per response token (teacher_scores/), flat, k per token, and how many tokens they cover.
-TOPK_COLUMNS = ("chosen_topk_ids", "chosen_topk_logps", "chosen_topk_tokens",
-                "rejected_topk_ids", "rejected_topk_logps", "rejected_topk_tokens")
+TOPK_COLUMNS = (
+    "chosen_topk_ids",
+    "chosen_topk_logps",
+    "chosen_topk_tokens",
+    "rejected_topk_ids",
+    "rejected_topk_logps",
+    "rejected_topk_tokens",
+)
 
 
 def tokenize_pair(prompt_ids: list[int], chosen_ids: list[int], rejected_ids: list[int], max_length: int):
@@ -63,9 +69,17 @@ class PairTokenizer:
     and student `sampling.stop`), for outputs that a stop string ended and that carry no ids.
     """
 
-    def __init__(self, model_path: str, max_length: int, chat_template: bool = False, trust_remote_code: bool = False,
-                 scorer: str | None = None, student_wins: str = "keep", chosen_stop: str | None = None,
-                 rejected_stop: str | None = None):
+    def __init__(
+        self,
+        model_path: str,
+        max_length: int,
+        chat_template: bool = False,
+        trust_remote_code: bool = False,
+        scorer: str | None = None,
+        student_wins: str = "keep",
+        chosen_stop: str | None = None,
+        rejected_stop: str | None = None,
+    ):
         from transformers import AutoTokenizer
 
         self.scorer = get_scorer(scorer) if scorer else None
@@ -87,17 +101,32 @@ class PairTokenizer:
     def _responses(self, batch: dict, side: str) -> list[list[int]]:
         n = len(batch["prompt"])
         generated = batch.get(f"{side}_token_ids")
-        return [response_ids(generated[i] if generated is not None else None, batch[side][i],
-                             batch[f"{side}_finish_reason"][i], self._encode, self.eos, self.stops[side])
-                for i in range(n)]
+        return [
+            response_ids(
+                generated[i] if generated is not None else None,
+                batch[side][i],
+                batch[f"{side}_finish_reason"][i],
+                self._encode,
+                self.eos,
+                self.stops[side],
+            )
+            for i in range(n)
+        ]
 
     def __call__(self, batch: dict) -> dict:
         """Token ids of every pair, its scores, and its `status`: ok, identical (no ranking
         signal), too_long, or student_better (dropped by policy)."""
         prompt_ids = self._prompts(batch["prompt"])
-        rows = [{"prompt": p, "chosen": c, "rejected": r, "chosen_ids": ci, "rejected_ids": ri}
-                for p, c, r, ci, ri in zip(batch["prompt"], batch["chosen"], batch["rejected"],
-                                           self._responses(batch, "chosen"), self._responses(batch, "rejected"))]
+        rows = [
+            {"prompt": p, "chosen": c, "rejected": r, "chosen_ids": ci, "rejected_ids": ri}
+            for p, c, r, ci, ri in zip(
+                batch["prompt"],
+                batch["chosen"],
+                batch["rejected"],
+                self._responses(batch, "chosen"),
+                self._responses(batch, "rejected"),
+            )
+        ]
         if "chosen_score" in batch:  # scored before this stage (the teacher scorer: score_joins.with_teacher_scores)
             for row, c, r in zip(rows, batch["chosen_score"], batch["rejected_score"]):
                 row.update(chosen_score=float(c), rejected_score=float(r))
@@ -117,12 +146,16 @@ class PairTokenizer:
                 if f"{side}_topk_ids" in topk:  # cut with the response it scores
                     out_topk(out, row, side, len(fitted[response]) if fitted else 0)
         sample_index = batch["sample_index"] if "sample_index" in batch else np.zeros(len(rows), dtype=np.int32)
-        return {"id": batch["id"], "sample_index": np.asarray(sample_index, dtype=np.int32),
-                "heldout": batch["heldout"], "status": np.asarray(status),
-                "verdict": np.asarray(verdicts),
-                "chosen_score": np.asarray([r.get("chosen_score", 0.0) for r in rows], dtype=np.float32),
-                "rejected_score": np.asarray([r.get("rejected_score", 0.0) for r in rows], dtype=np.float32),
-                **{k: np.asarray(v, dtype=np.int32) if k.endswith("_topk_tokens") else ragged(v) for k, v in out.items()}}
+        return {
+            "id": batch["id"],
+            "sample_index": np.asarray(sample_index, dtype=np.int32),
+            "heldout": batch["heldout"],
+            "status": np.asarray(status),
+            "verdict": np.asarray(verdicts),
+            "chosen_score": np.asarray([r.get("chosen_score", 0.0) for r in rows], dtype=np.float32),
+            "rejected_score": np.asarray([r.get("rejected_score", 0.0) for r in rows], dtype=np.float32),
+            **{k: np.asarray(v, dtype=np.int32) if k.endswith("_topk_tokens") else ragged(v) for k, v in out.items()},
+        }
 
 
 def out_topk(out: dict, row: dict, side: str, kept: int) -> None:
@@ -154,8 +187,11 @@ def _pad(sequences: list[np.ndarray], prompt_lengths: list[int], pad_id: int) ->
         input_ids[row, : len(seq)] = seq
         attention[row, : len(seq)] = 1
         response[row, plen : len(seq)] = 1
-    return {"input_ids": torch.from_numpy(input_ids), "attention_mask": torch.from_numpy(attention),
-            "response_mask": torch.from_numpy(response)}
+    return {
+        "input_ids": torch.from_numpy(input_ids),
+        "attention_mask": torch.from_numpy(attention),
+        "response_mask": torch.from_numpy(response),
+    }
 
 
 def collate_pairs(batch: dict, pad_id: int) -> dict:
@@ -189,7 +225,9 @@ def collate_topk(batch: dict, prompt_lengths: list[int], width: int) -> dict:
 
     b = len(prompt_lengths)
     sides = [side for side in ("chosen", "rejected") if f"{side}_topk_ids" in batch]
-    widths = [len(ids) // n for side in sides for ids, n in zip(batch[f"{side}_topk_ids"], batch[f"{side}_topk_tokens"]) if n]
+    widths = [
+        len(ids) // n for side in sides for ids, n in zip(batch[f"{side}_topk_ids"], batch[f"{side}_topk_tokens"]) if n
+    ]
     k = widths[0] if widths else 1
     ids = np.zeros((2 * b, width, k), dtype=np.int64)
     logps = np.zeros((2 * b, width, k), dtype=np.float32)
@@ -197,13 +235,18 @@ def collate_topk(batch: dict, prompt_lengths: list[int], width: int) -> dict:
     for offset, side in ((0, "chosen"), (b, "rejected")):
         if side not in sides:
             continue
-        for i, (flat_ids, flat_logps, n) in enumerate(zip(batch[f"{side}_topk_ids"], batch[f"{side}_topk_logps"],
-                                                           batch[f"{side}_topk_tokens"])):
+        for i, (flat_ids, flat_logps, n) in enumerate(
+            zip(batch[f"{side}_topk_ids"], batch[f"{side}_topk_logps"], batch[f"{side}_topk_tokens"])
+        ):
             start, n = prompt_lengths[i], int(n)
-            ids[offset + i, start:start + n] = np.asarray(flat_ids).reshape(n, k)
-            logps[offset + i, start:start + n] = np.asarray(flat_logps).reshape(n, k)
-            mask[offset + i, start:start + n] = 1
-    return {"topk_ids": torch.from_numpy(ids), "topk_logps": torch.from_numpy(logps), "topk_mask": torch.from_numpy(mask)}
+            ids[offset + i, start : start + n] = np.asarray(flat_ids).reshape(n, k)
+            logps[offset + i, start : start + n] = np.asarray(flat_logps).reshape(n, k)
+            mask[offset + i, start : start + n] = 1
+    return {
+        "topk_ids": torch.from_numpy(ids),
+        "topk_logps": torch.from_numpy(logps),
+        "topk_mask": torch.from_numpy(mask),
+    }
 
 
 def group_samples(batch: dict) -> dict:
@@ -213,10 +256,13 @@ def group_samples(batch: dict) -> dict:
     one loss term, so a prompt's samples must share a micro-batch: one row per prompt.
     """
     ranked = np.asarray(batch["status"]) != "identical"
-    return {"id": batch["id"][:1], "prompt_ids": ragged([batch["prompt_ids"][0]]),
-            "chosen_ids": ragged([batch["chosen_ids"][0]]),
-            "rejected_ids_list": ragged([ragged([r for r, keep in zip(batch["rejected_ids"], ranked) if keep])]),
-            "num_samples": np.asarray([int(ranked.sum())], dtype=np.int32)}
+    return {
+        "id": batch["id"][:1],
+        "prompt_ids": ragged([batch["prompt_ids"][0]]),
+        "chosen_ids": ragged([batch["chosen_ids"][0]]),
+        "rejected_ids_list": ragged([ragged([r for r, keep in zip(batch["rejected_ids"], ranked) if keep])]),
+        "num_samples": np.asarray([int(ranked.sum())], dtype=np.int32),
+    }
 
 
 def collate_groups(batch: dict, pad_id: int) -> dict:
@@ -246,10 +292,11 @@ def length_grouped(bucket: dict, micro_batch_size: int, seed) -> list[dict]:
     Sorting by each pair's longer side before cutting micro-batches leaves little padding
     in the [2B, T] forward; shuffling the micro-batches keeps lengths from trending.
     """
-    lengths = [len(p) + max(len(c), len(r))
-               for p, c, r in zip(bucket["prompt_ids"], bucket["chosen_ids"], _longest(bucket))]
+    lengths = [
+        len(p) + max(len(c), len(r)) for p, c, r in zip(bucket["prompt_ids"], bucket["chosen_ids"], _longest(bucket))
+    ]
     order = np.argsort(lengths, kind="stable")
-    chunks = [order[i:i + micro_batch_size] for i in range(0, len(order), micro_batch_size)]
+    chunks = [order[i : i + micro_batch_size] for i in range(0, len(order), micro_batch_size)]
     np.random.default_rng(seed).shuffle(chunks)
     return [{k: np.asarray(v)[idx] for k, v in bucket.items()} for idx in chunks]
 

@@ -21,13 +21,12 @@ from plad_ray.data import parquet, storage
 from plad_ray.data.layout import TRAIN, OutputLayout
 from plad_ray.errors import DataError, PladError, RuntimeFailure
 from plad_ray.models.folders import embedding_rows
-from plad_ray.verifiers import TEACHER
 from plad_ray.tracking import Tracking, plan_tracking
 from plad_ray.train.batching import PairTokenizer, group_samples
 from plad_ray.train.plan import TrainPlan
 from plad_ray.train.score_joins import with_teacher_scores, with_teacher_topk
 from plad_ray.train.worker import train_loop_per_worker
-
+from plad_ray.verifiers import TEACHER
 
 
 def trains_identical_pairs(train: TrainConfig) -> bool:
@@ -35,8 +34,14 @@ def trains_identical_pairs(train: TrainConfig) -> bool:
     return train.loss.objective.trains_identical_pairs(train.loss.nll_weight)
 
 
-def prepare_pairs(pairs_ds, model_path: str, train: TrainConfig, chat_template: bool, trust_remote_code: bool,
-                  stops: tuple[str | None, str | None] = (None, None)):
+def prepare_pairs(
+    pairs_ds,
+    model_path: str,
+    train: TrainConfig,
+    chat_template: bool,
+    trust_remote_code: bool,
+    stops: tuple[str | None, str | None] = (None, None),
+):
     """(train, heldout) datasets of token ids, and counts of every pair by what happened to it.
 
     One Ray Data pass: tokenize with the student's tokenizer (up to one actor per trainer
@@ -62,8 +67,9 @@ def prepare_pairs(pairs_ds, model_path: str, train: TrainConfig, chat_template: 
     for status in ("identical", "too_long", "student_better"):
         counts[f"dropped_{status}"] = count(status=[status])
     if train.scorer:
-        counts.update({f"{who}_wins" if who != "tie" else "ties": count(verdict=[who])
-                       for who in ("teacher", "tie", "student")})
+        counts.update(
+            {f"{who}_wins" if who != "tie" else "ties": count(verdict=[who]) for who in ("teacher", "tie", "student")}
+        )
         counts["flipped_student_better"] = counts["student_wins"] if train.student_wins == "flip" else 0
     trained = trained_statuses(train)
     if trains_identical_pairs(train):
@@ -78,23 +84,40 @@ def prepare_pairs(pairs_ds, model_path: str, train: TrainConfig, chat_template: 
     heldout_ds = tokenized.filter(expr=col("status").is_in(["ok", "identical"]) & (col("heldout") == True))  # noqa: E712
     if train.loss.objective.groups_samples:
         # groupby sorts by id: put the prompts back in a seeded order fixed by their ids
-        train_ds = (train_ds.groupby("id").map_groups(group_samples, batch_format="numpy")
-                    .map_batches(pairs.with_training_order, fn_kwargs={"seed": train.seed}, batch_format="numpy")
-                    .sort("order").materialize())
+        train_ds = (
+            train_ds.groupby("id")
+            .map_groups(group_samples, batch_format="numpy")
+            .map_batches(pairs.with_training_order, fn_kwargs={"seed": train.seed}, batch_format="numpy")
+            .sort("order")
+            .materialize()
+        )
         counts["train_prompts"] = train_ds.count()
     return train_ds, heldout_ds, counts
 
 
-def tokenize(pairs_ds, model_path: str, train: TrainConfig, chat_template: bool, trust_remote_code: bool,
-             stops: tuple[str | None, str | None], batch_size: int = 256):
+def tokenize(
+    pairs_ds,
+    model_path: str,
+    train: TrainConfig,
+    chat_template: bool,
+    trust_remote_code: bool,
+    stops: tuple[str | None, str | None],
+    batch_size: int = 256,
+):
     """Pair rows -> token ids and `status` (batching.PairTokenizer), by Ray Data actors, in blocks of
     `batch_size` rows."""
     return pairs_ds.map_batches(
         PairTokenizer,
-        fn_constructor_kwargs=dict(model_path=model_path, max_length=train.max_length,
-                                   chat_template=chat_template, trust_remote_code=trust_remote_code,
-                                   scorer=train.scorer, student_wins=train.student_wins,
-                                   chosen_stop=stops[0], rejected_stop=stops[1]),
+        fn_constructor_kwargs=dict(
+            model_path=model_path,
+            max_length=train.max_length,
+            chat_template=chat_template,
+            trust_remote_code=trust_remote_code,
+            scorer=train.scorer,
+            student_wins=train.student_wins,
+            chosen_stop=stops[0],
+            rejected_stop=stops[1],
+        ),
         batch_size=batch_size,
         # autoscaled by Ray Data from one tokenizer to one per trainer worker
         concurrency=(1, max(1, train.num_workers)),
@@ -110,9 +133,11 @@ def trained_statuses(train: TrainConfig) -> tuple[str, ...]:
 def teacher_wins_line(counts: dict, policy: str) -> str:
     """How often PLaD's teacher-wins assumption held, by the scorer's verdicts."""
     n = max(counts["pairs"], 1)
-    return (f"teacher-wins assumption held on {counts['teacher_wins']}/{counts['pairs']} pairs "
-            f"({counts['teacher_wins'] / n:.1%}); ties {counts['ties']}, student won {counts['student_wins']} "
-            f"(student_wins={policy})")
+    return (
+        f"teacher-wins assumption held on {counts['teacher_wins']}/{counts['pairs']} pairs "
+        f"({counts['teacher_wins'] / n:.1%}); ties {counts['ties']}, student won {counts['student_wins']} "
+        f"(student_wins={policy})"
+    )
 
 
 def steps_per_epoch(train_rows: int, train: TrainConfig) -> int:
@@ -129,11 +154,23 @@ def heldout_shards(heldout_ds, rows: int, num_workers: int) -> list:
     return heldout_ds.split_at_indices([rows * rank // num_workers for rank in range(1, num_workers)])
 
 
-def run_training(pairs_ds, model_path: str, train: TrainConfig, cluster: ClusterConfig, output_dir: str,
-                 export_uri: str, pad_id: int, chat_template: bool = False, trust_remote_code: bool = False,
-                 allow_pickle: bool = False, teacher_path: str | None = None,
-                 stops: tuple[str | None, str | None] = (None, None), tracking: Tracking | None = None,
-                 stream=None, first_epoch_steps: int | None = None) -> dict:
+def run_training(
+    pairs_ds,
+    model_path: str,
+    train: TrainConfig,
+    cluster: ClusterConfig,
+    output_dir: str,
+    export_uri: str,
+    pad_id: int,
+    chat_template: bool = False,
+    trust_remote_code: bool = False,
+    allow_pickle: bool = False,
+    teacher_path: str | None = None,
+    stops: tuple[str | None, str | None] = (None, None),
+    tracking: Tracking | None = None,
+    stream=None,
+    first_epoch_steps: int | None = None,
+) -> dict:
     """Train, evaluate and export; returns the run's figures (also written by the caller).
 
     With `stream` (train.stream: a generate.student.PairStream), the ranks read the student engines' pairs
@@ -148,8 +185,11 @@ def run_training(pairs_ds, model_path: str, train: TrainConfig, cluster: Cluster
     start = time.perf_counter()
     if stream is not None:
         # blocks as the engines make them: the ranks take whole blocks, so small ones keep their shares even
-        datasets = {TrainPlan.STREAM: tokenize(stream.ds, model_path, train, chat_template, trust_remote_code, stops,
-                                               batch_size=stream.block_rows)}
+        datasets = {
+            TrainPlan.STREAM: tokenize(
+                stream.ds, model_path, train, chat_template, trust_remote_code, stops, batch_size=stream.block_rows
+            )
+        }
         counts, expected = None, stream.train_pairs
     else:
         datasets, counts = _fixed_shards(pairs_ds, model_path, train, chat_template, trust_remote_code, stops)
@@ -164,29 +204,48 @@ def run_training(pairs_ds, model_path: str, train: TrainConfig, cluster: Cluster
         per_step = train.micro_batch_size * train.num_workers * train.gradient_accumulation_steps
         raise DataError(
             f"pairs: {expected} training pairs are fewer than one optimizer step needs ({per_step} = "
-            "train.micro_batch_size x train.num_workers x train.gradient_accumulation_steps); add prompts or lower those"
+            "train.micro_batch_size x train.num_workers x train.gradient_accumulation_steps); "
+            "add prompts or lower those"
         )
-    plan = TrainPlan(train=train, model_path=model_path, export_uri=export_uri,
-                     tracking=tracking, steps_per_epoch=steps,
-                     pad_id=pad_id, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
-                     teacher_path=teacher_path,
-                     checkpoint_root=OutputLayout(storage.absolute(output_dir)).train_state(),
-                     trace_pairs_dir=os.environ.get("PLAD_RAY_TRACE_PAIRS"), stream=stream is not None,
-                     trained_statuses=trained_statuses(train), first_epoch_steps=first_epoch_steps,
-                     export=stream is None or train.num_epochs == 1)
+    plan = TrainPlan(
+        train=train,
+        model_path=model_path,
+        export_uri=export_uri,
+        tracking=tracking,
+        steps_per_epoch=steps,
+        pad_id=pad_id,
+        trust_remote_code=trust_remote_code,
+        allow_pickle=allow_pickle,
+        teacher_path=teacher_path,
+        checkpoint_root=OutputLayout(storage.absolute(output_dir)).train_state(),
+        trace_pairs_dir=os.environ.get("PLAD_RAY_TRACE_PAIRS"),
+        stream=stream is not None,
+        trained_statuses=trained_statuses(train),
+        first_epoch_steps=first_epoch_steps,
+        export=stream is None or train.num_epochs == 1,
+    )
     if counts is None:
-        print(f"[train] streaming: up to {stream.train_pairs} training pairs as the student engines make them, "
-              f"{stream.heldout_pairs} held out (they come first); {train.num_workers} worker(s), up to {plan.total_steps} "
-              f"optimizer steps, ZeRO-{train.zero_stage} {train.precision}; no checkpoint in the streamed epoch"
-              + ("" if plan.export else f", one at its end (epochs 2-{train.num_epochs} read the pairs from disk)"),
-              flush=True)
+        print(
+            f"[train] streaming: up to {stream.train_pairs} training pairs as the student engines make them, "
+            f"{stream.heldout_pairs} held out (they come first); {train.num_workers} worker(s), "
+            f"up to {plan.total_steps} "
+            f"optimizer steps, ZeRO-{train.zero_stage} {train.precision}; no checkpoint in the streamed epoch"
+            + ("" if plan.export else f", one at its end (epochs 2-{train.num_epochs} read the pairs from disk)"),
+            flush=True,
+        )
     else:
         if train.scorer:
             print(f"[train] scorer {train.scorer}: " + teacher_wins_line(counts, train.student_wins), flush=True)
-        what = (f"{counts['train_prompts']} training prompts ({counts['train']} pairs)" if "train_prompts" in counts
-                else f"{counts['train']} training pairs")
-        print(f"[train] {what}, {counts['heldout']} held out, {train.num_workers} worker(s), {plan.total_steps} "
-              f"optimizer steps, ZeRO-{train.zero_stage} {train.precision}", flush=True)
+        what = (
+            f"{counts['train_prompts']} training prompts ({counts['train']} pairs)"
+            if "train_prompts" in counts
+            else f"{counts['train']} training pairs"
+        )
+        print(
+            f"[train] {what}, {counts['heldout']} held out, {train.num_workers} worker(s), {plan.total_steps} "
+            f"optimizer steps, ZeRO-{train.zero_stage} {train.precision}",
+            flush=True,
+        )
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"plan": plan},
@@ -200,8 +259,11 @@ def run_training(pairs_ds, model_path: str, train: TrainConfig, cluster: Cluster
         datasets=datasets,
         # Ray Train splits only the stream (in the stream's order: held-out pairs first; train.stream_split); the
         # fixed shards are split by _fixed_shards, in a fixed order.
-        dataset_config=(StreamSplit(TrainPlan.STREAM, _in_order()) if counts is None
-                        else ray.train.DataConfig(datasets_to_split=[], execution_options=_in_order())),
+        dataset_config=(
+            StreamSplit(TrainPlan.STREAM, _in_order())
+            if counts is None
+            else ray.train.DataConfig(datasets_to_split=[], execution_options=_in_order())
+        ),
         run_config=ray.train.RunConfig(
             name=TRAIN,
             storage_path=storage.absolute(output_dir),
@@ -221,20 +283,33 @@ def run_training(pairs_ds, model_path: str, train: TrainConfig, cluster: Cluster
     out = dict(result.return_value)
     if counts is None:
         counts = out.pop("stream_counts")
-        print(f"[train] the stream brought {counts['pairs']} pairs: trained on {counts['trained']}, "
-              f"{counts['heldout']} held out, {counts['untrained']} written to pairs/ but not trained (past the "
-              f"planned {out['steps']} steps, or short of a whole step at a rank's end); "
-              f"dropped: {counts['dropped_too_long']} too long, {counts['dropped_identical']} identical", flush=True)
+        print(
+            f"[train] the stream brought {counts['pairs']} pairs: trained on {counts['trained']}, "
+            f"{counts['heldout']} held out, {counts['untrained']} written to pairs/ but not trained (past the "
+            f"planned {out['steps']} steps, or short of a whole step at a rank's end); "
+            f"dropped: {counts['dropped_too_long']} too long, {counts['dropped_identical']} identical",
+            flush=True,
+        )
     worker = out.pop("worker_timings")
     phases = {k: worker.get(k, 0.0) for k in ("eval_s", "loop_s", "export_s")}
     # Start-up: Ray Train's controller and worker group, model load, DeepSpeed init (and any restarts).
-    out["timings"] = {"prepare_s": prepare_s, "startup_s": fit_s - sum(phases.values()), **phases,
-                      "startup": startup_breakdown(worker, out.pop("worker_started_at") - started_at, fit_s)}
+    out["timings"] = {
+        "prepare_s": prepare_s,
+        "startup_s": fit_s - sum(phases.values()),
+        **phases,
+        "startup": startup_breakdown(worker, out.pop("worker_started_at") - started_at, fit_s),
+    }
     return {**out, "counts": counts, "checkpoint": export_uri}
 
 
-def _fixed_shards(pairs_ds, model_path: str, train: TrainConfig, chat_template: bool, trust_remote_code: bool,
-                  stops: tuple[str | None, str | None]) -> tuple[dict, dict]:
+def _fixed_shards(
+    pairs_ds,
+    model_path: str,
+    train: TrainConfig,
+    chat_template: bool,
+    trust_remote_code: bool,
+    stops: tuple[str | None, str | None],
+) -> tuple[dict, dict]:
     """The Ray Train datasets of pairs on disk: each rank's fixed training split and held-out share; the counts."""
     train_ds, heldout_ds, counts = prepare_pairs(pairs_ds, model_path, train, chat_template, trust_remote_code, stops)
     # Each rank gets a fixed, ordered split of the training pairs (not Ray Data's streaming split, which
@@ -243,13 +318,22 @@ def _fixed_shards(pairs_ds, model_path: str, train: TrainConfig, chat_template: 
     shards = train_ds.split(train.num_workers, equal=True)
     # Held-out scoring is shared out too (within one pair per rank; the figures are all-reduced).
     eval_shards = heldout_shards(heldout_ds, counts["heldout"], train.num_workers)
-    datasets = {**{TrainPlan.train_shard(rank): shard for rank, shard in enumerate(shards)},
-                **{TrainPlan.eval_shard(rank): shard for rank, shard in enumerate(eval_shards)}}
+    datasets = {
+        **{TrainPlan.train_shard(rank): shard for rank, shard in enumerate(shards)},
+        **{TrainPlan.eval_shard(rank): shard for rank, shard in enumerate(eval_shards)},
+    }
     return datasets, counts
 
 
-STARTUP_PHASES = ("imports_s", "model_load_s", "deepspeed_init_s", "teacher_load_s", "resume_s", "trackers_s",
-                  "eval_data_s")
+STARTUP_PHASES = (
+    "imports_s",
+    "model_load_s",
+    "deepspeed_init_s",
+    "teacher_load_s",
+    "resume_s",
+    "trackers_s",
+    "eval_data_s",
+)
 
 
 def _worker_user_error(error: Exception) -> PladError | None:
@@ -276,7 +360,10 @@ def _pairs_on_disk(cfg: Config, round: int, student_path: str):
     layout = cfg.layout()
     if cfg.train.pairs is not None:
         pairs_ds = parquet.read_dataset(cfg.train.pairs, file_extensions=["parquet"]).map_batches(
-            pairs.with_training_columns, fn_kwargs={"heldout_fraction": cfg.data.heldout_fraction}, batch_format="pandas")
+            pairs.with_training_columns,
+            fn_kwargs={"heldout_fraction": cfg.data.heldout_fraction},
+            batch_format="pandas",
+        )
     else:
         pairs_ds = parquet.read(layout.pairs(round))
     if pairs_ds is None:
@@ -290,8 +377,14 @@ def _pairs_on_disk(cfg: Config, round: int, student_path: str):
             pairs_ds = with_teacher_scores(pairs_ds, scores_uri, rows)
         if objective.reads_topk:
             source = "config key train.teacher_scores:" if cfg.train.teacher_scores else "teacher scores"
-            pairs_ds = with_teacher_topk(pairs_ds, scores_uri, rows, objective.topk_sides,
-                                         embedding_rows(student_path, cfg.student.trust_remote_code), source)
+            pairs_ds = with_teacher_topk(
+                pairs_ds,
+                scores_uri,
+                rows,
+                objective.topk_sides,
+                embedding_rows(student_path, cfg.student.trust_remote_code),
+                source,
+            )
     return pairs_ds
 
 
@@ -311,8 +404,10 @@ def train_student(cfg: Config, inputs: Inputs, log=print, round: int = 1, stream
     # a streamed first epoch's report (train.stream, num_epochs > 1): the other epochs resume from its checkpoint
     streamed = done.get("streamed_epoch_steps") if done is not None and stream is None else None
     if streamed:
-        log(f"[train] round {round}: the streamed first epoch took {streamed} steps; epochs 2-{cfg.train.num_epochs} "
-            "resume from its checkpoint and read the pairs from disk")
+        log(
+            f"[train] round {round}: the streamed first epoch took {streamed} steps; epochs 2-{cfg.train.num_epochs} "
+            "resume from its checkpoint and read the pairs from disk"
+        )
     student_path = inputs.student_for_round(cfg, round)
     pairs_ds = None if stream is not None else _pairs_on_disk(cfg, round, student_path)
     tokenizer = AutoTokenizer.from_pretrained(student_path, trust_remote_code=cfg.student.trust_remote_code)
@@ -321,11 +416,31 @@ def train_student(cfg: Config, inputs: Inputs, log=print, round: int = 1, stream
     student = cfg.student
     stops = (None, None) if cfg.train.pairs is not None else (cfg.teacher.sampling.stop, student.sampling.stop)
     name = os.path.basename(storage.absolute(cfg.output_dir).rstrip("/")) + ("" if round == 1 else f"-round-{round}")
-    tracking = plan_tracking(cfg.train.trackers, cfg.train.experiment, storage.absolute(cfg.output_dir), name,
-                             cfg.to_safe_dict(), round_dir=storage.absolute(layout.round_dir(round)))
-    result = run_training(pairs_ds, student_path, cfg.train, cfg.cluster, layout.round_dir(round), export_uri, pad_id,
-                          student.chat_template, student.trust_remote_code, student.allow_pickle_weights,
-                          inputs.teacher_path, stops, tracking, stream=stream, first_epoch_steps=streamed)
+    tracking = plan_tracking(
+        cfg.train.trackers,
+        cfg.train.experiment,
+        storage.absolute(cfg.output_dir),
+        name,
+        cfg.to_safe_dict(),
+        round_dir=storage.absolute(layout.round_dir(round)),
+    )
+    result = run_training(
+        pairs_ds,
+        student_path,
+        cfg.train,
+        cfg.cluster,
+        layout.round_dir(round),
+        export_uri,
+        pad_id,
+        student.chat_template,
+        student.trust_remote_code,
+        student.allow_pickle_weights,
+        inputs.teacher_path,
+        stops,
+        tracking,
+        stream=stream,
+        first_epoch_steps=streamed,
+    )
     result["train_seconds"] = time.perf_counter() - start
     if stream is not None and cfg.train.num_epochs > 1:
         result["streamed_epoch_steps"] = result["steps"]

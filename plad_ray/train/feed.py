@@ -50,8 +50,12 @@ def micro_batches(shard, train: TrainConfig, pad_id: int, epoch: int):
         for micro in length_grouped(bucket, train.micro_batch_size, seed=[train.seed, epoch, index]):
             batch = collate(micro, pad_id)
             if train.packing:
-                batch.update({k: torch.from_numpy(v) for k, v in
-                              pack(batch["input_ids"].numpy(), batch["attention_mask"].numpy(), pad_id).items()})
+                batch.update(
+                    {
+                        k: torch.from_numpy(v)
+                        for k, v in pack(batch["input_ids"].numpy(), batch["attention_mask"].numpy(), pad_id).items()
+                    }
+                )
             samples = micro["sample_index"] if "sample_index" in micro else [0] * len(micro["id"])
             batch["keys"] = [f"{i}#{s}" for i, s in zip(micro["id"], samples)]
             yield batch
@@ -73,18 +77,27 @@ def forward(engine, batch: dict, train: TrainConfig, teacher=None, term_scales=(
     kd = None
     if teacher is not None:  # token_kd: on the chosen (teacher-written) rows only
         with torch.no_grad():
-            teacher_logits_BTV = teacher(input_ids=input_ids_NT[:b],
-                                         attention_mask=batch["attention_mask"][:b].to(device)).logits
+            teacher_logits_BTV = teacher(
+                input_ids=input_ids_NT[:b], attention_mask=batch["attention_mask"][:b].to(device)
+            ).logits
         kd = token_kd_loss(logits_NTV[:b], teacher_logits_BTV, response_mask_NT[:b])
     elif "topk_ids" in batch:
         kd = topk_term(logits_NTV, batch, b, train)
     return plad_loss(
-        logps_N[:b], num_tokens_N[:b], rejected_logps, rejected_tokens,
-        beta=train.loss.beta, length_normalize=train.loss.length_normalize, nll_weight=train.loss.nll_weight,
-        loss_type=train.loss.type, gamma=train.loss.gamma,
+        logps_N[:b],
+        num_tokens_N[:b],
+        rejected_logps,
+        rejected_tokens,
+        beta=train.loss.beta,
+        length_normalize=train.loss.length_normalize,
+        nll_weight=train.loss.nll_weight,
+        loss_type=train.loss.type,
+        gamma=train.loss.gamma,
         chosen_scores_B=batch["chosen_score"].to(device) if "chosen_score" in batch else None,
         rejected_scores_B=batch["rejected_score"].to(device) if "rejected_score" in batch else None,
-        token_kd=kd, ranked_B=batch["ranked"].to(device) if "ranked" in batch else None, rejected_mask_BK=mask_BK,
+        token_kd=kd,
+        ranked_B=batch["ranked"].to(device) if "ranked" in batch else None,
+        rejected_mask_BK=mask_BK,
         term_scales=term_scales,
     )
 
@@ -95,13 +108,17 @@ def student_logits(engine, batch: dict, packed: bool) -> torch.Tensor:
     device = engine.device
     if not packed:
         return engine(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits
-    packed_RTV = engine(input_ids=batch["packed_input_ids"].to(device),
-                        position_ids=batch["packed_position_ids"].to(device), use_cache=False).logits
+    packed_RTV = engine(
+        input_ids=batch["packed_input_ids"].to(device),
+        position_ids=batch["packed_position_ids"].to(device),
+        use_cache=False,
+    ).logits
     return unpack_logits(packed_RTV, batch["unpack_index"].to(device))
 
 
-def student_at_teacher_topk(logits_NTV: torch.Tensor, topk_ids_NTk: torch.Tensor,
-                            topk_mask_NT: torch.Tensor) -> torch.Tensor:
+def student_at_teacher_topk(
+    logits_NTV: torch.Tensor, topk_ids_NTk: torch.Tensor, topk_mask_NT: torch.Tensor
+) -> torch.Tensor:
     """The student's log-probs of the teacher's top-k tokens at every scored position (topk_mask = 1): position
     t's top-k (collate_topk) is what the logits at t - 1 predict. [N, T-1, k], aligned with `[:, 1:]` of the
     batch; computed in fp32 chunks of the scored positions only (plad_ray.losses.topk_token_logps)."""
@@ -119,8 +136,15 @@ def topk_term(logits_NTV: torch.Tensor, batch: dict, b: int, train: TrainConfig)
     loss = train.loss
     if loss.objective.topk_tokens_side == "rejected":  # onpolicy_kd: the student's samples only
         return topk_divergence(student_NTk[b:], teacher_NTk[b:], mask_NT[b:], kind=loss.divergence, beta=loss.jsd_beta)
-    return contrastive_topk_loss(student_NTk[:b], teacher_NTk[:b], mask_NT[:b], student_NTk[b:], teacher_NTk[b:],
-                                 mask_NT[b:], alpha=loss.skew_alpha)
+    return contrastive_topk_loss(
+        student_NTk[:b],
+        teacher_NTk[:b],
+        mask_NT[:b],
+        student_NTk[b:],
+        teacher_NTk[b:],
+        mask_NT[b:],
+        alpha=loss.skew_alpha,
+    )
 
 
 # nats per token, per sequence: bf16's rounding moved the tiny student's packed log-probs by at most 0.07,
@@ -137,9 +161,13 @@ def check_packing(engine, batch: dict) -> float:
     input_ids_NT, response_NT = batch["input_ids"].to(device), batch["response_mask"].to(device)
     padded_NTV, packed_NTV = (student_logits(engine, batch, packed) for packed in (False, True))
     want_N, tokens_N = sequence_logps(padded_NTV, input_ids_NT, response_NT)
-    gap = ((sequence_logps(packed_NTV, input_ids_NT, response_NT)[0] - want_N).abs() / tokens_N.clamp(min=1)).max().item()
+    gap = (
+        ((sequence_logps(packed_NTV, input_ids_NT, response_NT)[0] - want_N).abs() / tokens_N.clamp(min=1)).max().item()
+    )
     if gap > PACKING_TOLERANCE:
-        raise ConfigError(f"config key train.packing: packed and padded log-probs of the first micro-batch differ by "
-                          f"{gap:.3g} nats per token (more than {PACKING_TOLERANCE}): this model's attention does not "
-                          "keep packed sequences apart; set train.packing=false")
+        raise ConfigError(
+            f"config key train.packing: packed and padded log-probs of the first micro-batch differ by "
+            f"{gap:.3g} nats per token (more than {PACKING_TOLERANCE}): this model's attention does not "
+            "keep packed sequences apart; set train.packing=false"
+        )
     return gap

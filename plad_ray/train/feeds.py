@@ -40,9 +40,15 @@ def open_feed(plan: TrainPlan, rank: int):
 
     train = plan.train
     if plan.stream:  # held-out pairs come first in the stream: `heldout()` waits for them
-        return StreamFeed(ray.train.get_dataset_shard(TrainPlan.STREAM), plan.trained_statuses,
-                          scorer=train.scorer is not None,
-                          read_rows=train.micro_batch_size * train.gradient_accumulation_steps,
-                          micro_batch_size=train.micro_batch_size, pad_id=plan.pad_id)
-    return FixedFeed(ray.train.get_dataset_shard(TrainPlan.train_shard(rank)),
-                     lambda: load_batches(ray.train.get_dataset_shard(TrainPlan.eval_shard(rank)), plan))
+        return StreamFeed(
+            ray.train.get_dataset_shard(TrainPlan.STREAM),
+            plan.trained_statuses,
+            scorer=train.scorer is not None,
+            read_rows=train.micro_batch_size * train.gradient_accumulation_steps,
+            micro_batch_size=train.micro_batch_size,
+            pad_id=plan.pad_id,
+        )
+    return FixedFeed(
+        ray.train.get_dataset_shard(TrainPlan.train_shard(rank)),
+        lambda: load_batches(ray.train.get_dataset_shard(TrainPlan.eval_shard(rank)), plan),
+    )

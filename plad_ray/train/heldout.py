@@ -59,9 +59,20 @@ def evaluate(engine, batches: list[dict], plan: TrainPlan, teacher=None, reduce:
         ranked = batch["ranked"].sum().item()
         chosen_tokens = batch["response_mask"][:n, 1:].sum().item()
         count = term_counts(batch, plan.train)[1 if per_token else 0]
-        totals_9 += torch.tensor([n, ranked, stats["accuracy"] * ranked, stats["rank_loss"] * ranked,
-                                  stats["margin"] * ranked, stats["nll"] * chosen_tokens, chosen_tokens,
-                                  float(stats["loss"]) * count, count], dtype=torch.float64)
+        totals_9 += torch.tensor(
+            [
+                n,
+                ranked,
+                stats["accuracy"] * ranked,
+                stats["rank_loss"] * ranked,
+                stats["margin"] * ranked,
+                stats["nll"] * chosen_tokens,
+                chosen_tokens,
+                float(stats["loss"]) * count,
+                count,
+            ],
+            dtype=torch.float64,
+        )
     if reduce and torch.distributed.is_initialized():
         if plan.train.zero_stage == 3:
             _match_forwards(engine, len(batches), plan.pad_id)
@@ -69,10 +80,16 @@ def evaluate(engine, batches: list[dict], plan: TrainPlan, teacher=None, reduce:
     engine.train()
     ranked = max(totals_9[1].item(), 1.0)
     nll = totals_9[5].item() / max(totals_9[6].item(), 1.0)
-    return {"pairs": int(totals_9[0].item()), "ranked_pairs": int(totals_9[1].item()),
-            "ranking_accuracy": totals_9[2].item() / ranked, "loss": totals_9[3].item() / ranked,
-            "margin": totals_9[4].item() / ranked, "objective": totals_9[7].item() / max(totals_9[8].item(), 1.0),
-            "chosen_nll_per_token": nll, "teacher_logp_per_token": -nll}
+    return {
+        "pairs": int(totals_9[0].item()),
+        "ranked_pairs": int(totals_9[1].item()),
+        "ranking_accuracy": totals_9[2].item() / ranked,
+        "loss": totals_9[3].item() / ranked,
+        "margin": totals_9[4].item() / ranked,
+        "objective": totals_9[7].item() / max(totals_9[8].item(), 1.0),
+        "chosen_nll_per_token": nll,
+        "teacher_logp_per_token": -nll,
+    }
 
 
 def _match_forwards(engine, forwards: int, pad_id: int) -> None:
@@ -100,14 +117,24 @@ def check_guard(engine, plan: TrainPlan, progress: Progress, figures: dict, log:
     if not tripped:
         return False
     if progress.guard is None:
-        progress.guard = {"step": progress.step, "initial_logp_per_token": initial,
-                          "logp_per_token": figures["teacher_logp_per_token"], "max_logp_drop": guard.max_logp_drop,
-                          "action": guard.action}
-        log(f"[train] warning: held-out teacher-output log-prob per token fell {drop:.3f} nats "
+        progress.guard = {
+            "step": progress.step,
+            "initial_logp_per_token": initial,
+            "logp_per_token": figures["teacher_logp_per_token"],
+            "max_logp_drop": guard.max_logp_drop,
+            "action": guard.action,
+        }
+        log(
+            f"[train] warning: held-out teacher-output log-prob per token fell {drop:.3f} nats "
             f"({initial:.3f} -> {figures['teacher_logp_per_token']:.3f}) by step {progress.step}, more than "
             f"train.guard.max_logp_drop={guard.max_logp_drop}: the student is getting less likely to write what "
-            f"the teacher writes" + ("; stopping at the last good checkpoint" if guard.action == "stop" else
-                                     "; set train.guard.action=stop to end training at the last good checkpoint"))
+            f"the teacher writes"
+            + (
+                "; stopping at the last good checkpoint"
+                if guard.action == "stop"
+                else "; set train.guard.action=stop to end training at the last good checkpoint"
+            )
+        )
     if guard.action == "stop":
         good = progress.last_checkpoint
         _restore(engine, plan, good)

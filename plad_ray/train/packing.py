@@ -32,8 +32,8 @@ def pack(input_ids_NT: np.ndarray, attention_mask_NT: np.ndarray, pad_id: int) -
         positions[r, used:] = np.arange(row - used)
     unpack = np.zeros((n, width), dtype=np.int64)
     for i, ((r, offset), length) in enumerate(zip(place, lengths)):
-        packed[r, offset:offset + length] = input_ids_NT[i, :length]
-        positions[r, offset:offset + length] = np.arange(length)
+        packed[r, offset : offset + length] = input_ids_NT[i, :length]
+        positions[r, offset : offset + length] = np.arange(length)
         unpack[i, :length] = r * row + offset + np.arange(length)
     return {"packed_input_ids": packed, "packed_position_ids": positions, "unpack_index": unpack}
 

@@ -41,9 +41,17 @@ class Window:
 
     def flush(self, step: int, epoch: int, lr: float) -> dict:
         seconds = time.perf_counter() - self.start
-        entry = {"step": step, "epoch": epoch, "lr": lr, **{k: v / self.count for k, v in self.sums.items()},
-                 "tokens": self.tokens, "seconds": seconds, "tokens_per_s": self.tokens / seconds if seconds else 0.0,
-                 "padding": 1 - self.tokens / self.padded if self.padded else 0.0, "data_s": self.data_seconds,
-                 "cpu_s": time.process_time() - self.cpu_start}
+        entry = {
+            "step": step,
+            "epoch": epoch,
+            "lr": lr,
+            **{k: v / self.count for k, v in self.sums.items()},
+            "tokens": self.tokens,
+            "seconds": seconds,
+            "tokens_per_s": self.tokens / seconds if seconds else 0.0,
+            "padding": 1 - self.tokens / self.padded if self.padded else 0.0,
+            "data_s": self.data_seconds,
+            "cpu_s": time.process_time() - self.cpu_start,
+        }
         self.__init__()
         return entry

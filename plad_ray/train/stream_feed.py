@@ -24,8 +24,9 @@ from plad_ray.train.step_log import waited
 
 HELDOUT_STATUSES = ("ok", "identical")
 COUNTED_STATUSES = ("identical", "too_long", "student_better")
-OUT_OF_ORDER = ("train.stream: a held-out pair came after a training pair; the stream lost its order "
-                "(Ray Data's preserve_order)")
+OUT_OF_ORDER = (
+    "train.stream: a held-out pair came after a training pair; the stream lost its order (Ray Data's preserve_order)"
+)
 
 
 def classify(batch: dict, trained: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray]:
@@ -38,14 +39,21 @@ def count_rows(batch: dict, trained: tuple[str, ...], scorer: bool) -> Counter:
     """The counts `driver.prepare_pairs` reports, for one tokenized batch."""
     heldout_rows, train_rows = classify(batch, trained)
     status = batch["status"]
-    counts = Counter(pairs=len(status), train=int(train_rows.sum()), heldout=int(heldout_rows.sum()),
-                     heldout_ranked=int((heldout_rows & (status == "ok")).sum()))
+    counts = Counter(
+        pairs=len(status),
+        train=int(train_rows.sum()),
+        heldout=int(heldout_rows.sum()),
+        heldout_ranked=int((heldout_rows & (status == "ok")).sum()),
+    )
     for name in COUNTED_STATUSES:
         counts[f"dropped_{name}"] = 0 if name == "identical" and "identical" in trained else int((status == name).sum())
     if scorer:
         verdicts = batch["verdict"]
-        counts.update(teacher_wins=int((verdicts == "teacher").sum()), ties=int((verdicts == "tie").sum()),
-                      student_wins=int((verdicts == "student").sum()))
+        counts.update(
+            teacher_wins=int((verdicts == "teacher").sum()),
+            ties=int((verdicts == "tie").sum()),
+            student_wins=int((verdicts == "student").sum()),
+        )
     return counts
 
 
@@ -67,8 +75,15 @@ class StreamFeed:
 
     single_pass = True
 
-    def __init__(self, shard, trained: tuple[str, ...], scorer: bool = False, read_rows: int = 16,
-                 micro_batch_size: int = 16, pad_id: int = 0):
+    def __init__(
+        self,
+        shard,
+        trained: tuple[str, ...],
+        scorer: bool = False,
+        read_rows: int = 16,
+        micro_batch_size: int = 16,
+        pad_id: int = 0,
+    ):
         # read a step's rows at a time: the ranks take blocks from the stream at the pace they train
         self.batches = iter(shard.iter_batches(batch_size=read_rows, batch_format="numpy"))
         self.trained, self.scorer = trained, scorer
@@ -95,14 +110,14 @@ class StreamFeed:
             rows.append(take(batch, heldout_rows))
             if train_rows.any():
                 self.first_training = take(batch, train_rows)
-                if heldout_rows[np.argmax(train_rows):].any():
+                if heldout_rows[np.argmax(train_rows) :].any():
                     raise RuntimeError(OUT_OF_ORDER)
                 break
         self.read_heldout = True
         held = concat([r for r in rows if rows_of(r)])
         n = rows_of(held)
         size = self.micro_batch_size
-        return [collate_pairs({k: v[i:i + size] for k, v in held.items()}, self.pad_id) for i in range(0, n, size)]
+        return [collate_pairs({k: v[i : i + size] for k, v in held.items()}, self.pad_id) for i in range(0, n, size)]
 
     def _training_rows(self):
         if rows_of(self.first_training):
@@ -164,9 +179,12 @@ def joined(steps):
         yield step, False
     while any_rank(False):
         if last is None:
-            raise RuntimeError("train.stream: a rank got no training pairs from the stream while another did; "
-                               "lower train.num_workers or add prompts")
+            raise RuntimeError(
+                "train.stream: a rank got no training pairs from the stream while another did; "
+                "lower train.num_workers or add prompts"
+            )
         yield last, True
+
 
 def any_rank(has_step: bool) -> bool:
     """Whether any rank has another optimizer step (ranks of a stream may hold different numbers of pairs;

@@ -23,8 +23,13 @@ class StreamSplit(ray.train.DataConfig):
         self.stream = stream
 
     def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
-        output = super().configure({k: v for k, v in datasets.items() if k != self.stream}, world_size,
-                                   worker_handles, worker_node_ids, **kwargs)
+        output = super().configure(
+            {k: v for k, v in datasets.items() if k != self.stream},
+            world_size,
+            worker_handles,
+            worker_node_ids,
+            **kwargs,
+        )
         ds = datasets[self.stream]
         ds = ds.copy(ds)
         ds.context.execution_options = self._resolve_execution_options(self.stream)

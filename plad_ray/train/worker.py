@@ -20,7 +20,6 @@ from pathlib import Path
 
 import torch
 
-from plad_ray.config import TrainConfig
 from plad_ray.losses import step_term_scales
 from plad_ray.tracking import Tracker
 from plad_ray.train.checkpoints import Progress, resume, save
@@ -80,15 +79,24 @@ def train_loop_per_worker(config: dict) -> dict | None:
     return _figures(progress, eval_trained, tracker_runs, clock, feed_counts) if rank == 0 else None
 
 
-def _figures(progress: Progress, eval_trained: dict | None, tracker_runs: dict, clock: "_Clock",
-             stream_counts: dict | None) -> dict:
+def _figures(
+    progress: Progress, eval_trained: dict | None, tracker_runs: dict, clock: "_Clock", stream_counts: dict | None
+) -> dict:
     """Rank 0's report of the run."""
-    return {"steps": progress.step, "curve": progress.curve, "eval_initial": progress.eval_initial,
-            "eval_trained": eval_trained, "evals": progress.evals, "guard": progress.guard,
-            "checkpoint_s": progress.checkpoint_s, "tracker_runs": tracker_runs,
-            "worker_timings": clock.laps, "worker_started_at": clock.started_at,
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            **({"stream_counts": stream_counts} if stream_counts is not None else {})}
+    return {
+        "steps": progress.step,
+        "curve": progress.curve,
+        "eval_initial": progress.eval_initial,
+        "eval_trained": eval_trained,
+        "evals": progress.evals,
+        "guard": progress.guard,
+        "checkpoint_s": progress.checkpoint_s,
+        "tracker_runs": tracker_runs,
+        "worker_timings": clock.laps,
+        "worker_started_at": clock.started_at,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        **({"stream_counts": stream_counts} if stream_counts is not None else {}),
+    }
 
 
 def _open_trackers(plan: TrainPlan, progress: Progress, rank: int) -> Tracker:
@@ -125,6 +133,7 @@ def _import_deepspeed():
 
     if "mlflow" in sys.modules:
         import deepspeed
+
         return deepspeed
     sys.modules["mlflow"] = None  # `import mlflow` raises ModuleNotFoundError; DeepSpeed's autotuner goes without
     try:
@@ -149,7 +158,9 @@ def _initialize(plan: TrainPlan, world_size: int, clock: _Clock | None = None):
 
         _keep_alive = HfDeepSpeedConfig(ds_config)  # noqa: F841 - read by from_pretrained below
     model = AutoModelForCausalLM.from_pretrained(
-        plan.model_path, dtype=torch.float32, trust_remote_code=plan.trust_remote_code,
+        plan.model_path,
+        dtype=torch.float32,
+        trust_remote_code=plan.trust_remote_code,
         use_safetensors=None if plan.allow_pickle else True,
         **({"attn_implementation": plan.train.attn_implementation} if plan.train.attn_implementation else {}),
     )
@@ -160,7 +171,9 @@ def _initialize(plan: TrainPlan, world_size: int, clock: _Clock | None = None):
     optimizer = None
     if not plan.train.offload_optimizer:
         optimizer = torch.optim.AdamW(
-            model.parameters(), lr=plan.train.learning_rate, weight_decay=plan.train.weight_decay,
+            model.parameters(),
+            lr=plan.train.learning_rate,
+            weight_decay=plan.train.weight_decay,
             fused=torch.cuda.is_available(),
         )
     schedule = partial(lr_factor, warmup_steps=plan.train.warmup_steps, total_steps=plan.total_steps)
@@ -182,14 +195,16 @@ def _load_teacher(plan: TrainPlan, device):
         return None
     from transformers import AutoModelForCausalLM
 
-    teacher = AutoModelForCausalLM.from_pretrained(plan.teacher_path, dtype=torch.float32,
-                                                   trust_remote_code=plan.trust_remote_code, use_safetensors=True)
+    teacher = AutoModelForCausalLM.from_pretrained(
+        plan.teacher_path, dtype=torch.float32, trust_remote_code=plan.trust_remote_code, use_safetensors=True
+    )
     teacher.requires_grad_(False)
     return teacher.to(device).eval()
 
 
-def _train(engine, feed, plan: TrainPlan, progress: Progress, rank: int, metrics: Tracker, teacher,
-           eval_batches) -> int:
+def _train(
+    engine, feed, plan: TrainPlan, progress: Progress, rank: int, metrics: Tracker, teacher, eval_batches
+) -> int:
     """The training loop over a feed (plad_ray.train.feeds); the rows (pairs; listwise: prompts) this rank trained
     on."""
     train = plan.train
@@ -214,8 +229,10 @@ def _train(engine, feed, plan: TrainPlan, progress: Progress, rank: int, metrics
             step_ranked, step_tokens = step_totals_2[0].item(), step_totals_2[1].item()
             for batch, (ranked, tokens) in zip(step_batches, counts):
                 if train.packing and not packing_checked:
-                    log(f"[train] packing: first micro-batch's packed log-probs within "
-                        f"{check_packing(engine, batch):.2g} nats per token of the padded ones")
+                    log(
+                        f"[train] packing: first micro-batch's packed log-probs within "
+                        f"{check_packing(engine, batch):.2g} nats per token of the padded ones"
+                    )
                     packing_checked = True
                 scales = step_term_scales(ranked, tokens, step_ranked, step_tokens, len(step_batches), world)
                 stats = forward(engine, batch, train, teacher, scales)
@@ -238,12 +255,19 @@ def _train(engine, feed, plan: TrainPlan, progress: Progress, rank: int, metrics
             before_end = progress.step < plan.total_steps
             checkpoint_every = train.checkpoint_every_steps
             # a streamed epoch is not checkpointed (its order is the engines'; README "Streaming")
-            checkpoint = before_end and not feed.single_pass and (
-                (checkpoint_every and progress.step % checkpoint_every == 0) or (not checkpoint_every and end_of_epoch))
+            checkpoint = (
+                before_end
+                and not feed.single_pass
+                and (
+                    (checkpoint_every and progress.step % checkpoint_every == 0)
+                    or (not checkpoint_every and end_of_epoch)
+                )
+            )
             # In stop mode every checkpoint follows an evaluation that passed, and every evaluation that
             # passes is checkpointed: the newest checkpoint is always the last good one.
-            if before_end and ((train.eval_every_steps and progress.step % train.eval_every_steps == 0)
-                               or (stop_mode and checkpoint)):
+            if before_end and (
+                (train.eval_every_steps and progress.step % train.eval_every_steps == 0) or (stop_mode and checkpoint)
+            ):
                 figures = evaluate(engine, eval_batches, plan, teacher)
                 progress.evals.append({"step": progress.step, **figures})
                 metrics.log(progress.step, figures, prefix="heldout")
@@ -253,8 +277,13 @@ def _train(engine, feed, plan: TrainPlan, progress: Progress, rank: int, metrics
                 checkpoint = checkpoint or stop_mode
             if checkpoint:  # stop mode waits for each upload: the guard may restore the newest at once
                 metrics.sync()
-                save(engine, progress, rank, upload="sync" if stop_mode else train.checkpoint_upload,
-                     staging=train.checkpoint_staging_dir)
+                save(
+                    engine,
+                    progress,
+                    rank,
+                    upload="sync" if stop_mode else train.checkpoint_upload,
+                    staging=train.checkpoint_staging_dir,
+                )
             if end_of_epoch or progress.step >= plan.total_steps:
                 break  # a stream bringing more pairs than planned ends here too: the rest is written, not trained
         if feed.single_pass:  # the stream ended, or its planned steps did: one epoch, whatever its length
@@ -280,6 +309,6 @@ def _log(rank: int, line: str) -> None:
 
 
 def _fmt(stats: dict) -> str:
-    return " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in stats.items()
-                    if k not in ("step", "epoch"))
-
+    return " ".join(
+        f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in stats.items() if k not in ("step", "epoch")
+    )
