@@ -14,7 +14,7 @@ second). Stages:
   teacher: teacher outputs through the vLLM engine, written and committed (generate_teacher);
   pairs:   one student sample per prompt, pairs written and committed (generate_pairs);
   feed:    the training driver's preparation (tokenise, order, count, split per rank) of the
-           pairs, without training (train.driver.prepare_pairs + the per-rank splits).
+           pairs, without training (train.prepare.prepare_pairs + the per-rank splits).
 Writes a table, JSON and a PNG of driver RSS and seconds per 1k prompts against prompt count.
 """
 
@@ -131,7 +131,7 @@ def measure(n: int, max_tokens: int, batch_size: int) -> dict:
     from plad_ray.generate.student import generate_pairs
     from plad_ray.generate.teacher import generate_teacher
     from plad_ray.pipeline import prepare
-    from plad_ray.train.driver import prepare_pairs
+    from plad_ray.train.prepare import prepare_pairs
 
     folder, cfg = _run(n, max_tokens, batch_size)
     quiet = lambda line: None  # noqa: E731

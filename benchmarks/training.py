@@ -151,7 +151,8 @@ def run_plad(s: dict, model: str, pairs_dir: Path, out: Path, packing: bool = Fa
     import ray
 
     from plad_ray.config import ClusterConfig
-    from plad_ray.train.driver import prepare_pairs, run_training
+    from plad_ray.train.driver import run_training
+    from plad_ray.train.prepare import prepare_pairs
 
     ray.init(address="local", num_cpus=s["ray_cpus"], include_dashboard=False, log_to_driver=False)
     try:

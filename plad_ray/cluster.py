@@ -9,7 +9,7 @@ from plad_ray.errors import ConfigError
 # CPUs kept free while trainer workers run, for the Ray Data tasks that feed them;
 # without them the workers hold every CPU and the data stage never gets scheduled.
 DATA_CPUS = 1.0
-# Each pair tokenizer actor's CPUs (up to one actor per trainer worker, plad_ray.train.driver.tokenize). With
+# Each pair tokenizer actor's CPUs (up to one actor per trainer worker, plad_ray.train.prepare.tokenize). With
 # train.stream they hold them beside the engines, the trainer and Ray Data's tasks.
 TOKENIZER_CPUS = 0.5
 # Idle worker processes a local cluster keeps (Ray's `num_workers_soft_limit`; its default is the node's

@@ -12,7 +12,7 @@ from plad_ray.errors import ConfigError
 from plad_ray.losses import plad_loss
 from plad_ray.model_card import model_card
 from plad_ray.objectives import LOSS_TYPES, OBJECTIVES, objective
-from plad_ray.train.driver import trained_statuses
+from plad_ray.train.prepare import trained_statuses
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE, CONFIG = ROOT / "plad_ray", ROOT / "configs" / "tiny-cpu.yaml"

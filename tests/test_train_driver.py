@@ -56,7 +56,7 @@ def test_prepare_pairs_counts_equal_a_row_by_row_recount(local_ray, tiny_models,
     import ray.data
 
     from plad_ray.train.batching import PairTokenizer
-    from plad_ray.train.driver import prepare_pairs
+    from plad_ray.train.prepare import prepare_pairs
 
     table = reversal_pairs(200)
     train = TrainConfig(
@@ -109,7 +109,7 @@ def test_heldout_shards_cover_every_pair_once_for_any_number_of_ranks(local_ray,
     # One trainer worker used to fail here (Ray Data refuses split_at_indices([])): the quality benchmark's config.
     import ray
 
-    from plad_ray.train.driver import heldout_shards
+    from plad_ray.train.prepare import heldout_shards
 
     shards = heldout_shards(ray.data.range(10), 10, workers)
     ids = [[row["id"] for row in shard.take_all()] for shard in shards]

@@ -235,3 +235,10 @@ class RefusalWindow:
         status = Counter(s for s, _ in refusals).most_common(1)[0][0]
         text = next(t for s, t in reversed(refusals) if s == status)
         return f"{len(refusals)} of the last {len(self.answers)} answers were refusals (most: {text})"
+
+
+def verdict(result: dict) -> str:
+    """Why a prompt (or a scoring sequence) was not answered: `refused (HTTP 400: ...)` or `failed 3 times ...`."""
+    if result["status"] == FAILED:
+        return f"failed {result['requests']} times while the endpoint answered others ({result['message']})"
+    return f"refused ({result['message']})"

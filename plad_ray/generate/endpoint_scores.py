@@ -15,8 +15,8 @@ the sequence and the server's last words (the rows scored so far are kept; the s
 from plad_ray.config import EngineConfig
 from plad_ray.errors import ConfigError, DataError
 from plad_ray.generate.endpoint import call, check_endpoint, completions_url, server_root
-from plad_ray.generate.endpoint_policy import error_text
-from plad_ray.generate.endpoint_worker import EndpointFailure, EndpointWorker, verdict
+from plad_ray.generate.endpoint_policy import error_text, verdict
+from plad_ray.generate.endpoint_worker import EndpointFailure, EndpointWorker
 from plad_ray.teacher_logprobs import CROSS_VOCABULARY, SCORE_SCHEMA, read_prompt_logprobs
 
 # Text the student tokenizes and the server must tokenize the same way (letters, digits, punctuation,

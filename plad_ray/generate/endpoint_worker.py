@@ -46,6 +46,7 @@ from plad_ray.generate.endpoint_policy import (
     error_text,
     retry_after_s,
     unreachable,
+    verdict,
 )
 
 RATE_WINDOW_S = 10.0  # how far back a worker looks to measure the rate it was sending at
@@ -397,10 +398,3 @@ class EndpointWorker:
             f"answered, more than teacher.endpoint.max_outage_s={self.endpoint.max_outage_s:g} "
             f"(last error: {self.outage.last_error})"
         )
-
-
-def verdict(result: dict) -> str:
-    """Why a prompt (or a scoring sequence) was not answered: `refused (HTTP 400: ...)` or `failed 3 times ...`."""
-    if result["status"] == FAILED:
-        return f"failed {result['requests']} times while the endpoint answered others ({result['message']})"
-    return f"refused ({result['message']})"

@@ -25,7 +25,7 @@ class TrainPlan:
     # train.stream: the ranks read the pair stream (`STREAM`, plad_ray.train.stream_feed) instead of fixed shards;
     # steps_per_epoch is then planned from the pairs expected (the stream may end sooner)
     stream: bool = False
-    trained_statuses: tuple[str, ...] = ("ok",)  # pair statuses the objective trains on (driver.prepare_pairs)
+    trained_statuses: tuple[str, ...] = ("ok",)  # pair statuses the objective trains on (prepare.prepare_pairs)
     # the epochs after a streamed one: its steps (the first epoch's length; steps_per_epoch is the others')
     first_epoch_steps: int | None = None
     export: bool = True  # False: a streamed first epoch of several ends with a checkpoint, not an export

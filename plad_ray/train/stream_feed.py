@@ -8,7 +8,7 @@ the held-out prompts' pairs first. Each rank reads its share once:
            --training rows--> the rows `micro_batches` cuts into steps, like a fixed shard's
 
 Rows the objective does not train on (too long, identical without an NLL part, dropped by the scorer)
-are counted, as the sequential driver counts them (`driver.prepare_pairs`), and left out. Ranks may get
+are counted, as the sequential driver counts them (`prepare.prepare_pairs`), and left out. Ranks may get
 different numbers of training rows: while any rank has a step, `any_rank` keeps the others stepping with
 zero-weight spare steps (plad_ray.train.worker), and `finish` sums the counts over the ranks.
 """
@@ -36,7 +36,7 @@ def classify(batch: dict, trained: tuple[str, ...]) -> tuple[np.ndarray, np.ndar
 
 
 def count_rows(batch: dict, trained: tuple[str, ...], scorer: bool) -> Counter:
-    """The counts `driver.prepare_pairs` reports, for one tokenized batch."""
+    """The counts `prepare.prepare_pairs` reports, for one tokenized batch."""
     heldout_rows, train_rows = classify(batch, trained)
     status = batch["status"]
     counts = Counter(

@@ -1,6 +1,7 @@
-"""The package's imports run one way: drawn with each subpackage as one node (data/, models/, generate/, train/,
-evaluation/) and each top-level module as another, the imports (at module level or inside functions) form no
-loop, and within a subpackage no two modules import each other in a loop either."""
+"""The package's shape. Its imports run one way: drawn with each subpackage as one node (data/, models/,
+generate/, train/, evaluation/) and each top-level module as another, the imports (at module level or inside
+functions) form no loop, and within a subpackage no two modules import each other in a loop either. No file is
+over 400 lines."""
 
 import ast
 from pathlib import Path
@@ -81,3 +82,11 @@ def test_no_import_loop_between_modules_or_between_the_packages_parts():
 def test_the_check_finds_a_loop():
     assert loops({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
     assert loops({"a": {"b"}, "b": set()}) == []
+
+
+def test_no_file_of_the_package_is_over_400_lines():
+    """Small files, each one part of the data flow (line length and layout: ruff, run by make test's lint)."""
+    long = {
+        str(p.relative_to(PACKAGE)): n for p in PACKAGE.rglob("*.py") if (n := len(p.read_text().splitlines())) > 400
+    }
+    assert not long, long
