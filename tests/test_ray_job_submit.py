@@ -143,6 +143,8 @@ def test_distill_on_s3_through_ray_job_submit_on_two_nodes_resumes_on_a_new_clus
     try:
         submit = second.job(*command)
         nodes, trainers, engines = placement(second)
+        # The resumed run's report and evaluation, before the second round rewrites them.
+        round_1, evaluation = (storage.read_json(f"{out}/{name}") for name in ("report.json", "eval/report.json"))
         # Raising train.rounds on the finished run, and the evaluation job, on the same cluster.
         rounds = command + ["--set", "train.rounds=2"]
         round_2 = second.job(*rounds)
@@ -169,11 +171,9 @@ def test_distill_on_s3_through_ray_job_submit_on_two_nodes_resumes_on_a_new_clus
     assert not list(Path(second.temp_dir).glob("session_*/runtime_resources/working_dir_files/*/s3:*"))
     assert not list(ROOT.glob("s3:*"))
     assert parquet.read_table(f"{out}/pairs").num_rows == PROMPTS * 2
-    round_1 = storage.read_json(f"{out}/report.json")
     assert round_1["counts"]["pairs"] == PROMPTS * 2 and round_1["steps"] > resumed[0]
     # The evaluation ran after training, in the same job (its driver's working directory is Ray's package copy,
     # which Ray may replace meanwhile: paths were fixed at config load).
-    evaluation = storage.read_json(f"{out}/eval/report.json")
     assert set(evaluation["models"]) == {"teacher (cached outputs)", "trained student"}
     assert (
         evaluation["models"]["trained student"]["prompts"]
