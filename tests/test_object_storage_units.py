@@ -54,6 +54,9 @@ def test_a_model_on_object_storage_is_fetched_once_and_again_when_it_changes(s3_
     stamp = os.stat(os.path.join(local, "model.safetensors")).st_mtime_ns
     assert local_model(uri, cache) == local  # unchanged: the same copy, not fetched again
     assert os.stat(os.path.join(local, "model.safetensors")).st_mtime_ns == stamp
+    # A model card written into it (a run does so after evaluating an export): the weights are the same copy.
+    storage.write_text(f"{uri}/README.md", "# Student distilled with plad-ray")
+    assert local_model(uri, cache) == local
     # Rewritten under the same URI (a new export): another copy, with the new weights.
     storage.write_text(f"{uri}/model.safetensors", "weights-2-longer")
     again = local_model(uri, cache)

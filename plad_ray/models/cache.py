@@ -4,8 +4,8 @@ transformers, vLLM and DeepSpeed open local folders. A model folder given as a U
 ... : a teacher or student model, and, when output_dir is a URI, a round's exported student that the next
 round samples and trains and the evaluation generates with) is copied to `cluster.model_cache` on every
 alive node before a stage opens it, under a name that hashes the URI and the listing of its files
-(names, sizes, modification times): a folder rewritten under the same URI (a new export, --overwrite) is
-fetched again, an unchanged one once per node. A copy is made under a temporary name and renamed when
+(names, sizes, modification times; not its model card): a folder rewritten under the same URI (a new export,
+--overwrite) is fetched again, an unchanged one once per node. A copy is made under a temporary name and renamed when
 complete, under a lock, so two processes of a node never fetch it twice or read half of it.
 
 Written here rather than left to ray.data.llm, which downloads s3:// models for its own engines only: it
@@ -23,6 +23,9 @@ from plad_ray.data import storage
 from plad_ray.errors import DataError
 
 DONE = ".plad-ray-fetched"  # written into a copy once all its files are there
+# Files that describe the weights and are not part of their identity: the model card (plad_ray.model_card), which a
+# run writes into an export after evaluating it and jobs.evaluate rewrites. A card alone does not refetch the weights.
+NOT_IDENTITY = ("README.md",)
 
 
 def is_remote(spec: str) -> bool:
@@ -37,6 +40,7 @@ def cache_folder(uri: str, cache_root: str) -> str:
     fs, path = storage.filesystem_and_path(uri)
     infos = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
     files = sorted((os.path.relpath(i.path, path), i.size, i.mtime_ns) for i in infos if i.type == pafs.FileType.File)
+    files = [f for f in files if f[0] not in NOT_IDENTITY]
     if not files:
         raise DataError(f"model folder {uri}: not found or empty; give a folder holding config.json, the tokenizer "
                         "and safetensors weights")
