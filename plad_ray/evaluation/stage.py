@@ -52,7 +52,7 @@ def heldout_rows(cfg: Config, prompts=None) -> list[dict]:
     most eval.max_prompts. Ray tasks read the teacher cache and keep the held-out rows; only those (bounded by
     eval.max_prompts) come to the driver. The references come from `prompts`, the run's checked prompts (id,
     prompt, reference; already in the object store), else (jobs.evaluate) from the prompt source, read again."""
-    cfg.layout().teacher_made()
+    made = cfg.layout().teacher_made()
     teacher = parquet.read(cfg.layout().teacher())
     held = (
         teacher.select_columns(["id", "prompt", "teacher_text"])
@@ -62,7 +62,7 @@ def heldout_rows(cfg: Config, prompts=None) -> list[dict]:
     rows = (held.limit(cfg.eval.max_prompts) if cfg.eval.max_prompts else held).take_all()
     if not rows:
         raise DataError(
-            f"evaluation: no held-out prompt among {storage.manifest(cfg.layout().teacher())['rows']} "
+            f"evaluation: no held-out prompt among {made['rows']} "
             f"(data.heldout_fraction {cfg.data.heldout_fraction}); raise data.heldout_fraction or add "
             "prompts"
         )
