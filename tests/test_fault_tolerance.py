@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from plad_ray.data import parquet
 
 pytestmark = pytest.mark.integration
-PROMPTS = 512  # of the demo's 1,024: the Ctrl-C test's prompts
+PROMPTS = 256  # of the demo's 1,024: the Ctrl-C test's prompts
 
 
 def start(command, log_dir, env: dict | None = None):
@@ -174,7 +174,7 @@ def test_ctrl_c_then_resume_with_an_engine_killed_writes_every_pair_once(tmp_pat
     """Ctrl-C the job once its first pairs are on disk; run the same command again and kill
     its student engine actor (ray.data.llm replaces it): every pair exists exactly once."""
     out = tmp_path / "run"
-    # Small engine batches: many blocks (64 of 512 prompts x 2 samples), so pairs reach disk while generation is
+    # Small engine batches: many blocks (32 of 256 prompts x 2 samples), so pairs reach disk while generation is
     # still going.
     command = [
         PYTHON,

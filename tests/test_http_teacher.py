@@ -202,10 +202,10 @@ def _files(folder) -> int:
     return len(list(folder.glob("*.parquet"))) if folder.exists() else 0
 
 
-def test_pairs_from_an_http_teacher_through_two_outages_never_leak_the_key(server, tmp_path):
-    """The server killed once the first outputs are on disk: with a 5 s budget the run ends with one line and
-    exit 4; the same command with a longer budget resumes, rides out a second kill and restart, and ends
-    with every prompt and pair once, right, and the key nowhere. (Last in this file: it restarts the server.)"""
+def test_pairs_from_an_http_teacher_through_an_outage_never_leak_the_key(server, tmp_path):
+    """The server killed once the first outputs are on disk and started again: the run rides out the outage
+    within its budget and ends with every prompt and pair once, right, and the key nowhere. (Last in this file: it
+    restarts the server.) Past the budget, one line, exit 4 and a resume: test_endpoint_faults.py, on a stub."""
     out, pending, n = tmp_path / "run", tmp_path / "run" / "teacher.partial", 32
     slow = (
         "--set",
@@ -216,44 +216,21 @@ def test_pairs_from_an_http_teacher_through_two_outages_never_leak_the_key(serve
         "teacher.endpoint.qps=2",
         "--set",
         f"data.max_prompts={n}",
+        "--set",
+        "teacher.endpoint.max_outage_s=600",
     )
-    env = {**job_env(), KEY_ENV: KEY}
-
-    def start(budget):
-        return subprocess.Popen(
-            command(out, server.url, *slow, "--set", f"teacher.endpoint.max_outage_s={budget}"),
-            cwd=ROOT,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-
-    def wait_for_files(n, proc):
-        deadline = time.time() + 600
-        while _files(pending) < n:
-            assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-3000:]
-            time.sleep(0.2)
-
-    proc = start(5)
-    wait_for_files(1, proc)
-    server.kill()
-    stdout, stderr = proc.communicate(timeout=600)
-    failed_output = stdout + stderr
-    assert proc.returncode == 4, stderr[-3000:]
-    last = stderr.strip().splitlines()[-1]
-    assert last.startswith(f"plad-ray: error: teacher endpoint {server.url}/completions: down for "), last
-    assert "more than teacher.endpoint.max_outage_s=5 (last error: connection refused" in last
-    safe = re.search(
-        rf"; (\d+) of {n} teacher outputs are safe on disk in \S+; re-run the same command to resume$", last
+    proc = subprocess.Popen(
+        command(out, server.url, *slow),
+        cwd=ROOT,
+        env={**job_env(), KEY_ENV: KEY},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
-    assert safe and int(safe.group(1)) >= 4, last
-    safe = int(safe.group(1))
-    assert "down since" in stdout and "waiting for it (budget 5 s" in stdout
-
-    server.start()
-    proc = start(600)
-    wait_for_files(_files(pending) + 1, proc)  # this run's first outputs are on disk
+    deadline = time.time() + 600
+    while _files(pending) < 1:  # the first outputs are on disk
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-3000:]
+        time.sleep(0.2)
     server.kill()
     server.start()  # the vLLM server answers again some 30-60 s later on these machines
     stdout, stderr = proc.communicate(timeout=900)
@@ -264,8 +241,9 @@ def test_pairs_from_an_http_teacher_through_two_outages_never_leak_the_key(serve
         r"DisconnectedError|ClientOSError: \[Errno 104\] Connection reset by peer)",
         stdout,
     ), stdout[-3000:]
+    assert "waiting for it (budget 600 s" in stdout
     assert re.search(r"teacher endpoint \S+ back after \d+ s", stdout), stdout[-3000:]
-    assert f"[generate] teacher: {n - safe} outputs" in stdout
+    assert f"[generate] teacher: {n} outputs" in stdout
     down = float(re.search(r"(\d+\.\d) s down", stdout).group(1))
     assert down > 10, stdout[-3000:]
     rows = parquet.read_table(str(out / "teacher")).to_pylist()
@@ -279,7 +257,7 @@ def test_pairs_from_an_http_teacher_through_two_outages_never_leak_the_key(serve
     assert all(r["teacher_finish_reason"] == "eos" and r["teacher_num_tokens"] > 0 for r in rows)
     assert all(r["teacher_token_ids"] is None for r in rows)  # only text crosses from a black-box teacher
     assert rows[0]["teacher_model"] == f"tiny-teacher @ {server.url}/completions"
-    assert KEY not in failed_output + stdout + stderr
+    assert KEY not in stdout + stderr
     for file in out.rglob("*"):
         if file.is_file():
             assert KEY.encode() not in file.read_bytes(), file

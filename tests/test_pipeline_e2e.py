@@ -270,21 +270,15 @@ def test_training_resumes_from_its_last_checkpoint(run):
     assert (out / "student" / "model.safetensors").is_file()
 
 
-# make test-slow only: logistic trains through the hinge's path with another pure loss (tests/test_losses.py);
+# make test-slow: logistic trains through the hinge's path with another pure loss (tests/test_losses.py);
 # seqkd is the NLL term the demo's hinge run already trains beside its ranking term (nll_weight 1; that run's
 # held-out teacher-output NLL falls), alone; its value is checked by test_losses;
 # margin's verdict counts and flip policy are checked by tests/test_train_driver.py and its loss by test_losses;
-# listwise's grouping by test_train_driver, its collate by test_batching and its loss by test_losses.
-@pytest.mark.parametrize(
-    "loss_type",
-    [
-        pytest.param("logistic", marks=pytest.mark.slow),
-        pytest.param("seqkd", marks=pytest.mark.slow),
-        pytest.param("margin", marks=pytest.mark.slow),
-        "token_kd",
-        pytest.param("listwise", marks=pytest.mark.slow),
-    ],
-)
+# listwise's grouping by test_train_driver, its collate by test_batching and its loss by test_losses; token_kd trains
+# through the worker's loop with its frozen teacher in tests/test_training_paths.py (its KL falls), its loss is checked
+# by test_losses_vocab and its preconditions by test_token_kd.
+@pytest.mark.parametrize("loss_type", ["logistic", "seqkd", "margin", "token_kd", "listwise"])
+@pytest.mark.slow
 def test_other_losses_train_on_the_same_pairs(run, loss_type, tmp_path):
     # Same pairs, steps and optimizer as the hinge run; only train.loss.type differs (margin
     # also scores every pair with the task's verifier and flips pairs the student won; listwise
@@ -544,10 +538,12 @@ TEACHER_SCORED = {
 }
 
 
-# contrastive runs in make test-slow: it reads the same top-k scores through the same join and worker path as
-# onpolicy_kd, and differs only in its divergence, a pure function (tests/test_losses_topk.py).
+# make test-slow: contrastive reads the same top-k scores through the same join and worker path as onpolicy_kd,
+# and differs only in its divergence, a pure function (tests/test_losses_topk.py); teacher margin is margin's loss
+# (tests/test_losses.py) on pairs judged by the teacher's scores (tests/test_teacher_scores.py: the verdicts, and the
+# driver's join of given pairs and their scores), and trains through the hinge's worker path.
 @pytest.mark.parametrize(
-    "objective", [pytest.param(o, marks=pytest.mark.slow) if o == "contrastive" else o for o in TEACHER_SCORED]
+    "objective", [o if o == "onpolicy_kd" else pytest.param(o, marks=pytest.mark.slow) for o in TEACHER_SCORED]
 )
 def test_objectives_on_the_teachers_scores_train_on_the_runs_pairs(scored, tiny_models, objective, tmp_path):
     out = scored

@@ -166,37 +166,48 @@ def test_the_teacher_scorer_judges_by_the_scores_the_rows_carry():
     assert judged[0] == rows[0]
 
 
-def test_pairs_get_the_teacher_mean_log_prob_of_each_side(local_ray, tmp_path):
+def _score(i, k, side, logprobs) -> dict:
+    return {
+        "id": f"p{i}",
+        "sample_index": k,
+        "side": side,
+        "num_tokens": len(logprobs),
+        "prompt_tokens": 3,
+        "token_ids": [1] * len(logprobs),
+        "logprobs": logprobs,
+        "topk_ids": [],
+        "topk_logprobs": [],
+    }
+
+
+def _write_scores(uri: str) -> None:
+    """Committed teacher scores of pairs (p0, 0), (p0, 1), (p1, 0): mean log-probs -0.2 / -2.0, -0.2 / -4.0,
+    -0.5 / -0.5 (chosen / rejected)."""
     import pyarrow as pa
     import ray.data
 
     from plad_ray.data import parquet
+
+    rows = [
+        _score(0, 0, "chosen", [-0.1, -0.3]),
+        _score(0, 0, "rejected", [-1.0, -2.0, -3.0]),
+        _score(0, 1, "rejected", [-4.0]),
+        _score(1, 0, "chosen", [-0.5]),
+        _score(1, 0, "rejected", [-0.25, -0.75]),
+    ]
+    parquet.write_pending(ray.data.from_arrow(pa.Table.from_pylist(rows, tl.SCORE_SCHEMA)), uri, tl.SCORE_SCHEMA)
+    parquet.commit(uri, {}, tl.KEYS, log=lambda _: None)
+
+
+def test_pairs_get_the_teacher_mean_log_prob_of_each_side(local_ray, tmp_path):
+    import pyarrow as pa
+    import ray.data
+
     from plad_ray.errors import DataError
     from plad_ray.train.score_joins import with_teacher_scores
 
-    def score(i, k, side, logprobs):
-        return {
-            "id": f"p{i}",
-            "sample_index": k,
-            "side": side,
-            "num_tokens": len(logprobs),
-            "prompt_tokens": 3,
-            "token_ids": [1] * len(logprobs),
-            "logprobs": logprobs,
-            "topk_ids": [],
-            "topk_logprobs": [],
-        }
-
-    rows = [
-        score(0, 0, "chosen", [-0.1, -0.3]),
-        score(0, 0, "rejected", [-1.0, -2.0, -3.0]),
-        score(0, 1, "rejected", [-4.0]),
-        score(1, 0, "chosen", [-0.5]),
-        score(1, 0, "rejected", [-0.25, -0.75]),
-    ]
     uri = str(tmp_path / "teacher_scores")
-    parquet.write_pending(ray.data.from_arrow(pa.Table.from_pylist(rows, tl.SCORE_SCHEMA)), uri, tl.SCORE_SCHEMA)
-    parquet.commit(uri, {}, tl.KEYS, log=lambda _: None)
+    _write_scores(uri)
     pairs = pa.table(
         {
             "id": ["p0", "p0", "p1"],
@@ -222,6 +233,44 @@ def test_pairs_get_the_teacher_mean_log_prob_of_each_side(local_ray, tmp_path):
         with_teacher_scores(ray.data.from_arrow(more), uri, 4)
     with pytest.raises(DataError, match="the top-k objectives need teacher.score_samples=true"):
         with_teacher_scores(ray.data.from_arrow(pairs), str(tmp_path / "none"), 3)
+
+
+def test_a_run_judged_by_the_teacher_trains_on_given_pairs_with_their_scores_joined(local_ray, tmp_path):
+    """The driver's reading of train.pairs with train.scorer=teacher and train.teacher_scores (margin on the teacher's
+    scores trains end to end in make test-slow, tests/test_pipeline_e2e.py): each pair arrives with both sides' mean
+    log-prob, which the tokenizer stage judges by."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from plad_ray.config import Config
+    from plad_ray.train.driver import _pairs_on_disk
+
+    scores, given = tmp_path / "teacher_scores", tmp_path / "given"
+    _write_scores(str(scores))
+    given.mkdir()
+    pq.write_table(
+        pa.table(
+            {
+                "id": ["p0", "p0", "p1"],
+                "sample_index": pa.array([0, 1, 0], pa.int32()),
+                "prompt": ["a>", "a>", "b>"],
+                "chosen": ["c0", "c0", "c1"],
+                "rejected": ["r00", "r01", "r10"],
+            }
+        ),
+        given / "part-0.parquet",
+    )
+    cfg = Config(output_dir=str(tmp_path / "run"))
+    cfg.train.pairs, cfg.train.teacher_scores, cfg.train.scorer = str(given), str(scores), "teacher"
+    cfg.train.loss.type = "margin"
+    got = sorted(_pairs_on_disk(cfg, 1, "unused: margin reads no top-k").take_all(), key=lambda r: r["rejected"])
+    assert [(r["rejected"], r["chosen_score"], r["rejected_score"]) for r in got] == [
+        ("r00", pytest.approx(-0.2), pytest.approx(-2.0)),
+        ("r01", pytest.approx(-0.2), pytest.approx(-4.0)),
+        ("r10", pytest.approx(-0.5), pytest.approx(-0.5)),
+    ]
+    cfg.train.scorer = "reverse"  # judged by a verifier: no scores read
+    assert "chosen_score" not in _pairs_on_disk(cfg, 1, "unused").take(1)[0]
 
 
 def test_top_k_ids_past_the_students_rows_stop_the_run_before_training(local_ray, tmp_path):

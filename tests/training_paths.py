@@ -20,6 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from plad_ray.config import LossConfig
+
 STEPS = 12
 PAIRS_PER_STEP = 16  # per rank: micro 16 x accumulation 1, or micro 8 x accumulation 2
 
@@ -44,11 +46,13 @@ VARIANTS = {
     # train.stream with a stream bringing more pairs than planned (PLAN below: 8 steps planned, 12 steps' worth of
     # pairs): training ends at the plan
     "stream_past_plan": dict(zero_stage=0),
+    # token_kd: the frozen teacher loaded on the rank (worker._load_teacher), its token distributions the target
+    "token_kd": dict(zero_stage=0, loss=LossConfig(type="token_kd", nll_weight=0.0)),
     # A control that must fail the fp32 bounds: accumulation with the bug fixed in fd984da put back (every
     # micro-batch's loss its own mean, so a step trains a mean of micro-batch means).
     "accumulation_unweighted": dict(zero_stage=0, micro_batch_size=8, gradient_accumulation_steps=2),
 }
-PLAN = {"stream_past_plan": dict(stream=True, steps_per_epoch=8)}  # TrainPlan overrides
+PLAN = {"stream_past_plan": dict(stream=True, steps_per_epoch=8)}  # TrainPlan overrides (token_kd's teacher: main)
 UNWEIGHTED = {"accumulation_unweighted"}  # run with worker.step_term_scales replaced by constant ones
 HELDOUT = {"zero0", "zero3"}  # after training, also score held-out pairs shared out over the ranks and whole
 HELDOUT_BATCHES, HELDOUT_BATCH = 5, 4  # 5 batches on 2 ranks: 3 and 2, so ZeRO-3 must match forwards
@@ -112,7 +116,7 @@ class ListShard:
 def main(out: Path) -> None:
     import torch.distributed as dist
 
-    from plad_ray.config import LossConfig, TrainConfig
+    from plad_ray.config import TrainConfig
     from plad_ray.models import tiny
     from plad_ray.tracking import Tracker
     from plad_ray.train import export, heldout, worker
@@ -155,10 +159,12 @@ def main(out: Path) -> None:
             export_uri=str(out / f"{name}-export"),
             tracking=None,
             pad_id=0,
+            teacher_path=tiny.materialize(tiny.PREFIX + "teacher", log=lambda _: None) if name == "token_kd" else None,
             **{"steps_per_epoch": STEPS, **PLAN.get(name, {})},
         )
         torch.manual_seed(train.seed)
         engine = worker._initialize(plan, world)
+        teacher = worker._load_teacher(plan, engine.device)  # token_kd's; None for the other objectives
         shard = ListShard(rows[rank::world])  # a fixed split: every variant sees the same pairs per rank
         progress = worker.Progress()
         weigh = worker.step_term_scales
@@ -166,7 +172,7 @@ def main(out: Path) -> None:
             worker.step_term_scales = lambda *args: (1.0, 1.0)
         try:
             feed = ListStream(shard) if plan.stream else FixedFeed(shard, list)
-            worker._train(engine, feed, plan, progress, rank, Tracker(None), None, [])
+            worker._train(engine, feed, plan, progress, rank, Tracker(None), teacher, [])
         finally:
             worker.step_term_scales = weigh
         state = export.full_state_dict(engine.module, rank)
@@ -186,6 +192,7 @@ def main(out: Path) -> None:
             torch.save(state, out / f"{name}.pt")
             results[name] = {
                 "losses": [e["loss"] for e in progress.curve],
+                "nll": [e.get("nll") for e in progress.curve],
                 "steps": progress.step,
                 "engine_steps": engine.global_steps,
                 "consumed": consumed,
