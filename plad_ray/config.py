@@ -8,6 +8,7 @@ work starts. Each stage receives only its own section.
 Each section checks its own fields: `checks(prefix)` yields (dotted key, condition, what it
 must be) for each of its rules, keys under the section's path (`prefix`, e.g. "teacher.").
 `Config` adds the few rules that need two sections; the first rule that fails is reported.
+A field whose change does not make its stage's outputs stale says so in its metadata (plad_ray.staleness).
 """
 
 import dataclasses
@@ -20,6 +21,7 @@ from plad_ray.config_yaml import apply_override, build, read_mapping
 from plad_ray.data import storage
 from plad_ray.data.layout import OutputLayout
 from plad_ray.errors import ConfigError
+from plad_ray.staleness import OPERATIONAL, PAIRS, SCORES
 from plad_ray.verifiers import SCORERS, TEACHER
 
 
@@ -51,7 +53,8 @@ class ClusterConfig:
 class DataConfig:
     prompts: str = ""  # JSONL or Parquet file/folder (local path or pyarrow URI); `prompt` column, optional `id`
     max_prompts: int | None = None  # use only the first N prompts; None: all
-    heldout_fraction: float = 0.1  # share of prompt ids whose pairs are held out of training, in [0, 1)
+    # share of prompt ids whose pairs are held out of training, in [0, 1)
+    heldout_fraction: float = field(default=0.1, metadata=PAIRS)
     bad_rows: str = "error"  # malformed prompt rows: error (stop) | quarantine (set aside with the reason, counted)
     too_long: str = "skip"  # prompts over an engine's or training's length: skip (quarantine) | truncate | error
 
@@ -118,26 +121,32 @@ class EngineConfig:
     model: str = (
         ""  # HF model folder; "tiny:teacher"/"tiny:student" = project's tiny models; with endpoint: served name
     )
-    replicas: int = 1  # vLLM engine replicas (data parallel), >= 1
-    tensor_parallel_size: int = 1  # accelerators per replica (vLLM tensor parallelism)
-    cpus_per_replica: float = 1.0  # logical CPUs Ray reserves for each engine replica (per worker if TP > 1)
+    replicas: int = field(default=1, metadata=OPERATIONAL)  # vLLM engine replicas (data parallel), >= 1
+    # accelerators per replica (vLLM tensor parallelism)
+    tensor_parallel_size: int = field(default=1, metadata=OPERATIONAL)
+    # logical CPUs Ray reserves for each engine replica (per worker if TP > 1)
+    cpus_per_replica: float = field(default=1.0, metadata=OPERATIONAL)
     # GPUs each engine worker reserves (cluster.use_gpu); below 1 (TP 1 only) several replicas share a GPU, each
     # taking gpu_memory_utilization of its memory, so that must be at most this fraction
-    gpus_per_worker: float = 1.0
-    max_restarts: int = 3  # restarts of a dead engine actor before its stage fails; -1: none (ray.data.llm's default)
-    batch_size: int = 64  # prompts per batch handed to one replica
+    gpus_per_worker: float = field(default=1.0, metadata=OPERATIONAL)
+    # restarts of a dead engine actor before its stage fails; -1: none (ray.data.llm's default)
+    max_restarts: int = field(default=3, metadata=OPERATIONAL)
+    batch_size: int = field(default=64, metadata=OPERATIONAL)  # prompts per batch handed to one replica
     # batches one replica works on at once (ray.data.llm's max_concurrent_batches): overlaps a batch's tail
     # with the next one's start; batch_size x this is the most requests queued in one engine
-    max_concurrent_batches: int = 8
+    max_concurrent_batches: int = field(default=8, metadata=OPERATIONAL)
     max_model_len: int = 2048  # tokens of prompt + output the engine admits
-    gpu_memory_utilization: float = 0.9  # fraction of accelerator memory vLLM takes (on CPU: of RAM), (0, 1]
+    # fraction of accelerator memory vLLM takes (on CPU: of RAM), (0, 1]
+    gpu_memory_utilization: float = field(default=0.9, metadata=OPERATIONAL)
     dtype: str = "auto"  # auto | bfloat16 | float16 | float32
     chat_template: bool = False  # wrap each prompt as one user turn with the tokenizer's chat template
-    enable_prefix_caching: bool = True  # reuse KV cache of shared prompt prefixes
+    enable_prefix_caching: bool = field(default=True, metadata=OPERATIONAL)  # reuse KV cache of shared prompt prefixes
     trust_remote_code: bool = False  # let the model folder run its own Python code
     allow_pickle_weights: bool = False  # accept .bin/.pt weights (unpickling can run code); default safetensors only
-    engine_kwargs: dict = field(default_factory=dict)  # passed unchanged to the vLLM engine (escape hatch)
-    env: dict = field(default_factory=dict)  # environment variables of the engine processes (e.g. VLLM_CPU_*)
+    # passed unchanged to the vLLM engine (escape hatch)
+    engine_kwargs: dict = field(default_factory=dict, metadata=OPERATIONAL)
+    # environment variables of the engine processes (e.g. VLLM_CPU_*)
+    env: dict = field(default_factory=dict, metadata=OPERATIONAL)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
 
     def checks(self, prefix: str):
@@ -179,14 +188,16 @@ VLLM_MAX_LOGPROBS = 20
 
 @dataclass
 class TeacherEngineConfig(EngineConfig):
-    endpoint: EndpointConfig | None = None  # a black-box HTTP server instead of vLLM engines
+    # a black-box HTTP server instead of vLLM engines
+    endpoint: EndpointConfig | None = field(default=None, metadata=OPERATIONAL)
     # After each round's pairs: the teacher prefills every student sample (and each prompt's teacher output)
     # and keeps, per response token, its log-prob and the top score_top_k alternatives
     # (output_dir/teacher_scores/; plad_ray/teacher_logprobs.py): with its vLLM engines, or, for an endpoint,
     # with the server's prompt log-probs (vLLM's OpenAI server; checked with one probe before the run). The
     # teacher must share the student's vocabulary. Prefill only: no teacher text is generated.
-    score_samples: bool = False
-    score_top_k: int = 20  # alternatives kept per token, 1 .. vLLM's max_logprobs (engine_kwargs or the server's)
+    score_samples: bool = field(default=False, metadata=SCORES)
+    # alternatives kept per token, 1 .. vLLM's max_logprobs (engine_kwargs or the server's)
+    score_top_k: int = field(default=20, metadata=SCORES)
 
     def checks(self, prefix: str):
         yield from super().checks(prefix)

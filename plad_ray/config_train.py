@@ -5,6 +5,7 @@ from dataclasses import dataclass, field
 
 from plad_ray.data import storage
 from plad_ray.objectives import LOSS_TYPES, Objective, objective
+from plad_ray.staleness import OPERATIONAL
 from plad_ray.tracking import TRACKERS
 from plad_ray.verifiers import POLICIES, SCORERS, TEACHER
 
@@ -66,8 +67,9 @@ class TrainConfig:
     # for train.scorer=teacher and the top-k objectives on given pairs (a teacher scores once, many students train)
     teacher_scores: str | None = None
     num_workers: int = 1  # Ray Train workers, one DeepSpeed rank each
-    cpus_per_worker: float = 1.0  # logical CPUs Ray reserves per worker
-    placement_strategy: str = "PACK"  # PACK (fill nodes; fast collectives) | SPREAD (one per node where possible)
+    cpus_per_worker: float = field(default=1.0, metadata=OPERATIONAL)  # logical CPUs Ray reserves per worker
+    # PACK (fill nodes; fast collectives) | SPREAD (one per node where possible)
+    placement_strategy: str = field(default="PACK", metadata=OPERATIONAL)
     zero_stage: int = 2  # DeepSpeed ZeRO stage: 0, 1, 2 or 3
     precision: str = "bf16"  # bf16 (fp32 master weights) | fp32
     offload_optimizer: bool = False  # keep optimizer states on CPU (ZeRO-Offload); needs zero_stage >= 1
@@ -76,7 +78,7 @@ class TrainConfig:
     length_grouping: int = 16  # sort each run of this many micro-batches by length (less padding); 1: off
     # lay each micro-batch's sequences end to end in fewer rows for the forward (position ids restart per
     # sequence; the same log-probs, less padding: plad_ray/train/packing.py); the held-out scoring stays unpacked
-    packing: bool = False
+    packing: bool = field(default=False, metadata=OPERATIONAL)
     num_epochs: int = 1  # passes over the training pairs
     # train while the student engines make the pairs (README "Streaming"): their stream is the trainer's dataset,
     # the held-out prompts' pairs first; every pair is written to pairs/ before a rank reads it. Engines and
@@ -84,33 +86,37 @@ class TrainConfig:
     # the first read pairs/ from disk
     stream: bool = False
     max_steps: int | None = None  # stop after this many optimizer steps (fixed budgets across methods); None: no cap
-    rounds: int = 1  # PLaD rounds: round r > 1 regenerates student samples with round r-1's student (teacher
-    # outputs reused from the cache: zero teacher tokens) and trains it again; outputs under output_dir/round-<r>/
+    # PLaD rounds: round r > 1 samples round r-1's student again and trains it (outputs under output_dir/round-<r>/);
+    # more rounds continue a finished run, its earlier rounds kept
+    rounds: int = field(default=1, metadata=OPERATIONAL)
     learning_rate: float = 1e-5
     weight_decay: float = 0.0
     warmup_steps: int = 0  # linear warm-up, in optimizer steps
     max_length: int = 1024  # prompt + response tokens; longer responses are cut, longer prompts dropped
     # the student's attention kernel (transformers' attn_implementation): sdpa | eager | flash_attention_2 (GPUs
     # with flash-attn installed; train.packing then runs its varlen kernels); null: transformers' default
-    attn_implementation: str | None = None
-    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, about a third more compute
+    attn_implementation: str | None = field(default=None, metadata=OPERATIONAL)
+    # recompute activations in backward: less memory, about a third more compute
+    gradient_checkpointing: bool = field(default=False, metadata=OPERATIONAL)
     # local folder where each rank writes a checkpoint before Ray Train uploads it to output_dir/train (and deletes
     # it); null: the system's temp folder. Give a large local disk for big models
-    checkpoint_staging_dir: str | None = None
-    checkpoint_every_steps: int = 0  # 0: checkpoint only at the end of each epoch
-    checkpoint_upload: str = "async"  # async: Ray Train copies each checkpoint to storage in the background while
-    # training goes on | sync: the ranks wait for it (guard.action=stop always waits: it may restore the newest)
-    log_every_steps: int = 10  # optimizer steps between logged losses
-    max_failures: int = 0  # times Ray Train restarts failed workers from the last checkpoint; -1: no limit
+    checkpoint_staging_dir: str | None = field(default=None, metadata=OPERATIONAL)
+    checkpoint_every_steps: int = field(default=0, metadata=OPERATIONAL)  # 0: checkpoint only at the end of each epoch
+    # async: uploaded in the background while training goes on | sync: the ranks wait (guard.action=stop always does)
+    checkpoint_upload: str = field(default="async", metadata=OPERATIONAL)
+    log_every_steps: int = field(default=10, metadata=OPERATIONAL)  # optimizer steps between logged losses
+    # times Ray Train restarts failed workers from the last checkpoint; -1: no limit
+    max_failures: int = field(default=0, metadata=OPERATIONAL)
     eval_every_steps: int = 50  # score the held-out pairs every N optimizer steps (and before/after); 0: only then
     # score outputs with this plad_ray.verifiers scorer (e.g. reverse), or `teacher`: the teacher's mean log-prob per
     # token of each side, from teacher_scores/ (needs teacher.score_samples); null: none
     scorer: str | None = None
     student_wins: str = "keep"  # pairs where the student's output scored higher: keep | drop | flip
-    trackers: list[str] = field(default_factory=lambda: ["tensorboard"])  # experiment trackers: tensorboard
-    # (output_dir/train/tensorboard), mlflow ($MLFLOW_TRACKING_URI), wandb ($WANDB_API_KEY or WANDB_MODE=offline);
-    # [] for none. Where they log and their credentials come only from the environment (plad_ray/tracking.py)
-    experiment: str = "plad-ray"  # the MLflow experiment and the W&B project the runs go to
+    # experiment trackers: tensorboard (output_dir/train/tensorboard), mlflow ($MLFLOW_TRACKING_URI), wandb
+    # ($WANDB_API_KEY or WANDB_MODE=offline); [] for none. Credentials only from the environment (plad_ray/tracking.py)
+    trackers: list[str] = field(default_factory=lambda: ["tensorboard"], metadata=OPERATIONAL)
+    # the MLflow experiment and the W&B project the runs go to
+    experiment: str = field(default="plad-ray", metadata=OPERATIONAL)
     seed: int = 0
     loss: LossConfig = field(default_factory=LossConfig)
     guard: GuardConfig = field(default_factory=GuardConfig)

@@ -18,7 +18,8 @@ import re
 
 import pyarrow.fs as pafs
 
-from plad_ray.config import Config
+from plad_ray import staleness
+from plad_ray.config import Config, DataConfig, StudentEngineConfig, TeacherEngineConfig, TrainConfig
 from plad_ray.data import layout, storage
 from plad_ray.errors import ConfigError, DataError
 
@@ -38,43 +39,9 @@ OUTPUTS = {
     ),
     "scores": (layout.SCORES,),
 }
-# Teacher keys of the scoring stage alone: the teacher outputs and pairs do not depend on them.
-_SCORE_KEYS = ("score_samples", "score_top_k")
-# Engine settings that change speed or where the model runs, not what it writes: changing
-# them never makes outputs stale (teacher.model and sampling do).
-_ENGINE_PERF_KEYS = (
-    "replicas",
-    "batch_size",
-    "max_concurrent_batches",
-    "cpus_per_replica",
-    "gpus_per_worker",
-    "max_restarts",
-    "env",
-    "gpu_memory_utilization",
-    "enable_prefix_caching",
-    "tensor_parallel_size",
-    "engine_kwargs",
-    "endpoint",
-)
-# Training settings that change how a run is operated, not the weights it trains: changing them (say, more
-# train.max_failures after a crash) resumes the run instead of refusing it.
-# packing, attention kernel, gradient checkpointing: the same log-probs computed another way (rounding aside), like
-# the ZeRO stage's partitioned sums.
-_TRAIN_OPERATIONAL_KEYS = (
-    "max_failures",
-    "log_every_steps",
-    "checkpoint_every_steps",
-    "checkpoint_upload",
-    "trackers",
-    "experiment",
-    "cpus_per_worker",
-    "placement_strategy",
-    "packing",
-    "attn_implementation",
-    "gradient_checkpointing",
-    "checkpoint_staging_dir",
-    "tensorboard",
-)  # tensorboard: what train.trackers replaced, in older run.json files
+# Which key counts for which stage is declared on each config field (plad_ray.staleness); "tensorboard" is a train key
+# older run.json files hold (what train.trackers replaced), operational too.
+_TRAIN_OPERATIONAL = staleness.operational(TrainConfig) | {"tensorboard"}
 
 
 # Under `ray job submit --working-dir` inputs are read from Ray's copy of the working dir, whose path names the
@@ -98,20 +65,22 @@ def portable(value):
 def stage_keys(cfg: Config) -> dict:
     """For each stage, the config values its outputs depend on (cumulative)."""
     d = portable(cfg.to_safe_dict())
-    teacher_keys = _semantic(d["teacher"])
-    teacher = {
-        **{f"data.{k}": d["data"][k] for k in ("prompts", "max_prompts", "bad_rows", "too_long")},
-        "teacher": {k: v for k, v in teacher_keys.items() if k not in _SCORE_KEYS},
-    }
-    pairs = {**teacher, "student": _semantic(d["student"]), "data.heldout_fraction": d["data"]["heldout_fraction"]}
-    # More rounds continue a run (earlier rounds stay valid); fewer or other train keys do not.
-    train = _semantic_train({k: v for k, v in d["train"].items() if k != "rounds"})
-    scores = {**pairs, "teacher_scoring": {k: teacher_keys[k] for k in _SCORE_KEYS}}
+
+    def section(name: str, cls: type, stage: str, default: str) -> dict:
+        return {k: d[name][k] for k in staleness.keys(cls, stage, default)}
+
+    def data(stage: str) -> dict:
+        return {f"data.{k}": v for k, v in section("data", DataConfig, stage, "teacher").items()}
+
+    teacher = {**data("teacher"), "teacher": section("teacher", TeacherEngineConfig, "teacher", "teacher")}
+    pairs = {**teacher, "student": section("student", StudentEngineConfig, "pairs", "pairs"), **data("pairs")}
+    train = section("train", TrainConfig, "train", "train")
+    scores = {**pairs, "teacher_scoring": section("teacher", TeacherEngineConfig, "scores", "teacher")}
     return {"teacher": teacher, "pairs": pairs, "train": {**pairs, "train": train}, "scores": scores}
 
 
 def _semantic_train(train: dict) -> dict:
-    return {k: v for k, v in train.items() if k not in _TRAIN_OPERATIONAL_KEYS}
+    return {k: v for k, v in train.items() if k not in _TRAIN_OPERATIONAL}
 
 
 def _comparable(stage: str, keys: dict, mine: dict) -> dict:
@@ -140,10 +109,6 @@ def _with_new_defaults(recorded, current, default):
         elif key in default and default[key] == value:
             out[key] = value
     return out
-
-
-def _semantic(engine: dict) -> dict:
-    return {k: v for k, v in engine.items() if k not in _ENGINE_PERF_KEYS}
 
 
 def prepare_output(cfg: Config, overwrite: bool = False, dry_run: bool = False, log=print) -> None:
