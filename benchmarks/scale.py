@@ -131,7 +131,7 @@ def measure(n: int, max_tokens: int, batch_size: int) -> dict:
     from plad_ray.generate.student import generate_pairs
     from plad_ray.generate.teacher import generate_teacher
     from plad_ray.pipeline import prepare
-    from plad_ray.train.prepare import prepare_pairs
+    from plad_ray.train.prepare import PairText, prepare_pairs
 
     folder, cfg = _run(n, max_tokens, batch_size)
     quiet = lambda line: None  # noqa: E731
@@ -144,7 +144,7 @@ def measure(n: int, max_tokens: int, batch_size: int) -> dict:
     rows["pairs"] = generate_pairs(cfg, inputs, quiet)["pairs"]
     laps.lap("pairs")
     train_ds, heldout_ds, counts = prepare_pairs(
-        parquet.read(cfg.layout().pairs(1)), inputs.student_path, cfg.train, cfg.student.chat_template, False
+        parquet.read(cfg.layout().pairs(1)), PairText(inputs.student_path, cfg.student.chat_template), cfg.train
     )
     shards = train_ds.split(cfg.train.num_workers, equal=True)
     rows["feed"] = sum(s.count() for s in shards) + heldout_ds.count()

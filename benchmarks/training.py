@@ -125,7 +125,7 @@ def train_config(s: dict, steps: int, packing: bool = False):
         trackers=[],
         eval_every_steps=0,
         packing=packing,
-        loss=LossConfig(beta=1.0, nll_weight=0.0),
+        loss=LossConfig(type="hinge", beta=1.0, nll_weight=0.0),
     )  # = TRL CPO hinge with cpo_alpha=0
 
 
@@ -152,7 +152,8 @@ def run_plad(s: dict, model: str, pairs_dir: Path, out: Path, packing: bool = Fa
 
     from plad_ray.config import ClusterConfig
     from plad_ray.train.driver import run_training
-    from plad_ray.train.prepare import prepare_pairs
+    from plad_ray.train.plan import TrainPlan
+    from plad_ray.train.prepare import PairText, prepare_pairs, trained_statuses
 
     ray.init(address="local", num_cpus=s["ray_cpus"], include_dashboard=False, log_to_driver=False)
     try:
@@ -160,11 +161,18 @@ def run_plad(s: dict, model: str, pairs_dir: Path, out: Path, packing: bool = Fa
         cfg = train_config(s, s["steps"], packing)
         pairs = ray.data.read_parquet(str(pairs_dir))
         start = time.perf_counter()
-        report = run_training(
-            pairs, model, cfg, ClusterConfig(use_gpu=s["use_gpu"]), str(out), str(out / "student"), pad_id=0
+        plan = TrainPlan(
+            train=cfg,
+            model_path=model,
+            export_uri=str(out / "student"),
+            tracking=None,
+            pad_id=0,
+            run_dir=str(out.absolute()),
+            trained_statuses=trained_statuses(cfg),
         )
+        report = run_training(pairs, plan, PairText(model), ClusterConfig(use_gpu=s["use_gpu"]))
         wall = time.perf_counter() - start
-        train_ds, _, counts = prepare_pairs(pairs, model, cfg, False, False)
+        train_ds, _, counts = prepare_pairs(pairs, PairText(model), cfg)
         rows = train_ds.take_all()
     finally:
         ray.shutdown()
@@ -201,7 +209,7 @@ def bare_worker(path: str) -> None:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from plad_ray.losses import plad_loss, sequence_logps
+    from plad_ray.losses import Sequences, plad_loss, sequence_logps
     from plad_ray.train.batching import collate_pairs, length_grouped, ragged
     from plad_ray.train.ds_config import deepspeed_config
 
@@ -225,7 +233,7 @@ def bare_worker(path: str) -> None:
         batch = collate_pairs(micro[step % len(micro)], pad_id=0)
         logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         logps, n = sequence_logps(logits, batch["input_ids"], batch["response_mask"])
-        loss = plad_loss(logps[:mb], n[:mb], logps[mb:], n[mb:], beta=1.0)["loss"]
+        loss = plad_loss(Sequences(logps[:mb], n[:mb]), Sequences(logps[mb:], n[mb:]), cfg.loss)["loss"]
         engine.backward(loss)
         engine.step()
         step_seconds.append(time.perf_counter() - start)

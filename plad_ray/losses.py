@@ -20,9 +20,12 @@ chunks forward and backward, with no fp32 copy of the whole tensor; the `dense_*
 one-expression references they are tested and benchmarked against.
 """
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 
+from plad_ray.config_train import LossConfig
 from plad_ray.objectives import NLL, Objective, objective
 
 LOGPS_CHUNK_BYTES = 1 << 28  # fp32 working set per chunk of scored positions (256 MiB)
@@ -190,24 +193,25 @@ def nll_loss(chosen_logps_B: torch.Tensor, chosen_num_tokens_B: torch.Tensor) ->
     return -chosen_logps_B.sum() / chosen_num_tokens_B.sum().clamp(min=1)
 
 
+class Sequences(NamedTuple):
+    """One side of a batch of pairs: each sequence's summed response log-prob and its scored tokens, [B] (listwise
+    rejected sides: [B, K]), and, judged by the teacher (train.scorer=teacher: the margin loss), each one's score."""
+
+    logps: torch.Tensor
+    num_tokens: torch.Tensor
+    scores: torch.Tensor | None = None
+
+
 def plad_loss(
-    chosen_logps_B: torch.Tensor,
-    chosen_num_tokens_B: torch.Tensor,
-    rejected_logps_B: torch.Tensor,
-    rejected_num_tokens_B: torch.Tensor,
-    beta: float,
-    length_normalize: bool = False,
-    nll_weight: float = 0.0,
-    loss_type: str = "hinge",
-    gamma: float = 1.0,
-    chosen_scores_B: torch.Tensor | None = None,
-    rejected_scores_B: torch.Tensor | None = None,
+    chosen: Sequences,
+    rejected: Sequences,
+    loss: LossConfig,
     token_kd: torch.Tensor | None = None,
     ranked_B: torch.Tensor | None = None,
     rejected_mask_BK: torch.Tensor | None = None,
     term_scales: tuple[float, float] = (1.0, 1.0),
 ) -> dict[str, torch.Tensor]:
-    """The training objective: a ranking loss of `loss_type` (+ lambda * NLL of the chosen output).
+    """The training objective `loss.type`: a ranking loss (+ loss.nll_weight x NLL of the chosen output).
 
     The token-level objectives train something else on the same batches: seqkd the NLL of the
     chosen output; token_kd, onpolicy_kd and contrastive a precomputed per-token term passed as
@@ -215,8 +219,8 @@ def plad_loss(
     still computed and reported, not trained.
 
     `ranked_B` (1 = ranked) leaves pairs out of the ranking part whose sides are the same
-    text (no ranking signal; they still count in the NLL part). For `listwise`, rejected
-    log-probs and token counts are [B, K] with `rejected_mask_BK` (1 = a real sample).
+    text (no ranking signal; they still count in the NLL part). For `listwise`, the rejected side is
+    [B, K] with `rejected_mask_BK` (1 = a real sample).
 
     `term_scales` (ranking, per-token) multiply the trained terms: a micro-batch's share of its
     optimizer step's ranked pairs and response tokens (`step_term_scales`), so that accumulated
@@ -226,18 +230,19 @@ def plad_loss(
     NLL part (per token), the share of (chosen, rejected) pairs ranked right and the mean margin
     (these three unscaled: this micro-batch's own means).
     """
-    trained = objective(loss_type)
-    chosen_B, rejected_B = chosen_logps_B, rejected_logps_B
-    if length_normalize:
-        chosen_B = length_normalized(chosen_logps_B, chosen_num_tokens_B)
-        rejected_B = length_normalized(rejected_logps_B, rejected_num_tokens_B)
-    nll = nll_loss(chosen_logps_B, chosen_num_tokens_B)
+    trained = objective(loss.type)
+    chosen_B, rejected_B = chosen.logps, rejected.logps
+    chosen_scores_B, rejected_scores_B = chosen.scores, rejected.scores
+    if loss.length_normalize:
+        chosen_B = length_normalized(chosen.logps, chosen.num_tokens)
+        rejected_B = length_normalized(rejected.logps, rejected.num_tokens)
+    nll = nll_loss(chosen.logps, chosen.num_tokens)
     if trained.groups_samples or rejected_B.dim() == 2:
         rejected_BK = rejected_B if rejected_B.dim() == 2 else rejected_B[:, None]
         if rejected_mask_BK is None:  # pairs (K = 1), e.g. held-out evaluation: the ranked ones count
             rejected_mask_BK = torch.ones_like(rejected_BK) if ranked_B is None else ranked_B[:, None]
         mask_BK = rejected_mask_BK.to(rejected_BK.dtype)
-        rank = listwise_hinge_loss(chosen_B, rejected_BK, beta, mask_BK)
+        rank = listwise_hinge_loss(chosen_B, rejected_BK, loss.beta, mask_BK)
         diff_BK = chosen_B[:, None] - rejected_BK
         pairs = mask_BK.sum().clamp(min=1)
         accuracy, margin = ((diff_BK > 0).to(mask_BK.dtype) * mask_BK).sum() / pairs, (diff_BK * mask_BK).sum() / pairs
@@ -247,27 +252,27 @@ def plad_loss(
             chosen_B, rejected_B = chosen_B[keep], rejected_B[keep]
             if chosen_scores_B is not None and rejected_scores_B is not None:
                 chosen_scores_B, rejected_scores_B = chosen_scores_B[keep], rejected_scores_B[keep]
-        rank = _ranking(trained, chosen_B, rejected_B, beta, gamma, chosen_scores_B, rejected_scores_B)
+        rank = _ranking(trained, chosen_B, rejected_B, loss.beta, loss.gamma, chosen_scores_B, rejected_scores_B)
         accuracy, margin = (chosen_B > rejected_B).float().mean(), (chosen_B - rejected_B).mean()
         if chosen_B.numel() == 0:
-            rank, accuracy, margin = chosen_logps_B.sum() * 0, torch.tensor(0.0), torch.tensor(0.0)
+            rank, accuracy, margin = chosen.logps.sum() * 0, torch.tensor(0.0), torch.tensor(0.0)
     if not trained.trains_ranking:
         rank = rank.detach()  # reported for comparison, not trained
     rank_scale, token_scale = term_scales
     if trained.token_term == NLL:
-        loss = _scaled(nll, token_scale)
+        total = _scaled(nll, token_scale)
     elif trained.per_token:
         if token_kd is None:
             raise ValueError(
-                f"loss_type {loss_type!r} needs its per-token term as token_kd (see token_kd_loss, "
+                f"loss type {loss.type!r} needs its per-token term as token_kd (see token_kd_loss, "
                 "topk_divergence, contrastive_topk_loss)"
             )
-        loss = _scaled(token_kd, token_scale)
+        total = _scaled(token_kd, token_scale)
     else:
         trained_rank = _scaled(rank, rank_scale)
-        loss = trained_rank + nll_weight * _scaled(nll, token_scale) if nll_weight else trained_rank
+        total = trained_rank + loss.nll_weight * _scaled(nll, token_scale) if loss.nll_weight else trained_rank
     return {
-        "loss": loss,
+        "loss": total,
         "rank_loss": rank.detach(),
         "nll": nll.detach(),
         "accuracy": accuracy.detach(),
@@ -301,7 +306,7 @@ def step_term_scales(
 def _ranking(trained: Objective, chosen_B, rejected_B, beta, gamma, chosen_scores_B, rejected_scores_B) -> torch.Tensor:
     """The objective's pairwise ranking loss (the per-token objectives report the hinge)."""
     if trained.needs_scores and (chosen_scores_B is None or rejected_scores_B is None):
-        raise ValueError(f"loss_type {trained.name!r} needs chosen_scores_B and rejected_scores_B")
+        raise ValueError(f"loss type {trained.name!r} needs each side's scores (Sequences.scores)")
     return RANKING_LOSSES[trained.ranking](chosen_B, rejected_B, beta, gamma, chosen_scores_B, rejected_scores_B)
 
 

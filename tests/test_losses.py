@@ -5,7 +5,9 @@ import math
 import pytest
 import torch
 
+from plad_ray.config import LossConfig
 from plad_ray.losses import (
+    Sequences,
     dense_sequence_logps,
     hinge_loss,
     length_normalized,
@@ -17,6 +19,15 @@ from plad_ray.losses import (
     ranking_calibration_loss,
     sequence_logps,
 )
+
+
+def objective(type: str = "hinge", beta: float = 1.0, nll_weight: float = 0.0, **rest) -> LossConfig:
+    """train.loss for these tests: plad_loss's hand values below take the NLL weight 0 unless they say."""
+    return LossConfig(type=type, beta=beta, nll_weight=nll_weight, **rest)
+
+
+def pair(chosen, chosen_tokens, rejected, rejected_tokens, scores=(None, None)) -> tuple[Sequences, Sequences]:
+    return Sequences(chosen, chosen_tokens, scores[0]), Sequences(rejected, rejected_tokens, scores[1])
 
 
 def test_ranking_loss_hand_values():
@@ -113,9 +124,9 @@ def test_plad_loss_length_normalised_and_nll():
     # Length-normalised: max(0, 1 + 2 - 4) = 0, ranked right (-2 > -4).
     # NLL per chosen token = 6 / 3 = 2; with lambda = 0.5 the loss adds 1.
     args = (torch.tensor([-6.0]), torch.tensor([3.0]), torch.tensor([-4.0]), torch.tensor([1.0]))
-    summed = plad_loss(*args, beta=1.0)
+    summed = plad_loss(*pair(*args), objective())
     assert summed["loss"].item() == 3.0 and summed["accuracy"].item() == 0.0
-    normalised = plad_loss(*args, beta=1.0, length_normalize=True, nll_weight=0.5)
+    normalised = plad_loss(*pair(*args), objective(length_normalize=True, nll_weight=0.5))
     assert normalised["rank_loss"].item() == 0.0 and normalised["accuracy"].item() == 1.0
     assert normalised["nll"].item() == 2.0
     assert normalised["loss"].item() == 1.0
@@ -185,20 +196,18 @@ def test_plad_loss_types():
         torch.tensor([-4.0], requires_grad=True),
         torch.tensor([1.0]),
     )
-    logistic = plad_loss(*args, beta=1.0, loss_type="logistic", gamma=1.0)
+    logistic = plad_loss(*pair(*args), objective("logistic", gamma=1.0))
     assert math.isclose(logistic["loss"].item(), math.log(1 + math.exp(2)), rel_tol=1e-6)
-    seqkd = plad_loss(*args, beta=1.0, loss_type="seqkd")
+    seqkd = plad_loss(*pair(*args), objective("seqkd"))
     assert seqkd["loss"].item() == 2.0 and seqkd["rank_loss"].item() == 3.0
     seqkd["loss"].backward()
     assert args[2].grad is None or args[2].grad.item() == 0.0  # the student sample gets no gradient
-    margin = plad_loss(
-        *args, beta=1.0, loss_type="margin", chosen_scores_B=torch.tensor([1.0]), rejected_scores_B=torch.tensor([0.0])
-    )
+    margin = plad_loss(*pair(*args, scores=(torch.tensor([1.0]), torch.tensor([0.0]))), objective("margin"))
     assert margin["loss"].item() == 3.0
-    with pytest.raises(ValueError, match="needs chosen_scores_B"):
-        plad_loss(*args, beta=1.0, loss_type="margin")
+    with pytest.raises(ValueError, match="needs each side's scores"):
+        plad_loss(*pair(*args), objective("margin"))
     with pytest.raises(ValueError, match="expected one of"):
-        plad_loss(*args, beta=1.0, loss_type="dpo")
+        plad_loss(*pair(*args), objective("dpo"))
 
 
 def test_token_kd_is_forward_kl_per_response_token_by_hand():
@@ -224,35 +233,23 @@ def test_token_kd_is_forward_kl_per_response_token_by_hand():
 def test_plad_loss_token_terms_train_the_term_and_report_the_ranking(loss_type):
     kd = torch.tensor(0.7, requires_grad=True)
     out = plad_loss(
-        torch.tensor([-1.0]),
-        torch.tensor([2.0]),
-        torch.tensor([-3.0]),
-        torch.tensor([2.0]),
-        beta=1.0,
-        loss_type=loss_type,
+        *pair(torch.tensor([-1.0]), torch.tensor([2.0]), torch.tensor([-3.0]), torch.tensor([2.0])),
+        objective(loss_type),
         token_kd=kd,
     )
     assert out["loss"] is kd
     assert out["rank_loss"].item() == 0.0 and out["accuracy"].item() == 1.0
     # the hinge is reported, not trained: sequence log-probs -3 (chosen) vs -2, beta 1 -> 1 - (-3 + 2) = 2
     worse = plad_loss(
-        torch.tensor([-3.0], requires_grad=True),
-        torch.tensor([2.0]),
-        torch.tensor([-2.0]),
-        torch.tensor([2.0]),
-        beta=1.0,
-        loss_type=loss_type,
+        *pair(torch.tensor([-3.0], requires_grad=True), torch.tensor([2.0]), torch.tensor([-2.0]), torch.tensor([2.0])),
+        objective(loss_type),
         token_kd=kd,
     )
     assert worse["rank_loss"].item() == pytest.approx(2.0) and not worse["rank_loss"].requires_grad
     with pytest.raises(ValueError, match=loss_type):
         plad_loss(
-            torch.tensor([-1.0]),
-            torch.tensor([2.0]),
-            torch.tensor([-3.0]),
-            torch.tensor([2.0]),
-            beta=1.0,
-            loss_type=loss_type,
+            *pair(torch.tensor([-1.0]), torch.tensor([2.0]), torch.tensor([-3.0]), torch.tensor([2.0])),
+            objective(loss_type),
         )
 
 
@@ -262,7 +259,7 @@ def test_plad_loss_leaves_identical_pairs_out_of_the_ranking_but_not_the_nll():
     # NLL over both chosen outputs: (1 + 4) / (2 + 2) = 1.25 per token.
     c, nc = torch.tensor([-1.0, -4.0], requires_grad=True), torch.tensor([2.0, 2.0])
     r, nr = torch.tensor([-3.0, -4.0]), torch.tensor([2.0, 2.0])
-    out = plad_loss(c, nc, r, nr, beta=1.0, nll_weight=1.0, ranked_B=torch.tensor([1.0, 0.0]))
+    out = plad_loss(*pair(c, nc, r, nr), objective(nll_weight=1.0), ranked_B=torch.tensor([1.0, 0.0]))
     assert out["rank_loss"].item() == pytest.approx(0.0)
     assert out["nll"].item() == pytest.approx(1.25)
     assert out["accuracy"].item() == 1.0 and out["margin"].item() == pytest.approx(2.0)
@@ -270,7 +267,7 @@ def test_plad_loss_leaves_identical_pairs_out_of_the_ranking_but_not_the_nll():
     # Only the NLL reaches the chosen log-probs: d/dc of -(c0 + c1) / 4 = -0.25 each.
     assert c.grad.tolist() == pytest.approx([-0.25, -0.25])
     # No ranked pair at all: the ranking part is 0, the NLL still trains.
-    none = plad_loss(c, nc, r, nr, beta=1.0, nll_weight=1.0, ranked_B=torch.tensor([0.0, 0.0]))
+    none = plad_loss(*pair(c, nc, r, nr), objective(nll_weight=1.0), ranked_B=torch.tensor([0.0, 0.0]))
     assert none["rank_loss"].item() == 0.0 and none["loss"].item() == pytest.approx(1.25)
 
 
@@ -281,21 +278,14 @@ def test_plad_loss_listwise_over_k_samples_with_a_mask():
     c, nc = torch.tensor([-1.0, -2.0]), torch.tensor([1.0, 1.0])
     r_BK, nr_BK = torch.tensor([[-1.5, -4.0], [-1.0, 0.0]]), torch.ones(2, 2)
     mask_BK = torch.tensor([[1.0, 1.0], [1.0, 0.0]])
-    out = plad_loss(c, nc, r_BK, nr_BK, beta=1.0, loss_type="listwise", rejected_mask_BK=mask_BK)
+    out = plad_loss(*pair(c, nc, r_BK, nr_BK), objective("listwise"), rejected_mask_BK=mask_BK)
     assert out["rank_loss"].item() == pytest.approx(1.125)
     assert out["accuracy"].item() == pytest.approx(2 / 3)
     assert out["margin"].item() == pytest.approx((0.5 + 3.0 - 1.0) / 3)
     assert out["loss"].item() == pytest.approx(1.125)  # nll_weight 0 here
     # Listwise on pairs (K = 1, held-out evaluation) is the hinge over the ranked pairs.
-    pairs = plad_loss(
-        c,
-        nc,
-        torch.tensor([-1.5, -1.0]),
-        torch.ones(2),
-        beta=1.0,
-        loss_type="listwise",
-        ranked_B=torch.tensor([1.0, 1.0]),
-    )
+    sides = pair(c, nc, torch.tensor([-1.5, -1.0]), torch.ones(2))
+    pairs = plad_loss(*sides, objective("listwise"), ranked_B=torch.tensor([1.0, 1.0]))
     assert pairs["rank_loss"].item() == pytest.approx((0.5 + 2.0) / 2)
 
 
@@ -315,12 +305,8 @@ def test_step_term_scales_make_accumulated_micro_batches_train_the_whole_batch_m
 
     def loss(sl, scales=(1.0, 1.0)):
         return plad_loss(
-            chosen[sl],
-            tokens_c[sl],
-            rejected[sl],
-            tokens_r[sl],
-            beta=1.0,
-            nll_weight=1.0,
+            *pair(chosen[sl], tokens_c[sl], rejected[sl], tokens_r[sl]),
+            objective(nll_weight=1.0),
             ranked_B=ranked[sl],
             term_scales=scales,
         )["loss"]

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from plad_ray.config import Config, load_config
+from plad_ray.config import Config, LossConfig, load_config
 from plad_ray.errors import ConfigError
-from plad_ray.losses import plad_loss
+from plad_ray.losses import Sequences, plad_loss
 from plad_ray.model_card import model_card
 from plad_ray.objectives import LOSS_TYPES, OBJECTIVES, objective
 from plad_ray.train.prepare import trained_statuses
@@ -56,13 +56,11 @@ def test_nll_weight_trains_the_nll_only_beside_a_ranking_loss(name):
     torch.manual_seed(0)
     chosen, rejected = torch.randn(4), torch.randn(4)
     tokens = torch.tensor([3.0, 4.0, 5.0, 6.0])
-    extra = {"chosen_scores_B": torch.randn(4), "rejected_scores_B": torch.randn(4)} if o.needs_scores else {}
+    scores = (torch.randn(4), torch.randn(4)) if o.needs_scores else (None, None)
+    sides = Sequences(chosen, tokens, scores[0]), Sequences(rejected, tokens, scores[1])
     kd = torch.tensor(0.7) if o.per_token and name != "seqkd" else None
     loss = {
-        w: plad_loss(chosen, tokens, rejected, tokens, beta=0.5, nll_weight=w, loss_type=name, token_kd=kd, **extra)[
-            "loss"
-        ]
-        for w in (0.0, 1.0)
+        w: plad_loss(*sides, LossConfig(type=name, beta=0.5, nll_weight=w), token_kd=kd)["loss"] for w in (0.0, 1.0)
     }
     assert torch.equal(loss[0.0], loss[1.0]) == (not o.trains_ranking), (name, loss)
     if kd is not None:

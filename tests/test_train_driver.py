@@ -56,15 +56,13 @@ def test_prepare_pairs_counts_equal_a_row_by_row_recount(local_ray, tiny_models,
     import ray.data
 
     from plad_ray.train.batching import PairTokenizer
-    from plad_ray.train.prepare import prepare_pairs
+    from plad_ray.train.prepare import PairText, prepare_pairs
 
     table = reversal_pairs(200)
     train = TrainConfig(
         max_length=48, scorer=scorer, student_wins=policy, loss=LossConfig(type=loss_type, nll_weight=nll_weight)
     )
-    train_ds, heldout_ds, counts = prepare_pairs(
-        ray.data.from_arrow(table), tiny_models["student"], train, False, False
-    )
+    train_ds, heldout_ds, counts = prepare_pairs(ray.data.from_arrow(table), PairText(tiny_models["student"]), train)
 
     # The same stage run by hand over all rows, counted in Python as the driver used to.
     tokenized = PairTokenizer(tiny_models["student"], train.max_length, scorer=scorer, student_wins=policy)(

@@ -7,17 +7,19 @@ finds its own run state under `<output_dir>/train`.
 
 import os
 import time
+from dataclasses import replace
 
 from plad_ray import console, pairs
 from plad_ray.checks import Inputs
 from plad_ray.config import ClusterConfig, Config, TrainConfig
 from plad_ray.data import parquet, storage
-from plad_ray.data.layout import TRAIN, OutputLayout
+from plad_ray.data.layout import TRAIN
 from plad_ray.errors import DataError, PladError, RuntimeFailure
 from plad_ray.models.folders import embedding_rows
-from plad_ray.tracking import Tracking, plan_tracking
+from plad_ray.tracking import plan_tracking
 from plad_ray.train.plan import TrainPlan
 from plad_ray.train.prepare import (
+    PairText,
     heldout_shards,
     prepare_pairs,
     steps_per_epoch,
@@ -30,45 +32,27 @@ from plad_ray.train.worker import train_loop_per_worker
 from plad_ray.verifiers import TEACHER
 
 
-def run_training(
-    pairs_ds,
-    model_path: str,
-    train: TrainConfig,
-    cluster: ClusterConfig,
-    output_dir: str,
-    export_uri: str,
-    pad_id: int,
-    chat_template: bool = False,
-    trust_remote_code: bool = False,
-    allow_pickle: bool = False,
-    teacher_path: str | None = None,
-    stops: tuple[str | None, str | None] = (None, None),
-    tracking: Tracking | None = None,
-    stream=None,
-    first_epoch_steps: int | None = None,
-) -> dict:
-    """Train, evaluate and export; returns the run's figures (also written by the caller).
+def run_training(pairs_ds, plan: TrainPlan, text: PairText, cluster: ClusterConfig, stream=None) -> dict:
+    """Train, evaluate and export as `plan` says (its steps per epoch counted here from the pairs); returns the run's
+    figures (also written by the caller). `text`: how the pairs' text becomes token ids.
 
     With `stream` (train.stream: a generate.student.PairStream), the ranks read the student engines' pairs
     as they are made (train.stream_feed) instead of `pairs_ds`; with more than one epoch it ends with a
-    checkpoint, and the next call, with `first_epoch_steps` (the streamed epoch's steps), trains the other
-    epochs on the pairs on disk from it, and exports."""
+    checkpoint (`plan.export` False), and the next call, with `plan.first_epoch_steps` (the streamed epoch's
+    steps), trains the other epochs on the pairs on disk from it, and exports."""
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from plad_ray.train.stream_split import StreamSplit
 
+    train = plan.train
     start = time.perf_counter()
     if stream is not None:
         # blocks as the engines make them: the ranks take whole blocks, so small ones keep their shares even
-        datasets = {
-            TrainPlan.STREAM: tokenize(
-                stream.ds, model_path, train, chat_template, trust_remote_code, stops, batch_size=stream.block_rows
-            )
-        }
+        datasets = {TrainPlan.STREAM: tokenize(stream.ds, text, train, batch_size=stream.block_rows)}
         counts, expected = None, stream.train_pairs
     else:
-        datasets, counts = _fixed_shards(pairs_ds, model_path, train, chat_template, trust_remote_code, stops)
+        datasets, counts = _fixed_shards(pairs_ds, text, train)
         expected = counts.get("train_prompts", counts["train"])
     prepare_s = time.perf_counter() - start
     for ds in datasets.values():
@@ -83,23 +67,7 @@ def run_training(
             "train.micro_batch_size x train.num_workers x train.gradient_accumulation_steps); "
             "add prompts or lower those"
         )
-    plan = TrainPlan(
-        train=train,
-        model_path=model_path,
-        export_uri=export_uri,
-        tracking=tracking,
-        steps_per_epoch=steps,
-        pad_id=pad_id,
-        trust_remote_code=trust_remote_code,
-        allow_pickle=allow_pickle,
-        teacher_path=teacher_path,
-        checkpoint_root=OutputLayout(storage.absolute(output_dir)).train_state(),
-        trace_pairs_dir=os.environ.get("PLAD_RAY_TRACE_PAIRS"),
-        stream=stream is not None,
-        trained_statuses=trained_statuses(train),
-        first_epoch_steps=first_epoch_steps,
-        export=stream is None or train.num_epochs == 1,
-    )
+    plan = replace(plan, steps_per_epoch=steps)
     if counts is None:
         print(
             f"[train] streaming: up to {stream.train_pairs} training pairs as the student engines make them, "
@@ -142,7 +110,7 @@ def run_training(
         ),
         run_config=ray.train.RunConfig(
             name=TRAIN,
-            storage_path=storage.absolute(output_dir),
+            storage_path=plan.run_dir,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             failure_config=ray.train.FailureConfig(max_failures=train.max_failures),
         ),
@@ -175,19 +143,12 @@ def run_training(
         **phases,
         "startup": startup_breakdown(worker, out.pop("worker_started_at") - started_at, fit_s),
     }
-    return {**out, "counts": counts, "checkpoint": export_uri}
+    return {**out, "counts": counts, "checkpoint": plan.export_uri}
 
 
-def _fixed_shards(
-    pairs_ds,
-    model_path: str,
-    train: TrainConfig,
-    chat_template: bool,
-    trust_remote_code: bool,
-    stops: tuple[str | None, str | None],
-) -> tuple[dict, dict]:
+def _fixed_shards(pairs_ds, text: PairText, train: TrainConfig) -> tuple[dict, dict]:
     """The Ray Train datasets of pairs on disk: each rank's fixed training split and held-out share; the counts."""
-    train_ds, heldout_ds, counts = prepare_pairs(pairs_ds, model_path, train, chat_template, trust_remote_code, stops)
+    train_ds, heldout_ds, counts = prepare_pairs(pairs_ds, text, train)
     # Each rank gets a fixed, ordered split of the training pairs (not Ray Data's streaming split, which
     # hands out blocks as they arrive): an epoch reads the same micro-batches every time, so a run resumed
     # from a mid-epoch checkpoint skips exactly the steps it trained (README "Resuming").
@@ -300,23 +261,24 @@ def train_student(cfg: Config, inputs: Inputs, log=print, round: int = 1, stream
         cfg.to_safe_dict(),
         round_dir=storage.absolute(layout.round_dir(round)),
     )
-    result = run_training(
-        pairs_ds,
-        student_path,
-        cfg.train,
-        cfg.cluster,
-        layout.round_dir(round),
-        export_uri,
-        pad_id,
-        student.chat_template,
-        student.trust_remote_code,
-        student.allow_pickle_weights,
-        inputs.teacher_path,
-        stops,
-        tracking,
-        stream=stream,
+    plan = TrainPlan(
+        train=cfg.train,
+        model_path=student_path,
+        export_uri=export_uri,
+        tracking=tracking,
+        pad_id=pad_id,
+        trust_remote_code=student.trust_remote_code,
+        allow_pickle=student.allow_pickle_weights,
+        teacher_path=inputs.teacher_path,
+        run_dir=storage.absolute(layout.round_dir(round)),
+        trace_pairs_dir=os.environ.get("PLAD_RAY_TRACE_PAIRS"),
+        stream=stream is not None,
+        trained_statuses=trained_statuses(cfg.train),
         first_epoch_steps=streamed,
+        export=stream is None or cfg.train.num_epochs == 1,
     )
+    text = PairText(student_path, student.chat_template, student.trust_remote_code, stops)
+    result = run_training(pairs_ds, plan, text, cfg.cluster, stream=stream)
     result["train_seconds"] = time.perf_counter() - start
     if stream is not None and cfg.train.num_epochs > 1:
         result["streamed_epoch_steps"] = result["steps"]

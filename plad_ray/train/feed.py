@@ -10,7 +10,7 @@ import torch
 
 from plad_ray.config import TrainConfig
 from plad_ray.errors import ConfigError
-from plad_ray.losses import plad_loss, sequence_logps, topk_token_logps
+from plad_ray.losses import Sequences, plad_loss, sequence_logps, topk_token_logps
 from plad_ray.losses_token import contrastive_topk_loss, token_kd_loss, topk_divergence
 from plad_ray.train.batching import collate_groups, collate_pairs, length_grouped
 from plad_ray.train.packing import pack, unpack_logits
@@ -83,18 +83,11 @@ def forward(engine, batch: dict, train: TrainConfig, teacher=None, term_scales=(
         kd = token_kd_loss(logits_NTV[:b], teacher_logits_BTV, response_mask_NT[:b])
     elif "topk_ids" in batch:
         kd = topk_term(logits_NTV, batch, b, train)
+    scores = {s: batch[f"{s}_score"].to(device) if f"{s}_score" in batch else None for s in ("chosen", "rejected")}
     return plad_loss(
-        logps_N[:b],
-        num_tokens_N[:b],
-        rejected_logps,
-        rejected_tokens,
-        beta=train.loss.beta,
-        length_normalize=train.loss.length_normalize,
-        nll_weight=train.loss.nll_weight,
-        loss_type=train.loss.type,
-        gamma=train.loss.gamma,
-        chosen_scores_B=batch["chosen_score"].to(device) if "chosen_score" in batch else None,
-        rejected_scores_B=batch["rejected_score"].to(device) if "rejected_score" in batch else None,
+        Sequences(logps_N[:b], num_tokens_N[:b], scores["chosen"]),
+        Sequences(rejected_logps, rejected_tokens, scores["rejected"]),
+        train.loss,
         token_kd=kd,
         ranked_B=batch["ranked"].to(device) if "ranked" in batch else None,
         rejected_mask_BK=mask_BK,

@@ -4,6 +4,8 @@ to each worker (plad_ray.train.worker), and the held-out scoring reads it (plad_
 from dataclasses import dataclass
 
 from plad_ray.config import TrainConfig
+from plad_ray.data import storage
+from plad_ray.data.layout import TRAIN
 from plad_ray.tracking import Tracking
 
 
@@ -15,12 +17,13 @@ class TrainPlan:
     model_path: str
     export_uri: str  # where rank 0 publishes the trained model (HF folder)
     tracking: Tracking | None  # the experiment trackers rank 0 logs to (plad_ray.tracking); None: none
-    steps_per_epoch: int  # optimizer steps per epoch (identical on every worker)
     pad_id: int
+    # optimizer steps per epoch (identical on every worker): counted from the pairs by driver.run_training
+    steps_per_epoch: int = 0
     trust_remote_code: bool = False
     allow_pickle: bool = False  # load .bin weights (student.allow_pickle_weights); else safetensors only
     teacher_path: str | None = None  # token_kd only: the teacher, frozen, for its token distributions
-    checkpoint_root: str = ""  # where Ray Train persists this run's checkpoints (<output_dir>/train)
+    run_dir: str = ""  # the round's output folder (absolute): Ray Train's storage path, its checkpoints in train/
     trace_pairs_dir: str | None = None  # test hook ($PLAD_RAY_TRACE_PAIRS): each rank logs the pair keys of every step
     # train.stream: the ranks read the pair stream (`STREAM`, plad_ray.train.stream_feed) instead of fixed shards;
     # steps_per_epoch is then planned from the pairs expected (the stream may end sooner)
@@ -41,6 +44,11 @@ class TrainPlan:
     def eval_shard(rank: int) -> str:
         """The Ray Train dataset that holds this rank's share of the held-out pairs (`heldout.evaluate`)."""
         return f"eval_{rank}"
+
+    @property
+    def checkpoint_root(self) -> str:
+        """Where Ray Train persists this run's checkpoints (<run_dir>/train)."""
+        return storage.join(self.run_dir, TRAIN)
 
     @property
     def total_steps(self) -> int:

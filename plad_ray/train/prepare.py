@@ -8,6 +8,7 @@ every ranking figure, and are counted. Listwise training groups a prompt's pairs
 """
 
 import math
+from dataclasses import dataclass
 
 from plad_ray import pairs
 from plad_ray.cluster import TOKENIZER_CPUS
@@ -15,29 +16,31 @@ from plad_ray.config import TrainConfig
 from plad_ray.train.batching import PairTokenizer, group_samples
 
 
+@dataclass(frozen=True)
+class PairText:
+    """How a pair's text becomes the student's token ids: the student's tokenizer (its folder), its chat template,
+    and the stop strings that ended the teacher's and the student's outputs (text written without its ids)."""
+
+    model_path: str
+    chat_template: bool = False
+    trust_remote_code: bool = False
+    stops: tuple[str | None, str | None] = (None, None)
+
+
 def trains_identical_pairs(train: TrainConfig) -> bool:
     """Whether pairs with two identical sides still teach (an NLL or per-token term; plad_ray.objectives)."""
     return train.loss.objective.trains_identical_pairs(train.loss.nll_weight)
 
 
-def prepare_pairs(
-    pairs_ds,
-    model_path: str,
-    train: TrainConfig,
-    chat_template: bool,
-    trust_remote_code: bool,
-    stops: tuple[str | None, str | None] = (None, None),
-):
+def prepare_pairs(pairs_ds, text: PairText, train: TrainConfig):
     """(train, heldout) datasets of token ids, and counts of every pair by what happened to it.
 
     One Ray Data pass: tokenize with the student's tokenizer (up to one actor per trainer
     worker), order (a shuffle seeded by train.seed and fixed by each pair's key), materialise;
     the counts are an aggregation and the splits filters over the materialised result.
-    `stops`: the teacher's and the student's `sampling.stop` (for outputs a stop string ended
-    that carry no ids).
     """
     tokenized = (
-        tokenize(pairs_ds, model_path, train, chat_template, trust_remote_code, stops)
+        tokenize(pairs_ds, text, train)
         # The training order: a shuffle seeded by train.seed and fixed by each pair's key, not by the
         # order the pairs were read in (pairs.with_training_order).
         .map_batches(pairs.with_training_order, fn_kwargs={"seed": train.seed}, batch_format="numpy")
@@ -81,28 +84,20 @@ def prepare_pairs(
     return train_ds, heldout_ds, counts
 
 
-def tokenize(
-    pairs_ds,
-    model_path: str,
-    train: TrainConfig,
-    chat_template: bool,
-    trust_remote_code: bool,
-    stops: tuple[str | None, str | None],
-    batch_size: int = 256,
-):
+def tokenize(pairs_ds, text: PairText, train: TrainConfig, batch_size: int = 256):
     """Pair rows -> token ids and `status` (batching.PairTokenizer), by Ray Data actors, in blocks of
     `batch_size` rows."""
     return pairs_ds.map_batches(
         PairTokenizer,
         fn_constructor_kwargs=dict(
-            model_path=model_path,
+            model_path=text.model_path,
             max_length=train.max_length,
-            chat_template=chat_template,
-            trust_remote_code=trust_remote_code,
+            chat_template=text.chat_template,
+            trust_remote_code=text.trust_remote_code,
             scorer=train.scorer,
             student_wins=train.student_wins,
-            chosen_stop=stops[0],
-            rejected_stop=stops[1],
+            chosen_stop=text.stops[0],
+            rejected_stop=text.stops[1],
         ),
         batch_size=batch_size,
         # autoscaled by Ray Data from one tokenizer to one per trainer worker
