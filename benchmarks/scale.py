@@ -139,9 +139,10 @@ def measure(n: int, max_tokens: int, batch_size: int) -> dict:
     laps = _Laps(f"{n} prompts")
     inputs = prepare(cfg, generation=True, training=True, log=quiet)
     laps.lap("checks")
-    rows["teacher"] = generate_teacher(cfg, inputs, quiet)["teacher_generated"]
+    run = cfg.context()
+    rows["teacher"] = generate_teacher(cfg.teacher, run, inputs, quiet)["teacher_generated"]
     laps.lap("teacher")
-    rows["pairs"] = generate_pairs(cfg, inputs, quiet)["pairs"]
+    rows["pairs"] = generate_pairs(cfg.student, run, inputs, cfg.data.heldout_fraction, quiet)["pairs"]
     laps.lap("pairs")
     train_ds, heldout_ds, counts = prepare_pairs(
         parquet.read(cfg.layout().pairs(1)), PairText(inputs.student_path, cfg.student.chat_template), cfg.train
@@ -191,11 +192,13 @@ def measure_stream(n: int, max_tokens: int, batch_size: int) -> dict:
     laps = _Laps(f"{n} prompts, stream")
     inputs = prepare(cfg, generation=True, training=True, log=quiet)
     laps.lap("checks")
-    generate_teacher(cfg, inputs, quiet)
+    run = cfg.context()
+    generate_teacher(cfg.teacher, run, inputs, quiet)
     laps.lap("teacher")
-    trained = train_student(cfg, inputs, quiet, stream=pair_stream(cfg, inputs, quiet))
+    stream = pair_stream(cfg.student, run, inputs, cfg.data.heldout_fraction, cfg.train.seed, quiet)
+    trained = train_student(cfg, inputs, quiet, stream=stream)
     laps.lap("stream")
-    committed = commit_pairs(cfg, 1, time.perf_counter(), quiet)
+    committed = commit_pairs(cfg.student, run, 1, time.perf_counter(), quiet)
     laps.lap("commit")
     files = len(storage.manifest(cfg.layout().pairs(1))["files"])
     store_peak = laps.stop()

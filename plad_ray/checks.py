@@ -22,6 +22,7 @@ from plad_ray.data.prompt_checks import check_cached_prompts, check_prompts, sou
 from plad_ray.errors import ConfigError, DataError
 from plad_ray.models.cache import is_remote, local_model
 from plad_ray.models.folders import embedding_rows, resolve_model, shares_vocabulary, tokenizer_size
+from plad_ray.run_context import RunContext
 from plad_ray.teacher_logprobs import CROSS_VOCABULARY
 
 
@@ -37,12 +38,10 @@ class Inputs:
     teacher_path: str | None = None
     student_path: str | None = None
 
-    def student_for_round(self, cfg: Config, round: int) -> str:
+    def student_for_round(self, run: RunContext, round: int) -> str:
         """The student a round starts from: the checked student in round 1, round r-1's export after (a local
         folder on every node: a URI output_dir's export is fetched to cluster.model_cache)."""
-        if round == 1:
-            return self.student_path
-        return local_model(cfg.layout().student(round - 1), cfg.cluster.model_cache)
+        return self.student_path if round == 1 else run.student_after(round - 1)
 
 
 def check_inputs(

@@ -21,6 +21,7 @@ from plad_ray.config_yaml import apply_override, build, read_mapping
 from plad_ray.data import storage
 from plad_ray.data.layout import OutputLayout
 from plad_ray.errors import ConfigError
+from plad_ray.run_context import RunContext
 from plad_ray.staleness import OPERATIONAL, PAIRS, SCORES
 from plad_ray.verifiers import SCORERS, TEACHER
 
@@ -346,6 +347,10 @@ class Config:
     def layout(self) -> OutputLayout:
         """Where each stage's outputs live under output_dir (plad_ray.data.layout)."""
         return OutputLayout(self.output_dir)
+
+    def context(self) -> RunContext:
+        """What every stage is given beside its own section (plad_ray.run_context)."""
+        return RunContext(self.layout(), self.cluster.use_gpu, self.cluster.model_cache)
 
 
 _SECRET = re.compile(r"(^|_)(token|key|secret|password|credentials?)($|_)", re.IGNORECASE)

@@ -53,17 +53,22 @@ def distill(
         "prompts_quarantined": inputs.quarantined,
         "prompts_truncated": inputs.truncated,
     }
+    run, student, fraction = cfg.context(), cfg.student, cfg.data.heldout_fraction
     with stage("teacher generation"):
-        figures.update(generate_teacher(cfg, inputs, log))
+        figures.update(generate_teacher(cfg.teacher, run, inputs, log))
     rounds, evaluation = [], None
     with ThreadPoolExecutor(max_workers=1) as pool:
         initial = None
         for r in range(1, cfg.train.rounds + 1):
             with stage(f"round {r} pair generation"):
-                stream = pair_stream(cfg, inputs, log, round=r) if cfg.train.stream else None
+                stream = (
+                    pair_stream(student, run, inputs, fraction, cfg.train.seed, log, round=r)
+                    if cfg.train.stream
+                    else None
+                )
             if stream is None:
                 with stage(f"round {r} pair generation"):
-                    generated = generate_pairs(cfg, inputs, log, round=r)
+                    generated = generate_pairs(student, run, inputs, fraction, log, round=r)
                 with stage(f"round {r} teacher scoring"):
                     generated.update(_scores(cfg, inputs, log, r))
                 if r == 1:
@@ -75,7 +80,7 @@ def distill(
                 start = time.perf_counter()
                 with stage(f"round {r} streamed pair generation and training"):
                     trained = train_student(cfg, inputs, log, round=r, stream=stream)
-                    generated = commit_pairs(cfg, r, start, log)
+                    generated = commit_pairs(student, run, r, start, log)
                 with stage(f"round {r} teacher scoring"):  # of the committed pairs, as in a sequential round
                     generated.update(_scores(cfg, inputs, log, r))
                 if cfg.train.num_epochs > 1:  # the other epochs read the committed pairs, from its checkpoint
@@ -101,10 +106,11 @@ def generate(cfg: Config, overwrite: bool = False, check_only: bool = False, log
     inputs = prepare(cfg, generation=True, training=False, overwrite=overwrite, check_only=check_only, log=log)
     if inputs is None:
         return None
+    run = cfg.context()
     with stage("teacher generation"):
-        figures = generate_teacher(cfg, inputs, log)
+        figures = generate_teacher(cfg.teacher, run, inputs, log)
     with stage("round 1 pair generation"):
-        figures.update(generate_pairs(cfg, inputs, log))
+        figures.update(generate_pairs(cfg.student, run, inputs, cfg.data.heldout_fraction, log))
     with stage("round 1 teacher scoring"):
         figures.update(_scores(cfg, inputs, log, 1))
     return figures
@@ -113,7 +119,9 @@ def generate(cfg: Config, overwrite: bool = False, check_only: bool = False, log
 def _scores(cfg: Config, inputs: Inputs, log, round: int) -> dict:
     """The teacher's scores of a round's pairs, when teacher.score_samples is on; their figures under
     `teacher_scoring`."""
-    return {"teacher_scoring": score_pairs(cfg, inputs, log, round)} if cfg.teacher.score_samples else {}
+    if not cfg.teacher.score_samples:
+        return {}
+    return {"teacher_scoring": score_pairs(cfg.teacher, cfg.student, cfg.context(), inputs, log, round)}
 
 
 def train(

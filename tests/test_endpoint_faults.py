@@ -87,7 +87,8 @@ def run(tmp_path, stub, *sets, prompts=PROMPTS):
     )
     ds = ray.data.from_items([{"id": f"p{i:02d}", "prompt": p} for i, p in enumerate(prompts)])
     lines = []
-    figures = generate_teacher(cfg, Inputs(prompts=ds.materialize(), num_prompts=len(prompts)), log=lines.append)
+    inputs = Inputs(prompts=ds.materialize(), num_prompts=len(prompts))
+    figures = generate_teacher(cfg.teacher, cfg.context(), inputs, log=lines.append)
     return figures, lines, parquet.read_table(cfg.layout().teacher())
 
 

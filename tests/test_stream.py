@@ -155,7 +155,7 @@ def test_a_rerun_of_a_stopped_stream_completes_the_pairs_on_disk_instead(tmp_pat
     pending.mkdir(parents=True)
     pq.write_table(pa.table({"id": ["p0"], "sample_index": [0]}), pending / "stream-0.parquet")
     lines = []
-    assert pair_stream(cfg, Inputs(student_path="s"), log=lines.append) is None
+    assert pair_stream(cfg.student, cfg.context(), Inputs(student_path="s"), 0.1, 0, log=lines.append) is None
     assert len(lines) == 1 and "train.stream does not stream this round again" in lines[0]
 
 
@@ -180,11 +180,9 @@ def test_a_streamed_round_gets_its_teacher_scores_after_its_pairs_are_committed(
     calls = []
     monkeypatch.setattr(pipeline, "prepare", lambda *args, **kwargs: Inputs(num_prompts=4, student_path="s"))
     monkeypatch.setattr(pipeline, "generate_teacher", lambda *args: {})
-    monkeypatch.setattr(pipeline, "pair_stream", lambda cfg, inputs, log, round: calls.append(("stream", round)) or 1)
-    monkeypatch.setattr(
-        pipeline, "commit_pairs", lambda cfg, r, start, log: calls.append(("commit", r)) or {"pairs": 4}
-    )
-    monkeypatch.setattr(pipeline, "score_pairs", lambda cfg, inputs, log, r: calls.append(("score", r)) or {"rows": 6})
+    monkeypatch.setattr(pipeline, "pair_stream", lambda *args, round: calls.append(("stream", round)) or 1)
+    monkeypatch.setattr(pipeline, "commit_pairs", lambda *args: calls.append(("commit", args[2])) or {"pairs": 4})
+    monkeypatch.setattr(pipeline, "score_pairs", lambda *args: calls.append(("score", args[-1])) or {"rows": 6})
     monkeypatch.setattr(pipeline, "write_report", lambda cfg, rounds, figures, *args: {"rounds": rounds})
     monkeypatch.setattr(pipeline, "log_report", lambda *args: None)
     import plad_ray.train.driver as driver

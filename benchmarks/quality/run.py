@@ -172,10 +172,11 @@ def generate(out_dir: Path, overrides: list[str], pairs: bool):
 
     cfg = config(out_dir, overrides + (["teacher.score_samples=true"] if pairs else []))
     inputs = pipeline.prepare(cfg, generation=True, training=False, log=_quiet)
-    generate_teacher(cfg, inputs, log=_quiet)
+    run = cfg.context()
+    generate_teacher(cfg.teacher, run, inputs, log=_quiet)
     if pairs:
-        generate_pairs(cfg, inputs, log=_quiet)
-        score_pairs(cfg, inputs, log=_quiet)
+        generate_pairs(cfg.student, run, inputs, cfg.data.heldout_fraction, log=_quiet)
+        score_pairs(cfg.teacher, cfg.student, run, inputs, log=_quiet)
     return cfg
 
 

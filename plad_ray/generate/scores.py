@@ -14,7 +14,7 @@ import time
 
 from plad_ray import teacher_logprobs
 from plad_ray.checks import Inputs
-from plad_ray.config import Config, EngineConfig
+from plad_ray.config import EngineConfig, StudentEngineConfig, TeacherEngineConfig
 from plad_ray.data import parquet, storage
 from plad_ray.data.prompts import prompt_token_ids
 from plad_ray.errors import DataError
@@ -22,17 +22,26 @@ from plad_ray.generate import engines
 from plad_ray.generate.endpoint_scores import scores_http, scoring_params
 from plad_ray.generate.endpoint_stats import write_from_endpoint
 from plad_ray.generate.stages import not_done
+from plad_ray.run_context import RunContext
 
 
-def score_pairs(cfg: Config, inputs: Inputs, log=print, round: int = 1) -> dict:
-    """The teacher's log-probs and top-k of every sequence of round `round`'s pairs not yet scored."""
-    layout = cfg.layout()
+def score_pairs(
+    teacher: TeacherEngineConfig,
+    student: StudentEngineConfig,
+    run: RunContext,
+    inputs: Inputs,
+    log=print,
+    round: int = 1,
+) -> dict:
+    """The teacher's log-probs and top-k of every sequence of round `round`'s pairs not yet scored (each sequence
+    as the student's tokenizer cuts it: `student`'s chat template and stop string)."""
+    layout = run.layout
     uri, pairs_uri = layout.scores(round), layout.pairs(round)
     pairs_manifest = storage.manifest(pairs_uri)
     if pairs_manifest is None:
         raise DataError(f"pairs {pairs_uri}: missing or incomplete; generate the pairs before scoring them")
-    k = cfg.teacher.score_top_k
-    expected = pairs_manifest["rows"] + pairs_manifest["rows"] // cfg.student.num_samples
+    k = teacher.score_top_k
+    expected = pairs_manifest["rows"] + pairs_manifest["rows"] // student.num_samples
     existing = storage.manifest(uri)
     if existing is not None and existing["rows"] >= expected:
         log(f"[generate] teacher scores: {existing['rows']} sequences already scored at {uri}; 0 teacher requests")
@@ -41,7 +50,7 @@ def score_pairs(cfg: Config, inputs: Inputs, log=print, round: int = 1) -> dict:
     done = 0 if done_ds is None else done_ds.count()
     todo = expected - done
     log(
-        f"[generate] round {round} teacher scores: {todo} sequences to prefill with {cfg.teacher.model} "
+        f"[generate] round {round} teacher scores: {todo} sequences to prefill with {teacher.model} "
         f"(top {k} log-probs per token; 0 teacher text generated)"
         + (f"; {done} scored by an earlier run" if done else "")
     )
@@ -49,16 +58,15 @@ def score_pairs(cfg: Config, inputs: Inputs, log=print, round: int = 1) -> dict:
     earlier = parquet.uncommitted_files(uri)
     endpoint = None
     if todo:
-        teacher = cfg.teacher
         sequences = _to_score(parquet.read(pairs_uri), done_ds, 1 + done // parquet.JOIN_ROWS_PER_PARTITION)
         workers = teacher.endpoint.concurrency if teacher.endpoint else teacher.replicas
         sequences = engines.split_for_replicas(sequences, todo, teacher.batch_size, workers)
         ids = SequenceIds(
-            inputs.student_for_round(cfg, round),
-            cfg.student.trust_remote_code,
-            cfg.student.chat_template,
+            inputs.student_for_round(run, round),
+            student.trust_remote_code,
+            student.chat_template,
             teacher.max_model_len,
-            {"chosen": teacher.sampling.stop, "rejected": cfg.student.sampling.stop},
+            {"chosen": teacher.sampling.stop, "rejected": student.sampling.stop},
         )
         rows_per_file = parquet.rows_per_file(todo, teacher.batch_size)
         if teacher.endpoint is not None:
@@ -70,12 +78,12 @@ def score_pairs(cfg: Config, inputs: Inputs, log=print, round: int = 1) -> dict:
                 f"{expected} teacher scores",
             )
         else:
-            scored = teacher_scores(sequences, ids, teacher, inputs.teacher_path, cfg.cluster.use_gpu)
+            scored = teacher_scores(sequences, ids, teacher, inputs.teacher_path, run.use_gpu)
             with engines.engine_deaths("teacher", teacher):
                 parquet.write_pending(scored, uri, teacher_logprobs.SCORE_SCHEMA, rows_per_file)
     tokens = parquet.pending_sum(uri, "num_tokens", earlier)
     prefill = tokens + parquet.pending_sum(uri, "prompt_tokens", earlier)
-    rows = parquet.commit(uri, {"teacher_model": cfg.teacher.model, "top_k": k}, teacher_logprobs.KEYS, log)
+    rows = parquet.commit(uri, {"teacher_model": teacher.model, "top_k": k}, teacher_logprobs.KEYS, log)
     seconds = time.perf_counter() - start
     on_disk = _file_bytes(uri)
     all_tokens = parquet.read(uri).sum("num_tokens") or 0

@@ -15,26 +15,30 @@ import numpy as np
 
 from plad_ray import pairs
 from plad_ray.checks import Inputs
-from plad_ray.config import Config
+from plad_ray.config import StudentEngineConfig
 from plad_ray.data import parquet, storage
 from plad_ray.generate import engines
 from plad_ray.generate.stages import samples_to_generate, student_pairs
 from plad_ray.models.folders import eos_token_ids, shares_vocabulary
+from plad_ray.run_context import RunContext
 
 HELDOUT_LAST = "training_pair"  # the sort key that puts the held-out prompts' samples first (train.stream)
 
 
-def generate_pairs(cfg: Config, inputs: Inputs, log=print, round: int = 1) -> dict:
-    """k student samples per cached teacher output -> pairs; resumes a crashed run per (prompt, sample).
+def generate_pairs(
+    student: StudentEngineConfig, run: RunContext, inputs: Inputs, heldout_fraction: float, log=print, round: int = 1
+) -> dict:
+    """k student samples per cached teacher output -> pairs (the prompts of `heldout_fraction` marked held out);
+    resumes a crashed run per (prompt, sample).
 
     Round r > 1 samples from round r-1's trained student; the teacher outputs are reused.
     """
-    layout = cfg.layout()
+    layout = run.layout
     uri = layout.pairs(round)
-    student_path = inputs.student_for_round(cfg, round)
+    student_path = inputs.student_for_round(run, round)
     existing = storage.manifest(uri)
     teacher_rows = layout.teacher_made()
-    expected = teacher_rows["rows"] * cfg.student.num_samples
+    expected = teacher_rows["rows"] * student.num_samples
     if existing is not None and existing["rows"] >= expected:
         log(f"[generate] pairs: {existing['rows']} pairs already complete at {uri}")
         return {"pairs": existing["rows"]}
@@ -46,60 +50,71 @@ def generate_pairs(cfg: Config, inputs: Inputs, log=print, round: int = 1) -> di
     if existing is not None:
         log(
             f"[generate] pairs: {existing['rows']} pairs complete at {uri}; the teacher cache has "
-            f"{teacher_rows['rows'] - existing['rows'] // cfg.student.num_samples} more prompts: adding {todo} pairs"
+            f"{teacher_rows['rows'] - existing['rows'] // student.num_samples} more prompts: adding {todo} pairs"
         )
     log(
-        f"[generate] round {round} student: {teacher_rows['rows']} prompts x {cfg.student.num_samples} samples with "
-        f"{cfg.student.model if round == 1 else student_path} (0 teacher tokens: teacher outputs from the cache)"
+        f"[generate] round {round} student: {teacher_rows['rows']} prompts x {student.num_samples} samples with "
+        f"{student.model if round == 1 else student_path} (0 teacher tokens: teacher outputs from the cache)"
         + (f"; {done} pairs already written by an earlier run" if done else "")
     )
     start = time.perf_counter()
     earlier = parquet.uncommitted_files(uri)
     if todo:
-        with engines.engine_deaths("student", cfg.student):
+        with engines.engine_deaths("student", student):
             parquet.write_pending(
-                _pairs(cfg, inputs, round, done_ds, done, todo),
+                _pairs(student, run, inputs, heldout_fraction, round, done_ds, done, todo),
                 uri,
                 pairs.PAIR_SCHEMA,
-                parquet.rows_per_file(todo, cfg.student.batch_size),
+                parquet.rows_per_file(todo, student.batch_size),
             )
-    return _commit(cfg, uri, existing, todo, earlier, start, log)
+    return _commit(student, uri, existing, todo, earlier, start, log)
 
 
-def _pairs(cfg: Config, inputs: Inputs, round: int, done_ds, done: int, todo: int, heldout_first: bool = False):
-    """The Ray Dataset of the round's pairs still to generate (rows of pairs.PAIR_SCHEMA); with `heldout_first`,
-    the held-out prompts' samples go through the engines first (train.stream reads them before training)."""
-    layout = cfg.layout()
-    student_path = inputs.student_for_round(cfg, round)
+def _pairs(
+    student: StudentEngineConfig,
+    run: RunContext,
+    inputs: Inputs,
+    heldout_fraction: float,
+    round: int,
+    done_ds,
+    done: int,
+    todo: int,
+    stream_seed: int | None = None,
+):
+    """The Ray Dataset of the round's pairs still to generate (rows of pairs.PAIR_SCHEMA); with `stream_seed`
+    (train.seed), the held-out prompts' samples go through the engines first, the others in that seed's training
+    order (train.stream reads them so)."""
+    layout = run.layout
+    student_path = inputs.student_for_round(run, round)
     # The teacher's own ids are scored as they are when they mean the same tokens to the student.
     shared = inputs.teacher_path is not None and shares_vocabulary(
-        inputs.teacher_path, student_path, cfg.student.trust_remote_code
+        inputs.teacher_path, student_path, student.trust_remote_code
     )
     samples = samples_to_generate(
         parquet.read(layout.teacher()),
-        cfg.student.num_samples,
+        student.num_samples,
         done_ds,
         num_partitions=1 + done // parquet.JOIN_ROWS_PER_PARTITION,
     )
-    if heldout_first:
+    if stream_seed is not None:
         # The held-out prompts' samples first, then the rest in train.seed's shuffle (the order the sequential
         # trainer uses, pairs.with_training_order): a sort keeps its order through the stream (Ray Data's
         # preserve_order), a union does not. It waits for the samples to be listed, not for any engine.
         samples = samples.map_batches(
             _stream_order,
-            fn_kwargs={"fraction": cfg.data.heldout_fraction, "seed": cfg.train.seed},
+            fn_kwargs={"fraction": heldout_fraction, "seed": stream_seed},
             batch_format="numpy",
         )
         samples = samples.sort([HELDOUT_LAST, "order"])
-    samples = engines.split_for_replicas(samples, todo, cfg.student.batch_size, cfg.student.replicas)
+    samples = engines.split_for_replicas(samples, todo, student.batch_size, student.replicas)
     return student_pairs(
         samples,
-        cfg.student,
+        student,
         student_path,
-        cfg.student.model if round == 1 else f"{cfg.student.model} after round {round - 1}",
+        student.model if round == 1 else f"{student.model} after round {round - 1}",
         eos_token_ids(student_path),
-        cfg.cluster.use_gpu,
-        cfg.data.heldout_fraction,
+        run.use_gpu,
+        heldout_fraction,
         shared_vocabulary=shared,
     )
 
@@ -119,12 +134,20 @@ def _stream_order(batch: dict, fraction: float, seed: int) -> dict:
     return {**pairs.with_training_order(batch, seed), HELDOUT_LAST: later}
 
 
-def pair_stream(cfg: Config, inputs: Inputs, log=print, round: int = 1) -> PairStream | None:
+def pair_stream(
+    student: StudentEngineConfig,
+    run: RunContext,
+    inputs: Inputs,
+    heldout_fraction: float,
+    seed: int,
+    log=print,
+    round: int = 1,
+) -> PairStream | None:
     """train.stream: the round's pairs as a stream that writes each block to pairs/'s pending files as it
-    passes (`parquet.WritePending`), the held-out prompts' pairs first; None when pairs/ already holds some
-    (a re-run: `generate_pairs` completes them and training reads them from disk). `commit_pairs` commits
-    what the stream wrote."""
-    layout = cfg.layout()
+    passes (`parquet.WritePending`), the held-out prompts' pairs first, then the others in train.seed's (`seed`)
+    order; None when pairs/ already holds some (a re-run: `generate_pairs` completes them and training reads
+    them from disk). `commit_pairs` commits what the stream wrote."""
+    layout = run.layout
     uri = layout.pairs(round)
     if storage.manifest(uri) is not None:
         return None  # committed: generate_pairs says whether any are missing
@@ -137,7 +160,7 @@ def pair_stream(cfg: Config, inputs: Inputs, log=print, round: int = 1) -> PairS
         )
         return None
     teacher_rows = layout.teacher_made()
-    fraction, k = cfg.data.heldout_fraction, cfg.student.num_samples
+    fraction, k = heldout_fraction, student.num_samples
     heldout = (
         parquet.read(layout.teacher())
         .select_columns(["id"])
@@ -147,34 +170,38 @@ def pair_stream(cfg: Config, inputs: Inputs, log=print, round: int = 1) -> PairS
     todo = teacher_rows["rows"] * k
     log(
         f"[generate] round {round} student, streaming into training: {todo // k} prompts x {k} samples with "
-        f"{cfg.student.model if round == 1 else inputs.student_for_round(cfg, round)}, the {heldout} held-out "
+        f"{student.model if round == 1 else inputs.student_for_round(run, round)}, the {heldout} held-out "
         f"prompts' pairs first; every pair is written to {uri} before a trainer reads it"
     )
     # Files of parquet.rows_per_file rows (Ray Data bundles the engines' blocks up to it), as a sequential round
     # writes them: a 200M-pair stream makes ~12k files, not one per engine block (~390k at batch 512).
-    stream = _pairs(cfg, inputs, round, None, 0, todo, heldout_first=True).map_batches(
+    stream = _pairs(student, run, inputs, fraction, round, None, 0, todo, stream_seed=seed).map_batches(
         parquet.WritePending,
         fn_constructor_kwargs=dict(uri=uri, schema=pairs.PAIR_SCHEMA, keys=["id", "sample_index"]),
-        batch_size=parquet.rows_per_file(todo, cfg.student.batch_size),
+        batch_size=parquet.rows_per_file(todo, student.batch_size),
         batch_format="pyarrow",
         concurrency=1,
         num_cpus=0,
     )  # I/O: holds no CPU
-    return PairStream(
-        stream, train_pairs=todo - heldout * k, heldout_pairs=heldout * k, block_rows=cfg.student.batch_size
-    )
+    return PairStream(stream, train_pairs=todo - heldout * k, heldout_pairs=heldout * k, block_rows=student.batch_size)
 
 
-def commit_pairs(cfg: Config, round: int, start: float, log=print) -> dict:
+def commit_pairs(student: StudentEngineConfig, run: RunContext, round: int, start: float, log=print) -> dict:
     """Commit the pairs a stream wrote (`pair_stream`); their figures, as `generate_pairs` reports them."""
-    return _commit(cfg, cfg.layout().pairs(round), None, None, [], start, log)
+    return _commit(student, run.layout.pairs(round), None, None, [], start, log)
 
 
 def _commit(
-    cfg: Config, uri: str, existing: dict | None, todo: int | None, earlier: list[str], start: float, log
+    student: StudentEngineConfig,
+    uri: str,
+    existing: dict | None,
+    todo: int | None,
+    earlier: list[str],
+    start: float,
+    log,
 ) -> dict:
     tokens = parquet.pending_sum(uri, "rejected_num_tokens", earlier)
-    rows = parquet.commit(uri, {"student_model": cfg.student.model}, ["id", "sample_index"], log)
+    rows = parquet.commit(uri, {"student_model": student.model}, ["id", "sample_index"], log)
     seconds = time.perf_counter() - start
     todo = rows - (existing or {"rows": 0})["rows"] if todo is None else todo
     if existing is not None:

@@ -12,17 +12,18 @@ import time
 
 from plad_ray import pairs
 from plad_ray.checks import Inputs
-from plad_ray.config import Config
+from plad_ray.config import TeacherEngineConfig
 from plad_ray.data import parquet
 from plad_ray.generate import engines, set_aside
 from plad_ray.generate.endpoint_stats import write_from_endpoint
 from plad_ray.generate.stages import teacher_outputs, teacher_outputs_http
 from plad_ray.models.folders import eos_token_ids
+from plad_ray.run_context import RunContext
 
 
-def generate_teacher(cfg: Config, inputs: Inputs, log=print) -> dict:
+def generate_teacher(teacher: TeacherEngineConfig, run: RunContext, inputs: Inputs, log=print) -> dict:
     """Teacher outputs for every prompt id not yet cached (committed or left pending by a crash)."""
-    uri = cfg.layout().teacher()
+    uri = run.layout.teacher()
     done_ds = parquet.done_keys_dataset(uri, ["id"], log)  # read by Ray tasks, not here
     done = 0 if done_ds is None else done_ds.count()
     missing = inputs.prompts.select_columns(["id", "prompt"])
@@ -30,7 +31,7 @@ def generate_teacher(cfg: Config, inputs: Inputs, log=print) -> dict:
         missing = missing.join(
             done_ds, "left_anti", num_partitions=1 + done // parquet.JOIN_ROWS_PER_PARTITION, on=("id",)
         )
-    refused = _set_aside_earlier(cfg, log)
+    refused = _set_aside_earlier(teacher, run, log)
     if refused:
         missing = missing.filter(lambda row: row["id"] not in refused)
     missing = missing.materialize()
@@ -39,15 +40,14 @@ def generate_teacher(cfg: Config, inputs: Inputs, log=print) -> dict:
     if todo == 0:
         log(f"[generate] teacher: all {done} outputs already cached at {uri}; 0 teacher requests")
     else:
-        log(f"[generate] teacher: {todo} prompts to generate ({done} cached) with {cfg.teacher.model}")
+        log(f"[generate] teacher: {todo} prompts to generate ({done} cached) with {teacher.model}")
         start = time.perf_counter()
         earlier = parquet.uncommitted_files(uri)  # a crashed run's outputs: not this run's tokens
-        teacher = cfg.teacher
         workers = teacher.endpoint.concurrency if teacher.endpoint else teacher.replicas
         ds = engines.split_for_replicas(missing, todo, teacher.batch_size, workers)
         rows_per_file = parquet.rows_per_file(todo, teacher.batch_size)
         if teacher.endpoint is not None:
-            refused_uri = cfg.layout().teacher_refused()
+            refused_uri = run.layout.teacher_refused()
             try:
                 endpoint = write_from_endpoint(
                     lambda stats: teacher_outputs_http(ds, teacher, refused_uri, stats),
@@ -63,7 +63,7 @@ def generate_teacher(cfg: Config, inputs: Inputs, log=print) -> dict:
             stats["teacher_endpoint"] = endpoint
         else:
             outputs = teacher_outputs(
-                ds, teacher, inputs.teacher_path, teacher.model, eos_token_ids(inputs.teacher_path), cfg.cluster.use_gpu
+                ds, teacher, inputs.teacher_path, teacher.model, eos_token_ids(inputs.teacher_path), run.use_gpu
             )
             with engines.engine_deaths("teacher", teacher):
                 parquet.write_pending(outputs, uri, pairs.TEACHER_SCHEMA, rows_per_file)
@@ -78,17 +78,17 @@ def generate_teacher(cfg: Config, inputs: Inputs, log=print) -> dict:
             f"({written / seconds:.1f} prompts/s, {tokens / seconds:.0f} tokens/s incl. start-up) -> {uri}"
         )
         if "teacher_endpoint" in stats:
-            log(_endpoint_line(stats["teacher_endpoint"], cfg.layout().teacher_refused()))
-    parquet.commit(uri, {"teacher_model": cfg.teacher.model}, ["id"], log)
+            log(_endpoint_line(stats["teacher_endpoint"], run.layout.teacher_refused()))
+    parquet.commit(uri, {"teacher_model": teacher.model}, ["id"], log)
     return stats
 
 
-def _set_aside_earlier(cfg: Config, log) -> set:
+def _set_aside_earlier(teacher: TeacherEngineConfig, run: RunContext, log) -> set:
     """Prompt ids a black-box teacher refused, or kept failing on, in an earlier run of this output_dir that ended
     normally: not asked again. Verdicts an unfinished run left pending are dropped: those prompts are asked again."""
-    if cfg.teacher.endpoint is None:
+    if teacher.endpoint is None:
         return set()
-    uri = cfg.layout().teacher_refused()
+    uri = run.layout.teacher_refused()
     unfinished = set_aside.discard(uri)
     if unfinished:
         log(

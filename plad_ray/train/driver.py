@@ -245,7 +245,7 @@ def train_student(cfg: Config, inputs: Inputs, log=print, round: int = 1, stream
             f"[train] round {round}: the streamed first epoch took {streamed} steps; epochs 2-{cfg.train.num_epochs} "
             "resume from its checkpoint and read the pairs from disk"
         )
-    student_path = inputs.student_for_round(cfg, round)
+    student_path = inputs.student_for_round(cfg.context(), round)
     pairs_ds = None if stream is not None else _pairs_on_disk(cfg, round, student_path)
     tokenizer = AutoTokenizer.from_pretrained(student_path, trust_remote_code=cfg.student.trust_remote_code)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
