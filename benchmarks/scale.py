@@ -142,7 +142,7 @@ def measure(n: int, max_tokens: int, batch_size: int) -> dict:
     run = cfg.context()
     rows["teacher"] = generate_teacher(cfg.teacher, run, inputs, quiet)["teacher_generated"]
     laps.lap("teacher")
-    rows["pairs"] = generate_pairs(cfg.student, run, inputs, cfg.data.heldout_fraction, quiet)["pairs"]
+    rows["pairs"] = generate_pairs(cfg.student, run, inputs, quiet)["pairs"]
     laps.lap("pairs")
     train_ds, heldout_ds, counts = prepare_pairs(
         parquet.read(cfg.layout().pairs(1)), PairText(inputs.student_path, cfg.student.chat_template), cfg.train
@@ -195,8 +195,8 @@ def measure_stream(n: int, max_tokens: int, batch_size: int) -> dict:
     run = cfg.context()
     generate_teacher(cfg.teacher, run, inputs, quiet)
     laps.lap("teacher")
-    stream = pair_stream(cfg.student, run, inputs, cfg.data.heldout_fraction, cfg.train.seed, quiet)
-    trained = train_student(cfg, inputs, quiet, stream=stream)
+    stream = pair_stream(cfg.student, run, inputs, cfg.train.seed, quiet)
+    trained = train_student(cfg.train, cfg.student, run, inputs, cfg.teacher.sampling.stop, quiet, stream=stream)
     laps.lap("stream")
     committed = commit_pairs(cfg.student, run, 1, time.perf_counter(), quiet)
     laps.lap("commit")

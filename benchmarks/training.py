@@ -150,7 +150,6 @@ def run_plad(s: dict, model: str, pairs_dir: Path, out: Path, packing: bool = Fa
     """(b) (or (d), with `packing`) and the batches it trained on, in order (for (a))."""
     import ray
 
-    from plad_ray.config import ClusterConfig
     from plad_ray.train.driver import run_training
     from plad_ray.train.plan import TrainPlan
     from plad_ray.train.prepare import PairText, prepare_pairs, trained_statuses
@@ -170,7 +169,7 @@ def run_plad(s: dict, model: str, pairs_dir: Path, out: Path, packing: bool = Fa
             run_dir=str(out.absolute()),
             trained_statuses=trained_statuses(cfg),
         )
-        report = run_training(pairs, plan, PairText(model), ClusterConfig(use_gpu=s["use_gpu"]))
+        report = run_training(pairs, plan, PairText(model), s["use_gpu"])
         wall = time.perf_counter() - start
         train_ds, _, counts = prepare_pairs(pairs, PairText(model), cfg)
         rows = train_ds.take_all()

@@ -350,7 +350,13 @@ class Config:
 
     def context(self) -> RunContext:
         """What every stage is given beside its own section (plad_ray.run_context)."""
-        return RunContext(self.layout(), self.cluster.use_gpu, self.cluster.model_cache)
+        return RunContext(
+            self.layout(),
+            self.cluster.use_gpu,
+            self.cluster.model_cache,
+            self.data.heldout_fraction,
+            self.to_safe_dict(),
+        )
 
 
 _SECRET = re.compile(r"(^|_)(token|key|secret|password|credentials?)($|_)", re.IGNORECASE)

@@ -42,7 +42,7 @@ def distill(
     cfg: Config, overwrite: bool = False, check_only: bool = False, log=print, command: list[str] | None = None
 ) -> dict | None:
     """jobs.distill: the whole pipeline; the report with generation figures (None with check_only)."""
-    from plad_ray.evaluation.stage import evaluate_run, start_initial
+    from plad_ray.evaluation.stage import EvalPlan, evaluate_run, start_initial
     from plad_ray.train.driver import train_student
 
     inputs = prepare(cfg, generation=True, training=True, overwrite=overwrite, check_only=check_only, log=log)
@@ -53,7 +53,11 @@ def distill(
         "prompts_quarantined": inputs.quarantined,
         "prompts_truncated": inputs.truncated,
     }
-    run, student, fraction = cfg.context(), cfg.student, cfg.data.heldout_fraction
+    run, student, evaluation_plan = cfg.context(), cfg.student, EvalPlan.of(cfg)
+
+    def train_round(r: int, stream=None) -> dict:
+        return train_student(cfg.train, student, run, inputs, cfg.teacher.sampling.stop, log, round=r, stream=stream)
+
     with stage("teacher generation"):
         figures.update(generate_teacher(cfg.teacher, run, inputs, log))
     rounds, evaluation = [], None
@@ -61,40 +65,36 @@ def distill(
         initial = None
         for r in range(1, cfg.train.rounds + 1):
             with stage(f"round {r} pair generation"):
-                stream = (
-                    pair_stream(student, run, inputs, fraction, cfg.train.seed, log, round=r)
-                    if cfg.train.stream
-                    else None
-                )
+                stream = pair_stream(student, run, inputs, cfg.train.seed, log, round=r) if cfg.train.stream else None
             if stream is None:
                 with stage(f"round {r} pair generation"):
-                    generated = generate_pairs(student, run, inputs, fraction, log, round=r)
+                    generated = generate_pairs(student, run, inputs, log, round=r)
                 with stage(f"round {r} teacher scoring"):
                     generated.update(_scores(cfg, inputs, log, r))
                 if r == 1:
                     # runs while the student trains
-                    initial = start_initial(cfg, inputs.student_path, pool, inputs.prompts)
+                    initial = start_initial(evaluation_plan, inputs.student_path, pool, inputs.prompts)
                 with stage(f"round {r} training"):
-                    trained = train_student(cfg, inputs, log, round=r)
+                    trained = train_round(r)
             else:  # train.stream: the student engines feed the trainer; their pairs are committed after
                 start = time.perf_counter()
                 with stage(f"round {r} streamed pair generation and training"):
-                    trained = train_student(cfg, inputs, log, round=r, stream=stream)
+                    trained = train_round(r, stream)
                     generated = commit_pairs(student, run, r, start, log)
                 with stage(f"round {r} teacher scoring"):  # of the committed pairs, as in a sequential round
                     generated.update(_scores(cfg, inputs, log, r))
                 if cfg.train.num_epochs > 1:  # the other epochs read the committed pairs, from its checkpoint
                     with stage(f"round {r} training"):
-                        trained = train_student(cfg, inputs, log, round=r)
+                        trained = train_round(r)
                 if r == 1:  # the engines and the trainer are done with the resources it needs
-                    initial = start_initial(cfg, inputs.student_path, pool, inputs.prompts)
+                    initial = start_initial(evaluation_plan, inputs.student_path, pool, inputs.prompts)
             if r == 1:
                 figures.update(generated)
             rounds.append({**trained, "pair_generation": generated})
         if cfg.eval.enabled:
             with stage("evaluation"):
                 evaluation = evaluate_run(
-                    cfg, inputs.student_path, log=log, initial_outputs=initial, prompts=inputs.prompts
+                    evaluation_plan, inputs.student_path, log=log, initial_outputs=initial, prompts=inputs.prompts
                 )
     report = write_report(cfg, rounds, figures, evaluation, log, command)
     log_report(cfg, report, log)
@@ -110,7 +110,7 @@ def generate(cfg: Config, overwrite: bool = False, check_only: bool = False, log
     with stage("teacher generation"):
         figures = generate_teacher(cfg.teacher, run, inputs, log)
     with stage("round 1 pair generation"):
-        figures.update(generate_pairs(cfg.student, run, inputs, cfg.data.heldout_fraction, log))
+        figures.update(generate_pairs(cfg.student, run, inputs, log))
     with stage("round 1 teacher scoring"):
         figures.update(_scores(cfg, inputs, log, 1))
     return figures
@@ -134,7 +134,7 @@ def train(
     if inputs is None:
         return None
     with stage("round 1 training"):
-        trained = train_student(cfg, inputs, log)
+        trained = train_student(cfg.train, cfg.student, cfg.context(), inputs, cfg.teacher.sampling.stop, log)
     report = write_report(cfg, [trained], log=log, command=command)
     log_report(cfg, report, log)
     return report
@@ -142,7 +142,7 @@ def train(
 
 def evaluate(cfg: Config, check_only: bool = False, log=print) -> dict | None:
     """jobs.evaluate: the evaluate stage on a finished run; adds `evaluation` to its report.json."""
-    from plad_ray.evaluation.stage import evaluate_run
+    from plad_ray.evaluation.stage import EvalPlan, evaluate_run
 
     layout = cfg.layout()
     for uri in (layout.teacher(), layout.student(cfg.train.rounds)):
@@ -161,7 +161,7 @@ def evaluate(cfg: Config, check_only: bool = False, log=print) -> dict | None:
     fetch_models_to_nodes(cfg, inputs)
     _log_file(cfg, log)
     with stage("evaluation"):
-        evaluation = evaluate_run(cfg, inputs.student_path, log=log, force=True)
+        evaluation = evaluate_run(EvalPlan.of(cfg), inputs.student_path, log=log, force=True)
     report = storage.read_json(layout.report())
     if report is not None:
         report["evaluation"] = evaluation

@@ -1,7 +1,8 @@
 """What every stage needs beside its own config section: where the run's outputs go, whether its cluster has GPUs,
-and where models on object storage are fetched to on each node. The pipeline builds it once (Config.context)."""
+where models on object storage are fetched to on each node, the held-out split every stage keeps to, and the run's
+settings as trackers record them. The pipeline builds it once (Config.context)."""
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from plad_ray.data.layout import OutputLayout
 from plad_ray.models.cache import local_model
@@ -12,6 +13,8 @@ class RunContext:
     layout: OutputLayout  # output_dir's stage folders (plad_ray.data.layout)
     use_gpu: bool = False  # cluster.use_gpu
     model_cache: str = ""  # cluster.model_cache
+    heldout_fraction: float = 0.1  # data.heldout_fraction: the prompts whose pairs are held out, by id
+    settings: dict = field(default_factory=dict, compare=False)  # the config, secrets redacted (Config.to_safe_dict)
 
     def student_after(self, round: int) -> str:
         """Round `round`'s exported student as a local folder on every node (a URI output_dir's export is fetched to

@@ -155,7 +155,7 @@ def test_a_rerun_of_a_stopped_stream_completes_the_pairs_on_disk_instead(tmp_pat
     pending.mkdir(parents=True)
     pq.write_table(pa.table({"id": ["p0"], "sample_index": [0]}), pending / "stream-0.parquet")
     lines = []
-    assert pair_stream(cfg.student, cfg.context(), Inputs(student_path="s"), 0.1, 0, log=lines.append) is None
+    assert pair_stream(cfg.student, cfg.context(), Inputs(student_path="s"), 0, log=lines.append) is None
     assert len(lines) == 1 and "train.stream does not stream this round again" in lines[0]
 
 
@@ -190,9 +190,7 @@ def test_a_streamed_round_gets_its_teacher_scores_after_its_pairs_are_committed(
     monkeypatch.setattr(
         driver,
         "train_student",
-        lambda cfg, inputs, log, round=1, stream=None: (
-            calls.append(("train", round, stream is not None)) or {"steps": 1}
-        ),
+        lambda *args, round=1, stream=None: calls.append(("train", round, stream is not None)) or {"steps": 1},
     )
     cfg = load_config(
         write(tmp_path, MINIMAL), ["train.stream=true", "teacher.score_samples=true", "eval.enabled=false"]

@@ -263,14 +263,15 @@ def test_a_run_judged_by_the_teacher_trains_on_given_pairs_with_their_scores_joi
     cfg = Config(output_dir=str(tmp_path / "run"))
     cfg.train.pairs, cfg.train.teacher_scores, cfg.train.scorer = str(given), str(scores), "teacher"
     cfg.train.loss.type = "margin"
-    got = sorted(_pairs_on_disk(cfg, 1, "unused: margin reads no top-k").take_all(), key=lambda r: r["rejected"])
+    on_disk = _pairs_on_disk(cfg.train, cfg.context(), 1, "unused: margin reads no top-k", False)
+    got = sorted(on_disk.take_all(), key=lambda r: r["rejected"])
     assert [(r["rejected"], r["chosen_score"], r["rejected_score"]) for r in got] == [
         ("r00", pytest.approx(-0.2), pytest.approx(-2.0)),
         ("r01", pytest.approx(-0.2), pytest.approx(-4.0)),
         ("r10", pytest.approx(-0.5), pytest.approx(-0.5)),
     ]
     cfg.train.scorer = "reverse"  # judged by a verifier: no scores read
-    assert "chosen_score" not in _pairs_on_disk(cfg, 1, "unused").take(1)[0]
+    assert "chosen_score" not in _pairs_on_disk(cfg.train, cfg.context(), 1, "unused", False).take(1)[0]
 
 
 def test_top_k_ids_past_the_students_rows_stop_the_run_before_training(local_ray, tmp_path):

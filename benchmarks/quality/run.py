@@ -175,7 +175,7 @@ def generate(out_dir: Path, overrides: list[str], pairs: bool):
     run = cfg.context()
     generate_teacher(cfg.teacher, run, inputs, log=_quiet)
     if pairs:
-        generate_pairs(cfg.student, run, inputs, cfg.data.heldout_fraction, log=_quiet)
+        generate_pairs(cfg.student, run, inputs, log=_quiet)
         score_pairs(cfg.teacher, cfg.student, run, inputs, log=_quiet)
     return cfg
 
@@ -290,7 +290,7 @@ def run_method(
         ],
     )
     inputs = pipeline.prepare(cfg, generation=False, training=True, log=_quiet)
-    report = train_student(cfg, inputs, log=_quiet)
+    report = train_student(cfg.train, cfg.student, cfg.context(), inputs, cfg.teacher.sampling.stop, log=_quiet)
     rec = evaluate_model(cfg.layout().student(), rows, size, seed, scorers)
     result = {
         "method": method.name,

@@ -18,11 +18,12 @@ import dataclasses
 import json
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import pyarrow as pa
 
 from plad_ray import pairs
-from plad_ray.config import Config
+from plad_ray.config import Config, EvalConfig, StudentEngineConfig
 from plad_ray.data import parquet, storage
 from plad_ray.data.prompt_checks import source_rows
 from plad_ray.data.prompts import engine_prompt
@@ -40,34 +41,55 @@ from plad_ray.evaluation.metrics import (
     win_rate,
 )
 from plad_ray.evaluation.report import markdown, reliability_png
-from plad_ray.models.cache import local_model
+from plad_ray.run_context import RunContext
 from plad_ray.verifiers import get_scorer
 
 TEACHER = "teacher (cached outputs)"
 INITIAL = "initial student"
 
 
-def heldout_rows(cfg: Config, prompts=None) -> list[dict]:
+@dataclass(frozen=True)
+class EvalPlan:
+    """What the evaluate stage is given (`EvalPlan.of` a run's config): its section, the student's engine settings
+    every student generation runs with, the run, how many rounds' students there are, the verifier that judges
+    generations, and the prompt source with its cap (the references of jobs.evaluate, read again)."""
+
+    eval: EvalConfig
+    engine: StudentEngineConfig
+    run: RunContext
+    rounds: int
+    scorer: str | None
+    prompts: str
+    max_prompts: int | None
+
+    @classmethod
+    def of(cls, cfg: Config) -> "EvalPlan":
+        source = (cfg.data.prompts, cfg.data.max_prompts)
+        return cls(cfg.eval, cfg.student, cfg.context(), cfg.train.rounds, verifier(cfg), *source)
+
+
+def heldout_rows(plan: EvalPlan, prompts=None) -> list[dict]:
     """id, prompt, teacher output and reference (None without one) of every held-out prompt, by id, at
     most eval.max_prompts. Ray tasks read the teacher cache and keep the held-out rows; only those (bounded by
     eval.max_prompts) come to the driver. The references come from `prompts`, the run's checked prompts (id,
     prompt, reference; already in the object store), else (jobs.evaluate) from the prompt source, read again."""
-    made = cfg.layout().teacher_made()
-    teacher = parquet.read(cfg.layout().teacher())
+    layout, fraction = plan.run.layout, plan.run.heldout_fraction
+    made = layout.teacher_made()
+    teacher = parquet.read(layout.teacher())
     held = (
         teacher.select_columns(["id", "prompt", "teacher_text"])
-        .map_batches(_heldout, fn_kwargs={"fraction": cfg.data.heldout_fraction}, batch_format="pyarrow")
+        .map_batches(_heldout, fn_kwargs={"fraction": fraction}, batch_format="pyarrow")
         .sort("id")
     )
-    rows = (held.limit(cfg.eval.max_prompts) if cfg.eval.max_prompts else held).take_all()
+    rows = (held.limit(plan.eval.max_prompts) if plan.eval.max_prompts else held).take_all()
     if not rows:
         raise DataError(
             f"evaluation: no held-out prompt among {made['rows']} "
-            f"(data.heldout_fraction {cfg.data.heldout_fraction}); raise data.heldout_fraction or add "
+            f"(data.heldout_fraction {fraction}); raise data.heldout_fraction or add "
             "prompts"
         )
     ids = pa.array([r["id"] for r in rows], pa.string())
-    source = source_rows(cfg.data.prompts, cfg.data.max_prompts) if prompts is None else prompts
+    source = source_rows(plan.prompts, plan.max_prompts) if prompts is None else prompts
     references = source.map_batches(
         _references_of, fn_kwargs={"ids": ids}, batch_format="pyarrow"
     ).take_all()  # at most one per held-out row
@@ -89,18 +111,18 @@ def _references_of(table: pa.Table, ids: pa.Array) -> pa.Table:
     return table.filter(pc.fill_null(keep, False)).select(["id", "reference"])
 
 
-def generate(cfg: Config, rows: list[dict], model_path: str, use_gpu: bool) -> list[dict]:
+def generate(plan: EvalPlan, rows: list[dict], model_path: str) -> list[dict]:
     """Per held-out row, `model_path`'s greedy output and eval.num_samples samples at temperature 1
     (student engine settings), each with its mean token log-prob; one engine pass for all of them."""
     import ray.data
 
     from plad_ray.generate.engines import build_engine_processor, engine_deaths, sampling_params, split_for_replicas
 
-    engine = dataclasses.replace(cfg.student, sampling=dataclasses.replace(cfg.student.sampling, temperature=0.0))
+    engine = dataclasses.replace(plan.engine, sampling=dataclasses.replace(plan.engine.sampling, temperature=0.0))
+    num_samples = plan.eval.num_samples
     greedy = {**sampling_params(engine), "logprobs": 0}  # 0: only the generated token's own log-prob
     sampled = [
-        {**greedy, "temperature": 1.0, "top_p": 1.0, "seed": cfg.student.sampling.seed + k}
-        for k in range(cfg.eval.num_samples)
+        {**greedy, "temperature": 1.0, "top_p": 1.0, "seed": plan.engine.sampling.seed + k} for k in range(num_samples)
     ]
 
     def preprocess(row: dict) -> dict:
@@ -122,15 +144,13 @@ def generate(cfg: Config, rows: list[dict], model_path: str, use_gpu: bool) -> l
             "mean_logprob": sum(logps) / len(logps) if logps else 0.0,
         }
 
-    requests = [
-        {"id": r["id"], "prompt": r["prompt"], "sample": k} for r in rows for k in range(-1, cfg.eval.num_samples)
-    ]
+    requests = [{"id": r["id"], "prompt": r["prompt"], "sample": k} for r in rows for k in range(-1, num_samples)]
     ds = split_for_replicas(
         ray.data.from_arrow(pa.Table.from_pylist(requests)), len(requests), engine.batch_size, engine.replicas
     )
     with engine_deaths("student", engine):  # evaluation runs the student's engine settings
-        out = build_engine_processor(engine, model_path, use_gpu, preprocess, postprocess)(ds).take_all()
-    by_id: dict[str, dict] = {r["id"]: {"samples": [None] * cfg.eval.num_samples} for r in rows}
+        out = build_engine_processor(engine, model_path, plan.run.use_gpu, preprocess, postprocess)(ds).take_all()
+    by_id: dict[str, dict] = {r["id"]: {"samples": [None] * num_samples} for r in rows}
     for o in out:
         if o["sample"] < 0:
             by_id[o["id"]].update(o)
@@ -220,26 +240,26 @@ def _judge_name(scorer_name: str | None, graded_name: str | None) -> str:
     return graded_name or scorer_name or "rouge_l against reference"
 
 
-def _settings(cfg: Config) -> dict:
-    return {**dataclasses.asdict(cfg.eval), "rounds": cfg.train.rounds, "scorer": verifier(cfg)}
+def _settings(plan: EvalPlan) -> dict:
+    return {**dataclasses.asdict(plan.eval), "rounds": plan.rounds, "scorer": plan.scorer}
 
 
-def _finished(cfg: Config) -> dict | None:
-    done = storage.read_json(storage.join(cfg.layout().eval(), "report.json"))
-    return done if done is not None and done.get("settings") == _settings(cfg) else None
+def _finished(plan: EvalPlan) -> dict | None:
+    done = storage.read_json(storage.join(plan.run.layout.eval(), "report.json"))
+    return done if done is not None and done.get("settings") == _settings(plan) else None
 
 
-def start_initial(cfg: Config, initial_student_path: str | None, pool, prompts=None):
+def start_initial(plan: EvalPlan, initial_student_path: str | None, pool, prompts=None):
     """The initial student's generations, started on `pool` now: they need no trained model, so they
     overlap training (the engine waits for room where the trainer holds the accelerators). None when
     there is nothing to do."""
-    if not (cfg.eval.enabled and cfg.eval.initial_student and initial_student_path) or _finished(cfg):
+    if not (plan.eval.enabled and plan.eval.initial_student and initial_student_path) or _finished(plan):
         return None
-    return pool.submit(generate, cfg, heldout_rows(cfg, prompts), initial_student_path, cfg.cluster.use_gpu)
+    return pool.submit(generate, plan, heldout_rows(plan, prompts), initial_student_path)
 
 
 def evaluate_run(
-    cfg: Config, initial_student_path: str | None, log=print, force: bool = False, initial_outputs=None, prompts=None
+    plan: EvalPlan, initial_student_path: str | None, log=print, force: bool = False, initial_outputs=None, prompts=None
 ) -> dict:
     """Evaluate the run's students on its held-out prompts; writes eval/ and returns the figures.
 
@@ -247,23 +267,23 @@ def evaluate_run(
     `initial_outputs`: a future of the initial student's generations (start_initial).
     """
     start = time.perf_counter()
-    scorer = verifier(cfg)
-    settings = _settings(cfg)
-    done = _finished(cfg)
+    scorer, layout = plan.scorer, plan.run.layout
+    settings = _settings(plan)
+    done = _finished(plan)
     if done is not None and not force:
-        log(f"[eval] already complete: {cfg.layout().eval()}")
+        log(f"[eval] already complete: {layout.eval()}")
         return done
-    rows = heldout_rows(cfg, prompts)
+    rows = heldout_rows(plan, prompts)
     models = {}
-    if cfg.eval.initial_student and initial_student_path:
+    if plan.eval.initial_student and initial_student_path:
         models[INITIAL] = initial_student_path
-    for r in range(1, cfg.train.rounds + 1):
-        uri = cfg.layout().student(r)
+    for r in range(1, plan.rounds + 1):
+        uri = layout.student(r)
         if storage.manifest(uri) is None:
             raise DataError(f"evaluation: {uri} is missing or incomplete; train first (jobs.train or jobs.distill)")
-        name = "trained student" if cfg.train.rounds == 1 else f"round {r} student"
-        models[name] = local_model(uri, cfg.cluster.model_cache)  # a URI output_dir's export: fetched to every node
-    extra = f" + {cfg.eval.num_samples} samples at T=1" if cfg.eval.num_samples else ""
+        name = "trained student" if plan.rounds == 1 else f"round {r} student"
+        models[name] = plan.run.student_after(r)  # a URI output_dir's export: fetched to every node
+    extra = f" + {plan.eval.num_samples} samples at T=1" if plan.eval.num_samples else ""
     log(
         f"[eval] {len(rows)} held-out prompts ({sum(r['reference'] is not None for r in rows)} with references), "
         f"scorer {scorer or 'none'}; greedy{extra} vLLM generation for: {', '.join(models)}"
@@ -272,18 +292,18 @@ def evaluate_run(
         futures = {
             name: initial_outputs
             if name == INITIAL and initial_outputs is not None
-            else pool.submit(generate, cfg, rows, path, cfg.cluster.use_gpu)
+            else pool.submit(generate, plan, rows, path)
             for name, path in models.items()
         }
         outputs = {name: future.result() for name, future in futures.items()}
-    graded = cfg.eval.graded_scorer
-    results = {TEACHER: score_outputs(rows, None, scorer, cfg.eval.num_bins, graded)}
+    graded, bins = plan.eval.graded_scorer, plan.eval.num_bins
+    results = {TEACHER: score_outputs(rows, None, scorer, bins, graded)}
     generations = {
         r["id"]: {"id": r["id"], "prompt": r["prompt"], "reference": r["reference"], "teacher": r["teacher_text"]}
         for r in rows
     }
     for name, path in models.items():
-        results[name] = {"model": path, **score_outputs(rows, outputs[name], scorer, cfg.eval.num_bins, graded)}
+        results[name] = {"model": path, **score_outputs(rows, outputs[name], scorer, bins, graded)}
         if INITIAL in outputs and name != INITIAL:
             judged, base = (
                 judge_scores(rows, [o["text"] for o in outputs[n]], scorer, graded) for n in (name, INITIAL)
@@ -300,11 +320,11 @@ def evaluate_run(
         "settings": settings,
         "scorer": scorer,
         "graded_scorer": graded,
-        "heldout_fraction": cfg.data.heldout_fraction,
+        "heldout_fraction": plan.run.heldout_fraction,
         "models": results,
         "eval_seconds": time.perf_counter() - start,
     }
-    folder = cfg.layout().eval()
+    folder = layout.eval()
     storage.write_text(
         storage.join(folder, "generations.jsonl"), "".join(json.dumps(g) + "\n" for g in generations.values())
     )

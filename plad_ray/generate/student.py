@@ -25,10 +25,8 @@ from plad_ray.run_context import RunContext
 HELDOUT_LAST = "training_pair"  # the sort key that puts the held-out prompts' samples first (train.stream)
 
 
-def generate_pairs(
-    student: StudentEngineConfig, run: RunContext, inputs: Inputs, heldout_fraction: float, log=print, round: int = 1
-) -> dict:
-    """k student samples per cached teacher output -> pairs (the prompts of `heldout_fraction` marked held out);
+def generate_pairs(student: StudentEngineConfig, run: RunContext, inputs: Inputs, log=print, round: int = 1) -> dict:
+    """k student samples per cached teacher output -> pairs (the held-out prompts' marked: run.heldout_fraction);
     resumes a crashed run per (prompt, sample).
 
     Round r > 1 samples from round r-1's trained student; the teacher outputs are reused.
@@ -62,7 +60,7 @@ def generate_pairs(
     if todo:
         with engines.engine_deaths("student", student):
             parquet.write_pending(
-                _pairs(student, run, inputs, heldout_fraction, round, done_ds, done, todo),
+                _pairs(student, run, inputs, round, done_ds, done, todo),
                 uri,
                 pairs.PAIR_SCHEMA,
                 parquet.rows_per_file(todo, student.batch_size),
@@ -74,7 +72,6 @@ def _pairs(
     student: StudentEngineConfig,
     run: RunContext,
     inputs: Inputs,
-    heldout_fraction: float,
     round: int,
     done_ds,
     done: int,
@@ -102,7 +99,7 @@ def _pairs(
         # preserve_order), a union does not. It waits for the samples to be listed, not for any engine.
         samples = samples.map_batches(
             _stream_order,
-            fn_kwargs={"fraction": heldout_fraction, "seed": stream_seed},
+            fn_kwargs={"fraction": run.heldout_fraction, "seed": stream_seed},
             batch_format="numpy",
         )
         samples = samples.sort([HELDOUT_LAST, "order"])
@@ -114,7 +111,7 @@ def _pairs(
         student.model if round == 1 else f"{student.model} after round {round - 1}",
         eos_token_ids(student_path),
         run.use_gpu,
-        heldout_fraction,
+        run.heldout_fraction,
         shared_vocabulary=shared,
     )
 
@@ -138,7 +135,6 @@ def pair_stream(
     student: StudentEngineConfig,
     run: RunContext,
     inputs: Inputs,
-    heldout_fraction: float,
     seed: int,
     log=print,
     round: int = 1,
@@ -160,7 +156,7 @@ def pair_stream(
         )
         return None
     teacher_rows = layout.teacher_made()
-    fraction, k = heldout_fraction, student.num_samples
+    fraction, k = run.heldout_fraction, student.num_samples
     heldout = (
         parquet.read(layout.teacher())
         .select_columns(["id"])
@@ -175,7 +171,7 @@ def pair_stream(
     )
     # Files of parquet.rows_per_file rows (Ray Data bundles the engines' blocks up to it), as a sequential round
     # writes them: a 200M-pair stream makes ~12k files, not one per engine block (~390k at batch 512).
-    stream = _pairs(student, run, inputs, fraction, round, None, 0, todo, stream_seed=seed).map_batches(
+    stream = _pairs(student, run, inputs, round, None, 0, todo, stream_seed=seed).map_batches(
         parquet.WritePending,
         fn_constructor_kwargs=dict(uri=uri, schema=pairs.PAIR_SCHEMA, keys=["id", "sample_index"]),
         batch_size=parquet.rows_per_file(todo, student.batch_size),

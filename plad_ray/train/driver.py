@@ -11,11 +11,12 @@ from dataclasses import replace
 
 from plad_ray import console, pairs
 from plad_ray.checks import Inputs
-from plad_ray.config import ClusterConfig, Config, TrainConfig
+from plad_ray.config import StudentEngineConfig, TrainConfig
 from plad_ray.data import parquet, storage
 from plad_ray.data.layout import TRAIN
 from plad_ray.errors import DataError, PladError, RuntimeFailure
 from plad_ray.models.folders import embedding_rows
+from plad_ray.run_context import RunContext
 from plad_ray.tracking import plan_tracking
 from plad_ray.train.plan import TrainPlan
 from plad_ray.train.prepare import (
@@ -32,7 +33,7 @@ from plad_ray.train.worker import train_loop_per_worker
 from plad_ray.verifiers import TEACHER
 
 
-def run_training(pairs_ds, plan: TrainPlan, text: PairText, cluster: ClusterConfig, stream=None) -> dict:
+def run_training(pairs_ds, plan: TrainPlan, text: PairText, use_gpu: bool = False, stream=None) -> dict:
     """Train, evaluate and export as `plan` says (its steps per epoch counted here from the pairs); returns the run's
     figures (also written by the caller). `text`: how the pairs' text becomes token ids.
 
@@ -95,11 +96,11 @@ def run_training(pairs_ds, plan: TrainPlan, text: PairText, cluster: ClusterConf
         train_loop_config={"plan": plan},
         scaling_config=ray.train.ScalingConfig(
             num_workers=train.num_workers,
-            use_gpu=cluster.use_gpu,
-            resources_per_worker={"CPU": train.cpus_per_worker, **({"GPU": 1} if cluster.use_gpu else {})},
+            use_gpu=use_gpu,
+            resources_per_worker={"CPU": train.cpus_per_worker, **({"GPU": 1} if use_gpu else {})},
             placement_strategy=train.placement_strategy,
         ),
-        torch_config=TorchConfig(backend="nccl" if cluster.use_gpu else "gloo"),
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         datasets=datasets,
         # Ray Train splits only the stream (in the stream's order: held-out pairs first; train.stream_split); the
         # fixed shards are split by _fixed_shards, in a fixed order.
@@ -191,48 +192,58 @@ def startup_breakdown(worker: dict, worker_start_s: float, fit_s: float) -> dict
     return phases
 
 
-def _pairs_on_disk(cfg: Config, round: int, student_path: str):
+def _pairs_on_disk(train: TrainConfig, run: RunContext, round: int, student_path: str, trust_remote_code: bool):
     """The round's pairs (or the given train.pairs) as a Ray Dataset, with the teacher's scores the objective
     reads joined in (top-k ids checked against `student_path`'s embedding rows)."""
-    layout = cfg.layout()
-    if cfg.train.pairs is not None:
-        pairs_ds = parquet.read_dataset(cfg.train.pairs, file_extensions=["parquet"]).map_batches(
+    layout = run.layout
+    if train.pairs is not None:
+        pairs_ds = parquet.read_dataset(train.pairs, file_extensions=["parquet"]).map_batches(
             pairs.with_training_columns,
-            fn_kwargs={"heldout_fraction": cfg.data.heldout_fraction},
+            fn_kwargs={"heldout_fraction": run.heldout_fraction},
             batch_format="pandas",
         )
     else:
         pairs_ds = parquet.read(layout.pairs(round))
     if pairs_ds is None:
         raise DataError(f"pairs {layout.pairs(round)}: missing or incomplete; run jobs.generate_pairs first")
-    objective = cfg.train.loss.objective
-    if cfg.train.scorer == TEACHER or objective.reads_topk:
-        scores_uri = cfg.train.teacher_scores or layout.scores(round)
-        made = storage.manifest(cfg.train.pairs or layout.pairs(round))
+    objective = train.loss.objective
+    if train.scorer == TEACHER or objective.reads_topk:
+        scores_uri = train.teacher_scores or layout.scores(round)
+        made = storage.manifest(train.pairs or layout.pairs(round))
         rows = made["rows"] if made is not None else pairs_ds.count()  # given pairs need not be an engine output
-        if cfg.train.scorer == TEACHER:
+        if train.scorer == TEACHER:
             pairs_ds = with_teacher_scores(pairs_ds, scores_uri, rows)
         if objective.reads_topk:
-            source = "config key train.teacher_scores:" if cfg.train.teacher_scores else "teacher scores"
+            source = "config key train.teacher_scores:" if train.teacher_scores else "teacher scores"
             pairs_ds = with_teacher_topk(
                 pairs_ds,
                 scores_uri,
                 rows,
                 objective.topk_sides,
-                embedding_rows(student_path, cfg.student.trust_remote_code),
+                embedding_rows(student_path, trust_remote_code),
                 source,
             )
     return pairs_ds
 
 
-def train_student(cfg: Config, inputs: Inputs, log=print, round: int = 1, stream=None) -> dict:
+def train_student(
+    train: TrainConfig,
+    student: StudentEngineConfig,
+    run: RunContext,
+    inputs: Inputs,
+    teacher_stop: str | None = None,
+    log=print,
+    round: int = 1,
+    stream=None,
+) -> dict:
     """Train on round `round`'s pairs, evaluate before/after, export the student; writes train_report.json.
 
-    `stream` (train.stream): the student engines' pairs (generate.student.PairStream), trained on as they
-    are made instead of pairs/ on disk."""
+    `student`: its tokenizer settings and stop string cut the pairs' text (`teacher_stop`: the teacher's) where it
+    has no ids. `stream` (train.stream): the student engines' pairs (generate.student.PairStream), trained on as
+    they are made instead of pairs/ on disk."""
     from transformers import AutoTokenizer
 
-    layout = cfg.layout()
+    layout = run.layout
     report_uri, export_uri = layout.train_report(round), layout.student(round)
     done = storage.read_json(report_uri)
     if done is not None and storage.manifest(export_uri) is not None:
@@ -242,27 +253,29 @@ def train_student(cfg: Config, inputs: Inputs, log=print, round: int = 1, stream
     streamed = done.get("streamed_epoch_steps") if done is not None and stream is None else None
     if streamed:
         log(
-            f"[train] round {round}: the streamed first epoch took {streamed} steps; epochs 2-{cfg.train.num_epochs} "
+            f"[train] round {round}: the streamed first epoch took {streamed} steps; epochs 2-{train.num_epochs} "
             "resume from its checkpoint and read the pairs from disk"
         )
-    student_path = inputs.student_for_round(cfg.context(), round)
-    pairs_ds = None if stream is not None else _pairs_on_disk(cfg, round, student_path)
-    tokenizer = AutoTokenizer.from_pretrained(student_path, trust_remote_code=cfg.student.trust_remote_code)
+    student_path = inputs.student_for_round(run, round)
+    pairs_ds = None
+    if stream is None:
+        pairs_ds = _pairs_on_disk(train, run, round, student_path, student.trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(student_path, trust_remote_code=student.trust_remote_code)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     start = time.perf_counter()
-    student = cfg.student
-    stops = (None, None) if cfg.train.pairs is not None else (cfg.teacher.sampling.stop, student.sampling.stop)
-    name = os.path.basename(storage.absolute(cfg.output_dir).rstrip("/")) + ("" if round == 1 else f"-round-{round}")
+    stops = (None, None) if train.pairs is not None else (teacher_stop, student.sampling.stop)
+    root = storage.absolute(layout.root)
+    name = os.path.basename(root.rstrip("/")) + ("" if round == 1 else f"-round-{round}")
     tracking = plan_tracking(
-        cfg.train.trackers,
-        cfg.train.experiment,
-        storage.absolute(cfg.output_dir),
+        train.trackers,
+        train.experiment,
+        root,
         name,
-        cfg.to_safe_dict(),
+        run.settings,
         round_dir=storage.absolute(layout.round_dir(round)),
     )
     plan = TrainPlan(
-        train=cfg.train,
+        train=train,
         model_path=student_path,
         export_uri=export_uri,
         tracking=tracking,
@@ -273,14 +286,14 @@ def train_student(cfg: Config, inputs: Inputs, log=print, round: int = 1, stream
         run_dir=storage.absolute(layout.round_dir(round)),
         trace_pairs_dir=os.environ.get("PLAD_RAY_TRACE_PAIRS"),
         stream=stream is not None,
-        trained_statuses=trained_statuses(cfg.train),
+        trained_statuses=trained_statuses(train),
         first_epoch_steps=streamed,
-        export=stream is None or cfg.train.num_epochs == 1,
+        export=stream is None or train.num_epochs == 1,
     )
     text = PairText(student_path, student.chat_template, student.trust_remote_code, stops)
-    result = run_training(pairs_ds, plan, text, cfg.cluster, stream=stream)
+    result = run_training(pairs_ds, plan, text, run.use_gpu, stream=stream)
     result["train_seconds"] = time.perf_counter() - start
-    if stream is not None and cfg.train.num_epochs > 1:
+    if stream is not None and train.num_epochs > 1:
         result["streamed_epoch_steps"] = result["steps"]
     elif streamed:
         result["streamed_epoch_steps"] = streamed
