@@ -60,9 +60,9 @@ real-models: $(STAMP)
 demo-real: real-models
 	$(VENV)/bin/plad-ray distill --config configs/gemma3-270m-to-smollm2-135m-cpu.yaml
 
-# The same run under pytest, with its assertions (tests/test_real_models.py; not part of make test).
+# The same run under pytest, with its assertions (tests/integration/test_real_models.py; not part of make test).
 test-real: real-models
-	$(PY) -m pytest -m real_models -s tests/test_real_models.py
+	$(PY) -m pytest -m real_models -s tests/integration/test_real_models.py
 
 venv: $(STAMP)
 

@@ -13,7 +13,7 @@
                a storm (a model swap, a misrouted balancer) stops the run, and nothing it refused is kept
     fatal:     401/403: the key is wrong or revoked; the run stops at once
 
-The clock is passed in, so every rule is tested with plain numbers (tests/test_endpoint_policy.py).
+The clock is passed in, so every rule is tested with plain numbers (tests/unit/generate/test_endpoint_policy.py).
 """
 
 import email.utils

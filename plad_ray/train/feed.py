@@ -141,7 +141,7 @@ def topk_term(logits_NTV: torch.Tensor, batch: dict, b: int, train: TrainConfig)
 
 
 # nats per token, per sequence: bf16's rounding moved the tiny student's packed log-probs by at most 0.07,
-# sequences attending across a boundary by 1.5 to 4.2 (tests/test_packing.py's batches)
+# sequences attending across a boundary by 1.5 to 4.2 (tests/unit/train/test_packing.py's batches)
 PACKING_TOLERANCE = 0.25
 
 

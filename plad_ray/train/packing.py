@@ -7,7 +7,7 @@ each sequence with its own position ids from 0. transformers reads position ids 
 separate sequences (a block-diagonal causal mask: `masking_utils.find_packed_sequence_indices`;
 it needs no attention mask and no cache), so no token attends across a boundary. The model runs
 on [R, W]; its logits are gathered back to the [N, T] layout (`unpack_index`), so the losses read
-them exactly as unpacked (tests/test_packing.py: equal log-probs within 1e-5; the training-path
+them exactly as unpacked (tests/unit/train/test_packing.py: equal log-probs within 1e-5; the training-path
 test: the same losses and weights as the padded path in fp32). Which pairs a step trains on is
 unchanged. Held-out scoring stays padded (no gradients; it is a small share of the time).
 """

@@ -12,7 +12,7 @@ import pytest
 import torch
 from conftest import PYTHON, ROOT, job_env
 from safetensors.torch import load_file
-from test_tracking import SECRET_KEY, SECRET_TOKEN, wandb_history, wandb_summaries
+from support.trackers import SECRET_KEY, SECRET_TOKEN, wandb_history, wandb_summaries
 
 from plad_ray.config import load_config
 from plad_ray.data import parquet
@@ -283,12 +283,12 @@ def test_training_resumes_from_its_last_checkpoint(run):
     assert (out / "student" / "model.safetensors").is_file()
 
 
-# make test-slow: logistic trains through the hinge's path with another pure loss (tests/test_losses.py);
+# make test-slow: logistic trains through the hinge's path with another pure loss (tests/unit/test_losses.py);
 # seqkd is the NLL term the demo's hinge run already trains beside its ranking term (nll_weight 1; that run's
 # held-out teacher-output NLL falls), alone; its value is checked by test_losses;
-# margin's verdict counts and flip policy are checked by tests/test_train_driver.py and its loss by test_losses;
+# margin's verdict counts and flip policy are checked by test_train_driver and its loss by test_losses;
 # listwise's grouping by test_train_driver, its collate by test_batching and its loss by test_losses; token_kd trains
-# through the worker's loop with its frozen teacher in tests/test_training_paths.py (its KL falls), its loss is checked
+# through the worker's loop with its frozen teacher in test_training_paths (its KL falls), its loss is checked
 # by test_losses_vocab and its preconditions by test_token_kd.
 @pytest.mark.parametrize("loss_type", ["logistic", "seqkd", "margin", "token_kd", "listwise"])
 @pytest.mark.slow
@@ -552,8 +552,8 @@ TEACHER_SCORED = {
 
 
 # make test-slow: contrastive reads the same top-k scores through the same join and worker path as onpolicy_kd,
-# and differs only in its divergence, a pure function (tests/test_losses_topk.py); teacher margin is margin's loss
-# (tests/test_losses.py) on pairs judged by the teacher's scores (tests/test_teacher_scores.py: the verdicts, and the
+# and differs only in its divergence, a pure function (test_losses_topk); teacher margin is margin's loss
+# (test_losses) on pairs judged by the teacher's scores (test_teacher_scores: the verdicts, and the
 # driver's join of given pairs and their scores), and trains through the hinge's worker path.
 @pytest.mark.parametrize(
     "objective", [o if o == "onpolicy_kd" else pytest.param(o, marks=pytest.mark.slow) for o in TEACHER_SCORED]

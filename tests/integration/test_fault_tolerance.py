@@ -11,9 +11,9 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 from conftest import PYTHON, ROOT, job_env
-from fault import alive, descendants, find, find_in, kill, write_pairs
-from ray_head import RayHead
 from safetensors.torch import load_file
+from support.fault import alive, descendants, find, find_in, kill, write_pairs
+from support.ray_head import RayHead
 
 from plad_ray.data import parquet
 

@@ -1,10 +1,10 @@
 """Scoring through a black-box teacher (plad_ray.generate.endpoint_scores): the probe that refuses an endpoint
 which cannot score the student's ids, and the reading of an answer. On a stub server on loopback, for the
 servers vLLM's is not (no prompt log-probs, another vocabulary, no /tokenize); the real vLLM server scores
-whole runs in tests/test_http_teacher.py."""
+whole runs in tests/integration/test_http_teacher.py."""
 
 import pytest
-from openai_stub import Stub
+from support.openai_stub import Stub
 
 from plad_ray.config import EndpointConfig, TeacherEngineConfig
 from plad_ray.errors import ConfigError, DataError

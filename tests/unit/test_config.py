@@ -9,7 +9,7 @@ import pytest
 from plad_ray.config import load_config
 from plad_ray.errors import ConfigError
 
-SHIPPED = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "configs", "*.yaml")))
+SHIPPED = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "..", "configs", "*.yaml")))
 
 
 def write(tmp_path, text: str) -> str:

@@ -1,6 +1,6 @@
 """train.stream's pieces that need no cluster: a rank's reading of its split (held-out first, then training
 rows cut into steps), the counts, the refusals, the resource plan and the write-as-it-passes stage.
-The stream itself, with vLLM, Ray Train and DeepSpeed, is tests/test_fault_tolerance.py's streaming test."""
+The stream itself, with vLLM, Ray Train and DeepSpeed, is tests/integration/test_fault_tolerance.py's streaming test."""
 
 import numpy as np
 import pyarrow as pa

@@ -1,6 +1,6 @@
 """The teacher scoring stage's pure parts (plad_ray.teacher_logprobs) and its resume key join; the stage
 itself runs end to end, checked against the teacher's own forward pass, in
-tests/test_pipeline_e2e.py::test_a_second_round_samples_the_trained_student_and_reuses_teacher_outputs."""
+tests/integration/test_pipeline_e2e.py::test_a_second_round_samples_the_trained_student_and_reuses_teacher_outputs."""
 
 import math
 
@@ -93,7 +93,7 @@ def test_scoring_config_is_checked_with_one_line_each():
     assert problems(score_top_k=64, engine_kwargs={"max_logprobs": -1}) == []  # vLLM: no cap
     endpoint = EndpointConfig(url="http://x/v1/completions")
     # An endpoint scores with its server's prompt log-probs; how many it returns is the server's to say (the
-    # probe before the run asks it: tests/test_endpoint_scoring.py), not engine_kwargs'.
+    # probe before the run asks it: tests/unit/generate/test_endpoint_scoring.py), not engine_kwargs'.
     assert problems(score_samples=True, endpoint=endpoint) == []
     assert problems(score_samples=True, score_top_k=50, endpoint=endpoint) == []
     assert [k for k, _ in problems(score_samples=True, score_top_k=0, endpoint=endpoint)] == ["teacher.score_top_k"]
@@ -237,8 +237,8 @@ def test_pairs_get_the_teacher_mean_log_prob_of_each_side(local_ray, tmp_path):
 
 def test_a_run_judged_by_the_teacher_trains_on_given_pairs_with_their_scores_joined(local_ray, tmp_path):
     """The driver's reading of train.pairs with train.scorer=teacher and train.teacher_scores (margin on the teacher's
-    scores trains end to end in make test-slow, tests/test_pipeline_e2e.py): each pair arrives with both sides' mean
-    log-prob, which the tokenizer stage judges by."""
+    scores trains end to end in make test-slow, test_pipeline_e2e.py): each pair arrives with both sides' mean log-prob,
+    which the tokenizer stage judges by."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 

@@ -1,13 +1,13 @@
 """Run the worker's training loop (plad_ray.train.worker._train) on every DeepSpeed path the configs
 expose, on the same pairs and seed, and record per-step losses and final fp32 weights.
 
-    python -m torch.distributed.run --nproc_per_node 2 -m tests.training_paths OUT_DIR
+    python -m torch.distributed.run --nproc_per_node 2 -m tests.support.training_paths OUT_DIR
 
 Each variant builds a fresh DeepSpeed engine of the tiny student with `worker._initialize`
 (ZeRO-3 loads through HfDeepSpeedConfig, as on a cluster), trains it with `worker._train`, gathers
 its fp32 master weights with `export.full_state_dict` and, for ZeRO-3, exports it with
 `export.export_hf`. Real DeepSpeed on gloo, 2 ranks; only the Ray Data shard is replaced, by the
-same pairs in a list (tests/test_training_paths.py compares the variants; Ray Train's own feed is
+same pairs in a list (tests/integration/test_training_paths.py compares the variants; Ray Train's own feed is
 covered by the end-to-end tests).
 """
 

@@ -1,6 +1,6 @@
 """The teacher's top-k on the way into a training step: cut with its response (PairTokenizer), placed at
 its tokens' positions (collate_topk), and met by the student's log-probs one position earlier
-(feed.student_at_teacher_topk); the objectives themselves are tests/test_losses_topk.py."""
+(feed.student_at_teacher_topk); the objectives themselves are tests/unit/test_losses_topk.py."""
 
 import numpy as np
 import pytest

@@ -131,7 +131,7 @@ class RayHead:
     def processes(self, marker: str) -> list[int]:
         """This cluster's processes whose command line contains `marker` (Ray names actors ray::<Class>): below the
         processes that name our temp dirs (a worker renames itself, and its command line then names no folder)."""
-        from fault import descendants, find_in
+        from support.fault import descendants, find_in
 
         ours = [int(p) for p in os.listdir("/proc") if p.isdigit() and self._ours(int(p), set(self.temp_dirs))]
         below = {pid for root in ours for pid in (root, *descendants(root))}

@@ -15,8 +15,8 @@ import pyarrow.fs as pafs
 import pytest
 import torch
 from conftest import PYTHON, ROOT
-from ray_head import RayHead
 from safetensors.torch import load_file
+from support.ray_head import RayHead
 
 from plad_ray.data import parquet, storage
 from plad_ray.models.cache import DONE

@@ -1,6 +1,6 @@
 """Every DeepSpeed path the configs expose trains like the plain one (ZeRO-0, micro-batch 16, no
 offload), on the same pairs and seed, 2 ranks on gloo: per-step losses over 12 steps and final fp32
-weights (tests/training_paths.py runs the worker's own loop). Also: max_steps stops exactly there,
+weights (tests/support/training_paths.py runs the worker's own loop). Also: max_steps stops exactly there,
 and the ZeRO-3 export equals the gathered fp32 weights and loads in vLLM.
 
 How close is close enough. In fp32 the paths differ only in the order of floating-point sums
@@ -58,7 +58,7 @@ def runs(tmp_path_factory, tiny_models) -> Path:
             "--nproc_per_node",
             "2",
             "-m",
-            "tests.training_paths",
+            "tests.support.training_paths",
             str(out),
         ],
         cwd=ROOT,

@@ -1,7 +1,7 @@
 """A black-box teacher misbehaving, on a stub OpenAI server on loopback: the real request workers (a Ray Data
 actor pool on a local Ray cluster) and the real teacher step. Status codes vLLM's own server does not give
 (429 with Retry-After, per-prompt 400s, 401 mid-run, a 503 spell) come from the stub; a real server killed
-and restarted is in tests/test_http_teacher.py."""
+and restarted is in tests/integration/test_http_teacher.py."""
 
 import json
 import re
@@ -10,7 +10,7 @@ import time
 from http.server import BaseHTTPRequestHandler
 
 import pytest
-from openai_stub import send_json, serve
+from support.openai_stub import send_json, serve
 
 from plad_ray.checks import Inputs
 from plad_ray.config import load_config
@@ -399,7 +399,7 @@ def _score_sixteen(tmp_path, status: int, message: str, **endpoint):
     """Score 16 sequences (p00..p15) through the request workers against a stub whose answer to p13 is always
     `status` with `message`; the run must end with a RuntimeFailure: (the stub, its one line, the scores' folder)."""
     import ray
-    from openai_stub import Stub
+    from support.openai_stub import Stub
 
     from plad_ray.config import EndpointConfig, TeacherEngineConfig
     from plad_ray.generate.endpoint_scores import scores_http

@@ -263,7 +263,7 @@ ROW_CASES = ("duplicate ids", "malformed JSON line", "prompt over the context") 
 @pytest.fixture(scope="module")
 def blackbox():
     """A completions server that ignores prompt_logprobs, as OpenAI's own API does."""
-    from openai_stub import Stub
+    from support.openai_stub import Stub
 
     stub = Stub(lambda body: (200, {"choices": [{"text": "x", "finish_reason": "length"}]}), None)
     yield stub.url

@@ -333,7 +333,7 @@ def test_length_grouping_on_or_off_trains_the_same_pairs_each_epoch_once_with_le
 
     from plad_ray.config import TrainConfig
     from plad_ray.train import feed
-    from tests.training_paths import ListShard, synthetic_pairs
+    from tests.support.training_paths import ListShard, synthetic_pairs
 
     rows = synthetic_pairs(256, vocab=200)
     padding = {}

@@ -10,7 +10,7 @@ import urllib.request
 
 import pytest
 from conftest import PYTHON, ROOT, job_env
-from ray_head import free_port
+from support.ray_head import free_port
 
 from plad_ray.data import parquet
 

@@ -6,7 +6,7 @@ over 400 lines."""
 import ast
 from pathlib import Path
 
-PACKAGE = Path(__file__).resolve().parent.parent / "plad_ray"
+PACKAGE = Path(__file__).resolve().parents[2] / "plad_ray"
 
 
 def modules() -> dict[str, Path]:

@@ -14,7 +14,7 @@ from plad_ray.model_card import model_card
 from plad_ray.objectives import LOSS_TYPES, OBJECTIVES, objective
 from plad_ray.train.prepare import trained_statuses
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 PACKAGE, CONFIG = ROOT / "plad_ray", ROOT / "configs" / "tiny-cpu.yaml"
 
 
