@@ -11,11 +11,11 @@ import subprocess
 import time
 from pathlib import Path
 
-import pyarrow.fs as pafs
 import pytest
 import torch
 from conftest import PYTHON, ROOT
 from safetensors.torch import load_file
+from support.objects import listing, read_object
 from support.ray_head import RayHead
 
 from plad_ray.data import parquet, storage
@@ -54,22 +54,6 @@ def placement(cluster: RayHead) -> tuple[set, list, list]:
         [a["node_id"] for a in actors if a["class_name"] == "RayTrainWorker"],
         [a["node_id"] for a in actors if "vLLMEngineStageUDF" in a["class_name"]],
     )
-
-
-def listing(uri: str) -> set[str]:
-    """Every object under `uri`, relative to it."""
-    fs, path = storage.filesystem_and_path(uri)
-    return {
-        i.path[len(path) + 1 :]
-        for i in fs.get_file_info(pafs.FileSelector(path, recursive=True))
-        if i.type == pafs.FileType.File
-    }
-
-
-def read_object(uri: str) -> bytes:
-    fs, path = storage.filesystem_and_path(uri)
-    with fs.open_input_stream(path) as f:
-        return f.read()
 
 
 PROMPTS = 160

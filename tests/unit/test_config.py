@@ -5,25 +5,12 @@ import json
 import os
 
 import pytest
+from support.configs import MINIMAL, write
 
 from plad_ray.config import load_config
 from plad_ray.errors import ConfigError
 
 SHIPPED = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "..", "configs", "*.yaml")))
-
-
-def write(tmp_path, text: str) -> str:
-    path = tmp_path / "run.yaml"
-    path.write_text(text)
-    return str(path)
-
-
-MINIMAL = """
-output_dir: out
-data: {prompts: p.jsonl}
-teacher: {model: tiny:teacher}
-student: {model: tiny:student}
-"""
 
 
 def test_minimal_config_gets_defaults_and_absolute_paths(tmp_path, monkeypatch):

@@ -5,7 +5,7 @@ import json
 import os
 
 import pytest
-from test_ray_job_submit import listing
+from support.objects import listing
 
 from plad_ray.data import storage
 from plad_ray.errors import DataError

@@ -6,7 +6,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from test_config import MINIMAL, write
+from support.configs import MINIMAL, write
 
 from plad_ray.cluster import check_resources
 from plad_ray.config import Config, StudentEngineConfig, TeacherEngineConfig, TrainConfig, load_config
