@@ -70,7 +70,7 @@ def write_pairs(folder: Path, n: int, seed: int = 0) -> Path:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from plad_ray import pairs
+    from plad_ray.generate.schemas import PAIR_SCHEMA
 
     rng = random.Random(seed)
     text = lambda lo, hi: "".join(rng.choice(string.ascii_lowercase + "  ") for _ in range(rng.randint(lo, hi)))  # noqa: E731
@@ -94,7 +94,7 @@ def write_pairs(folder: Path, n: int, seed: int = 0) -> Path:
         for i in range(n)
     ]
     folder.mkdir(parents=True, exist_ok=True)
-    pq.write_table(pa.Table.from_pylist(rows, schema=pairs.PAIR_SCHEMA), folder / "pairs.parquet")
+    pq.write_table(pa.Table.from_pylist(rows, schema=PAIR_SCHEMA), folder / "pairs.parquet")
     return folder
 
 

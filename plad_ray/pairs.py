@@ -6,7 +6,7 @@ teacher internals. Pure functions over plain rows, so they test without Ray or v
 
 Pairs use TRL's preference-dataset columns (`prompt`, `chosen`, `rejected`, plain
 strings) so other tools read them; the remaining columns record where each side came
-from.
+from (the Parquet schemas: plad_ray.generate.schemas, beside the stages that write them).
 """
 
 import hashlib
@@ -14,43 +14,6 @@ import json
 
 import numpy as np
 import pyarrow as pa
-
-TEACHER_SCHEMA = pa.schema(
-    [
-        ("id", pa.string()),
-        ("prompt", pa.string()),
-        ("teacher_text", pa.string()),
-        ("teacher_num_tokens", pa.int32()),  # generated tokens, teacher tokenizer, incl. EOS if it stopped on one
-        ("teacher_finish_reason", pa.string()),  # eos | stop (a stop string) | length (see finish_reason)
-        ("teacher_token_ids", pa.list_(pa.int32())),  # the ids the teacher engine generated; null from an HTTP teacher
-        ("teacher_model", pa.string()),
-        ("teacher_sampling", pa.string()),  # JSON of the sampling parameters
-    ]
-)
-
-PAIR_SCHEMA = pa.schema(
-    [
-        ("id", pa.string()),  # prompt id
-        ("sample_index", pa.int32()),  # which student sample of this prompt, 0..k-1
-        ("prompt", pa.string()),
-        ("chosen", pa.string()),  # teacher output y_T
-        ("rejected", pa.string()),  # student output y_S
-        ("chosen_num_tokens", pa.int32()),
-        ("rejected_num_tokens", pa.int32()),
-        ("chosen_finish_reason", pa.string()),  # eos | stop | length
-        ("rejected_finish_reason", pa.string()),
-        # The ids each side was generated as, scored as they are (no re-tokenisation of the text):
-        # the student's own ids; the teacher's when teacher and student share a vocabulary, else null.
-        ("chosen_token_ids", pa.list_(pa.int32())),
-        ("rejected_token_ids", pa.list_(pa.int32())),
-        ("teacher_model", pa.string()),
-        ("student_model", pa.string()),
-        ("teacher_sampling", pa.string()),
-        ("student_sampling", pa.string()),
-        ("heldout", pa.bool_()),  # kept out of training, used for evaluation
-    ]
-)
-
 
 FINISH_REASONS = ("eos", "stop", "length")
 
@@ -182,9 +145,20 @@ def token_ids(value) -> list[int] | None:
     return _ids(value)
 
 
+def response_ids(generated_ids, text: str, finish_reason: str, encode, eos: list[int], stop: str | None) -> list[int]:
+    """The ids a response is scored on (in training and by the teacher's scoring): as generated when known, else its
+    text tokenized by `encode`, with the stop string that ended it (which vLLM leaves out of the text) or the EOS
+    it ended on (plad_ray.train.batching)."""
+    generated = token_ids(generated_ids)
+    if generated is not None:
+        return generated
+    if finish_reason == "stop" and stop:
+        return encode(text + stop)
+    return encode(text) + (eos if finish_reason == "eos" else [])
+
+
 def int64_sample_index(table):
     """A pyarrow batch with its sample_index as int64: Ray Data's joins hash int32 and int64 keys apart."""
-    import pyarrow as pa
 
     column = table.schema.get_field_index("sample_index")
     return table.set_column(column, "sample_index", table.column("sample_index").cast(pa.int64()))

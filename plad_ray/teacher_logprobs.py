@@ -9,29 +9,14 @@ That needs one vocabulary: the same id means the same token to both (checked bef
 
 Pure functions over plain rows; the Ray Data stage is plad_ray.generate.scores.
 
-Rows of SCORE_SCHEMA are keyed (id, sample_index, side): `rejected` is the student sample of pair
-(id, sample_index); `chosen` is the prompt's teacher output, scored once per prompt (sample_index 0),
-since every sample of a prompt shares it. The top-k is stored flat, k values per token, in rank order;
-the mass outside it is 1 - sum(exp(top-k)) (plad_ray.losses.topk_buckets).
+Rows of the scores' schema (plad_ray.generate.schemas.SCORE_SCHEMA) are keyed (id, sample_index, side):
+`rejected` is the student sample of pair (id, sample_index); `chosen` is the prompt's teacher output, scored
+once per prompt (sample_index 0), since every sample of a prompt shares it. The top-k is stored flat, k values
+per token, in rank order; the mass outside it is 1 - sum(exp(top-k)) (plad_ray.losses.topk_buckets).
 """
-
-import pyarrow as pa
 
 SIDES = ("chosen", "rejected")
 
-SCORE_SCHEMA = pa.schema(
-    [
-        ("id", pa.string()),
-        ("sample_index", pa.int32()),  # the pair's for `rejected`; 0 for `chosen` (the prompt's teacher output)
-        ("side", pa.string()),  # chosen | rejected
-        ("num_tokens", pa.int32()),  # response tokens scored (the response, cut to the teacher's max_model_len)
-        ("prompt_tokens", pa.int32()),  # prompt tokens prefilled before them
-        ("token_ids", pa.list_(pa.int32())),  # the response ids scored
-        ("logprobs", pa.list_(pa.float32())),  # the teacher's log-prob of each of them
-        ("topk_ids", pa.list_(pa.int32())),  # num_tokens x k, flat, most likely first
-        ("topk_logprobs", pa.list_(pa.float32())),  # their log-probs, same layout
-    ]
-)
 KEYS = ["id", "sample_index", "side"]
 
 CROSS_VOCABULARY = (
@@ -69,7 +54,7 @@ def fit(prompt_ids: list[int], response_ids: list[int], max_model_len: int) -> t
 
 def read_prompt_logprobs(prompt_logprobs: list, token_ids: list[int], prompt_len: int, k: int) -> dict:
     """vLLM's prompt log-probs of one request (a list over its positions of {token id: {"logprob", "rank",
-    ...}}, None at position 0) -> the response positions' columns of SCORE_SCHEMA.
+    ...}}, None at position 0) -> the response positions' columns of the scores' schema.
 
     At each position vLLM gives the token that is there and the k most likely ones (k entries when the
     token is among them, k + 1 when not); rank 1 is the most likely.

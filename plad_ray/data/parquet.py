@@ -271,6 +271,23 @@ def files(uri: str) -> list[str] | None:
     return [storage.join(uri, name) for name in manifest["files"]]
 
 
+def require_columns(uri: str, columns, what: str, fix: str = "delete it to make it again") -> None:
+    """Stop with one line when the complete dataset at `uri` lacks a column its reader needs (a folder written by
+    another version of plad-ray, or by hand), before any stage reads it; a dataset not complete yet is not checked.
+    `what` names the dataset in the line, `fix` says what to do."""
+    paths = files(uri)
+    if not paths:
+        return
+    fs, _ = storage.filesystem_and_path(uri)
+    have = set(pq.read_schema(storage.filesystem_and_path(paths[0])[1], filesystem=fs).names)
+    missing = [c for c in columns if c not in have]
+    if missing:
+        raise DataError(
+            f"{what} {uri}: no {', '.join(missing)} column{'s' if len(missing) > 1 else ''} (its columns: "
+            f"{', '.join(sorted(have))}); {fix}"
+        )
+
+
 def read_table(uri: str, columns: list[str] | None = None) -> pa.Table | None:
     """A complete dataset as one Arrow table, read by this process (tests and benchmarks; the stages read
     through Ray Data: `read`)."""

@@ -41,6 +41,7 @@ from plad_ray.evaluation.metrics import (
     win_rate,
 )
 from plad_ray.evaluation.report import markdown, reliability_png
+from plad_ray.generate.schemas import TEACHER_READ_BY_EVALUATION
 from plad_ray.run_context import RunContext
 from plad_ray.verifiers import get_scorer
 
@@ -75,6 +76,7 @@ def heldout_rows(plan: EvalPlan, prompts=None) -> list[dict]:
     prompt, reference; already in the object store), else (jobs.evaluate) from the prompt source, read again."""
     layout, fraction = plan.run.layout, plan.run.heldout_fraction
     made = layout.teacher_made()
+    parquet.require_columns(layout.teacher(), TEACHER_READ_BY_EVALUATION, "teacher outputs")
     teacher = parquet.read(layout.teacher())
     held = (
         teacher.select_columns(["id", "prompt", "teacher_text"])

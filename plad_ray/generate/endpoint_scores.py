@@ -1,6 +1,6 @@
 """Teacher scoring through a black-box endpoint: the server's prompt log-probs of the student's token ids.
 
-    scoring sequences (ids to prefill) --ScoringWorker x concurrency--> rows of teacher_logprobs.SCORE_SCHEMA
+    scoring sequences (ids to prefill) --ScoringWorker x concurrency--> rows of schemas.SCORE_SCHEMA
 
 A scoring request posts prompt + response as token ids to the completions URL with `max_tokens: 1` and
 `prompt_logprobs: k` (vLLM's OpenAI server returns them; OpenAI's own API does not). The ids are the
@@ -17,7 +17,8 @@ from plad_ray.errors import ConfigError, DataError
 from plad_ray.generate.endpoint import call, check_endpoint, completions_url, server_root
 from plad_ray.generate.endpoint_policy import error_text, verdict
 from plad_ray.generate.endpoint_worker import EndpointFailure, EndpointWorker
-from plad_ray.teacher_logprobs import CROSS_VOCABULARY, SCORE_SCHEMA, read_prompt_logprobs
+from plad_ray.generate.schemas import SCORE_SCHEMA
+from plad_ray.teacher_logprobs import CROSS_VOCABULARY, read_prompt_logprobs
 
 # Text the student tokenizes and the server must tokenize the same way (letters, digits, punctuation,
 # white space, accents, CJK, emoji; the student's end-of-sequence token is appended).

@@ -1,6 +1,6 @@
 """The request workers of a black-box teacher: a Ray Data actor pool posting each prompt to the endpoint.
 
-    prompts (id, prompt) --EndpointWorker x concurrency--> teacher rows (pairs.TEACHER_SCHEMA)
+    prompts (id, prompt) --EndpointWorker x concurrency--> teacher rows (schemas.TEACHER_SCHEMA)
                                   |--> quarantine/teacher.partial/  prompts refused or failed, with why
                                   |                                 (pending until the stage ends: set_aside.py)
                                   +--> EndpointStats (one actor, endpoint_stats.py): usage, requests, retries, ...
@@ -116,7 +116,7 @@ class EndpointWorker:
     # -- what a request is: a teacher output here; the teacher's prompt log-probs in ScoringWorker ---
 
     def schema(self):
-        from plad_ray.pairs import TEACHER_SCHEMA
+        from plad_ray.generate.schemas import TEACHER_SCHEMA
 
         return TEACHER_SCHEMA
 

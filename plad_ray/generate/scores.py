@@ -18,7 +18,7 @@ from plad_ray.config import EngineConfig, StudentEngineConfig, TeacherEngineConf
 from plad_ray.data import parquet, storage
 from plad_ray.data.prompts import prompt_token_ids
 from plad_ray.errors import DataError
-from plad_ray.generate import engines
+from plad_ray.generate import engines, schemas
 from plad_ray.generate.endpoint_scores import scores_http, scoring_params
 from plad_ray.generate.endpoint_stats import write_from_endpoint
 from plad_ray.generate.stages import not_done
@@ -73,14 +73,14 @@ def score_pairs(
             endpoint = write_from_endpoint(
                 lambda stats: scores_http(sequences.map(ids), teacher, stats),
                 uri,
-                teacher_logprobs.SCORE_SCHEMA,
+                schemas.SCORE_SCHEMA,
                 rows_per_file,
                 f"{expected} teacher scores",
             )
         else:
             scored = teacher_scores(sequences, ids, teacher, inputs.teacher_path, run.use_gpu)
             with engines.engine_deaths("teacher", teacher):
-                parquet.write_pending(scored, uri, teacher_logprobs.SCORE_SCHEMA, rows_per_file)
+                parquet.write_pending(scored, uri, schemas.SCORE_SCHEMA, rows_per_file)
     tokens = parquet.pending_sum(uri, "num_tokens", earlier)
     prefill = tokens + parquet.pending_sum(uri, "prompt_tokens", earlier)
     rows = parquet.commit(uri, {"teacher_model": teacher.model, "top_k": k}, teacher_logprobs.KEYS, log)
@@ -136,7 +136,7 @@ def _tokenizer(path: str, trust_remote_code: bool):
 class SequenceIds:
     """A sequence to score (id, sample_index, side, prompt, text, finish_reason, generated_ids) -> the ids to
     prefill: the one the student trains on, its tokenizer's prompt (with its chat template when on) and the
-    response's ids as generated (plad_ray.train.batching.response_ids; `stops`: each side's sampling.stop, for
+    response's ids as generated (plad_ray.pairs.response_ids; `stops`: each side's sampling.stop, for
     a response that a stop string ended and that carries no ids), cut to `max_model_len`."""
 
     def __init__(
@@ -146,7 +146,7 @@ class SequenceIds:
         self.max_model_len, self.stops = max_model_len, stops
 
     def __call__(self, row: dict) -> dict:
-        from plad_ray.train.batching import response_ids
+        from plad_ray.pairs import response_ids
 
         tokenizer = _tokenizer(self.student_path, self.trust_remote_code)
         encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731

@@ -33,7 +33,7 @@ class _ReadEngineRow:
 
 
 def teacher_outputs(prompts_ds, engine: EngineConfig, model_path: str, model_name: str, eos_token_ids, use_gpu: bool):
-    """prompts (id, prompt) -> rows of pairs.TEACHER_SCHEMA."""
+    """prompts (id, prompt) -> rows of schemas.TEACHER_SCHEMA."""
     params = sampling_params(engine)
     params_json = pairs.sampling_json(params)
     read = _ReadEngineRow(engine.sampling.max_tokens, list(eos_token_ids))
@@ -63,7 +63,7 @@ def teacher_outputs(prompts_ds, engine: EngineConfig, model_path: str, model_nam
 
 
 def teacher_outputs_http(prompts_ds, engine: EngineConfig, refused_uri: str, stats):
-    """prompts (id, prompt) -> rows of pairs.TEACHER_SCHEMA, from an OpenAI-compatible endpoint; prompts the
+    """prompts (id, prompt) -> rows of schemas.TEACHER_SCHEMA, from an OpenAI-compatible endpoint; prompts the
     server refuses go to `refused_uri`, and what the workers saw to `stats` (plad_ray.generate.endpoint_worker)."""
     import ray.data
 
@@ -116,7 +116,7 @@ def student_pairs(
     shared_vocabulary: bool = False,
 ):
     """(teacher cache row, sample index) rows (`samples_to_generate`) -> student samples -> rows of
-    pairs.PAIR_SCHEMA. With `shared_vocabulary` the teacher's generated ids are kept on the chosen side.
+    schemas.PAIR_SCHEMA. With `shared_vocabulary` the teacher's generated ids are kept on the chosen side.
     """
     read = _ReadEngineRow(engine.sampling.max_tokens, list(eos_token_ids))
     params_by_sample = [sampling_params(engine, seed_offset=k) for k in range(engine.num_samples)]

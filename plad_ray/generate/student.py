@@ -17,7 +17,7 @@ from plad_ray import pairs
 from plad_ray.checks import Inputs
 from plad_ray.config import StudentEngineConfig
 from plad_ray.data import parquet, storage
-from plad_ray.generate import engines
+from plad_ray.generate import engines, schemas
 from plad_ray.generate.stages import samples_to_generate, student_pairs
 from plad_ray.models.folders import eos_token_ids, shares_vocabulary
 from plad_ray.run_context import RunContext
@@ -62,7 +62,7 @@ def generate_pairs(student: StudentEngineConfig, run: RunContext, inputs: Inputs
             parquet.write_pending(
                 _pairs(student, run, inputs, round, done_ds, done, todo),
                 uri,
-                pairs.PAIR_SCHEMA,
+                schemas.PAIR_SCHEMA,
                 parquet.rows_per_file(todo, student.batch_size),
             )
     return _commit(student, uri, existing, todo, earlier, start, log)
@@ -78,7 +78,7 @@ def _pairs(
     todo: int,
     stream_seed: int | None = None,
 ):
-    """The Ray Dataset of the round's pairs still to generate (rows of pairs.PAIR_SCHEMA); with `stream_seed`
+    """The Ray Dataset of the round's pairs still to generate (rows of schemas.PAIR_SCHEMA); with `stream_seed`
     (train.seed), the held-out prompts' samples go through the engines first, the others in that seed's training
     order (train.stream reads them so)."""
     layout = run.layout
@@ -87,6 +87,7 @@ def _pairs(
     shared = inputs.teacher_path is not None and shares_vocabulary(
         inputs.teacher_path, student_path, student.trust_remote_code
     )
+    parquet.require_columns(layout.teacher(), schemas.TEACHER_READ_BY_STUDENT, "teacher outputs")
     samples = samples_to_generate(
         parquet.read(layout.teacher()),
         student.num_samples,
@@ -120,7 +121,7 @@ def _pairs(
 class PairStream:
     """train.stream: the student engines' pairs as a Ray Dataset, and what the trainer plans with."""
 
-    ds: Any  # rows of pairs.PAIR_SCHEMA, the held-out prompts' first, each block written to pairs/ as it passes
+    ds: Any  # rows of schemas.PAIR_SCHEMA, the held-out prompts' first, each block written to pairs/ as it passes
     train_pairs: int  # pairs expected for training (the stream may bring fewer: too long, identical)
     heldout_pairs: int
     block_rows: int  # rows per block as the engines make them (the ranks take blocks; small blocks, even ranks)
@@ -173,7 +174,7 @@ def pair_stream(
     # writes them: a 200M-pair stream makes ~12k files, not one per engine block (~390k at batch 512).
     stream = _pairs(student, run, inputs, round, None, 0, todo, stream_seed=seed).map_batches(
         parquet.WritePending,
-        fn_constructor_kwargs=dict(uri=uri, schema=pairs.PAIR_SCHEMA, keys=["id", "sample_index"]),
+        fn_constructor_kwargs=dict(uri=uri, schema=schemas.PAIR_SCHEMA, keys=["id", "sample_index"]),
         batch_size=parquet.rows_per_file(todo, student.batch_size),
         batch_format="pyarrow",
         concurrency=1,

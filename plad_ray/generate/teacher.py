@@ -10,11 +10,10 @@ ends normally (plad_ray.generate.set_aside).
 
 import time
 
-from plad_ray import pairs
 from plad_ray.checks import Inputs
 from plad_ray.config import TeacherEngineConfig
 from plad_ray.data import parquet
-from plad_ray.generate import engines, set_aside
+from plad_ray.generate import engines, schemas, set_aside
 from plad_ray.generate.endpoint_stats import write_from_endpoint
 from plad_ray.generate.stages import teacher_outputs, teacher_outputs_http
 from plad_ray.models.folders import eos_token_ids
@@ -52,7 +51,7 @@ def generate_teacher(teacher: TeacherEngineConfig, run: RunContext, inputs: Inpu
                 endpoint = write_from_endpoint(
                     lambda stats: teacher_outputs_http(ds, teacher, refused_uri, stats),
                     uri,
-                    pairs.TEACHER_SCHEMA,
+                    schemas.TEACHER_SCHEMA,
                     rows_per_file,
                     f"{done + todo} teacher outputs",
                 )
@@ -66,7 +65,7 @@ def generate_teacher(teacher: TeacherEngineConfig, run: RunContext, inputs: Inpu
                 ds, teacher, inputs.teacher_path, teacher.model, eos_token_ids(inputs.teacher_path), run.use_gpu
             )
             with engines.engine_deaths("teacher", teacher):
-                parquet.write_pending(outputs, uri, pairs.TEACHER_SCHEMA, rows_per_file)
+                parquet.write_pending(outputs, uri, schemas.TEACHER_SCHEMA, rows_per_file)
         # this run's outputs (an endpoint's: the server's count for each; its usage also holds the canaries')
         tokens = parquet.pending_sum(uri, "teacher_num_tokens", earlier)
         seconds = time.perf_counter() - start

@@ -27,6 +27,7 @@ a pure step): `chosen_score`/`rejected_score`, a `verdict` (teacher, tie, studen
 import numpy as np
 
 from plad_ray.data.prompts import prompt_token_ids
+from plad_ray.pairs import response_ids
 from plad_ray.verifiers import get_scorer, judge_pairs
 
 TOKEN_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
@@ -47,18 +48,6 @@ def tokenize_pair(prompt_ids: list[int], chosen_ids: list[int], rejected_ids: li
     if room < 1:
         return None
     return prompt_ids, chosen_ids[:room], rejected_ids[:room]
-
-
-def response_ids(generated_ids, text: str, finish_reason: str, encode, eos: list[int], stop: str | None) -> list[int]:
-    """The ids a response is scored on: as generated when known, else its text tokenized (see above)."""
-    from plad_ray.pairs import token_ids
-
-    generated = token_ids(generated_ids)
-    if generated is not None:
-        return generated
-    if finish_reason == "stop" and stop:
-        return encode(text + stop)
-    return encode(text) + (eos if finish_reason == "eos" else [])
 
 
 class PairTokenizer:

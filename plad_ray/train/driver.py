@@ -15,6 +15,7 @@ from plad_ray.config import StudentEngineConfig, TrainConfig
 from plad_ray.data import parquet, storage
 from plad_ray.data.layout import TRAIN
 from plad_ray.errors import DataError, PladError, RuntimeFailure
+from plad_ray.generate.schemas import PAIRS_READ_BY_TRAINING
 from plad_ray.models.folders import embedding_rows
 from plad_ray.run_context import RunContext
 from plad_ray.tracking import plan_tracking
@@ -203,6 +204,7 @@ def _pairs_on_disk(train: TrainConfig, run: RunContext, round: int, student_path
             batch_format="pandas",
         )
     else:
+        parquet.require_columns(layout.pairs(round), PAIRS_READ_BY_TRAINING, "pairs")
         pairs_ds = parquet.read(layout.pairs(round))
     if pairs_ds is None:
         raise DataError(f"pairs {layout.pairs(round)}: missing or incomplete; run jobs.generate_pairs first")

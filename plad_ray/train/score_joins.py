@@ -7,6 +7,7 @@ import numpy as np
 from plad_ray import pairs
 from plad_ray.data import parquet
 from plad_ray.errors import DataError
+from plad_ray.generate import schemas
 
 
 def with_teacher_scores(pairs_ds, scores_uri: str, pairs_rows: int):
@@ -64,6 +65,9 @@ def _read_scores(scores_uri: str):
             "objectives need teacher.score_samples=true in the run that made the pairs (re-run "
             "jobs.generate_pairs with it)"
         )
+    parquet.require_columns(
+        scores_uri, schemas.SCORES_READ_BY_TRAINING, "teacher scores", "score the pairs again with this plad-ray"
+    )
     return scores_ds
 
 

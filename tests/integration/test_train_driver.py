@@ -7,8 +7,8 @@ from collections import Counter
 import pyarrow as pa
 import pytest
 
-from plad_ray import pairs
 from plad_ray.config import LossConfig, TrainConfig
+from plad_ray.generate.schemas import PAIR_SCHEMA
 
 pytestmark = pytest.mark.integration
 
@@ -41,7 +41,7 @@ def reversal_pairs(n: int, seed: int = 0) -> pa.Table:
                 "heldout": i % 5 == 2,
             }
         )
-    return pa.Table.from_pylist(rows, schema=pairs.PAIR_SCHEMA)
+    return pa.Table.from_pylist(rows, schema=PAIR_SCHEMA)
 
 
 @pytest.mark.parametrize(

@@ -10,6 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from plad_ray import pairs
+from plad_ray.generate.schemas import PAIR_SCHEMA
 from plad_ray.models import tiny
 
 
@@ -87,4 +88,4 @@ def write_pairs(output_dir: Path, num_pairs: int, heldout_fraction: float = 0.1,
         )
     folder = output_dir / "pairs"
     folder.mkdir(parents=True)
-    pq.write_table(pa.Table.from_pylist(rows, schema=pairs.PAIR_SCHEMA), folder / "part-0.parquet")
+    pq.write_table(pa.Table.from_pylist(rows, schema=PAIR_SCHEMA), folder / "part-0.parquet")

@@ -1,6 +1,7 @@
 """Pure tests of pair building (plad_ray.pairs)."""
 
 from plad_ray import pairs
+from plad_ray.generate.schemas import PAIR_SCHEMA
 
 
 def test_finish_reason():
@@ -54,12 +55,12 @@ def test_expand_and_make_pair():
         "student_sampling": '{"t": 1}',
         "heldout": False,
     }
-    assert set(pair) == set(pairs.PAIR_SCHEMA.names)
+    assert set(pair) == set(PAIR_SCHEMA.names)
     # One vocabulary: the teacher's generated ids are the chosen side's ids.
     assert pairs.make_pair(rows[1], student, "S", "{}", 0.0, shared_vocabulary=True)["chosen_token_ids"] == [5, 6, 7, 2]
     # TRL's preference convention: prompt/chosen/rejected as plain strings.
     for column in ("prompt", "chosen", "rejected"):
-        assert str(pairs.PAIR_SCHEMA.field(column).type) == "string"
+        assert str(PAIR_SCHEMA.field(column).type) == "string"
 
 
 def test_external_trl_pairs_get_ids_finish_reasons_and_split():

@@ -7,6 +7,7 @@ import math
 import pytest
 
 from plad_ray import teacher_logprobs as tl
+from plad_ray.generate.schemas import SCORE_SCHEMA
 
 
 def entry(*ranked):
@@ -195,7 +196,7 @@ def _write_scores(uri: str) -> None:
         _score(1, 0, "chosen", [-0.5]),
         _score(1, 0, "rejected", [-0.25, -0.75]),
     ]
-    parquet.write_pending(ray.data.from_arrow(pa.Table.from_pylist(rows, tl.SCORE_SCHEMA)), uri, tl.SCORE_SCHEMA)
+    parquet.write_pending(ray.data.from_arrow(pa.Table.from_pylist(rows, SCORE_SCHEMA)), uri, SCORE_SCHEMA)
     parquet.commit(uri, {}, tl.KEYS, log=lambda _: None)
 
 
@@ -303,7 +304,7 @@ def test_top_k_ids_past_the_students_rows_stop_the_run_before_training(local_ray
         score(1, "rejected", [4, 8]),
     ]
     uri = str(tmp_path / "teacher_scores")
-    parquet.write_pending(ray.data.from_arrow(pa.Table.from_pylist(rows, tl.SCORE_SCHEMA)), uri, tl.SCORE_SCHEMA)
+    parquet.write_pending(ray.data.from_arrow(pa.Table.from_pylist(rows, SCORE_SCHEMA)), uri, SCORE_SCHEMA)
     parquet.commit(uri, {}, tl.KEYS, log=lambda _: None)
     pairs = pa.table(
         {

@@ -169,3 +169,23 @@ def test_a_commit_of_many_files_reads_their_footers_and_moves_them_in_ray_tasks(
     assert sorted(parquet.read_table(str(uri)).column("id").to_pylist()) == sorted(
         f"p{i}{s}" for i in range(6) for s in "ab"
     )
+
+
+def test_a_dataset_without_a_column_its_reader_needs_is_refused_in_one_line(tmp_path):
+    # A teacher cache written by another version (or by hand) without the columns the student step reads: the
+    # reader stops before any stage runs, naming the folder, what is missing and what is there.
+    from plad_ray.errors import DataError
+    from plad_ray.generate.schemas import TEACHER_READ_BY_STUDENT
+
+    uri = tmp_path / "teacher"
+    (tmp_path / "teacher.partial").mkdir()
+    pending_file(uri, "a.parquet", ["p1", "p2"])  # columns id, sample_index
+    parquet.commit(str(uri), {}, ["id"], lambda _: None)
+    parquet.require_columns(str(uri), ["id", "sample_index"], "teacher outputs")  # it has those
+    with pytest.raises(DataError) as err:
+        parquet.require_columns(str(uri), TEACHER_READ_BY_STUDENT, "teacher outputs")
+    missing = ", ".join(c for c in TEACHER_READ_BY_STUDENT if c != "id")
+    assert str(err.value) == (
+        f"teacher outputs {uri}: no {missing} columns (its columns: id, sample_index); delete it to make it again"
+    )
+    parquet.require_columns(str(tmp_path / "pairs"), ["id"], "pairs")  # not complete yet: nothing to check
