@@ -5,7 +5,7 @@ import json
 import subprocess
 
 import pytest
-from conftest import PYTHON, ROOT, job_env
+from support.jobs import run_job
 
 from plad_ray.data import parquet
 from plad_ray.models import tiny
@@ -14,24 +14,7 @@ pytestmark = pytest.mark.integration
 
 
 def generate(source, out) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [
-            PYTHON,
-            "-m",
-            "jobs.generate_pairs",
-            "--config",
-            "configs/tiny-cpu.yaml",
-            "--set",
-            f"output_dir={out}",
-            "--set",
-            f"data.prompts={source}",
-        ],
-        cwd=ROOT,
-        env=job_env(),
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
+    return run_job("generate_pairs", f"output_dir={out}", f"data.prompts={source}")
 
 
 def write(source, words) -> None:

@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from conftest import PYTHON, ROOT, job_env
+from conftest import ROOT, job_env
 from safetensors.torch import load_file
 from support.fault import alive, descendants, find, find_in, kill, write_pairs
+from support.jobs import command as job_command
 from support.ray_head import RayHead
 
 from plad_ray.data import parquet
@@ -76,33 +77,19 @@ def test_killed_training_worker_resumes_exactly_where_its_checkpoint_was(tmp_pat
     # steps after it on exactly the pairs it would have, each pair once per epoch, ending on the weights of
     # a run that was never interrupted.
     write_pairs(tmp_path / "synthetic", 1200)  # ~1080 training pairs: 135 steps of 2 workers x 4 pairs
-    command = [
-        PYTHON,
-        "-m",
-        "jobs.train",
-        "--config",
-        "configs/tiny-cpu.yaml",
-        "--set",
+    command = job_command(
+        "train",
         f"train.pairs={tmp_path / 'synthetic' / 'pairs'}",
-        "--set",
         "train.precision=fp32",
-        "--set",
         "train.num_epochs=1",
-        "--set",
         "train.micro_batch_size=4",
-        "--set",
         "data.heldout_fraction=0.1",
-        "--set",
         "train.checkpoint_every_steps=20",
-        "--set",
         "train.max_failures=2",
-        "--set",
         "train.log_every_steps=10",
-        "--set",
         "train.eval_every_steps=0",
-        "--set",
         f"train.checkpoint_staging_dir={tmp_path / 'staging'}",
-    ]
+    )
     runs = {}
     for name in ("killed", "uninterrupted"):
         out, trace = tmp_path / name, tmp_path / f"{name}-trace"
@@ -176,19 +163,7 @@ def test_ctrl_c_then_resume_with_an_engine_killed_writes_every_pair_once(tmp_pat
     out = tmp_path / "run"
     # Small engine batches: many blocks (32 of 256 prompts x 2 samples), so pairs reach disk while generation is
     # still going.
-    command = [
-        PYTHON,
-        "-m",
-        "jobs.generate_pairs",
-        "--config",
-        "configs/tiny-cpu.yaml",
-        "--set",
-        f"output_dir={out}",
-        "--set",
-        "student.batch_size=8",
-        "--set",
-        f"data.max_prompts={PROMPTS}",
-    ]
+    command = job_command("generate_pairs", f"output_dir={out}", "student.batch_size=8", f"data.max_prompts={PROMPTS}")
     job, stdout_file, stderr_file = start(command, tmp_path)
     pending = out / "pairs.partial"
     wait_for(lambda: list(pending.glob("*.parquet")), job, what="the first pairs on disk")
@@ -237,29 +212,17 @@ def test_streamed_training_with_an_engine_killed_trains_every_pair_once(tmp_path
     try:
         cluster.add_node(num_cpus=3)
         # Small engine batches: many blocks, so the engine is still generating when the ranks train.
-        command = [
-            PYTHON,
-            "-m",
-            "jobs.distill",
-            "--config",
-            "configs/tiny-cpu.yaml",
-            "--set",
+        command = job_command(
+            "distill",
             f"output_dir={out}",
-            "--set",
             "train.stream=true",
-            "--set",
             f"cluster.address={cluster.address}",
-            "--set",
             "train.placement_strategy=SPREAD",
-            "--set",
             "student.batch_size=8",
-            "--set",
             "eval.enabled=false",
-            "--set",
             "data.max_prompts=256",
-            "--set",
             "train.num_epochs=2",
-        ]
+        )
         job, stdout_file, stderr_file = start(
             command, tmp_path, env={**cluster.env, "PLAD_RAY_TRACE_PAIRS": str(trace)}
         )

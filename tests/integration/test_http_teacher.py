@@ -10,6 +10,7 @@ import urllib.request
 
 import pytest
 from conftest import PYTHON, ROOT, job_env
+from support.jobs import command as job_command
 from support.ray_head import free_port
 
 from plad_ray.data import parquet
@@ -88,21 +89,14 @@ def server(tiny_models):
 
 def command(out, url, *extra):
     return [
-        PYTHON,
-        "-m",
-        "jobs.generate_pairs",
-        "--config",
-        "configs/tiny-cpu.yaml",
-        "--set",
-        f"output_dir={out}",
-        "--set",
-        "teacher.model=tiny-teacher",
-        "--set",
-        f"teacher.endpoint.url={url}/completions",
-        "--set",
-        f"teacher.endpoint.api_key_env={KEY_ENV}",
-        "--set",
-        "data.max_prompts=64",
+        *job_command(
+            "generate_pairs",
+            f"output_dir={out}",
+            "teacher.model=tiny-teacher",
+            f"teacher.endpoint.url={url}/completions",
+            f"teacher.endpoint.api_key_env={KEY_ENV}",
+            "data.max_prompts=64",
+        ),
         *extra,
     ]
 

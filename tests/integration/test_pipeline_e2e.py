@@ -6,12 +6,12 @@ prompts -> teacher/student vLLM -> pairs -> 2 DeepSpeed ranks -> HF student -> v
 import json
 import math
 import shutil
-import subprocess
 
 import pytest
 import torch
-from conftest import PYTHON, ROOT, job_env
+from conftest import job_env
 from safetensors.torch import load_file
+from support.jobs import run_job
 from support.trackers import SECRET_KEY, SECRET_TOKEN, wandb_history, wandb_summaries
 
 from plad_ray.config import load_config
@@ -35,24 +35,12 @@ def run(tiny_models, tmp_path_factory, mlflow_server):
         "WANDB_MODE": "offline",
         "WANDB_API_KEY": SECRET_KEY,
     }
-    proc = subprocess.run(
-        [
-            PYTHON,
-            "-m",
-            "jobs.distill",
-            "--config",
-            "configs/tiny-cpu.yaml",
-            "--set",
-            f"output_dir={out}",
-            "--set",
-            "train.trackers=[tensorboard, mlflow, wandb]",
-            "--set",
-            "train.experiment=e2e",
-        ],
-        cwd=ROOT,
+    proc = run_job(
+        "distill",
+        f"output_dir={out}",
+        "train.trackers=[tensorboard, mlflow, wandb]",
+        "train.experiment=e2e",
         env=env,
-        capture_output=True,
-        text=True,
         timeout=1500,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -264,14 +252,7 @@ def test_training_resumes_from_its_last_checkpoint(run):
     report = json.loads((out / "report.json").read_text())
     shutil.rmtree(out / "student")
     (out / "report.json").unlink()
-    proc = subprocess.run(
-        [PYTHON, "-m", "jobs.train", "--config", "configs/tiny-cpu.yaml", "--set", f"output_dir={out}"],
-        cwd=ROOT,
-        env=job_env(),
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
+    proc = run_job("train", f"output_dir={out}")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     # One epoch of 55 steps (872 pairs per rank in micro-batches of 16), checkpoints every 20: resume at
     # step 40, finish at 55.
@@ -299,28 +280,14 @@ def test_other_losses_train_on_the_same_pairs(run, loss_type, tmp_path):
     out, _, _ = run
     hinge = json.loads((out / "report.json").read_text())
     other = tmp_path / loss_type
-    proc = subprocess.run(
-        [
-            PYTHON,
-            "-m",
-            "jobs.train",
-            "--config",
-            "configs/tiny-cpu.yaml",
-            "--set",
-            f"output_dir={other}",
-            "--set",
-            f"train.pairs={out / 'pairs'}",
-            "--set",
-            f"train.loss.type={loss_type}",
-            *(["--set", "train.scorer=reverse", "--set", "train.student_wins=flip"] if loss_type == "margin" else []),
-            # listwise batches hold prompts with both their samples: 8 prompts = the pairwise runs' 16 pairs per step
-            *(["--set", "train.micro_batch_size=8"] if loss_type == "listwise" else []),
-        ],
-        cwd=ROOT,
-        env=job_env(),
-        capture_output=True,
-        text=True,
-        timeout=900,
+    proc = run_job(
+        "train",
+        f"output_dir={other}",
+        f"train.pairs={out / 'pairs'}",
+        f"train.loss.type={loss_type}",
+        *(["train.scorer=reverse", "train.student_wins=flip"] if loss_type == "margin" else []),
+        # listwise batches hold prompts with both their samples: 8 prompts = the pairwise runs' 16 pairs per step
+        *(["train.micro_batch_size=8"] if loss_type == "listwise" else []),
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads((other / "report.json").read_text())
@@ -366,35 +333,16 @@ def test_the_collapse_guard_stops_at_the_last_good_checkpoint(run, tmp_path):
     # checkpoint that passed, and the exported student is that one.
     out, _, _ = run
     other = tmp_path / "guarded"
-    proc = subprocess.run(
-        [
-            PYTHON,
-            "-m",
-            "jobs.train",
-            "--config",
-            "configs/tiny-cpu.yaml",
-            "--set",
-            f"output_dir={other}",
-            "--set",
-            f"train.pairs={out / 'pairs'}",
-            "--set",
-            "train.loss.nll_weight=0",
-            "--set",
-            "train.loss.length_normalize=false",
-            "--set",
-            "train.loss.beta=1",
-            "--set",
-            "train.learning_rate=1e-2",
-            "--set",
-            "train.eval_every_steps=5",
-            "--set",
-            "train.guard.action=stop",
-        ],
-        cwd=ROOT,
-        env=job_env(),
-        capture_output=True,
-        text=True,
-        timeout=900,
+    proc = run_job(
+        "train",
+        f"output_dir={other}",
+        f"train.pairs={out / 'pairs'}",
+        "train.loss.nll_weight=0",
+        "train.loss.length_normalize=false",
+        "train.loss.beta=1",
+        "train.learning_rate=1e-2",
+        "train.eval_every_steps=5",
+        "train.guard.action=stop",
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads((other / "report.json").read_text())
@@ -423,26 +371,12 @@ def test_a_second_round_samples_the_trained_student_and_reuses_teacher_outputs(r
     # already has, are scored too, without making its teacher outputs, pairs or training stale.
     out, _, _ = run
     round_1 = json.loads((out / "report.json").read_text())
-    proc = subprocess.run(
-        [
-            PYTHON,
-            "-m",
-            "jobs.distill",
-            "--config",
-            "configs/tiny-cpu.yaml",
-            "--set",
-            f"output_dir={out}",
-            "--set",
-            "train.rounds=2",
-            "--set",
-            "eval.initial_student=false",
-            "--set",
-            "teacher.score_samples=true",
-        ],
-        cwd=ROOT,
-        env=job_env(),
-        capture_output=True,
-        text=True,
+    proc = run_job(
+        "distill",
+        f"output_dir={out}",
+        "train.rounds=2",
+        "eval.initial_student=false",
+        "teacher.score_samples=true",
         timeout=1500,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -519,24 +453,7 @@ def scored(run, tiny_models):
     pairs) and checks them against the teacher's forward pass."""
     out, _, _ = run
     if not (out / "teacher_scores" / "_manifest.json").is_file():
-        proc = subprocess.run(
-            [
-                PYTHON,
-                "-m",
-                "jobs.generate_pairs",
-                "--config",
-                "configs/tiny-cpu.yaml",
-                "--set",
-                f"output_dir={out}",
-                "--set",
-                "teacher.score_samples=true",
-            ],
-            cwd=ROOT,
-            env=job_env(),
-            capture_output=True,
-            text=True,
-            timeout=900,
-        )
+        proc = run_job("generate_pairs", f"output_dir={out}", "teacher.score_samples=true")
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         check_teacher_scores((out,), tiny_models, proc.stdout)
     return out
@@ -568,14 +485,7 @@ def test_objectives_on_the_teachers_scores_train_on_the_runs_pairs(scored, tiny_
         f"train.teacher_scores={out / 'teacher_scores'}",
         *TEACHER_SCORED[objective],
     ]
-    proc = subprocess.run(
-        [PYTHON, "-m", "jobs.train", "--config", "configs/tiny-cpu.yaml", *[x for s in sets for x in ("--set", s)]],
-        cwd=ROOT,
-        env=job_env(),
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
+    proc = run_job("train", *sets)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads((other / "report.json").read_text())
     counts, before, after = report["counts"], report["eval_initial"], report["eval_trained"]
@@ -607,26 +517,12 @@ def test_new_student_round_reuses_teacher_outputs(run):
     # Another student configuration on the same output: zero teacher requests.
     out, _, _ = run
     teacher_before = (out / "teacher" / "_manifest.json").read_text()
-    proc = subprocess.run(
-        [
-            PYTHON,
-            "-m",
-            "jobs.generate_pairs",
-            "--config",
-            "configs/tiny-cpu.yaml",
-            "--set",
-            f"output_dir={out}",
-            "--set",
-            "student.num_samples=1",
-            "--set",
-            "student.sampling.seed=7",
-            "--overwrite",
-        ],
-        cwd=ROOT,
-        env=job_env(),
-        capture_output=True,
-        text=True,
-        timeout=900,
+    proc = run_job(
+        "generate_pairs",
+        f"output_dir={out}",
+        "student.num_samples=1",
+        "student.sampling.seed=7",
+        flags=("--overwrite",),
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert f"teacher: all {PROMPTS} outputs already cached" in proc.stdout and "0 teacher requests" in proc.stdout

@@ -5,6 +5,7 @@ import textwrap
 
 import pytest
 from conftest import PYTHON, ROOT, job_env
+from support.jobs import run_job
 
 from plad_ray.config import load_config
 from plad_ray.data.parquet import MAX_ROWS_PER_FILE, rows_per_file
@@ -68,30 +69,15 @@ def test_an_engine_that_dies_on_every_start_ends_the_run_with_one_line(tmp_path,
     prompts = tmp_path / "long.jsonl"
     prompts.write_text("".join(f'{{"id": "p{i}", "prompt": "{"abcdefghij" * 4}>"}}\n' for i in range(16)))
     out = tmp_path / "run"
-    proc = subprocess.run(
-        [
-            PYTHON,
-            "-m",
-            "jobs.generate_pairs",
-            "--config",
-            "configs/tiny-cpu.yaml",
-            "--set",
-            f"output_dir={out}",
-            "--set",
-            f"data.prompts={prompts}",
-            "--set",
-            "teacher.max_restarts=1",
-            "--set",
-            "teacher.sampling={temperature: 1.0, max_tokens: 8, seed: 0}",
-            "--set",
-            "teacher.engine_kwargs={enable_chunked_prefill: true, max_num_batched_tokens: 64, "
-            "kv_cache_memory_bytes: 134217728, enforce_eager: true}",
-        ],
-        cwd=ROOT,
+    proc = run_job(
+        "generate_pairs",
+        f"output_dir={out}",
+        f"data.prompts={prompts}",
+        "teacher.max_restarts=1",
+        "teacher.sampling={temperature: 1.0, max_tokens: 8, seed: 0}",
+        "teacher.engine_kwargs={enable_chunked_prefill: true, max_num_batched_tokens: 64, "
+        "kv_cache_memory_bytes: 134217728, enforce_eager: true}",
         env={**job_env(), "RAY_DEDUP_LOGS": "0"},
-        capture_output=True,
-        text=True,
-        timeout=900,
     )
     last = proc.stderr.strip().splitlines()[-1]
     assert proc.returncode == 4, proc.stderr[-3000:]
