@@ -13,11 +13,11 @@ from conftest import PYTHON, ROOT, job_env
 CONFIG = ROOT / "configs" / "tiny-cpu.yaml"
 
 
-def run_job(job: str, *args: str) -> subprocess.CompletedProcess:
+def run_job(job: str, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
         [PYTHON, "-m", f"jobs.{job}", "--config", *args],
         cwd=ROOT,
-        env=job_env(),
+        env=env or job_env(),
         capture_output=True,
         text=True,
         timeout=300,
@@ -261,6 +261,17 @@ ROW_CASES = ("duplicate ids", "malformed JSON line", "prompt over the context") 
 
 
 @pytest.fixture(scope="module")
+def ray_cluster():
+    """One Ray cluster the row cases' jobs join (cluster.address), instead of each starting its own: the rows are
+    read by the same Ray Data tasks either way."""
+    from support.ray_head import RayHead
+
+    cluster = RayHead(num_cpus=2)
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture(scope="module")
 def blackbox():
     """A completions server that ignores prompt_logprobs, as OpenAI's own API does."""
     from support.openai_stub import Stub
@@ -271,11 +282,15 @@ def blackbox():
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_bad_input(case, bad, blackbox, tmp_path):
+def test_bad_input(case, bad, blackbox, tmp_path, request):
     job, config, overrides, code, message = CASES[case]
     out = tmp_path / "run"
+    env = None
+    if case in ROW_CASES:
+        cluster = request.getfixturevalue("ray_cluster")
+        overrides, env = [*overrides, f"cluster.address={cluster.address}"], cluster.env
     sets = [x for o in [f"output_dir={out}", *overrides] for x in ("--set", o.format(d=bad, root=ROOT, stub=blackbox))]
-    proc = run_job(job, config.format(d=bad) if config else str(CONFIG), *sets)
+    proc = run_job(job, config.format(d=bad) if config else str(CONFIG), *sets, env=env)
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == code, proc.stderr[-2000:]
     errors = [line for line in lines if line.startswith("plad-ray: error: ")]
