@@ -468,13 +468,22 @@ TEACHER_SCORED = {
 }
 
 
-# make test-slow: contrastive reads the same top-k scores through the same join and worker path as onpolicy_kd,
-# and differs only in its divergence, a pure function (test_losses_topk); teacher margin is margin's loss
-# (test_losses) on pairs judged by the teacher's scores (test_teacher_scores: the verdicts, and the
-# driver's join of given pairs and their scores), and trains through the hinge's worker path.
-@pytest.mark.parametrize(
-    "objective", [o if o == "onpolicy_kd" else pytest.param(o, marks=pytest.mark.slow) for o in TEACHER_SCORED]
-)
+def test_the_teacher_scores_the_runs_pairs_as_its_forward_pass_does(scored):
+    """teacher.score_samples on the finished run (the `scored` fixture): every sequence once, each prompt's teacher
+    output once, the log-probs and top 20 of 48 rows equal to the teacher's own forward pass; round 1's teacher
+    outputs and pairs are kept."""
+    assert (scored / "teacher_scores" / "_manifest.json").is_file()
+    assert (scored / "pairs" / "_manifest.json").is_file() and (scored / "teacher" / "_manifest.json").is_file()
+
+
+# make test-slow: the objectives trained on those scores end to end. onpolicy_kd's top-k join is checked on real Ray
+# Data by test_teacher_scores.py and its per-token term through the worker's loop by test_training_paths.py (the
+# teacher's top 8 on the samples; the divergence falls); contrastive differs from it only in its divergence, a pure
+# function (test_losses_topk); teacher margin is margin's loss (test_losses) on pairs judged by the teacher's scores
+# (test_teacher_scores: the verdicts, and the driver's join of given pairs and their scores), and trains through the
+# hinge's worker path.
+@pytest.mark.parametrize("objective", list(TEACHER_SCORED))
+@pytest.mark.slow
 def test_objectives_on_the_teachers_scores_train_on_the_runs_pairs(scored, tiny_models, objective, tmp_path):
     out = scored
     hinge = json.loads((out / "report.json").read_text())

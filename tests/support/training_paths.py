@@ -48,12 +48,16 @@ VARIANTS = {
     "stream_past_plan": dict(zero_stage=0),
     # token_kd: the frozen teacher loaded on the rank (worker._load_teacher), its token distributions the target
     "token_kd": dict(zero_stage=0, loss=LossConfig(type="token_kd", nll_weight=0.0)),
+    # onpolicy_kd: the teacher's top-k on the samples, as the scoring stage writes them (TOPK below), through the feed's
+    # collate and the worker's per-token term
+    "onpolicy_kd": dict(zero_stage=0, loss=LossConfig(type="onpolicy_kd")),
     # A control that must fail the fp32 bounds: accumulation with the bug fixed in fd984da put back (every
     # micro-batch's loss its own mean, so a step trains a mean of micro-batch means).
     "accumulation_unweighted": dict(zero_stage=0, micro_batch_size=8, gradient_accumulation_steps=2),
 }
 PLAN = {"stream_past_plan": dict(stream=True, steps_per_epoch=8)}  # TrainPlan overrides (token_kd's teacher: main)
 UNWEIGHTED = {"accumulation_unweighted"}  # run with worker.step_term_scales replaced by constant ones
+TOPK = {"onpolicy_kd": 8}  # variants trained on pairs with the tiny teacher's top-k of each sample token (k)
 HELDOUT = {"zero0", "zero3"}  # after training, also score held-out pairs shared out over the ranks and whole
 HELDOUT_BATCHES, HELDOUT_BATCH = 5, 4  # 5 batches on 2 ranks: 3 and 2, so ZeRO-3 must match forwards
 
@@ -77,6 +81,30 @@ def synthetic_pairs(num: int, vocab: int, seed: int = 0) -> list[dict]:
             }
         )
     return rows
+
+
+def with_teacher_topk(rows: list[dict], teacher_path: str, k: int) -> list[dict]:
+    """Copies of `rows` with the teacher's top-k at each sample (rejected) token, flat, k per token, as the scoring
+    stage writes them (rejected_topk_ids / _logps / _tokens): from the teacher's own forward over prompt + sample,
+    position t's top-k being what the logits at t - 1 predict."""
+    from transformers import AutoModelForCausalLM
+
+    teacher = AutoModelForCausalLM.from_pretrained(teacher_path, dtype=torch.float32).eval()
+    out = []
+    for row in rows:
+        sequence = torch.tensor(np.concatenate([row["prompt_ids"], row["rejected_ids"]]))[None]
+        with torch.no_grad():
+            logps = torch.log_softmax(teacher(sequence).logits[0], -1)[len(row["prompt_ids"]) - 1 : -1]
+        top = torch.topk(logps, k)
+        out.append(
+            {
+                **row,
+                "rejected_topk_ids": top.indices.flatten().numpy().astype(np.int32),
+                "rejected_topk_logps": top.values.flatten().numpy().astype(np.float32),
+                "rejected_topk_tokens": len(row["rejected_ids"]),
+            }
+        )
+    return out
 
 
 def ListStream(shard: "ListShard"):
@@ -106,10 +134,15 @@ class ListShard:
         for start in range(0, len(self.rows), batch_size):
             chunk = self.rows[start : start + batch_size]
             self.consumed += [r["id"] for r in chunk]
+            topk = {"rejected_topk_ids", "rejected_topk_logps"} & set(chunk[0])
             yield {
                 "id": np.asarray([r["id"] for r in chunk]),
                 "status": np.asarray([r["status"] for r in chunk]),
-                **{k: ragged([r[k] for r in chunk]) for k in ("prompt_ids", "chosen_ids", "rejected_ids")},
+                **{
+                    k: ragged([r[k] for r in chunk])
+                    for k in ("prompt_ids", "chosen_ids", "rejected_ids", *sorted(topk))
+                },
+                **({"rejected_topk_tokens": np.asarray([r["rejected_topk_tokens"] for r in chunk])} if topk else {}),
             }
 
 
@@ -165,7 +198,11 @@ def main(out: Path) -> None:
         torch.manual_seed(train.seed)
         engine = worker._initialize(plan, world)
         teacher = worker._load_teacher(plan, engine.device)  # token_kd's; None for the other objectives
-        shard = ListShard(rows[rank::world])  # a fixed split: every variant sees the same pairs per rank
+        if name in TOPK:
+            teacher_path = tiny.materialize(tiny.PREFIX + "teacher", log=lambda _: None)
+            shard = ListShard(with_teacher_topk(rows[rank::world], teacher_path, TOPK[name]))
+        else:
+            shard = ListShard(rows[rank::world])  # a fixed split: every variant sees the same pairs per rank
         progress = worker.Progress()
         weigh = worker.step_term_scales
         if name in UNWEIGHTED:
