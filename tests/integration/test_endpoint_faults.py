@@ -404,7 +404,7 @@ def _score_sixteen(tmp_path, status: int, message: str, **endpoint):
     from plad_ray.config import EndpointConfig, TeacherEngineConfig
     from plad_ray.generate.endpoint_scores import scores_http
     from plad_ray.generate.endpoint_stats import write_from_endpoint
-    from plad_ray.teacher_logprobs import SCORE_SCHEMA
+    from plad_ray.generate.schemas import SCORE_SCHEMA
 
     def completions(body):
         ids = body["prompt"]
