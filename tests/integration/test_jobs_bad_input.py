@@ -263,10 +263,10 @@ ROW_CASES = ("duplicate ids", "malformed JSON line", "prompt over the context") 
 @pytest.fixture(scope="module")
 def ray_cluster():
     """One Ray cluster the row cases' jobs join (cluster.address), instead of each starting its own: the rows are
-    read by the same Ray Data tasks either way."""
+    read by the same Ray Data tasks either way. The demo config's 4 logical CPUs, as its local cluster has."""
     from support.ray_head import RayHead
 
-    cluster = RayHead(num_cpus=2)
+    cluster = RayHead(num_cpus=4)
     yield cluster
     cluster.stop()
 
