@@ -5,23 +5,12 @@ row messages are checked on the stage itself in test_prompt_checks.py."""
 
 import json
 import shutil
-import subprocess
 
 import pytest
-from conftest import PYTHON, ROOT, job_env
+from conftest import ROOT
+from support.jobs import run_job
 
 CONFIG = ROOT / "configs" / "tiny-cpu.yaml"
-
-
-def run_job(job: str, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [PYTHON, "-m", f"jobs.{job}", "--config", *args],
-        cwd=ROOT,
-        env=env or job_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
 
 
 @pytest.fixture(scope="module")
@@ -289,8 +278,8 @@ def test_bad_input(case, bad, blackbox, tmp_path, request):
     if case in ROW_CASES:
         cluster = request.getfixturevalue("ray_cluster")
         overrides, env = [*overrides, f"cluster.address={cluster.address}"], cluster.env
-    sets = [x for o in [f"output_dir={out}", *overrides] for x in ("--set", o.format(d=bad, root=ROOT, stub=blackbox))]
-    proc = run_job(job, config.format(d=bad) if config else str(CONFIG), *sets, env=env)
+    sets = [o.format(d=bad, root=ROOT, stub=blackbox) for o in [f"output_dir={out}", *overrides]]
+    proc = run_job(job, *sets, config=config.format(d=bad) if config else str(CONFIG), env=env, timeout=300)
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == code, proc.stderr[-2000:]
     errors = [line for line in lines if line.startswith("plad-ray: error: ")]
@@ -310,7 +299,7 @@ def test_bad_input(case, bad, blackbox, tmp_path, request):
 
 def test_output_of_a_different_run_is_refused_and_kept(tmp_path, tiny_models):
     out = tmp_path / "run"
-    first = run_job("distill", str(CONFIG), "--set", f"output_dir={out}", "--check")
+    first = run_job("distill", f"output_dir={out}", flags=("--check",), config=str(CONFIG), timeout=300)
     assert first.returncode == 0 and not out.exists()  # --check writes nothing
     from plad_ray.config import load_config
     from plad_ray.outputs import prepare_output
@@ -318,7 +307,7 @@ def test_output_of_a_different_run_is_refused_and_kept(tmp_path, tiny_models):
     prepare_output(load_config(str(CONFIG), [f"output_dir={out}"]))  # a run of the shipped config
     (out / "teacher").mkdir()
     before = (out / "run.json").read_text()
-    proc = run_job("distill", str(CONFIG), "--set", f"output_dir={out}", "--set", "teacher.sampling.temperature=0.5")
+    proc = run_job("distill", f"output_dir={out}", "teacher.sampling.temperature=0.5", config=str(CONFIG), timeout=300)
     assert proc.returncode == 2
     assert proc.stderr.strip() == (
         f"plad-ray: error: output_dir {out}: its teacher outputs were made with a different config "
@@ -328,14 +317,14 @@ def test_output_of_a_different_run_is_refused_and_kept(tmp_path, tiny_models):
 
 
 def test_debug_shows_the_traceback(tmp_path):
-    debug = run_job("train", str(tmp_path / "nope.yaml"), "--debug")
+    debug = run_job("train", flags=("--debug",), config=str(tmp_path / "nope.yaml"), timeout=300)
     assert debug.returncode == 2 and "Traceback" in debug.stderr
     assert debug.stderr.strip().splitlines()[-1].startswith("plad-ray: error: config file")
 
 
 def test_train_without_pairs_says_what_to_run_first(tmp_path):
     out = tmp_path / "run"
-    proc = run_job("train", str(CONFIG), "--set", f"output_dir={out}")
+    proc = run_job("train", f"output_dir={out}", config=str(CONFIG), timeout=300)
     assert proc.returncode == 3, proc.stderr
     assert proc.stderr.strip() == (
         f"plad-ray: error: pairs {out}/pairs: missing or incomplete; run jobs.generate_pairs first, "

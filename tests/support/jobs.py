@@ -14,11 +14,16 @@ def command(job: str, *sets: str, config: str = DEMO) -> list[str]:
 
 
 def run_job(
-    job: str, *sets: str, flags: tuple[str, ...] = (), env: dict | None = None, timeout: int = 900
+    job: str,
+    *sets: str,
+    flags: tuple[str, ...] = (),
+    config: str = DEMO,
+    env: dict | None = None,
+    timeout: int = 900,
 ) -> subprocess.CompletedProcess:
-    """Run jobs.<job> on the demo's config with `sets` and `flags` (e.g. --overwrite) to its end."""
+    """Run jobs.<job> on `config` (the demo's by default) with `sets` and `flags` (e.g. --overwrite) to its end."""
     return subprocess.run(
-        [*command(job, *sets), *flags],
+        [*command(job, *sets, config=config), *flags],
         cwd=ROOT,
         env=job_env() if env is None else env,
         capture_output=True,
