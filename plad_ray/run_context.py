@@ -11,9 +11,9 @@ from plad_ray.models.cache import local_model
 @dataclass(frozen=True)
 class RunContext:
     layout: OutputLayout  # output_dir's stage folders (plad_ray.data.layout)
-    use_gpu: bool = False  # cluster.use_gpu
-    model_cache: str = ""  # cluster.model_cache
-    heldout_fraction: float = 0.1  # data.heldout_fraction: the prompts whose pairs are held out, by id
+    use_gpu: bool  # cluster.use_gpu
+    model_cache: str  # cluster.model_cache
+    heldout_fraction: float  # data.heldout_fraction: the prompts whose pairs are held out, by id
     settings: dict = field(default_factory=dict, compare=False)  # the config, secrets redacted (Config.to_safe_dict)
 
     def student_after(self, round: int) -> str:

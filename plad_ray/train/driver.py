@@ -266,7 +266,7 @@ def train_student(
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     start = time.perf_counter()
     stops = (None, None) if train.pairs is not None else (teacher_stop, student.sampling.stop)
-    root = storage.absolute(layout.root)
+    root, run_dir = storage.absolute(layout.root), storage.absolute(layout.round_dir(round))
     name = os.path.basename(root.rstrip("/")) + ("" if round == 1 else f"-round-{round}")
     tracking = plan_tracking(
         train.trackers,
@@ -274,7 +274,7 @@ def train_student(
         root,
         name,
         run.settings,
-        round_dir=storage.absolute(layout.round_dir(round)),
+        round_dir=run_dir,
     )
     plan = TrainPlan(
         train=train,
@@ -285,7 +285,7 @@ def train_student(
         trust_remote_code=student.trust_remote_code,
         allow_pickle=student.allow_pickle_weights,
         teacher_path=inputs.teacher_path,
-        run_dir=storage.absolute(layout.round_dir(round)),
+        run_dir=run_dir,
         trace_pairs_dir=os.environ.get("PLAD_RAY_TRACE_PAIRS"),
         stream=stream is not None,
         trained_statuses=trained_statuses(train),
