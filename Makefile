@@ -15,6 +15,9 @@ STAMP := $(VENV)/.installed
 TORCH_INDEX ?=
 # DeepSpeed JIT-compiles its CPU communication op and (ZeRO-Offload) CPU Adam on first use; build them once, per venv.
 export TORCH_EXTENSIONS_DIR := $(abspath $(VENV))/torch_extensions
+# ... with the venv's ninja in every process (pytest, torchrun, Ray's workers): a build log written by another ninja
+# version (the system's 1.11 beside DeepSpeed's 1.13) is discarded, and the op rebuilt, each time the caller changes.
+export PATH := $(abspath $(VENV))/bin:$(PATH)
 export TOKENIZERS_PARALLELISM := false
 
 BENCH_STAMP := $(VENV)/.bench-installed

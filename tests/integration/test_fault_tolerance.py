@@ -76,7 +76,7 @@ def test_killed_training_worker_resumes_exactly_where_its_checkpoint_was(tmp_pat
     # One rank is killed mid-epoch after a checkpoint: the worker group restarts from it and must train the
     # steps after it on exactly the pairs it would have, each pair once per epoch, ending on the weights of
     # a run that was never interrupted.
-    write_pairs(tmp_path / "synthetic", 1200)  # ~1080 training pairs: 135 steps of 2 workers x 4 pairs
+    write_pairs(tmp_path / "synthetic", 640)  # ~576 training pairs: 72 steps of 2 workers x 4 pairs
     command = job_command(
         "train",
         f"train.pairs={tmp_path / 'synthetic' / 'pairs'}",

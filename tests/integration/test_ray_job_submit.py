@@ -90,7 +90,7 @@ def test_distill_on_s3_through_ray_job_submit_on_two_nodes_resumes_on_a_new_clus
         "--set",
         "train.placement_strategy=SPREAD",
         "--set",
-        "train.micro_batch_size=2",
+        "train.micro_batch_size=4",  # 34 steps a round (2 ranks x 4 pairs); a checkpoint every 5 to resume from
         "--set",
         "train.checkpoint_every_steps=5",
         "--set",
