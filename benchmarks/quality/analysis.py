@@ -97,26 +97,12 @@ def table(rows: list[tuple[str, list[dict]]]) -> str:
 def paired_difference(
     a_by_seed: list[dict], b_by_seed: list[dict], key: str = "correct", seed: int = 0, num_resamples: int = 10000
 ) -> dict:
-    """Mean over seeds of (a - b) on the same test prompts, its 95% paired-bootstrap interval (resampling
-    prompts, the same draw for every seed), and the per-seed differences."""
-    import random
+    """Mean over seeds of (a - b) on the same test prompts, its 95% hierarchical paired-bootstrap interval
+    (seeds, then prompts within each seed: plad_ray.compare.stats), and the per-seed differences."""
+    from plad_ray.compare import stats
 
-    per_seed = [statistics.mean(a[key]) - statistics.mean(b[key]) for a, b in zip(a_by_seed, b_by_seed)]
-    n = len(a_by_seed[0][key])
-    diffs = [[x - y for x, y in zip(a[key], b[key])] for a, b in zip(a_by_seed, b_by_seed)]
-    rng = random.Random(seed)
-    means = []
-    for _ in range(num_resamples):
-        draw = [rng.randrange(n) for _ in range(n)]
-        means.append(statistics.mean(sum(d[i] for i in draw) / n for d in diffs))
-    means.sort()
-    return {
-        "mean": statistics.mean(per_seed),
-        "low": means[int(0.025 * num_resamples)],
-        "high": means[int(0.975 * num_resamples) - 1],
-        "per_seed": per_seed,
-        "prompts": n,
-    }
+    diffs = stats.paired_differences([a[key] for a in a_by_seed], [b[key] for b in b_by_seed])
+    return stats.hierarchical_bootstrap(diffs, resamples=num_resamples, seed=seed)
 
 
 def decision(ci: dict, threshold: float = 0.02) -> tuple[bool, str]:

@@ -10,6 +10,7 @@ import pytest
 from conftest import ROOT
 from support.jobs import run_job
 
+pytestmark = pytest.mark.integration  # jobs in subprocesses, some on a Ray cluster: seconds each
 CONFIG = ROOT / "configs" / "tiny-cpu.yaml"
 
 

@@ -1,0 +1,1 @@
+"""Comparing objectives on one task: which objective, at which learning rate, and how sure (stats)."""
