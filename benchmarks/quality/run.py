@@ -35,6 +35,7 @@ from pathlib import Path
 
 from benchmarks.quality import analysis
 from benchmarks.quality.methods import LEARNING_RATES, METHODS, Grid, Method, by_name, slug
+from plad_ray.compare import stats
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG = Path(__file__).with_name("config.yaml")
@@ -381,7 +382,7 @@ def main() -> None:
                     if r["method"] == m.name
                 }
                 grid.dev[m.name] = scores
-                grid.chosen[m.name] = max(scores, key=lambda lr: (scores[lr], -lr))  # ties: the smaller rate
+                grid.chosen[m.name] = stats.best_rate(scores)  # ties: the smaller rate
             say("dev choice (seed 0): " + "; ".join(f"{k} lr {v:g}" for k, v in grid.chosen.items()))
         per_seed[seed] = {
             "initial": initial_rec,

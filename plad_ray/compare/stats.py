@@ -15,7 +15,7 @@ arm's seed fixes its initial student, its samples and its data order (a's and b'
 - `next_rates`: the learning-rate grid widens until each arm's best dev rate is inside it.
 """
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -74,9 +74,6 @@ def noise_floor(aa: dict) -> float:
 class Verdict:
     outcome: str  # "better" | "worse" | "no difference shown"
     why: str
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def verdict(ci: dict, floor: float) -> Verdict:
