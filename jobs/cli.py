@@ -16,7 +16,9 @@ from plad_ray.config import Config, load_config
 from plad_ray.errors import PladError, RuntimeFailure
 
 
-def parser(description: str, prog: str | None = None, sections: str | None = None) -> argparse.ArgumentParser:
+def parser(
+    description: str, prog: str | None = None, sections: str | None = None, add_arguments=None
+) -> argparse.ArgumentParser:
     epilog = f"config sections read: {sections} (see configs/ and README, Configuration)" if sections else None
     p = argparse.ArgumentParser(
         prog=prog, description=description, epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -44,6 +46,8 @@ def parser(description: str, prog: str | None = None, sections: str | None = Non
         help="show engine, Ray and DeepSpeed logs live (they always go to output_dir/logs/run.log)",
     )
     p.add_argument("--debug", action="store_true", help="show tracebacks")
+    if add_arguments is not None:  # a job's own options (jobs.compare)
+        add_arguments(p)
     return p
 
 
@@ -71,10 +75,15 @@ def trained(cfg: Config, report: dict, command: list[str]) -> None:
 
 
 def main(
-    run, description: str, argv: list[str] | None = None, prog: str | None = None, sections: str | None = None
+    run,
+    description: str,
+    argv: list[str] | None = None,
+    prog: str | None = None,
+    sections: str | None = None,
+    add_arguments=None,
 ) -> None:
     """Parse, run `run(args)`, and turn failures into one line and an exit code."""
-    args = parser(description, prog, sections).parse_args(argv)
+    args = parser(description, prog, sections, add_arguments).parse_args(argv)
     # The command as the user gave it (the model card records it).
     args.command = [
         *(prog.split() if prog else ["python", "-m", f"jobs.{Path(sys.argv[0]).stem}"]),

@@ -19,6 +19,7 @@ JOBS = {
     "generate-pairs": ("jobs.generate_pairs", "data, teacher, student, cluster, and train.max_length (prompt lengths)"),
     "train": ("jobs.train", "student (its model), train, cluster, and eval for the held-out scoring"),
     "evaluate": ("jobs.evaluate", "data, teacher, student, eval, cluster"),
+    "compare": ("jobs.compare", "data, teacher, student, train, eval, cluster"),
 }
 
 
@@ -55,7 +56,8 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2)
     module_name, sections = JOBS[name]
     module = importlib.import_module(module_name)
-    cli.main(module.run, module.__doc__, rest, prog=f"plad-ray {name}", sections=sections)
+    extra = getattr(module, "add_arguments", None)  # a job's own options (jobs.compare)
+    cli.main(module.run, module.__doc__, rest, prog=f"plad-ray {name}", sections=sections, add_arguments=extra)
 
 
 def _summary(module_name: str) -> str:

@@ -83,13 +83,44 @@ def heldout_rows(plan: EvalPlan, prompts=None) -> list[dict]:
         .map_batches(_heldout, fn_kwargs={"fraction": fraction}, batch_format="pyarrow")
         .sort("id")
     )
+    where = f"among {made['rows']} (data.heldout_fraction {fraction})"
+    return _with_references(plan, held, where, prompts)
+
+
+def heldout_rows_of_pairs(plan: EvalPlan, pairs_uri: str) -> list[dict]:
+    """heldout_rows for pairs made elsewhere (train.pairs): the held-out pairs' prompts, one row per prompt with its
+    teacher output (the pairs' chosen side), references from the prompt source."""
+    parquet.require_columns(pairs_uri, ("id", "prompt", "chosen", "heldout"), "pairs")
+    held = (
+        parquet.read(pairs_uri)
+        .select_columns(["id", "prompt", "chosen", "heldout"])
+        .map_batches(_first_heldout_per_id, batch_format="pyarrow")
+        .groupby("id")
+        .map_groups(_first_heldout_per_id, batch_format="pyarrow")
+        .sort("id")
+    )
+    return _with_references(plan, held, f"in {pairs_uri} (its `heldout` column)")
+
+
+def _first_heldout_per_id(table: pa.Table) -> pa.Table:
+    """The held-out rows, one per prompt id, as (id, prompt, teacher_text)."""
+    import pyarrow.compute as pc
+
+    table = table.filter(pc.fill_null(table.column("heldout"), False)) if "heldout" in table.column_names else table
+    seen, keep = set(), []
+    for i, pid in enumerate(table.column("id").to_pylist()):
+        if pid not in seen:
+            seen.add(pid)
+            keep.append(i)
+    first = table.take(pa.array(keep, pa.int64()))
+    text = "chosen" if "chosen" in first.column_names else "teacher_text"
+    return pa.table({"id": first.column("id"), "prompt": first.column("prompt"), "teacher_text": first.column(text)})
+
+
+def _with_references(plan: EvalPlan, held, where: str, prompts=None) -> list[dict]:
     rows = (held.limit(plan.eval.max_prompts) if plan.eval.max_prompts else held).take_all()
     if not rows:
-        raise DataError(
-            f"evaluation: no held-out prompt among {made['rows']} "
-            f"(data.heldout_fraction {fraction}); raise data.heldout_fraction or add "
-            "prompts"
-        )
+        raise DataError(f"evaluation: no held-out prompt {where}; raise data.heldout_fraction or add prompts")
     ids = pa.array([r["id"] for r in rows], pa.string())
     source = source_rows(plan.prompts, plan.max_prompts) if prompts is None else prompts
     references = source.map_batches(

@@ -538,3 +538,73 @@ def test_new_student_round_reuses_teacher_outputs(run):
     assert (out / "teacher" / "_manifest.json").read_text() == teacher_before
     assert parquet.read_table(str(out / "pairs")).num_rows == PROMPTS
     assert not (out / "student").exists()  # the old student came from other pairs: --overwrite removed it
+
+
+COMPARED = "seqkd,hinge[beta=0.5;length_normalize=true;nll_weight=1]"
+
+
+def test_compare_trains_each_objective_and_the_aa_control_then_gives_a_verdict(run, tiny_models, tmp_path):
+    """`plad-ray compare` at smoke size on the run's pairs (train.pairs): two objectives and the A/A control trained
+    with Ray Train + DeepSpeed, each evaluated by vLLM on dev + test, a verdict under the rule, everything under
+    --out; the same command again resumes without training anything; other settings on that --out are refused."""
+    pairs_run, _, _ = run
+    out, output_dir = tmp_path / "compare", tmp_path / "unused"
+    sets = (
+        f"output_dir={output_dir}",
+        f"train.pairs={pairs_run / 'pairs'}",
+        "train.max_steps=20",
+        "eval.num_samples=2",
+    )
+    flags = ("--objectives", COMPARED, "--seeds", "1", "--grid", "1e-3", "--widen", "0", "--out", str(out))
+    proc = run_job("compare", *sets, flags=flags)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-3000:]
+    result = json.loads((out / "compare.json").read_text())
+    assert (out / "compare.md").read_text().startswith("| objective |") and (out / "compare.png").stat().st_size > 0
+    assert not output_dir.exists()  # everything under --out
+    assert "no pair generation" in proc.stdout
+
+    # The rule, the split (the run's held-out prompts), the arms: every held-out prompt has a record in every arm.
+    assert result["rule"].startswith("An objective beats the default (seqkd)")
+    dev, test = set(result["split"]["dev"]), set(result["split"]["test"])
+    heldout = {r["id"] for r in parquet.read_table(str(pairs_run / "pairs")).to_pylist() if r["heldout"]}
+    assert dev and test and not dev & test and dev | test == heldout
+    hinge = COMPARED.split(",", 1)[1]
+    assert set(result["arms"]) == {"seqkd", hinge} and result["default"] == "seqkd"
+    assert result["chosen"] == {"seqkd": 1e-3, hinge: 1e-3} and result["edge"] == {"seqkd": True, hinge: True}
+    references = {r["id"]: r["reference"] for r in map(json.loads, open("configs/prompts/tiny-reverse.jsonl"))}
+    for name in ("seqkd", hinge):
+        records = result["records"][name]["0"]
+        assert {r["id"] for r in records} == heldout
+        assert all(r["correct"] == exact_match(r["text"], references[r["id"]]) for r in records)
+        assert all(r["best_of_n"] in (0.0, 1.0) for r in records)
+        test_accuracy = sum(r["correct"] for r in records if r["id"] in test) / len(test)
+        assert result["arms"][name]["test"] == pytest.approx(test_accuracy)
+    verdict = result["arms"][hinge]
+    assert verdict["verdict"] in ("better", "worse", "no difference shown")
+    ci = verdict["vs_default"]
+    assert ci["low"] <= ci["mean"] <= ci["high"] and ci["seeds"] == 1 and ci["prompts"] == len(test)
+    assert result["noise_floor"] == max(abs(result["aa"]["low"]), abs(result["aa"]["high"]))
+    assert {r["id"] for r in result["aa_records"]["0"]} == heldout
+
+    # Three runs trained (two objectives, the A/A), 20 steps each; every student's weights moved, and the A/A's
+    # other data order gave another student than the default's.
+    arms = {p.name: p for p in (out / "arms").iterdir()}
+    assert len(arms) == 3 and sum(name.endswith("-seed1000") for name in arms) == 1
+    before = load_file(f"{tiny_models['student']}/model.safetensors")
+    weights = {}
+    for name, arm in arms.items():
+        assert json.loads((arm / "report.json").read_text())["steps"] == 20
+        weights[name] = load_file(str(arm / "student" / "model.safetensors"))
+        assert any(not torch.equal(weights[name][k], before[k]) for k in before), name
+    aa, seqkd = (next(w for n, w in weights.items() if n.startswith("seqkd-") and n.endswith(s)) for s in ("1000", "0"))
+    assert any(not torch.equal(aa[k], seqkd[k]) for k in before)
+    assert "[compare] seqkd: lr 0.001 chosen on dev\n" in proc.stdout
+
+    again = run_job("compare", *sets, flags=flags)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "[compare] resuming the comparison" in again.stdout and ": training (" not in again.stdout
+    assert json.loads((out / "compare.json").read_text())["arms"] == result["arms"]
+
+    other = run_job("compare", *sets, flags=("--objectives", "seqkd,hinge", *flags[2:]))
+    assert other.returncode == 2, other.stderr[-2000:]
+    assert other.stderr.strip().splitlines()[-1].startswith(f"plad-ray: error: --out {out} holds a comparison")

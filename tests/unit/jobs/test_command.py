@@ -14,7 +14,7 @@ def test_help_lists_every_job_and_each_job_names_its_config_sections(capsys):
         command.main(["--help"])
     assert exit_.value.code == 0
     out = capsys.readouterr().out
-    for job in ("distill", "generate-pairs", "train", "evaluate"):
+    for job in ("distill", "generate-pairs", "train", "evaluate", "compare"):
         assert f"\n  {job} " in out
     assert "Generate teacher outputs" in out  # the job's own first docstring line
     for job, (_, sections) in command.JOBS.items():
@@ -32,7 +32,7 @@ def test_unknown_or_missing_job_is_one_line_and_exit_2(capsys):
     assert exit_.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err == (
-        "plad-ray: error: unknown job 'distil'; choose one of: distill, generate-pairs, train, evaluate "
+        "plad-ray: error: unknown job 'distil'; choose one of: distill, generate-pairs, train, evaluate, compare "
         "(plad-ray --help)"
     )
     with pytest.raises(SystemExit) as exit_:
@@ -78,3 +78,36 @@ def test_a_runtime_failure_names_its_stage_and_the_working_directory_that_vanish
         f"directory (the job's working directory {gone} was removed while it ran; under ray job submit give every "
         "node its own `ray start --temp-dir`) (re-run with --debug for the traceback)"
     )
+
+
+@pytest.mark.parametrize(
+    "args, line",
+    [
+        (
+            ["--objectives", "seqkd"],
+            "plad-ray: error: --objectives: give at least two, the default first (e.g. seqkd,hinge)",
+        ),
+        (
+            ["--objectives", "seqkd,hinge[betta=1]", "--check"],
+            "plad-ray: error: config key train.loss.betta: unknown key",
+        ),
+        (["--objectives", "seqkd,hinge", "--grid", "fast"], "plad-ray: error: --grid: 'fast' is not a comma-separated"),
+        (["--objectives", "seqkd,hinge", "--seeds", "0"], "plad-ray: error: --seeds 0 / --widen 3: seeds must be >= 1"),
+    ],
+)
+def test_compare_refuses_bad_options_in_one_line_before_anything_starts(args, line, capsys, tmp_path):
+    with pytest.raises(SystemExit) as exit_:
+        command.main(["compare", "--config", "configs/tiny-cpu.yaml", "--out", str(tmp_path / "c"), *args])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith(line)
+    assert not (tmp_path / "c").exists()
+
+
+def test_compare_check_names_its_plan_and_starts_nothing(capsys, tmp_path):
+    command.main(
+        ["compare", "--config", "configs/tiny-cpu.yaml", "--objectives", "seqkd,hinge[beta=0.5]", "--check"]
+        + ["--seeds", "2", "--out", str(tmp_path / "c")]
+    )
+    out = capsys.readouterr().out
+    assert f"[compare] 2 objectives, grid 0.000333, 0.001, 0.003, 2 seed(s) -> {tmp_path / 'c'}" in out
+    assert "nothing was started" in out and not (tmp_path / "c").exists()
