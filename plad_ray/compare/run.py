@@ -74,13 +74,13 @@ def compare(
                     f"[compare] {what}: dev {plan.mean_of(records, set(dev_ids)):.3f}, "
                     f"test {plan.mean_of(records, set(test_ids)):.3f}"
                 )
-                proxies = {k: trained.get(k) for k in ("eval_initial", "eval_trained")}
+                held_out = {k: trained.get(k) for k in ("eval_initial", "eval_trained")}
                 result = {"objective": o.name, "lr": lr, "seed": seed, "order_seed": order, "steps": trained["steps"]}
-                return _keep(storage.join(folder, "result.json"), {**result, "proxies": proxies, "records": records})
+                return _keep(storage.join(folder, "result.json"), {**result, "proxies": held_out, "records": records})
 
             return evaluations.submit(finish)
 
-        dev_curves, chosen, runs, pending = {}, {}, {o.name: {} for o in objectives}, {}
+        dev_curves, chosen, runs, pending, proxies = {}, {}, {o.name: {} for o in objectives}, {}, {}
         # The grid's first round for every objective, trained back to back while their evaluations follow.
         first = {(o.name, lr): arm(o, lr, 0) for o in objectives for lr in grid}
         for o in objectives:  # the rate, on dev, at seed 0
@@ -89,6 +89,7 @@ def compare(
                 waiting = {lr: first.pop((o.name, lr), None) or arm(o, lr, 0) for lr in rates}
                 for lr, result in waiting.items():
                     runs[o.name].setdefault(lr, {})[0] = result.result()["records"]
+                    proxies[(o.name, lr, 0)] = result.result()["proxies"]
                 return {lr: plan.mean_of(runs[o.name][lr][0], set(dev_ids)) for lr in rates}
 
             dev_curves[o.name] = plan.search_rate(grid, dev_scores, max_widenings)
@@ -108,6 +109,7 @@ def compare(
         for (name, seed), result in pending.items():
             if name != "A/A":
                 runs[name][chosen[name]][seed] = result.result()["records"]
+                proxies[(name, chosen[name], seed)] = result.result()["proxies"]
         aa = {seed: result.result()["records"] for (name, seed), result in pending.items() if name == "A/A"}
         initial = initial.result()
 
@@ -124,6 +126,11 @@ def compare(
         initial_student={"test": plan.mean_of(initial["records"], set(test_ids)), "records": initial["records"]},
         records={name: {str(s): recs for s, recs in by_seed.items()} for name, by_seed in at_rate.items()},
         aa_records={str(s): recs for s, recs in aa.items()},
+        # held-out pair figures before and after training (ranking accuracy, teacher-output NLL): proxies, beside
+        # the test accuracy above, never instead of it
+        proxies={
+            name: {str(s): proxies[(name, chosen[name], s)] for s in by_seed} for name, by_seed in at_rate.items()
+        },
         minutes=(time.perf_counter() - started) / 60,
     )
     report.write(out, result)

@@ -579,6 +579,8 @@ def test_compare_trains_each_objective_and_the_aa_control_then_gives_a_verdict(r
         assert all(r["best_of_n"] in (0.0, 1.0) for r in records)
         test_accuracy = sum(r["correct"] for r in records if r["id"] in test) / len(test)
         assert result["arms"][name]["test"] == pytest.approx(test_accuracy)
+        held_out = result["proxies"][name]["0"]  # the proxies beside it: held-out pairs before and after training
+        assert held_out["eval_trained"]["ranking_accuracy"] != held_out["eval_initial"]["ranking_accuracy"]
     verdict = result["arms"][hinge]
     assert verdict["verdict"] in ("better", "worse", "no difference shown")
     ci = verdict["vs_default"]
