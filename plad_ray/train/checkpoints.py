@@ -14,6 +14,7 @@ import json
 import os
 import tempfile
 import time
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,11 +46,36 @@ def resume(engine) -> Progress:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
         return Progress()
-    with checkpoint.as_directory() as folder:
+    with local_copy(checkpoint) as folder:
         engine.load_checkpoint(folder, tag=CHECKPOINT_TAG)
         progress = Progress(**json.loads((Path(folder) / PROGRESS_FILE).read_text()))
     print(f"[train] resumed from checkpoint at step {progress.step}", flush=True)
     return progress
+
+
+# Ray's message when the node's shared download folder of a checkpoint in storage vanished while this rank waited for
+# its lock: another rank of the node had finished with it and was deleting it under the same lock (Ray's cleanup
+# race; seen once in the two-node resume from S3, 2026-12-07).
+_RAY_CLEANUP_RACE = "even though it should have been created by another process"
+
+
+@contextmanager
+def local_copy(checkpoint):
+    """checkpoint.as_directory(), asked once more when Ray's cleanup race took the folder away: the second call
+    finds no folder and downloads it itself."""
+    stack = ExitStack()
+    try:
+        folder = stack.enter_context(checkpoint.as_directory())
+    except RuntimeError as e:
+        if _RAY_CLEANUP_RACE not in str(e):
+            raise
+        print(
+            "[train] another rank removed the checkpoint's download folder as this one came to it; downloading again",
+            flush=True,
+        )
+        folder = stack.enter_context(checkpoint.as_directory())
+    with stack:
+        yield folder
 
 
 def save(engine, progress: Progress, rank: int, upload: str = "sync", staging: str | None = None) -> None:

@@ -19,7 +19,7 @@ import torch
 from ray.data.collate_fn import NumpyBatchCollateFn
 
 from plad_ray.train.batching import collate_pairs
-from plad_ray.train.checkpoints import CHECKPOINT_TAG, Progress, checkpoint_name
+from plad_ray.train.checkpoints import CHECKPOINT_TAG, Progress, checkpoint_name, local_copy
 from plad_ray.train.feed import forward, term_counts
 from plad_ray.train.plan import TrainPlan
 
@@ -147,5 +147,5 @@ def _restore(engine, plan: TrainPlan, step: int) -> None:
     import ray.train
 
     checkpoint = ray.train.Checkpoint(f"{plan.checkpoint_root}/{checkpoint_name(step)}")
-    with checkpoint.as_directory() as folder:
+    with local_copy(checkpoint) as folder:
         engine.load_checkpoint(folder, tag=CHECKPOINT_TAG)
