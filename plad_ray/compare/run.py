@@ -31,7 +31,7 @@ def compare(
 
     Arms train one at a time; each one's evaluation (a vLLM engine) runs while the next one trains."""
     configs = {o.name: load(o.overrides) for o in objectives}  # every objective's config checked before any run
-    base_cfg = load([f"output_dir={storage.join(out, 'pairs')}", *_scored(configs, given=False)])
+    base_cfg = load([f"output_dir={storage.join(out, 'pairs')}", *_scored(configs)])
     default = objectives[0].name
     _claim(out, _settings(base_cfg, objectives, grid, seeds, max_widenings), log)
     started = time.perf_counter()
@@ -155,7 +155,7 @@ def _pairs(base_cfg: Config, configs: dict[str, Config], log) -> tuple[list[dict
         pipeline.generate(base_cfg, log=log)
     layout = base_cfg.layout()
     shared = [f"train.pairs={layout.pairs()}"]
-    if _scored(configs, given=False):
+    if _scored(configs):
         shared.append(f"train.teacher_scores={layout.scores()}")
     return heldout_rows(eval_plan), shared
 
@@ -193,11 +193,11 @@ def _verdicts(objectives, at_rate: dict, aa: dict, test_ids: list[str]) -> dict:
     return {"arms": arms, "aa": aa_ci, "noise_floor": floor}
 
 
-def _scored(configs: dict[str, Config], given: bool) -> list[str]:
-    """teacher.score_samples for the pairs' run when an objective reads the teacher's scores (with given pairs,
-    train.teacher_scores names them and config validation asks for it)."""
+def _scored(configs: dict[str, Config]) -> list[str]:
+    """teacher.score_samples for the pairs' run when an objective reads the teacher's scores (with given pairs it
+    makes nothing: train.teacher_scores names them, and config validation asks for it)."""
     needed = any(c.train.loss.objective.needs_scores for c in configs.values())
-    return ["teacher.score_samples=true"] if needed and not given else []
+    return ["teacher.score_samples=true"] if needed else []
 
 
 def _student(cfg: Config) -> str:
