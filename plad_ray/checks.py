@@ -26,6 +26,19 @@ from plad_ray.run_context import RunContext
 from plad_ray.teacher_logprobs import CROSS_VOCABULARY
 
 
+def model_folder(cfg: Config, role: str, log=lambda _: None) -> str:
+    """The local folder of the teacher's or the student's model: checked, a URI fetched into cluster.model_cache."""
+    engine = getattr(cfg, role)
+    return resolve_model(
+        engine.model,
+        f"{role}.model",
+        engine.allow_pickle_weights,
+        engine.chat_template,
+        log=log,
+        cache_root=cfg.cluster.model_cache,
+    )
+
+
 @dataclass
 class Inputs:
     """Checked inputs; each field only when the stages run need it."""
@@ -68,23 +81,9 @@ def check_inputs(
         )
     inputs = Inputs()
     if teacher and cfg.teacher.endpoint is None:  # an endpoint teacher: plad_ray.generate.endpoint.check_teacher
-        inputs.teacher_path = resolve_model(
-            cfg.teacher.model,
-            "teacher.model",
-            cfg.teacher.allow_pickle_weights,
-            cfg.teacher.chat_template,
-            log=log,
-            cache_root=cfg.cluster.model_cache,
-        )
+        inputs.teacher_path = model_folder(cfg, "teacher", log)
     if student:
-        inputs.student_path = resolve_model(
-            cfg.student.model,
-            "student.model",
-            cfg.student.allow_pickle_weights,
-            cfg.student.chat_template,
-            log=log,
-            cache_root=cfg.cluster.model_cache,
-        )
+        inputs.student_path = model_folder(cfg, "student", log)
     if (
         cfg.teacher.score_samples
         and inputs.teacher_path

@@ -202,40 +202,30 @@ def _scored(configs: dict[str, Config]) -> list[str]:
 
 def _student(cfg: Config) -> str:
     """The initial student's local folder (a URI was fetched by the pairs' run)."""
-    from plad_ray.models.folders import resolve_model
+    from plad_ray.checks import model_folder
 
-    s = cfg.student
-    return resolve_model(
-        s.model,
-        "student.model",
-        s.allow_pickle_weights,
-        s.chat_template,
-        log=lambda _: None,
-        cache_root=cfg.cluster.model_cache,
-    )
+    return model_folder(cfg, "student")
 
 
 def _judge(cfg: Config):
     """Correctness of one output: the run's verifier (eval.scorer, else a text train.scorer), else exact match
-    against the prompt's reference."""
-    from plad_ray.evaluation.metrics import exact_match
-    from plad_ray.evaluation.stage import verifier
+    against the prompt's reference (evaluation.stage.correctness_of, as the run's evaluation judges it)."""
+    from plad_ray.evaluation.stage import correctness_of, verifier
     from plad_ray.verifiers import get_scorer
 
     name = verifier(cfg)
-    if name:
-        scorer = get_scorer(name)
-        return lambda row, text: float(scorer(row["prompt"], text) >= 1.0)
+    scorer = get_scorer(name) if name else None
 
-    def by_reference(row: dict, text: str) -> float:
-        if row["reference"] is None:
+    def correct(row: dict, text: str) -> float:
+        ok = correctness_of(row, text, scorer)
+        if ok is None:
             raise ConfigError(
                 f"compare: held-out prompt {row['id']} has no reference and no verifier is set; set eval.scorer "
                 "or give every prompt a `reference`"
             )
-        return exact_match(text, row["reference"])
+        return ok
 
-    return by_reference
+    return correct
 
 
 def _settings(cfg: Config, objectives, grid, seeds, max_widenings) -> dict:

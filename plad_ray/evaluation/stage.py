@@ -214,6 +214,14 @@ def judge_scores(rows: list[dict], texts: list[str], scorer_name: str | None, gr
     return None
 
 
+def correctness_of(row: dict, text: str, scorer=None) -> float | None:
+    """Whether one output is correct (1.0 or 0.0): the verifier's full score when one is given, else exact match
+    against the row's reference; None when there is neither."""
+    if scorer is not None:
+        return float(scorer(row["prompt"], text) >= 1.0)
+    return None if row["reference"] is None else exact_match(text, row["reference"])
+
+
 def score_outputs(
     rows: list[dict], outputs: list[dict] | None, scorer_name: str | None, num_bins: int, graded_name: str | None = None
 ) -> dict:
@@ -228,11 +236,9 @@ def score_outputs(
         m["rouge_l"] = mean([rouge_l(t, ref) for t, ref in refs])
 
     def correctness(prompt_texts: list[str]) -> list[float] | None:
-        if scorer is not None:
-            return [float(scorer(r["prompt"], t) >= 1.0) for r, t in zip(rows, prompt_texts)]
-        if len(refs) == len(rows):
-            return [exact_match(t, r["reference"]) for t, r in zip(prompt_texts, rows)]
-        return None
+        if scorer is None and len(refs) < len(rows):
+            return None
+        return [correctness_of(r, t, scorer) for r, t in zip(rows, prompt_texts)]
 
     correct = correctness(texts)
     if scorer is not None:
