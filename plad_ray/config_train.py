@@ -1,7 +1,7 @@
 """The train section of a run's config (`train:`): the trainer, its loss (`train.loss`) and its collapse guard
 (`train.guard`), each checking its own fields as plad_ray.config's sections do."""
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from plad_ray.data import storage
 from plad_ray.objectives import LOSS_TYPES, Objective, objective
@@ -27,6 +27,9 @@ class LossConfig:
     divergence: str = "reverse_kl"
     jsd_beta: float = 0.5  # in (0, 1)
     skew_alpha: float = 0.1  # contrastive: DistiLLM-2's skew, in [0, 1)
+    # The paper's recipe, SFT first: this share of the optimizer steps, at the start, trains seqkd (the NLL of the
+    # teacher's outputs), the rest this ranking objective; in [0, 1), 0 is off (one objective throughout)
+    seqkd_first: float = 0.0
 
     def checks(self, prefix: str):
         yield f"{prefix}type", self.type in LOSS_TYPES, f"must be one of: {', '.join(LOSS_TYPES)}"
@@ -36,11 +39,29 @@ class LossConfig:
         yield f"{prefix}beta", self.beta > 0, "the hinge margin must be > 0"
         yield f"{prefix}gamma", self.gamma > 0, "the logistic scale must be > 0"
         yield f"{prefix}nll_weight", self.nll_weight >= 0, "must be >= 0"
+        yield (
+            f"{prefix}seqkd_first",
+            0 <= self.seqkd_first < 1,
+            "must be in [0, 1): the share of steps trained as seqkd",
+        )
+        yield (
+            f"{prefix}seqkd_first",
+            not self.seqkd_first or self.type not in LOSS_TYPES or self.objective.trains_ranking,
+            f"goes before a ranking objective (hinge, margin, logistic, listwise), not {self.type}",
+        )
 
     @property
     def objective(self) -> Objective:
         """What this loss type trains, reads and needs (plad_ray.objectives)."""
         return objective(self.type)
+
+    def seqkd_steps(self, total_steps: int) -> int:
+        """How many of the run's first optimizer steps train seqkd (`seqkd_first`, rounded to the nearest step)."""
+        return round(self.seqkd_first * total_steps)
+
+    def at_step(self, step: int, total_steps: int) -> "LossConfig":
+        """The loss optimizer step `step` (0-based) trains: seqkd during the `seqkd_first` share, then this one."""
+        return replace(self, type="seqkd") if step < self.seqkd_steps(total_steps) else self
 
 
 @dataclass

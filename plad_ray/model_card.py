@@ -98,4 +98,6 @@ def _objective(loss: dict) -> str:
         parts.append("length-normalised log-probs")
     if loss["nll_weight"]:
         parts.append(f"plus {loss['nll_weight']} x NLL of the teacher's outputs")
+    if loss.get("seqkd_first"):
+        parts.append(f"after seqkd for the first {loss['seqkd_first']:.0%} of the steps")
     return ", ".join(parts)

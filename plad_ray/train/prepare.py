@@ -28,8 +28,9 @@ class PairText:
 
 
 def trains_identical_pairs(train: TrainConfig) -> bool:
-    """Whether pairs with two identical sides still teach (an NLL or per-token term; plad_ray.objectives)."""
-    return train.loss.objective.trains_identical_pairs(train.loss.nll_weight)
+    """Whether pairs with two identical sides still teach (an NLL or per-token term; plad_ray.objectives), in any
+    phase of the run (train.loss.seqkd_first trains seqkd first)."""
+    return train.loss.seqkd_first > 0 or train.loss.objective.trains_identical_pairs(train.loss.nll_weight)
 
 
 def prepare_pairs(pairs_ds, text: PairText, train: TrainConfig):

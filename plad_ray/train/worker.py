@@ -15,6 +15,7 @@ collapse guard in plad_ray.train.heldout; checkpoints in plad_ray.train.checkpoi
 import json
 import resource
 import time
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
@@ -221,8 +222,9 @@ def _train(
         for index, (step_batches, spare) in enumerate(feed.steps(train, plan.pad_id, epoch, window)):
             if index < done_in_epoch:
                 continue  # consumed before the checkpoint this run resumed from
+            now = _phase(train, progress.step, plan.total_steps, log)  # train.loss.seqkd_first: seqkd, then the loss
             # (ranking terms, chosen tokens) of each micro-batch; a spare step's weigh nothing
-            counts = [(0.0, 0.0) if spare else term_counts(batch, train) for batch in step_batches]
+            counts = [(0.0, 0.0) if spare else term_counts(batch, now) for batch in step_batches]
             step_totals_2 = torch.tensor(counts, dtype=torch.float64).sum(0)
             if distributed:
                 torch.distributed.all_reduce(step_totals_2)  # over every rank's micro-batches of the step
@@ -235,7 +237,7 @@ def _train(
                     )
                     packing_checked = True
                 scales = step_term_scales(ranked, tokens, step_ranked, step_tokens, len(step_batches), world)
-                stats = forward(engine, batch, train, teacher, scales)
+                stats = forward(engine, batch, now, teacher, scales)
                 engine.backward(stats["loss"])
                 engine.step()
                 if not spare:
@@ -294,6 +296,17 @@ def _train(
                 log(f"[train] step {progress.step} (the stream's last) epoch {epoch} {_fmt(entry)}")
             break
     return trained_rows
+
+
+def _phase(train, step: int, total_steps: int, log):
+    """The train config step `step` trains with: seqkd for the first train.loss.seqkd_first of the steps, then
+    train.loss (the paper's SFT-then-calibration recipe). Logs the switch."""
+    loss = train.loss.at_step(step, total_steps)
+    if loss is train.loss:
+        if step and step == train.loss.seqkd_steps(total_steps):
+            log(f"[train] step {step}: seqkd's {step} steps are done; {train.loss.type} from here")
+        return train
+    return replace(train, loss=loss)
 
 
 def _trace(folder: str, rank: int, step: int, epoch: int, step_batches: list[dict]) -> None:

@@ -540,7 +540,8 @@ def test_new_student_round_reuses_teacher_outputs(run):
     assert not (out / "student").exists()  # the old student came from other pairs: --overwrite removed it
 
 
-COMPARED = "seqkd,hinge[beta=0.5;length_normalize=true;nll_weight=1]"
+# the challenger is the paper's recipe: seqkd for the first half of the steps, then the per-token hinge + NLL
+COMPARED = "seqkd,hinge[beta=0.5;length_normalize=true;nll_weight=1;seqkd_first=0.5]"
 
 
 def test_compare_trains_each_objective_and_the_aa_control_then_gives_a_verdict(run, tiny_models, tmp_path):
@@ -601,6 +602,7 @@ def test_compare_trains_each_objective_and_the_aa_control_then_gives_a_verdict(r
     aa, seqkd = (next(w for n, w in weights.items() if n.startswith("seqkd-") and n.endswith(s)) for s in ("1000", "0"))
     assert any(not torch.equal(aa[k], seqkd[k]) for k in before)
     assert "[compare] seqkd: lr 0.001 chosen on dev\n" in proc.stdout
+    assert proc.stdout.count("[train] step 10: seqkd's 10 steps are done; hinge from here") == 1  # the challenger's
 
     again = run_job("compare", *sets, flags=flags)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]

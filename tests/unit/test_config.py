@@ -98,6 +98,11 @@ def test_overrides_are_typed_and_nested(tmp_path):
         ("data.heldout_fraction=0", "config key eval.enabled: evaluation runs on held-out prompts"),
         ("train.loss.type=margin", "config key train.loss.type: the margin loss needs scores: set train.scorer"),
         ("train.loss.gamma=0", "config key train.loss.gamma: the logistic scale must be > 0"),
+        ("train.loss.seqkd_first=1", "config key train.loss.seqkd_first: must be in [0, 1)"),
+        (
+            "train.loss.seqkd_first=0.5",  # the minimal config's objective is seqkd itself
+            "config key train.loss.seqkd_first: goes before a ranking objective (hinge, margin, logistic, listwise)",
+        ),
         ("train.scorer=rouge", "config key train.scorer: must be null or one of: reverse"),
         ("train.student_wins=flip", "config key train.student_wins: dropping or flipping pairs the student won"),
         ("nothing", "override 'nothing': must look like key.path=value"),
