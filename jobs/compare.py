@@ -25,7 +25,7 @@ def add_arguments(p) -> None:
         "--objectives",
         required=True,
         help="comma-separated loss types, the default first; train.loss keys in brackets, e.g. "
-        "seqkd,hinge[beta=0.5;nll_weight=1]",
+        "seqkd,hinge[beta=0.5;nll_weight=1]; values a|b are alternatives tuned on dev, e.g. hinge[beta=0.1|0.5|1]",
     )
     p.add_argument("--seeds", type=int, default=3, help="data-order seeds per objective (default 3)")
     p.add_argument("--grid", help="learning rates tried at seed 0 (default: train.learning_rate / 3, x1, x3)")
@@ -50,14 +50,17 @@ def run(args) -> None:
         else (cfg.output_dir.rstrip("/") + "-compare")
     )
     grid = plan.parse_grid(args.grid, cfg.train.learning_rate)
+    tuned = sum(len(o.candidates) for o in objectives)
     print(
-        f"[compare] {len(objectives)} objectives, grid {', '.join(f'{r:g}' for r in grid)}, "
+        f"[compare] {len(objectives)} objectives"
+        + (f" ({tuned} candidate settings tuned on dev)" if tuned else "")
+        + f", grid {', '.join(f'{r:g}' for r in grid)}, "
         f"{args.seeds} seed(s) -> {out}",
         flush=True,
     )
     if args.check:
-        for o in objectives:
-            load_config(args.config, [*args.overrides, *o.overrides])
+        for c in (c for o in objectives for c in o.choices):
+            load_config(args.config, [*args.overrides, *c.overrides])
         print("[compare] --check: the config and every objective's settings are fine; nothing was started")
         return
     compare(

@@ -1,12 +1,14 @@
 """What `plad-ray compare` decides before and after its runs: pure functions, no Ray, no I/O.
 
 --objectives seqkd,hinge[beta=0.5;nll_weight=1]   -> Objective(name, train.* overrides); the first is the default
+  hinge[beta=0.1|0.5]                             -> its candidates, tuned on dev with the rate (best_candidate)
 held-out prompt ids                               -> dev / test (a hash of the id: stable across runs and machines)
 per-prompt outputs of one model                   -> per-prompt scores (greedy correct, best-of-n by own likelihood)
 the arms' test scores                             -> the table's rows and the verdicts (plad_ray.compare.stats)
 """
 
 import hashlib
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -20,10 +22,18 @@ MAX_WIDENINGS = 3  # grid widening rounds per objective (stats.next_rates) befor
 
 @dataclass(frozen=True)
 class Objective:
-    """One contender: its name as given on the command line and the config overrides that make it."""
+    """One contender: its name as given on the command line and the config overrides that make it. With
+    alternatives (`hinge[beta=0.1|0.5;nll_weight=1]`), `candidates` are its settings, one per combination, tuned on
+    dev together with the rate; the best of them is the contender."""
 
     name: str
     overrides: tuple[str, ...]
+    candidates: tuple["Objective", ...] = ()
+
+    @property
+    def choices(self) -> tuple["Objective", ...]:
+        """What the dev search trains: its candidates, or (untuned) itself."""
+        return self.candidates or (self,)
 
     @property
     def slug(self) -> str:
@@ -33,7 +43,8 @@ class Objective:
 
 def parse_objectives(spec: str) -> list[Objective]:
     """`seqkd,hinge[beta=0.5;nll_weight=1]` -> objectives: a train.loss.type, with train.loss.* keys in brackets
-    separated by `;`. Another train.* key is given whole: `seqkd[train.micro_batch_size=4]`."""
+    separated by `;`. Another train.* key is given whole: `seqkd[train.micro_batch_size=4]`. Values separated by
+    `|` are alternatives tuned on dev: `hinge[beta=0.1|0.5;nll_weight=1|5]` has 4 candidates."""
     objectives, seen = [], set()
     for item in _split_top(spec):
         item = item.strip()
@@ -44,17 +55,26 @@ def parse_objectives(spec: str) -> list[Objective]:
                 f"--objectives: {item!r} is not an objective; write a loss type, with train.loss keys in brackets, "
                 "e.g. seqkd,hinge[beta=0.5;nll_weight=1]"
             )
-        overrides = [f"train.loss.type={kind}"]
+        settings = []  # (key as written, full config key, its values)
         for setting in filter(None, (s.strip() for s in rest[:-1].split(";"))) if rest else ():
             key, eq, value = setting.partition("=")
-            if not eq or not key.strip():
-                raise ConfigError(f"--objectives: {setting!r} in {item!r} is not key=value")
+            values = [v.strip() for v in value.split("|")]
+            if not eq or not key.strip() or not all(values):
+                raise ConfigError(f"--objectives: {setting!r} in {item!r} is not key=value (or key=value|value)")
             key = key.strip()
-            overrides.append(f"{key if key.startswith('train.') else 'train.loss.' + key}={value.strip()}")
+            settings.append((key, key if key.startswith("train.") else "train.loss." + key, values))
         if item in seen:
             raise ConfigError(f"--objectives: {item!r} is listed twice")
         seen.add(item)
-        objectives.append(Objective(item, tuple(overrides)))
+        combos = list(itertools.product(*(values for _, _, values in settings)))
+        candidates = tuple(
+            Objective(
+                kind + (f"[{';'.join(f'{k}={v}' for (k, _, _), v in zip(settings, combo))}]" if settings else ""),
+                (f"train.loss.type={kind}", *(f"{full}={v}" for (_, full, _), v in zip(settings, combo))),
+            )
+            for combo in combos
+        )
+        objectives.append(Objective(item, candidates[0].overrides, candidates if len(combos) > 1 else ()))
     if len(objectives) < 2:
         raise ConfigError("--objectives: give at least two, the default first (e.g. seqkd,hinge)")
     return objectives
@@ -95,6 +115,11 @@ def search_rate(grid: list[float], dev_scores, max_widenings: int = MAX_WIDENING
         more = [r for r in stats.next_rates(dev) if r not in dev]
         rates, widened = (more, widened + 1) if more and widened < max_widenings else ([], widened)
     return dev
+
+
+def best_candidate(curves: dict[str, dict[float, float]]) -> str:
+    """The candidate whose best dev rate scores highest (the first listed on a tie)."""
+    return max(curves, key=lambda name: curves[name][stats.best_rate(curves[name])])
 
 
 def at_edge(dev: dict[float, float]) -> bool:
@@ -144,7 +169,7 @@ def rule(default: str, level: float, aa_offset: int = AA_SEED_OFFSET) -> str:
         f"trained with another data order, seed + {aa_offset}) and its {level:.0%} hierarchical-bootstrap interval "
         "(seeds, then prompts) lies above 0; it is worse under the mirror image; otherwise no difference is shown. "
         "Each objective's learning rate is the best on the dev prompts at seed 0, the grid widened until the best "
-        "rate is inside it."
+        "rate is inside it; an objective given alternatives (key=a|b) also takes its best setting there."
     )
 
 

@@ -18,8 +18,10 @@ def table(result: dict) -> str:
     for name, arm in result["arms"].items():
         ci = arm.get("vs_default")
         edge = " (grid edge)" if result["edge"].get(name) else ""
+        setting = result.get("setting", {}).get(name, name)
+        tuned = f" → {setting}" if setting != name else ""  # the candidate chosen on dev
         lines.append(
-            f"| {name}{' (default)' if name == result['default'] else ''} | {result['chosen'][name]:g}{edge} | "
+            f"| {name}{tuned}{' (default)' if name == result['default'] else ''} | {result['chosen'][name]:g}{edge} | "
             f"{arm['test']:.3f} | {', '.join(f'{s:.3f}' for s in arm['per_seed'])} | "
             + (f"{arm['best_of_n']:.3f}" if "best_of_n" in arm else "-")
             + " | "
@@ -74,8 +76,8 @@ def plot(result: dict) -> bytes:
     right.set_xscale("log")
     right.set_xlabel("learning rate")
     right.set_ylabel("dev accuracy (seed 0)")
-    right.set_title("learning-rate grid", fontsize=9)
-    right.legend(fontsize=7)
+    right.set_title("learning-rate grid (a tuned objective: a curve per candidate)", fontsize=9)
+    right.legend(fontsize=6 if len(result["dev"]) > 6 else 7)
     return png_bytes(fig)
 
 

@@ -4,6 +4,7 @@
     held-out prompts (data.heldout_fraction) -> dev / test (plan.is_dev)
     per objective, seed 0: train at each grid rate -> vLLM greedy (+ eval.num_samples samples) on dev + test
                            the grid widens (stats.next_rates) until the best dev rate is inside it
+                           (tuned on dev, `hinge[beta=0.1|0.5]`: each candidate so; the best one is the objective)
     per objective, seeds 1..: train at its chosen rate (train.seed: the data order) -> test
     A/A: the default objective again at its rate, data order seed + plan.AA_SEED_OFFSET -> the noise floor
     -> compare.json (the rule, written before any arm trains; every per-prompt record), compare.md, compare.png
@@ -30,7 +31,8 @@ def compare(
     """`load(overrides) -> Config` gives the user's config with more --set overrides. Returns compare.json's dict.
 
     Arms train one at a time; each one's evaluation (a vLLM engine) runs while the next one trains."""
-    configs = {o.name: load(o.overrides) for o in objectives}  # every objective's config checked before any run
+    # every objective's config (each candidate's, for one tuned on dev) checked before any run
+    configs = {c.name: load(c.overrides) for o in objectives for c in o.choices}
     base_cfg = load([f"output_dir={storage.join(out, 'pairs')}", *_scored(configs)])
     default = objectives[0].name
     _claim(out, _settings(base_cfg, objectives, grid, seeds, max_widenings), log)
@@ -80,48 +82,57 @@ def compare(
 
             return evaluations.submit(finish)
 
-        dev_curves, chosen, runs, pending, proxies = {}, {}, {o.name: {} for o in objectives}, {}, {}
+        # by candidate (an untuned objective is its own): dev curves, records per rate and seed; by objective: the
+        # candidate and rate chosen on dev
+        dev_curves, runs, proxies = {}, {c.name: {} for o in objectives for c in o.choices}, {}
+        picked, chosen, pending = {}, {}, {}
         # The grid's first round for every objective, trained back to back while their evaluations follow.
-        first = {(o.name, lr): arm(o, lr, 0) for o in objectives for lr in grid}
-        for o in objectives:  # the rate, on dev, at seed 0
+        first = {(c.name, lr): arm(c, lr, 0) for o in objectives for c in o.choices for lr in grid}
+        for o in objectives:  # the rate (and a tuned objective's setting), on dev, at seed 0
+            for c in o.choices:
 
-            def dev_scores(rates: list[float], o=o) -> dict[float, float]:
-                waiting = {lr: first.pop((o.name, lr), None) or arm(o, lr, 0) for lr in rates}
-                for lr, result in waiting.items():
-                    runs[o.name].setdefault(lr, {})[0] = result.result()["records"]
-                    proxies[(o.name, lr, 0)] = result.result()["proxies"]
-                return {lr: plan.mean_of(runs[o.name][lr][0], set(dev_ids)) for lr in rates}
+                def dev_scores(rates: list[float], c=c) -> dict[float, float]:
+                    waiting = {lr: first.pop((c.name, lr), None) or arm(c, lr, 0) for lr in rates}
+                    for lr, result in waiting.items():
+                        runs[c.name].setdefault(lr, {})[0] = result.result()["records"]
+                        proxies[(c.name, lr, 0)] = result.result()["proxies"]
+                    return {lr: plan.mean_of(runs[c.name][lr][0], set(dev_ids)) for lr in rates}
 
-            dev_curves[o.name] = plan.search_rate(grid, dev_scores, max_widenings)
-            chosen[o.name] = stats.best_rate(dev_curves[o.name])
-            edge = plan.at_edge(dev_curves[o.name]) and len(dev_curves[o.name]) > 1
+                dev_curves[c.name] = plan.search_rate(grid, dev_scores, max_widenings)
+            curves = {c.name: dev_curves[c.name] for c in o.choices}
+            pick = {c.name: c for c in o.choices}[plan.best_candidate(curves)]
+            picked[o.name], chosen[o.name] = pick, stats.best_rate(dev_curves[pick.name])
+            edge = plan.at_edge(dev_curves[pick.name]) and len(dev_curves[pick.name]) > 1
             log(
-                f"[compare] {o.name}: lr {chosen[o.name]:g} chosen on dev"
+                f"[compare] {o.name}: "
+                + (f"{pick.name} at " if o.candidates else "")
+                + f"lr {chosen[o.name]:g} chosen on dev"
                 + (f" (still the grid's edge after {max_widenings} widenings)" if edge else "")
             )
             # Its other seeds (and for the default, the A/A control) train now, while the next objective's
             # evaluations run.
             for seed in range(1, seeds):
-                pending[(o.name, seed)] = arm(o, chosen[o.name], seed)
+                pending[(o.name, seed)] = arm(pick, chosen[o.name], seed)
             if o.name == default:
                 for seed in range(seeds):
-                    pending[("A/A", seed)] = arm(o, chosen[o.name], seed, seed + plan.AA_SEED_OFFSET)
+                    pending[("A/A", seed)] = arm(pick, chosen[o.name], seed, seed + plan.AA_SEED_OFFSET)
         for (name, seed), result in pending.items():
             if name != "A/A":
-                runs[name][chosen[name]][seed] = result.result()["records"]
-                proxies[(name, chosen[name], seed)] = result.result()["proxies"]
+                runs[picked[name].name][chosen[name]][seed] = result.result()["records"]
+                proxies[(picked[name].name, chosen[name], seed)] = result.result()["proxies"]
         aa = {seed: result.result()["records"] for (name, seed), result in pending.items() if name == "A/A"}
         initial = initial.result()
 
-    at_rate = {name: runs[name][chosen[name]] for name in runs}
+    at_rate = {o.name: runs[picked[o.name].name][chosen[o.name]] for o in objectives}
     result = _verdicts(objectives, at_rate, aa, test_ids)
     result.update(
         rule=plan.rule(default, stats.LEVEL),
         settings=_settings(base_cfg, objectives, grid, seeds, max_widenings),
         default=default,
         chosen=chosen,
-        dev={name: {f"{lr:g}": v for lr, v in curve.items()} for name, curve in dev_curves.items()},
-        edge={name: plan.at_edge(curve) for name, curve in dev_curves.items()},
+        setting={name: c.name for name, c in picked.items()},  # a tuned objective's candidate chosen on dev
+        dev={name: {f"{lr:g}": v for lr, v in curve.items()} for name, curve in dev_curves.items()},  # by candidate
+        edge={name: plan.at_edge(dev_curves[c.name]) for name, c in picked.items()},
         split={"dev": dev_ids, "test": test_ids},
         initial_student={"test": plan.mean_of(initial["records"], set(test_ids)), "records": initial["records"]},
         records={name: {str(s): recs for s, recs in by_seed.items()} for name, by_seed in at_rate.items()},
@@ -129,7 +140,8 @@ def compare(
         # held-out pair figures before and after training (ranking accuracy, teacher-output NLL): proxies, beside
         # the test accuracy above, never instead of it
         proxies={
-            name: {str(s): proxies[(name, chosen[name], s)] for s in by_seed} for name, by_seed in at_rate.items()
+            name: {str(s): proxies[(picked[name].name, chosen[name], s)] for s in by_seed}
+            for name, by_seed in at_rate.items()
         },
         minutes=(time.perf_counter() - started) / 60,
     )

@@ -22,6 +22,34 @@ def test_objectives_are_loss_types_with_their_keys_and_the_first_is_the_default(
     assert (cfg.train.loss.type, cfg.train.loss.beta, cfg.train.loss.nll_weight) == ("hinge", 0.5, 1.0)
 
 
+def test_alternatives_are_candidates_tuned_on_dev_each_a_full_setting():
+    default, tuned = plan.parse_objectives("seqkd,hinge[beta=0.1|0.5;length_normalize=true;nll_weight=1|5]")
+    assert default.choices == (default,) and not default.candidates
+    assert tuned.name == "hinge[beta=0.1|0.5;length_normalize=true;nll_weight=1|5]"
+    assert [c.name for c in tuned.choices] == [
+        "hinge[beta=0.1;length_normalize=true;nll_weight=1]",
+        "hinge[beta=0.1;length_normalize=true;nll_weight=5]",
+        "hinge[beta=0.5;length_normalize=true;nll_weight=1]",
+        "hinge[beta=0.5;length_normalize=true;nll_weight=5]",
+    ]
+    assert tuned.choices[3].overrides == (
+        "train.loss.type=hinge",
+        "train.loss.beta=0.5",
+        "train.loss.length_normalize=true",
+        "train.loss.nll_weight=5",
+    )
+    assert len({c.slug for c in tuned.choices}) == 4  # every candidate's arms their own folders
+    # a candidate is the same objective, and the same arms, as when it is listed alone
+    alone = plan.parse_objectives("seqkd,hinge[beta=0.5;length_normalize=true;nll_weight=5]")[1]
+    assert (alone.name, alone.overrides) == (tuned.choices[3].name, tuned.choices[3].overrides)
+
+
+def test_the_best_candidate_is_the_one_whose_best_rate_scores_highest_the_first_on_a_tie():
+    curves = {"a": {1e-4: 0.30, 3e-4: 0.40}, "b": {1e-4: 0.45, 3e-4: 0.20}, "c": {1e-4: 0.45}}
+    assert plan.best_candidate(curves) == "b"
+    assert plan.best_candidate({"a": {1e-4: 0.5}}) == "a"
+
+
 @pytest.mark.parametrize(
     "spec, says",
     [
@@ -30,6 +58,7 @@ def test_objectives_are_loss_types_with_their_keys_and_the_first_is_the_default(
         ("seqkd,hinge[beta]", "not key=value"),
         ("seqkd,hinge[beta=1", "not an objective"),
         ("seqkd,,", "at least two"),
+        ("seqkd,hinge[beta=0.1|]", "not key=value"),
     ],
 )
 def test_a_bad_objective_list_is_one_line_naming_it(spec, says):
