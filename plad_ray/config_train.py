@@ -47,7 +47,7 @@ class LossConfig:
         yield (
             f"{prefix}seqkd_first",
             not self.seqkd_first or self.type not in LOSS_TYPES or self.objective.trains_ranking,
-            f"goes before a ranking objective (hinge, margin, logistic, listwise), not {self.type}",
+            f"goes before a ranking objective (hinge, margin, logistic, listwise, dpo), not {self.type}",
         )
 
     @property

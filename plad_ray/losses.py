@@ -8,6 +8,8 @@ take per-sequence log-probs [B] (B pairs; [B, K] for K samples per prompt) and r
     margin calibration, score s               max(0, beta*(s(y+) - s(y-)) - log P(y+|x) + log P(y-|x))
     logistic                                  -log sigmoid(gamma * (log P(y+|x) - log P(y-|x)))
     listwise (y+ above each of K samples)     mean_k max(0, beta - log P(y+|x) + log P(y-_k|x))
+    dpo (the logistic loss on log-ratios      -log sigmoid(beta * (log P(y+|x)/P_ref(y+|x) - log P(y-|x)/P_ref(y-|x)))
+      to a frozen reference, Rafailov 2023)
     NLL (per token; seqkd, or lambda x NLL)   -log P(y+|x) / |y+|
 
 `length_normalized` turns summed log-probs into means per token (beta then a margin per token, SimPO-style).
@@ -195,11 +197,17 @@ def nll_loss(chosen_logps_B: torch.Tensor, chosen_num_tokens_B: torch.Tensor) ->
 
 class Sequences(NamedTuple):
     """One side of a batch of pairs: each sequence's summed response log-prob and its scored tokens, [B] (listwise
-    rejected sides: [B, K]), and, judged by the teacher (train.scorer=teacher: the margin loss), each one's score."""
+    rejected sides: [B, K]), and, judged by the teacher (train.scorer=teacher: the margin loss), each one's score;
+    for dpo, the frozen reference's summed log-prob of each (`ref_logps`)."""
 
     logps: torch.Tensor
     num_tokens: torch.Tensor
     scores: torch.Tensor | None = None
+    ref_logps: torch.Tensor | None = None
+
+    def ranked_logps(self) -> torch.Tensor:
+        """What the ranking losses compare: log P(y|x), or with a reference log P(y|x) - log P_ref(y|x)."""
+        return self.logps if self.ref_logps is None else self.logps - self.ref_logps
 
 
 def plad_loss(
@@ -231,11 +239,13 @@ def plad_loss(
     (these three unscaled: this micro-batch's own means).
     """
     trained = objective(loss.type)
-    chosen_B, rejected_B = chosen.logps, rejected.logps
+    if trained.needs_reference and (chosen.ref_logps is None or rejected.ref_logps is None):
+        raise ValueError(f"loss type {loss.type!r} needs the reference's log-probs of each side (Sequences.ref_logps)")
+    chosen_B, rejected_B = chosen.ranked_logps(), rejected.ranked_logps()
     chosen_scores_B, rejected_scores_B = chosen.scores, rejected.scores
     if loss.length_normalize:
-        chosen_B = length_normalized(chosen.logps, chosen.num_tokens)
-        rejected_B = length_normalized(rejected.logps, rejected.num_tokens)
+        chosen_B = length_normalized(chosen_B, chosen.num_tokens)
+        rejected_B = length_normalized(rejected_B, rejected.num_tokens)
     nll = nll_loss(chosen.logps, chosen.num_tokens)
     if trained.groups_samples or rejected_B.dim() == 2:
         rejected_BK = rejected_B if rejected_B.dim() == 2 else rejected_B[:, None]
@@ -315,4 +325,5 @@ RANKING_LOSSES = {
     "hinge": lambda c, r, beta, gamma, sc, sr: hinge_loss(c, r, beta),
     "logistic": lambda c, r, beta, gamma, sc, sr: logistic_loss(c, r, gamma),
     "margin": lambda c, r, beta, gamma, sc, sr: margin_loss(c, r, sc, sr, beta),
+    "dpo": lambda c, r, beta, gamma, sc, sr: logistic_loss(c, r, beta),  # c, r: log-ratios to the reference
 }

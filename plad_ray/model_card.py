@@ -94,6 +94,8 @@ def _objective(loss: dict) -> str:
         return objective(kind).summary
     scale = objective(kind).scale_key
     parts = [kind, f"{scale} {loss[scale]}"]
+    if objective(kind).needs_reference:
+        parts.append("log-ratios to the initial student")
     if loss["length_normalize"]:
         parts.append("length-normalised log-probs")
     if loss["nll_weight"]:

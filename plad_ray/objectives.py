@@ -18,9 +18,10 @@ NLL, TEACHER_LOGITS, TOPK = "nll", "teacher_logits", "topk"
 @dataclass(frozen=True)
 class Objective:
     name: str
-    ranking: str  # the ranking loss computed: hinge, logistic, margin or listwise
+    ranking: str  # the ranking loss computed: hinge, logistic, margin, listwise or dpo
     token_term: str | None = None  # None: the ranking loss is trained; else NLL, TEACHER_LOGITS or TOPK
     topk_sides: tuple[str, ...] = ()  # whose teacher top-k it reads: the samples' (rejected), or both sides
+    reference: bool = False  # its log-probs are ratios to a frozen reference, the round's initial student (dpo)
     summary: str = ""  # what it trains, in a few words (the model card's for the per-token ones)
 
     @property
@@ -45,6 +46,11 @@ class Objective:
     def needs_local_teacher(self) -> bool:
         """The teacher's full token distribution, beside the student in each rank."""
         return self.token_term == TEACHER_LOGITS
+
+    @property
+    def needs_reference(self) -> bool:
+        """The initial student, frozen, beside the student in each rank: log P(y|x) - log P_ref(y|x)."""
+        return self.reference
 
     @property
     def needs_scores(self) -> bool:
@@ -78,6 +84,7 @@ OBJECTIVES = {
         Objective("margin", "margin", summary="margin (the hinge with margin beta x (s(chosen) - s(rejected)))"),
         Objective("logistic", "logistic", summary="logistic (-log sigmoid of gamma x the log-prob gap)"),
         Objective("listwise", "listwise", summary="listwise (the teacher output above each of a prompt's samples)"),
+        Objective("dpo", "dpo", reference=True, summary="dpo (DPO on the pairs, the initial student as reference)"),
         Objective("seqkd", "hinge", NLL, summary="seqkd (NLL of the teacher's outputs)"),
         Objective(
             "token_kd",

@@ -6,6 +6,8 @@ per optimizer step; `term_counts` gives each micro-batch's share of its step's m
 loop (plad_ray.train.worker) and the held-out evaluation (plad_ray.train.heldout) share it.
 """
 
+from typing import NamedTuple
+
 import torch
 
 from plad_ray.config import TrainConfig
@@ -61,20 +63,32 @@ def micro_batches(shard, train: TrainConfig, pad_id: int, epoch: int):
             yield batch
 
 
-def forward(engine, batch: dict, train: TrainConfig, teacher=None, term_scales=(1.0, 1.0)) -> dict:
+class Frozen(NamedTuple):
+    """The frozen models beside the student on a rank, each loaded only for the objective that reads it
+    (plad_ray.objectives): the teacher (token_kd) and the reference, the round's initial student (dpo)."""
+
+    teacher: torch.nn.Module | None = None
+    reference: torch.nn.Module | None = None
+
+
+def forward(engine, batch: dict, train: TrainConfig, frozen: Frozen = Frozen(), term_scales=(1.0, 1.0)) -> dict:
     """One forward of every sequence of the batch, then the objective. Rows: B chosen, then the rejected
     ones (B for pairs; B x K, prompt-major, for listwise groups with `rejected_mask` [B, K])."""
     device = engine.device
     input_ids_NT = batch["input_ids"].to(device)
-    logits_NTV = student_logits(engine, batch, packed="packed_input_ids" in batch)
+    packed = "packed_input_ids" in batch
+    logits_NTV = student_logits(engine, batch, packed)
     response_mask_NT = batch["response_mask"].to(device)
     logps_N, num_tokens_N = sequence_logps(logits_NTV, input_ids_NT, response_mask_NT)
     mask_BK = batch["rejected_mask"].to(device) if "rejected_mask" in batch else None
     b = mask_BK.shape[0] if mask_BK is not None else input_ids_NT.shape[0] // 2
-    rejected_logps, rejected_tokens = logps_N[b:], num_tokens_N[b:]
-    if mask_BK is not None:
-        rejected_logps, rejected_tokens = rejected_logps.view(b, -1), rejected_tokens.view(b, -1)
+    side = lambda x_N: x_N[b:].view(b, -1) if mask_BK is not None else x_N[b:]  # noqa: E731 - rejected rows
+    ref_N = None
+    if frozen.reference is not None:  # dpo: the same sequences under the frozen initial student
+        with torch.no_grad():
+            ref_N = sequence_logps(student_logits(frozen.reference, batch, packed), input_ids_NT, response_mask_NT)[0]
     kd = None
+    teacher = frozen.teacher
     if teacher is not None:  # token_kd: on the chosen (teacher-written) rows only
         with torch.no_grad():
             teacher_logits_BTV = teacher(
@@ -85,8 +99,8 @@ def forward(engine, batch: dict, train: TrainConfig, teacher=None, term_scales=(
         kd = topk_term(logits_NTV, batch, b, train)
     scores = {s: batch[f"{s}_score"].to(device) if f"{s}_score" in batch else None for s in ("chosen", "rejected")}
     return plad_loss(
-        Sequences(logps_N[:b], num_tokens_N[:b], scores["chosen"]),
-        Sequences(rejected_logps, rejected_tokens, scores["rejected"]),
+        Sequences(logps_N[:b], num_tokens_N[:b], scores["chosen"], None if ref_N is None else ref_N[:b]),
+        Sequences(side(logps_N), side(num_tokens_N), scores["rejected"], None if ref_N is None else side(ref_N)),
         train.loss,
         token_kd=kd,
         ranked_B=batch["ranked"].to(device) if "ranked" in batch else None,

@@ -20,7 +20,7 @@ from ray.data.collate_fn import NumpyBatchCollateFn
 
 from plad_ray.train.batching import collate_pairs
 from plad_ray.train.checkpoints import CHECKPOINT_TAG, Progress, checkpoint_name, local_copy
-from plad_ray.train.feed import forward, term_counts
+from plad_ray.train.feed import Frozen, forward, term_counts
 from plad_ray.train.plan import TrainPlan
 
 
@@ -41,7 +41,7 @@ def load_batches(shard, plan: TrainPlan) -> list[dict]:
 
 
 @torch.no_grad()
-def evaluate(engine, batches: list[dict], plan: TrainPlan, teacher=None, reduce: bool = True) -> dict:
+def evaluate(engine, batches: list[dict], plan: TrainPlan, frozen: Frozen = Frozen(), reduce: bool = True) -> dict:
     """Held-out pairs: ranking accuracy, loss and margin over the pairs with a ranking signal, and the
     student's per-token NLL (= -log-prob) of every held-out teacher output.
 
@@ -54,7 +54,7 @@ def evaluate(engine, batches: list[dict], plan: TrainPlan, teacher=None, reduce:
     totals_9 = torch.zeros(9, dtype=torch.float64)
     per_token = plan.train.loss.objective.per_token  # objective: a mean over tokens, not pairs
     for batch in batches:
-        stats = forward(engine, batch, plan.train, teacher)
+        stats = forward(engine, batch, plan.train, frozen)
         n = batch["input_ids"].shape[0] // 2
         ranked = batch["ranked"].sum().item()
         chosen_tokens = batch["response_mask"][:n, 1:].sum().item()

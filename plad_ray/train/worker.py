@@ -26,7 +26,7 @@ from plad_ray.tracking import Tracker
 from plad_ray.train.checkpoints import Progress, resume, save
 from plad_ray.train.ds_config import deepspeed_config, lr_factor
 from plad_ray.train.export import export_hf
-from plad_ray.train.feed import check_packing, forward, term_counts
+from plad_ray.train.feed import Frozen, check_packing, forward, term_counts
 from plad_ray.train.feeds import open_feed
 from plad_ray.train.heldout import check_guard, evaluate
 from plad_ray.train.plan import TrainPlan
@@ -43,8 +43,8 @@ def train_loop_per_worker(config: dict) -> dict | None:
     clock = _Clock()
     torch.manual_seed(plan.train.seed)
     engine = _initialize(plan, ray.train.get_context().get_world_size(), clock)
-    teacher = _load_teacher(plan, engine.device)
-    clock.lap("teacher_load_s")
+    frozen = Frozen(_load_teacher(plan, engine.device), _load_reference(plan, engine.device))
+    clock.lap("teacher_load_s")  # the frozen models: token_kd's teacher, dpo's reference
     progress = resume(engine)
     clock.lap("resume_s")
     metrics = _open_trackers(plan, progress, rank)
@@ -53,14 +53,14 @@ def train_loop_per_worker(config: dict) -> dict | None:
     eval_batches = feed.heldout()
     clock.lap("eval_data_s")
     if progress.eval_initial is None:
-        progress.eval_initial = evaluate(engine, eval_batches, plan, teacher)
+        progress.eval_initial = evaluate(engine, eval_batches, plan, frozen)
         log(f"[train] held-out pairs before training: {_fmt(progress.eval_initial)}")
         metrics.log(0, progress.eval_initial, prefix="heldout")
     clock.lap("eval_s")
     if plan.train.guard.action == "stop" and progress.last_checkpoint is None:
         # the last good state, should the very first evaluation trip the guard
         save(engine, progress, rank, staging=plan.train.checkpoint_staging_dir)
-    trained_rows = _train(engine, feed, plan, progress, rank, metrics, teacher, eval_batches)
+    trained_rows = _train(engine, feed, plan, progress, rank, metrics, frozen, eval_batches)
     feed_counts = feed.finish(trained_rows)  # a stream's counts; None for fixed shards
     clock.lap("loop_s")
     if not plan.export:  # a streamed first epoch of several: the next ones resume from here, reading pairs/
@@ -68,9 +68,9 @@ def train_loop_per_worker(config: dict) -> dict | None:
         tracker_runs = metrics.close()
         clock.lap("export_s")
         return _figures(progress, None, tracker_runs, clock, feed_counts) if rank == 0 else None
-    eval_trained = evaluate(engine, eval_batches, plan, teacher)
+    eval_trained = evaluate(engine, eval_batches, plan, frozen)
     if check_guard(engine, plan, progress, eval_trained, log) and plan.train.guard.action == "stop":
-        eval_trained = evaluate(engine, eval_batches, plan, teacher)  # of the restored checkpoint
+        eval_trained = evaluate(engine, eval_batches, plan, frozen)  # of the restored checkpoint
     log(f"[train] held-out pairs after training: {_fmt(eval_trained)}")
     metrics.log(progress.step, eval_trained, prefix="heldout")
     tracker_runs = metrics.close()
@@ -203,9 +203,26 @@ def _load_teacher(plan: TrainPlan, device):
     return teacher.to(device).eval()
 
 
-def _train(
-    engine, feed, plan: TrainPlan, progress: Progress, rank: int, metrics: Tracker, teacher, eval_batches
-) -> int:
+def _load_reference(plan: TrainPlan, device):
+    """dpo: the round's initial student (plan.model_path), frozen on the rank's device in the training precision,
+    not sharded: a full copy beside the student (TRL's reference model; README "The loss family")."""
+    if not plan.train.loss.objective.needs_reference:
+        return None
+    from transformers import AutoModelForCausalLM
+
+    dtype = torch.bfloat16 if plan.train.precision == "bf16" else torch.float32
+    reference = AutoModelForCausalLM.from_pretrained(  # as the student is loaded, so both agree before step 1
+        plan.model_path,
+        dtype=dtype,
+        trust_remote_code=plan.trust_remote_code,
+        use_safetensors=None if plan.allow_pickle else True,
+        **({"attn_implementation": plan.train.attn_implementation} if plan.train.attn_implementation else {}),
+    )
+    reference.requires_grad_(False)
+    return reference.to(device).eval()
+
+
+def _train(engine, feed, plan: TrainPlan, progress: Progress, rank: int, metrics: Tracker, frozen, eval_batches) -> int:
     """The training loop over a feed (plad_ray.train.feeds); the rows (pairs; listwise: prompts) this rank trained
     on."""
     train = plan.train
@@ -237,7 +254,7 @@ def _train(
                     )
                     packing_checked = True
                 scales = step_term_scales(ranked, tokens, step_ranked, step_tokens, len(step_batches), world)
-                stats = forward(engine, batch, now, teacher, scales)
+                stats = forward(engine, batch, now, frozen, scales)
                 engine.backward(stats["loss"])
                 engine.step()
                 if not spare:
@@ -270,7 +287,7 @@ def _train(
             if before_end and (
                 (train.eval_every_steps and progress.step % train.eval_every_steps == 0) or (stop_mode and checkpoint)
             ):
-                figures = evaluate(engine, eval_batches, plan, teacher)
+                figures = evaluate(engine, eval_batches, plan, frozen)
                 progress.evals.append({"step": progress.step, **figures})
                 metrics.log(progress.step, figures, prefix="heldout")
                 log(f"[train] held-out pairs at step {progress.step}: {_fmt(figures)}")

@@ -540,12 +540,14 @@ def test_new_student_round_reuses_teacher_outputs(run):
     assert not (out / "student").exists()  # the old student came from other pairs: --overwrite removed it
 
 
-# the challenger is the paper's recipe: seqkd for the first half of the steps, then the per-token hinge + NLL
-COMPARED = "seqkd,hinge[beta=0.5;length_normalize=true;nll_weight=1;seqkd_first=0.5]"
+# the challengers: the paper's recipe (seqkd for the first half of the steps, then the per-token hinge + NLL), and
+# DPO with the initial student as its reference (a frozen copy beside the student on each worker)
+TWO_PHASE, DPO = "hinge[beta=0.5;length_normalize=true;nll_weight=1;seqkd_first=0.5]", "dpo[beta=0.1;nll_weight=0]"
+COMPARED = f"seqkd,{TWO_PHASE},{DPO}"
 
 
 def test_compare_trains_each_objective_and_the_aa_control_then_gives_a_verdict(run, tiny_models, tmp_path):
-    """`plad-ray compare` at smoke size on the run's pairs (train.pairs): two objectives and the A/A control trained
+    """`plad-ray compare` at smoke size on the run's pairs (train.pairs): three objectives and the A/A control trained
     with Ray Train + DeepSpeed, each evaluated by vLLM on dev + test, a verdict under the rule, everything under
     --out; the same command again resumes without training anything; other settings on that --out are refused."""
     pairs_run, _, _ = run
@@ -569,11 +571,11 @@ def test_compare_trains_each_objective_and_the_aa_control_then_gives_a_verdict(r
     dev, test = set(result["split"]["dev"]), set(result["split"]["test"])
     heldout = {r["id"] for r in parquet.read_table(str(pairs_run / "pairs")).to_pylist() if r["heldout"]}
     assert dev and test and not dev & test and dev | test == heldout
-    hinge = COMPARED.split(",", 1)[1]
-    assert set(result["arms"]) == {"seqkd", hinge} and result["default"] == "seqkd"
-    assert result["chosen"] == {"seqkd": 1e-3, hinge: 1e-3} and result["edge"] == {"seqkd": True, hinge: True}
+    names = ("seqkd", TWO_PHASE, DPO)
+    assert list(result["arms"]) == list(names) and result["default"] == "seqkd"
+    assert result["chosen"] == dict.fromkeys(names, 1e-3) and result["edge"] == dict.fromkeys(names, True)
     references = {r["id"]: r["reference"] for r in map(json.loads, open("configs/prompts/tiny-reverse.jsonl"))}
-    for name in ("seqkd", hinge):
+    for name in names:
         records = result["records"][name]["0"]
         assert {r["id"] for r in records} == heldout
         assert all(r["correct"] == exact_match(r["text"], references[r["id"]]) for r in records)
@@ -582,17 +584,20 @@ def test_compare_trains_each_objective_and_the_aa_control_then_gives_a_verdict(r
         assert result["arms"][name]["test"] == pytest.approx(test_accuracy)
         held_out = result["proxies"][name]["0"]  # the proxies beside it: held-out pairs before and after training
         assert held_out["eval_trained"]["ranking_accuracy"] != held_out["eval_initial"]["ranking_accuracy"]
-    verdict = result["arms"][hinge]
-    assert verdict["verdict"] in ("better", "worse", "no difference shown")
-    ci = verdict["vs_default"]
-    assert ci["low"] <= ci["mean"] <= ci["high"] and ci["seeds"] == 1 and ci["prompts"] == len(test)
+    for name in (TWO_PHASE, DPO):
+        verdict = result["arms"][name]
+        assert verdict["verdict"] in ("better", "worse", "no difference shown")
+        ci = verdict["vs_default"]
+        assert ci["low"] <= ci["mean"] <= ci["high"] and ci["seeds"] == 1 and ci["prompts"] == len(test)
+    # DPO before its first step is its own reference: every held-out log-ratio 0, the loss log 2
+    assert result["proxies"][DPO]["0"]["eval_initial"]["loss"] == pytest.approx(math.log(2), abs=1e-3)
     assert result["noise_floor"] == max(abs(result["aa"]["low"]), abs(result["aa"]["high"]))
     assert {r["id"] for r in result["aa_records"]["0"]} == heldout
 
-    # Three runs trained (two objectives, the A/A), 20 steps each; every student's weights moved, and the A/A's
+    # Four runs trained (three objectives, the A/A), 20 steps each; every student's weights moved, and the A/A's
     # other data order gave another student than the default's.
     arms = {p.name: p for p in (out / "arms").iterdir()}
-    assert len(arms) == 3 and sum(name.endswith("-seed1000") for name in arms) == 1
+    assert len(arms) == 4 and sum(name.endswith("-seed1000") for name in arms) == 1
     before = load_file(f"{tiny_models['student']}/model.safetensors")
     weights = {}
     for name, arm in arms.items():

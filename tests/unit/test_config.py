@@ -88,8 +88,8 @@ def test_overrides_are_typed_and_nested(tmp_path):
         ("teacher.sampling.max_tokens=5000", "config key teacher.sampling.max_tokens: must be below"),
         ("train=3", "config key train: must be a section"),
         (
-            "train.loss.type=dpo",
-            "config key train.loss.type: must be one of: hinge, margin, logistic, listwise, seqkd, token_kd",
+            "train.loss.type=ipo",
+            "config key train.loss.type: must be one of: hinge, margin, logistic, listwise, dpo, seqkd, token_kd",
         ),
         ("train.rounds=0", "config key train.rounds: must be >= 1"),
         ("train.max_steps=0", "config key train.max_steps: must be >= 1 or null"),
@@ -101,7 +101,8 @@ def test_overrides_are_typed_and_nested(tmp_path):
         ("train.loss.seqkd_first=1", "config key train.loss.seqkd_first: must be in [0, 1)"),
         (
             "train.loss.seqkd_first=0.5",  # the minimal config's objective is seqkd itself
-            "config key train.loss.seqkd_first: goes before a ranking objective (hinge, margin, logistic, listwise)",
+            "config key train.loss.seqkd_first: goes before a ranking objective (hinge, margin, logistic, listwise, "
+            "dpo)",
         ),
         ("train.scorer=rouge", "config key train.scorer: must be null or one of: reverse"),
         ("train.student_wins=flip", "config key train.student_wins: dropping or flipping pairs the student won"),

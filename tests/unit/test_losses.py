@@ -207,7 +207,33 @@ def test_plad_loss_types():
     with pytest.raises(ValueError, match="needs each side's scores"):
         plad_loss(*pair(*args), objective("margin"))
     with pytest.raises(ValueError, match="expected one of"):
+        plad_loss(*pair(*args), objective("ipo"))
+    with pytest.raises(ValueError, match="needs the reference's log-probs"):
         plad_loss(*pair(*args), objective("dpo"))
+
+
+def test_dpo_is_the_logistic_loss_on_log_ratios_to_the_reference():
+    # chosen -6 (reference -7), rejected -4 (reference -3): log-ratios +1 and -1, beta 0.5:
+    # -log sigmoid(0.5 * (1 - (-1))) = log(1 + e^-1); the reward accuracy counts the ratio gap (+2 > 0), not the
+    # raw log-probs (-6 < -4), and the margin is that gap, 2.
+    chosen, rejected = torch.tensor([-6.0], requires_grad=True), torch.tensor([-4.0])
+    sides = (
+        Sequences(chosen, torch.tensor([3.0]), None, torch.tensor([-7.0])),
+        Sequences(rejected, torch.tensor([1.0]), None, torch.tensor([-3.0])),
+    )
+    out = plad_loss(*sides, objective("dpo", beta=0.5))
+    assert math.isclose(out["loss"].item(), math.log(1 + math.exp(-1)), rel_tol=1e-6)
+    assert out["accuracy"].item() == 1.0 and out["margin"].item() == 2.0
+    # d/dc = -beta * sigmoid(-beta * 2) = -0.5 * sigmoid(-1)
+    out["loss"].backward()
+    assert math.isclose(chosen.grad.item(), -0.5 / (1 + math.e), rel_tol=1e-6)
+    # At the start the student is its own reference: every ratio 0, the loss log 2, whatever the log-probs.
+    same = Sequences(chosen.detach(), torch.tensor([3.0]), None, chosen.detach())
+    start = plad_loss(same, Sequences(rejected, torch.tensor([1.0]), None, rejected), objective("dpo", beta=0.1))
+    assert math.isclose(start["loss"].item(), math.log(2), rel_tol=1e-6)
+    # With the NLL anchor (RPO's recipe): + lambda * 6 / 3.
+    anchored = plad_loss(*sides, objective("dpo", beta=0.5, nll_weight=1.0))
+    assert math.isclose(anchored["loss"].item(), math.log(1 + math.exp(-1)) + 2.0, rel_tol=1e-6)
 
 
 def test_token_kd_is_forward_kl_per_response_token_by_hand():

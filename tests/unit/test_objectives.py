@@ -19,8 +19,18 @@ PACKAGE, CONFIG = ROOT / "plad_ray", ROOT / "configs" / "tiny-cpu.yaml"
 
 
 def test_the_registry_holds_every_type_with_its_properties():
-    assert LOSS_TYPES == ("hinge", "margin", "logistic", "listwise", "seqkd", "token_kd", "onpolicy_kd", "contrastive")
-    assert [n for n, o in OBJECTIVES.items() if o.trains_ranking] == ["hinge", "margin", "logistic", "listwise"]
+    assert LOSS_TYPES == (
+        "hinge",
+        "margin",
+        "logistic",
+        "listwise",
+        "dpo",
+        "seqkd",
+        "token_kd",
+        "onpolicy_kd",
+        "contrastive",
+    )
+    assert [n for n, o in OBJECTIVES.items() if o.trains_ranking] == ["hinge", "margin", "logistic", "listwise", "dpo"]
     assert [n for n, o in OBJECTIVES.items() if o.per_token] == ["seqkd", "token_kd", "onpolicy_kd", "contrastive"]
     assert [n for n, o in OBJECTIVES.items() if o.reads_topk] == ["onpolicy_kd", "contrastive"]
     assert (
@@ -30,10 +40,12 @@ def test_the_registry_holds_every_type_with_its_properties():
     assert [n for n, o in OBJECTIVES.items() if o.needs_local_teacher] == ["token_kd"]
     assert [n for n, o in OBJECTIVES.items() if o.groups_samples] == ["listwise"]
     assert [n for n, o in OBJECTIVES.items() if o.needs_scores] == ["margin"]
-    with pytest.raises(ValueError, match="loss type 'dpo': expected one of hinge, margin"):
-        objective("dpo")
+    assert [n for n, o in OBJECTIVES.items() if o.needs_reference] == ["dpo"]
+    assert objective("dpo").scale_key == "beta"  # DPO's beta is train.loss.beta
+    with pytest.raises(ValueError, match="loss type 'ipo': expected one of hinge, margin"):
+        objective("ipo")
     with pytest.raises(ConfigError, match="config key train.loss.type: must be one of: hinge, margin, logistic"):
-        load_config(str(CONFIG), ["train.loss.type=dpo"])
+        load_config(str(CONFIG), ["train.loss.type=ipo"])
 
 
 @pytest.mark.parametrize("name", LOSS_TYPES)
@@ -43,7 +55,7 @@ def test_nll_weight_trains_the_nll_only_beside_a_ranking_loss(name):
     nll_weight does not apply to them (before, the pair preparation counted onpolicy_kd and contrastive as
     training the NLL at the default weight 1, while the loss ignored it)."""
     o = objective(name)
-    assert o.trains_nll(1.0) == (name in ("hinge", "margin", "logistic", "listwise", "seqkd"))
+    assert o.trains_nll(1.0) == (name in ("hinge", "margin", "logistic", "listwise", "dpo", "seqkd"))
     assert o.trains_nll(0.0) == (name == "seqkd")
     # Identical pairs (no ranking signal) train wherever an NLL or per-token term does, at any weight.
     for weight in (0.0, 1.0):
@@ -57,7 +69,8 @@ def test_nll_weight_trains_the_nll_only_beside_a_ranking_loss(name):
     chosen, rejected = torch.randn(4), torch.randn(4)
     tokens = torch.tensor([3.0, 4.0, 5.0, 6.0])
     scores = (torch.randn(4), torch.randn(4)) if o.needs_scores else (None, None)
-    sides = Sequences(chosen, tokens, scores[0]), Sequences(rejected, tokens, scores[1])
+    refs = (torch.randn(4), torch.randn(4)) if o.needs_reference else (None, None)
+    sides = Sequences(chosen, tokens, scores[0], refs[0]), Sequences(rejected, tokens, scores[1], refs[1])
     kd = torch.tensor(0.7) if o.per_token and name != "seqkd" else None
     loss = {
         w: plad_loss(*sides, LossConfig(type=name, beta=0.5, nll_weight=w), token_kd=kd)["loss"] for w in (0.0, 1.0)

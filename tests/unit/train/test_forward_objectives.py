@@ -1,6 +1,8 @@
-"""train.loss.seqkd_first, the paper's recipe: seqkd for the first share of the optimizer steps, then the ranking
-objective. Which loss a step trains (LossConfig.at_step, the worker's _phase), and what one forward of the tiny
-student then backpropagates: the NLL of the teacher's outputs alone, then the hinge plus the NLL."""
+"""What one training forward of the tiny student computes for the objectives that need more than the batch.
+
+train.loss.seqkd_first, the paper's recipe: seqkd for the first share of the optimizer steps, then the ranking
+objective. Which loss a step trains (LossConfig.at_step, the worker's _phase), and what it backpropagates: the NLL
+of the teacher's outputs alone, then the hinge plus the NLL. dpo: the same sequences under the frozen reference."""
 
 import numpy as np
 import pytest
@@ -78,3 +80,28 @@ def test_a_seqkd_step_trains_the_nll_alone_and_a_later_step_the_hinge_too(studen
     assert late["rank_loss"].item() > 0  # beta 5 nats: the random pairs owe a margin
     assert late["loss"].item() == pytest.approx(late["rank_loss"].item() + late["nll"].item(), rel=1e-5)
     assert not torch.allclose(grad_late, grad_early)
+
+
+def test_dpo_scores_the_batch_under_the_frozen_reference_too(student, tiny_models):
+    """train.loss.type=dpo: forward reads the reference's log-probs of the same sequences. The student is its own
+    reference before its first step (loss log 2, every log-ratio 0); a student moved away from it is not."""
+    import copy
+    import math
+
+    from transformers import AutoModelForCausalLM
+
+    from plad_ray.train.feed import Frozen
+
+    reference = AutoModelForCausalLM.from_pretrained(tiny_models["student"], dtype=torch.float32).eval()
+    batch = _pairs(student.config.vocab_size)
+    dpo = TrainConfig(loss=LossConfig(type="dpo", beta=0.1, nll_weight=0.0))
+    start = forward(student, batch, dpo, Frozen(reference=reference))
+    assert start["loss"].item() == pytest.approx(math.log(2), abs=1e-5) and start["margin"].item() == pytest.approx(0)
+    moved = copy.deepcopy(student)
+    with torch.no_grad():
+        for p in moved.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    later = forward(moved, batch, dpo, Frozen(reference=reference))
+    assert abs(later["margin"].item()) > 1e-3 and later["loss"].item() != pytest.approx(math.log(2), abs=1e-4)
+    with pytest.raises(ValueError, match="needs the reference's log-probs"):
+        forward(student, batch, dpo)  # no reference loaded: refused, not trained as the plain logistic loss
