@@ -221,8 +221,9 @@ def _student(cfg: Config) -> str:
 
 def _judge(cfg: Config):
     """Correctness of one output: the run's verifier (eval.scorer, else a text train.scorer), else exact match
-    against the prompt's reference (evaluation.stage.correctness_of, as the run's evaluation judges it)."""
-    from plad_ray.evaluation.stage import correctness_of, verifier
+    against the prompt's reference (evaluation.metrics.correctness_of, as the run's evaluation judges it)."""
+    from plad_ray.evaluation.metrics import correctness_of
+    from plad_ray.evaluation.stage import verifier
     from plad_ray.verifiers import get_scorer
 
     name = verifier(cfg)

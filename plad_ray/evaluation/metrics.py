@@ -41,6 +41,14 @@ _WORD = re.compile(r"\w+")
 _ROUGE = None
 
 
+def correctness_of(row: dict, text: str, scorer=None) -> float | None:
+    """Whether one output for a held-out row is correct (1.0 or 0.0): the verifier's full score when one is given,
+    else exact match against the row's reference; None when there is neither."""
+    if scorer is not None:
+        return float(scorer(row["prompt"], text) >= 1.0)
+    return None if row["reference"] is None else exact_match(text, row["reference"])
+
+
 def rouge_l(output: str, reference: str) -> float:
     """ROUGE-L F1 (Google's rouge-score, on word tokens: punctuation and case ignored, "Rome." = "Rome");
     1.0 when both have no words."""

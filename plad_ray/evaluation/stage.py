@@ -33,6 +33,7 @@ from plad_ray.evaluation.metrics import (
     best_of_n,
     calibration_note,
     confidence,
+    correctness_of,
     exact_match,
     expected_calibration_error,
     mean,
@@ -212,14 +213,6 @@ def judge_scores(rows: list[dict], texts: list[str], scorer_name: str | None, gr
     if all(r["reference"] is not None for r in rows):
         return [rouge_l(t, r["reference"]) for t, r in zip(texts, rows)]
     return None
-
-
-def correctness_of(row: dict, text: str, scorer=None) -> float | None:
-    """Whether one output is correct (1.0 or 0.0): the verifier's full score when one is given, else exact match
-    against the row's reference; None when there is neither."""
-    if scorer is not None:
-        return float(scorer(row["prompt"], text) >= 1.0)
-    return None if row["reference"] is None else exact_match(text, row["reference"])
 
 
 def score_outputs(

@@ -6,6 +6,7 @@ import pytest
 
 from plad_ray.evaluation.metrics import (
     confidence,
+    correctness_of,
     exact_match,
     expected_calibration_error,
     reliability_bins,
@@ -18,6 +19,14 @@ def test_exact_match_ignores_case_and_spacing_only():
     assert exact_match("  Paris ", "paris") == 1.0
     assert exact_match("olleh", "olleh") == 1.0
     assert exact_match("olle", "olleh") == 0.0
+
+
+def test_one_output_is_judged_by_the_verifier_when_there_is_one_else_by_the_reference():
+    row = {"prompt": "reverse: abc", "reference": "cba"}
+    graded = lambda prompt, text: {"cba": 1.0, "cb": 0.5}.get(text, 0.0)  # noqa: E731 - a verifier's score
+    assert [correctness_of(row, t, graded) for t in ("cba", "cb", "x")] == [1.0, 0.0, 0.0]  # only a full score
+    assert [correctness_of(row, t) for t in (" CBA ", "cb")] == [1.0, 0.0]
+    assert correctness_of({**row, "reference": None}, "cba") is None  # neither: no judgement, not a 0
 
 
 def test_rouge_l_by_hand():
