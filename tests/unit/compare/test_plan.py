@@ -119,3 +119,17 @@ def test_prompt_scores_keep_greedy_and_best_of_n_by_the_models_own_likelihood():
     assert [(r["correct"], r["best_of_n"]) for r in records] == [(1.0, 0.0), (0.0, 1.0)]
     assert plan.mean_of(records, {"a", "b"}) == 0.5 and plan.mean_of(records, {"b"}, "best_of_n") == 1.0
     assert plan.scores_by_seed({1: records, 0: records[::-1]}, ["b", "a"]) == [[0.0, 1.0], [0.0, 1.0]]
+
+
+def test_make_bench_quality_compares_objectives_whose_every_candidate_is_a_valid_config():
+    """make bench-quality's --objectives (Makefile QUALITY_OBJECTIVES): every candidate loads on the demo's config,
+    so a long benchmark does not stop at its 20th arm on a typo."""
+    import re
+    from pathlib import Path
+
+    spec = re.search(r"^QUALITY_OBJECTIVES \?= (.+)$", Path("Makefile").read_text(), re.M).group(1)
+    objectives = plan.parse_objectives(spec)
+    assert objectives[0].name == "seqkd" and [len(o.choices) for o in objectives] == [1, 1, 12, 4]
+    for c in (c for o in objectives for c in o.choices):
+        cfg = load_config("configs/tiny-cpu.yaml", list(c.overrides))
+        assert cfg.train.loss.type == c.name.split("[")[0]
