@@ -6,8 +6,8 @@ from plad_ray.data import storage
 
 
 def table(result: dict) -> str:
-    """Objectives, their chosen rate, test accuracy (per seed), best-of-n, and against the default: the mean
-    difference, its interval and the verdict under the rule."""
+    """Objectives, their chosen rate, test accuracy (per seed), best-of-n (and its difference to the default's, with
+    its interval), and against the default: the mean difference, its interval and the verdict under the rule."""
     level = result["aa"]["level"]
     lines = [
         "| objective | lr (dev) | test accuracy | per seed | best-of-n | vs default "
@@ -24,6 +24,7 @@ def table(result: dict) -> str:
             f"| {name}{tuned}{' (default)' if name == result['default'] else ''} | {result['chosen'][name]:g}{edge} | "
             f"{arm['test']:.3f} | {', '.join(f'{s:.3f}' for s in arm['per_seed'])} | "
             + (f"{arm['best_of_n']:.3f}" if "best_of_n" in arm else "-")
+            + (_difference(arm["best_of_n_vs_default"]) if "best_of_n_vs_default" in arm else "")
             + " | "
             + (f"{ci['mean']:+.3f} | [{ci['low']:+.3f}, {ci['high']:+.3f}] | {arm['verdict']}" if ci else "- | - | -")
             + " |"
@@ -40,6 +41,10 @@ def table(result: dict) -> str:
         f"Rule: {result['rule']}",
     ]
     return "\n".join(lines)
+
+
+def _difference(ci: dict) -> str:
+    return f" ({ci['mean']:+.3f} [{ci['low']:+.3f}, {ci['high']:+.3f}])"
 
 
 def plot(result: dict) -> bytes:

@@ -185,6 +185,8 @@ def _verdicts(objectives, at_rate: dict, aa: dict, test_ids: list[str]) -> dict:
     control's interval and the floor it sets."""
     default = objectives[0].name
     base = plan.scores_by_seed(at_rate[default], test_ids)
+    sampled = all("best_of_n" in r for recs in at_rate[default].values() for r in recs)  # eval.num_samples was set
+    base_bon = plan.scores_by_seed(at_rate[default], test_ids, "best_of_n") if sampled else None
     aa_ci = stats.hierarchical_bootstrap(stats.paired_differences(plan.scores_by_seed(aa, test_ids), base))
     floor = stats.noise_floor(aa_ci)
     arms = {}
@@ -201,6 +203,11 @@ def _verdicts(objectives, at_rate: dict, aa: dict, test_ids: list[str]) -> dict:
             ci = stats.hierarchical_bootstrap(stats.paired_differences(scores, base))
             v = stats.verdict(ci, floor)
             entry.update(vs_default=ci, verdict=v.outcome, why=v.why)
+            if base_bon is not None:  # PLaD's calibration claim, beside the verdict (the rule is on greedy accuracy)
+                bon_scores = plan.scores_by_seed(at_rate[o.name], test_ids, "best_of_n")
+                entry["best_of_n_vs_default"] = stats.hierarchical_bootstrap(
+                    stats.paired_differences(bon_scores, base_bon)
+                )
         arms[o.name] = entry
     return {"arms": arms, "aa": aa_ci, "noise_floor": floor}
 

@@ -589,6 +589,8 @@ def test_compare_trains_each_objective_and_the_aa_control_then_gives_a_verdict(r
         assert verdict["verdict"] in ("better", "worse", "no difference shown")
         ci = verdict["vs_default"]
         assert ci["low"] <= ci["mean"] <= ci["high"] and ci["seeds"] == 1 and ci["prompts"] == len(test)
+        bon = verdict["best_of_n_vs_default"]  # best-of-2 against the default's, beside the verdict
+        assert bon["low"] <= bon["mean"] <= bon["high"] and bon["prompts"] == len(test)
     # DPO before its first step is its own reference: every held-out log-ratio 0, the loss log 2
     assert result["proxies"][DPO]["0"]["eval_initial"]["loss"] == pytest.approx(math.log(2), abs=1e-3)
     assert result["noise_floor"] == max(abs(result["aa"]["low"]), abs(result["aa"]["high"]))

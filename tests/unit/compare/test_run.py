@@ -34,7 +34,10 @@ def trained(monkeypatch, tmp_path):
         def evaluate(model_path):
             share = 0.0 if model_path == "initial" else _accuracy(model_path)
             # the first `share` of the prompts correct, in dev and in test alike
-            return [{"id": r["id"], "text": "a", "correct": float((i % 100) < share * 100)} for i, r in enumerate(rows)]
+            return [
+                {"id": r["id"], "text": "a", "correct": float((i % 100) < share * 100), "best_of_n": float(i % 2)}
+                for i, r in enumerate(rows)
+            ]
 
         return evaluate
 
@@ -68,6 +71,13 @@ def test_a_tuned_objective_trains_every_candidate_on_dev_then_only_its_choice(tr
     assert f"[compare] {tuned}: hinge[beta=0.5;nll_weight=1] at lr 0.0001 chosen on dev" in lines
     # the chosen candidate's test records are the objective's; the table says what was chosen
     assert result["arms"][tuned]["per_seed"] == pytest.approx([0.8, 0.81], abs=0.011)
+    ci = result["arms"][tuned]["vs_default"]
+    assert (
+        ci["mean"] == pytest.approx(0.2, abs=0.03) and ci["seeds"] == 2 and result["arms"][tuned]["verdict"] == "better"
+    )
+    # best-of-n's difference is reported beside the verdict: here every model's best-of-n is the same, 0 apart
+    assert result["arms"][tuned]["best_of_n_vs_default"]["mean"] == 0.0
+    assert "best_of_n_vs_default" not in result["arms"]["seqkd"]
     assert f"| {tuned} → hinge[beta=0.5;nll_weight=1] | 0.0001 |" in (tmp_path / "c" / "compare.md").read_text()
     assert json.loads((tmp_path / "c" / "compare.json").read_text())["setting"] == result["setting"]
 
