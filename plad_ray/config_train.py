@@ -16,7 +16,7 @@ ATTENTION = ("sdpa", "eager", "flash_attention_2")  # transformers' attn_impleme
 @dataclass
 class LossConfig:
     type: str = "seqkd"  # an objective of plad_ray.objectives; which to pick: README "Choosing the objective"
-    beta: float = 1.0  # hinge margin, > 0: nats of sequence log-prob; nats per token with length_normalize
+    beta: float = 1.0  # hinge margin, > 0: nats of sequence log-prob; nats per token with length_normalize; dpo: its β
     gamma: float = 1.0  # logistic scale, > 0: -log sigmoid(gamma * (log P(chosen) - log P(rejected)))
     length_normalize: bool = False  # use mean token log-prob instead of the sum (beta becomes a per-token margin)
     # lambda of the lambda * NLL(chosen) anchor, >= 0 (0 is off). On by default: without it a ranking loss can
