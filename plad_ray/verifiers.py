@@ -9,17 +9,12 @@ evaluated as code). Pure functions over strings.
 
 from typing import Callable
 
+from rapidfuzz.distance import Levenshtein
+
 
 def edit_similarity(output: str, reference: str) -> float:
-    """1 - Levenshtein distance / the longer length, in [0, 1]; 1.0 when both are empty."""
-    if not output and not reference:
-        return 1.0
-    row = list(range(len(reference) + 1))
-    for i, x in enumerate(output, start=1):
-        diagonal, row[0] = row[0], i
-        for j, y in enumerate(reference, start=1):
-            diagonal, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, diagonal + (x != y))
-    return 1.0 - row[-1] / max(len(output), len(reference))
+    """1 - Levenshtein distance / the longer length, in [0, 1]; 1.0 when both are empty (rapidfuzz's C++)."""
+    return Levenshtein.normalized_similarity(output, reference)
 
 
 def reverse_verifier(prompt: str, output: str) -> float:
