@@ -197,7 +197,8 @@ def main(out: Path) -> None:
         )
         torch.manual_seed(train.seed)
         engine = worker._initialize(plan, world)
-        teacher = worker._load_teacher(plan, engine.device)  # token_kd's; None for the other objectives
+        # the frozen models the objective reads, loaded as the workers load them: token_kd's teacher; None otherwise
+        frozen = worker.Frozen(worker._load_teacher(plan, engine.device), worker._load_reference(plan, engine.device))
         if name in TOPK:
             teacher_path = tiny.materialize(tiny.PREFIX + "teacher", log=lambda _: None)
             shard = ListShard(with_teacher_topk(rows[rank::world], teacher_path, TOPK[name]))
@@ -209,7 +210,7 @@ def main(out: Path) -> None:
             worker.step_term_scales = lambda *args: (1.0, 1.0)
         try:
             feed = ListStream(shard) if plan.stream else FixedFeed(shard, list)
-            worker._train(engine, feed, plan, progress, rank, Tracker(None), teacher, [])
+            worker._train(engine, feed, plan, progress, rank, Tracker(None), frozen, [])
         finally:
             worker.step_term_scales = weigh
         state = export.full_state_dict(engine.module, rank)
