@@ -141,11 +141,14 @@ def test_gradient_checkpointing_gives_the_same_losses(runs):
 
 def test_eager_attention_trains_like_sdpa(runs):
     # train.attn_implementation=eager against the default SDPA kernel: the same attention, its softmax and sums in
-    # another order, so the forward itself differs from step 1 (measured 2.6e-5 relative in the loss, the same at
-    # every step: it does not grow) and the weights by 8.4e-5 of the distance moved (2026-12-06). Held to 1e-4 in
-    # the loss, 10x the early fp32 bound of a reduction-order change, and to the fp32 weight bound.
-    _, whole, weights = fp32_differences(runs, "eager_attention")
-    assert whole <= 1e-4 and weights <= WEIGHT_TOL, (whole, weights)
+    # another order. How that rounds depends on the machine's kernels. On an "Intel Xeon" VM (2026-12-06) the loss
+    # differed by 2.6e-5 (relative) from step 1 on, the same at every step, and the weights by 8.4e-5 of the distance
+    # moved. On an "AMD EPYC" VM (2026-12-07) steps 1-2 were equal and steps 3-7 within 5e-6, then 2.7e-4 at step 8
+    # and 1.5e-4 at step 11 (the amplification every fp32 reduction-order change shows there, module docstring), and
+    # the weights 3.3e-4. Held to 1e-4 over the first steps (10x the early fp32 bound: a wrong attention differs at
+    # step 1), and over the run to the fp32 loss and weight bounds.
+    early, whole, weights = fp32_differences(runs, "eager_attention")
+    assert early <= 1e-4 and whole <= LOSS_TOL and weights <= WEIGHT_TOL, (early, whole, weights)
 
 
 @pytest.mark.parametrize("objective", ["token_kd", "onpolicy_kd"])
