@@ -146,7 +146,7 @@ def _import_deepspeed():
 
 def _initialize(plan: TrainPlan, world_size: int, clock: _Clock | None = None):
     """The DeepSpeed engine of the student; `clock` gets the imports', the load's and the initialisation's laps."""
-    from transformers import AutoModelForCausalLM
+    import transformers  # noqa: F401 - imported before the clock's imports_s lap, as it always was
 
     clock = clock or _Clock()
     deepspeed = _import_deepspeed()
@@ -158,13 +158,7 @@ def _initialize(plan: TrainPlan, world_size: int, clock: _Clock | None = None):
         from transformers.integrations import HfDeepSpeedConfig
 
         _keep_alive = HfDeepSpeedConfig(ds_config)  # noqa: F841 - read by from_pretrained below
-    model = AutoModelForCausalLM.from_pretrained(
-        plan.model_path,
-        dtype=torch.float32,
-        trust_remote_code=plan.trust_remote_code,
-        use_safetensors=None if plan.allow_pickle else True,
-        **({"attn_implementation": plan.train.attn_implementation} if plan.train.attn_implementation else {}),
-    )
+    model = _student_model(plan, torch.float32)
     model.config.use_cache = False
     if plan.train.gradient_checkpointing:  # non-reentrant: works under ZeRO-3's gathered parameters
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -189,6 +183,20 @@ def _initialize(plan: TrainPlan, world_size: int, clock: _Clock | None = None):
     return engine
 
 
+def _student_model(plan: TrainPlan, dtype):
+    """The round's initial student (plan.model_path) as transformers loads it for training: the trainer's copy, and
+    dpo's frozen reference."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(
+        plan.model_path,
+        dtype=dtype,
+        trust_remote_code=plan.trust_remote_code,
+        use_safetensors=None if plan.allow_pickle else True,
+        **({"attn_implementation": plan.train.attn_implementation} if plan.train.attn_implementation else {}),
+    )
+
+
 def _load_teacher(plan: TrainPlan, device):
     """token_kd: the teacher as a frozen fp32 module on the rank's device, beside the student's batch
     (not sharded: KD baselines are small)."""
@@ -208,16 +216,8 @@ def _load_reference(plan: TrainPlan, device):
     not sharded: a full copy beside the student (TRL's reference model; README "The loss family")."""
     if not plan.train.loss.objective.needs_reference:
         return None
-    from transformers import AutoModelForCausalLM
-
-    dtype = torch.bfloat16 if plan.train.precision == "bf16" else torch.float32
-    reference = AutoModelForCausalLM.from_pretrained(  # as the student is loaded, so both agree before step 1
-        plan.model_path,
-        dtype=dtype,
-        trust_remote_code=plan.trust_remote_code,
-        use_safetensors=None if plan.allow_pickle else True,
-        **({"attn_implementation": plan.train.attn_implementation} if plan.train.attn_implementation else {}),
-    )
+    # loaded as the student is, so both agree before step 1
+    reference = _student_model(plan, torch.bfloat16 if plan.train.precision == "bf16" else torch.float32)
     reference.requires_grad_(False)
     return reference.to(device).eval()
 
